@@ -1,0 +1,109 @@
+"""GQA attention (optional qkv bias, per-head or full-width q/k norm, qkv clipping) and the
+ragged-batch attention context used by the plain forward.
+
+An attention block computes q/k/v and hands them to an *attention context*, which owns where K/V
+live: `RaggedContext` attends within each sequence of a flat ragged batch (reference forward,
+prefill); the engine's context writes K/V into its paged host cache and attends over it.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moegen.layers.norm import rms_norm
+from moegen.layers.rotary import RotaryEmbedding
+
+
+def causal_attention(q, k, v, scale: float, sliding_window: int = 0, past: int = 0):
+    """One sequence: q [Tq, N, D], k [Tk, K, D], v [Tk, K, Dv] with the Tq queries being the last
+    tokens of the Tk keys (past = Tk - Tq). Returns [Tq, N, Dv]."""
+    tq, tk = q.shape[0], k.shape[0]
+    mask = None
+    if sliding_window or past:
+        qpos = torch.arange(tk - tq, tk)[:, None]
+        kpos = torch.arange(tk)[None, :]
+        allowed = kpos <= qpos
+        if sliding_window:
+            allowed &= qpos - kpos < sliding_window
+        mask = allowed
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+        is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(0, 1)
+
+
+class RaggedContext:
+    """Attention within each sequence of a flat batch of ragged sequences, no cache."""
+
+    def __init__(self, seq_lens: list[int], device="cpu"):
+        self.seq_lens = list(seq_lens)
+        self.positions = torch.cat([torch.arange(n) for n in self.seq_lens]).to(device)
+
+    def attend(self, layer_idx, q, k, v, scale, sliding_window=0):
+        outs, start = [], 0
+        for n in self.seq_lens:
+            sl = slice(start, start + n)
+            outs.append(causal_attention(q[sl], k[sl], v[sl], scale, sliding_window))
+            start += n
+        return torch.cat(outs)
+
+    def attend_mla(self, layer_idx, attn, w, q_nope, q_rope, latent, k_rope):
+        q, k, v = attn.expand_qkv(w, q_nope, q_rope, latent, k_rope)
+        return self.attend(layer_idx, q, k, v, attn.scale)
+
+
+@dataclass
+class GQAAttention:
+    prefix: str                  # e.g. "model.layers.3.self_attn"
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope: RotaryEmbedding
+    eps: float
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None   # None, "head" (Qwen3: per head) or "full" (OLMoE: whole projection)
+    clip_qkv: float | None = None
+    sliding_window: int = 0
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5
+
+    def weight_shapes(self) -> dict[str, tuple]:
+        q, kv, p = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.prefix
+        shapes = {f"{p}.q_proj.weight": (q, self.hidden), f"{p}.k_proj.weight": (kv, self.hidden),
+                  f"{p}.v_proj.weight": (kv, self.hidden), f"{p}.o_proj.weight": (self.hidden, q)}
+        if self.qkv_bias:
+            shapes.update({f"{p}.q_proj.bias": (q,), f"{p}.k_proj.bias": (kv,), f"{p}.v_proj.bias": (kv,)})
+        if self.o_bias:
+            shapes[f"{p}.o_proj.bias"] = (self.hidden,)
+        if self.qk_norm == "head":
+            shapes.update({f"{p}.q_norm.weight": (self.head_dim,), f"{p}.k_norm.weight": (self.head_dim,)})
+        elif self.qk_norm == "full":
+            shapes.update({f"{p}.q_norm.weight": (q,), f"{p}.k_norm.weight": (kv,)})
+        return shapes
+
+    def qkv(self, w, x, positions):
+        """Projections, norms, clipping and RoPE: q [T, N, D], k [T, K, D], v [T, K, D]."""
+        p, t = self.prefix, x.shape[0]
+        q = F.linear(x, w[f"{p}.q_proj.weight"], w.get(f"{p}.q_proj.bias"))
+        k = F.linear(x, w[f"{p}.k_proj.weight"], w.get(f"{p}.k_proj.bias"))
+        v = F.linear(x, w[f"{p}.v_proj.weight"], w.get(f"{p}.v_proj.bias"))
+        if self.qk_norm == "full":
+            q, k = rms_norm(q, w[f"{p}.q_norm.weight"], self.eps), rms_norm(k, w[f"{p}.k_norm.weight"], self.eps)
+        if self.clip_qkv is not None:
+            q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
+        q = q.view(t, self.n_heads, self.head_dim)
+        k = k.view(t, self.n_kv_heads, self.head_dim)
+        v = v.view(t, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = rms_norm(q, w[f"{p}.q_norm.weight"], self.eps), rms_norm(k, w[f"{p}.k_norm.weight"], self.eps)
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        return self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin), v
+
+    def forward(self, w, x, ctx, layer_idx: int):
+        q, k, v = self.qkv(w, x, ctx.positions)
+        out = ctx.attend(layer_idx, q, k, v, self.scale, self.sliding_window)
+        return F.linear(out.reshape(x.shape[0], -1), w[f"{self.prefix}.o_proj.weight"], w.get(f"{self.prefix}.o_proj.bias"))

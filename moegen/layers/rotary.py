@@ -1,0 +1,42 @@
+"""Rotary position embeddings: default, and any scaled variant (YaRN, ...) through transformers'
+rope init functions so the frequencies match the reference exactly."""
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from moegen.errors import ConfigError
+
+
+class RotaryEmbedding:
+    def __init__(self, config, dim: int, interleaved: bool = False):
+        params = getattr(config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            self.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            self.attention_scaling = 1.0
+        elif rope_type in ROPE_INIT_FUNCTIONS:
+            self.inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        else:
+            raise ConfigError(f"config.json rope_parameters.rope_type={rope_type!r} is not supported; "
+                              f"supported: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+        self.dim = dim
+        self.interleaved = interleaved
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos/sin [T, dim] for integer positions [T], computed in float32 then cast (as HF does)."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, dim]. Interleaved (DeepSeek) pairs (x0,x1),(x2,x3)... and writes the
+        result de-interleaved, as transformers does; q and k get the same layout so scores agree."""
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        if self.interleaved:
+            half = cos.shape[-1] // 2
+            c, s = cos[..., :half], sin[..., :half]
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin

@@ -1,0 +1,147 @@
+"""Read a Hugging Face checkpoint directory into a moegen model.
+
+config.json is parsed by the transformers config class of its model_type; tensors are
+memory-mapped from *.safetensors (with or without model.safetensors.index.json) and cast to the
+requested dtype. Expert weights are accepted in both on-disk layouts: per expert
+(`experts.{e}.{gate,up,down}` under the family's names) or fused transformers-5 tensors
+(`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from moegen.dtypes import parse_dtype
+from moegen.errors import CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
+from moegen.models.model import MoEModel
+from moegen.models.registry import family
+
+# Kept in float32 whatever the model dtype, as transformers does (routing must not round it).
+FP32_TENSORS = re.compile(r".*\.e_score_correction_bias$")
+# Present in real checkpoints but not used for next-token generation.
+IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def read_config(path: str | Path):
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist or is not a directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing: a checkpoint directory needs config.json")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+    if "model_type" not in raw:
+        raise ConfigError(f"{cfg_file} has no model_type field")
+    family(raw["model_type"], where=str(cfg_file))
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises several types for bad fields
+        raise ConfigError(f"{cfg_file}: transformers could not parse it: {e}") from e
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        return {name: path / f for name, f in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path} (other weight formats are not supported)")
+    names = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            names.update({k: f for k in st.keys()})
+    return names
+
+
+class TensorReader:
+    """Lazily opened safetensors files; tensors come back memory-mapped."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files, self.handles, self.used = files, {}, set()
+
+    def __contains__(self, name):
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.files[name]
+        if f not in self.handles:
+            self.handles[f] = safe_open(str(f), framework="pt")
+        self.used.add(name)
+        return self.handles[f].get_tensor(name)
+
+
+def _names(names: list[str], limit: int = 12) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def expert_sources(moe, expert_names, reader: TensorReader) -> dict[str, callable]:
+    """Canonical expert tensor name -> function producing it from whichever layout is on disk."""
+    fused_gu, fused_d = f"{moe.prefix}.experts.gate_up_proj", f"{moe.prefix}.experts.down_proj"
+    gate, up, down = expert_names
+    out = {}
+    for e in range(moe.n_experts):
+        key = moe.expert_key(e)
+        if fused_gu in reader or fused_d in reader:
+            out[f"{key}.gate_up"] = [fused_gu], (lambda e=e: reader.get(fused_gu)[e])
+            out[f"{key}.down"] = [fused_d], (lambda e=e: reader.get(fused_d)[e])
+        else:
+            g, u, d = (f"{key}.{n}.weight" for n in (gate, up, down))
+            out[f"{key}.gate_up"] = [g, u], (lambda g=g, u=u: torch.cat([reader.get(g), reader.get(u)]))
+            out[f"{key}.down"] = [d], (lambda d=d: reader.get(d))
+    return out
+
+
+def tensor_sources(model: MoEModel, expert_names, reader: TensorReader) -> dict:
+    """Canonical name -> (checkpoint names it needs, producer)."""
+    sources = {}
+    for layer in model.layers:
+        if layer.is_moe:
+            sources.update(expert_sources(layer.ffn, expert_names, reader))
+    for name in model.weight_shapes():
+        if name not in sources:
+            sources[name] = [name], (lambda name=name: reader.get(name))
+    return sources
+
+
+def is_ignored(name: str, model: MoEModel) -> bool:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    # DeepSeek-V3 checkpoints carry the multi-token-prediction layer after the last decoder layer.
+    return bool(IGNORED_TENSORS.match(name)) or (m is not None and int(m.group(1)) >= len(model.layers))
+
+
+def load_model(path: str | Path, dtype="float32") -> MoEModel:
+    path, dtype = Path(path), parse_dtype(dtype)
+    cfg = read_config(path)
+    fam = family(cfg.model_type)
+    model = fam.build(cfg)
+    model.dtype = dtype
+    reader = TensorReader(weight_files(path))
+    sources, shapes = tensor_sources(model, fam.EXPERT_NAMES, reader), model.weight_shapes()
+    missing = sorted({n for needed, _ in sources.values() for n in needed if n not in reader})
+    if missing:
+        raise MissingTensorError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the "
+                                 f"{cfg.model_type} config needs: {_names(missing)}")
+    needed = {n for names, _ in sources.values() for n in names}
+    unexpected = sorted(n for n in reader.files if n not in needed and not is_ignored(n, model))
+    if unexpected:
+        raise UnexpectedTensorError(f"{path}: checkpoint has {len(unexpected)} tensor(s) the "
+                                    f"{cfg.model_type} config does not use: {_names(unexpected)}")
+    for name, (_, produce) in sources.items():
+        t = produce()
+        if tuple(t.shape) != tuple(shapes[name]):
+            raise ShapeMismatchError(f"{path}: tensor {name} has shape {tuple(t.shape)}, "
+                                     f"config implies {tuple(shapes[name])}")
+        model.weights[name] = t.to(torch.float32 if FP32_TENSORS.match(name) else dtype)
+    return model

@@ -1,0 +1,50 @@
+"""DeepSeek-V3: MLA attention (interleaved rope, YaRN softmax-scale correction), grouped sigmoid
+router with correction bias and scaling, shared experts, first k layers dense."""
+import math
+
+from moegen.layers.mla import MLAAttention
+from moegen.layers.mlp import DenseMLP
+from moegen.layers.moe import SparseMoE
+from moegen.layers.router import GroupedSigmoidRouter
+from moegen.layers.rotary import RotaryEmbedding
+from moegen.models.common import activation, assemble
+from moegen.models.model import DecoderLayer
+
+EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def softmax_scale(cfg) -> float:
+    """qk_dim^-0.5, times mscale^2 when YaRN's mscale_all_dim asks for it (as DeepSeek does)."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    params = cfg.rope_parameters or {}
+    factor, mscale_all_dim = params.get("factor", 1.0), params.get("mscale_all_dim", 0)
+    if params.get("rope_type", "default") != "default" and mscale_all_dim and factor > 1:
+        mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+def attention(cfg, i: int, rope) -> MLAAttention:
+    return MLAAttention(prefix=f"model.layers.{i}.self_attn", hidden=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+                        q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_dim=cfg.qk_nope_head_dim,
+                        qk_rope_dim=cfg.qk_rope_head_dim, v_dim=cfg.v_head_dim, rope=rope, eps=cfg.rms_norm_eps,
+                        scale=softmax_scale(cfg), bias=bool(getattr(cfg, "attention_bias", False)))
+
+
+def ffn(cfg, i: int, act: str):
+    p = f"model.layers.{i}.mlp"
+    if i < cfg.first_k_dense_replace:
+        return DenseMLP(p, cfg.hidden_size, cfg.intermediate_size, act)
+    router = GroupedSigmoidRouter(f"{p}.gate", cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok,
+                                  cfg.n_group, cfg.topk_group, bool(cfg.norm_topk_prob), cfg.routed_scaling_factor)
+    shared = DenseMLP(f"{p}.shared_experts", cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, act) \
+        if cfg.n_shared_experts else None
+    return SparseMoE(p, cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, router, shared=shared, act=act)
+
+
+def build(cfg):
+    rope = RotaryEmbedding(cfg, cfg.qk_rope_head_dim, interleaved=bool(getattr(cfg, "rope_interleave", True)))
+    act = activation(cfg)
+    layers = [DecoderLayer(i, attention(cfg, i, rope), ffn(cfg, i, act), cfg.rms_norm_eps)
+              for i in range(cfg.num_hidden_layers)]
+    return assemble(cfg, layers)

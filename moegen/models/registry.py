@@ -1,0 +1,20 @@
+"""model_type -> family module (its `build(config)` and on-disk per-expert names)."""
+from moegen.errors import UnsupportedModelError
+from moegen.models import deepseek_v3, mixtral, olmoe, qwen_moe
+
+FAMILIES = {
+    "mixtral": mixtral,
+    "qwen2_moe": qwen_moe,
+    "qwen3_moe": qwen_moe,
+    "olmoe": olmoe,
+    "deepseek_v3": deepseek_v3,
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+def family(model_type: str, where: str = "config.json"):
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}") from None
