@@ -5,6 +5,7 @@ experts that received no token are skipped. Expert weights live under
 `{prefix}.experts.{e}.gate_up` [2I, H] and `{prefix}.experts.{e}.down` [H, I] whatever the
 on-disk layout (the loader maps per-expert and fused checkpoints onto these names).
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -60,16 +61,23 @@ class SparseMoE:
     def dispatch(self, w, x) -> Dispatch:
         return Dispatch.from_routing(*self.router.route(w, x), self.n_experts)
 
-    def run_experts(self, w, x, d: Dispatch, out=None):
-        """Each expert with tokens: one gated FFN over all its tokens, weighted, scattered back."""
-        out = torch.zeros_like(x) if out is None else out
+    def run_experts(self, w, x, d: Dispatch, weights_for=None, chunk: int = 0):
+        """Each expert with tokens: one gated FFN over all its tokens (in chunks of `chunk` rows
+        if set, to bound memory), weighted, scattered back. `weights_for(e)` is a context manager
+        yielding the expert's weights (the engine streams them); by default they come from `w`."""
+        out = torch.zeros_like(x)
         act, start = ACTIVATIONS[self.act], 0
         for e, n in enumerate(d.counts):
             if not n:
                 continue
-            rows = d.token_idx[start:start + n]
-            y = gated_ffn(x[rows], w[f"{self.expert_key(e)}.gate_up"], w[f"{self.expert_key(e)}.down"], act)
-            out.index_add_(0, rows, (y * d.weights[start:start + n, None]).to(out.dtype))
+            key = self.expert_key(e)
+            with (weights_for(key) if weights_for else nullcontext(w)) as we:
+                gate_up, down = we[f"{key}.gate_up"], we[f"{key}.down"]
+                for lo in range(start, start + n, chunk or n):
+                    hi = min(start + n, lo + (chunk or n))
+                    rows = d.token_idx[lo:hi]
+                    y = gated_ffn(x[rows], gate_up, down, act)
+                    out.index_add_(0, rows, (y * d.weights[lo:hi, None]).to(out.dtype))
             start += n
         return out
 

@@ -67,12 +67,12 @@ class MoEModel:
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.weights.values())
 
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(token_ids, self.weights["model.embed_tokens.weight"])
+    def embed(self, token_ids: torch.Tensor, w=None) -> torch.Tensor:
+        return F.embedding(token_ids, (w or self.weights)["model.embed_tokens.weight"])
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(x, self.weights["model.norm.weight"], self.eps)
-        return F.linear(x, self.weights[self.lm_head_name])
+    def logits(self, x: torch.Tensor, w=None) -> torch.Tensor:
+        w = w or self.weights
+        return F.linear(rms_norm(x, w["model.norm.weight"], self.eps), w[self.lm_head_name])
 
     @torch.inference_mode()
     def forward(self, sequences: list[list[int]]) -> list[torch.Tensor]:

@@ -1,0 +1,87 @@
+"""Paged KV cache in host memory, and the attention contexts the model's blocks call into.
+
+Layouts (per layer), as the attention ops expect them:
+  GQA: k, v  [num_blocks, block_size, n_kv_heads, head_dim]
+  MLA: kv    [num_blocks, block_size, kv_lora_rank + rope_dim]   (normalised latent | rotated k_rope)
+"""
+import torch
+
+from moegen.layers.attention import RaggedContext
+from moegen.layers.mla import MLAAttention
+from moegen.ops.attention import paged_decode_attention, paged_decode_attention_mla
+
+
+def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
+    size = torch.tensor([], dtype=dtype).element_size()
+    total = 0
+    for layer in model.layers:
+        a = layer.attn
+        total += (a.kv_lora_rank + a.qk_rope_dim if isinstance(a, MLAAttention) else 2 * a.n_kv_heads * a.head_dim)
+    return total * size
+
+
+class PagedKVCache:
+    def __init__(self, model, num_blocks: int, block_size: int, dtype: torch.dtype, pin: bool = False):
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.layers = []
+        for layer in model.layers:
+            a = layer.attn
+            if isinstance(a, MLAAttention):
+                shapes = [(num_blocks, block_size, a.kv_lora_rank + a.qk_rope_dim)]
+            else:
+                shapes = [(num_blocks, block_size, a.n_kv_heads, a.head_dim)] * 2
+            self.layers.append([torch.zeros(s, dtype=dtype, pin_memory=pin) for s in shapes])
+
+    @property
+    def device(self):
+        return self.layers[0][0].device
+
+    def write(self, layer: int, slots: torch.Tensor, *values) -> None:
+        """Store per-token values (k and v, or the packed MLA entry) at flat cache slots."""
+        for cache, value in zip(self.layers[layer], values):
+            cache.view(-1, *cache.shape[2:])[slots] = value.to(cache.device, cache.dtype)
+
+
+class PrefillContext:
+    """Whole prompts: attention within each prompt's fresh K/V (exactly the reference path), which
+    is also written into the cache for the decode steps that follow."""
+
+    def __init__(self, cache: PagedKVCache, seq_lens: list[int], slots: torch.Tensor, device):
+        self.cache, self.slots = cache, slots
+        self.ragged = RaggedContext(seq_lens, device)
+        self.positions = self.ragged.positions
+
+    def attend(self, layer, q, k, v, scale, sliding_window=0):
+        self.cache.write(layer, self.slots, k, v)
+        return self.ragged.attend(layer, q, k, v, scale, sliding_window)
+
+    def attend_mla(self, layer, attn, w, q_nope, q_rope, latent, k_rope):
+        self.cache.write(layer, self.slots, torch.cat([latent, k_rope], dim=-1))
+        return self.ragged.attend_mla(layer, attn, w, q_nope, q_rope, latent, k_rope)
+
+
+class DecodeContext:
+    """One new token per sequence, attending over its own ragged paged KV in host memory."""
+
+    def __init__(self, cache: PagedKVCache, block_tables, context_lens, positions, slots, device):
+        self.cache, self.block_tables, self.context_lens, self.slots = cache, block_tables, context_lens, slots
+        self.positions, self.device = positions.to(device), device
+
+    def attend(self, layer, q, k, v, scale, sliding_window=0):
+        self.cache.write(layer, self.slots, k, v)
+        kc, vc = self.cache.layers[layer]
+        out = paged_decode_attention(q.to(kc.device, kc.dtype), kc, vc, self.block_tables, self.context_lens,
+                                     scale, sliding_window)
+        return out.to(self.device, q.dtype)
+
+    def attend_mla(self, layer, attn, w, q_nope, q_rope, latent, k_rope):
+        """Absorbed MLA: fold kv_b's key half into the query and its value half into the output,
+        so attention runs over the compressed latent without expanding per-head K/V."""
+        self.cache.write(layer, self.slots, torch.cat([latent, k_rope], dim=-1))
+        kv_b = w[f"{attn.prefix}.kv_b_proj.weight"].view(attn.n_heads, attn.qk_nope_dim + attn.v_dim, attn.kv_lora_rank)
+        w_uk, w_uv = kv_b[:, :attn.qk_nope_dim], kv_b[:, attn.qk_nope_dim:]
+        q = torch.cat([torch.einsum("bnd,ndr->bnr", q_nope, w_uk), q_rope], dim=-1)
+        (kv,) = self.cache.layers[layer]
+        out = paged_decode_attention_mla(q.to(kv.device, kv.dtype), kv, self.block_tables, self.context_lens,
+                                         attn.scale, attn.kv_lora_rank)
+        return torch.einsum("bnr,nvr->bnv", out.to(self.device, q_nope.dtype), w_uv)

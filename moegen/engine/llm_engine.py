@@ -1,0 +1,275 @@
+"""The Engine: admission -> prefill / decode steps over the global batch -> sampling -> stops."""
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from moegen.dtypes import parse_dtype
+from moegen.engine.block_manager import BlockManager
+from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
+from moegen.engine.memory import choose_resident, host_memory_bytes, parse_bytes
+from moegen.engine.params import Completion, SamplingParams
+from moegen.engine.runner import Runner
+from moegen.engine.sampler import Sampler
+from moegen.engine.scheduler import Scheduler, Sequence
+from moegen.engine.weight_stream import CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights, module_bytes
+from moegen.errors import InputError
+from moegen.layers.attention import RaggedContext
+from moegen.ops.attention import attention_impl
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    experts_run: int = 0             # (layer, expert) pairs that ran, summed over steps
+    experts_skipped: int = 0         # (layer, expert) pairs with no token, never run nor copied
+    attention: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    kv_cache_bytes: int | None = None     # host memory for the KV cache; default 25% of RAM
+    device_memory: int | None = None      # device budget for resident weights + buffers (cuda)
+    block_size: int = 16
+    max_batch: int = 256                  # global batch G (sequences decoding together)
+    attn_micro_batch: int = 32            # A: sequences per attention micro-batch (0 = all)
+    max_prefill_tokens: int = 8192        # prompt tokens per prefill step
+    expert_chunk: int = 0                 # rows per expert GEMM (0 = all of an expert's tokens)
+    streaming: str = "auto"               # auto | resident | staged
+    num_buffers: int = 4                  # streamed-weight buffers on the device
+    max_model_len: int | None = None
+
+    def __post_init__(self):
+        for name in ("block_size", "max_batch", "max_prefill_tokens", "num_buffers"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.streaming not in ("auto", "resident", "staged"):
+            raise InputError(f"streaming must be auto, resident or staged, got {self.streaming!r}")
+        if self.num_buffers < 2 and self.streaming != "resident":
+            raise InputError("num_buffers must be >= 2: a layer's dense weights and one expert are held at once")
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, **overrides):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = cfg = config or EngineConfig(**overrides)
+        self.device = torch.device(cfg.device)
+        self.max_model_len = cfg.max_model_len or getattr(model.config, "max_position_embeddings", 1 << 20)
+        per_token = kv_bytes_per_token(model, model.dtype)
+        budget = cfg.kv_cache_bytes or host_memory_bytes() // 4
+        num_blocks = max(1, budget // (per_token * cfg.block_size))
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.cache = PagedKVCache(model, num_blocks, cfg.block_size, model.dtype, pin=self.device.type == "cuda")
+        self.streamer = self._make_streamer()
+        self.stats = EngineStats(attention=attention_impl())
+        self.runner = Runner(model, self.cache, self.blocks, self.streamer, self.device,
+                             cfg.attn_micro_batch, cfg.expert_chunk, self.stats)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype="bfloat16", host_memory=None, device_memory=None, **kw):
+        """Load a HF checkpoint directory. host_memory: bytes (or "8GB") for the KV cache;
+        device_memory: device budget for resident weights and streaming buffers."""
+        from moegen.models import load_model
+        from moegen.tokenizer import load_tokenizer
+        model = load_model(path, dtype)
+        cfg = EngineConfig(device=str(device), kv_cache_bytes=parse_bytes(host_memory),
+                           device_memory=parse_bytes(device_memory), **kw)
+        return cls(model, load_tokenizer(path), cfg)
+
+    def _make_streamer(self) -> WeightStreamer:
+        cfg, weights = self.config, self.model.weights
+        if self.device.type == "cuda":
+            if cfg.streaming == "resident":
+                return WeightStreamer(weights, CudaBackend(self.device), resident=set(group_weights(weights)))
+            weights = {n: t.pin_memory() for n, t in weights.items()}
+            self.model.weights = weights
+            groups = group_weights(weights)
+            sizes = {k: module_bytes(g) for k, g in groups.items()}
+            pool = cfg.num_buffers * max(v for k, v in sizes.items() if k != "model")
+            budget = cfg.device_memory or int(torch.cuda.mem_get_info(self.device)[0] * 0.8)
+            resident = choose_resident(groups, sizes, budget - pool) | {"model"}
+            return WeightStreamer(weights, CudaBackend(self.device), resident=resident, num_buffers=cfg.num_buffers)
+        if cfg.streaming == "staged":
+            return WeightStreamer(weights, StagedBackend(), resident={"model"}, num_buffers=cfg.num_buffers)
+        return WeightStreamer(weights, ResidentBackend())
+
+    # --- inputs --------------------------------------------------------------------------------
+    def encode(self, prompt, index: int, max_new_tokens: int, truncate: str | None) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError(f"prompt {index} is text but the engine has no tokenizer")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise InputError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise InputError(f"prompt {index} is empty")
+        bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise InputError(f"prompt {index} has token ids outside the vocabulary [0, {self.model.vocab_size}): {bad[:5]}")
+        room = self.max_model_len - max_new_tokens
+        if len(ids) > room:
+            if truncate != "left" or room < 1:
+                raise InputError(f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the "
+                                 f"model's context of {self.max_model_len} leaves room for {max(room, 0)} "
+                                 f"(truncate='left' keeps the last tokens)")
+            ids = ids[-room:]
+        return ids
+
+    # --- generation ----------------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False, truncate: str | None = None) -> list[Completion]:
+        """Completions for prompts (strings or token-id lists), in input order."""
+        params = params or SamplingParams()
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise InputError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        seqs = [Sequence(i, self.encode(p, i, sp.max_new_tokens, truncate), sp)
+                for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
+        scheduler = Scheduler(self.blocks, self.config.max_batch, self.config.max_prefill_tokens)
+        # longest first: memory problems surface at once, and similar lengths decode together
+        for seq in sorted(seqs, key=lambda s: -s.max_length):
+            scheduler.add(seq)
+        sampler = Sampler()
+        bar = tqdm(total=len(seqs), desc="generate", unit="seq", disable=not progress, dynamic_ncols=True)
+        generated, t0 = 0, time.perf_counter()
+        while not scheduler.done:
+            phase, batch = scheduler.schedule()
+            tokens = self.step(phase, batch, sampler)
+            for seq, tok in zip(batch, tokens):
+                self.append_token(seq, tok)
+            generated += len(batch)
+            for seq in scheduler.retire_finished():
+                sampler.forget(seq)
+                bar.update(1)
+            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.1f}", batch=len(scheduler.running))
+        bar.close()
+        return [self.completion(s) for s in seqs]
+
+    def step(self, phase: str, batch, sampler) -> list[int]:
+        t0 = time.perf_counter()
+        logits = self.runner.prefill(batch) if phase == "prefill" else self.runner.decode(batch)
+        tokens = sampler.sample(logits, batch)
+        dt = time.perf_counter() - t0
+        if phase == "prefill":
+            self.stats.prefill_tokens += sum(len(s.prompt) for s in batch)
+            self.stats.prefill_s += dt
+            self.stats.prefill_steps += 1
+        else:
+            self.stats.decode_tokens += len(batch)
+            self.stats.decode_s += dt
+            self.stats.decode_steps += 1
+        return tokens
+
+    def append_token(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        seq.output.append(token)
+        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else self._config_eos()
+        if (not p.ignore_eos and token in eos_ids(eos)) or token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif p.stop and self.tokenizer is not None and self._hit_stop_string(seq):
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= p.max_new_tokens:
+            seq.finish_reason = "length"
+
+    def _config_eos(self):
+        return getattr(self.model.config, "eos_token_id", None)
+
+    def _hit_stop_string(self, seq) -> bool:
+        # a stop string of L characters spans at most L tokens: look at the tail only
+        window = max(len(s) for s in seq.params.stop) + 2
+        tail = self.tokenizer.decode(seq.output[-window:])
+        if not any(s in tail for s in seq.params.stop):
+            return False
+        text = self.tokenizer.decode(seq.output)
+        cut = min((text.find(s) for s in seq.params.stop if s in text), default=-1)
+        if cut < 0:
+            return False
+        seq.text = text[:cut]
+        return True
+
+    def completion(self, seq: Sequence) -> Completion:
+        text = seq.text if seq.text is not None else (self.tokenizer.decode(seq.output) if self.tokenizer else "")
+        return Completion(seq.seq_id, seq.prompt, seq.output, text, seq.finish_reason or "length")
+
+    # --- scoring -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def loglikelihood(self, requests, progress: bool = False) -> list[tuple[float, bool]]:
+        """For (context ids, continuation ids) pairs: (sum of log p(continuation | context),
+        whether greedy decoding would have produced the continuation). Batched prefill, no KV."""
+        items = []
+        for i, (ctx, cont) in enumerate(requests):
+            ctx, cont = list(ctx), list(cont)
+            if not ctx or not cont:
+                raise InputError(f"request {i}: context and continuation must both be non-empty")
+            if len(ctx) + len(cont) - 1 > self.max_model_len:
+                raise InputError(f"request {i} has {len(ctx) + len(cont)} tokens; the model's context is {self.max_model_len}")
+            items.append((i, ctx + cont[:-1], cont))
+        items.sort(key=lambda it: -len(it[1]))
+        results = [None] * len(items)
+        bar = tqdm(total=len(items), desc="loglikelihood", disable=not progress, dynamic_ncols=True)
+        for chunk in _chunks(items, self.config.max_prefill_tokens, self.config.max_batch):
+            t0 = time.perf_counter()
+            for (i, _, _), res in zip(chunk, self._score_chunk(chunk)):
+                results[i] = res
+            self.stats.prefill_tokens += sum(len(it[1]) for it in chunk)
+            self.stats.prefill_s += time.perf_counter() - t0
+            bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def _score_chunk(self, chunk):
+        lens = [len(toks) for _, toks, _ in chunk]
+        tokens = torch.tensor([t for _, toks, _ in chunk for t in toks], device=self.device)
+        contexts = []
+        for lo, hi in self.runner.micro_batches(len(chunk)):
+            start, n = sum(lens[:lo]), sum(lens[lo:hi])
+            contexts.append(((start, start + n), RaggedContext(lens[lo:hi], self.device)))
+        x = self.runner.forward(tokens, contexts)
+        rows, offset = [], 0
+        for (_, toks, cont), n in zip(chunk, lens):
+            rows.append(torch.arange(offset + n - len(cont), offset + n))
+            offset += n
+        logprobs = torch.log_softmax(self.model.logits(x[torch.cat(rows).to(self.device)], self.runner.top).float(), -1)
+        out, at = [], 0
+        for _, _, cont in chunk:
+            lp = logprobs[at:at + len(cont)]
+            target = torch.tensor(cont, device=lp.device)
+            out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+            at += len(cont)
+        return out
+
+
+def eos_ids(eos) -> tuple:
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+
+
+def _chunks(items, max_tokens: int, max_seqs: int):
+    chunk, tokens = [], 0
+    for it in items:
+        if chunk and (tokens + len(it[1]) > max_tokens or len(chunk) >= max_seqs):
+            yield chunk
+            chunk, tokens = [], 0
+        chunk.append(it)
+        tokens += len(it[1])
+    if chunk:
+        yield chunk

@@ -1,0 +1,46 @@
+"""Next-token choice: greedy for the whole batch in one argmax; sampling per sequence with its
+own generator, so a seeded request draws the same tokens whatever else is in the batch."""
+import torch
+
+from moegen.engine.params import SamplingParams
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on one row of float32 logits."""
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel()))[0][-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop tokens once the mass before them already reaches top_p (the first token always stays)
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+class Sampler:
+    def __init__(self):
+        self.generators: dict[int, torch.Generator] = {}
+
+    def generator(self, seq) -> torch.Generator:
+        if seq.seq_id not in self.generators:
+            g = torch.Generator()
+            # request i of a call draws from seed + i: reproducible, yet samples of one prompt differ
+            g.manual_seed(seq.params.seed + seq.seq_id if seq.params.seed is not None else torch.seed())
+            self.generators[seq.seq_id] = g
+        return self.generators[seq.seq_id]
+
+    def forget(self, seq) -> None:
+        self.generators.pop(seq.seq_id, None)
+
+    def sample(self, logits: torch.Tensor, seqs) -> list[int]:
+        """logits [B, V] for B sequences -> one token id each (the step's only host sync)."""
+        logits = logits.float().cpu()
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                probs = torch.softmax(filter_logits(logits[i], seq.params), dim=-1)
+                tokens[i] = int(torch.multinomial(probs, 1, generator=self.generator(seq)))
+        return tokens

@@ -1,0 +1,195 @@
+"""Weight streaming: modules' weights copied into a bounded pool of device buffers ahead of use.
+
+Weights are grouped into modules: "model" (embeddings, final norm, lm_head), one dense group per
+layer ("model.layers.N": attention, norms, router, shared experts) and one group per expert
+("...experts.E"). Resident modules are used in place; streamed ones are copied, in the order the
+runner announces them with `plan()`, into at most `num_buffers` buffers. The runner announces the
+experts of a layer only after routing, so experts that received no token are never copied.
+
+Backends do the copies: `ResidentBackend` (everything in place, the CPU default), `StagedBackend`
+(CPU: real copies into a bounded host pool, for tests of the scheduling and accounting) and
+`CudaBackend` (pinned host -> device on a copy stream, ordered with CUDA events).
+"""
+import re
+from collections import OrderedDict, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+ALIGN = 64
+EXPERT_GROUP = re.compile(r"^(.*\.experts\.\d+)\.")
+LAYER_GROUP = re.compile(r"^(model\.layers\.\d+)\.")
+
+
+def module_key(name: str) -> str:
+    for pattern in (EXPERT_GROUP, LAYER_GROUP):
+        m = pattern.match(name)
+        if m:
+            return m.group(1)
+    return "model"
+
+
+def group_weights(weights: dict) -> "OrderedDict[str, dict]":
+    groups = OrderedDict()
+    for name, t in weights.items():
+        groups.setdefault(module_key(name), {})[name] = t
+    return groups
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def module_bytes(tensors: dict) -> int:
+    return sum(_aligned(t.numel() * t.element_size()) for t in tensors.values())
+
+
+@dataclass
+class StreamStats:
+    bytes_moved: int = 0
+    copies: list = field(default_factory=list)      # module keys in copy order
+    max_buffers_in_use: int = 0
+
+    def reset(self):
+        self.bytes_moved, self.copies, self.max_buffers_in_use = 0, [], 0
+
+
+class ResidentBackend:
+    """No copies: every module is used where it lives."""
+    streams = False
+
+
+class StagedBackend:
+    """CPU stand-in for a device: real copies into pool buffers, completed synchronously."""
+    streams = True
+    device = torch.device("cpu")
+
+    def alloc(self, nbytes):
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def copy(self, buffer, tensors, ready_after=None):
+        views = _pack(buffer, tensors)
+        return views, None
+
+    def wait(self, event):
+        pass
+
+    def compute_done(self):
+        return None
+
+
+class CudaBackend:
+    """Pinned host -> device copies on a side stream. A buffer is refilled only after the compute
+    stream has finished with its previous contents (event), and compute waits for the copy."""
+    streams = True
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.copy_stream = torch.cuda.Stream(self.device)
+
+    def alloc(self, nbytes):
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def copy(self, buffer, tensors, ready_after=None):
+        with torch.cuda.stream(self.copy_stream):
+            if ready_after is not None:
+                self.copy_stream.wait_event(ready_after)
+            views = _pack(buffer, tensors, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return views, event
+
+    def wait(self, event):
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def compute_done(self):
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
+def _pack(buffer, tensors, non_blocking=False):
+    views, offset = {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        view = buffer[offset:offset + n].view(t.dtype).view(t.shape)
+        view.copy_(t, non_blocking=non_blocking)
+        views[name], offset = view, offset + _aligned(n)
+    return views
+
+
+class WeightStreamer:
+    def __init__(self, weights: dict, backend=None, resident: set | None = None, num_buffers: int = 4):
+        self.backend = backend or ResidentBackend()
+        self.groups = group_weights(weights)
+        self.resident = set(self.groups) if not self.backend.streams else set(resident or ()) | {"model"}
+        streamed = [k for k in self.groups if k not in self.resident]
+        self.buffer_bytes = max((module_bytes(self.groups[k]) for k in streamed), default=0)
+        self.free = deque(self.backend.alloc(self.buffer_bytes) for _ in range(num_buffers if streamed else 0))
+        self.num_buffers = len(self.free)
+        self.released_at = {}                      # id(buffer) -> event after which it may be refilled
+        self.loaded: dict[str, tuple] = {}         # key -> (buffer, views, copy event)
+        self.upcoming: deque[str] = deque()
+        self.users: dict[str, int] = {}
+        self.stats = StreamStats()
+        if self.backend.streams:                   # resident modules live on the device once
+            dev = self.backend.device
+            self.placed = {k: {n: t.to(dev) for n, t in self.groups[k].items()} for k in self.resident}
+
+    def weights(self, key: str) -> dict:
+        """Resident weights of a module (no streaming involved)."""
+        return self.placed[key] if self.backend.streams else self.groups[key]
+
+    def plan(self, keys) -> None:
+        """Announce the modules about to be used, in order; copies start as buffers allow."""
+        self.upcoming.extend(k for k in keys if k not in self.resident)
+        self._prefetch()
+
+    def _prefetch(self):
+        while self.upcoming and self.free:
+            key = self.upcoming.popleft()
+            if key in self.loaded:
+                continue
+            buffer = self.free.popleft()
+            views, event = self.backend.copy(buffer, self.groups[key], self.released_at.pop(id(buffer), None))
+            self.loaded[key] = (buffer, views, event)
+            self.stats.bytes_moved += sum(t.numel() * t.element_size() for t in self.groups[key].values())
+            self.stats.copies.append(key)
+            self.stats.max_buffers_in_use = max(self.stats.max_buffers_in_use, self.num_buffers - len(self.free))
+
+    def acquire(self, key: str) -> dict:
+        if key in self.resident:
+            return self.weights(key)
+        if key not in self.loaded:
+            if key in self.upcoming:
+                self.upcoming.remove(key)
+            self.upcoming.appendleft(key)
+            if not self.free:
+                raise RuntimeError(f"weight pool exhausted acquiring {key}: release modules or add buffers")
+            self._prefetch()
+        buffer, views, event = self.loaded[key]
+        self.backend.wait(event)
+        self.users[key] = self.users.get(key, 0) + 1
+        return views
+
+    def release(self, key: str) -> None:
+        if key in self.resident:
+            return
+        self.users[key] -= 1
+        if self.users[key]:
+            return
+        del self.users[key]
+        buffer, _, _ = self.loaded.pop(key)
+        self.released_at[id(buffer)] = self.backend.compute_done()
+        self.free.append(buffer)
+        self._prefetch()
+
+    @contextmanager
+    def module(self, key: str):
+        weights = self.acquire(key)
+        try:
+            yield weights
+        finally:
+            self.release(key)
