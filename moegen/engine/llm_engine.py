@@ -112,6 +112,8 @@ class Engine:
     # --- inputs --------------------------------------------------------------------------------
     def encode(self, prompt, index: int, max_new_tokens: int, truncate: str | None) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:
+                raise InputError(f"prompt {index} is empty")
             if self.tokenizer is None:
                 raise InputError(f"prompt {index} is text but the engine has no tokenizer")
             ids = self.tokenizer.encode(prompt)

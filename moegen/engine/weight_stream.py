@@ -124,7 +124,8 @@ class WeightStreamer:
     def __init__(self, weights: dict, backend=None, resident: set | None = None, num_buffers: int = 4):
         self.backend = backend or ResidentBackend()
         self.groups = group_weights(weights)
-        self.resident = set(self.groups) if not self.backend.streams else set(resident or ()) | {"model"}
+        wanted = set(self.groups) if not self.backend.streams else set(resident or ()) | {"model"}
+        self.resident = wanted & set(self.groups)
         streamed = [k for k in self.groups if k not in self.resident]
         self.buffer_bytes = max((module_bytes(self.groups[k]) for k in streamed), default=0)
         self.free = deque(self.backend.alloc(self.buffer_bytes) for _ in range(num_buffers if streamed else 0))

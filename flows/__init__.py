@@ -1,0 +1,1 @@
+"""Prefect flows: generate, eval, bench."""

@@ -1,0 +1,184 @@
+"""`moegen` command line. Each subcommand parses its arguments and calls the library."""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from moegen.errors import InputError, MoegenError
+
+
+def cmd_fixture(args):
+    from moegen.fixture import build_fixture
+    t0 = time.perf_counter()
+    out = build_fixture(args.arch, args.preset, args.seed, args.out, dtype=args.dtype, fused_experts=args.fused_experts)
+    print(f"fixture {args.arch}/{args.preset} seed={args.seed} -> {out} ({time.perf_counter() - t0:.1f}s)")
+
+
+def read_prompts(path: Path, field: str | None, template: str | None, limit: int | None) -> list:
+    """Prompts from JSONL rows: `prompt` (text), `prompt_token_ids`, or `--prompt-field`/`--template`."""
+    if not path.is_file():
+        raise InputError(f"input file {path} does not exist")
+    prompts = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(prompts) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{lineno}: each row must be a JSON object")
+            prompts.append(prompt_of(row, f"{path}:{lineno}", field, template))
+    if not prompts:
+        raise InputError(f"{path} holds no prompts")
+    return prompts
+
+
+def prompt_of(row: dict, where: str, field: str | None, template: str | None):
+    if template:
+        try:
+            return template.format(**row)
+        except KeyError as e:
+            raise InputError(f"{where}: template needs field {e} which the row lacks") from None
+    if field:
+        if not isinstance(row.get(field), str):
+            raise InputError(f"{where}: field {field!r} is missing or not a string")
+        return row[field]
+    if "prompt_token_ids" in row:
+        ids = row["prompt_token_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise InputError(f"{where}: prompt_token_ids must be a list of integers")
+        return ids
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    raise InputError(f"{where}: row needs a 'prompt' string or 'prompt_token_ids' list")
+
+
+def write_jsonl_atomic(path: Path, rows) -> None:
+    """Write to a temporary file and rename, so a crash never leaves a half-written output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def engine_kwargs(args) -> dict:
+    kw = dict(device=args.device, dtype=args.dtype, host_memory=args.host_memory, device_memory=args.device_memory)
+    for name in ("max_batch", "attn_micro_batch", "max_prefill_tokens", "expert_chunk", "num_buffers"):
+        if getattr(args, name, None) is not None:
+            kw[name] = getattr(args, name)
+    return kw
+
+
+def cmd_generate(args):
+    from moegen.engine import Engine, SamplingParams
+    prompts = read_prompts(Path(args.input), args.prompt_field, args.template, args.limit)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [])
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(args.model, **engine_kwargs(args))
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    outs = engine.generate(prompts, params, progress=not args.quiet, truncate=args.truncate)
+    wall = time.perf_counter() - t1
+    write_jsonl_atomic(Path(args.out), ({"index": c.index, "prompt_token_ids": c.prompt_token_ids,
+                                         "token_ids": c.token_ids, "text": c.text,
+                                         "finish_reason": c.finish_reason} for c in outs))
+    s, gen = engine.stats, sum(len(c.token_ids) for c in outs)
+    summary = {"sequences": len(outs), "prompt_tokens": s.prefill_tokens, "generated_tokens": gen,
+               "load_s": round(load_s, 2), "wall_s": round(wall, 2), "end_to_end_tok_s": round(gen / wall, 1),
+               "prefill_tok_s": round(s.prefill_tok_s, 1), "decode_tok_s": round(s.decode_tok_s, 1),
+               "parameters": engine.model.num_parameters(), "dtype": str(engine.model.dtype).replace("torch.", ""),
+               "attention": s.attention, "experts_skipped": s.experts_skipped, "out": args.out}
+    print(json.dumps(summary, indent=1))
+
+
+def cmd_build_ops(args):
+    from moegen.ops.build import build_ops
+    print(build_ops(verbose=args.verbose))
+
+
+def cmd_probe(args):
+    from moegen.planner.probe import format_probe, probe
+    result = probe(device=args.device, refresh=args.refresh)
+    print(format_probe(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+def add_engine_args(p):
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default bfloat16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--host-memory", help="host memory for the KV cache, e.g. 8GB (default 25%% of RAM)")
+    p.add_argument("--device-memory", help="device memory budget for weights, e.g. 20GB (cuda)")
+    p.add_argument("--max-batch", type=int, help="global batch: sequences decoded together")
+    p.add_argument("--attn-micro-batch", type=int, help="sequences per attention micro-batch (0 = all)")
+    p.add_argument("--max-prefill-tokens", type=int, help="prompt tokens per prefill step")
+    p.add_argument("--expert-chunk", type=int, help="max rows per expert GEMM (0 = all)")
+    p.add_argument("--num-buffers", type=int, help="device buffers for streamed weights")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moegen", description="High-throughput offline MoE inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fixture", help="write a random-weight HF checkpoint for tests and benchmarks")
+    p.add_argument("--arch", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+    p.add_argument("--preset", required=True, choices=["tiny", "small", "bench"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", help="weight dtype on disk (default float32; bfloat16 for bench)")
+    p.add_argument("--fused-experts", action="store_true", help="write transformers-5 fused expert tensors")
+    p.set_defaults(func=cmd_fixture)
+
+    p = sub.add_parser("generate", help="generate completions for a JSONL file of prompts")
+    add_engine_args(p)
+    p.add_argument("--input", required=True, help="JSONL rows with 'prompt' or 'prompt_token_ids'")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--prompt-field", help="take the prompt text from this field of each row")
+    p.add_argument("--template", help="python format string over row fields, e.g. 'Question: {question}\\nAnswer:'")
+    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--truncate", choices=["left"], help="prompts too long for the context keep their last tokens "
+                   "(default: such a prompt is an error naming its row)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("build-ops", help="compile the native C++ ops ahead of time")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_build_ops)
+
+    p = sub.add_parser("probe", help="measure this machine's GEMM, memory and attention rates")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="also write the result here")
+    p.add_argument("--refresh", action="store_true", help="re-measure instead of using the cache")
+    p.set_defaults(func=cmd_probe)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MoegenError as e:
+        print(f"moegen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared pytest fixtures."""
+import os
+from pathlib import Path
+
+import pytest
+
+from moegen.fixture import build_fixture
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    """The GSM8K directory (test.jsonl, train.jsonl with `question`, `answer`), read in place:
+    never copy it into the project. Override with MOEGEN_GSM8K_DIR."""
+    d = Path(os.environ.get("MOEGEN_GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k"))
+    if not (d / "test.jsonl").is_file():
+        pytest.skip(f"GSM8K not found at {d} (set MOEGEN_GSM8K_DIR)")
+    return d
+
+
+def _tiny_factory(tmp_path_factory, fused: bool):
+    built = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            base = tmp_path_factory.mktemp(f"tiny-{arch}{'-fused' if fused else ''}")
+            built[arch] = build_fixture(arch, "tiny", seed=0, out=base / "ckpt", fused_experts=fused)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_fixture(tmp_path_factory):
+    """`arch -> Path` of a tiny seed-0 fixture checkpoint, built once per arch per session."""
+    return _tiny_factory(tmp_path_factory, fused=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_fixture(tmp_path_factory):
+    """Like `tiny_fixture`, with experts in the fused gate_up_proj / down_proj layout."""
+    return _tiny_factory(tmp_path_factory, fused=True)
