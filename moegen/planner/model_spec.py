@@ -1,0 +1,499 @@
+"""Shape arithmetic of a MoE model: parameter counts, weight bytes, FLOPs and KV-cache bytes.
+
+Pure Python (no torch), built from a transformers config, a config.json dict, a path or the name
+of a bundled config. The planner and the metrics read every size from here, so the counting rules
+live in one place:
+
+- FLOPs are matmul FLOPs only, 2 per multiply-add; norms, RoPE, softmax, activations and bias adds
+  are ignored (they are O(hidden) per token, noise beside the matmuls).
+- Attention "core" FLOPs (scores + weighted values) of one query token over `ctx` keys are
+  2 * n_heads * min(ctx, window) * (qk_width + v_width) per layer.
+- MLA is counted in the form the engine runs (moegen/layers/mla.py): prefill expands the latent
+  through kv_b_proj into per-head K/V (qk width nope+rope, v width v_head_dim); decode runs the
+  *absorbed* form over the cached latent (qk width kv_lora_rank+rope, v width kv_lora_rank). In
+  both forms kv_b_proj's weight is multiplied once per new token (expanding that token's K/V, or
+  absorbing its query and un-absorbing its output), so projection FLOPs are 2 * linear weights.
+- Prefill computes logits for the last prompt token only (it yields the first new token); each
+  further new token costs one decode step, whose token attends over its whole context, itself
+  included. So a sequence with prompt P and G new tokens runs G - 1 decode steps at contexts
+  P+1 .. P+G-1.
+
+Shape letters: H hidden, V vocab, E routed experts, k top-k, I expert width.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from moegen.errors import ConfigError, UnsupportedModelError
+
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+MODULES = ("embedding", "attention", "norms", "router", "routed_experts", "shared_experts", "dense_mlp", "lm_head")
+GATED_MLP_MATRICES = 3   # gate, up, down: every expert and dense MLP of these families is SwiGLU
+
+
+def _sum_ctx(first: int, last: int, window: int = 0) -> int:
+    """sum_{c=first}^{last} min(c, window) (window 0 = no clipping), in closed form."""
+    if last < first:
+        return 0
+
+    def tri(a: int, b: int) -> int:   # a + ... + b
+        return (a + b) * (b - a + 1) // 2 if b >= a else 0
+
+    if window <= 0 or last <= window:
+        return tri(first, last)
+    below = tri(first, window) if first <= window else 0
+    return below + (last - max(first, window + 1) + 1) * window
+
+
+@dataclass(frozen=True)
+class GQASpec:
+    """Grouped-query attention. qk_norm: "none", "head" (Qwen3: [D] per head), "full" (OLMoE)."""
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str = "none"
+
+    kind = "gqa"
+
+    def linear_params(self, hidden: int) -> int:
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return hidden * (q + 2 * kv) + q * hidden
+
+    def params(self, hidden: int) -> int:
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        bias = (q + 2 * kv if self.qkv_bias else 0) + (hidden if self.o_bias else 0)
+        norm = {"none": 0, "head": 2 * self.head_dim, "full": q + kv}[self.qk_norm]
+        return self.linear_params(hidden) + bias + norm
+
+    def core_flops_per_key(self, mla_absorbed: bool = True) -> int:
+        return 2 * self.n_heads * 2 * self.head_dim       # q.k and p.v, both head_dim wide
+
+    def kv_elems_per_token(self) -> int:
+        return 2 * self.n_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """DeepSeek multi-head latent attention; q_lora_rank 0 means a full-rank q_proj (V2-Lite)."""
+    n_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    bias: bool = False             # attention_bias: q_a_proj, kv_a_proj_with_mqa, o_proj
+
+    kind = "mla"
+
+    def linear_params(self, hidden: int) -> int:
+        n, qk = self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
+        q = hidden * self.q_lora_rank + self.q_lora_rank * n * qk if self.q_lora_rank else hidden * n * qk
+        kv_a = hidden * (self.kv_lora_rank + self.qk_rope_head_dim)
+        kv_b = self.kv_lora_rank * n * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv_a + kv_b + n * self.v_head_dim * hidden
+
+    def params(self, hidden: int) -> int:
+        norms = self.kv_lora_rank + self.q_lora_rank     # kv_a_layernorm (+ q_a_layernorm)
+        bias = (self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim + hidden) if self.bias else 0
+        return self.linear_params(hidden) + norms + bias
+
+    def core_flops_per_key(self, mla_absorbed: bool = True) -> int:
+        if mla_absorbed:   # scores over [latent | shared rope key], values are the latent itself
+            qk, v = self.kv_lora_rank + self.qk_rope_head_dim, self.kv_lora_rank
+        else:              # expanded per-head K/V
+            qk, v = self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
+        return 2 * self.n_heads * (qk + v)
+
+    def kv_elems_per_token(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim   # compressed cache: latent + rope key
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    attention: GQASpec | MLASpec
+    num_experts: int
+    top_k: int
+    expert_intermediate: int
+    moe_layer_mask: tuple[bool, ...]        # True where the layer's FFN is a routed MoE
+    dense_intermediate: int = 0             # FFN width of the non-MoE layers
+    shared_intermediate: int = 0            # total width of the shared expert(s), 0 = none
+    shared_expert_gate: bool = False        # Qwen2-MoE: sigmoid(Linear(H, 1)) on the shared expert
+    router_bias: bool = False               # DeepSeek-V3 e_score_correction_bias [E]
+    sliding_windows: tuple[int, ...] = ()   # per layer, 0 = full attention; () = none anywhere
+    tie_word_embeddings: bool = False
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        where = self.name or "ModelSpec"
+        if len(self.moe_layer_mask) != self.num_layers:
+            raise ConfigError(f"{where}: moe_layer_mask has {len(self.moe_layer_mask)} entries, "
+                              f"num_hidden_layers is {self.num_layers}")
+        if self.sliding_windows and len(self.sliding_windows) != self.num_layers:
+            raise ConfigError(f"{where}: {len(self.sliding_windows)} sliding windows for {self.num_layers} layers")
+        if any(self.moe_layer_mask) and not 0 < self.top_k <= self.num_experts:
+            raise ConfigError(f"{where}: num_experts_per_tok={self.top_k} with {self.num_experts} experts")
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ModelSpec":
+        """cfg: a transformers config, a config.json dict, a path to config.json or a checkpoint
+        directory, or the name of a bundled config (see moegen.configs.list_configs())."""
+        cfg, where = _config_dict(cfg)
+        model_type = cfg.get("model_type")
+        parse = _PARSERS.get(model_type)
+        if parse is None:
+            raise UnsupportedModelError(f"{where}: model_type {model_type!r} is not supported; "
+                                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        return cls(**parse(_Fields(cfg, where)), name=str(cfg.get("_name_or_path") or where))
+
+    # ---- layers -------------------------------------------------------------------------------
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, moe in enumerate(self.moe_layer_mask) if moe]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layer_mask)
+
+    def sliding_window(self, layer: int) -> int:
+        return self.sliding_windows[layer] if self.sliding_windows else 0
+
+    # ---- parameters (counts) ------------------------------------------------------------------
+
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    def lm_head_params(self) -> int:
+        """0 when tied: the embedding table is the lm_head (FLOPs and bytes read still count it)."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    def attention_params(self) -> int:
+        """One layer's attention, its q/k (or MLA latent) norms and biases included."""
+        return self.attention.params(self.hidden_size)
+
+    def layer_norm_params(self) -> int:
+        return 2 * self.hidden_size          # input_layernorm + post_attention_layernorm
+
+    def router_params(self) -> int:
+        return self.num_experts * self.hidden_size + (self.num_experts if self.router_bias else 0)
+
+    def expert_params(self) -> int:
+        """One routed expert."""
+        return GATED_MLP_MATRICES * self.hidden_size * self.expert_intermediate
+
+    def shared_expert_params(self) -> int:
+        """All shared experts of one MoE layer, Qwen2's shared-expert gate included."""
+        gate = self.hidden_size if self.shared_expert_gate else 0
+        return GATED_MLP_MATRICES * self.hidden_size * self.shared_intermediate + gate
+
+    def dense_mlp_params(self) -> int:
+        return GATED_MLP_MATRICES * self.hidden_size * self.dense_intermediate
+
+    def layer_params(self, layer: int) -> dict[str, int]:
+        """Parameters of one decoder layer by module (all MODULES keys but embedding/lm_head)."""
+        moe = self.moe_layer_mask[layer]
+        return {"attention": self.attention_params(), "norms": self.layer_norm_params(),
+                "router": self.router_params() if moe else 0,
+                "routed_experts": self.num_experts * self.expert_params() if moe else 0,
+                "shared_experts": self.shared_expert_params() if moe else 0,
+                "dense_mlp": 0 if moe else self.dense_mlp_params()}
+
+    def params_by_module(self) -> dict[str, int]:
+        """Whole-model parameter counts by module (MODULES), the final norm under "norms"."""
+        total = dict.fromkeys(MODULES, 0)
+        for layer in range(self.num_layers):
+            for module, n in self.layer_params(layer).items():
+                total[module] += n
+        total["norms"] += self.hidden_size
+        total["embedding"], total["lm_head"] = self.embedding_params(), self.lm_head_params()
+        return total
+
+    def total_params(self) -> int:
+        return sum(self.params_by_module().values())
+
+    def active_params_per_token(self, include_embedding: bool = True) -> int:
+        """Parameters one token touches: everything but the routed experts, plus top-k of them.
+
+        include_embedding=False leaves out the input embedding table (a token reads one row of
+        it), the convention of DeepSeek's published "activated" counts; Mistral, Qwen and AI2
+        count the whole table."""
+        by_module = self.params_by_module()
+        routed = self.num_moe_layers * self.top_k * self.expert_params()
+        active = sum(by_module.values()) - by_module["routed_experts"] + routed
+        if include_embedding or self.tie_word_embeddings:   # a tied table is also the lm_head
+            return active
+        return active - by_module["embedding"]
+
+    # ---- weight bytes -------------------------------------------------------------------------
+
+    def weight_bytes(self, dtype_bytes: float = 2) -> dict[str, int]:
+        """Whole-model weight bytes by module, plus "total"."""
+        out = {m: int(n * dtype_bytes) for m, n in self.params_by_module().items()}
+        out["total"] = sum(out.values())
+        return out
+
+    def layer_weight_bytes(self, layer: int, dtype_bytes: float = 2) -> dict[str, int]:
+        out = {m: int(n * dtype_bytes) for m, n in self.layer_params(layer).items()}
+        out["total"] = sum(out.values())
+        return out
+
+    def expert_bytes(self, dtype_bytes: float = 2) -> int:
+        """One routed expert: the unit the engine streams (or skips) per layer."""
+        return int(self.expert_params() * dtype_bytes)
+
+    def non_expert_bytes(self, dtype_bytes: float = 2) -> int:
+        """Weights read once per forward pass whatever the routing: attention, norms, routers,
+        shared experts, dense MLP layers, final norm and lm_head (not the embedding table, of
+        which a pass reads only its tokens' rows)."""
+        by_module = self.params_by_module()
+        skip = by_module["routed_experts"] + by_module["embedding"]
+        head = self.vocab_size * self.hidden_size if self.tie_word_embeddings else 0
+        return int((sum(by_module.values()) - skip + head) * dtype_bytes)
+
+    # ---- FLOPs per token ----------------------------------------------------------------------
+
+    def attn_proj_flops(self) -> int:
+        """One layer, one token: q/k/v (or MLA q, kv_a, kv_b) and o projections."""
+        return 2 * self.attention.linear_params(self.hidden_size)
+
+    def attn_core_flops(self, ctx_len: int, layer: int = 0, mla_absorbed: bool = True) -> int:
+        """One layer, one query token attending over ctx_len keys (scores + values)."""
+        keys = _sum_ctx(ctx_len, ctx_len, self.sliding_window(layer))
+        return self.attention.core_flops_per_key(mla_absorbed) * keys
+
+    def router_flops(self) -> int:
+        return 2 * self.hidden_size * self.num_experts
+
+    def expert_flops(self) -> int:
+        """One routed expert on one token."""
+        return 2 * self.expert_params()
+
+    def routed_expert_flops(self) -> int:
+        """The top-k routed experts of one token in one MoE layer."""
+        return self.top_k * self.expert_flops()
+
+    def shared_expert_flops(self) -> int:
+        return 2 * self.shared_expert_params()
+
+    def dense_mlp_flops(self) -> int:
+        return 2 * self.dense_mlp_params()
+
+    def lm_head_flops(self) -> int:
+        return 2 * self.vocab_size * self.hidden_size
+
+    def ffn_flops(self, layer: int) -> int:
+        """One token through layer's FFN: router + top-k + shared, or the dense MLP."""
+        if not self.moe_layer_mask[layer]:
+            return self.dense_mlp_flops()
+        return self.router_flops() + self.routed_expert_flops() + self.shared_expert_flops()
+
+    def layer_flops(self, layer: int, ctx_len: int, mla_absorbed: bool = True) -> int:
+        """One token through one layer at context ctx_len (itself included)."""
+        return self.attn_proj_flops() + self.attn_core_flops(ctx_len, layer, mla_absorbed) + self.ffn_flops(layer)
+
+    def context_free_flops(self) -> int:
+        """One token through every layer, not counting attention over the context nor lm_head."""
+        return sum(self.attn_proj_flops() + self.ffn_flops(i) for i in range(self.num_layers))
+
+    def _attn_core_sum(self, first_ctx: int, last_ctx: int, mla_absorbed: bool) -> int:
+        """Attention core FLOPs of tokens at contexts first_ctx..last_ctx, all layers."""
+        per_key = self.attention.core_flops_per_key(mla_absorbed)
+        return per_key * sum(_sum_ctx(first_ctx, last_ctx, self.sliding_window(i)) for i in range(self.num_layers))
+
+    # ---- FLOPs per sequence -------------------------------------------------------------------
+
+    def prefill_flops(self, prompt_len: int) -> int:
+        """One prompt, causal (token i attends over i+1 keys), logits for the last token only.
+        MLA runs expanded K/V in prefill."""
+        if prompt_len <= 0:
+            return 0
+        core = self._attn_core_sum(1, prompt_len, mla_absorbed=False)
+        return prompt_len * self.context_free_flops() + core + self.lm_head_flops()
+
+    def decode_flops(self, context_len: int) -> int:
+        """One decode token attending over context_len keys (itself included), with its logits."""
+        core = self._attn_core_sum(context_len, context_len, mla_absorbed=True)
+        return self.context_free_flops() + core + self.lm_head_flops()
+
+    def decode_steps_flops(self, prompt_len: int, gen_len: int) -> int:
+        """The gen_len - 1 decode steps after the prefill, at contexts prompt_len+1 .. prompt_len+gen_len-1."""
+        steps = max(gen_len - 1, 0)
+        core = self._attn_core_sum(prompt_len + 1, prompt_len + steps, mla_absorbed=True)
+        return steps * (self.context_free_flops() + self.lm_head_flops()) + core
+
+    def sequence_flops(self, prompt_len: int, gen_len: int) -> int:
+        """Prefill plus every decode step of one sequence generating gen_len new tokens."""
+        return self.prefill_flops(prompt_len) + self.decode_steps_flops(prompt_len, gen_len)
+
+    # ---- KV cache -----------------------------------------------------------------------------
+
+    def kv_bytes_per_token(self, dtype_bytes: float = 2) -> int:
+        """KV cache one token occupies over all layers (GQA: K and V per kv head; MLA: latent +
+        rope key)."""
+        return int(self.attention.kv_elems_per_token() * self.num_layers * dtype_bytes)
+
+    def kv_read_bytes(self, context_len: int, dtype_bytes: float = 2) -> int:
+        """KV cache bytes one decode token reads, all layers (sliding windows clip the read)."""
+        keys = sum(_sum_ctx(context_len, context_len, self.sliding_window(i)) for i in range(self.num_layers))
+        return int(keys * self.attention.kv_elems_per_token() * dtype_bytes)
+
+    def decode_kv_read_bytes(self, prompt_len: int, gen_len: int, dtype_bytes: float = 2) -> int:
+        """KV cache bytes all gen_len - 1 decode steps of one sequence read."""
+        last = prompt_len + max(gen_len - 1, 0)
+        keys = sum(_sum_ctx(prompt_len + 1, last, self.sliding_window(i)) for i in range(self.num_layers))
+        return int(keys * self.attention.kv_elems_per_token() * dtype_bytes)
+
+    def summary(self, dtype_bytes: float = 2) -> dict[str, Any]:
+        """The headline numbers, for printing and JSON."""
+        return {"name": self.name, "model_type": self.model_type, "layers": self.num_layers,
+                "moe_layers": self.num_moe_layers, "experts": self.num_experts, "top_k": self.top_k,
+                "total_params": self.total_params(), "active_params": self.active_params_per_token(),
+                "weight_bytes": self.weight_bytes(dtype_bytes)["total"],
+                "expert_bytes": self.expert_bytes(dtype_bytes),
+                "kv_bytes_per_token": self.kv_bytes_per_token(dtype_bytes)}
+
+
+# ---- config reading ----------------------------------------------------------------------------
+
+class _Fields:
+    """Field access on a config dict whose errors name the file and field."""
+
+    def __init__(self, cfg: Mapping[str, Any], where: str):
+        self.cfg, self.where = cfg, where
+
+    def req(self, *keys: str) -> Any:
+        """The first of keys present (aliases: transformers 5 renames some fields on save)."""
+        for key in keys:
+            if self.cfg.get(key) is not None:
+                return self.cfg[key]
+        raise ConfigError(f"{self.where}: field {keys[0]!r} is missing (model_type {self.cfg.get('model_type')!r})")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.cfg.get(key)
+        return default if value is None else value
+
+
+def _config_dict(cfg: Any) -> tuple[dict, str]:
+    """(config dict, where it came from) for any accepted form of cfg."""
+    if isinstance(cfg, Mapping):
+        return dict(cfg), "config dict"
+    if hasattr(cfg, "to_dict"):                       # a transformers PretrainedConfig
+        return _with_aliases(cfg), f"{type(cfg).__name__}"
+    path = Path(cfg)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()), str(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    from moegen.configs import load_config            # a bundled name, e.g. "mixtral-8x7b"
+    return load_config(str(cfg)), f"bundled config {cfg!r}"
+
+
+def _with_aliases(cfg: Any) -> dict:
+    """to_dict() of a transformers config plus its attribute_map aliases (Qwen3-MoE's
+    num_experts is stored as num_local_experts, for one)."""
+    out = cfg.to_dict()
+    for alias, real in getattr(cfg, "attribute_map", {}).items():
+        if out.get(alias) is None and real in out:
+            out[alias] = out[real]
+    return out
+
+
+def _gqa_head_dim(f: _Fields) -> int:
+    return f.get("head_dim") or f.req("hidden_size") // f.req("num_attention_heads")
+
+
+def _gqa(f: _Fields, **kw) -> GQASpec:
+    n_heads = f.req("num_attention_heads")
+    return GQASpec(n_heads=n_heads, n_kv_heads=f.get("num_key_value_heads", n_heads), head_dim=_gqa_head_dim(f), **kw)
+
+
+def _common(f: _Fields) -> dict:
+    return {"model_type": f.req("model_type"), "vocab_size": f.req("vocab_size"), "hidden_size": f.req("hidden_size"),
+            "num_layers": f.req("num_hidden_layers"), "tie_word_embeddings": bool(f.get("tie_word_embeddings", False))}
+
+
+def _num_experts(f: _Fields) -> int:
+    # each family has its own name, and transformers 5 may save it under another's
+    return f.req("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _parse_mixtral(f: _Fields) -> dict:
+    n, window = f.req("num_hidden_layers"), f.get("sliding_window", 0)
+    return {**_common(f), "attention": _gqa(f), "num_experts": _num_experts(f),
+            "top_k": f.req("num_experts_per_tok"), "expert_intermediate": f.req("intermediate_size"),
+            "moe_layer_mask": (True,) * n, "sliding_windows": (window,) * n if window else ()}
+
+
+def _qwen_sliding_windows(f: _Fields, n: int) -> tuple[int, ...]:
+    window = f.get("sliding_window", 0)
+    types = f.get("layer_types")
+    if types is not None:
+        return tuple(window if t == "sliding_attention" else 0 for t in types) if window else ()
+    return (window,) * n if window and f.get("use_sliding_window", False) else ()
+
+
+def _qwen_moe_mask(f: _Fields, n: int, experts: int) -> tuple[bool, ...]:
+    dense, step = set(f.get("mlp_only_layers", [])), f.get("decoder_sparse_step", 1)
+    return tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n))
+
+
+def _qwen_attention_and_shared(f: _Fields) -> tuple[GQASpec, dict]:
+    if f.req("model_type") == "qwen2_moe":   # qkv bias (on by default), sigmoid-gated shared expert
+        shared = {"shared_intermediate": f.get("shared_expert_intermediate_size", 0), "shared_expert_gate": True}
+        return _gqa(f, qkv_bias=bool(f.get("qkv_bias", True))), shared
+    bias = bool(f.get("attention_bias", False))  # Qwen3: per-head q/k norm, no shared expert
+    return _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="head"), {}
+
+
+def _parse_qwen_moe(f: _Fields) -> dict:
+    n, experts = f.req("num_hidden_layers"), _num_experts(f)
+    attention, shared = _qwen_attention_and_shared(f)
+    return {**_common(f), "attention": attention, "num_experts": experts, "top_k": f.req("num_experts_per_tok"),
+            "expert_intermediate": f.req("moe_intermediate_size"), "moe_layer_mask": _qwen_moe_mask(f, n, experts),
+            "dense_intermediate": f.get("intermediate_size", 0), "sliding_windows": _qwen_sliding_windows(f, n),
+            **shared}
+
+
+def _parse_olmoe(f: _Fields) -> dict:
+    bias = bool(f.get("attention_bias", False))    # q/k norms span the whole projection
+    return {**_common(f), "attention": _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="full"),
+            "num_experts": _num_experts(f), "top_k": f.req("num_experts_per_tok"),
+            "expert_intermediate": f.req("intermediate_size"), "moe_layer_mask": (True,) * f.req("num_hidden_layers")}
+
+
+def _mla(f: _Fields) -> MLASpec:
+    return MLASpec(n_heads=f.req("num_attention_heads"), q_lora_rank=f.get("q_lora_rank", 0),
+                   kv_lora_rank=f.req("kv_lora_rank"), qk_nope_head_dim=f.req("qk_nope_head_dim"),
+                   qk_rope_head_dim=f.req("qk_rope_head_dim"), v_head_dim=f.req("v_head_dim"),
+                   bias=bool(f.get("attention_bias", False)))
+
+
+def _parse_deepseek(f: _Fields) -> dict:
+    # moe_layer_freq is in DeepSeek's own config.json and code (transformers ignores it; always 1)
+    n, first_dense, freq = f.req("num_hidden_layers"), f.get("first_k_dense_replace", 0), f.get("moe_layer_freq", 1)
+    moe_width = f.req("moe_intermediate_size")
+    return {**_common(f), "attention": _mla(f), "num_experts": _num_experts(f),
+            "top_k": f.req("num_experts_per_tok"), "expert_intermediate": moe_width,
+            "moe_layer_mask": tuple(i >= first_dense and i % freq == 0 for i in range(n)),
+            "dense_intermediate": f.req("intermediate_size"),
+            "shared_intermediate": moe_width * f.get("n_shared_experts", 0),
+            # V3's sigmoid router keeps a per-expert correction bias; V2's softmax router has none
+            "router_bias": f.req("model_type") == "deepseek_v3"}
+
+
+_PARSERS = {"mixtral": _parse_mixtral, "qwen2_moe": _parse_qwen_moe, "qwen3_moe": _parse_qwen_moe,
+            "olmoe": _parse_olmoe, "deepseek_v2": _parse_deepseek, "deepseek_v3": _parse_deepseek}

@@ -1,0 +1,367 @@
+"""Hardware probe: the measured constants the planner's roofline needs.
+
+Measures, in well under 30 s: GEMM FLOP/s per dtype at the shapes experts run, host memory
+bandwidth, the decode-attention rate over a paged KV cache (KV bytes/s) on the CPU, and on CUDA
+also pinned host<->device and device memory bandwidth. Results are cached as JSON per machine and
+device under $XDG_CACHE_HOME/moegen/ (~/.cache when unset); `refresh=True` measures again.
+
+Rates are best-of-N (the least time seen): the planner wants what the hardware can do, and a
+noisy neighbour only ever makes a run slower. GB means 1e9 bytes. A copy's bandwidth counts the
+bytes read plus the bytes written (STREAM's convention).
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moegen.errors import MoegenError
+
+SCHEMA = 1
+GEMM_DTYPES = ("float32", "bfloat16", "float16")
+# (tokens, in_features, out_features): an expert's up/gate GEMM at small (Qwen/OLMoE-sized,
+# H=1024 -> 3584) and Mixtral-sized (4096 -> 14336) widths, over the token counts one expert
+# sees under module batching.
+GEMM_SHAPES = {
+    "cpu": [(256, 1024, 3584), (512, 1024, 3584), (1024, 1024, 3584), (2048, 1024, 3584),
+            (64, 4096, 14336), (256, 4096, 14336)],
+    "cuda": [(256, 1024, 3584), (2048, 1024, 3584), (8192, 1024, 3584),
+             (256, 4096, 14336), (1024, 4096, 14336), (4096, 4096, 14336)],
+}
+QUICK_GEMM_SHAPES = {"cpu": [(256, 1024, 3584)], "cuda": [(256, 1024, 3584), (2048, 4096, 14336)]}
+CALIBRATION_SHAPE = (64, 1024, 1024)
+BUDGET_S = 20.0          # stop adding GEMM shapes once the probe has run this long
+# Mixtral-shaped decode attention: 32 query heads over 8 KV heads of dim 128, 16-token pages.
+ATTENTION_SHAPE = dict(n_heads=32, n_kv_heads=8, head_dim=128, block_size=16)
+# Keyed by quick. Quick mode is for tests and smoke runs; its smaller KV may sit partly in cache.
+ATTENTION_BATCH = {False: dict(seqs=32, ctx=1024), True: dict(seqs=16, ctx=512)}
+HOST_COPY_BYTES = 256 << 20      # well past any L3 cache (quick mode too), or we would time the cache
+DEVICE_COPY_BYTES = {False: 1 << 30, True: 256 << 20}
+
+
+# ---- timing -----------------------------------------------------------------------------------
+
+def _sync_fn(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def best_time_s(fn: Callable[[], object], sync: Callable[[], None], min_total_s: float = 0.2,
+                max_iters: int = 20) -> float:
+    """Least wall time of one fn() call: one warm-up (allocation, thread pool, kernel selection),
+    then at least two timed calls and more until min_total_s is spent."""
+    fn()
+    sync()
+    best_s, spent_s, iters = math.inf, 0.0, 0
+    while iters < max_iters and (iters < 2 or spent_s < min_total_s):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        dt = time.perf_counter() - t0
+        best_s, spent_s, iters = min(best_s, dt), spent_s + dt, iters + 1
+    return best_s
+
+
+# ---- GEMM -------------------------------------------------------------------------------------
+
+def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, min_total_s: float) -> float:
+    """FLOP/s of x[m, k] @ w[k, n]."""
+    x = torch.randn(m, k, device=device).to(dtype)
+    w = torch.randn(k, n, device=device).to(dtype)
+    seconds = best_time_s(lambda: torch.matmul(x, w), _sync_fn(device), min_total_s)
+    return 2 * m * k * n / seconds
+
+
+def _skip_reason(flops: int, rate_flops_per_s: float, max_shape_s: float, deadline: float) -> str:
+    predicted_s = flops / rate_flops_per_s
+    if predicted_s > max_shape_s:
+        return f"predicted {predicted_s:.1f} s per call"
+    return "probe time budget spent" if time.perf_counter() + 3 * predicted_s > deadline else ""
+
+
+def measure_gemm(device: str, dtype_name: str, shapes: list[tuple[int, int, int]], max_shape_s: float,
+                 min_total_s: float, deadline: float = math.inf) -> dict:
+    """FLOP/s per shape for one dtype, smallest shape first. A small calibration GEMM, then the best
+    rate seen so far, predicts each next shape's time, so that a dtype with no fast kernel here
+    (fp16 on most CPUs) skips the big shapes instead of blowing the time budget."""
+    dtype = getattr(torch, dtype_name)
+    try:
+        rate = _gemm_rate(*CALIBRATION_SHAPE, dtype, device, min_total_s=0.05)
+    except (RuntimeError, TypeError) as exc:
+        return {"supported": False, "error": str(exc).splitlines()[0], "shapes": [], "best_flops_per_s": 0.0}
+    rows = [dict(zip("mkn", CALIBRATION_SHAPE), flops_per_s=rate, calibration=True)]
+    for m, k, n in sorted(shapes, key=lambda s: s[0] * s[1] * s[2]):
+        skipped = _skip_reason(2 * m * k * n, rate, max_shape_s, deadline)
+        if skipped:
+            rows.append({"m": m, "k": k, "n": n, "skipped": skipped})
+            continue
+        measured = _gemm_rate(m, k, n, dtype, device, min_total_s)
+        rows.append({"m": m, "k": k, "n": n, "flops_per_s": measured})
+        rate = max(rate, measured)
+    # the best at expert shapes; the calibration GEMM only when every expert shape was skipped
+    measured = [r["flops_per_s"] for r in rows[1:] if "flops_per_s" in r] or [rows[0]["flops_per_s"]]
+    return {"supported": True, "shapes": rows, "best_flops_per_s": max(measured)}
+
+
+# ---- memory bandwidth -------------------------------------------------------------------------
+
+def _copy_gbps(dst: torch.Tensor, src: torch.Tensor, sync: Callable[[], None], counts_both_ways: bool,
+               repeat: int = 1, min_total_s: float = 0.2) -> float:
+    """GB/s of dst.copy_(src); counts_both_ways when src and dst live in the same memory."""
+    def copy():
+        for _ in range(repeat):
+            dst.copy_(src, non_blocking=True)
+    seconds = best_time_s(copy, sync, min_total_s) / repeat
+    moved_bytes = src.numel() * src.element_size() * (2 if counts_both_ways else 1)
+    return moved_bytes / seconds / 1e9
+
+
+def measure_host_bandwidth(quick: bool) -> float:
+    """Host memory bandwidth (GB/s, read + write) of a large multi-threaded tensor copy."""
+    src = torch.ones(HOST_COPY_BYTES, dtype=torch.uint8)   # touched, so page faults are not timed
+    dst = torch.zeros_like(src)
+    return _copy_gbps(dst, src, lambda: None, counts_both_ways=True, min_total_s=0.1 if quick else 0.3)
+
+
+def measure_cuda_transfers(quick: bool) -> dict:
+    """Pinned host->device and device->host GB/s (one way) and device memory GB/s (read + write)."""
+    host = torch.ones(HOST_COPY_BYTES, dtype=torch.uint8).pin_memory()
+    dev = torch.empty_like(host, device="cuda")
+    big = torch.ones(DEVICE_COPY_BYTES[quick], dtype=torch.uint8, device="cuda")
+    big_dst = torch.empty_like(big)
+    sync = torch.cuda.synchronize
+    out = {"h2d_pinned_gbps": _copy_gbps(dev, host, sync, counts_both_ways=False),
+           "d2h_pinned_gbps": _copy_gbps(host, dev, sync, counts_both_ways=False),
+           # several copies per timing: one is under a millisecond, near launch overhead
+           "device_mem_bw_gbps": _copy_gbps(big_dst, big, sync, counts_both_ways=True, repeat=10)}
+    del host, dev, big, big_dst
+    torch.cuda.empty_cache()
+    return out
+
+
+# ---- decode attention -------------------------------------------------------------------------
+
+def torch_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=0):
+    """Plain-torch decode attention over a paged cache, for sequences of *equal* context length
+    (all the probe needs): gather the pages, then two batched matmuls per KV head group.
+    q [S, N, D]; caches [num_blocks, block_size, K, D]; returns [S, N, D]."""
+    seqs, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[2]
+    ctx = int(context_lens[0])
+    start = max(ctx - sliding_window, 0) if sliding_window else 0
+    k = k_cache[block_tables.long()].flatten(1, 2)[:, start:ctx]            # [S, T, K, D]
+    v = v_cache[block_tables.long()].flatten(1, 2)[:, start:ctx]
+    qg = q.view(seqs, n_kv, n_heads // n_kv, head_dim)                       # [S, K, G, D]
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale                 # [S, K, G, T]
+    probs = scores.float().softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v.permute(0, 2, 1, 3)).reshape(seqs, n_heads, -1)
+
+
+def _decode_attention_impl() -> tuple[Callable, str]:
+    """The engine's decode attention if its module imports, else the plain-torch one."""
+    try:
+        attention = importlib.import_module("moegen.ops.attention")
+        which = attention.attention_impl() if hasattr(attention, "attention_impl") else "?"
+        return attention.paged_decode_attention, f"moegen.ops.attention ({which})"
+    except Exception:   # the module may be absent or fail to build: the probe still measures
+        return torch_paged_decode_attention, "torch matmul (probe fallback)"
+
+
+def _attention_inputs(seqs: int, ctx: int, n_heads: int, n_kv_heads: int, head_dim: int, block_size: int,
+                      dtype: torch.dtype, device: str) -> tuple:
+    blocks_per_seq = -(-ctx // block_size)
+    num_blocks = seqs * blocks_per_seq
+    k_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim, device=device).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    # shuffled pages, as a long-running cache hands them out
+    block_tables = torch.randperm(num_blocks, device=device).to(torch.int32).view(seqs, blocks_per_seq)
+    context_lens = torch.full((seqs,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(seqs, n_heads, head_dim, device=device).to(dtype)
+    return q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5
+
+
+def measure_attention(device: str, quick: bool) -> dict:
+    """KV bytes/s one decode-attention call processes (bf16 cache, else float32 if the kernel
+    refuses bf16)."""
+    fn, impl = _decode_attention_impl() if device == "cpu" else (torch_paged_decode_attention, "torch matmul")
+    batch, shape = ATTENTION_BATCH[quick], ATTENTION_SHAPE
+    errors = []
+    for dtype in (torch.bfloat16, torch.float32):
+        args = _attention_inputs(**batch, **shape, dtype=dtype, device=device)
+        try:
+            seconds = best_time_s(lambda: fn(*args), _sync_fn(device), min_total_s=0.1 if quick else 0.3)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            errors.append(f"{dtype}: {str(exc).splitlines()[0]}")
+            continue
+        kv_bytes = batch["seqs"] * batch["ctx"] * 2 * shape["n_kv_heads"] * shape["head_dim"] * args[1].element_size()
+        return {"impl": impl, "dtype": str(dtype).removeprefix("torch."), **batch, **shape,
+                "kv_bytes_per_s": kv_bytes / seconds, "kv_gbps": kv_bytes / seconds / 1e9,
+                "seqs_per_s": batch["seqs"] / seconds}
+    return {"impl": impl, "error": "; ".join(errors), "kv_bytes_per_s": 0.0, "kv_gbps": 0.0}
+
+
+# ---- machine, cache, entry point --------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict:
+    info = {"hostname": socket.gethostname(), "device": device, "torch_version": torch.__version__,
+            "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "host_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(gpu_name=props.name, gpu_memory_bytes=props.total_memory, cuda_version=torch.version.cuda)
+    return info
+
+
+def _parse_device(device: str) -> tuple[str, int]:
+    """("cpu", 0) or ("cuda", index) from "cpu", "cuda" or "cuda:N"."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise MoegenError(f"probe: device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MoegenError(f"probe: device {device!r} asked for, but torch.cuda.is_available() is False")
+    return kind, int(index or 0)
+
+
+def measure(device: str = "cpu", quick: bool = False) -> dict:
+    """Run every measurement now (no cache). "cuda:N" measures GPU N."""
+    kind, index = _parse_device(device)
+    if kind == "cpu":
+        return {**_measure_all("cpu", quick), "device": device}
+    with torch.cuda.device(index):          # plain "cuda" tensors and syncs now mean GPU N
+        return {**_measure_all("cuda", quick), "device": device}
+
+
+def _measure_all(kind: str, quick: bool) -> dict:
+    t0 = time.perf_counter()
+    shapes = (QUICK_GEMM_SHAPES if quick else GEMM_SHAPES)[kind]
+    limits = dict(max_shape_s=0.25, min_total_s=0.05) if quick else dict(max_shape_s=1.0, min_total_s=0.2)
+    limits["deadline"] = t0 + BUDGET_S
+    gemm = {name: measure_gemm(kind, name, shapes, **limits) for name in GEMM_DTYPES}
+    result = {"schema": SCHEMA, **machine_info(kind), "quick": quick,
+              "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "gemm": gemm,
+              "gemm_best_flops_per_s": {name: r["best_flops_per_s"] for name, r in gemm.items()},
+              "host_mem_bw_gbps": measure_host_bandwidth(quick),
+              "cpu_attention": measure_attention("cpu", quick)}
+    if kind == "cuda":
+        result.update(measure_cuda_transfers(quick))
+        result["device_attention"] = measure_attention("cuda", quick)
+    result["probe_s"] = time.perf_counter() - t0
+    return result
+
+
+def default_cache_path(device: str) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"probe-{socket.gethostname()}-{device}")
+    return root / "moegen" / f"{name}.json"
+
+
+def _load_cached(path: Path, device: str, quick: bool) -> dict | None:
+    """The cached result if it still describes this machine and is at least as thorough."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (cached.get("schema") == SCHEMA and cached.get("device") == device
+            and cached.get("torch_version") == torch.__version__)
+    return cached if same and (quick or not cached.get("quick", True)) else None
+
+
+def _save(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
+    os.replace(tmp, path)        # atomic: a concurrent reader never sees half a file
+
+
+def probe(device: str = "cpu", refresh: bool = False, cache_path: str | Path | None = None,
+          quick: bool = False) -> dict:
+    """Measured hardware constants, from the per-machine cache unless refresh (or the cache is
+    stale: another torch, or a quick result when a full one is asked for). The result carries
+    "cached" (whether it came from the file) and "cache_path"."""
+    path = Path(cache_path) if cache_path else default_cache_path(device)
+    cached = None if refresh else _load_cached(path, device, quick)
+    if cached is not None:
+        return {**cached, "cached": True, "cache_path": str(path)}
+    result = measure(device, quick)
+    _save(path, result)
+    return {**result, "cached": False, "cache_path": str(path)}
+
+
+# ---- printing ---------------------------------------------------------------------------------
+
+def _si(value: float | None, unit: str) -> str:
+    if not value:
+        return "-"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.1f} {prefix}{unit}"
+    return f"{value:.1f} {unit}"
+
+
+def _gemm_rows(result: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for name, r in result.get("gemm", {}).items():
+        if not r.get("supported"):
+            rows.append((f"GEMM {name}", "unsupported", r.get("error", "")))
+            continue
+        for s in r["shapes"]:
+            shape = f"[{s['m']}, {s['k']}] x [{s['k']}, {s['n']}]"
+            note = "calibration" if s.get("calibration") else s.get("skipped", "")
+            rows.append((f"GEMM {name} {shape}", _si(s.get("flops_per_s"), "FLOP/s"), note))
+        rows.append((f"GEMM {name} best", _si(r["best_flops_per_s"], "FLOP/s"), ""))
+    return rows
+
+
+def _attention_row(label: str, a: dict) -> tuple[str, str, str]:
+    if a.get("error"):
+        return label, "-", a["error"]
+    note = f"{a['impl']}, {a['dtype']}, {a['seqs']} seqs x {a['ctx']} ctx, {a['n_heads']}/{a['n_kv_heads']} heads"
+    return label, f"{a['kv_gbps']:.2f} GB/s of KV", note
+
+
+def format_probe(result: dict) -> str:
+    """A readable table of a probe result."""
+    from rich.console import Console
+    from rich.table import Table
+
+    where = result.get("gpu_name") or result.get("cpu_model", "?")
+    title = (f"moegen probe: {result.get('hostname')} / {result.get('device')} ({where}), "
+             f"torch {result.get('torch_version')}, {result.get('torch_threads')} threads"
+             f"{', cached' if result.get('cached') else ''}")
+    table = Table(title=title, title_justify="left")
+    for column in ("measure", "rate", "note"):
+        table.add_column(column)
+    for row in _gemm_rows(result):
+        table.add_row(*row)
+    table.add_row("host memory copy", f"{result.get('host_mem_bw_gbps', 0):.1f} GB/s", "read + write")
+    for key, label in (("h2d_pinned_gbps", "host -> device (pinned)"), ("d2h_pinned_gbps", "device -> host (pinned)"),
+                       ("device_mem_bw_gbps", "device memory copy")):
+        if key in result:
+            table.add_row(label, f"{result[key]:.1f} GB/s", "")
+    table.add_row(*_attention_row("CPU decode attention", result.get("cpu_attention", {})))
+    if "device_attention" in result:
+        table.add_row(*_attention_row("device decode attention", result["device_attention"]))
+    out = io.StringIO()
+    Console(file=out, width=120, color_system=None).print(table)
+    return out.getvalue()
