@@ -30,7 +30,10 @@ class EngineStats:
     experts_run: int = 0             # (layer, expert) pairs that ran, summed over steps
     experts_skipped: int = 0         # (layer, expert) pairs with no token, never run nor copied
     attention: str = ""
-    extra: dict = field(default_factory=dict)
+    prefill_pass_tokens: list = field(default_factory=list)   # tokens per prefill pass
+    decode_step_seqs: list = field(default_factory=list)      # sequences per decode step
+    prefill_distinct_experts: int = 0  # experts_run during prefill passes (for S-MBU)
+    decode_distinct_experts: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -165,19 +168,39 @@ class Engine:
         bar.close()
         return [self.completion(s) for s in seqs]
 
+    def reset_stats(self) -> None:
+        self.stats = self.runner.stats = EngineStats(attention=self.stats.attention)
+        self.streamer.stats.reset()
+
+    def run_record(self, completions, wall_s: float | None = None):
+        """The metrics module's accounting record of the last generate() since reset_stats()."""
+        from moegen.metrics import RunRecord
+        s = self.stats
+        return RunRecord(prompt_lens=[c.num_prompt_tokens for c in completions],
+                         gen_lens=[len(c.token_ids) for c in completions], prefill_s=s.prefill_s,
+                         decode_s=s.decode_s, wall_s=wall_s, prefill_pass_tokens=s.prefill_pass_tokens,
+                         decode_step_seqs=s.decode_step_seqs, prefill_distinct_experts=s.prefill_distinct_experts,
+                         decode_distinct_experts=s.decode_distinct_experts)
+
     def step(self, phase: str, batch, sampler) -> list[int]:
-        t0 = time.perf_counter()
+        t0, experts0 = time.perf_counter(), self.stats.experts_run
         logits = self.runner.prefill(batch) if phase == "prefill" else self.runner.decode(batch)
         tokens = sampler.sample(logits, batch)
         dt = time.perf_counter() - t0
+        s, experts = self.stats, self.stats.experts_run - experts0
         if phase == "prefill":
-            self.stats.prefill_tokens += sum(len(s.prompt) for s in batch)
-            self.stats.prefill_s += dt
-            self.stats.prefill_steps += 1
+            tokens_in = sum(len(q.prompt) for q in batch)
+            s.prefill_tokens += tokens_in
+            s.prefill_s += dt
+            s.prefill_steps += 1
+            s.prefill_pass_tokens.append(tokens_in)
+            s.prefill_distinct_experts += experts
         else:
-            self.stats.decode_tokens += len(batch)
-            self.stats.decode_s += dt
-            self.stats.decode_steps += 1
+            s.decode_tokens += len(batch)
+            s.decode_s += dt
+            s.decode_steps += 1
+            s.decode_step_seqs.append(len(batch))
+            s.decode_distinct_experts += experts
         return tokens
 
     def append_token(self, seq: Sequence, token: int) -> None:
