@@ -26,10 +26,11 @@ def causal_attention(q, k, v, scale: float, sliding_window: int = 0, past: int =
         if sliding_window:
             allowed &= qpos - kpos < sliding_window
         mask = allowed
+    # 4-D inputs reach the fused CPU kernels; 3-D ones fall back to the slow math path
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
         is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class RaggedContext:

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
-def gated_ffn(x, gate_up, down, act=F.silu):
+def gated_ffn(x, gate_up, down, act=F.silu, out=None):
     """x [T, H] @ gate_up [2I, H] (gate rows first) -> act(gate) * up -> @ down [H, I]."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(act(gate) * up, down)
+    h = act(gate).mul_(up)
+    return torch.matmul(h, down.t(), out=out)
 
 
 @dataclass

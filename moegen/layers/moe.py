@@ -16,21 +16,40 @@ from moegen.layers.mlp import ACTIVATIONS, DenseMLP, gated_ffn
 
 @dataclass
 class Dispatch:
-    """Tokens sorted by expert: rows of x to gather, their router weights, and per-expert counts."""
-    token_idx: torch.Tensor     # [T*k] token row for each (token, slot), sorted by expert
-    weights: torch.Tensor       # [T*k] matching router weights
+    """Token slots sorted by expert. Slot s = token * k + j is token's j-th choice; `order` lists
+    slots by expert (stable, so each expert's tokens stay in token order)."""
+    order: torch.Tensor         # [T*k] slots sorted by expert
+    weights: torch.Tensor       # [T*k] router weights in that order
     counts: list[int]           # [E] tokens per expert
+    top_k: int
 
     @classmethod
     def from_routing(cls, top_i, top_w, n_experts: int):
         flat = top_i.flatten()
-        # stable sort keeps each expert's tokens in ascending token order, as the reference sums them
         order = torch.sort(flat, stable=True)[1]
         counts = torch.bincount(flat, minlength=n_experts).tolist()
-        return cls(order // top_i.shape[1], top_w.flatten()[order], counts)
+        return cls(order, top_w.flatten()[order], counts, top_i.shape[1])
+
+    @property
+    def token_idx(self) -> torch.Tensor:
+        return self.order // self.top_k
 
     def active_experts(self):
         return [e for e, c in enumerate(self.counts) if c]
+
+    def combine(self, ys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Weighted expert outputs (rows in expert order) summed per token. Each token adds its
+        experts in ascending expert id, rounding to `dtype` after each add, which is exactly the
+        reference's per-expert index_add_ into a zero tensor, without k*E scatter calls."""
+        weighted = (ys * self.weights[:, None]).to(dtype)
+        position = torch.empty_like(self.order)
+        position[self.order] = torch.arange(len(self.order), device=self.order.device)
+        # a token's positions in expert order, ascending, are its experts by ascending id
+        pos = position.view(-1, self.top_k).sort(dim=1)[0]
+        out = weighted[pos[:, 0]]
+        for j in range(1, self.top_k):
+            out += weighted[pos[:, j]]
+        return out
 
 
 @dataclass
@@ -63,9 +82,11 @@ class SparseMoE:
 
     def run_experts(self, w, x, d: Dispatch, weights_for=None, chunk: int = 0):
         """Each expert with tokens: one gated FFN over all its tokens (in chunks of `chunk` rows
-        if set, to bound memory), weighted, scattered back. `weights_for(e)` is a context manager
-        yielding the expert's weights (the engine streams them); by default they come from `w`."""
-        out = torch.zeros_like(x)
+        if set, to bound memory); results weighted and summed per token. `weights_for(key)` is
+        a context manager yielding the expert's weights (the engine streams them); by default
+        they come from `w`."""
+        xs = x[d.token_idx]                       # one gather: rows grouped by expert
+        ys = torch.empty_like(xs)
         act, start = ACTIVATIONS[self.act], 0
         for e, n in enumerate(d.counts):
             if not n:
@@ -75,11 +96,9 @@ class SparseMoE:
                 gate_up, down = we[f"{key}.gate_up"], we[f"{key}.down"]
                 for lo in range(start, start + n, chunk or n):
                     hi = min(start + n, lo + (chunk or n))
-                    rows = d.token_idx[lo:hi]
-                    y = gated_ffn(x[rows], gate_up, down, act)
-                    out.index_add_(0, rows, (y * d.weights[lo:hi, None]).to(out.dtype))
+                    gated_ffn(xs[lo:hi], gate_up, down, act, out=ys[lo:hi])
             start += n
-        return out
+        return d.combine(ys, x.dtype)
 
     def combine_shared(self, w, x, routed):
         if self.shared is None:
