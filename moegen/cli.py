@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from moegen.errors import InputError, MoegenError
+from moegen.fixture import ARCHS
 
 
 def cmd_fixture(args):
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fixture", help="write a random-weight HF checkpoint for tests and benchmarks")
-    p.add_argument("--arch", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+    p.add_argument("--arch", required=True, choices=list(ARCHS))
     p.add_argument("--preset", required=True, choices=["tiny", "small", "bench"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

@@ -13,6 +13,7 @@ Parameter counts (exact, from the built models; see PRESET_PARAMS):
     qwen2_moe    4,282,304    10,019,328    728,404,992
     qwen3_moe    4,244,928    10,102,144    812,665,856
     olmoe        4,220,416    9,971,584     791,702,528
+    deepseek_v2  4,295,712    10,174,208    831,212,544
     deepseek_v3  4,288,192    10,100,144    815,487,424
 
 The 32000-token embedding and LM head dominate tiny and small (2 x 32000 x hidden). tiny and
@@ -33,7 +34,7 @@ import torch
 from moegen.dtypes import parse_dtype
 from moegen.errors import ConfigError
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 PRESETS = ("tiny", "small", "bench")
 STAMP = "moegen_fixture.json"
 # Bump when the produced files change, so stale stamped fixtures get rebuilt.
@@ -50,6 +51,7 @@ FIXTURE_VERSION = 1
 INIT_RANGE = {"tiny": 0.05, "small": 0.05, "bench": 0.02}
 
 PRESET_PARAMS = {
+    "deepseek_v2": {"tiny": 4_295_712, "small": 10_174_208, "bench": 831_212_544},
     "mixtral": {"tiny": 4_318_016, "small": 13_112_448, "bench": 791_233_536},
     "qwen2_moe": {"tiny": 4_282_304, "small": 10_019_328, "bench": 728_404_992},
     "qwen3_moe": {"tiny": 4_244_928, "small": 10_102_144, "bench": 812_665_856},
@@ -126,6 +128,21 @@ _PRESETS = {
                       num_attention_heads=16, num_key_value_heads=4, num_experts=64,
                       num_experts_per_tok=8),
     },
+    "deepseek_v2": {  # MLA, softmax router: group-limited greedy top-k in tiny, greedy in small
+        "tiny": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                     q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                     v_head_dim=16, n_routed_experts=8, n_group=4, topk_group=2,
+                     topk_method="group_limited_greedy", num_experts_per_tok=2),
+        "small": dict(hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                      q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32,
+                      v_head_dim=32, n_routed_experts=16, topk_method="greedy", num_experts_per_tok=4),
+        "bench": dict(hidden_size=1024, intermediate_size=3584, moe_intermediate_size=512,
+                      num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
+                      q_lora_rank=None, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64,
+                      v_head_dim=64, n_routed_experts=64, topk_method="greedy", num_experts_per_tok=6),
+    },
     "deepseek_v3": {  # MLA, grouped top-k with a score-correction bias, shared expert, dense first layer
         "tiny": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
@@ -152,6 +169,8 @@ _ARCH_COMMON = {
                       decoder_sparse_step=1),
     "qwen3_moe": dict(rope_parameters=_rope(1e6), norm_topk_prob=True),
     "olmoe": dict(rope_parameters=_rope(1e4), norm_topk_prob=False),
+    "deepseek_v2": dict(rope_parameters=_rope(1e4), n_shared_experts=2, first_k_dense_replace=1,
+                        routed_scaling_factor=2.0, norm_topk_prob=False),
     # num_mtp_layers=0: the fixture holds no multi-token-prediction layer, so the config must
     # not announce one (real DeepSeek-V3 ships one extra layer for it).
     "deepseek_v3": dict(rope_parameters=_rope(1e4), n_shared_experts=1, first_k_dense_replace=1,
@@ -177,7 +196,7 @@ def fixture_config(arch: str, preset: str):
     _check(arch, preset)
     cls = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
            "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig,
-           "deepseek_v3": transformers.DeepseekV3Config}[arch]
+           "deepseek_v2": transformers.DeepseekV2Config, "deepseek_v3": transformers.DeepseekV3Config}[arch]
     # Later dicts win: a preset may override its arch's defaults (DeepSeek tiny's YaRN rope).
     fields = {**_COMMON, "initializer_range": INIT_RANGE[preset], **_ARCH_COMMON[arch], **_PRESETS[arch][preset]}
     return cls(**fields)

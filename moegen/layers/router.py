@@ -62,3 +62,30 @@ class GroupedSigmoidRouter:
         if self.renormalize:
             top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
         return top_i, top_w * self.scaling
+
+
+@dataclass
+class GreedySoftmaxRouter:
+    """DeepSeek-V2: softmax in float32; top-k over all experts ("greedy") or only within the
+    `topk_group` groups holding the best single scores ("group_limited_greedy"); weights times
+    a scaling factor, not renormalised."""
+    prefix: str
+    hidden: int
+    n_experts: int
+    top_k: int
+    scaling: float
+    n_group: int = 1
+    topk_group: int = 1
+    group_limited: bool = False
+
+    def weight_shapes(self):
+        return {f"{self.prefix}.weight": (self.n_experts, self.hidden)}
+
+    def route(self, w, x):
+        scores = torch.softmax(F.linear(x.float(), w[f"{self.prefix}.weight"].float()), dim=-1)
+        if self.group_limited:
+            best = scores.view(-1, self.n_group, self.n_experts // self.n_group).max(dim=-1)[0]
+            keep = torch.zeros_like(best).scatter_(1, best.topk(self.topk_group, dim=-1, sorted=False)[1], 1.0)
+            scores = scores.masked_fill(~keep.bool().repeat_interleave(self.n_experts // self.n_group, dim=1), 0.0)
+        top_w, top_i = torch.topk(scores, self.top_k, dim=-1, sorted=False)
+        return top_i, top_w * self.scaling

@@ -1,13 +1,14 @@
 """model_type -> family module (its `build(config)` and on-disk per-expert names)."""
 from moegen.errors import UnsupportedModelError
-from moegen.models import deepseek_v3, mixtral, olmoe, qwen_moe
+from moegen.models import deepseek, mixtral, olmoe, qwen_moe
 
 FAMILIES = {
     "mixtral": mixtral,
     "qwen2_moe": qwen_moe,
     "qwen3_moe": qwen_moe,
     "olmoe": olmoe,
-    "deepseek_v3": deepseek_v3,
+    "deepseek_v2": deepseek,
+    "deepseek_v3": deepseek,
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

@@ -1,11 +1,13 @@
-"""DeepSeek-V3: MLA attention (interleaved rope, YaRN softmax-scale correction), grouped sigmoid
-router with correction bias and scaling, shared experts, first k layers dense."""
+"""DeepSeek-V2 and -V3: MLA attention (interleaved rope, YaRN softmax-scale correction), shared
+experts, first k layers dense. Routers: V3 grouped sigmoid with correction bias and scaling;
+V2 float32 softmax, greedy or group-limited top-k, scaled."""
 import math
 
+from moegen.errors import ConfigError
 from moegen.layers.mla import MLAAttention
 from moegen.layers.mlp import DenseMLP
 from moegen.layers.moe import SparseMoE
-from moegen.layers.router import GroupedSigmoidRouter
+from moegen.layers.router import GreedySoftmaxRouter, GroupedSigmoidRouter
 from moegen.layers.rotary import RotaryEmbedding
 from moegen.models.common import activation, assemble
 from moegen.models.model import DecoderLayer
@@ -31,19 +33,32 @@ def attention(cfg, i: int, rope) -> MLAAttention:
                         scale=softmax_scale(cfg), bias=bool(getattr(cfg, "attention_bias", False)))
 
 
+def router_for(cfg, prefix: str):
+    if cfg.model_type == "deepseek_v2":
+        if cfg.topk_method not in ("greedy", "group_limited_greedy"):
+            raise ConfigError(f"config.json topk_method={cfg.topk_method!r} is not supported; "
+                              "supported: greedy, group_limited_greedy")
+        return GreedySoftmaxRouter(prefix, cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok,
+                                   cfg.routed_scaling_factor, cfg.n_group or 1, cfg.topk_group or 1,
+                                   cfg.topk_method == "group_limited_greedy")
+    return GroupedSigmoidRouter(prefix, cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok,
+                                cfg.n_group, cfg.topk_group, bool(cfg.norm_topk_prob), cfg.routed_scaling_factor)
+
+
 def ffn(cfg, i: int, act: str):
     p = f"model.layers.{i}.mlp"
     if i < cfg.first_k_dense_replace:
         return DenseMLP(p, cfg.hidden_size, cfg.intermediate_size, act)
-    router = GroupedSigmoidRouter(f"{p}.gate", cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok,
-                                  cfg.n_group, cfg.topk_group, bool(cfg.norm_topk_prob), cfg.routed_scaling_factor)
+    router = router_for(cfg, f"{p}.gate")
     shared = DenseMLP(f"{p}.shared_experts", cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, act) \
         if cfg.n_shared_experts else None
     return SparseMoE(p, cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, router, shared=shared, act=act)
 
 
 def build(cfg):
-    rope = RotaryEmbedding(cfg, cfg.qk_rope_head_dim, interleaved=bool(getattr(cfg, "rope_interleave", True)))
+    # V2 rotates interleaved pairs (as complex numbers); V3 does when rope_interleave is set
+    interleaved = cfg.model_type == "deepseek_v2" or bool(getattr(cfg, "rope_interleave", True))
+    rope = RotaryEmbedding(cfg, cfg.qk_rope_head_dim, interleaved=interleaved)
     act = activation(cfg)
     layers = [DecoderLayer(i, attention(cfg, i, rope), ffn(cfg, i, act), cfg.rms_norm_eps)
               for i in range(cfg.num_hidden_layers)]
