@@ -84,7 +84,10 @@ def cmd_generate(args):
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [])
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model, **engine_kwargs(args))
+    if args.dummy_weights:
+        engine = Engine.from_config(args.model, dummy_weights=True, **engine_kwargs(args))
+    else:
+        engine = Engine.from_pretrained(args.model, **engine_kwargs(args))
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     outs = engine.generate(prompts, params, progress=not args.quiet, truncate=args.truncate)
@@ -115,7 +118,9 @@ def cmd_probe(args):
 
 
 def add_engine_args(p):
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors); with "
+                   "--dummy-weights also a config.json or a bundled config name (e.g. deepseek-v2-lite)")
+    p.add_argument("--dummy-weights", action="store_true", help="random weights of the config's shapes, made in memory")
     p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default bfloat16)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--host-memory", help="host memory for the KV cache, e.g. 8GB (default 25%% of RAM)")

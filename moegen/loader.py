@@ -145,3 +145,45 @@ def load_model(path: str | Path, dtype="float32") -> MoEModel:
                                      f"config implies {tuple(shapes[name])}")
         model.weights[name] = t.to(torch.float32 if FP32_TENSORS.match(name) else dtype)
     return model
+
+
+def config_from(source):
+    """A transformers config from a config object, a config.json dict, a checkpoint directory or
+    config.json path, or the name of a bundled real-model config (moegen/configs)."""
+    if hasattr(source, "model_type") and not isinstance(source, dict):
+        family(source.model_type)
+        return source
+    if isinstance(source, (str, Path)) and Path(source).exists():
+        path = Path(source)
+        return read_config(path.parent if path.is_file() else path)
+    if isinstance(source, str):
+        from moegen.configs import load_config
+        source = load_config(source)
+    if not isinstance(source, dict) or "model_type" not in source:
+        raise ConfigError(f"cannot read a model config from {source!r}")
+    family(source["model_type"], where="config")
+    fields = {k: v for k, v in source.items() if k not in ("model_type", "architectures", "_name_or_path")}
+    try:
+        return AutoConfig.for_model(source["model_type"], **fields)
+    except Exception as e:
+        raise ConfigError(f"transformers could not build a {source['model_type']} config: {e}") from e
+
+
+def dummy_model(source, dtype="bfloat16", seed: int = 0, std: float = 0.02) -> MoEModel:
+    """A model of the config's shapes with random weights made directly in host memory: for
+    benchmarks of real model sizes without checkpoint files. Norm weights are one, biases zero."""
+    cfg, dtype = config_from(source), parse_dtype(dtype)
+    model = family(cfg.model_type).build(cfg)
+    model.dtype = dtype
+    g = torch.Generator().manual_seed(seed)
+    for name, shape in model.weight_shapes().items():
+        keep32 = FP32_TENSORS.match(name)
+        t = torch.empty(shape, dtype=torch.float32 if keep32 else dtype)
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            t.fill_(1.0)
+        elif name.endswith(".bias") or keep32:
+            t.zero_()
+        else:
+            t.normal_(0.0, std, generator=g)
+        model.weights[name] = t
+    return model

@@ -95,6 +95,19 @@ class Engine:
                            device_memory=parse_bytes(device_memory), **kw)
         return cls(model, load_tokenizer(path), cfg)
 
+    @classmethod
+    def from_config(cls, config, dummy_weights=True, device="cpu", dtype="bfloat16", host_memory=None,
+                    device_memory=None, seed: int = 0, **kw):
+        """An engine over random weights of a config's shapes (config object, dict, config.json,
+        or a bundled name such as "deepseek-v2-lite"); no tokenizer, so prompts are token ids."""
+        from moegen.errors import ConfigError
+        from moegen.loader import dummy_model
+        if not dummy_weights:
+            raise ConfigError("Engine.from_config needs dummy_weights=True; use from_pretrained for real weights")
+        cfg = EngineConfig(device=str(device), kv_cache_bytes=parse_bytes(host_memory),
+                           device_memory=parse_bytes(device_memory), **kw)
+        return cls(dummy_model(config, dtype, seed), None, cfg)
+
     def _make_streamer(self) -> WeightStreamer:
         cfg, weights = self.config, self.model.weights
         if self.device.type == "cuda":
