@@ -20,8 +20,8 @@ def causal_attention(q, k, v, scale: float, sliding_window: int = 0, past: int =
     tq, tk = q.shape[0], k.shape[0]
     mask = None
     if sliding_window or past:
-        qpos = torch.arange(tk - tq, tk)[:, None]
-        kpos = torch.arange(tk)[None, :]
+        qpos = torch.arange(tk - tq, tk, device=q.device)[:, None]
+        kpos = torch.arange(tk, device=q.device)[None, :]
         allowed = kpos <= qpos
         if sliding_window:
             allowed &= qpos - kpos < sliding_window
