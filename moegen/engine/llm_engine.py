@@ -119,7 +119,13 @@ class Engine:
             sizes = {k: module_bytes(g) for k, g in groups.items()}
             pool = cfg.num_buffers * max(v for k, v in sizes.items() if k != "model")
             budget = cfg.device_memory or int(torch.cuda.mem_get_info(self.device)[0] * 0.8)
-            resident = choose_resident(groups, sizes, budget - pool) | {"model"}
+            spare = budget - sizes["model"] - pool      # embeddings and lm_head always stay on the device
+            if spare < 0:
+                raise InputError(f"device memory budget {budget / 2**20:.1f} MiB cannot hold the embeddings and "
+                                 f"lm_head ({sizes['model'] / 2**20:.1f} MiB) plus {cfg.num_buffers} streaming "
+                                 f"buffers ({pool / 2**20:.1f} MiB): {-spare / 2**20:.1f} MiB short")
+            rest = {k: g for k, g in groups.items() if k != "model"}
+            resident = choose_resident(rest, sizes, spare) | {"model"}
             return WeightStreamer(weights, CudaBackend(self.device), resident=resident, num_buffers=cfg.num_buffers)
         if cfg.streaming == "staged":
             return WeightStreamer(weights, StagedBackend(), resident={"model"}, num_buffers=cfg.num_buffers)
