@@ -1,0 +1,231 @@
+"""Decode attention over the paged KV cache: native kernels with a PyTorch fallback.
+
+Layouts (see csrc/decode_attention.cpp for the kernel):
+  GQA: q [S, H, D]; k_cache, v_cache [num_blocks, block_size, KVH, D]; out [S, H, D].
+  MLA: q [S, H, R + P]; kv_cache [num_blocks, block_size, R + P]; out [S, H, R] (V = K[:R]).
+  block_tables int32 [S, max_blocks]; context_lens int32 [S] (>= 1, current token included).
+Token t of sequence s is at cache[block_tables[s, t // block_size], t % block_size]; table
+entries past a sequence's last used block are never read.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moegen.ops.build import native_ops
+
+_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
+# Upper bound on the elements of one gathered, padded K (or V) batch in the fallback.
+_FALLBACK_BUCKET_ELEMS = 1 << 25
+# A bucket accepts a sequence while padding wastes at most this fraction of its tokens.
+_FALLBACK_MAX_WASTE = 0.2
+
+
+def attention_impl() -> str:
+    """Which implementation runs: e.g. "native-avx512", "native-avx2", "native" or "torch"."""
+    ops = native_ops()
+    return ops.impl if ops is not None else "torch"
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """One decode step of (grouped-query) attention for every sequence; returns [S, H, D]."""
+    ops = native_ops()
+    if ops is not None:
+        return ops.ops.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, float(scale), int(sliding_window)
+        )
+    return paged_decode_attention_torch(
+        q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window
+    )
+
+
+def paged_decode_attention_mla(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    kv_lora_rank: int,
+) -> torch.Tensor:
+    """One decode step of absorbed MLA (MQA whose V is the latent prefix of K); [S, H, R]."""
+    ops = native_ops()
+    if ops is not None:
+        return ops.ops.paged_decode_attention_mla(
+            q, kv_cache, block_tables, context_lens, float(scale), int(kv_lora_rank)
+        )
+    return paged_decode_attention_mla_torch(q, kv_cache, block_tables, context_lens, scale, kv_lora_rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch fallback: sequences of similar length are bucketed, each bucket's blocks gathered into
+# a padded [B, L, ...] batch in one index_select, and attended with SDPA / batched matmul.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_common(op: str, q, block_tables, context_lens) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"{op}: q must be [num_seqs, n_heads, head_dim], got shape {tuple(q.shape)}")
+    if q.dtype not in _STORAGE:
+        raise TypeError(f"{op}: storage dtype must be float32, bfloat16 or float16, got {q.dtype}")
+    if block_tables.dtype != torch.int32:
+        raise TypeError(f"{op}: block_tables must be int32, got {block_tables.dtype}")
+    if context_lens.dtype != torch.int32:
+        raise TypeError(f"{op}: context_lens must be int32, got {context_lens.dtype}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"{op}: block_tables must be [num_seqs={q.shape[0]}, max_blocks_per_seq], "
+            f"got shape {tuple(block_tables.shape)}"
+        )
+    if context_lens.shape != (q.shape[0],):
+        raise ValueError(
+            f"{op}: context_lens must be [num_seqs={q.shape[0]}], got shape {tuple(context_lens.shape)}"
+        )
+
+
+def _check_cache(op: str, name: str, cache, q, dims: int) -> None:
+    if cache.dim() != dims:
+        raise ValueError(f"{op}: {name} must have {dims} dims, got shape {tuple(cache.shape)}")
+    if cache.dtype != q.dtype:
+        raise TypeError(f"{op}: {name} dtype {cache.dtype} differs from q dtype {q.dtype}")
+    if cache.shape[0] == 0 or cache.shape[1] == 0:
+        raise ValueError(f"{op}: {name} needs at least one block of one token, got {tuple(cache.shape)}")
+
+
+def _token_spans(op, context_lens, max_blocks, block_size, window):
+    """Per sequence: first attended token and one past the last, as int64 tensors."""
+    ends = context_lens.to(torch.int64)
+    if ends.numel() and (int(ends.min()) < 1 or int(ends.max()) > max_blocks * block_size):
+        raise ValueError(
+            f"{op}: context_lens must be in [1, max_blocks_per_seq * block_size = "
+            f"{max_blocks * block_size}], got range [{int(ends.min())}, {int(ends.max())}]"
+        )
+    starts = (ends - window).clamp(min=0) if window > 0 else torch.zeros_like(ends)
+    return starts, ends
+
+
+def _plan_buckets(first_block, n_blocks, row_elems, block_size):
+    """Groups sequences (longest first) so that padding stays small and batches bounded."""
+    order = torch.argsort(n_blocks, descending=True, stable=True).tolist()
+    nb = n_blocks.tolist()
+    buckets, current, cap = [], [], 0
+    for s in order:
+        fits = current and nb[s] >= cap * (1 - _FALLBACK_MAX_WASTE)
+        fits = fits and (len(current) + 1) * cap * block_size * row_elems <= _FALLBACK_BUCKET_ELEMS
+        if not fits:
+            if current:
+                buckets.append((current, cap))
+            current, cap = [], nb[s]
+        current.append(s)
+    if current:
+        buckets.append((current, cap))
+    return buckets
+
+
+def _gather_padded(op, caches, block_tables, idx, first_block, n_blocks, cap):
+    """Gathers blocks first_block .. first_block + cap - 1 of each sequence in idx from every
+    cache; columns past a sequence's own blocks repeat its first block (never a stale id)."""
+    cols = torch.arange(cap, dtype=torch.int64)
+    own = cols[None, :] < n_blocks[idx, None]
+    table_cols = torch.where(own, first_block[idx, None] + cols[None, :], first_block[idx, None])
+    ids = block_tables[idx[:, None], table_cols].to(torch.int64)
+    num_blocks = caches[0].shape[0]
+    if bool(((ids < 0) | (ids >= num_blocks)).any()):
+        raise ValueError(f"{op}: block_tables has entries outside the cache's {num_blocks} blocks")
+    flat = ids.reshape(-1)
+    return [c.index_select(0, flat).view(len(idx), cap * c.shape[1], *c.shape[2:]) for c in caches]
+
+
+def _valid_tokens(idx, first_block, starts, ends, length, block_size):
+    pos = first_block[idx, None] * block_size + torch.arange(length, dtype=torch.int64)[None, :]
+    return (pos >= starts[idx, None]) & (pos < ends[idx, None])
+
+
+def _zero_invalid(valid, *tensors):
+    # Padding rows may hold stale data (even NaN); zero them so masking is exact.
+    rows = (~valid).nonzero(as_tuple=True)
+    for t in tensors:
+        t[rows] = 0
+
+
+def _as_compute(x: torch.Tensor) -> torch.Tensor:
+    # fp32 math for every storage dtype (bf16 scores would lose ~3 significant digits).
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def paged_decode_attention_torch(
+    q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=0
+) -> torch.Tensor:
+    """Pure-PyTorch version of :func:`paged_decode_attention` (same arguments and result)."""
+    op = "paged_decode_attention"
+    _check_common(op, q, block_tables, context_lens)
+    _check_cache(op, "k_cache", k_cache, q, 4)
+    _check_cache(op, "v_cache", v_cache, q, 4)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    num_seqs, n_heads, d = q.shape
+    _, block_size, n_kv, dc = k_cache.shape
+    if d != dc:
+        raise ValueError(f"{op}: q head_dim {d} != cache head_dim {dc}")
+    if n_kv == 0 or n_heads % n_kv:
+        raise ValueError(f"{op}: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv}")
+    if sliding_window < 0:
+        raise ValueError(f"{op}: sliding_window must be >= 0, got {sliding_window}")
+
+    starts, ends = _token_spans(op, context_lens, block_tables.shape[1], block_size, sliding_window)
+    first_block = starts // block_size
+    n_blocks = (ends - 1) // block_size - first_block + 1
+    out = torch.empty_like(q)
+    for seqs, cap in _plan_buckets(first_block, n_blocks, n_kv * d, block_size):
+        idx = torch.tensor(seqs, dtype=torch.int64)
+        k, v = _gather_padded(op, (k_cache, v_cache), block_tables, idx, first_block, n_blocks, cap)
+        valid = _valid_tokens(idx, first_block, starts, ends, k.shape[1], block_size)
+        _zero_invalid(valid, k, v)
+        attn = F.scaled_dot_product_attention(
+            _as_compute(q[idx]).unsqueeze(2),  # [B, H, 1, D]
+            _as_compute(k).transpose(1, 2),  # [B, KVH, L, D]
+            _as_compute(v).transpose(1, 2),
+            attn_mask=valid[:, None, None, :],
+            scale=float(scale),
+            enable_gqa=n_heads != n_kv,
+        )
+        out[idx] = attn.squeeze(2).to(q.dtype)
+    return out
+
+
+def paged_decode_attention_mla_torch(
+    q, kv_cache, block_tables, context_lens, scale, kv_lora_rank
+) -> torch.Tensor:
+    """Pure-PyTorch version of :func:`paged_decode_attention_mla` (same arguments and result)."""
+    op = "paged_decode_attention_mla"
+    _check_common(op, q, block_tables, context_lens)
+    _check_cache(op, "kv_cache", kv_cache, q, 3)
+    num_seqs, n_heads, width = q.shape
+    _, block_size, cache_width = kv_cache.shape
+    if width != cache_width:
+        raise ValueError(f"{op}: q width {width} != kv_cache width (kv_lora_rank + rope_dim) {cache_width}")
+    if not 0 < kv_lora_rank <= width:
+        raise ValueError(f"{op}: kv_lora_rank {kv_lora_rank} must be in [1, {width}]")
+
+    starts, ends = _token_spans(op, context_lens, block_tables.shape[1], block_size, 0)
+    first_block = starts // block_size
+    n_blocks = (ends - 1) // block_size - first_block + 1
+    out = torch.empty(num_seqs, n_heads, kv_lora_rank, dtype=q.dtype)
+    for seqs, cap in _plan_buckets(first_block, n_blocks, width, block_size):
+        idx = torch.tensor(seqs, dtype=torch.int64)
+        (kv,) = _gather_padded(op, (kv_cache,), block_tables, idx, first_block, n_blocks, cap)
+        valid = _valid_tokens(idx, first_block, starts, ends, kv.shape[1], block_size)
+        _zero_invalid(valid, kv)
+        kv = _as_compute(kv)  # [B, L, R + P]; one KV head shared by all query heads
+        scores = torch.matmul(_as_compute(q[idx]), kv.transpose(1, 2)) * float(scale)
+        scores.masked_fill_(~valid[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[idx] = torch.matmul(probs, kv[..., :kv_lora_rank]).to(q.dtype)
+    return out
