@@ -61,18 +61,25 @@ class PrefillContext:
 
 
 class DecodeContext:
-    """One new token per sequence, attending over its own ragged paged KV in host memory."""
+    """One new token per sequence, attending over its own ragged paged KV in host memory, in
+    micro-batches of `micro_batch` sequences (0 = all at once)."""
 
-    def __init__(self, cache: PagedKVCache, block_tables, context_lens, positions, slots, device):
+    def __init__(self, cache: PagedKVCache, block_tables, context_lens, slots, device, micro_batch: int = 0):
         self.cache, self.block_tables, self.context_lens, self.slots = cache, block_tables, context_lens, slots
-        self.positions, self.device = positions.to(device), device
+        self.positions, self.device = (context_lens.long() - 1).to(device), device
+        n = len(context_lens)
+        step = micro_batch or n
+        self.micro_batches = [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+    def _attend_each(self, kernel, q, caches, *args):
+        q = q.to(caches[0].device, caches[0].dtype)
+        out = torch.cat([kernel(q[mb], *caches, self.block_tables[mb], self.context_lens[mb], *args)
+                         for mb in self.micro_batches])
+        return out.to(self.device)
 
     def attend(self, layer, q, k, v, scale, sliding_window=0):
         self.cache.write(layer, self.slots, k, v)
-        kc, vc = self.cache.layers[layer]
-        out = paged_decode_attention(q.to(kc.device, kc.dtype), kc, vc, self.block_tables, self.context_lens,
-                                     scale, sliding_window)
-        return out.to(self.device, q.dtype)
+        return self._attend_each(paged_decode_attention, q, self.cache.layers[layer], scale, sliding_window).to(q.dtype)
 
     def attend_mla(self, layer, attn, w, q_nope, q_rope, latent, k_rope):
         """Absorbed MLA: fold kv_b's key half into the query and its value half into the output,
@@ -81,7 +88,5 @@ class DecodeContext:
         kv_b = w[f"{attn.prefix}.kv_b_proj.weight"].view(attn.n_heads, attn.qk_nope_dim + attn.v_dim, attn.kv_lora_rank)
         w_uk, w_uv = kv_b[:, :attn.qk_nope_dim], kv_b[:, attn.qk_nope_dim:]
         q = torch.cat([torch.einsum("bnd,ndr->bnr", q_nope, w_uk), q_rope], dim=-1)
-        (kv,) = self.cache.layers[layer]
-        out = paged_decode_attention_mla(q.to(kv.device, kv.dtype), kv, self.block_tables, self.context_lens,
-                                         attn.scale, attn.kv_lora_rank)
-        return torch.einsum("bnr,nvr->bnv", out.to(self.device, q_nope.dtype), w_uv)
+        out = self._attend_each(paged_decode_attention_mla, q, self.cache.layers[layer], attn.scale, attn.kv_lora_rank)
+        return torch.einsum("bnr,nvr->bnv", out.to(q_nope.dtype), w_uv)

@@ -282,11 +282,7 @@ class Engine:
     def _score_chunk(self, chunk):
         lens = [len(toks) for _, toks, _ in chunk]
         tokens = torch.tensor([t for _, toks, _ in chunk for t in toks], device=self.device)
-        contexts = []
-        for lo, hi in self.runner.micro_batches(len(chunk)):
-            start, n = sum(lens[:lo]), sum(lens[lo:hi])
-            contexts.append(((start, start + n), RaggedContext(lens[lo:hi], self.device)))
-        x = self.runner.forward(tokens, contexts)
+        x = self.runner.forward(tokens, RaggedContext(lens, self.device))
         rows, offset = [], 0
         for (_, toks, cont), n in zip(chunk, lens):
             rows.append(torch.arange(offset + n - len(cont), offset + n))

@@ -1,6 +1,7 @@
 """One engine step over the global batch, layer by layer, with module-based batching:
-attention in micro-batches of sequences, then the router over every token of the batch, then
-each expert that received tokens once over all of them (weights streamed when on a device)."""
+attention (projections over the whole batch, the attention core in micro-batches of sequences
+over each one's own KV), then the router over every token of the batch, then each expert that
+received tokens once over all of them (weights streamed when on a device)."""
 import torch
 
 from moegen.engine.block_manager import BlockManager
@@ -19,63 +20,41 @@ class Runner:
         self.stats = stats
         self.top = streamer.weights("model")      # embeddings, final norm, lm_head: always resident
 
-    def micro_batches(self, n: int):
-        step = self.attn_micro_batch or n
-        return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+    # --- step inputs: Python lists first, then one tensor per field ----------------------------
+    def prefill_context(self, seqs) -> PrefillContext:
+        slots = [self.blocks.slot(s.seq_id, p) for s in seqs for p in range(len(s.prompt))]
+        return PrefillContext(self.cache, [len(s.prompt) for s in seqs], torch.tensor(slots), self.device)
 
-    # --- step inputs -------------------------------------------------------------------------
-    def slots(self, seq, start: int, stop: int) -> list[int]:
-        return [self.blocks.slot(seq.seq_id, p) for p in range(start, stop)]
-
-    def cache_blocks(self, seq) -> list[int]:
-        return self.blocks.tables[seq.seq_id]
-
-    def prefill_contexts(self, seqs):
-        """Per attention micro-batch: (token range, context)."""
-        out, tok = [], 0
-        for lo, hi in self.micro_batches(len(seqs)):
-            group = seqs[lo:hi]
-            lens = [len(s.prompt) for s in group]
-            slots = torch.tensor([x for s in group for x in self.slots(s, 0, len(s.prompt))])
-            out.append(((tok, tok + sum(lens)), PrefillContext(self.cache, lens, slots, self.device)))
-            tok += sum(lens)
-        return out
-
-    def decode_contexts(self, seqs):
-        out = []
-        for lo, hi in self.micro_batches(len(seqs)):
-            group = seqs[lo:hi]
-            width = max(len(self.cache_blocks(s)) for s in group)
-            tables = torch.tensor([self.cache_blocks(s) + [0] * (width - len(self.cache_blocks(s))) for s in group],
-                                  dtype=torch.int32)
-            lens = torch.tensor([s.length for s in group], dtype=torch.int32)
-            positions = lens.long() - 1
-            slots = torch.tensor([self.slots(s, s.length - 1, s.length)[0] for s in group])
-            out.append(((lo, hi), DecodeContext(self.cache, tables, lens, positions, slots, self.device)))
-        return out
+    def decode_context(self, seqs) -> DecodeContext:
+        tables = [self.blocks.tables[s.seq_id] for s in seqs]
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        lens = torch.tensor([s.length for s in seqs], dtype=torch.int32)
+        slots = torch.tensor([self.blocks.slot(s.seq_id, s.length - 1) for s in seqs])
+        return DecodeContext(self.cache, table, lens, slots, self.device, self.attn_micro_batch)
 
     # --- the step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seqs) -> torch.Tensor:
         """Run whole prompts; returns last-token logits [B, V]."""
         tokens = torch.tensor([t for s in seqs for t in s.prompt], device=self.device)
-        x = self.forward(tokens, self.prefill_contexts(seqs))
+        x = self.forward(tokens, self.prefill_context(seqs))
         last = torch.tensor([len(s.prompt) for s in seqs], device=self.device).cumsum(0) - 1
         return self.model.logits(x[last], self.top)
 
     @torch.inference_mode()
     def decode(self, seqs) -> torch.Tensor:
         tokens = torch.tensor([s.output[-1] if s.output else s.prompt[-1] for s in seqs], device=self.device)
-        return self.model.logits(self.forward(tokens, self.decode_contexts(seqs)), self.top)
+        return self.model.logits(self.forward(tokens, self.decode_context(seqs)), self.top)
 
-    def forward(self, tokens, contexts) -> torch.Tensor:
+    def forward(self, tokens, ctx) -> torch.Tensor:
         x = self.model.embed(tokens, self.top)
         layers = self.model.layers
         self.streamer.plan([layers[0].prefix])
         for i, layer in enumerate(layers):
             with self.streamer.module(layer.prefix) as w:
                 h = rms_norm(x, w[f"{layer.prefix}.input_layernorm.weight"], layer.eps)
-                x = x + torch.cat([layer.attn.forward(w, h[lo:hi], ctx, i) for (lo, hi), ctx in contexts])
+                x = x + layer.attn.forward(w, h, ctx, i)
                 h = rms_norm(x, w[f"{layer.prefix}.post_attention_layernorm.weight"], layer.eps)
                 nxt = [layers[i + 1].prefix] if i + 1 < len(layers) else []
                 x = x + self.feed_forward(layer, w, h, nxt)
