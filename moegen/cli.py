@@ -6,8 +6,15 @@ import sys
 import time
 from pathlib import Path
 
+import importlib
+
 from moegen.errors import InputError, MoegenError
 from moegen.fixture import ARCHS
+
+
+# Subcommands that live beside the library they drive; each module defines add_subparser(sub)
+# and keeps its heavy imports inside the command function.
+PLUGGED_COMMANDS = ["moegen.planner.plan_cli"]
 
 
 def cmd_fixture(args):
@@ -173,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--refresh", action="store_true", help="re-measure instead of using the cache")
     p.set_defaults(func=cmd_probe)
+    for module in PLUGGED_COMMANDS:
+        importlib.import_module(module).add_subparser(sub)
     return parser
 
 
