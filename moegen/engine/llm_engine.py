@@ -1,4 +1,5 @@
 """The Engine: admission -> prefill / decode steps over the global batch -> sampling -> stops."""
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -14,9 +15,14 @@ from moegen.engine.runner import Runner
 from moegen.engine.sampler import Sampler
 from moegen.engine.scheduler import Scheduler, Sequence
 from moegen.engine.weight_stream import CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights, module_bytes
-from moegen.errors import InputError
+from moegen.errors import InputError, MoegenError
 from moegen.layers.attention import RaggedContext
 from moegen.ops.attention import attention_impl
+
+
+log = logging.getLogger("moegen")
+PLANNED = ("max_batch", "attn_micro_batch", "max_prefill_tokens")
+FALLBACK_PLAN = {"max_batch": 256, "attn_micro_batch": 32, "max_prefill_tokens": 8192}
 
 
 @dataclass
@@ -50,9 +56,10 @@ class EngineConfig:
     kv_cache_bytes: int | None = None     # host memory for the KV cache; default 25% of RAM
     device_memory: int | None = None      # device budget for resident weights + buffers (cuda)
     block_size: int = 16
-    max_batch: int = 256                  # global batch G (sequences decoding together)
-    attn_micro_batch: int = 32            # A: sequences per attention micro-batch (0 = all)
-    max_prefill_tokens: int = 8192        # prompt tokens per prefill step
+    # None = chosen per generate() call by the planner (moegen.planner) from this machine's probe
+    max_batch: int | None = None          # global batch G (sequences decoding together)
+    attn_micro_batch: int | None = None   # A: sequences per attention micro-batch (0 = all)
+    max_prefill_tokens: int | None = None  # prompt tokens per prefill step
     expert_chunk: int = 0                 # rows per expert GEMM (0 = all of an expert's tokens)
     streaming: str = "auto"               # auto | resident | staged
     num_buffers: int = 4                  # streamed-weight buffers on the device
@@ -60,7 +67,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("block_size", "max_batch", "max_prefill_tokens", "num_buffers"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.streaming not in ("auto", "resident", "staged"):
             raise InputError(f"streaming must be auto, resident or staged, got {self.streaming!r}")
@@ -167,7 +174,8 @@ class Engine:
             raise InputError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
         seqs = [Sequence(i, self.encode(p, i, sp.max_new_tokens, truncate), sp)
                 for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
-        scheduler = Scheduler(self.blocks, self.config.max_batch, self.config.max_prefill_tokens)
+        plan = self.settings([len(s.prompt) for s in seqs], max(sp.max_new_tokens for sp in per_prompt))
+        scheduler = Scheduler(self.blocks, plan["max_batch"], plan["max_prefill_tokens"])
         # longest first: memory problems surface at once, and similar lengths decode together
         for seq in sorted(seqs, key=lambda s: -s.max_length):
             scheduler.add(seq)
@@ -186,6 +194,38 @@ class Engine:
             bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.1f}", batch=len(scheduler.running))
         bar.close()
         return [self.completion(s) for s in seqs]
+
+    # --- planning -------------------------------------------------------------------------------
+    def settings(self, prompt_lens: list[int], max_new_tokens: int) -> dict:
+        """G, A and the prefill token budget for a call: what the config fixes, the planner's
+        choice for the rest (from this machine's cached probe), else safe defaults."""
+        fixed = {k: getattr(self.config, k) for k in PLANNED if getattr(self.config, k) is not None}
+        chosen = dict(FALLBACK_PLAN)
+        self.last_plan = None
+        if len(fixed) < len(PLANNED):
+            try:
+                chosen, self.last_plan = self._plan(prompt_lens, max_new_tokens, fixed)
+            except MoegenError as e:
+                log.warning("planner unavailable (%s); using defaults %s", e, FALLBACK_PLAN)
+        settings = {**chosen, **fixed}
+        self.runner.attn_micro_batch = settings["attn_micro_batch"]
+        return settings
+
+    def _plan(self, prompt_lens, max_new_tokens, fixed):
+        from moegen.planner.cost_model import Hardware, Workload
+        from moegen.planner.model_spec import ModelSpec
+        from moegen.planner.probe import default_cache_path, probe
+        from moegen.planner.search import search
+        if not default_cache_path(self.device.type).exists():
+            log.warning("measuring this machine once for the planner (cached in %s)", default_cache_path(self.device.type))
+        hw = Hardware.from_probe(probe(self.device.type))
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        workload = Workload(prompt_len=max(1, round(sum(prompt_lens) / len(prompt_lens))), gen_len=max_new_tokens,
+                            num_sequences=len(prompt_lens), dtype=dtype)
+        kv_bytes = self.blocks.num_blocks * self.blocks.block_size * kv_bytes_per_token(self.model, self.model.dtype)
+        plan, prediction = search(ModelSpec.from_config(self.model.config), hw, workload,
+                                  overrides={**fixed, "kv_cache_bytes": kv_bytes, "block_size": self.blocks.block_size})
+        return {k: getattr(plan, k) for k in PLANNED}, (plan, prediction)
 
     def reset_stats(self) -> None:
         self.stats = self.runner.stats = EngineStats(attention=self.stats.attention)
@@ -267,9 +307,10 @@ class Engine:
                 raise InputError(f"request {i} has {len(ctx) + len(cont)} tokens; the model's context is {self.max_model_len}")
             items.append((i, ctx + cont[:-1], cont))
         items.sort(key=lambda it: -len(it[1]))
+        plan = self.settings([len(it[1]) for it in items], 1)
         results = [None] * len(items)
         bar = tqdm(total=len(items), desc="loglikelihood", disable=not progress, dynamic_ncols=True)
-        for chunk in _chunks(items, self.config.max_prefill_tokens, self.config.max_batch):
+        for chunk in _chunks(items, plan["max_prefill_tokens"], plan["max_batch"]):
             t0 = time.perf_counter()
             for (i, _, _), res in zip(chunk, self._score_chunk(chunk)):
                 results[i] = res

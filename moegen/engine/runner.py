@@ -12,7 +12,7 @@ from moegen.layers.norm import rms_norm
 
 class Runner:
     def __init__(self, model, cache: PagedKVCache, blocks: BlockManager, streamer: WeightStreamer, device,
-                 attn_micro_batch: int, expert_chunk: int = 0, stats=None):
+                 attn_micro_batch: int | None = None, expert_chunk: int = 0, stats=None):
         self.model, self.cache, self.blocks, self.streamer = model, cache, blocks, streamer
         self.device = torch.device(device)
         self.attn_micro_batch = attn_micro_batch
