@@ -148,3 +148,16 @@ def test_bfloat16_stays_close_to_transformers_bfloat16(tiny_fixture, questions):
     for seq, logits in zip(seqs, ours):
         ref = hf_logits(path, seq, torch.bfloat16)
         assert (logits.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_planner_fills_unset_settings_and_overrides_win(tiny_fixture):
+    path = tiny_fixture("mixtral")
+    planned = make_engine(path)
+    settings = planned.settings([12] * 20, 8)
+    plan, prediction = planned.last_plan
+    assert settings == {"max_batch": plan.max_batch, "attn_micro_batch": plan.attn_micro_batch,
+                        "max_prefill_tokens": plan.max_prefill_tokens}
+    assert prediction.e2e_tokens_per_s > 0
+    fixed = make_engine(path, max_batch=3, attn_micro_batch=1)
+    s = fixed.settings([12] * 20, 8)
+    assert s["max_batch"] == 3 and s["attn_micro_batch"] == 1 and fixed.runner.attn_micro_batch == 1
