@@ -133,9 +133,17 @@ def test_bad_prompts_are_named(tiny_fixture):
 
 def test_kv_blocks_are_returned(tiny_fixture):
     engine = make_engine(tiny_fixture("qwen2_moe"), max_batch=2)
-    free = engine.blocks.num_free
     engine.generate([[1, 2, 3]] * 5, SamplingParams(max_new_tokens=5, ignore_eos=True))
-    assert engine.blocks.num_free == free
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_kv_cache_grows_only_as_far_as_calls_need(tiny_fixture):
+    engine = make_engine(tiny_fixture("mixtral"))
+    engine.generate([[1, 2, 3]] * 4, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    assert engine.blocks.num_blocks == 4 * 2           # 23 tokens = 2 blocks of 16 each
+    assert engine.max_blocks > 100                     # far below the 32 MiB budget
+    engine.generate([[1, 2, 3]] * 6, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    assert engine.blocks.num_blocks == 12
 
 
 def test_bfloat16_stays_close_to_transformers_bfloat16(tiny_fixture, questions):

@@ -83,9 +83,10 @@ class Engine:
         self.max_model_len = cfg.max_model_len or getattr(model.config, "max_position_embeddings", 1 << 20)
         per_token = kv_bytes_per_token(model, model.dtype)
         budget = cfg.kv_cache_bytes or host_memory_bytes() // 4
-        num_blocks = max(1, budget // (per_token * cfg.block_size))
-        self.blocks = BlockManager(num_blocks, cfg.block_size)
-        self.cache = PagedKVCache(model, num_blocks, cfg.block_size, model.dtype, pin=self.device.type == "cuda")
+        # the budget caps the cache; it is allocated (and grown) only as far as calls need it
+        self.max_blocks = max(1, budget // (per_token * cfg.block_size))
+        self.blocks = BlockManager(1, cfg.block_size)
+        self.cache = PagedKVCache(model, 1, cfg.block_size, model.dtype)
         self.streamer = self._make_streamer()
         self.stats = EngineStats(attention=attention_impl())
         self.runner = Runner(model, self.cache, self.blocks, self.streamer, self.device,
@@ -175,6 +176,7 @@ class Engine:
         seqs = [Sequence(i, self.encode(p, i, sp.max_new_tokens, truncate), sp)
                 for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
         plan = self.settings([len(s.prompt) for s in seqs], max(sp.max_new_tokens for sp in per_prompt))
+        self.reserve_kv(sum(self.blocks.blocks_for(s.max_length) for s in seqs))
         scheduler = Scheduler(self.blocks, plan["max_batch"], plan["max_prefill_tokens"])
         # longest first: memory problems surface at once, and similar lengths decode together
         for seq in sorted(seqs, key=lambda s: -s.max_length):
@@ -194,6 +196,17 @@ class Engine:
             bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.1f}", batch=len(scheduler.running))
         bar.close()
         return [self.completion(s) for s in seqs]
+
+    def reserve_kv(self, blocks_wanted: int) -> None:
+        """Make the KV cache hold min(blocks_wanted, budget) blocks (between calls, when no
+        sequence holds blocks), so a small job never pins the whole budget."""
+        want = min(blocks_wanted, self.max_blocks)
+        if want <= self.blocks.num_blocks:
+            return
+        self.blocks = self.runner.blocks = BlockManager(want, self.config.block_size)
+        self.cache = self.runner.cache = None   # free the old cache before allocating the new one
+        self.cache = self.runner.cache = PagedKVCache(self.model, want, self.config.block_size, self.model.dtype,
+                                                      pin=self.device.type == "cuda")
 
     # --- planning -------------------------------------------------------------------------------
     def settings(self, prompt_lens: list[int], max_new_tokens: int) -> dict:
@@ -222,7 +235,7 @@ class Engine:
         dtype = str(self.model.dtype).removeprefix("torch.")
         workload = Workload(prompt_len=max(1, round(sum(prompt_lens) / len(prompt_lens))), gen_len=max_new_tokens,
                             num_sequences=len(prompt_lens), dtype=dtype)
-        kv_bytes = self.blocks.num_blocks * self.blocks.block_size * kv_bytes_per_token(self.model, self.model.dtype)
+        kv_bytes = self.max_blocks * self.blocks.block_size * kv_bytes_per_token(self.model, self.model.dtype)
         plan, prediction = search(ModelSpec.from_config(self.model.config), hw, workload,
                                   overrides={**fixed, "kv_cache_bytes": kv_bytes, "block_size": self.blocks.block_size})
         return {k: getattr(plan, k) for k in PLANNED}, (plan, prediction)
