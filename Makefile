@@ -12,8 +12,10 @@ RUN_DIR ?= runs
 FIXTURE := $(RUN_DIR)/fixtures/mixtral-bench
 LIMIT ?= 256
 NEW_TOKENS ?= 64
+EVAL_LIMIT ?= 8
+PREFECT_ENV := PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 
-.PHONY: run test install clean
+.PHONY: run test install clean serve stop generate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +23,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,harness,cluster]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,10 +31,24 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The main job: the `eval` flow in-process (ephemeral Prefect API) on the fixture Mixtral with
+# GSM8K from $(DATA): lm-eval accuracy through moegen and transformers, throughput side by side.
 run: $(STAMP)
+	MOEGEN_GSM8K_DIR=$(abspath $(DATA)) $(PREFECT_ENV) $(PY) -m flows.eval model=fixture:mixtral/bench \
+		limit=$(EVAL_LIMIT) num_fewshot=0 max_gen_toks=$(NEW_TOKENS) bench_workload=gsm8k,n=$(EVAL_LIMIT),gen=$(NEW_TOKENS)
+
+# Bulk generation over the GSM8K test questions with the engine alone.
+generate: $(STAMP)
 	$(VENV)/bin/moegen fixture --arch mixtral --preset bench --seed 0 --out $(FIXTURE)
 	$(VENV)/bin/moegen generate --model $(FIXTURE) --input $(DATA)/test.jsonl --limit $(LIMIT) \
 		--template $$'Question: {question}\nAnswer:' --max-new-tokens $(NEW_TOKENS) --out $(RUN_DIR)/gsm8k-generate.jsonl
+
+# The local Prefect stack: server, work pool, deployments, worker. `make stop` ends it.
+serve: $(STAMP)
+	deployments/serve.sh
+
+stop:
+	deployments/stop.sh
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR)

@@ -1,16 +1,23 @@
 // Decode attention over moegen's paged KV cache, on the CPU.
 //
 // One query token per sequence attends to its whole (ragged) context, whose K/V rows are
-// scattered over fixed-size cache blocks. The loop is memory- and FMA-bound, so the design is:
-//  * a work item is (sequence, kv head, chunk of that head's query heads); every K/V row is
-//    loaded once per item and used by all query heads of the chunk (GQA/MQA sharing);
-//  * tokens are processed in tiles: scores for the tile, one online-softmax update (running
-//    max + rescale), then the probability-weighted V accumulation; fp32 math throughout;
+// scattered over fixed-size cache blocks. The loop is bound by memory latency/bandwidth and FMA
+// throughput, so the design is:
+//  * a work item is a sequence (split into kv-head ranges, then query-head chunks, only when
+//    there are too few sequences for the threads); every K/V vector is loaded once per item and
+//    used by all query heads of its group (GQA/MQA sharing, no KV duplication);
+//  * tokens are processed in tiles: for each kv head, scores for the tile, one online-softmax
+//    update (running max + rescale), then the probability-weighted V accumulation; fp32 math;
+//  * while a tile is computed the next one is prefetched, a few lines per kernel step:
+//    hardware prefetchers do not follow rows scattered over blocks;
 //  * items are claimed dynamically, longest first, so ragged batches balance across threads.
 // MLA (absorbed DeepSeek attention) is the same kernel with one kv head whose V is a prefix of K.
 //
 // Compiled with -march=native by moegen/ops/build.py: the SIMD layer is picked at compile time
-// (AVX-512, AVX2+FMA+F16C, or portable scalar) and the build cache is keyed by the host CPU.
+// (AVX-512, with bf16 dot products for bf16 scores where the CPU has them; AVX2+FMA+F16C; or
+// portable scalar) and the build cache is keyed by the host CPU.
+// Knobs (-D via MOEGEN_OPS_CFLAGS): MOEGEN_TILE (tokens per tile), MOEGEN_PREFETCH=0, and
+// MOEGEN_SIMD_AVX2 / MOEGEN_SIMD_SCALAR to force a narrower code path (tests use them).
 
 // Test hook for the build fallback; first so that the failure is immediate.
 #ifdef MOEGEN_FORCE_BUILD_ERROR
@@ -61,6 +68,16 @@ struct Simd {
   static constexpr int W = 16;
   static constexpr int kAccRegs = 16;
   static constexpr const char* kName = "native-avx512";
+#ifdef __AVX512BF16__
+#define MOEGEN_BF16_DOT 1
+  // bf16 x bf16 dot products in one instruction (exact products, fp32 sums), used for scores.
+  static constexpr bool kBf16Dot = true;
+  static Reg dot_bf16(Reg acc, __m512i a, __m512i b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  }
+#else
+  static constexpr bool kBf16Dot = false;
+#endif
 
   static Reg zero() { return _mm512_setzero_ps(); }
   static Reg set1(float x) { return _mm512_set1_ps(x); }
@@ -139,6 +156,7 @@ struct Simd {
   static constexpr int W = 8;
   static constexpr int kAccRegs = 8;
   static constexpr const char* kName = "native-avx2";
+  static constexpr bool kBf16Dot = false;
 
   static Reg zero() { return _mm256_setzero_ps(); }
   static Reg set1(float x) { return _mm256_set1_ps(x); }
@@ -205,6 +223,7 @@ struct Simd {  // portable: one lane, the compiler may still auto-vectorise arou
   static constexpr int W = 1;
   static constexpr int kAccRegs = 8;
   static constexpr const char* kName = "native";
+  static constexpr bool kBf16Dot = false;
 
   static Reg zero() { return 0.f; }
   static Reg set1(float x) { return x; }
@@ -243,17 +262,6 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 #ifndef MOEGEN_PREFETCH
 #define MOEGEN_PREFETCH 1
 #endif
-#ifndef MOEGEN_PREFETCH_HINT
-#define MOEGEN_PREFETCH_HINT 3
-#endif
-
-// Requests `bytes` starting at p into cache. Rows of consecutive tokens are scattered over
-// blocks (and pages), which the hardware prefetchers do not follow.
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  if (!MOEGEN_PREFETCH) return;
-  const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, MOEGEN_PREFETCH_HINT);
-}
 
 // --------------------------------------------------------------------------------------------
 // Problem description (element strides) and per-thread scratch.
@@ -339,11 +347,17 @@ struct PrefetchStream {
 
   void advance() {
     if (!MOEGEN_PREFETCH) return;
-    for (int i = 0; i < per_call && p != nullptr; ++i) {
-      __builtin_prefetch(p, 0, MOEGEN_PREFETCH_HINT);
-      p += 64;
-      if (p >= segs[seg].end) p = ++seg < nseg ? segs[seg].begin : nullptr;
+    // Locals, so the loop runs in registers rather than through `this`.
+    const char* q = p;
+    int todo = per_call, s = seg;
+    while (todo > 0 && q != nullptr) {
+      const char* end = segs[s].end;
+      const int n = static_cast<int>(std::min<int64_t>(todo, (end - q + 63) / 64));
+      for (int i = 0; i < n; ++i) __builtin_prefetch(q + 64 * i, 0, 3);
+      q += 64 * n, todo -= n;
+      if (q >= end) q = ++s < nseg ? segs[s].begin : nullptr;
     }
+    p = q, seg = s;
   }
 };
 
@@ -351,13 +365,16 @@ struct PrefetchStream {
 // max and sum, and output accumulator; scores are per kv head and reused.
 struct Scratch {
   std::vector<float> q, s, acc, m, l;
-  int64_t dkp = 0, dvp = 0, heads_pad = 0;
+  std::vector<uint16_t> qb;  // raw bf16 queries (bf16 dot-product path), padded to dkp_bf16
+  int64_t dkp = 0, dvp = 0, dkp_bf16 = 0, heads_pad = 0;
 
   void reserve(int64_t kv_heads, int64_t heads_pad_, int64_t dk, int64_t dv) {
     heads_pad = heads_pad_;
     dkp = round_up(dk, W);
     dvp = round_up(dv, W);
+    dkp_bf16 = round_up(dk, 2 * W);
     q.assign(kv_heads * heads_pad * dkp, 0.f);
+    if (Simd::kBf16Dot) qb.assign(kv_heads * heads_pad * dkp_bf16, 0);
     s.assign(heads_pad * kTile, 0.f);
     acc.assign(kv_heads * heads_pad * dvp, 0.f);
     m.assign(kv_heads * heads_pad, kNegInf);
@@ -412,6 +429,55 @@ void qk_scores(const float* q, int64_t dkp, int64_t dk, const T* const* rows, in
     }
   }
 }
+
+#ifdef MOEGEN_BF16_DOT
+// qk_scores for bf16 storage with the bf16 dot-product instruction: K is used as stored (no
+// widening) and each instruction covers 32 elements. The query is the raw bf16 input, exact,
+// so only the softmax scale is applied afterwards, in fp32.
+template <int HP>
+void qk_scores_bf16(const uint16_t* q, int64_t dkp, int64_t dk, const c10::BFloat16* const* rows,
+                    int64_t col, int n, float scale, float* s, PrefetchStream* pf) {
+  constexpr int TT = W / HP;
+  constexpr int E = 2 * W;  // bf16 elements per vector
+  const int64_t nfull = dk / E;
+  const int tail = static_cast<int>(dk % E);
+  for (int t0 = 0; t0 < n; t0 += TT) {
+    const uint16_t* r[TT];
+    for (int tt = 0; tt < TT; ++tt) {
+      r[tt] = reinterpret_cast<const uint16_t*>(rows[std::min(t0 + tt, n - 1)] + col);
+    }
+    if (pf != nullptr) pf->advance();
+    Reg acc[W];
+    for (int i = 0; i < W; ++i) acc[i] = Simd::zero();
+    auto step = [&](int64_t off, const __m512i* kv) {
+#pragma GCC unroll 16
+      for (int h = 0; h < HP; ++h) {
+        const __m512i qv = _mm512_loadu_si512(q + h * dkp + off);
+#pragma GCC unroll 16
+        for (int tt = 0; tt < TT; ++tt) acc[h * TT + tt] = Simd::dot_bf16(acc[h * TT + tt], qv, kv[tt]);
+      }
+    };
+    for (int64_t c = 0; c < nfull; ++c) {
+      __m512i kv[TT];
+#pragma GCC unroll 16
+      for (int tt = 0; tt < TT; ++tt) kv[tt] = _mm512_loadu_si512(r[tt] + c * E);
+      step(c * E, kv);
+    }
+    if (tail) {  // q is zero padded; K is read only up to the end of its row
+      const __mmask32 mask = (1u << tail) - 1;
+      __m512i kv[TT];
+      for (int tt = 0; tt < TT; ++tt) kv[tt] = _mm512_maskz_loadu_epi16(mask, r[tt] + nfull * E);
+      step(nfull * E, kv);
+    }
+    float lanes[W];
+    Simd::store(lanes, Simd::mul(Simd::reduce_lanes(acc), Simd::set1(scale)));
+    const int valid = std::min(TT, n - t0);
+    for (int h = 0; h < HP; ++h) {
+      for (int tt = 0; tt < valid; ++tt) s[h * kTile + t0 + tt] = lanes[h * TT + tt];
+    }
+  }
+}
+#endif
 
 // acc[h, cols] += sum_t p[h, t] * V[t, cols] for HP heads and CB vectors of columns starting at
 // `col`; the HP x CB accumulators live in registers for the whole token loop.
@@ -495,14 +561,29 @@ const T* query_row(const Problem<T>& pb, const Item& it, int64_t kv, int64_t h) 
   return pb.q + it.seq * pb.q_seq_stride + head * pb.q_head_stride;
 }
 
+// True when scores use the bf16 dot-product kernel (bf16 storage on a CPU that has one).
+template <class T>
+constexpr bool kUseBf16Dot = Simd::kBf16Dot && std::is_same_v<T, c10::BFloat16>;
+
+// Queries of the item into scratch: fp32 pre-multiplied by the softmax scale, or raw bf16 bits
+// for the bf16 dot-product kernel. Padding heads and columns are exact zeros.
 template <class T>
 void load_queries(const Problem<T>& pb, const Item& it, Scratch& ws) {
-  std::fill(ws.q.begin(), ws.q.end(), 0.f);  // padding heads/columns must be exact zeros
+  if constexpr (kUseBf16Dot<T>) {
+    std::fill(ws.qb.begin(), ws.qb.end(), uint16_t{0});
+  } else {
+    std::fill(ws.q.begin(), ws.q.end(), 0.f);
+  }
   for (int64_t kv = 0; kv < it.kv_end - it.kv_begin; ++kv) {
     for (int64_t h = 0; h < it.h_end - it.h_begin; ++h) {
       const T* src = query_row(pb, it, kv, h);
-      float* dst = ws.q.data() + (kv * ws.heads_pad + h) * ws.dkp;
-      for (int64_t d = 0; d < pb.dk; ++d) dst[d] = static_cast<float>(src[d]) * pb.scale;
+      const int64_t slot = kv * ws.heads_pad + h;
+      if constexpr (kUseBf16Dot<T>) {
+        std::memcpy(ws.qb.data() + slot * ws.dkp_bf16, src, pb.dk * sizeof(T));
+      } else {
+        float* dst = ws.q.data() + slot * ws.dkp;
+        for (int64_t d = 0; d < pb.dk; ++d) dst[d] = static_cast<float>(src[d]) * pb.scale;
+      }
     }
   }
 }
@@ -550,8 +631,16 @@ void attend_tile(const Problem<T>& pb, const Item& it, int64_t kv, const TileRow
   const int64_t slot0 = kv * nh_pad;
   float* s = ws.s.data();
   for (int64_t h = 0; h < nh_pad; h += HP) {
+    PrefetchStream* step_pf = h == 0 ? &pf : nullptr;
+#ifdef MOEGEN_BF16_DOT
+    if constexpr (kUseBf16Dot<T>) {
+      qk_scores_bf16<HP>(ws.qb.data() + (slot0 + h) * ws.dkp_bf16, ws.dkp_bf16, pb.dk, rows.k, col,
+                         rows.n, pb.scale, s + h * kTile, step_pf);
+      continue;
+    }
+#endif
     qk_scores<T, HP>(ws.q.data() + (slot0 + h) * ws.dkp, ws.dkp, pb.dk, rows.k, col, rows.n,
-                     s + h * kTile, h == 0 ? &pf : nullptr);
+                     s + h * kTile, step_pf);
   }
   for (int64_t h = 0; h < nh; ++h) {
     softmax_update(s + h * kTile, rows.n, ws.m[slot0 + h], ws.l[slot0 + h],

@@ -14,7 +14,7 @@ from moegen.fixture import ARCHS
 
 # Subcommands that live beside the library they drive; each module defines add_subparser(sub)
 # and keeps its heavy imports inside the command function.
-PLUGGED_COMMANDS = ["moegen.planner.plan_cli", "moegen.cli_bench"]
+PLUGGED_COMMANDS = ["moegen.planner.plan_cli", "moegen.cli_bench", "moegen.cli_eval", "moegen.cli_results"]
 
 
 def cmd_fixture(args):

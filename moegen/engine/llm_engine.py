@@ -15,7 +15,7 @@ from moegen.engine.runner import Runner
 from moegen.engine.sampler import Sampler
 from moegen.engine.scheduler import Scheduler, Sequence
 from moegen.engine.weight_stream import CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights, module_bytes
-from moegen.errors import InputError, MoegenError
+from moegen.errors import InputError, MoegenError, TokenizerError
 from moegen.layers.attention import RaggedContext
 from moegen.ops.attention import attention_impl
 
@@ -101,7 +101,12 @@ class Engine:
         model = load_model(path, dtype)
         cfg = EngineConfig(device=str(device), kv_cache_bytes=parse_bytes(host_memory),
                            device_memory=parse_bytes(device_memory), **kw)
-        return cls(model, load_tokenizer(path), cfg)
+        try:
+            tokenizer = load_tokenizer(path)
+        except TokenizerError as err:     # token-id prompts still work; text prompts get a clear error
+            log.warning("%s; the engine takes token ids only", err)
+            tokenizer = None
+        return cls(model, tokenizer, cfg)
 
     @classmethod
     def from_config(cls, config, dummy_weights=True, device="cpu", dtype="bfloat16", host_memory=None,

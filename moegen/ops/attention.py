@@ -9,14 +9,17 @@ entries past a sequence's last used block are never read.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from moegen.ops.build import native_ops
 
 _STORAGE = (torch.float32, torch.bfloat16, torch.float16)
-# Upper bound on the elements of one gathered, padded K (or V) batch in the fallback.
-_FALLBACK_BUCKET_ELEMS = 1 << 25
+# Upper bound on the elements of one gathered, padded K (or V) batch in the fallback: small
+# enough (16 MiB in fp32) for the allocator to recycle buffers instead of faulting in new pages.
+_FALLBACK_BUCKET_ELEMS = 1 << 22
 # A bucket accepts a sequence while padding wastes at most this fraction of its tokens.
 _FALLBACK_MAX_WASTE = 0.2
 
@@ -129,35 +132,59 @@ def _plan_buckets(first_block, n_blocks, row_elems, block_size):
     return buckets
 
 
-def _gather_padded(op, caches, block_tables, idx, first_block, n_blocks, cap):
-    """Gathers blocks first_block .. first_block + cap - 1 of each sequence in idx from every
-    cache; columns past a sequence's own blocks repeat its first block (never a stale id)."""
+class _Buffers:
+    """Flat buffers reused by all buckets of one call: fresh large tensors would fault their
+    pages in again for every bucket."""
+
+    def __init__(self):
+        self._bufs: dict[object, torch.Tensor] = {}
+
+    def take(self, key, shape, dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._bufs[key] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+
+def _block_ids(op, block_tables, idx, first_block, n_blocks, cap, num_blocks):
+    """Blocks first_block .. first_block + cap - 1 of each sequence in idx, flattened; columns
+    past a sequence's own blocks repeat its first block (never a stale table entry)."""
     cols = torch.arange(cap, dtype=torch.int64)
     own = cols[None, :] < n_blocks[idx, None]
     table_cols = torch.where(own, first_block[idx, None] + cols[None, :], first_block[idx, None])
-    ids = block_tables[idx[:, None], table_cols].to(torch.int64)
-    num_blocks = caches[0].shape[0]
+    ids = block_tables[idx[:, None], table_cols].to(torch.int64).reshape(-1)
     if bool(((ids < 0) | (ids >= num_blocks)).any()):
         raise ValueError(f"{op}: block_tables has entries outside the cache's {num_blocks} blocks")
-    flat = ids.reshape(-1)
-    return [c.index_select(0, flat).view(len(idx), cap * c.shape[1], *c.shape[2:]) for c in caches]
+    return ids
 
 
-def _valid_tokens(idx, first_block, starts, ends, length, block_size):
-    pos = first_block[idx, None] * block_size + torch.arange(length, dtype=torch.int64)[None, :]
-    return (pos >= starts[idx, None]) & (pos < ends[idx, None])
+def _valid_span(idx, first_block, starts, ends, block_size):
+    """Per sequence of the bucket, [lo, hi): its attended tokens' positions in the batch."""
+    lo = starts[idx] - first_block[idx] * block_size
+    return lo.tolist(), (lo + ends[idx] - starts[idx]).tolist()
 
 
-def _zero_invalid(valid, *tensors):
-    # Padding rows may hold stale data (even NaN); zero them so masking is exact.
-    rows = (~valid).nonzero(as_tuple=True)
-    for t in tensors:
-        t[rows] = 0
+def _gather_fp32(cache, ids, span, length, bufs: _Buffers, key) -> torch.Tensor:
+    """[B, L, ...] fp32 batch of the given blocks with padding rows zeroed. Padding rows may
+    hold stale cache data, even NaN, which masking alone would let through (NaN * 0); fp32
+    because bf16 scores would keep only ~3 significant digits."""
+    lo, hi = span
+    gathered = bufs.take((key, "raw"), (ids.numel(), *cache.shape[1:]), cache.dtype)
+    torch.index_select(cache, 0, ids, out=gathered)
+    gathered = gathered.view(len(lo), length, *cache.shape[2:])
+    for b, (first, end) in enumerate(zip(lo, hi)):  # padding is one slice before, one after
+        gathered[b, :first].zero_()
+        gathered[b, end:].zero_()
+    if cache.dtype == torch.float32:
+        return gathered
+    return bufs.take((key, "fp32"), gathered.shape, torch.float32).copy_(gathered)
 
 
-def _as_compute(x: torch.Tensor) -> torch.Tensor:
-    # fp32 math for every storage dtype (bf16 scores would lose ~3 significant digits).
-    return x if x.dtype == torch.float32 else x.float()
+def _span_mask(span, length) -> torch.Tensor:
+    lo, hi = (torch.tensor(x, dtype=torch.int64)[:, None] for x in span)
+    pos = torch.arange(length, dtype=torch.int64)[None, :]
+    return (pos >= lo) & (pos < hi)
 
 
 def paged_decode_attention_torch(
@@ -183,20 +210,20 @@ def paged_decode_attention_torch(
     first_block = starts // block_size
     n_blocks = (ends - 1) // block_size - first_block + 1
     out = torch.empty_like(q)
+    bufs = _Buffers()
     for seqs, cap in _plan_buckets(first_block, n_blocks, n_kv * d, block_size):
         idx = torch.tensor(seqs, dtype=torch.int64)
-        k, v = _gather_padded(op, (k_cache, v_cache), block_tables, idx, first_block, n_blocks, cap)
-        valid = _valid_tokens(idx, first_block, starts, ends, k.shape[1], block_size)
-        _zero_invalid(valid, k, v)
+        ids = _block_ids(op, block_tables, idx, first_block, n_blocks, cap, k_cache.shape[0])
+        span, length = _valid_span(idx, first_block, starts, ends, block_size), cap * block_size
         attn = F.scaled_dot_product_attention(
-            _as_compute(q[idx]).unsqueeze(2),  # [B, H, 1, D]
-            _as_compute(k).transpose(1, 2),  # [B, KVH, L, D]
-            _as_compute(v).transpose(1, 2),
-            attn_mask=valid[:, None, None, :],
+            q.index_select(0, idx).float().unsqueeze(2),  # [B, H, 1, D]
+            _gather_fp32(k_cache, ids, span, length, bufs, "k").transpose(1, 2),  # [B, KVH, L, D]
+            _gather_fp32(v_cache, ids, span, length, bufs, "v").transpose(1, 2),
+            attn_mask=_span_mask(span, length)[:, None, None, :],
             scale=float(scale),
             enable_gqa=n_heads != n_kv,
         )
-        out[idx] = attn.squeeze(2).to(q.dtype)
+        out.index_copy_(0, idx, attn.squeeze(2).to(q.dtype))
     return out
 
 
@@ -218,14 +245,16 @@ def paged_decode_attention_mla_torch(
     first_block = starts // block_size
     n_blocks = (ends - 1) // block_size - first_block + 1
     out = torch.empty(num_seqs, n_heads, kv_lora_rank, dtype=q.dtype)
+    bufs = _Buffers()
     for seqs, cap in _plan_buckets(first_block, n_blocks, width, block_size):
         idx = torch.tensor(seqs, dtype=torch.int64)
-        (kv,) = _gather_padded(op, (kv_cache,), block_tables, idx, first_block, n_blocks, cap)
-        valid = _valid_tokens(idx, first_block, starts, ends, kv.shape[1], block_size)
-        _zero_invalid(valid, kv)
-        kv = _as_compute(kv)  # [B, L, R + P]; one KV head shared by all query heads
-        scores = torch.matmul(_as_compute(q[idx]), kv.transpose(1, 2)) * float(scale)
+        ids = _block_ids(op, block_tables, idx, first_block, n_blocks, cap, kv_cache.shape[0])
+        span, length = _valid_span(idx, first_block, starts, ends, block_size), cap * block_size
+        valid = _span_mask(span, length)
+        # [B, L, R + P]: one KV head shared by all query heads
+        kv = _gather_fp32(kv_cache, ids, span, length, bufs, "kv")
+        scores = torch.matmul(q.index_select(0, idx).float(), kv.transpose(1, 2)) * float(scale)
         scores.masked_fill_(~valid[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        out[idx] = torch.matmul(probs, kv[..., :kv_lora_rank]).to(q.dtype)
+        out.index_copy_(0, idx, torch.matmul(probs, kv[..., :kv_lora_rank]).to(q.dtype))
     return out

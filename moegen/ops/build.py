@@ -13,6 +13,7 @@ compiler output, and callers use the PyTorch fallback.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -28,12 +29,18 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are then only serialised by torch's own lock file
+    fcntl = None
+
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "decode_attention.cpp"
 NAMESPACE = "moegen_ops"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-DNDEBUG")
 # libgomp shares its SONAME with the copy torch bundles, so both resolve to one OpenMP runtime.
 LDFLAGS = ("-fopenmp",)
 _DONE_MARKER = "build.ok"
+_registration_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -100,10 +107,10 @@ def _cpu_identity() -> str:
         return platform.processor() + platform.machine()
 
 
-def build_key(source: Path, cflags: tuple[str, ...], ldflags: tuple[str, ...]) -> str:
+def build_key(source: Path | bytes, cflags: tuple[str, ...], ldflags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for part in (
-        source.read_bytes(),
+        source if isinstance(source, bytes) else source.read_bytes(),
         torch.__version__.encode(),
         sys.implementation.cache_tag.encode(),
         platform.machine().encode(),
@@ -129,41 +136,78 @@ def _write_log(build_dir: Path, text: str) -> Path:
 
 
 def _open_library(path: Path, namespace: str) -> NativeOps:
-    torch.ops.load_library(str(path))
+    with _registration_lock:  # op registration is global state; keep concurrent loads apart
+        torch.ops.load_library(str(path))
     ops = getattr(torch.ops, namespace)
     return NativeOps(impl=str(ops.impl_name()), path=path, ops=ops)
 
 
-def _compile(source: Path, build_dir: Path, name: str, cflags, ldflags, verbose: bool) -> Path:
+@contextlib.contextmanager
+def _exclusive(build_dir: Path):
+    """One builder per build dir across processes. flock dies with its holder, unlike the lock
+    file torch's builder uses, which a killed build leaves behind to block everyone forever."""
+    if fcntl is None:
+        yield
+        return
+    with open(build_dir / "moegen.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _compile(source_name: str, code: bytes, build_dir: Path, name: str, cflags, ldflags,
+             verbose: bool) -> Path:
     from torch.utils import cpp_extension  # imported lazily: it is slow to import
 
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=name,
-        sources=[str(source)],
-        extra_cflags=list(cflags),
-        extra_ldflags=list(ldflags),
-        build_directory=str(build_dir),
-        verbose=verbose,
-        is_python_module=False,
-    )
     lib = build_dir / f"{name}.so"
-    (build_dir / _DONE_MARKER).write_text(str(lib), encoding="utf-8")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(build_dir):
+        if (build_dir / _DONE_MARKER).is_file() and lib.is_file():
+            return lib  # another process built it while we waited
+        if fcntl is not None:  # we hold the dir: a torch lock file here is stale
+            (build_dir / "lock").unlink(missing_ok=True)
+        # Compile a snapshot of exactly the hashed bytes, so an edit to the source during the
+        # build cannot end up cached under the old key.
+        snapshot = build_dir / source_name
+        snapshot.write_bytes(code)
+        cpp_extension.load(
+            name=name,
+            sources=[str(snapshot)],
+            extra_cflags=list(cflags),
+            extra_ldflags=list(ldflags),
+            build_directory=str(build_dir),
+            verbose=verbose,
+            is_python_module=False,
+        )
+        (build_dir / _DONE_MARKER).write_text(str(lib), encoding="utf-8")
     return lib
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """The compiler's first error line if there is one, else the exception's first line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "error:" in ln or "Error:" in ln:
+            return ln[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _try_load(source: Path, extra_cflags: tuple[str, ...], namespace: str, verbose: bool):
     """Returns (NativeOps, None) or (None, BuildResult describing the failure)."""
     cflags = CFLAGS + (f"-DMOEGEN_OPS_NS={namespace}",) + tuple(extra_cflags)
-    if not source.is_file():
+    try:
+        code = source.read_bytes()
+    except OSError:
         return None, BuildResult("torch", reason=f"kernel source {source} not found")
-    key = build_key(source, cflags, LDFLAGS)
+    key = build_key(code, cflags, LDFLAGS)
     build_dir = cache_root() / key
     name = f"{namespace}_{key}"
     lib = build_dir / f"{name}.so"
     try:
         if not ((build_dir / _DONE_MARKER).is_file() and lib.is_file()):
-            lib = _compile(source, build_dir, name, cflags, LDFLAGS, verbose)
+            lib = _compile(source.name, code, build_dir, name, cflags, LDFLAGS, verbose)
         return _open_library(lib, namespace), None
     except Exception as exc:  # noqa: BLE001 - any failure means "use the fallback"
         text = (
@@ -172,8 +216,7 @@ def _try_load(source: Path, extra_cflags: tuple[str, ...], namespace: str, verbo
             + "".join(traceback.format_exception(exc))
         )
         log = _write_log(build_dir, text)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, BuildResult("torch", log=log, reason=reason[:200])
+        return None, BuildResult("torch", log=log, reason=_failure_reason(exc))
 
 
 def load_native(
@@ -190,9 +233,10 @@ def load_native(
     """
     ops, failure = _try_load(source, tuple(extra_cflags), namespace, verbose)
     if ops is None:
+        where = f" Compiler output: {failure.log}" if failure.log else ""
         warnings.warn(
             f"moegen: native CPU attention kernels unavailable ({failure.reason}); using the "
-            f"slower PyTorch fallback. Compiler output: {failure.log}",
+            f"slower PyTorch fallback.{where}",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -43,17 +43,22 @@ class HFHandle:
 
 
 def make_handle(model, model_path, device, options: dict) -> HFHandle:
+    from moegen.errors import TokenizerError
     from moegen.tokenizer import load_tokenizer
+    try:
+        tokenizer = load_tokenizer(model_path)
+    except TokenizerError:          # token-id workloads need none; texts then stay empty
+        tokenizer = None
     gen_cfg = model.generation_config
     eos = eos_ids(gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else model.config.eos_token_id)
     pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else getattr(model.config, "pad_token_id", None)
     # any id works as padding (the attention mask hides it); EOS is what generate() pads with anyway
     pad = pad if pad is not None else min(eos, default=0)
-    return HFHandle(model, load_tokenizer(model_path), eos, int(pad), torch.device(device), options)
+    return HFHandle(model, tokenizer, eos, int(pad), torch.device(device), options)
 
 
 def decode_all(tokenizer, token_ids: list) -> list[str]:
-    return [tokenizer.decode(ids) for ids in token_ids]
+    return [tokenizer.decode(ids) if tokenizer else "" for ids in token_ids]
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,0 +1,130 @@
+"""Flow `bench`: systems × workloads on one model, every metric, and the nightly regression check.
+
+    python -m flows.bench 'workloads=["synthetic:prompt=128,gen=32,n=64"]'
+    python -m flows.bench nightly=true 'runner={"kind": "ray", "gpus_per_cell": 1}' device=cuda
+
+The matrix's cells run in the subflow `bench-matrix` on the task runner the `runner` parameter
+picks: Prefect's ThreadPoolTaskRunner (default, one cell at a time so that no two measurements
+share the machine) or prefect-ray's RayTaskRunner (extra `cluster`), each cell reserving
+`gpus_per_cell` GPUs. With nightly=true each figure is compared with the previous nightly of the
+same (model, system, workload, hardware): a drop beyond regression_threshold fails the flow run
+with a markdown artifact naming the figures that fell.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from prefect import flow, unmapped
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import PositiveFloat, PositiveInt
+
+from flows.common import cache_scope, flow_run_id, report_dir
+from flows.eval import check_baseline
+from flows.params import (DType, Device, EngineOptions, ModelRef, ProbeMode, SystemNames, TaskRunnerChoice, Threshold,
+                          WorkloadSpecs)
+from moegen.errors import ConfigError
+from tasks.metrics import DEFAULT_REGRESSION_METRICS, compute_bench_table, find_regressions
+from tasks.models import prepare_model
+from tasks.record import environment_of, record_bench_run
+from tasks.report import render_report, report_regressions
+from tasks.systems import run_bench_cell
+
+
+def make_task_runner(choice: TaskRunnerChoice):
+    """The task runner the bench-matrix subflow maps its cells on."""
+    if choice.kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=choice.max_workers)
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError:
+        raise ConfigError("runner kind 'ray' needs prefect-ray: pip install 'moegen[cluster]'") from None
+    init_kwargs = {"include_dashboard": False} if choice.ray_address is None else {}
+    return RayTaskRunner(address=choice.ray_address, init_kwargs=init_kwargs)
+
+
+def ray_resources(choice: TaskRunnerChoice, device: str) -> dict:
+    """What each cell reserves on Ray: its GPUs (one by default on CUDA), and on a local Ray all the
+    CPUs, so that two measurements never share the machine."""
+    gpus = choice.gpus_per_cell or (1 if device.startswith("cuda") else 0)
+    cpus = choice.cpus_per_cell or (os.cpu_count() if choice.ray_address is None else 1)
+    return {"num_gpus": gpus, "num_cpus": cpus}
+
+
+def cell_resources(choice: TaskRunnerChoice, device: str):
+    if choice.kind != "ray":
+        return contextlib.nullcontext()
+    from prefect_ray.context import remote_options
+    return remote_options(**ray_resources(choice, device))
+
+
+@flow(name="bench-matrix", description="one bench cell per (system, workload), mapped on the task runner")
+def bench_matrix_flow(model_path: str, systems: list[str], workloads: list[str], repeat: int, dtype: str, device: str,
+                      options: dict[str, dict], probe: str, usd_per_hour: float | None, scope: str,
+                      runner: TaskRunnerChoice) -> list[dict]:
+    cells = [(system, workload) for workload in workloads for system in systems]
+    with cell_resources(runner, device):
+        futures = run_bench_cell.map(unmapped(model_path), [s for s, _ in cells], [w for _, w in cells],
+                                     unmapped(repeat), unmapped(dtype), unmapped(device),
+                                     [options.get(s) for s, _ in cells], unmapped(probe), unmapped(usd_per_hour),
+                                     unmapped(scope))
+    return [future.result() for future in futures]
+
+
+def system_options(engine: EngineOptions, extra: dict[str, dict], systems: list[str]) -> dict[str, dict]:
+    options = {name: dict(extra.get(name, {})) for name in systems}
+    if "moegen" in options:
+        options["moegen"] = {**engine.set_options(), **options["moegen"]}
+    return {name: opts for name, opts in options.items() if opts}
+
+
+@flow(name="bench", description="systems x workloads on one model; nightly regression check")
+def bench_flow(model: ModelRef = "fixture:mixtral/bench",
+               systems: SystemNames = ["moegen", "hf-generate"],  # noqa: B006
+               workloads: WorkloadSpecs = ["synthetic:prompt=128,gen=32,n=64"],  # noqa: B006
+               baseline: str = "hf-generate", repeat: PositiveInt = 1, dtype: DType = "bfloat16",
+               device: Device = "cpu", engine: EngineOptions = EngineOptions(),
+               options: dict[str, dict] = {},  # noqa: B006
+               probe: ProbeMode = "quick", usd_per_hour: PositiveFloat | None = None,
+               runner: TaskRunnerChoice = TaskRunnerChoice(), nightly: bool = False,
+               regression_threshold: Threshold = 0.10,
+               regression_metrics: list[str] = list(DEFAULT_REGRESSION_METRICS),  # noqa: B006
+               results_url: str | None = None, tags: list[str] = [],  # noqa: B006
+               resume_from: str | None = None):
+    """Measure every system on every workload, record the matrix, report it against `baseline`;
+    with nightly=true, fail on a regression beyond regression_threshold."""
+    check_baseline(baseline, systems)
+    stray = sorted(set(options) - set(systems))
+    if stray:
+        raise ConfigError(f"options given for system(s) not in the run: {', '.join(stray)}")
+    scope = cache_scope(resume_from)
+    model_path = prepare_model(model)
+    matrix = bench_matrix_flow.with_options(task_runner=make_task_runner(runner))
+    docs = matrix(model_path, systems, workloads, repeat, dtype, device, system_options(engine, options, systems),
+                  probe, usd_per_hour, scope, runner)
+    cells = compute_bench_table(docs, baseline)
+    regressions = find_regressions(cells, model, regression_threshold, regression_metrics,
+                                   url=results_url) if nightly else []
+    kind = "nightly" if nightly else "bench"
+    run_id = record_bench_run(model, kind, cells, environment_of(docs[0]), tags,
+                              "regressed" if regressions else "ok", flow_run_id(), results_url)
+    notes = [f"model `{model}` ({model_path}); {dtype} on {device}; repeat {repeat}",
+             f"{kind} run, task runner {runner.kind}"]
+    report = render_report("bench", f"{kind}: {model}", cells, baseline, str(report_dir("bench", results_url)),
+                           run_id, notes)
+    summary = {"run_id": run_id, "kind": kind, "model": model, "baseline": baseline, "report": report,
+               "cells": [{k: c[k] for k in ("system", "workload", "metrics", "ratios", "skipped_reason")}
+                         for c in cells], "regressions": regressions}
+    if regressions:
+        report_regressions(regressions, regression_threshold, model)
+        worst = max(regressions, key=lambda r: r["drop"])
+        return Failed(message=f"{len(regressions)} figure(s) fell more than {regression_threshold:.0%} since the "
+                      f"previous nightly; worst: {worst['system']} on {worst['workload']} {worst['metric']} "
+                      f"-{100 * worst['drop']:.1f}%", data=summary)
+    return summary
+
+
+if __name__ == "__main__":
+    from flows.cli import run_flow_from_argv
+    run_flow_from_argv(bench_flow)

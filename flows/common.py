@@ -1,0 +1,35 @@
+"""What the flows share: the flow run's identity, where its report goes, and the machine it ran on."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from prefect.runtime import flow_run
+
+from moegen import results
+
+
+def flow_run_id() -> str | None:
+    return flow_run.get_id()
+
+
+def cache_scope(resume_from: str | None) -> str:
+    """The scope cached task results are keyed on: this flow run (so a retry of it reuses finished
+    work), or the earlier flow run `resume_from` names (to finish what a crashed run started)."""
+    return resume_from or flow_run_id() or "no-flow-run"
+
+
+def report_dir(kind: str, url: str | None) -> Path:
+    """<reports>/<kind>-<UTC time>-<flow run name>, beside the results database."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return results.reports_dir(url) / f"{kind}-{stamp}-{flow_run.get_name() or 'local'}"
+
+
+def describe_environment(device: str, dtype: str = "bfloat16") -> dict:
+    """Hardware, versions and git commit of this machine, in moegen.bench's format (for flows
+    that record runs without a bench result to take them from)."""
+    from moegen.bench import git_state, hardware, versions
+    from moegen.systems.peaks import hardware_peaks
+
+    peaks, _ = hardware_peaks(device, dtype, "off")
+    return {"hardware": hardware(device, peaks, None), "versions": versions(), "git_commit": git_state()["commit"]}

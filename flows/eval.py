@@ -1,0 +1,112 @@
+"""Flow `eval`: lm-eval tasks × lm-eval backends on one model, accuracy beside throughput.
+
+    python -m flows.eval limit=16 num_fewshot=0           # fixture Mixtral, local GSM8K
+
+Accuracy comes from lm-eval through each backend in `systems` (moegen, hf); throughput from a
+short bench of `bench_systems` (moegen, hf-generate) on `bench_workload`. Without the local GSM8K
+copy, a machine that can reach the hub uses lm-eval's `gsm8k` task and openai/gsm8k instead.
+"""
+from __future__ import annotations
+
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
+from prefect import flow
+
+from flows.common import cache_scope, describe_environment, flow_run_id, report_dir
+from flows.params import (DType, Device, EngineOptions, EvalSystemNames, ModelRef, OptionalSystemNames, ProbeMode,
+                          TaskNames, WorkloadSpec)
+from moegen.errors import ConfigError
+from tasks.data import GSM8K_HUB, resolve_gsm8k
+from tasks.evaluation import hub_task_names, run_lm_eval
+from tasks.metrics import EVAL_TO_BENCH, compute_bench_table, compute_eval_table
+from tasks.models import prepare_model
+from tasks.record import environment_of, record_eval_run
+from tasks.report import render_report
+from tasks.systems import run_bench_cell
+
+HUB_GSM8K_WORKLOAD = ("hf:" + GSM8K_HUB + ",subset=main,split=test,template=Question: {question}\\nAnswer:,"
+                      "answer=answer")
+
+
+def hub_workload(spec: str) -> str:
+    """A `gsm8k[,k=v...]` bench workload over the hub's openai/gsm8k instead of the local files."""
+    head, _, rest = spec.partition(",")
+    if head.strip() != "gsm8k":
+        return spec
+    keep = [kv for kv in rest.split(",") if kv.split("=")[0].strip() in ("n", "gen", "ignore_eos")] if rest else []
+    return ",".join([HUB_GSM8K_WORKLOAD, *keep])
+
+
+def uses_gsm8k(tasks: list[str], workload: str) -> bool:
+    return any(t.startswith("gsm8k") for t in tasks) or workload.startswith("gsm8k")
+
+
+def check_baseline(baseline: str, systems: list[str]) -> None:
+    if baseline not in systems:
+        raise ConfigError(f"baseline {baseline!r} must be one of the systems {systems}")
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    return [{"system": r["system"], "bench_system": r["bench_system"], "metrics": r["metrics"],
+             "ratios": r["ratios"]} for r in rows]
+
+
+@flow(name="eval", description="lm-eval accuracy and bench throughput of each system on one model")
+def eval_flow(model: ModelRef = "fixture:mixtral/bench",
+              tasks: TaskNames = ["gsm8k_local"],  # noqa: B006
+              systems: EvalSystemNames = ["moegen", "hf"],  # noqa: B006
+              baseline: str = "hf", limit: PositiveInt | None = 16, num_fewshot: NonNegativeInt | None = None,
+              max_gen_toks: PositiveInt | None = None, dtype: DType = "bfloat16", device: Device = "cpu",
+              engine: EngineOptions = EngineOptions(),
+              bench_systems: OptionalSystemNames = ["moegen", "hf-generate"],  # noqa: B006
+              bench_workload: WorkloadSpec = "gsm8k,n=16,gen=32", bench_repeat: PositiveInt = 1,
+              probe: ProbeMode = "quick", usd_per_hour: PositiveFloat | None = None,
+              results_url: str | None = None, tags: list[str] = [],  # noqa: B006
+              resume_from: str | None = None) -> dict:
+    """Evaluate `model` on lm-eval `tasks` with each backend in `systems`, measure the throughput of
+    `bench_systems` on `bench_workload`, record both, and report them side by side against `baseline`."""
+    check_baseline(baseline, systems)
+    scope = cache_scope(resume_from)
+    model_path = prepare_model(model)
+    if uses_gsm8k(tasks, bench_workload) and not resolve_gsm8k()["local"]:
+        tasks, bench_workload = hub_task_names(tasks), hub_workload(bench_workload)
+    evals = [run_lm_eval(model_path, tasks, system, limit, num_fewshot, dtype, device, max_gen_toks,
+                         engine.set_options() if system == "moegen" else None, scope) for system in systems]
+    bench = [run_bench_cell(model_path, system, bench_workload, bench_repeat, dtype, device,
+                            engine.set_options() if system == "moegen" else None, probe, usd_per_hour, scope)
+             for system in bench_systems]
+    cells = compute_bench_table(bench, EVAL_TO_BENCH.get(baseline, baseline)) if bench else []
+    rows = compute_eval_table(evals, cells, baseline)
+    environment = environment_of(bench[0]) if bench else describe_environment(device)
+    run_id = record_eval_run(model, evals, cells, environment, tags, flow_run_id(), results_url)
+    notes = [f"model `{model}` ({model_path})", f"tasks {', '.join(tasks)}; limit {limit}; "
+             f"num_fewshot {num_fewshot if num_fewshot is not None else 'task default'}",
+             f"throughput: {', '.join(bench_systems) or 'not measured'} on `{bench_workload}`"]
+    report = render_report("eval", f"eval: {model}", rows, baseline, str(report_dir("eval", results_url)),
+                           run_id, notes)
+    return {"run_id": run_id, "model": model, "model_path": model_path, "tasks": tasks, "baseline": baseline,
+            "rows": summary_rows(rows), "report": report}
+
+
+def show_eval(summary: dict) -> None:
+    """The comparison table on the terminal."""
+    from rich.table import Table
+
+    from moegen.cli_results import make_console
+    from tasks.report import fmt
+    base = summary["baseline"]
+    accuracy = sorted({k for r in summary["rows"] for k in r["metrics"] if k.startswith("accuracy.")})
+    columns = [*accuracy, "e2e_tokens_per_s", "decode_tokens_per_s"]
+    table = Table(title=f"eval run {summary['run_id']}: {summary['model']}")
+    for name in ["system", "bench system", *columns, f"accuracy vs {base}", f"e2e tok/s vs {base}"]:
+        table.add_column(name.replace("_tokens_per_s", " tok/s"), justify="left" if "system" in name else "right")
+    for r in summary["rows"]:
+        table.add_row(r["system"], r["bench_system"], *(fmt(r["metrics"].get(c)) for c in columns),
+                      fmt(r["ratios"].get("accuracy")), fmt(r["ratios"].get("e2e_tokens_per_s")))
+    console = make_console()
+    console.print(table)
+    console.print(f"report: {summary['report']['report']}")
+
+
+if __name__ == "__main__":
+    from flows.cli import run_flow_from_argv
+    run_flow_from_argv(eval_flow, show=show_eval)

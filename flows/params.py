@@ -1,0 +1,110 @@
+"""Typed flow parameters. Prefect validates a flow's parameters against these types before the
+flow starts (and the server checks a deployment run's parameters against their JSON schema), so
+a bad value is rejected with a message naming it before any work is done."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+
+DType = Literal["float32", "bfloat16", "float16"]
+ProbeMode = Literal["quick", "full", "off"]     # peaks for S-MFU/S-MBU: probe this machine, or datasheets
+Device = Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N")]
+Threshold = Annotated[float, Field(gt=0, lt=1, description="relative drop that fails a nightly (0.1 = 10%)")]
+ByteSize = Annotated[str, Field(pattern=r"^\d+(\.\d+)?\s*([KMGT]i?B?)?$", description="bytes, e.g. 8GB or 512MB")]
+
+
+def check_model_ref(value: str) -> str:
+    from moegen.errors import MoegenError
+    from tasks.models import parse_fixture_spec
+    try:
+        parse_fixture_spec(value)
+    except MoegenError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
+def check_systems(names: list[str]) -> list[str]:
+    from moegen.systems import SYSTEMS
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+    return names
+
+
+def check_eval_systems(names: list[str]) -> list[str]:
+    from moegen.evaluation import SYSTEMS
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown lm-eval backend(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+    return names
+
+
+def check_workloads(specs: list[str]) -> list[str]:
+    from moegen.workloads import KINDS
+    for spec in specs:
+        kind = spec.split(",", 1)[0].split(":", 1)[0].strip()
+        if kind not in KINDS:
+            raise ValueError(f"workload {spec!r}: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    return specs
+
+
+def check_workload(spec: str) -> str:
+    return check_workloads([spec])[0]
+
+
+def unique(values: list[str]) -> list[str]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"duplicate entries in {values}")
+    return values
+
+
+ModelRef = Annotated[str, Field(min_length=1, description="checkpoint directory, or fixture:<arch>/<preset>[@seed] "
+                                "(built under runs/fixtures on first use)"), AfterValidator(check_model_ref)]
+SystemNames = Annotated[list[str], Field(min_length=1), AfterValidator(unique), AfterValidator(check_systems)]
+OptionalSystemNames = Annotated[list[str], AfterValidator(unique), AfterValidator(check_systems)]
+EvalSystemNames = Annotated[list[str], Field(min_length=1), AfterValidator(unique),
+                            AfterValidator(check_eval_systems)]
+WorkloadSpecs = Annotated[list[str], Field(min_length=1), AfterValidator(unique), AfterValidator(check_workloads)]
+WorkloadSpec = Annotated[str, AfterValidator(check_workload)]
+TaskNames = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1), AfterValidator(unique)]
+
+
+class EngineOptions(BaseModel):
+    """moegen engine settings (None = the engine's own choice)."""
+    model_config = ConfigDict(extra="forbid")
+    host_memory: ByteSize | None = None
+    device_memory: ByteSize | None = None
+    max_batch: PositiveInt | None = None
+    attn_micro_batch: NonNegativeInt | None = None
+    max_prefill_tokens: PositiveInt | None = None
+    expert_chunk: NonNegativeInt | None = None
+    num_buffers: PositiveInt | None = None
+
+    def set_options(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+class Sampling(BaseModel):
+    """How each prompt is decoded (moegen.SamplingParams)."""
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: PositiveInt = 64
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: NonNegativeInt = 0
+    seed: int | None = None
+    stop: list[Annotated[str, Field(min_length=1)]] = []
+    ignore_eos: bool = False
+
+
+class TaskRunnerChoice(BaseModel):
+    """Where the bench matrix's cells run: threads here, or a Ray cluster (extra `cluster`)."""
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["thread", "ray"] = "thread"
+    max_workers: PositiveInt = Field(1, description="thread runner: cells at once (1 = no two benchmarks "
+                                     "share the machine)")
+    ray_address: str | None = Field(None, description="ray runner: cluster address; None starts a local Ray")
+    gpus_per_cell: Annotated[float, Field(ge=0)] = Field(0, description="ray runner: GPUs each cell reserves")
+    cpus_per_cell: Annotated[float, Field(gt=0)] | None = Field(None, description="ray runner: CPUs each cell "
+                                                                "reserves (default: all of a node's, so cells "
+                                                                "do not share a CPU machine)")

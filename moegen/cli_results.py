@@ -1,0 +1,109 @@
+"""`moegen results`: the results database as tables.
+
+    moegen results [--last N] [--kind K] [--model M] [--db URL]    recent runs, one row per cell
+    moegen results --compare RUN_A RUN_B [--db URL]                 metric by metric, B against A
+"""
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from moegen import results
+
+# The metrics shown in the history table, in this order, when a cell has them.
+HEADLINE = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_s_mfu", "decode_s_mbu",
+            "usd_per_million_tokens")
+LABELS = {"e2e_tokens_per_s": "e2e tok/s", "prefill_tokens_per_s": "prefill tok/s",
+          "decode_tokens_per_s": "decode tok/s", "decode_s_mfu": "S-MFU", "decode_s_mbu": "S-MBU",
+          "usd_per_million_tokens": "$/Mtok"}
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0 or 1e-3 <= abs(value) < 1e6:
+        return f"{value:,.4g}" if abs(value) < 1 else f"{value:,.1f}"
+    return f"{value:.3e}"
+
+
+def accuracy_of(metrics: dict) -> float | None:
+    """The cell's accuracy: an `accuracy` metric, else lm-eval's first exact_match/acc figure."""
+    if metrics.get("accuracy") is not None:
+        return metrics["accuracy"]
+    for name in sorted(metrics):
+        if name.split(".")[0] in ("exact_match", "acc") and metrics[name] is not None:
+            return metrics[name]
+    return None
+
+
+def history_table(runs: list[dict]) -> Table:
+    table = Table(title="moegen results", show_lines=False)
+    for column in ("run", "when (UTC)", "kind", "model", "hardware", "commit", "system", "workload"):
+        table.add_column(column, justify="right" if column == "run" else "left")
+    for column in ("accuracy", *HEADLINE):
+        table.add_column(LABELS.get(column, column), justify="right")
+    for run in runs:
+        kind = run["kind"] if run["status"] == "ok" else f"{run['kind']} ({run['status']})"
+        head = [str(run["id"]), run["created_at"][:16].replace("T", " "), kind, short_model(run["model"]),
+                run["hardware"], (run["git_commit"] or "-")[:8]]
+        for cell in run["results"] or [{"system": "-", "workload": "-", "metrics": {}}]:
+            table.add_row(*head, cell["system"], cell["workload"], *cell_figures(cell))
+            head = [""] * len(head)
+    return table
+
+
+def cell_figures(cell: dict) -> list[str]:
+    if cell.get("skipped_reason"):
+        return ["skipped: " + cell["skipped_reason"][:60]] + [""] * len(HEADLINE)
+    m = cell["metrics"]
+    return [fmt(accuracy_of(m)), *(fmt(m.get(k)) for k in HEADLINE)]
+
+
+def short_model(model: str, width: int = 40) -> str:
+    return model if len(model) <= width else "…" + model[-(width - 1):]
+
+
+def compare_table(run_a: int, run_b: int, rows: list[dict]) -> Table:
+    table = Table(title=f"run {run_b} against run {run_a}")
+    for column in ("system", "workload", "metric", f"run {run_a}", f"run {run_b}", "b / a"):
+        table.add_column(column, justify="right" if column.startswith(("run", "b /")) else "left")
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        table.add_row(r["system"], r["workload"], r["metric"], fmt(r["a"]), fmt(r["b"]), ratio)
+    return table
+
+
+def make_console() -> Console:
+    """The terminal's width, or a wide one when printing to a file or pipe (rich defaults to 80)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=220)
+
+
+def cmd_results(args: argparse.Namespace) -> None:
+    console = make_console()
+    if args.compare:
+        run_a, run_b = args.compare
+        rows = results.compare(run_a, run_b, url=args.db)
+        if not rows:
+            raise results.ResultsError(f"runs {run_a} and {run_b} share no (system, workload) cell")
+        console.print(compare_table(run_a, run_b, rows))
+        return
+    runs = results.history(last=args.last, kind=args.kind, model=args.model, url=args.db)
+    if not runs:
+        console.print(f"no runs in {results.resolve_url(args.db)}")
+        return
+    console.print(history_table(runs))
+
+
+def add_subparser(subparsers) -> argparse.ArgumentParser:
+    """Add `results` to the `moegen` command's subparsers."""
+    p = subparsers.add_parser("results", help="show recorded runs or compare two of them")
+    p.add_argument("--last", type=int, default=10, help="how many recent runs (default 10)")
+    p.add_argument("--compare", nargs=2, type=int, metavar=("RUN_A", "RUN_B"), help="compare two runs by id")
+    p.add_argument("--kind", choices=results.RUN_KINDS, help="only runs of this kind")
+    p.add_argument("--model", help="only runs of this model")
+    p.add_argument("--db", help=f"SQLAlchemy URL (default ${results.URL_ENV} or sqlite:///results/moegen.db)")
+    p.set_defaults(func=cmd_results)
+    return p

@@ -1,0 +1,255 @@
+"""lm-eval backend: importing this module registers the lm-eval model `moegen`.
+
+    lm_eval.simple_evaluate(model="moegen", model_args="pretrained=DIR,dtype=float32,max_batch=64", ...)
+
+Every request of a call goes to the engine at once (one `Engine.loglikelihood` or
+`Engine.generate` call), so module batching sees the whole workload; results come back in the
+order lm-eval gave them.
+
+Conventions, chosen to agree with lm-eval's own `hf` backend on the same checkpoint:
+- Contexts are encoded with BOS (as the tokenizer's own convention says: Llama/Mistral yes,
+  Qwen no); an empty loglikelihood context is the single token `prefix_token_id` (BOS, else EOS).
+- Too long inputs are cut from the left: loglikelihood keeps the last `max_length + 1` tokens
+  of context + continuation, generation keeps the last `max_length - max_gen_toks` context tokens.
+- `generate_until` is greedy unless the request says `do_sample: true`. A generated text is
+  decoded as a whole text, as transformers does: with a SentencePiece tokenizer the space
+  that starts the first generated word is dropped ("Answer:" -> "18", not " 18"). It is then
+  cut at the first of the request's `until` strings or the EOS token's text.
+- `loglikelihood_rolling` encodes the text *without* BOS and scores every text token exactly
+  once in windows of `max_length` tokens; the first window is conditioned on BOS
+  (`prefix_token_id`), later ones on the preceding text. (lm-eval's `hf` backend also encodes
+  the text with BOS, and so additionally scores BOS itself after the BOS prefix; we don't.)
+"""
+import dataclasses
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from moegen.errors import ConfigError, InputError
+
+DEFAULT_MAX_GEN_TOKS = 256
+# gen_kwargs keys lm-eval tasks use for the generation length, in lm-eval's priority order
+_LENGTH_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "seed")
+# Engine.from_pretrained arguments other than EngineConfig fields
+_LOAD_ARGS = ("host_memory", "device_memory")
+# EngineConfig fields that model_args may not set (they have their own arguments)
+_NOT_OPTIONS = ("device", "kv_cache_bytes")
+
+
+def engine_option_names() -> "list[str]":
+    fields = [f.name for f in dataclasses.fields(_engine_config_cls()) if f.name not in _NOT_OPTIONS]
+    return sorted([*fields, *_LOAD_ARGS])
+
+
+def _engine_config_cls():
+    from moegen.engine import EngineConfig
+    return EngineConfig
+
+
+@register_model("moegen")
+class MoegenLM(TemplateLM):
+    """lm-eval model over a moegen Engine. model_args: `pretrained` (checkpoint dir), `dtype`,
+    `device`, `max_length` (context used for truncation and rolling windows; default the
+    model's), and any engine option (max_batch, attn_micro_batch, max_prefill_tokens,
+    expert_chunk, host_memory, ...). `engine=` takes an already loaded Engine instead."""
+
+    def __init__(self, pretrained=None, dtype="bfloat16", device="cpu", max_length=None, engine=None,
+                 batch_size=None, max_batch_size=None, **engine_options):
+        super().__init__()
+        # batch_size / max_batch_size come from lm-eval's CLI; the engine batches everything it
+        # is given (max_batch bounds a step), so they are accepted and ignored.
+        del batch_size, max_batch_size
+        self.engine = engine if engine is not None else _load_engine(pretrained, dtype, device, engine_options)
+        self.tokenizer = self.engine.tokenizer
+        if self.tokenizer is None:
+            raise ConfigError("the moegen lm-eval backend needs an engine with a tokenizer")
+        self.pretrained = str(pretrained) if pretrained is not None else None
+        self._max_length = self._check_max_length(max_length)
+
+    def _check_max_length(self, max_length) -> int:
+        limit = self.engine.max_model_len
+        if max_length is None:
+            return limit
+        max_length = int(max_length)
+        if not 1 <= max_length <= limit:
+            raise ConfigError(f"max_length={max_length} must be in [1, {limit}] (the model's context)")
+        return max_length
+
+    # --- what TemplateLM needs ------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return DEFAULT_MAX_GEN_TOKS
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.pretrained or "moegen"
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> "list[int]":
+        # None means "the tokenizer's default": BOS where the tokenizer uses one.
+        return self.tokenizer.encode(string, add_bos=add_special_tokens is not False)
+
+    def tok_decode(self, tokens) -> str:
+        return self.tokenizer.decode(list(tokens))
+
+    def get_model_info(self) -> dict:
+        model = self.engine.model
+        return {"model_num_parameters": model.num_parameters(),
+                "model_dtype": str(model.dtype).replace("torch.", ""), "model_backend": "moegen"}
+
+    # --- scoring --------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> "list[tuple[float, bool]]":
+        """requests: ((context, continuation) strings or None, context ids, continuation ids)."""
+        pairs = [self._fit_pair(ctx, cont, i) for i, (_, ctx, cont) in enumerate(requests)]
+        results = self.engine.loglikelihood(pairs, progress=not disable_tqdm)
+        for (key, _, _), res in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, res)
+        return results
+
+    def _fit_pair(self, ctx, cont, index: int):
+        """Keep the last max_length + 1 tokens of context + continuation (the last token is only
+        predicted, never fed), as the hf backend does."""
+        ctx, cont = list(ctx), list(cont)
+        if not cont:
+            raise InputError(f"loglikelihood request {index}: the continuation encodes to no tokens")
+        if len(cont) > self.max_length:
+            raise InputError(f"loglikelihood request {index}: continuation of {len(cont)} tokens is longer "
+                             f"than max_length={self.max_length}")
+        keep = self.max_length + 1 - len(cont)
+        return ctx[-keep:], cont
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> "list[float]":
+        """Sum of log p over every token of each text (see the module docstring for BOS)."""
+        windows, owner = [], []
+        for i, req in enumerate(requests):
+            (text,) = req.args
+            for ctx, cont in self.rolling_windows(self.tok_encode(text, add_special_tokens=False)):
+                windows.append((ctx, cont))
+                owner.append(i)
+        scores = self.engine.loglikelihood(windows, progress=not disable_tqdm) if windows else []
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owner, scores):
+            totals[i] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def rolling_windows(self, tokens: "list[int]") -> "list[tuple[list[int], list[int]]]":
+        """(context, continuation) pairs that predict each token once, at most max_length fed."""
+        return [make_disjoint_window(w) for w in get_rolling_token_windows(
+            token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
+
+    # --- generation -----------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> "list[str]":
+        from moegen.engine import SamplingParams
+
+        prompts, params, untils = [], [], []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            until, max_gen, sampling = self._gen_options(gen_kwargs, i)
+            prompts.append(self._fit_context(context, max_gen, i))
+            # The engine matches stops in text that keeps the first word's leading space, which the
+            # returned text drops (module doc); a stop starting with a space could match there
+            # only, so those are left to the cut below.
+            engine_stops = [s for s in until if not s.startswith(" ")]
+            params.append(SamplingParams(max_new_tokens=max_gen, stop=engine_stops, **sampling))
+            untils.append(until)
+        outs = self.engine.generate(prompts, params, progress=not disable_tqdm) if prompts else []
+        texts = []
+        for req, out, until in zip(requests, outs, untils):
+            text = cut_at_stops(self.decode_generated(out.token_ids), until)
+            self.cache_hook.add_partial("generate_until", req.args, text)
+            texts.append(text)
+        return texts
+
+    def _gen_options(self, gen_kwargs, index: int):
+        """(stop strings, max new tokens, SamplingParams sampling fields) of one request."""
+        if not isinstance(gen_kwargs, dict):
+            raise InputError(f"generate_until request {index}: gen_kwargs must be a dict, got {type(gen_kwargs).__name__}")
+        unknown = sorted(set(gen_kwargs) - {"until", *_LENGTH_KEYS, *_SAMPLING_KEYS})
+        if unknown:
+            raise InputError(f"generate_until request {index}: unsupported generation options {unknown}; "
+                             f"moegen supports until, {', '.join(_LENGTH_KEYS + _SAMPLING_KEYS)}")
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        eos = self._eos_text()
+        if eos and eos not in until:
+            until.append(eos)  # as lm-eval's backends do: the model may spell EOS out in pieces
+        max_gen = next((int(gen_kwargs[k]) for k in _LENGTH_KEYS if gen_kwargs.get(k) is not None), self.max_gen_toks)
+        return [s for s in until if s], max_gen, _sampling(gen_kwargs)
+
+    def _fit_context(self, context: str, max_gen: int, index: int) -> "list[int]":
+        room = self.max_length - max_gen
+        if room < 1:
+            raise InputError(f"generate_until request {index}: max_gen_toks={max_gen} leaves no room for "
+                             f"a prompt in max_length={self.max_length}")
+        ids = self.tok_encode(context)
+        return ids[-room:]
+
+    def decode_generated(self, ids: "list[int]") -> str:
+        """Generated ids as transformers decodes them: a whole text, so a SentencePiece
+        tokenizer drops the first word's space (moegen's decode of ids that start with BOS)."""
+        from moegen.tokenizer import SentencePieceTokenizer
+        bos = self.tokenizer.bos_token_id
+        if isinstance(self.tokenizer, SentencePieceTokenizer) and bos is not None:
+            ids = [bos, *ids]
+        return self.tokenizer.decode(list(ids))
+
+    def _eos_text(self) -> "str | None":
+        """The EOS token's own text ("</s>"); decode() skips special tokens, so ask the model."""
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return None
+        sp = getattr(self.tokenizer, "_sp", None)  # SentencePieceTokenizer
+        if sp is not None:
+            return sp.id_to_piece(eos)
+        hf = getattr(self.tokenizer, "_tok", None)  # HFTokenizer
+        return hf.convert_ids_to_tokens(eos) if hf is not None else None
+
+
+def cut_at_stops(text: str, stops: "list[str]") -> str:
+    """Text up to the earliest occurrence of any stop string."""
+    cut = min((text.find(s) for s in stops if s and s in text), default=len(text))
+    return text[:cut]
+
+
+def _sampling(gen_kwargs: dict) -> dict:
+    """lm-eval's convention: greedy unless do_sample is true; sampling defaults to temperature 1."""
+    if not gen_kwargs.get("do_sample", False):
+        return {"temperature": 0.0}
+    out = {"temperature": float(gen_kwargs.get("temperature", 1.0))}
+    if gen_kwargs.get("top_p") is not None:
+        out["top_p"] = float(gen_kwargs["top_p"])
+    if gen_kwargs.get("top_k") is not None:
+        out["top_k"] = int(gen_kwargs["top_k"])
+    if gen_kwargs.get("seed") is not None:
+        out["seed"] = int(gen_kwargs["seed"])
+    return out
+
+
+def _load_engine(pretrained, dtype, device, options: dict):
+    from moegen.engine import Engine
+
+    if pretrained is None:
+        raise ConfigError("model_args needs pretrained=DIR (a checkpoint directory)")
+    allowed = engine_option_names()
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown moegen model_args {unknown}; known: pretrained, dtype, device, "
+                          f"max_length, {', '.join(allowed)}")
+    return Engine.from_pretrained(str(pretrained), device=str(device), dtype=str(dtype), **options)

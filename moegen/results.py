@@ -1,0 +1,422 @@
+"""The results database: every benchmark, evaluation and generation run, queryable over time.
+
+A small normalised schema (SQLAlchemy 2):
+
+    environments  hardware label + JSON, library versions, git commit (one row per distinct set)
+    runs          one recorded run: kind (bench | nightly | eval | generate), model, status, tags,
+                  the Prefect flow run that made it, its environment
+    systems       system names (moegen, hf-generate, ...)
+    workloads     workload names (a bench workload spec, an lm-eval task)
+    results       one (run, system, workload) cell: its config and, if it did not run, why
+    metrics       one number of one cell (e2e_tok_s, decode_tok_s, s_mfu, accuracy, ...)
+
+The database is embedded SQLite at `results/moegen.db` (relative to the working directory) in
+WAL mode, or any SQLAlchemy URL given as an argument or in MOEGEN_RESULTS_URL (PostgreSQL for a
+team). Each recorded run is written in one transaction: a failure part-way leaves nothing.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, String, UniqueConstraint, create_engine, event,
+                        select)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from moegen.errors import MoegenError
+
+URL_ENV = "MOEGEN_RESULTS_URL"
+DEFAULT_PATH = Path("results") / "moegen.db"
+NIGHTLY = "nightly"
+RUN_KINDS = ("bench", NIGHTLY, "eval", "generate")
+
+
+class ResultsError(MoegenError):
+    """A results-database request names a run that does not exist, or carries malformed data."""
+
+
+# ---- schema -----------------------------------------------------------------------------------
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class Environment(Base):
+    __tablename__ = "environments"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    hardware: Mapped[str] = mapped_column(String(200), index=True)
+    hardware_info: Mapped[dict[str, Any]]
+    versions: Mapped[dict[str, Any]]
+    git_commit: Mapped[str | None] = mapped_column(String(64))
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), index=True)
+    model: Mapped[str] = mapped_column(String(500), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    status: Mapped[str] = mapped_column(String(20), default="ok")
+    tags: Mapped[list[str]]
+    flow_run_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    environment_id: Mapped[int] = mapped_column(ForeignKey("environments.id"))
+    environment: Mapped[Environment] = relationship()
+    results: Mapped[list["Result"]] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+
+class System(Base):
+    __tablename__ = "systems"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+
+
+class Workload(Base):
+    __tablename__ = "workloads"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(500), unique=True)
+
+
+class Result(Base):
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("run_id", "system_id", "workload_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    system_id: Mapped[int] = mapped_column(ForeignKey("systems.id"))
+    workload_id: Mapped[int] = mapped_column(ForeignKey("workloads.id"))
+    config: Mapped[dict[str, Any]]
+    skipped_reason: Mapped[str | None] = mapped_column(String(1000))
+    run: Mapped[Run] = relationship(back_populates="results")
+    system: Mapped[System] = relationship()
+    workload: Mapped[Workload] = relationship()
+    metrics: Mapped[list["Metric"]] = relationship(cascade="all, delete-orphan")
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    __table_args__ = (UniqueConstraint("result_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    value: Mapped[float | None] = mapped_column(Float)
+
+
+# ---- what callers hand in -----------------------------------------------------------------------
+
+@dataclass
+class CellResult:
+    """One (system, workload) cell of a run: its numbers, its config, or why it was skipped."""
+    system: str
+    workload: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    skipped_reason: str | None = None
+
+
+# ---- connection ---------------------------------------------------------------------------------
+
+def resolve_url(url: str | None = None) -> str:
+    """The database URL: the argument, else MOEGEN_RESULTS_URL, else SQLite at results/moegen.db."""
+    url = url or os.environ.get(URL_ENV)
+    if url:
+        return url
+    return f"sqlite:///{DEFAULT_PATH.resolve()}"
+
+
+def sqlite_path(url: str | None = None) -> Path | None:
+    """The file behind a SQLite URL (None for other databases and in-memory SQLite)."""
+    parsed = make_url(resolve_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def reports_dir(url: str | None = None) -> Path:
+    """Where reports (markdown, PNG plots) are written: MOEGEN_REPORTS_DIR, else `reports/` beside
+    the SQLite file, else results/reports."""
+    if os.environ.get("MOEGEN_REPORTS_DIR"):
+        return Path(os.environ["MOEGEN_REPORTS_DIR"]).resolve()
+    db = sqlite_path(url)
+    return (db.parent if db else DEFAULT_PATH.parent.resolve()) / "reports"
+
+
+def _enable_sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str | None = None) -> Engine:
+    """One SQLAlchemy engine per URL, with the schema created on first use."""
+    url = resolve_url(url)
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _enable_sqlite_pragmas)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
+    """Numbers of a (possibly nested) metrics dict under dotted names; non-numbers are dropped."""
+    flat: dict[str, float | None] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, prefix=f"{name}."))
+        elif value is None or isinstance(value, (int, float)) or hasattr(value, "__float__"):
+            flat[name] = None if value is None else _as_float(value)
+    return flat
+
+
+def hardware_label(hardware: Any) -> str:
+    """A short, stable name for the machine: the GPU if there is one, else the CPU model and count.
+    Takes moegen.bench's hardware object ({"cpu": {...}, "gpu": {...}}), probe.machine_info's, or a str."""
+    if isinstance(hardware, str):
+        return hardware
+    if not isinstance(hardware, dict) or not hardware:
+        return "unknown"
+    if hardware.get("label"):
+        return str(hardware["label"])
+    gpu, cpu = hardware.get("gpu") or {}, hardware.get("cpu") or {}
+    if gpu.get("name") or hardware.get("gpu_name"):
+        return str(gpu.get("name") or hardware["gpu_name"])
+    model = cpu.get("model") or hardware.get("cpu_model") or "cpu"
+    count = cpu.get("count") or hardware.get("cpu_count")
+    return f"{model} x{count}" if count else str(model)
+
+
+def _get_or_create(session: Session, model, **keys):
+    row = session.scalars(select(model).filter_by(**keys)).one_or_none()
+    if row is None:
+        row = model(**keys)
+        session.add(row)
+        session.flush()
+    return row
+
+
+def _environment(session: Session, hardware: Any, versions: dict, git_commit: str | None) -> Environment:
+    info = hardware if isinstance(hardware, dict) else {"label": hardware_label(hardware)}
+    blob = json.dumps([hardware_label(hardware), versions, git_commit], sort_keys=True, default=str)
+    fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+    env = session.scalars(select(Environment).filter_by(fingerprint=fingerprint)).one_or_none()
+    if env is None:
+        env = Environment(fingerprint=fingerprint, hardware=hardware_label(hardware), hardware_info=info,
+                          versions=versions, git_commit=git_commit)
+        session.add(env)
+    return env
+
+
+def _add_cell(session: Session, run: Run, cell: CellResult) -> None:
+    result = Result(system=_get_or_create(session, System, name=cell.system),
+                    workload=_get_or_create(session, Workload, name=cell.workload),
+                    config=json.loads(json.dumps(cell.config, default=str)), skipped_reason=cell.skipped_reason)
+    run.results.append(result)
+    for name, value in flatten_metrics(cell.metrics).items():
+        result.metrics.append(Metric(name=name, value=value))
+    session.flush()
+
+
+def record_run(model: str, kind: str, cells: Iterable[CellResult], hardware: Any = None,
+               versions: dict | None = None, git_commit: str | None = None, tags: Iterable[str] = (),
+               status: str = "ok", flow_run_id: str | None = None, created_at: dt.datetime | None = None,
+               url: str | None = None) -> int:
+    """Write one run with all its cells and metrics in a single transaction; return its id."""
+    if kind not in RUN_KINDS:
+        raise ResultsError(f"run kind must be one of {', '.join(RUN_KINDS)}, not {kind!r}")
+    with Session(get_engine(url)) as session, session.begin():
+        run = Run(kind=kind, model=str(model), status=status, tags=sorted(set(tags)),
+                  flow_run_id=flow_run_id, created_at=created_at or dt.datetime.now(dt.timezone.utc),
+                  environment=_environment(session, hardware, versions or {}, git_commit))
+        session.add(run)
+        for cell in cells:
+            _add_cell(session, run, cell)
+        session.flush()
+        return run.id
+
+
+def _bench_systems(bench: dict) -> list[dict]:
+    if not isinstance(bench.get("systems"), list):
+        raise ResultsError("bench JSON has no 'systems' list (one object per system)")
+    return bench["systems"]
+
+
+def _workload_name(workload: Any) -> str:
+    """A workload's spec string (what the user asked for, the same night after night)."""
+    if isinstance(workload, dict):
+        return str(workload.get("spec") or workload.get("name") or json.dumps(workload, sort_keys=True))
+    if not workload:
+        raise ResultsError("bench JSON names no workload")
+    return str(workload)
+
+
+def _skipped_reason(body: dict) -> str | None:
+    if body.get("skipped_reason"):
+        return str(body["skipped_reason"])
+    if body.get("status", "ok") != "ok":
+        return f"{body['status']}: {body.get('reason') or 'no reason given'}"
+    return None
+
+
+def bench_cells(bench: dict) -> list[CellResult]:
+    """The cells of a `moegen.bench.run_bench` result: one per system on its workload."""
+    workload = _workload_name(bench.get("workload") or (bench.get("config") or {}).get("workload"))
+    cells = []
+    for body in _bench_systems(bench):
+        name = body.get("system") or body.get("name")
+        if not name:
+            raise ResultsError("a bench system object has no 'system' name")
+        cells.append(CellResult(system=str(name), workload=workload, metrics=dict(body.get("metrics") or {}),
+                                config=body.get("config") or {}, skipped_reason=_skipped_reason(body)))
+    return cells
+
+
+def _git_commit(doc: dict) -> str | None:
+    commit = doc.get("git_commit") or doc.get("commit")
+    if isinstance(doc.get("git"), dict):
+        commit = commit or doc["git"].get("commit")
+    return commit
+
+
+def record_bench(bench: dict, kind: str = "bench", tags: Iterable[str] = (), model: str | None = None,
+                 status: str = "ok", flow_run_id: str | None = None, url: str | None = None) -> int:
+    """Record a bench result (the JSON of `moegen.bench.run_bench`, or several merged)."""
+    model = model or bench.get("model") or (bench.get("config") or {}).get("model")
+    if not model:
+        raise ResultsError("bench JSON names no model and none was given")
+    return record_run(model, kind, bench_cells(bench), hardware=bench.get("hardware"),
+                      versions=bench.get("versions") or {}, git_commit=_git_commit(bench), tags=tags,
+                      status=status, flow_run_id=flow_run_id, url=url)
+
+
+def eval_cells(evaluation: dict, system: str | None = None) -> list[CellResult]:
+    """The cells of an evaluation: one per lm-eval task, holding that task's metrics."""
+    results = evaluation.get("results")
+    if not isinstance(results, dict) or not results:
+        raise ResultsError("eval JSON has no 'results' (lm-eval metrics per task)")
+    system = system or evaluation.get("system") or "moegen"
+    config = {k: evaluation[k] for k in ("limit", "num_fewshot", "dtype", "device") if k in evaluation}
+    return [CellResult(system=str(system), workload=task, config=config,
+                       metrics={k.replace(",", "."): v for k, v in metrics.items() if k != "alias"})
+            for task, metrics in results.items()]
+
+
+def record_eval(evaluation: dict | list[dict], model: str | None = None, tags: Iterable[str] = (),
+                extra_cells: Iterable[CellResult] = (), status: str = "ok", flow_run_id: str | None = None,
+                url: str | None = None) -> int:
+    """Record one or more `moegen.evaluation.run_eval` results (one per system) as one eval run;
+    `extra_cells` adds cells such as the throughput of a short bench beside the accuracy."""
+    docs = [evaluation] if isinstance(evaluation, dict) else list(evaluation)
+    if not docs:
+        raise ResultsError("record_eval got no evaluation results")
+    model = model or docs[0].get("model")
+    if not model:
+        raise ResultsError("eval JSON names no model and none was given")
+    cells = [cell for doc in docs for cell in eval_cells(doc)] + list(extra_cells)
+    first = docs[0]
+    return record_run(model, "eval", cells, hardware=first.get("hardware"), versions=first.get("versions") or {},
+                      git_commit=_git_commit(first), tags=tags, status=status, flow_run_id=flow_run_id, url=url)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def _result_dict(result: Result) -> dict:
+    return {"system": result.system.name, "workload": result.workload.name, "config": result.config,
+            "skipped_reason": result.skipped_reason, "metrics": {m.name: m.value for m in result.metrics}}
+
+
+def _run_dict(run: Run) -> dict:
+    env = run.environment
+    return {"id": run.id, "kind": run.kind, "model": run.model, "created_at": run.created_at.isoformat(),
+            "status": run.status, "tags": run.tags, "flow_run_id": run.flow_run_id, "hardware": env.hardware,
+            "git_commit": env.git_commit, "versions": env.versions,
+            "results": [_result_dict(r) for r in run.results]}
+
+
+def get_run(run_id: int, url: str | None = None) -> dict:
+    """One run with its environment, cells and metrics."""
+    with Session(get_engine(url)) as session:
+        run = session.get(Run, int(run_id))
+        if run is None:
+            raise ResultsError(f"no run {run_id} in {resolve_url(url)}")
+        return _run_dict(run)
+
+
+def history(last: int = 20, kind: str | None = None, model: str | None = None, system: str | None = None,
+            workload: str | None = None, hardware: str | None = None, tag: str | None = None,
+            flow_run_id: str | None = None, url: str | None = None) -> list[dict]:
+    """The `last` runs matching the filters, newest first, each with its cells and metrics."""
+    query = select(Run).join(Run.environment).order_by(Run.created_at.desc(), Run.id.desc())
+    for column, value in ((Run.kind, kind), (Run.model, model), (Environment.hardware, hardware),
+                          (Run.flow_run_id, flow_run_id)):
+        if value is not None:
+            query = query.where(column == value)
+    if system is not None:
+        query = query.where(Run.results.any(Result.system.has(System.name == system)))
+    if workload is not None:
+        query = query.where(Run.results.any(Result.workload.has(Workload.name == workload)))
+    if tag is None:
+        query = query.limit(last)
+    with Session(get_engine(url)) as session:
+        runs = [run for run in session.scalars(query) if tag is None or tag in run.tags]   # tags: a JSON list
+        return [_run_dict(run) for run in runs[:last]]
+
+
+def compare(run_a: int, run_b: int, url: str | None = None) -> list[dict]:
+    """Metric by metric, the cells the two runs share: a, b and b/a (None where a is 0 or missing)."""
+    a, b = get_run(run_a, url), get_run(run_b, url)
+    b_cells = {(c["system"], c["workload"]): c["metrics"] for c in b["results"]}
+    rows = []
+    for cell in a["results"]:
+        other = b_cells.get((cell["system"], cell["workload"]))
+        if other is None:
+            continue
+        for name in sorted(set(cell["metrics"]) | set(other)):
+            va, vb = cell["metrics"].get(name), other.get(name)
+            ratio = vb / va if va not in (None, 0) and vb is not None else None
+            rows.append({"system": cell["system"], "workload": cell["workload"], "metric": name,
+                         "a": va, "b": vb, "ratio": ratio})
+    return rows
+
+
+def previous_nightly(model: str, system: str, workload: str, hardware: Any, before_run: int | None = None,
+                     url: str | None = None) -> dict | None:
+    """The latest nightly run of this (model, system, workload) on the same hardware:
+    {"run_id", "created_at", "metrics"}; None if there is none. `before_run` excludes that run
+    and every later one."""
+    query = (select(Run, Result).join(Run.environment).join(Run.results).join(Result.system).join(Result.workload)
+             .where(Run.kind == NIGHTLY, Run.model == str(model), System.name == system,
+                    Workload.name == workload, Environment.hardware == hardware_label(hardware),
+                    Result.skipped_reason.is_(None))
+             .order_by(Run.created_at.desc(), Run.id.desc()))
+    if before_run is not None:
+        query = query.where(Run.id < int(before_run))
+    with Session(get_engine(url)) as session:
+        row = session.execute(query.limit(1)).first()
+        if row is None:
+            return None
+        run, result = row
+        return {"run_id": run.id, "created_at": run.created_at.isoformat(),
+                "metrics": {m.name: m.value for m in result.metrics}}

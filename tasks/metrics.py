@@ -1,0 +1,147 @@
+"""Numbers from raw results: cells of a bench matrix, ratios against a baseline, the eval table,
+and the nightly regression check."""
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from moegen import results
+from moegen.errors import ConfigError
+
+THROUGHPUT = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s")
+RATIO_METRICS = (*THROUGHPUT, "decode_s_mfu", "decode_s_mbu", "usd_per_million_tokens", "accuracy")
+LOWER_IS_BETTER = {"usd_per_million_tokens"}
+DEFAULT_REGRESSION_METRICS = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "accuracy")
+# lm-eval backend of the eval flow -> the bench system measured for its throughput
+EVAL_TO_BENCH = {"moegen": "moegen", "hf": "hf-generate"}
+
+
+def cells_from_bench(docs: list[dict]) -> list[dict]:
+    """Flat cells {system, workload, metrics, config, skipped_reason, hardware} of bench results."""
+    cells = []
+    for doc in docs:
+        for cell in results.bench_cells(doc):
+            cells.append({"system": cell.system, "workload": cell.workload, "config": cell.config,
+                          "skipped_reason": cell.skipped_reason,
+                          "hardware": results.hardware_label(doc.get("hardware")),
+                          "metrics": results.flatten_metrics(cell.metrics)})
+    return cells
+
+
+def ratio(value: float | None, base: float | None, name: str) -> float | None:
+    """value / base, inverted for lower-is-better metrics so that > 1 always means better."""
+    if value in (None, 0) or base in (None, 0):
+        return None
+    return base / value if name in LOWER_IS_BETTER else value / base
+
+
+def add_ratios(cells: list[dict], baseline: str, metrics: tuple[str, ...] = RATIO_METRICS) -> list[dict]:
+    """Each cell with `ratios` against the baseline system's cell of the same workload."""
+    base = {c["workload"]: c["metrics"] for c in cells if c["system"] == baseline and not c["skipped_reason"]}
+    out = []
+    for cell in cells:
+        ref = base.get(cell["workload"])
+        ratios = {} if ref is None else {m: ratio(cell["metrics"].get(m), ref.get(m), m) for m in metrics}
+        out.append({**cell, "ratios": {k: v for k, v in ratios.items() if v is not None}})
+    return out
+
+
+def outputs_of(doc: dict) -> tuple[str, str, list | None]:
+    """(workload spec, system, generated token ids or None if it did not run) of a one-system bench."""
+    body = doc["systems"][0]
+    tokens = [o["token_ids"] for o in body.get("outputs") or []] if body["status"] == "ok" else None
+    return results.bench_cells(doc)[0].workload, body["system"], tokens
+
+
+def agreement_metrics(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    """Per (system, workload): how far its greedy tokens agree with the first system that ran on
+    that workload (moegen.bench.compare_tokens), the reference itself included (1.0)."""
+    from moegen.bench import compare_tokens
+
+    reference: dict[str, list] = {}
+    found = {}
+    for doc in docs:
+        workload, system, tokens = outputs_of(doc)
+        if tokens is None:
+            continue
+        ref = reference.setdefault(workload, tokens)
+        cmp = compare_tokens(ref, tokens)
+        found[(system, workload)] = {"token_agreement": cmp["token_agreement"],
+                                     "sequence_agreement": cmp["sequence_agreement"]}
+    return found
+
+
+@task(task_run_name="compute-bench-table")
+def compute_bench_table(docs: list[dict], baseline: str) -> list[dict]:
+    """Cells of every bench result (system order kept) with their agreement with the workload's
+    first system and their ratios against `baseline`."""
+    cells = cells_from_bench(docs)
+    if not cells:
+        raise ConfigError("the bench produced no results")
+    agreement = agreement_metrics(docs)
+    for cell in cells:
+        cell["metrics"].update(agreement.get((cell["system"], cell["workload"]), {}))
+    if baseline not in {c["system"] for c in cells}:
+        get_run_logger().warning("baseline %s is not among the systems run; no ratios", baseline)
+    return add_ratios(cells, baseline)
+
+
+@task(task_run_name="compute-eval-table")
+def compute_eval_table(evals: list[dict], bench_cells: list[dict], baseline: str) -> list[dict]:
+    """One row per lm-eval backend: accuracy per task beside the throughput of its bench system."""
+    from tasks.evaluation import accuracy_summary
+
+    by_system = {c["system"]: c["metrics"] for c in bench_cells if not c["skipped_reason"]}
+    rows = []
+    for doc in evals:
+        system = doc["system"]
+        bench_system = EVAL_TO_BENCH.get(system, system)
+        accs = {f"accuracy.{task}": acc for task, acc in accuracy_summary(doc).items()}
+        bench = {("bench_" + k if k in ("accuracy", "correct") else k): v
+                 for k, v in by_system.get(bench_system, {}).items()}
+        metrics = {**accs, **bench, "accuracy": sum(accs.values()) / len(accs) if accs else None}
+        metrics["eval_wall_s"] = doc.get("wall_s")
+        rows.append({"system": system, "bench_system": bench_system, "workload": ",".join(doc.get("tasks", [])),
+                     "metrics": metrics, "config": {}, "skipped_reason": None})
+    return add_ratios(rows, baseline)
+
+
+def relative_drop(new: float, old: float, name: str) -> float:
+    """How much worse `new` is than `old`, as a fraction of `old` (negative = better)."""
+    change = (new - old) / old
+    return change if name in LOWER_IS_BETTER else -change
+
+
+def cell_regressions(cell: dict, previous: dict, threshold: float, metrics: tuple[str, ...]) -> list[dict]:
+    found = []
+    for name in metrics:
+        new, old = cell["metrics"].get(name), previous["metrics"].get(name)
+        if new is None or old in (None, 0):
+            continue
+        drop = relative_drop(new, old, name)
+        if drop > threshold:
+            found.append({"system": cell["system"], "workload": cell["workload"], "metric": name, "previous": old,
+                          "current": new, "drop": drop, "previous_run": previous["run_id"],
+                          "previous_at": previous["created_at"]})
+    return found
+
+
+@task(task_run_name="find-regressions")
+def find_regressions(cells: list[dict], model: str, threshold: float, metrics: list[str],
+                     before_run: int | None = None, url: str | None = None) -> list[dict]:
+    """Figures that fell by more than `threshold` since the previous nightly of the same
+    (model, system, workload, hardware)."""
+    logger = get_run_logger()
+    found = []
+    for cell in cells:
+        if cell["skipped_reason"]:
+            continue
+        previous = results.previous_nightly(model, cell["system"], cell["workload"], cell["hardware"],
+                                            before_run=before_run, url=url)
+        if previous is None:
+            logger.info("no previous nightly for %s on %s: nothing to compare", cell["system"], cell["workload"])
+            continue
+        found += cell_regressions(cell, previous, threshold, tuple(metrics))
+    for r in found:
+        logger.warning("regression: %s/%s %s %.4g -> %.4g (-%.1f%%)", r["system"], r["workload"], r["metric"],
+                       r["previous"], r["current"], 100 * r["drop"])
+    return found

@@ -1,0 +1,71 @@
+"""deployments/serve.sh on a free loopback port brings up a real Prefect server, the work pool,
+the deployments of deployments/prefect.yaml and a worker; `prefect deployment run eval/mixtral`
+then really executes, and its rows land in the results database and its artifacts in Prefect."""
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from moegen import results
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")        # the CLI of the environment running the tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, env, timeout):
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{cmd[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def stack_env(tmp_path, port: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return {**env, "PREFECT_PORT": str(port), "MOEGEN_PREFECT_DIR": str(tmp_path / "stack"),
+            "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "VENV": str(Path(PREFECT).parents[1])}
+
+
+def eval_params(model: Path, url: str) -> list[str]:
+    params = {"model": str(model), "limit": "2", "num_fewshot": "0", "dtype": "float32", "systems": '["moegen"]',
+              "baseline": "moegen", "bench_systems": '["moegen"]', "bench_workload": "gsm8k,n=2,gen=4",
+              "probe": "off", "engine": '{"host_memory": "64MB"}', "results_url": url, "tags": '["deployment-test"]'}
+    return [arg for key, value in params.items() for arg in ("-p", f"{key}={value}")]
+
+
+@pytest.mark.slow
+def test_serve_then_deployment_run_eval_mixtral(tiny_fixture, tmp_path):
+    port, url = free_port(), f"sqlite:///{tmp_path / 'results' / 'moegen.db'}"
+    env = stack_env(tmp_path, port)
+    try:
+        out = run([str(REPO / "deployments" / "serve.sh")], env, timeout=400)
+        assert "eval/mixtral" in out and "bench/nightly" in out and "generate/gsm8k" in out
+        cli_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+        out = run([PREFECT, "deployment", "run", "eval/mixtral", *eval_params(tiny_fixture("mixtral"), url),
+                   "--watch", "--watch-timeout", "600"], cli_env, timeout=700)
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+        with temporary_settings({PREFECT_API_URL: cli_env["PREFECT_API_URL"]}):
+            with get_client(sync_client=True) as client:
+                flow_run = client.read_flow_run(flow_run_id)
+                artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    finally:
+        subprocess.run([str(REPO / "deployments" / "stop.sh")], env=env, cwd=REPO, capture_output=True, timeout=60)
+    assert flow_run.state.is_completed(), flow_run.state
+    assert {"eval-results", "eval-report"} <= {a.key for a in artifacts}
+    runs = results.history(flow_run_id=flow_run_id, url=url)
+    assert len(runs) == 1 and runs[0]["kind"] == "eval" and runs[0]["tags"] == ["deployment-test"]
+    assert {(c["system"], c["workload"]) for c in runs[0]["results"]} == {("moegen", "gsm8k_local"),
+                                                                          ("moegen", "gsm8k,n=2,gen=4")}
+    assert not (tmp_path / "stack" / "worker.pid").exists() and not (tmp_path / "stack" / "server.pid").exists()
