@@ -48,7 +48,7 @@ def test_unsupported_model_type_lists_supported(ckpt):
     cfg["model_type"] = "llama"
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="'llama' is not supported; supported: mixtral, qwen2_moe, "
-                                                   "qwen3_moe, olmoe, deepseek_v3"):
+                                                   "qwen3_moe, olmoe, deepseek_v2, deepseek_v3"):
         load_model(ckpt)
 
 
