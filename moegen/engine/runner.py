@@ -7,7 +7,6 @@ import torch
 from moegen.engine.block_manager import BlockManager
 from moegen.engine.kv_cache import DecodeContext, PagedKVCache, PrefillContext
 from moegen.engine.weight_stream import WeightStreamer
-from moegen.layers.norm import rms_norm
 
 
 class Runner:
@@ -52,12 +51,9 @@ class Runner:
         layers = self.model.layers
         self.streamer.plan([layers[0].prefix])
         for i, layer in enumerate(layers):
+            nxt = [layers[i + 1].prefix] if i + 1 < len(layers) else []
             with self.streamer.module(layer.prefix) as w:
-                h = rms_norm(x, w[f"{layer.prefix}.input_layernorm.weight"], layer.eps)
-                x = x + layer.attn.forward(w, h, ctx, i)
-                h = rms_norm(x, w[f"{layer.prefix}.post_attention_layernorm.weight"], layer.eps)
-                nxt = [layers[i + 1].prefix] if i + 1 < len(layers) else []
-                x = x + self.feed_forward(layer, w, h, nxt)
+                x = layer.forward(w, x, ctx, ffn=lambda w, h: self.feed_forward(layer, w, h, nxt))
         return x
 
     def feed_forward(self, layer, w, h, next_modules):

@@ -32,9 +32,12 @@ class DecoderLayer:
         return {f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
                 **self.attn.weight_shapes(), **self.ffn.weight_shapes()}
 
-    def forward(self, w, x, ctx):
+    def forward(self, w, x, ctx, ffn=None):
+        """Pre-norm residual block. `ffn(w, h)` replaces the feed-forward call (the engine's
+        streamed expert path); by default it is this layer's own."""
         h = x + self.attn.forward(w, rms_norm(x, w[f"{self.prefix}.input_layernorm.weight"], self.eps), ctx, self.index)
-        return h + self.ffn.forward(w, rms_norm(h, w[f"{self.prefix}.post_attention_layernorm.weight"], self.eps))
+        h_ffn = rms_norm(h, w[f"{self.prefix}.post_attention_layernorm.weight"], self.eps)
+        return h + (ffn or self.ffn.forward)(w, h_ffn)
 
 
 @dataclass
