@@ -30,11 +30,12 @@ def main():
     ap.add_argument("--gsm8k", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k"))
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--archs", default=",".join(ARCHS))
     args = ap.parse_args()
     with open(Path(args.gsm8k) / "test.jsonl") as f:
         questions = [json.loads(next(f))["question"] for _ in range(args.n)]
     tmp = Path(tempfile.mkdtemp())
-    for arch in ARCHS:
+    for arch in args.archs.split(","):
         path = build_fixture(arch, "tiny", 0, tmp / arch)
         tok = load_tokenizer(path)
         prompts = [tok.encode(q) for q in questions]

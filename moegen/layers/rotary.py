@@ -7,7 +7,7 @@ from moegen.errors import ConfigError
 
 
 class RotaryEmbedding:
-    def __init__(self, config, dim: int, interleaved: bool = False):
+    def __init__(self, config, dim: int, interleaved: bool = False, fp32: bool = False):
         params = getattr(config, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
         if rope_type == "default":
@@ -21,9 +21,11 @@ class RotaryEmbedding:
                               f"supported: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
         self.dim = dim
         self.interleaved = interleaved
+        self.fp32 = fp32        # rotate in float32 and round once (DeepSeek-V2's complex-number rope)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos/sin [T, dim] for integer positions [T], computed in float32 then cast (as HF does)."""
+        dtype = torch.float32 if self.fp32 else dtype
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
@@ -31,6 +33,8 @@ class RotaryEmbedding:
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, dim]. Interleaved (DeepSeek) pairs (x0,x1),(x2,x3)... and writes the
         result de-interleaved, as transformers does; q and k get the same layout so scores agree."""
+        if self.fp32 and x.dtype != torch.float32:
+            return self.apply(x.float(), cos, sin).to(x.dtype)
         cos, sin = cos[:, None, :], sin[:, None, :]
         if self.interleaved:
             half = cos.shape[-1] // 2

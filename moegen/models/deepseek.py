@@ -58,7 +58,7 @@ def ffn(cfg, i: int, act: str):
 def build(cfg):
     # V2 rotates interleaved pairs (as complex numbers); V3 does when rope_interleave is set
     interleaved = cfg.model_type == "deepseek_v2" or bool(getattr(cfg, "rope_interleave", True))
-    rope = RotaryEmbedding(cfg, cfg.qk_rope_head_dim, interleaved=interleaved)
+    rope = RotaryEmbedding(cfg, cfg.qk_rope_head_dim, interleaved=interleaved, fp32=cfg.model_type == "deepseek_v2")
     act = activation(cfg)
     layers = [DecoderLayer(i, attention(cfg, i, rope), ffn(cfg, i, act), cfg.rms_norm_eps)
               for i in range(cfg.num_hidden_layers)]
