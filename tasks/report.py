@@ -3,6 +3,7 @@ beside the results database, and a markdown report with ratios against the basel
 to the plots."""
 from __future__ import annotations
 
+import base64
 import importlib.util
 import math
 from pathlib import Path
@@ -175,17 +176,23 @@ def ratio_lines(rows: list[dict], baseline: str) -> list[str]:
     return lines or [f"- no ratios: baseline `{baseline}` has no results to compare with"]
 
 
+def data_uri(path: Path) -> str:
+    """A PNG inlined, so the Prefect UI (served over http) can show it: browsers refuse file:// images there."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
 def render_markdown(title: str, rows: list[dict], baseline: str, plots: dict[str, Path], run_id: int | None,
-                    notes: list[str], link) -> str:
+                    notes: list[str], link, image=None) -> str:
     """The report: summary notes, ratios against the baseline, the table, links to the plots.
-    `link(path)` turns a plot path into a link target (absolute file URL or relative name)."""
+    `link(path)` turns a plot path into a link target (absolute file URL or relative name);
+    `image(path)` the image source shown inline (default: the link)."""
     parts = [f"# {title}", ""]
     parts += [f"- {n}" for n in notes] + ([f"- results database run id: **{run_id}**"] if run_id else [])
     parts += ["", f"## Against `{baseline}` (> 1 is better, cost inverted)", "", *ratio_lines(rows, baseline)]
     parts += ["", "## Results", "", markdown_table(table_rows(rows, baseline))]
     if plots:
         parts += ["", "## Plots", ""] + [f"- [{name}]({link(path)})" for name, path in plots.items()]
-        parts += [""] + [f"![{name}]({link(path)})" for name, path in plots.items()]
+        parts += [""] + [f"![{name}]({(image or link)(path)})" for name, path in plots.items()]
     return "\n".join(parts) + "\n"
 
 
@@ -200,7 +207,7 @@ def render_report(kind: str, title: str, rows: list[dict], baseline: str, out_di
     plots = write_plots(rows, root, notes)
     (root / "report.md").write_text(render_markdown(title, rows, baseline, plots, run_id, notes, lambda p: p.name))
     markdown = render_markdown(title, rows, baseline, plots, run_id, notes + [f"report directory: `{root}`"],
-                               lambda p: p.resolve().as_uri())
+                               lambda p: p.resolve().as_uri(), image=data_uri)
     create_table_artifact(table_rows(rows, baseline), key=f"{kind}-results", description=f"{title}: results")
     create_markdown_artifact(markdown, key=f"{kind}-report", description=title)
     get_run_logger().info("report written to %s", root / "report.md")

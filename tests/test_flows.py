@@ -3,6 +3,7 @@ generate resumable after a failure or a SIGKILL with every row exactly once, eva
 end into the results database with their artifacts, the nightly regression check, caching on
 resume, and no retry on bad input."""
 import datetime as dt
+import base64
 import json
 import os
 import signal
@@ -208,6 +209,9 @@ def test_eval_flow_reports_accuracy_beside_throughput(prefect_api, tiny_fixture,
     assert "## Against `hf`" in report and "e2e tok/s **" in report and "throughput.png" in report
     plots = summary["report"]["plots"]
     assert Path(plots["throughput"]).is_file() and Path(plots["CAP radar"]).is_file()
+    # the UI is served over http, where file:// images do not load: the plots travel inline
+    inline = "![throughput](data:image/png;base64," + base64.b64encode(Path(plots["throughput"]).read_bytes()).decode()
+    assert inline in report
     assert Path(plots["throughput"]).parent.parent == results.reports_dir(url)
 
     show_eval(summary)
