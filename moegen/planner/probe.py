@@ -33,10 +33,13 @@ GEMM_DTYPES = ("float32", "bfloat16", "float16")
 # (tokens, in_features, out_features): an expert's up/gate GEMM at small (Qwen/OLMoE-sized,
 # H=1024 -> 3584) and Mixtral-sized (4096 -> 14336) widths, over the token counts one expert
 # sees under module batching.
+# Decode gives each expert few tokens (G * top_k / E), so small token counts are measured too:
+# the cost model interpolates between rows and must not extrapolate down from 256.
 GEMM_SHAPES = {
-    "cpu": [(256, 1024, 3584), (512, 1024, 3584), (1024, 1024, 3584), (2048, 1024, 3584),
+    "cpu": [(16, 1024, 3584), (32, 1024, 3584), (64, 1024, 3584), (128, 1024, 3584),
+            (256, 1024, 3584), (512, 1024, 3584), (1024, 1024, 3584), (2048, 1024, 3584),
             (64, 4096, 14336), (256, 4096, 14336)],
-    "cuda": [(256, 1024, 3584), (2048, 1024, 3584), (8192, 1024, 3584),
+    "cuda": [(32, 1024, 3584), (128, 1024, 3584), (256, 1024, 3584), (2048, 1024, 3584), (8192, 1024, 3584),
              (256, 4096, 14336), (1024, 4096, 14336), (4096, 4096, 14336)],
 }
 QUICK_GEMM_SHAPES = {"cpu": [(256, 1024, 3584)], "cuda": [(256, 1024, 3584), (2048, 4096, 14336)]}
