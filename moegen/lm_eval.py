@@ -215,11 +215,7 @@ class MoegenLM(TemplateLM):
         eos = self.tokenizer.eos_token_id
         if eos is None:
             return None
-        sp = getattr(self.tokenizer, "_sp", None)  # SentencePieceTokenizer
-        if sp is not None:
-            return sp.id_to_piece(eos)
-        hf = getattr(self.tokenizer, "_tok", None)  # HFTokenizer
-        return hf.convert_ids_to_tokens(eos) if hf is not None else None
+        return self.tokenizer.token_text(eos)
 
 
 def cut_at_stops(text: str, stops: "list[str]") -> str:

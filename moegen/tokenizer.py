@@ -29,6 +29,10 @@ class Tokenizer:
     def decode(self, ids: "list[int]") -> str:
         raise NotImplementedError
 
+    def token_text(self, token_id: int) -> str:
+        """A token's own spelling, special tokens included ("</s>"), which decode() skips."""
+        raise NotImplementedError
+
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_dir: Path):
@@ -68,6 +72,9 @@ class SentencePieceTokenizer(Tokenizer):
             text = " " + text  # sentencepiece stripped it as if it were the dummy prefix
         return text
 
+    def token_text(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
 
 class HFTokenizer(Tokenizer):
     def __init__(self, model_dir: Path):
@@ -95,6 +102,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: "list[int]") -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.convert_ids_to_tokens(int(token_id))
 
 
 def load_tokenizer(model_dir: "str | Path") -> Tokenizer:

@@ -112,7 +112,7 @@ def test_eos_ends_sequence_unless_ignored(tiny_fixture):
     engine = make_engine(path)
     prompt = [1, 415, 2936, 9060]
     free = engine.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
-    engine.tokenizer.eos_token_id = free.token_ids[2]      # pretend the third token is EOS
+    engine.tokenizer.eos_token_ids = (free.token_ids[2],)   # pretend the third token is EOS
     stopped = engine.generate([prompt], SamplingParams(max_new_tokens=6))[0]
     assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:free.token_ids.index(free.token_ids[2]) + 1]
 

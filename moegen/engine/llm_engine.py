@@ -283,16 +283,19 @@ class Engine:
     def append_token(self, seq: Sequence, token: int) -> None:
         p = seq.params
         seq.output.append(token)
-        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else self._config_eos()
-        if (not p.ignore_eos and token in eos_ids(eos)) or token in p.stop_token_ids:
+        if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
             seq.finish_reason = "stop"
         elif p.stop and self.tokenizer is not None and self._hit_stop_string(seq):
             seq.finish_reason = "stop"
         elif len(seq.output) >= p.max_new_tokens:
             seq.finish_reason = "length"
 
-    def _config_eos(self):
-        return getattr(self.model.config, "eos_token_id", None)
+    @property
+    def eos_ids(self) -> tuple:
+        """Every id that ends generation: the tokenizer's, else config.json's."""
+        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
+            return tuple(self.tokenizer.eos_token_ids)
+        return eos_ids(getattr(self.model.config, "eos_token_id", None))
 
     def _hit_stop_string(self, seq) -> bool:
         # a stop string of L characters spans at most L tokens: look at the tail only
