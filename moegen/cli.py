@@ -28,20 +28,8 @@ def read_prompts(path: Path, field: str | None, template: str | None, limit: int
     """Prompts from JSONL rows: `prompt` (text), `prompt_token_ids`, or `--prompt-field`/`--template`."""
     if not path.is_file():
         raise InputError(f"input file {path} does not exist")
-    prompts = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(prompts) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: each row must be a JSON object")
-            prompts.append(prompt_of(row, f"{path}:{lineno}", field, template))
+    from moegen.workloads import numbered_jsonl
+    prompts = [prompt_of(row, f"{path}:{lineno}", field, template) for lineno, row in numbered_jsonl(path, limit)]
     if not prompts:
         raise InputError(f"{path} holds no prompts")
     return prompts

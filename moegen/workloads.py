@@ -230,12 +230,14 @@ def load_rows(name: str, split: str, subset: str | None, n: int | None) -> list[
 
 # ---- rows ------------------------------------------------------------------------------------
 
-def _read_jsonl(file: Path, n: int | None) -> list[dict]:
-    rows = []
-    with file.open() as f:
+def numbered_jsonl(file: Path, n: int | None = None):
+    """(line number, row) for the first n JSON-object rows of a JSONL file, blank lines skipped;
+    InputError naming file:line for a row that is not a JSON object."""
+    count = 0
+    with Path(file).open() as f:
         for lineno, line in enumerate(f, 1):
-            if n is not None and len(rows) >= n:
-                break
+            if n is not None and count >= n:
+                return
             if not line.strip():
                 continue
             try:
@@ -244,7 +246,12 @@ def _read_jsonl(file: Path, n: int | None) -> list[dict]:
                 raise InputError(f"{file}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
                 raise InputError(f"{file}:{lineno}: each row must be a JSON object")
-            rows.append(row)
+            count += 1
+            yield lineno, row
+
+
+def _read_jsonl(file: Path, n: int | None) -> list[dict]:
+    rows = [row for _, row in numbered_jsonl(file, n)]
     if not rows:
         raise InputError(f"{file} holds no rows")
     return rows
