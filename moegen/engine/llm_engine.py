@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from moegen.dtypes import parse_dtype
 from moegen.engine.block_manager import BlockManager
 from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from moegen.engine.memory import choose_resident, host_memory_bytes, parse_bytes

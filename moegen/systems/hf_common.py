@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moegen.dtypes import parse_dtype
-from moegen.systems.base import eos_ids
+from moegen.systems.base import System, eos_ids
 
 # A checkpoint's generation_config.json may ask for sampling or penalties (Qwen sets
 # repetition_penalty 1.05, top_k 20...). transformers fills every setting a call leaves unset from
@@ -79,3 +79,17 @@ class FirstLogitsTimer:
             synchronize(self.device)   # CUDA: wait for the prefill kernels, once per batch
             self.at = time.perf_counter()
         return scores
+
+
+class HFSystem(System):
+    """A transformers-backed system: same skip rule, loading and release for each of them."""
+
+    def skip_reason(self, model_path, device):
+        return hf_skip_reason(model_path)
+
+    def load(self, model_path, dtype, device, workload, **options):
+        model = load_hf_model(model_path, dtype).to(device)
+        return make_handle(model, model_path, device, options)
+
+    def close(self, handle: HFHandle) -> None:
+        handle.model = None

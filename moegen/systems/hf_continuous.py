@@ -21,29 +21,18 @@ import time
 
 from moegen.errors import InputError
 from moegen.metrics import RunRecord
-from moegen.systems.base import Generation, System, SystemFailedError, cut_after_eos
-from moegen.systems.hf_common import (GREEDY, HFHandle, decode_all, hf_skip_reason, load_hf_model, make_handle,
-                                      synchronize)
+from moegen.systems.base import Generation, SystemFailedError, cut_after_eos
+from moegen.systems.hf_common import GREEDY, HFHandle, HFSystem, decode_all, synchronize
 from moegen.workloads import Workload
 
 PAGE_SIZE = 256              # transformers' default page size (tokens per block)
 CPU_MAX_BATCH_TOKENS = 1024
 
 
-class HFContinuousSystem(System):
+class HFContinuousSystem(HFSystem):
     name = "hf-continuous"
     description = "transformers generate_batch(): continuous batching over a paged KV cache"
     options = {"num_blocks": None, "max_batch_tokens": None}
-
-    def skip_reason(self, model_path, device):
-        return hf_skip_reason(model_path)
-
-    def load(self, model_path, dtype, device, workload, **options):
-        model = load_hf_model(model_path, dtype).to(device)
-        return make_handle(model, model_path, device, options)
-
-    def close(self, handle: HFHandle) -> None:
-        handle.model = None
 
     def cb_config(self, h: HFHandle, wl: Workload):
         from transformers.generation.configuration_utils import ContinuousBatchingConfig

@@ -16,28 +16,17 @@ import torch
 
 from moegen.errors import InputError
 from moegen.metrics import RunRecord
-from moegen.systems.base import Generation, System, cut_after_eos
-from moegen.systems.hf_common import (GREEDY, FirstLogitsTimer, HFHandle, decode_all, hf_skip_reason, load_hf_model,
-                                      make_handle, synchronize)
+from moegen.systems.base import Generation, cut_after_eos
+from moegen.systems.hf_common import GREEDY, FirstLogitsTimer, HFHandle, HFSystem, decode_all, synchronize
 from moegen.workloads import Workload
 
 BATCH_SIZES = (16, 64, 256)
 
 
-class HFGenerateSystem(System):
+class HFGenerateSystem(HFSystem):
     name = "hf-generate"
     description = "transformers generate(), static left-padded batches"
     options = {"batch_size": None, "batch_sizes": BATCH_SIZES, "sort_by_length": True}
-
-    def skip_reason(self, model_path, device):
-        return hf_skip_reason(model_path)
-
-    def load(self, model_path, dtype, device, workload, **options):
-        model = load_hf_model(model_path, dtype).to(device)
-        return make_handle(model, model_path, device, options)
-
-    def close(self, handle: HFHandle) -> None:
-        handle.model = None
 
     def batch_sizes(self, options: dict, n: int) -> list[int]:
         sizes = [options["batch_size"]] if options["batch_size"] is not None else list(options["batch_sizes"])
