@@ -9,6 +9,7 @@ from pathlib import Path
 import importlib
 
 from moegen.errors import InputError, MoegenError
+from moegen.jsonl import numbered_jsonl
 from moegen.fixture import ARCHS
 
 
@@ -28,7 +29,6 @@ def read_prompts(path: Path, field: str | None, template: str | None, limit: int
     """Prompts from JSONL rows: `prompt` (text), `prompt_token_ids`, or `--prompt-field`/`--template`."""
     if not path.is_file():
         raise InputError(f"input file {path} does not exist")
-    from moegen.workloads import numbered_jsonl
     prompts = [prompt_of(row, f"{path}:{lineno}", field, template) for lineno, row in numbered_jsonl(path, limit)]
     if not prompts:
         raise InputError(f"{path} holds no prompts")

@@ -14,8 +14,6 @@ stand for a newline and a tab, so templates can be typed in a shell.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +21,8 @@ from pathlib import Path
 import torch
 
 from moegen.errors import InputError
+from moegen.jsonl import numbered_jsonl
+from moegen.tasks_lm_eval.gsm8k_data import gsm8k_dir as default_gsm8k_dir  # $MOEGEN_GSM8K_DIR or ../shared
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 KINDS = ("synthetic", "gsm8k", "hf")
@@ -160,12 +160,6 @@ def _synthetic(spec, tokenizer, gen, prompt: int = 128, n: int = 512, seed: int 
     return Workload(f"synthetic-p{prompt}-g{gen}-n{n}", [bos + row for row in body], gen, ignore_eos, None, spec)
 
 
-def default_gsm8k_dir() -> Path:
-    """$MOEGEN_GSM8K_DIR, else the shared data folder beside the repository."""
-    env = os.environ.get("MOEGEN_GSM8K_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
-
-
 def _gsm8k(spec, tokenizer, gen, path: str, n: int | None = None, split: str = "test",
            template: str = DEFAULT_TEMPLATE, ignore_eos: bool = False):
     where = Path(path).expanduser() if path else default_gsm8k_dir()
@@ -229,26 +223,6 @@ def load_rows(name: str, split: str, subset: str | None, n: int | None) -> list[
 
 
 # ---- rows ------------------------------------------------------------------------------------
-
-def numbered_jsonl(file: Path, n: int | None = None):
-    """(line number, row) for the first n JSON-object rows of a JSONL file, blank lines skipped;
-    InputError naming file:line for a row that is not a JSON object."""
-    count = 0
-    with Path(file).open() as f:
-        for lineno, line in enumerate(f, 1):
-            if n is not None and count >= n:
-                return
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{file}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{file}:{lineno}: each row must be a JSON object")
-            count += 1
-            yield lineno, row
-
 
 def _read_jsonl(file: Path, n: int | None) -> list[dict]:
     rows = [row for _, row in numbered_jsonl(file, n)]

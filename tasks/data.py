@@ -9,10 +9,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from moegen.errors import InputError, MoegenError
+from moegen.tasks_lm_eval.gsm8k_data import ENV_VAR as GSM8K_ENV
 from moegen.workloads import default_gsm8k_dir
 from tasks.common import retry_unless_bad_input
 
-GSM8K_ENV = "MOEGEN_GSM8K_DIR"
 GSM8K_HUB = "openai/gsm8k"
 
 

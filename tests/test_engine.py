@@ -101,10 +101,10 @@ def test_finish_reasons_and_stops(tiny_fixture):
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:first + 1]
     # a stop string taken from the free text cuts the text before it
     text = free.text
-    stop = text[len(text) // 2:len(text) // 2 + 3]
-    if stop.strip():
-        out = engine.generate([prompt], SamplingParams(max_new_tokens=12, ignore_eos=True, stop=[stop]))[0]
-        assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
+    start = next(i for i in range(len(text) // 2, len(text)) if not text[i].isspace())
+    stop = text[start:start + 3]
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=12, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
 
 
 def test_eos_ends_sequence_unless_ignored(tiny_fixture):

@@ -26,12 +26,9 @@ FALLBACK_PLAN = {"max_batch": 256, "attn_micro_batch": 32, "max_prefill_tokens":
 
 @dataclass
 class EngineStats:
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0          # prompt tokens, incl. loglikelihood scoring (no pass record)
     prefill_s: float = 0.0
-    decode_tokens: int = 0
     decode_s: float = 0.0
-    prefill_steps: int = 0
-    decode_steps: int = 0
     experts_run: int = 0             # (layer, expert) pairs that ran, summed over steps
     experts_skipped: int = 0         # (layer, expert) pairs with no token, never run nor copied
     attention: str = ""
@@ -39,6 +36,18 @@ class EngineStats:
     decode_step_seqs: list = field(default_factory=list)      # sequences per decode step
     prefill_distinct_experts: int = 0  # experts_run during prefill passes (for S-MBU)
     decode_distinct_experts: int = 0
+
+    @property
+    def prefill_steps(self) -> int:
+        return len(self.prefill_pass_tokens)
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.decode_step_seqs)
+
+    @property
+    def decode_tokens(self) -> int:
+        return sum(self.decode_step_seqs)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -88,6 +97,7 @@ class Engine:
         self.cache = PagedKVCache(model, 1, cfg.block_size, model.dtype)
         self.streamer = self._make_streamer()
         self.stats = EngineStats(attention=attention_impl())
+        self._eos = self.eos_ids
         self.runner = Runner(model, self.cache, self.blocks, self.streamer, self.device,
                              cfg.attn_micro_batch, cfg.expert_chunk, self.stats)
 
@@ -98,8 +108,7 @@ class Engine:
         from moegen.models import load_model
         from moegen.tokenizer import load_tokenizer
         model = load_model(path, dtype)
-        cfg = EngineConfig(device=str(device), kv_cache_bytes=parse_bytes(host_memory),
-                           device_memory=parse_bytes(device_memory), **kw)
+        cfg = _engine_config(device, host_memory, device_memory, kw)
         try:
             tokenizer = load_tokenizer(path)
         except TokenizerError as err:     # token-id prompts still work; text prompts get a clear error
@@ -116,9 +125,7 @@ class Engine:
         from moegen.loader import dummy_model
         if not dummy_weights:
             raise ConfigError("Engine.from_config needs dummy_weights=True; use from_pretrained for real weights")
-        cfg = EngineConfig(device=str(device), kv_cache_bytes=parse_bytes(host_memory),
-                           device_memory=parse_bytes(device_memory), **kw)
-        return cls(dummy_model(config, dtype, seed), None, cfg)
+        return cls(dummy_model(config, dtype, seed), None, _engine_config(device, host_memory, device_memory, kw))
 
     def _make_streamer(self) -> WeightStreamer:
         cfg, weights = self.config, self.model.weights
@@ -186,6 +193,7 @@ class Engine:
         for seq in sorted(seqs, key=lambda s: -s.max_length):
             scheduler.add(seq)
         sampler = Sampler()
+        self._eos = self.eos_ids          # once per call: append_token runs for every token
         bar = tqdm(total=len(seqs), desc="generate", unit="seq", disable=not progress, dynamic_ncols=True)
         generated, t0 = 0, time.perf_counter()
         while not scheduler.done:
@@ -268,13 +276,10 @@ class Engine:
             tokens_in = sum(len(q.prompt) for q in batch)
             s.prefill_tokens += tokens_in
             s.prefill_s += dt
-            s.prefill_steps += 1
             s.prefill_pass_tokens.append(tokens_in)
             s.prefill_distinct_experts += experts
         else:
-            s.decode_tokens += len(batch)
             s.decode_s += dt
-            s.decode_steps += 1
             s.decode_step_seqs.append(len(batch))
             s.decode_distinct_experts += experts
         return tokens
@@ -282,7 +287,7 @@ class Engine:
     def append_token(self, seq: Sequence, token: int) -> None:
         p = seq.params
         seq.output.append(token)
-        if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
+        if (not p.ignore_eos and token in self._eos) or token in p.stop_token_ids:
             seq.finish_reason = "stop"
         elif p.stop and self.tokenizer is not None and self._hit_stop_string(seq):
             seq.finish_reason = "stop"
@@ -356,6 +361,12 @@ class Engine:
             out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
             at += len(cont)
         return out
+
+
+def _engine_config(device, host_memory, device_memory, overrides: dict) -> EngineConfig:
+    """The constructors' user-facing sizes ("8GB") -> an EngineConfig."""
+    return EngineConfig(device=str(device), kv_cache_bytes=parse_bytes(host_memory),
+                        device_memory=parse_bytes(device_memory), **overrides)
 
 
 def eos_ids(eos) -> tuple:

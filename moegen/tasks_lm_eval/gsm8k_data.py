@@ -10,13 +10,13 @@ Every row is validated first, so a bad file is an error naming the file and line
 KeyError deep inside lm-eval. This module is imported both as `moegen.tasks_lm_eval.gsm8k_data`
 and, by lm-eval's `!function`, straight from its file path: it imports only absolute names.
 """
-import json
 import os
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from moegen.errors import InputError
+from moegen.jsonl import numbered_jsonl
 
 ENV_VAR = "MOEGEN_GSM8K_DIR"
 SPLITS = ("train", "test")
@@ -47,23 +47,13 @@ def final_answer(answer: str) -> "str | None":
 def read_split(split: str, root: "Path | None" = None) -> "list[dict]":
     """Rows {question, answer} of one split, every line checked."""
     path = split_path(split, root)
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                rows.append(_parse_row(line, f"{path}:{lineno}"))
+    rows = [_check_row(row, f"{path}:{lineno}") for lineno, row in numbered_jsonl(path)]
     if not rows:
         raise InputError(f"{path} holds no rows")
     return rows
 
 
-def _parse_row(line: str, where: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(row, dict):
-        raise InputError(f"{where}: each row must be a JSON object with 'question' and 'answer'")
+def _check_row(row: dict, where: str) -> dict:
     for key in ("question", "answer"):
         if not isinstance(row.get(key), str) or not row[key].strip():
             raise InputError(f"{where}: field {key!r} is missing or not a non-empty string")
