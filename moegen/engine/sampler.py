@@ -37,10 +37,11 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seqs) -> list[int]:
         """logits [B, V] for B sequences -> one token id each (the step's only host sync)."""
-        logits = logits.float().cpu()
+        # argmax in the model dtype: widening to float32 is exact and order-preserving, so the
+        # greedy choice (first maximum) is the same without copying [B, V] to float32
         tokens = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:
-                probs = torch.softmax(filter_logits(logits[i], seq.params), dim=-1)
+                probs = torch.softmax(filter_logits(logits[i].float().cpu(), seq.params), dim=-1)
                 tokens[i] = int(torch.multinomial(probs, 1, generator=self.generator(seq)))
         return tokens

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moegen.layers.linear import linear
 from moegen.layers.norm import rms_norm
 from moegen.layers.rotary import RotaryEmbedding
 
@@ -86,12 +87,16 @@ class GQAAttention:
             shapes.update({f"{p}.q_norm.weight": (q,), f"{p}.k_norm.weight": (kv,)})
         return shapes
 
+    def linear_weight_names(self) -> list[str]:
+        """Weights used only as `linear` operands (the engine may pack them)."""
+        return [f"{self.prefix}.{n}_proj.weight" for n in "qkvo"]
+
     def qkv(self, w, x, positions):
         """Projections, norms, clipping and RoPE: q [T, N, D], k [T, K, D], v [T, K, D]."""
         p, t = self.prefix, x.shape[0]
-        q = F.linear(x, w[f"{p}.q_proj.weight"], w.get(f"{p}.q_proj.bias"))
-        k = F.linear(x, w[f"{p}.k_proj.weight"], w.get(f"{p}.k_proj.bias"))
-        v = F.linear(x, w[f"{p}.v_proj.weight"], w.get(f"{p}.v_proj.bias"))
+        q = linear(x, w[f"{p}.q_proj.weight"], w.get(f"{p}.q_proj.bias"))
+        k = linear(x, w[f"{p}.k_proj.weight"], w.get(f"{p}.k_proj.bias"))
+        v = linear(x, w[f"{p}.v_proj.weight"], w.get(f"{p}.v_proj.bias"))
         if self.qk_norm == "full":
             q, k = rms_norm(q, w[f"{p}.q_norm.weight"], self.eps), rms_norm(k, w[f"{p}.k_norm.weight"], self.eps)
         if self.clip_qkv is not None:
@@ -107,4 +112,4 @@ class GQAAttention:
     def forward(self, w, x, ctx, layer_idx: int):
         q, k, v = self.qkv(w, x, ctx.positions)
         out = ctx.attend(layer_idx, q, k, v, self.scale, self.sliding_window)
-        return F.linear(out.reshape(x.shape[0], -1), w[f"{self.prefix}.o_proj.weight"], w.get(f"{self.prefix}.o_proj.bias"))
+        return linear(out.reshape(x.shape[0], -1), w[f"{self.prefix}.o_proj.weight"], w.get(f"{self.prefix}.o_proj.bias"))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moegen.layers.linear import linear
 from moegen.layers.norm import rms_norm
 from moegen.layers.rotary import RotaryEmbedding
 
@@ -53,16 +54,21 @@ class MLAAttention:
                 shapes[f"{p}.q_a_proj.bias"] = (self.q_lora_rank,)
         return shapes
 
+    def linear_weight_names(self) -> list[str]:
+        """Weights used only as `linear` operands; kv_b_proj is not one (absorbed decode views it)."""
+        names = ["q_proj"] if self.q_lora_rank is None else ["q_a_proj", "q_b_proj"]
+        return [f"{self.prefix}.{n}.weight" for n in names + ["kv_a_proj_with_mqa", "o_proj"]]
+
     def project(self, w, x, positions):
         """q_nope [T, N, Dn], q_rope [T, N, Dr] (rotated), latent [T, R], k_rope [T, Dr] (rotated)."""
         p, t = self.prefix, x.shape[0]
         if self.q_lora_rank is None:
-            q = F.linear(x, w[f"{p}.q_proj.weight"])
+            q = linear(x, w[f"{p}.q_proj.weight"])
         else:
-            qa = F.linear(x, w[f"{p}.q_a_proj.weight"], w.get(f"{p}.q_a_proj.bias"))
-            q = F.linear(rms_norm(qa, w[f"{p}.q_a_layernorm.weight"], self.eps), w[f"{p}.q_b_proj.weight"])
+            qa = linear(x, w[f"{p}.q_a_proj.weight"], w.get(f"{p}.q_a_proj.bias"))
+            q = linear(rms_norm(qa, w[f"{p}.q_a_layernorm.weight"], self.eps), w[f"{p}.q_b_proj.weight"])
         q_nope, q_rope = q.view(t, self.n_heads, self.qk_dim).split([self.qk_nope_dim, self.qk_rope_dim], -1)
-        kv = F.linear(x, w[f"{p}.kv_a_proj_with_mqa.weight"], w.get(f"{p}.kv_a_proj_with_mqa.bias"))
+        kv = linear(x, w[f"{p}.kv_a_proj_with_mqa.weight"], w.get(f"{p}.kv_a_proj_with_mqa.bias"))
         latent, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_dim], -1)
         latent = rms_norm(latent, w[f"{p}.kv_a_layernorm.weight"], self.eps)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
@@ -80,4 +86,4 @@ class MLAAttention:
     def forward(self, w, x, ctx, layer_idx: int):
         q_nope, q_rope, latent, k_rope = self.project(w, x, ctx.positions)
         out = ctx.attend_mla(layer_idx, self, w, q_nope, q_rope, latent, k_rope)
-        return F.linear(out.reshape(x.shape[0], -1), w[f"{self.prefix}.o_proj.weight"], w.get(f"{self.prefix}.o_proj.bias"))
+        return linear(out.reshape(x.shape[0], -1), w[f"{self.prefix}.o_proj.weight"], w.get(f"{self.prefix}.o_proj.bias"))

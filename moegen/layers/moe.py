@@ -37,11 +37,10 @@ class Dispatch:
     def active_experts(self):
         return [e for e, c in enumerate(self.counts) if c]
 
-    def combine(self, ys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Weighted expert outputs (rows in expert order) summed per token. Each token adds its
-        experts in ascending expert id, rounding to `dtype` after each add, which is exactly the
-        reference's per-expert index_add_ into a zero tensor, without k*E scatter calls."""
-        weighted = (ys * self.weights[:, None]).to(dtype)
+    def combine(self, weighted: torch.Tensor) -> torch.Tensor:
+        """Weighted expert outputs (rows in expert order, in the model dtype) summed per token.
+        Each token adds its experts in ascending expert id, rounding after each add, which is
+        exactly the reference's per-expert index_add_ into a zero tensor, without k*E scatters."""
         position = torch.empty_like(self.order)
         position[self.order] = torch.arange(len(self.order), device=self.order.device)
         # a token's positions in expert order, ascending, are its experts by ascending id
@@ -77,6 +76,10 @@ class SparseMoE:
             shapes[f"{self.prefix}.shared_expert_gate.weight"] = (1, self.hidden)
         return shapes
 
+    def linear_weight_names(self) -> list[str]:
+        names = [f"{self.expert_key(e)}.{part}" for e in range(self.n_experts) for part in ("gate_up", "down")]
+        return names + (self.shared.linear_weight_names() if self.shared is not None else [])
+
     def dispatch(self, w, x) -> Dispatch:
         return Dispatch.from_routing(*self.router.route(w, x), self.n_experts)
 
@@ -86,7 +89,9 @@ class SparseMoE:
         a context manager yielding the expert's weights (the engine streams them); by default
         they come from `w`."""
         xs = x[d.token_idx]                       # one gather: rows grouped by expert
-        ys = torch.empty_like(xs)
+        # expert output * router weight, computed in their common dtype and rounded to x's once
+        # (the reference's `(expert(x) * w).to(dtype)`), written straight into place
+        weighted = torch.empty_like(xs)
         act, start = ACTIVATIONS[self.act], 0
         for e, n in enumerate(d.counts):
             if not n:
@@ -96,9 +101,9 @@ class SparseMoE:
                 gate_up, down = we[f"{key}.gate_up"], we[f"{key}.down"]
                 for lo in range(start, start + n, chunk or n):
                     hi = min(start + n, lo + (chunk or n))
-                    gated_ffn(xs[lo:hi], gate_up, down, act, out=ys[lo:hi])
+                    torch.mul(gated_ffn(xs[lo:hi], gate_up, down, act), d.weights[lo:hi, None], out=weighted[lo:hi])
             start += n
-        return d.combine(ys, x.dtype)
+        return d.combine(weighted)
 
     def combine_shared(self, w, x, routed):
         if self.shared is None:

@@ -4,6 +4,7 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from moegen.errors import ConfigError
+from moegen.ops.elementwise import fused_ops
 
 
 class RotaryEmbedding:
@@ -22,19 +23,28 @@ class RotaryEmbedding:
         self.dim = dim
         self.interleaved = interleaved
         self.fp32 = fp32        # rotate in float32 and round once (DeepSeek-V2's complex-number rope)
+        self._last = None       # (positions, dtype, cos, sin): every layer of a step asks for the same
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos/sin [T, dim] for integer positions [T], computed in float32 then cast (as HF does)."""
         dtype = torch.float32 if self.fp32 else dtype
+        last = self._last       # one read: another thread may replace it
+        if last is not None and last[0] is positions and last[1] == dtype:
+            return last[2], last[3]
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+        cos, sin = (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+        self._last = (positions, dtype, cos, sin)
+        return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, dim]. Interleaved (DeepSeek) pairs (x0,x1),(x2,x3)... and writes the
         result de-interleaved, as transformers does; q and k get the same layout so scores agree."""
         if self.fp32 and x.dtype != torch.float32:
             return self.apply(x.float(), cos, sin).to(x.dtype)
+        ops = None if self.interleaved else fused_ops(x)
+        if ops is not None and cos.dtype == x.dtype:
+            return ops.rope(x, cos, sin)
         cos, sin = cos[:, None, :], sin[:, None, :]
         if self.interleaved:
             half = cos.shape[-1] // 2

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moegen.layers.attention import RaggedContext
+from moegen.layers.linear import linear
 from moegen.layers.norm import rms_norm
 
 
@@ -31,6 +32,9 @@ class DecoderLayer:
         p, h = self.prefix, self.attn.hidden
         return {f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
                 **self.attn.weight_shapes(), **self.ffn.weight_shapes()}
+
+    def linear_weight_names(self) -> list[str]:
+        return self.attn.linear_weight_names() + self.ffn.linear_weight_names()
 
     def forward(self, w, x, ctx, ffn=None):
         """Pre-norm residual block. `ffn(w, h)` replaces the feed-forward call (the engine's
@@ -67,6 +71,12 @@ class MoEModel:
             shapes["lm_head.weight"] = (self.vocab_size, self.hidden)
         return shapes
 
+    def linear_weight_names(self) -> list[str]:
+        """Weights used only as `linear` operands, which the engine may pack for the CPU GEMM
+        (the tied embedding is also a lookup table, so it stays plain)."""
+        names = [n for layer in self.layers for n in layer.linear_weight_names()]
+        return names + ([] if self.tie_word_embeddings else ["lm_head.weight"])
+
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.weights.values())
 
@@ -75,7 +85,7 @@ class MoEModel:
 
     def logits(self, x: torch.Tensor, w=None) -> torch.Tensor:
         w = w or self.weights
-        return F.linear(rms_norm(x, w["model.norm.weight"], self.eps), w[self.lm_head_name])
+        return linear(rms_norm(x, w["model.norm.weight"], self.eps), w[self.lm_head_name])
 
     @torch.inference_mode()
     def forward(self, sequences: list[list[int]]) -> list[torch.Tensor]:

@@ -2,7 +2,7 @@
 
 The shared library is compiled with ``torch.utils.cpp_extension`` into
 ``$XDG_CACHE_HOME/moegen/ops/<key>`` (``~/.cache`` when unset), where ``<key>`` hashes
-everything that changes the binary: the source, torch and Python versions, the compiler,
+everything that changes the binary: the sources, torch and Python versions, the compiler,
 the flags and the host CPU (the code is built with ``-march=native``). A later process
 finds the finished library there and loads it without compiling or even needing ninja.
 
@@ -34,7 +34,9 @@ try:
 except ImportError:  # not POSIX: builds are then only serialised by torch's own lock file
     fcntl = None
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "decode_attention.cpp"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# one library: decode attention (defines the op namespace) + fused elementwise ops (a fragment)
+SOURCES = (CSRC / "decode_attention.cpp", CSRC / "elementwise.cpp")
 NAMESPACE = "moegen_ops"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-DNDEBUG")
 # libgomp shares its SONAME with the copy torch bundles, so both resolve to one OpenMP runtime.
@@ -110,7 +112,7 @@ def _cpu_identity() -> str:
 def build_key(source: Path | bytes, cflags: tuple[str, ...], ldflags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for part in (
-        source if isinstance(source, bytes) else source.read_bytes(),
+        source if isinstance(source, bytes) else source.read_bytes(),   # all sources' bytes
         torch.__version__.encode(),
         sys.implementation.cache_tag.encode(),
         platform.machine().encode(),
@@ -157,8 +159,7 @@ def _exclusive(build_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _compile(source_name: str, code: bytes, build_dir: Path, name: str, cflags, ldflags,
-             verbose: bool) -> Path:
+def _compile(codes: dict[str, bytes], build_dir: Path, name: str, cflags, ldflags, verbose: bool) -> Path:
     from torch.utils import cpp_extension  # imported lazily: it is slow to import
 
     lib = build_dir / f"{name}.so"
@@ -170,11 +171,13 @@ def _compile(source_name: str, code: bytes, build_dir: Path, name: str, cflags, 
             (build_dir / "lock").unlink(missing_ok=True)
         # Compile a snapshot of exactly the hashed bytes, so an edit to the source during the
         # build cannot end up cached under the old key.
-        snapshot = build_dir / source_name
-        snapshot.write_bytes(code)
+        snapshots = []
+        for source_name, code in codes.items():
+            snapshots.append(build_dir / source_name)
+            snapshots[-1].write_bytes(code)
         cpp_extension.load(
             name=name,
-            sources=[str(snapshot)],
+            sources=[str(s) for s in snapshots],
             extra_cflags=list(cflags),
             extra_ldflags=list(ldflags),
             build_directory=str(build_dir),
@@ -194,24 +197,26 @@ def _failure_reason(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
-def _try_load(source: Path, extra_cflags: tuple[str, ...], namespace: str, verbose: bool):
+def _try_load(sources: tuple[Path, ...], extra_cflags: tuple[str, ...], namespace: str, verbose: bool):
     """Returns (NativeOps, None) or (None, BuildResult describing the failure)."""
     cflags = CFLAGS + (f"-DMOEGEN_OPS_NS={namespace}",) + tuple(extra_cflags)
-    try:
-        code = source.read_bytes()
-    except OSError:
-        return None, BuildResult("torch", reason=f"kernel source {source} not found")
-    key = build_key(code, cflags, LDFLAGS)
+    codes = {}
+    for source in sources:
+        try:
+            codes[source.name] = source.read_bytes()
+        except OSError:
+            return None, BuildResult("torch", reason=f"kernel source {source} not found")
+    key = build_key(b"\0".join(name.encode() + b"\0" + code for name, code in codes.items()), cflags, LDFLAGS)
     build_dir = cache_root() / key
     name = f"{namespace}_{key}"
     lib = build_dir / f"{name}.so"
     try:
         if not ((build_dir / _DONE_MARKER).is_file() and lib.is_file()):
-            lib = _compile(source.name, code, build_dir, name, cflags, LDFLAGS, verbose)
+            lib = _compile(codes, build_dir, name, cflags, LDFLAGS, verbose)
         return _open_library(lib, namespace), None
     except Exception as exc:  # noqa: BLE001 - any failure means "use the fallback"
         text = (
-            f"moegen native ops build failed\nsource: {source}\nbuild dir: {build_dir}\n"
+            f"moegen native ops build failed\nsources: {', '.join(map(str, sources))}\nbuild dir: {build_dir}\n"
             f"cflags: {' '.join(cflags)}\nldflags: {' '.join(LDFLAGS)}\ntorch: {torch.__version__}\n\n"
             + "".join(traceback.format_exception(exc))
         )
@@ -221,7 +226,7 @@ def _try_load(source: Path, extra_cflags: tuple[str, ...], namespace: str, verbo
 
 def load_native(
     *,
-    source: Path = SOURCE,
+    source: Path | tuple[Path, ...] = SOURCES,
     extra_cflags: tuple[str, ...] = (),
     namespace: str = NAMESPACE,
     verbose: bool = False,
@@ -231,11 +236,12 @@ def load_native(
     On failure warns once, naming the log file, and returns None. Each distinct
     ``namespace`` may be loaded once per process (ops namespaces are global).
     """
-    ops, failure = _try_load(source, tuple(extra_cflags), namespace, verbose)
+    sources = (source,) if isinstance(source, Path) else tuple(source)
+    ops, failure = _try_load(sources, tuple(extra_cflags), namespace, verbose)
     if ops is None:
         where = f" Compiler output: {failure.log}" if failure.log else ""
         warnings.warn(
-            f"moegen: native CPU attention kernels unavailable ({failure.reason}); using the "
+            f"moegen: native CPU kernels unavailable ({failure.reason}); using the "
             f"slower PyTorch fallback.{where}",
             RuntimeWarning,
             stacklevel=3,

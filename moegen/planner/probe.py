@@ -27,8 +27,9 @@ from typing import Callable
 import torch
 
 from moegen.errors import MoegenError
+from moegen.layers.linear import linear, pack_weight, packing_supported
 
-SCHEMA = 1
+SCHEMA = 2                # 2: CPU GEMMs measured on packed weights, as the engine runs them
 GEMM_DTYPES = ("float32", "bfloat16", "float16")
 # (tokens, in_features, out_features): an expert's up/gate GEMM at small (Qwen/OLMoE-sized,
 # H=1024 -> 3584) and Mixtral-sized (4096 -> 14336) widths, over the token counts one expert
@@ -77,11 +78,18 @@ def best_time_s(fn: Callable[[], object], sync: Callable[[], None], min_total_s:
 
 # ---- GEMM -------------------------------------------------------------------------------------
 
+def gemm_path(dtype: torch.dtype, device: str) -> str:
+    """How the engine runs a GEMM of this dtype here: on weights it packed at load, or plain."""
+    return "packed" if device == "cpu" and packing_supported(dtype) else "plain"
+
+
 def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, min_total_s: float) -> float:
-    """FLOP/s of x[m, k] @ w[k, n]."""
+    """FLOP/s of x[m, k] times a weight [n, k], the way the engine's `linear` runs it."""
     x = torch.randn(m, k, device=device).to(dtype)
-    w = torch.randn(k, n, device=device).to(dtype)
-    seconds = best_time_s(lambda: torch.matmul(x, w), _sync_fn(device), min_total_s)
+    w = torch.randn(n, k, device=device).to(dtype)
+    if gemm_path(dtype, device) == "packed":
+        w = pack_weight(w)
+    seconds = best_time_s(lambda: linear(x, w), _sync_fn(device), min_total_s)
     return 2 * m * k * n / seconds
 
 
@@ -113,7 +121,7 @@ def measure_gemm(device: str, dtype_name: str, shapes: list[tuple[int, int, int]
         rate = max(rate, measured)
     # the best at expert shapes; the calibration GEMM only when every expert shape was skipped
     measured = [r["flops_per_s"] for r in rows[1:] if "flops_per_s" in r] or [rows[0]["flops_per_s"]]
-    return {"supported": True, "shapes": rows, "best_flops_per_s": max(measured)}
+    return {"supported": True, "path": gemm_path(dtype, device), "shapes": rows, "best_flops_per_s": max(measured)}
 
 
 # ---- memory bandwidth -------------------------------------------------------------------------

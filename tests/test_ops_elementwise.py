@@ -1,0 +1,109 @@
+"""Fused elementwise kernels (csrc/elementwise.cpp) against the eager PyTorch sequences they replace."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moegen.layers.norm import rms_norm
+from moegen.layers.rotary import RotaryEmbedding
+from moegen.ops.build import native_ops
+from moegen.ops.elementwise import fused_ops
+
+DTYPES = [torch.bfloat16, torch.float16]
+# RMSNorm sums squares in another order than torch.mean, and exp may differ in its last fp32 ulp:
+# both can move a value across a bf16/fp16 rounding boundary, so a few elements may differ by one
+# ulp of the storage type (fp16's finer grid is crossed more often). Everything else is bit-identical.
+MAX_ULP_FLIPS = {torch.bfloat16: 1e-3, torch.float16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    lib = native_ops()
+    assert lib is not None, "the native library must build on this machine"
+    return lib.ops
+
+
+def eager_rms_norm(x, w, eps):
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x32.to(x.dtype)
+
+
+def eager_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def assert_equal_but_rare_ulp(got, want, dtype):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    differ = (got != want) & ~(got.isnan() & want.isnan())
+    assert differ.float().mean().item() <= MAX_ULP_FLIPS[dtype]
+    if differ.any():
+        ulp = torch.finfo(dtype).eps * want[differ].float().abs()
+        assert ((got[differ].float() - want[differ].float()).abs() <= ulp * 1.01).all()
+
+
+def check_ops(ops, dtype, seed=0):
+    """Every fused op against eager on shapes with and without a SIMD tail, plus special values."""
+    g = torch.Generator().manual_seed(seed)
+    for hidden in (1024, 100, 7):
+        x = (torch.randn(97, hidden, generator=g) * 3).to(dtype)
+        w = torch.randn(hidden, generator=g).to(dtype)
+        assert_equal_but_rare_ulp(ops.rms_norm(x, w, 1e-5), eager_rms_norm(x, w, 1e-5), dtype)
+    x3 = torch.randn(5, 4, 64, generator=g).to(dtype)       # per-head norm: weight over the last dim
+    w3 = torch.randn(64, generator=g).to(dtype)
+    assert_equal_but_rare_ulp(ops.rms_norm(x3, w3, 1e-6), eager_rms_norm(x3, w3, 1e-6), dtype)
+    for inter in (3584, 37):
+        gu = (torch.randn(61, 2 * inter, generator=g) * 4).to(dtype)
+        gu[0, :8] = torch.tensor([-100.0, -90.0, 60.0, 0.0, float("inf"), -float("inf"), float("nan"), 11.0])
+        gate, up = gu.chunk(2, dim=-1)
+        assert_equal_but_rare_ulp(ops.silu_mul(gu), F.silu(gate) * up, dtype)
+    for dim, heads in ((128, 16), (64, 3), (24, 2)):
+        x = torch.randn(33, heads, dim, generator=g).to(dtype)
+        cos, sin = torch.randn(2, 33, dim, generator=g).to(dtype)
+        assert torch.equal(ops.rope(x, cos, sin), eager_rope(x, cos, sin))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_ops_match_eager(ops, dtype):
+    check_ops(ops, dtype)
+
+
+def test_fused_ops_take_strided_inputs(ops):
+    gu = torch.randn(8, 40).bfloat16()[:, :20]              # rows not contiguous
+    gate, up = gu.chunk(2, dim=-1)
+    assert torch.equal(ops.silu_mul(gu), F.silu(gate) * up)
+    q = torch.randn(6, 2 * 3 * 16).bfloat16().view(6, 6, 16)[:, :3]
+    cos, sin = torch.randn(2, 6, 16).bfloat16()
+    assert torch.equal(ops.rope(q, cos, sin), eager_rope(q, cos, sin))
+
+
+def test_fused_ops_reject_bad_input(ops):
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        ops.rms_norm(torch.randn(2, 8), torch.randn(8), 1e-5)
+    with pytest.raises(ValueError, match="weight must be"):
+        ops.rms_norm(torch.randn(2, 8).bfloat16(), torch.randn(4).bfloat16(), 1e-5)
+    with pytest.raises(ValueError, match="2 \\* intermediate"):
+        ops.silu_mul(torch.randn(2, 7).bfloat16())
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        ops.rope(torch.randn(3, 2, 8).bfloat16(), torch.randn(3, 4).bfloat16(), torch.randn(3, 4).bfloat16())
+
+
+def test_layers_use_fused_ops_for_bf16_and_eager_for_fp32(ops):
+    """The layer functions route bf16 through the kernels (same values as eager) and keep fp32 eager."""
+    assert fused_ops(torch.zeros(2, dtype=torch.bfloat16)) is ops
+    assert fused_ops(torch.zeros(2)) is None
+    x = torch.randn(5, 32)
+    w = torch.randn(32)
+    rope = RotaryEmbedding(type("C", (), {"rope_parameters": {"rope_theta": 10000.0}})(), 16)
+    q = torch.randn(5, 2, 16)
+    pos = torch.arange(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, wd, qd = x.to(dtype), w.to(dtype), q.to(dtype)
+        got, want = rms_norm(xd, wd, 1e-5), eager_rms_norm(xd, wd, 1e-5)
+        if dtype == torch.float32:
+            assert torch.equal(got, want)           # eager itself
+        else:
+            assert_equal_but_rare_ulp(got, want, dtype)
+        cos, sin = rope.cos_sin(pos, dtype)
+        assert torch.equal(rope.apply(qd, cos, sin), eager_rope(qd, cos, sin))
