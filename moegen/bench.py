@@ -19,7 +19,7 @@ JSON schema (schema 1; every number a plain JSON number, null where unknown or n
       "config": {
         "model": str, "model_kind": "checkpoint" | "config", "dummy_weights": bool,
         "systems": [str], "repeat": int, "dtype": str, "device": str,
-        "usd_per_hour": float | null, "probe": "quick" | "full" | "off",
+        "usd_per_hour": float | null, "probe": "quick" | "full" | "fresh" | "off",
         "options": {system: {option: value}},
         "workload": {"spec", "name", "num_prompts", "prompt_tokens", "min_prompt_len",
                      "max_prompt_len", "max_new_tokens", "ignore_eos", "has_answers"}

@@ -2,7 +2,7 @@
 
     moegen bench --model DIR --systems moegen,hf-generate --workload synthetic:prompt=128,gen=64,n=256 \
         [--repeat K] [--dtype bfloat16] [--device cpu] [--usd-per-hour X] [--json OUT.json] \
-        [--opt hf-generate.batch_size=64 ...] [--probe quick|full|off] [--outputs]
+        [--opt hf-generate.batch_size=64 ...] [--probe quick|full|fresh|off] [--outputs]
 """
 from __future__ import annotations
 
@@ -131,8 +131,8 @@ def add_subparser(subparsers):
     p.add_argument("--usd-per-hour", type=float, help="machine price, for the cost per million tokens")
     p.add_argument("--opt", action="append", metavar="SYSTEM.KEY=VALUE",
                    help="a system option, e.g. hf-generate.batch_size=64 or moegen.max_batch=512 (repeatable)")
-    p.add_argument("--probe", choices=["quick", "full", "off"], default="quick",
-                   help="hardware peaks for S-MFU/S-MBU: measured (cached per machine) or datasheet only")
+    p.add_argument("--probe", choices=["quick", "full", "fresh", "off"], default="quick",
+                   help="hardware peaks for S-MFU/S-MBU: measured (quick/full: cached per machine; fresh: re-measured in this run) or datasheet only")
     p.add_argument("--outputs", action="store_true", help="also write every system's token ids and texts")
     p.add_argument("--json", help="write the full result here")
     p.set_defaults(func=cmd_bench)

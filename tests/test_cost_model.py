@@ -85,6 +85,32 @@ def test_predict_tiny_cpu_by_hand():
     assert pred.bound == "compute" and pred.terms_s["decode"]["pcie"] == 0
 
 
+def test_cpu_elementwise_and_prompt_attention_terms_by_hand():
+    """The same tiny run with the probe's elementwise bandwidth and prompt-attention rate set."""
+    spec = ModelSpec.from_config(TINY)
+    hw = Hardware(device="cpu", elementwise_gbps=1, prefill_attention_flops_per_s=1e8, **UNIT_RATES)
+    plan = Plan(device="cpu", max_batch=2, attn_micro_batch=2, max_prefill_tokens=8)
+    pred = predict(spec, hw, plan, Workload(prompt_len=4, gen_len=2, num_sequences=2))
+    # elements per token in the layer's non-GEMM passes (h=64, 8 heads x 16 of rope, k=1, I=128):
+    #   norms 4h 256 + adds 6h 384 + rope 2*(4+4)*16 256 + kv write 2*128 256 + gather 2kh 128
+    #   + activation 3kI 384 + weighting 2kh 128 + combine (k+1)h 128 = 1920 elems = 3840 B
+    assert spec.elementwise_elems_per_token(0) == 1920
+    # decode: T=2 -> 7680 B at 1 GB/s = 7.68 us on top of the 195.424 us above
+    assert pred.decode_s == pytest.approx(203.104e-6, rel=1e-9)
+    # prefill: T=8 -> 30.72 us; prompt attention's 5120 FLOP at 1e8 FLOP/s: 51.2 us instead of 5.12
+    assert pred.prefill_s == pytest.approx((692.576 - 5.12 + 51.2 + 30.72) * 1e-6, rel=1e-9)
+    assert pred.terms_s["decode"]["elementwise"] == pytest.approx(7.68e-6, rel=1e-9)
+
+
+def test_from_probe_prefers_sustained_gemm_rates_and_reads_cpu_terms():
+    probe = {**CPU_PROBE, "elementwise_gbps": 25.0, "cpu_prefill_attention": {"flops_per_s": 8e10},
+             "gemm": {"bfloat16": {"best_flops_per_s": 1.0e12, "shapes": [
+                 {"m": 256, "k": 1024, "n": 3584, "flops_per_s": 1.0e12, "sustained_flops_per_s": 0.9e12}]}}}
+    hw = Hardware.from_probe(probe)
+    assert hw.elementwise_gbps == 25.0 and hw.prefill_attention_flops_per_s == 8e10
+    assert hw.gemm_rate("bfloat16", 256, 1024, 3584) == pytest.approx(0.9e12)
+
+
 def test_predict_tiny_cuda_streaming_by_hand():
     spec = ModelSpec.from_config(TINY)
     hw = Hardware(device="cuda", h2d_gbps=1, device_mem_bw_gbps=1, sync_overhead_s=0, **UNIT_RATES)

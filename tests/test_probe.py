@@ -27,6 +27,9 @@ def test_quick_probe_measures_positive_rates(quick_cache):
     assert result["gemm_best_flops_per_s"]["bfloat16"] > 0
     assert result["host_mem_bw_gbps"] > 0
     assert result["cpu_attention"]["kv_bytes_per_s"] > 0
+    assert result["cpu_prefill_attention"]["flops_per_s"] > 0 and result["elementwise_gbps"] > 0
+    rows = [r for r in result["gemm"]["bfloat16"]["shapes"] if not r.get("calibration")]
+    assert rows and all(0 < r["sustained_flops_per_s"] for r in rows)   # bf16: the engine's dtype
     assert result["probe_s"] > 0          # no bound: the first call may build moegen.ops' native kernel
     assert "h2d_pinned_gbps" not in result                       # CUDA-only keys stay out on the CPU
 

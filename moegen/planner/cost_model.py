@@ -13,6 +13,8 @@ batch) the model charges, after MoE-Lightning's hierarchical roofline (HRM):
 - compute / memory: each GEMM group (dense projections, each expert, lm_head) costs
              max(FLOPs / achieved rate at its row count, weight bytes / memory bandwidth), charged
              to "compute" or "memory" by whichever is larger;
+- elementwise: on the CPU, the non-GEMM passes over activations (norms, RoPE, residual adds, the
+             expert gather/activation/combine): their bytes over the probe's elementwise bandwidth;
 - overhead:  per-op dispatch / kernel launch and per-micro-batch host<->device syncs (on a GPU
              dispatch overlaps the kernels it launched: a group costs max(kernels, dispatch)).
 
@@ -29,7 +31,9 @@ On the CPU everything is resident and one device does it all: the terms add.
 
 Routing is taken as uniform: a layer's pass over T tokens touches expected_distinct_experts(E, k, T)
 experts with T*k/D rows each. GEMM rates come from the probe's per-shape rows, interpolated in the
-row count M (an expert GEMM over few rows runs far below peak).
+row count M (an expert GEMM over few rows runs far below peak); where the probe measured it, the
+*sustained* rate (weights streaming from memory, median pass), not the cache-warm peak. Prompt
+attention on the CPU runs at the probe's measured causal-SDPA rate.
 
 Units: *_s seconds, *_bytes bytes, *_gbps 1e9 bytes/s, *_flops_per_s FLOP/s.
 """
@@ -47,7 +51,7 @@ GB = 1e9
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
                "float8_e4m3fn": 1, "fp8": 1}
 _CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp8": "float8_e4m3fn"}
-TERMS = ("pcie", "kv", "attention", "compute", "memory", "overhead")
+TERMS = ("pcie", "kv", "attention", "compute", "memory", "elementwise", "overhead")
 ATTENTION_PLACEMENTS = ("cpu", "gpu", "split")
 
 # Dispatch costs of eager PyTorch (Python + op launch), counted per op. Rough, not measured by the
@@ -188,6 +192,8 @@ class Hardware:
     device_attention_gbps: the same on the GPU; 0 = device_mem_bw_gbps.
     cpu_flops_per_s: CPU GEMM rate, caps CPU attention by FLOPs (MLA's absorbed attention does
         many FLOPs per KV byte); 0 = bytes only.
+    prefill_attention_flops_per_s: useful FLOP/s of prompt attention on the CPU; 0 = GEMM rate.
+    elementwise_gbps: GB/s of the CPU's non-GEMM activation passes; 0 = not modelled.
     """
     device: str = "cpu"
     gemm_flops_per_s: Mapping[str, float] = field(default_factory=dict)
@@ -202,6 +208,8 @@ class Hardware:
     gemm_shapes: Mapping[str, Any] = field(default_factory=dict)
     gemm_half_rate_tokens: float = 0.0
     cpu_flops_per_s: float = 0.0
+    prefill_attention_flops_per_s: float = 0.0
+    elementwise_gbps: float = 0.0
     op_overhead_s: float | None = None
     sync_overhead_s: float | None = None
     seq_overhead_s: float = SEQ_OVERHEAD_S
@@ -248,8 +256,8 @@ class Hardware:
         device = str(need("device")).partition(":")[0]
         shapes = {}
         for dtype, r in (result.get("gemm") or {}).items():
-            shapes[dtype] = tuple((s["m"], s["k"], s["n"], s["flops_per_s"]) for s in r.get("shapes", ())
-                                  if "flops_per_s" in s and not s.get("calibration"))
+            shapes[dtype] = tuple((s["m"], s["k"], s["n"], s.get("sustained_flops_per_s") or s["flops_per_s"])
+                                  for s in r.get("shapes", ()) if "flops_per_s" in s and not s.get("calibration"))
         best = dict(need("gemm_best_flops_per_s"))
         kw = dict(device=device, gemm_flops_per_s=best, gemm_shapes=shapes,
                   host_mem_bw_gbps=float(need("host_mem_bw_gbps")),
@@ -262,7 +270,9 @@ class Hardware:
                       device_attention_gbps=float((result.get("device_attention") or {}).get("kv_gbps", 0)),
                       device_memory_bytes=int(result.get("gpu_memory_bytes", 0)))
         else:   # the CPU is the compute device: its GEMM rate also bounds attention FLOPs
-            kw.update(cpu_flops_per_s=float(best.get("bfloat16") or max(best.values())))
+            kw.update(cpu_flops_per_s=float(best.get("bfloat16") or max(best.values())),
+                      prefill_attention_flops_per_s=float((result.get("cpu_prefill_attention") or {}).get("flops_per_s", 0)),
+                      elementwise_gbps=float(result.get("elementwise_gbps") or 0))
         kw.update(overrides)
         return cls(**kw)
 
@@ -490,7 +500,10 @@ def _layer_cost(spec: ModelSpec, hw: Hardware, plan, wl: Workload, shape: _PassS
     core_layer = shape.core_flops / L
     link_s = sync_s = 0.0
     if shape.phase == "prefill":   # scores [P, w] x [w, P] per head: rate at P rows
-        attn_s = core_layer / hw.gemm_rate(dtype, wl.prompt_len, _qk_width(spec), wl.prompt_len)
+        rate = hw.gemm_rate(dtype, wl.prompt_len, _qk_width(spec), wl.prompt_len)
+        if not cuda and hw.prefill_attention_flops_per_s > 0:
+            rate = hw.prefill_attention_flops_per_s
+        attn_s = core_layer / rate
         if cuda:   # the prompt's K/V go to the host cache
             link_s = T * spec.kv_bytes_per_token(db) / L / (hw.d2h_gbps * GB)
         phase_a = attn_s + link_s
@@ -548,6 +561,10 @@ def _layer_cost(spec: ModelSpec, hw: Hardware, plan, wl: Workload, shape: _PassS
     x_dense_s = 0.0 if (not cuda or resident.dense[layer]) else dense_bytes / (hw.h2d_gbps * GB)
     terms["pcie"] += x_expert_s + x_dense_s
     pre_s = max(dense_s - ffn_s, 0.0) + phase_a
+    if not cuda and hw.elementwise_gbps > 0:    # the CPU runs these passes between its GEMMs
+        elementwise_s = T * spec.elementwise_elems_per_token(layer) * db / (hw.elementwise_gbps * GB)
+        terms["elementwise"] += elementwise_s
+        pre_s += elementwise_s
     if not cuda:
         layer_s = pre_s + ffn_s + expert_s
         ideal_s = layer_s

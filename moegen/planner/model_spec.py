@@ -302,6 +302,26 @@ class ModelSpec:
         """One token through one layer at context ctx_len (itself included)."""
         return self.attn_proj_flops() + self.attn_core_flops(ctx_len, layer, mla_absorbed) + self.ffn_flops(layer)
 
+    def elementwise_elems_per_token(self, layer: int) -> int:
+        """Activation elements one token reads plus writes in a layer's non-GEMM passes, as the
+        engine runs them (each op a pass over memory): two RMSNorms and two residual adds, RoPE on
+        q and k, the K/V cache write; for an MoE layer the gather into expert order, the gated
+        activation of each routed row, the router-weighted product and the combine; the gated
+        activation of shared experts or a dense MLP."""
+        h, a = self.hidden_size, self.attention
+        if a.kind == "mla":
+            rope = (a.n_heads + 1) * a.qk_rope_head_dim
+        else:
+            rope = (a.n_heads + a.n_kv_heads) * a.head_dim
+        elems = 2 * 2 * h + 2 * 3 * h + 2 * rope + 2 * a.kv_elems_per_token()
+        if self.moe_layer_mask[layer]:
+            k = self.top_k
+            elems += 2 * k * h + 3 * k * self.expert_intermediate + 2 * k * h + (k + 1) * h
+            elems += 3 * self.shared_intermediate
+        else:
+            elems += 3 * self.dense_intermediate
+        return elems
+
     def context_free_flops(self) -> int:
         """One token through every layer, not counting attention over the context nor lm_head."""
         return sum(self.attn_proj_flops() + self.ffn_flops(i) for i in range(self.num_layers))

@@ -1,8 +1,10 @@
 """Hardware probe: the measured constants the planner's roofline needs.
 
-Measures, in well under 30 s: GEMM FLOP/s per dtype at the shapes experts run, host memory
-bandwidth, the decode-attention rate over a paged KV cache (KV bytes/s) on the CPU, and on CUDA
-also pinned host<->device and device memory bandwidth. Results are cached as JSON per machine and
+Measures, in well under 30 s: GEMM FLOP/s per dtype at the shapes experts run (peak on a
+cache-warm weight; sustained through weights read from memory), host memory bandwidth, the
+decode-attention rate over a paged KV cache (KV bytes/s) on the CPU, and on the CPU the prompt
+attention rate and the bandwidth of an elementwise pass; on CUDA also pinned host<->device and
+device memory bandwidth. Results are cached as JSON per machine and
 device under $XDG_CACHE_HOME/moegen/ (~/.cache when unset); `refresh=True` measures again.
 
 Rates are best-of-N (the least time seen): the planner wants what the hardware can do, and a
@@ -29,7 +31,8 @@ import torch
 from moegen.errors import MoegenError
 from moegen.layers.linear import linear, pack_weight, packing_supported
 
-SCHEMA = 2                # 2: CPU GEMMs measured on packed weights, as the engine runs them
+SCHEMA = 3   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
+             # prompt attention and elementwise bandwidth
 GEMM_DTYPES = ("float32", "bfloat16", "float16")
 # (tokens, in_features, out_features): an expert's up/gate GEMM at small (Qwen/OLMoE-sized,
 # H=1024 -> 3584) and Mixtral-sized (4096 -> 14336) widths, over the token counts one expert
@@ -50,6 +53,13 @@ BUDGET_S = 20.0          # stop adding GEMM shapes once the probe has run this l
 ATTENTION_SHAPE = dict(n_heads=32, n_kv_heads=8, head_dim=128, block_size=16)
 # Keyed by quick. Quick mode is for tests and smoke runs; its smaller KV may sit partly in cache.
 ATTENTION_BATCH = {False: dict(seqs=32, ctx=1024), True: dict(seqs=16, ctx=512)}
+# Mixtral-shaped prompts for the prefill attention rate (one causal SDPA per prompt, as the engine).
+PREFILL_ATTENTION = {False: dict(seqs=8, prompt_len=256), True: dict(seqs=4, prompt_len=128)}
+# Rows of a SwiGLU activation (gate|up of width 2 * 3584) for the elementwise bandwidth.
+ELEMENTWISE_ROWS = {False: 2048, True: 512}
+# Distinct weights a sustained GEMM rate cycles through: together past the L3 cache, as a pass over
+# a layer's experts reads them from memory.
+SUSTAINED_WEIGHT_BYTES = 64 << 20
 HOST_COPY_BYTES = 256 << 20      # well past any L3 cache (quick mode too), or we would time the cache
 DEVICE_COPY_BYTES = {False: 1 << 30, True: 256 << 20}
 
@@ -83,14 +93,29 @@ def gemm_path(dtype: torch.dtype, device: str) -> str:
     return "packed" if device == "cpu" and packing_supported(dtype) else "plain"
 
 
-def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, min_total_s: float) -> float:
-    """FLOP/s of x[m, k] times a weight [n, k], the way the engine's `linear` runs it."""
+def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, min_total_s: float,
+               sustained: bool = False) -> tuple[float, float | None]:
+    """(peak, sustained) FLOP/s of x[m, k] times a weight [n, k], the way the engine's `linear`
+    runs it. Peak: the fastest call on one cache-warm weight. Sustained (when asked): the median
+    over passes through several distinct weights that together exceed the caches, the rate a
+    layer's GEMMs keep up in a real pass (what the cost model predicts with)."""
+    packed = gemm_path(dtype, device) == "packed"
+    count = max(1, min(8, math.ceil(SUSTAINED_WEIGHT_BYTES / (n * k * torch.tensor([], dtype=dtype).element_size()))))
+    weights = [torch.randn(n, k, device=device).to(dtype) for _ in range(count if sustained else 1)]
+    weights = [pack_weight(w) if packed else w for w in weights]
     x = torch.randn(m, k, device=device).to(dtype)
-    w = torch.randn(n, k, device=device).to(dtype)
-    if gemm_path(dtype, device) == "packed":
-        w = pack_weight(w)
-    seconds = best_time_s(lambda: linear(x, w), _sync_fn(device), min_total_s)
-    return 2 * m * k * n / seconds
+    sync, flops = _sync_fn(device), 2 * m * k * n
+    peak = flops / best_time_s(lambda: linear(x, weights[0]), sync, min_total_s)
+    if not sustained:
+        return peak, None
+    rounds = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for w in weights:
+            linear(x, w)
+        sync()
+        rounds.append((time.perf_counter() - t0) / len(weights))
+    return peak, flops / sorted(rounds)[1]
 
 
 def _skip_reason(flops: int, rate_flops_per_s: float, max_shape_s: float, deadline: float) -> str:
@@ -107,7 +132,7 @@ def measure_gemm(device: str, dtype_name: str, shapes: list[tuple[int, int, int]
     (fp16 on most CPUs) skips the big shapes instead of blowing the time budget."""
     dtype = getattr(torch, dtype_name)
     try:
-        rate = _gemm_rate(*CALIBRATION_SHAPE, dtype, device, min_total_s=0.05)
+        rate, _ = _gemm_rate(*CALIBRATION_SHAPE, dtype, device, min_total_s=0.05)
     except (RuntimeError, TypeError) as exc:
         return {"supported": False, "error": str(exc).splitlines()[0], "shapes": [], "best_flops_per_s": 0.0}
     rows = [dict(zip("mkn", CALIBRATION_SHAPE), flops_per_s=rate, calibration=True)]
@@ -116,8 +141,10 @@ def measure_gemm(device: str, dtype_name: str, shapes: list[tuple[int, int, int]
         if skipped:
             rows.append({"m": m, "k": k, "n": n, "skipped": skipped})
             continue
-        measured = _gemm_rate(m, k, n, dtype, device, min_total_s)
-        rows.append({"m": m, "k": k, "n": n, "flops_per_s": measured})
+        # sustained rates only for the dtypes the engine computes in on this device
+        measured, sustained = _gemm_rate(m, k, n, dtype, device, min_total_s, sustained=dtype != torch.float16)
+        rows.append({"m": m, "k": k, "n": n, "flops_per_s": measured,
+                     **({"sustained_flops_per_s": sustained} if sustained else {})})
         rate = max(rate, measured)
     # the best at expert shapes; the calibration GEMM only when every expert shape was skipped
     measured = [r["flops_per_s"] for r in rows[1:] if "flops_per_s" in r] or [rows[0]["flops_per_s"]]
@@ -158,6 +185,33 @@ def measure_cuda_transfers(quick: bool) -> dict:
     del host, dev, big, big_dst
     torch.cuda.empty_cache()
     return out
+
+
+# ---- prompt attention and elementwise passes (CPU) ---------------------------------------------
+
+def measure_prefill_attention(quick: bool) -> dict:
+    """Useful FLOP/s of the engine's prompt attention (one causal SDPA per prompt, bf16): token i
+    scores i + 1 keys, 4 * heads * head_dim FLOPs per key."""
+    from moegen.layers.attention import RaggedContext
+    shape, batch = ATTENTION_SHAPE, PREFILL_ATTENTION[quick]
+    seqs, p, n, kv, d = batch["seqs"], batch["prompt_len"], shape["n_heads"], shape["n_kv_heads"], shape["head_dim"]
+    q = torch.randn(seqs * p, n, d).bfloat16()
+    k, v = torch.randn(2, seqs * p, kv, d).bfloat16()
+    ctx = RaggedContext([p] * seqs)
+    seconds = best_time_s(lambda: ctx.attend(0, q, k, v, d ** -0.5), lambda: None, 0.1 if quick else 0.3)
+    flops = seqs * 4 * n * d * p * (p + 1) / 2
+    return {"dtype": "bfloat16", **batch, "n_heads": n, "n_kv_heads": kv, "head_dim": d,
+            "flops_per_s": flops / seconds}
+
+
+def measure_elementwise(quick: bool) -> float:
+    """GB/s (read + write) of one elementwise pass over activations as the engine runs it: the
+    SwiGLU activation of an expert's rows (the fused kernel where built), cache-cold."""
+    from moegen.layers.mlp import gated_activation
+    rows, width = ELEMENTWISE_ROWS[quick], 2 * 3584
+    inputs = [torch.randn(rows, width).bfloat16() for _ in range(4)]   # > L3 together: from memory
+    seconds = best_time_s(lambda: [gated_activation(x) for x in inputs], lambda: None, 0.1 if quick else 0.3) / len(inputs)
+    return rows * width * 3 // 2 * 2 / seconds / 1e9      # read gate|up, write half as much
 
 
 # ---- decode attention -------------------------------------------------------------------------
@@ -274,6 +328,9 @@ def _measure_all(kind: str, quick: bool) -> dict:
               "gemm_best_flops_per_s": {name: r["best_flops_per_s"] for name, r in gemm.items()},
               "host_mem_bw_gbps": measure_host_bandwidth(quick),
               "cpu_attention": measure_attention("cpu", quick)}
+    if kind == "cpu":
+        result["cpu_prefill_attention"] = measure_prefill_attention(quick)
+        result["elementwise_gbps"] = measure_elementwise(quick)
     if kind == "cuda":
         result.update(measure_cuda_transfers(quick))
         result["device_attention"] = measure_attention("cuda", quick)
@@ -339,6 +396,8 @@ def _gemm_rows(result: dict) -> list[tuple[str, str, str]]:
         for s in r["shapes"]:
             shape = f"[{s['m']}, {s['k']}] x [{s['k']}, {s['n']}]"
             note = "calibration" if s.get("calibration") else s.get("skipped", "")
+            if s.get("sustained_flops_per_s"):
+                note = f"sustained {_si(s['sustained_flops_per_s'], 'FLOP/s')} (weights from memory)"
             rows.append((f"GEMM {name} {shape}", _si(s.get("flops_per_s"), "FLOP/s"), note))
         rows.append((f"GEMM {name} best", _si(r["best_flops_per_s"], "FLOP/s"), ""))
     return rows
@@ -371,6 +430,12 @@ def format_probe(result: dict) -> str:
         if key in result:
             table.add_row(label, f"{result[key]:.1f} GB/s", "")
     table.add_row(*_attention_row("CPU decode attention", result.get("cpu_attention", {})))
+    if "cpu_prefill_attention" in result:
+        a = result["cpu_prefill_attention"]
+        table.add_row("CPU prompt attention", _si(a["flops_per_s"], "FLOP/s"),
+                      f"causal, {a['seqs']} prompts x {a['prompt_len']}, {a['n_heads']}/{a['n_kv_heads']} heads")
+    if "elementwise_gbps" in result:
+        table.add_row("CPU elementwise pass", f"{result['elementwise_gbps']:.1f} GB/s", "SwiGLU activation, read + write")
     if "device_attention" in result:
         table.add_row(*_attention_row("device decode attention", result["device_attention"]))
     out = io.StringIO()

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from moegen.dtypes import parse_dtype
 from moegen.errors import InputError, MoegenError
 
-PROBE_MODES = ("quick", "full", "off")
+PROBE_MODES = ("quick", "full", "fresh", "off")
 _T = 1e12
 # name fragment (lower case, most specific first) -> dense FLOP/s per dtype, memory GB/s
 DATASHEET = [
@@ -68,14 +68,16 @@ def probed_peaks(result: dict, device: str, dtype: str) -> Peaks:
 
 def hardware_peaks(device: str, dtype: str, probe_mode: str = "quick") -> tuple[Peaks, dict | None]:
     """(peaks, the probe's result or None). probe_mode: "quick" or "full" probe (cached per
-    machine; a first quick probe takes some seconds), "off" for datasheet values only."""
+    machine; a first quick probe takes some seconds), "fresh" (a full probe measured now, in this
+    run, so S-MFU is taken against what the machine does today; ~20 s), "off" for datasheet
+    values only."""
     if probe_mode not in PROBE_MODES:
         raise InputError(f"probe mode must be one of {', '.join(PROBE_MODES)}, got {probe_mode!r}")
     if probe_mode == "off":
         return datasheet_peaks(device, dtype), None
     from moegen.planner.probe import probe
     try:
-        result = probe(device=str(device), quick=probe_mode == "quick")
+        result = probe(device=str(device), quick=probe_mode == "quick", refresh=probe_mode == "fresh")
     except (MoegenError, RuntimeError, OSError) as e:
         sheet = datasheet_peaks(device, dtype)
         return Peaks(sheet.flops_per_s, sheet.bw_gbps, f"{sheet.source} (probe failed: {e})"), None
