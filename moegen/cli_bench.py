@@ -78,9 +78,25 @@ def render(report: dict) -> str:
                   f"({peaks['source']})", highlight=False)
     console.print(agreement_line(report), highlight=False)
     for row in report["systems"]:
+        line = prediction_line(row)
+        if line:
+            console.print(line, highlight=False)
+    for row in report["systems"]:
         if row["status"] != "ok":
             console.print(f"{row['system']} {row['status']}: {row['reason']}", highlight=False)
     return out.getvalue()
+
+
+def prediction_line(row: dict) -> str:
+    """The planner's prediction beside the measurement, for systems that planned (moegen)."""
+    m = row["metrics"]
+    predicted = m.get("predicted_e2e_tokens_per_s") if row["status"] == "ok" else None
+    if not predicted or not m.get("e2e_tokens_per_s"):
+        return ""
+    return (f"{row['system']}: planner predicted {predicted:,.0f} e2e tok/s (prefill "
+            f"{_fmt(m.get('predicted_prefill_tokens_per_s'), ',.0f')}, decode {_fmt(m.get('predicted_decode_tokens_per_s'), ',.0f')}, "
+            f"{m.get('predicted_bound')}-bound), measured {m['e2e_tokens_per_s']:,.0f}: "
+            f"{predicted / m['e2e_tokens_per_s'] - 1:+.0%}")
 
 
 def agreement_line(report: dict) -> str:

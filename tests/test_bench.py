@@ -8,7 +8,7 @@ import pytest
 
 import moegen.bench
 from moegen.bench import agreement, compare_tokens, json_safe, run_bench
-from moegen.cli_bench import add_subparser, options_of, parse_opt
+from moegen.cli_bench import add_subparser, options_of, parse_opt, prediction_line
 from moegen.errors import ConfigError, DTypeError, InputError
 from moegen.systems import RunResult
 from moegen.systems.peaks import probed_peaks
@@ -166,3 +166,13 @@ def test_opt_parsing():
 
 def test_json_safe_drops_non_finite_numbers():
     assert json_safe({"a": float("inf"), "b": (1, 2.5), "c": float("nan")}) == {"a": None, "b": [1, 2.5], "c": None}
+
+
+def test_prediction_line_puts_the_plan_beside_the_measurement():
+    m = {"predicted_e2e_tokens_per_s": 660.0, "predicted_prefill_tokens_per_s": 2000.0,
+         "predicted_decode_tokens_per_s": 1500.0, "predicted_bound": "compute", "e2e_tokens_per_s": 600.0}
+    assert prediction_line({"system": "moegen", "status": "ok", "metrics": m}) == (
+        "moegen: planner predicted 660 e2e tok/s (prefill 2,000, decode 1,500, compute-bound), measured 600: +10%")
+    unplanned = {**m, "predicted_e2e_tokens_per_s": None}      # every setting fixed: nothing predicted
+    assert prediction_line({"system": "moegen", "status": "ok", "metrics": unplanned}) == ""
+    assert prediction_line({"system": "hf-generate", "status": "ok", "metrics": {"e2e_tokens_per_s": 1.0}}) == ""
