@@ -69,3 +69,11 @@ def test_prepack_true_without_support_is_a_clear_error(tiny_fixture):
     path = tiny_fixture("mixtral")
     with pytest.raises(InputError, match="prepack=True"):
         Engine(load_model(path, "float32"), None, EngineConfig(kv_cache_bytes=8 << 20, prepack=True))
+
+
+@needs_packing
+def test_packed_model_cannot_be_streamed_by_a_second_engine(tiny_fixture):
+    model = load_model(tiny_fixture("mixtral"), "bfloat16")
+    Engine(model, None, EngineConfig(kv_cache_bytes=8 << 20))                 # packs model.weights
+    with pytest.raises(InputError, match="packed for CPU GEMMs"):
+        Engine(model, None, EngineConfig(kv_cache_bytes=8 << 20, streaming="staged"))

@@ -133,6 +133,10 @@ class Engine:
 
     def _make_streamer(self) -> WeightStreamer:
         cfg, weights = self.config, self.model.weights
+        streams = self.device.type == "cuda" or cfg.streaming == "staged"
+        if streams and any(t.is_mkldnn for t in weights.values()):
+            raise InputError("this model's weights were packed for CPU GEMMs by another Engine (prepack); "
+                             "load the model again for a streaming engine, or build the first with prepack=False")
         if self.device.type == "cuda":
             if cfg.streaming == "resident":
                 return WeightStreamer(weights, CudaBackend(self.device), resident=set(group_weights(weights)))
