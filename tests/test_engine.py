@@ -169,3 +169,16 @@ def test_planner_fills_unset_settings_and_overrides_win(tiny_fixture):
     fixed = make_engine(path, max_batch=3, attn_micro_batch=1)
     s = fixed.settings([12] * 20, 8)
     assert s["max_batch"] == 3 and s["attn_micro_batch"] == 1 and fixed.runner.attn_micro_batch == 1
+
+
+def test_greedy_choice_is_the_first_maximum_in_any_dtype():
+    """The sampler picks greedy tokens without widening logits: ties resolve to the first maximum,
+    exactly as argmax over float32 does."""
+    from moegen.engine.sampler import Sampler
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (64, 1000), generator=g).float()     # many ties per row
+    logits[5, 10:20] = 7.0                                             # a tie at the top
+    seqs = [type("S", (), {"params": SamplingParams()})() for _ in range(64)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert Sampler().sample(logits.to(dtype), seqs) == logits.argmax(dim=-1).tolist()
+    assert Sampler().sample(logits.bfloat16(), seqs)[5] == 10

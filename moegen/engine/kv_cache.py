@@ -39,7 +39,7 @@ class PagedKVCache:
     def write(self, layer: int, slots: torch.Tensor, *values) -> None:
         """Store per-token values (k and v, or the packed MLA entry) at flat cache slots."""
         for cache, value in zip(self.layers[layer], values):
-            cache.view(-1, *cache.shape[2:])[slots] = value.to(cache.device, cache.dtype)
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots.to(cache.device), value.to(cache.device, cache.dtype))
 
 
 class PrefillContext:

@@ -37,9 +37,10 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seqs) -> list[int]:
         """logits [B, V] for B sequences -> one token id each (the step's only host sync)."""
-        # argmax in the model dtype: widening to float32 is exact and order-preserving, so the
-        # greedy choice (first maximum) is the same without copying [B, V] to float32
-        tokens = logits.argmax(dim=-1).tolist()
+        # the first maximum in the model dtype: widening to float32 is exact and order-preserving,
+        # so this is argmax of the float32 logits without copying [B, V]; max(dim) rather than
+        # argmax because on the CPU its bf16 kernel is ~4x faster (5 vs 20-28 ms at 512 x 32000)
+        tokens = logits.max(dim=-1).indices.tolist()
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:
                 probs = torch.softmax(filter_logits(logits[i].float().cpu(), seq.params), dim=-1)

@@ -45,9 +45,10 @@ class Dispatch:
         position[self.order] = torch.arange(len(self.order), device=self.order.device)
         # a token's positions in expert order, ascending, are its experts by ascending id
         pos = position.view(-1, self.top_k).sort(dim=1)[0]
-        out = weighted[pos[:, 0]]
+        # index_select: the same rows as weighted[idx], ~3x faster on the CPU
+        out = weighted.index_select(0, pos[:, 0])
         for j in range(1, self.top_k):
-            out += weighted[pos[:, j]]
+            out += weighted.index_select(0, pos[:, j])
         return out
 
 
@@ -88,7 +89,7 @@ class SparseMoE:
         if set, to bound memory); results weighted and summed per token. `weights_for(key)` is
         a context manager yielding the expert's weights (the engine streams them); by default
         they come from `w`."""
-        xs = x[d.token_idx]                       # one gather: rows grouped by expert
+        xs = x.index_select(0, d.token_idx)       # one gather: rows grouped by expert
         # expert output * router weight, computed in their common dtype and rounded to x's once
         # (the reference's `(expert(x) * w).to(dtype)`), written straight into place
         weighted = torch.empty_like(xs)
