@@ -13,9 +13,11 @@ import time
 import torch
 
 
-def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(3, vocab, (prompt_len - 1,), generator=g).tolist() for _ in range(n)]
+def synthetic_prompts(path, n: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+    """The `synthetic` workload of `moegen bench` (BOS + random ids), for the checkpoint at path."""
+    from moegen.tokenizer import load_tokenizer
+    from moegen.workloads import parse_workload
+    return parse_workload(f"synthetic:prompt={prompt_len},gen=1,n={n},seed={seed}", load_tokenizer(path)).prompts
 
 
 def bench_moegen(path, prompts, gen: int, dtype: str, **engine_kw) -> dict:
@@ -61,8 +63,7 @@ def main():
     ap.add_argument("--attn-micro-batch", type=int, default=32)
     ap.add_argument("--json")
     args = ap.parse_args()
-    from moegen.loader import read_config
-    prompts = synthetic_prompts(args.n, args.prompt_len, read_config(args.model).vocab_size)
+    prompts = synthetic_prompts(args.model, args.n, args.prompt_len)
     ours = bench_moegen(args.model, prompts, args.gen, args.dtype, max_batch=args.max_batch,
                         attn_micro_batch=args.attn_micro_batch)
     print(json.dumps(ours), flush=True)

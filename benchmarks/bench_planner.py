@@ -25,14 +25,12 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     from moegen.engine import Engine, SamplingParams
-    from moegen.loader import read_config
     engine = Engine.from_pretrained(args.model, dtype=args.dtype)
-    vocab = read_config(args.model).vocab_size
     rows = []
     for setting in args.settings.split(","):
         g, a, n = (int(x) for x in setting.split(":"))
         engine.config.max_batch, engine.config.attn_micro_batch = g, a
-        prompts = synthetic_prompts(n, args.prompt_len, vocab, seed=n + g)
+        prompts = synthetic_prompts(args.model, n, args.prompt_len, seed=n + g)
         engine.reset_stats()
         t0 = time.perf_counter()
         engine.generate(prompts, SamplingParams(max_new_tokens=args.gen, ignore_eos=True))

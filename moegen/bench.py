@@ -81,9 +81,10 @@ import platform
 import subprocess
 from pathlib import Path
 
-from moegen.dtypes import parse_dtype
+from moegen.dtypes import dtype_name
 from moegen.errors import CheckpointError, ConfigError, DTypeError, InputError, TokenizerError
 from moegen.systems import SYSTEMS, ConfigModel, RunResult, get_system
+from moegen.systems.base import skipped
 from moegen.systems.peaks import hardware_peaks
 from moegen.workloads import parse_workload
 
@@ -266,8 +267,7 @@ def _run_one(system, model_ref, workload, dtype, device, repeat, peaks, usd_per_
     except USER_ERRORS:
         raise
     except Exception as e:      # one system failing (OOM, a bug in a baseline) must not lose the others
-        return RunResult(system.name, [], [], {}, {"options": options},
-                         skipped_reason=f"failed: {type(e).__name__}: {e}"), "failed"
+        return skipped(system.name, f"failed: {type(e).__name__}: {e}", {"options": options}), "failed"
     return result, "skipped" if result.skipped_reason else "ok"
 
 
@@ -279,7 +279,7 @@ def run_bench(model, systems, workload, repeat: int = 1, dtype: str = "bfloat16"
     name to its options; `probe` picks the peaks for S-MFU/S-MBU ("quick"/"full" probe, cached,
     or "off" for datasheet values); `progress(message)` is told when each system starts."""
     options = dict(options or {})
-    dtype = str(parse_dtype(dtype)).removeprefix("torch.")     # "fp32" -> "float32"; DTypeError if unknown
+    dtype = dtype_name(dtype)     # "fp32" -> "float32"; DTypeError if unknown
     chosen = _check_inputs(systems, options, repeat)
     model_ref, tokenizer, kind = resolve_model(model, dummy_weights)
     wl = parse_workload(workload, tokenizer) if isinstance(workload, str) else workload

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import importlib
 
+from moegen.dtypes import dtype_name
+from moegen.metrics import e2e_tokens_per_s
 from moegen.errors import InputError, MoegenError
 from moegen.jsonl import numbered_jsonl
 from moegen.fixture import ARCHS
@@ -92,9 +94,9 @@ def cmd_generate(args):
                                          "finish_reason": c.finish_reason} for c in outs))
     s, gen = engine.stats, sum(len(c.token_ids) for c in outs)
     summary = {"sequences": len(outs), "prompt_tokens": s.prefill_tokens, "generated_tokens": gen,
-               "load_s": round(load_s, 2), "wall_s": round(wall, 2), "end_to_end_tok_s": round(gen / wall, 1),
+               "load_s": round(load_s, 2), "wall_s": round(wall, 2), "end_to_end_tok_s": round(e2e_tokens_per_s(gen, wall), 1),
                "prefill_tok_s": round(s.prefill_tok_s, 1), "decode_tok_s": round(s.decode_tok_s, 1),
-               "parameters": engine.model.num_parameters(), "dtype": str(engine.model.dtype).replace("torch.", ""),
+               "parameters": engine.model.num_parameters(), "dtype": dtype_name(engine.model.dtype),
                "attention": s.attention, "experts_skipped": s.experts_skipped, "out": args.out}
     print(json.dumps(summary, indent=1))
 

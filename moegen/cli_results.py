@@ -28,16 +28,6 @@ def fmt(value: float | None) -> str:
     return f"{value:.3e}"
 
 
-def accuracy_of(metrics: dict) -> float | None:
-    """The cell's accuracy: an `accuracy` metric, else lm-eval's first exact_match/acc figure."""
-    if metrics.get("accuracy") is not None:
-        return metrics["accuracy"]
-    for name in sorted(metrics):
-        if name.split(".")[0] in ("exact_match", "acc") and metrics[name] is not None:
-            return metrics[name]
-    return None
-
-
 def history_table(runs: list[dict]) -> Table:
     table = Table(title="moegen results", show_lines=False)
     for column in ("run", "when (UTC)", "kind", "model", "hardware", "commit", "system", "workload"):
@@ -58,7 +48,7 @@ def cell_figures(cell: dict) -> list[str]:
     if cell.get("skipped_reason"):
         return ["skipped: " + cell["skipped_reason"][:60]] + [""] * len(HEADLINE)
     m = cell["metrics"]
-    return [fmt(accuracy_of(m)), *(fmt(m.get(k)) for k in HEADLINE)]
+    return [fmt(results.headline_accuracy(m)), *(fmt(m.get(k)) for k in HEADLINE)]
 
 
 def short_model(model: str, width: int = 40) -> str:

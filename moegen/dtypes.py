@@ -10,6 +10,11 @@ DTYPES = {
 }
 
 
+def dtype_name(dtype: "str | torch.dtype") -> str:
+    """The canonical name of a supported dtype ("bf16" or torch.bfloat16 -> "bfloat16")."""
+    return str(parse_dtype(dtype)).removeprefix("torch.")
+
+
 def parse_dtype(dtype: "str | torch.dtype") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype in DTYPES.values():

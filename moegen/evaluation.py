@@ -144,10 +144,8 @@ def unknown_tasks_message(missing, known) -> str:
 
 # --- models ---------------------------------------------------------------------------------------
 def make_lm(system: str, model_dir: Path, dtype: str, device: str, engine_options=None):
-    _check_system(system)
     if system == "moegen":
-        import moegen.lm_eval  # noqa: F401  registers the "moegen" model with lm-eval
-        from moegen.lm_eval import MoegenLM
+        from moegen.lm_eval import MoegenLM   # importing it also registers "moegen" with lm-eval
         return MoegenLM(pretrained=str(model_dir), dtype=dtype, device=device, **(engine_options or {}))
     options = dict(engine_options or {})
     unknown = sorted(set(options) - set(HF_OPTIONS))

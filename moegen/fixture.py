@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from moegen.dtypes import parse_dtype
+from moegen.dtypes import dtype_name, parse_dtype
 from moegen.errors import ConfigError
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
@@ -213,10 +213,9 @@ def build_fixture(arch: str, preset: str, seed: int, out: "str | Path", dtype: "
     from transformers import AutoModelForCausalLM
 
     _check(arch, preset)
-    dtype_name = str(parse_dtype(dtype or DEFAULT_DTYPE[preset])).removeprefix("torch.")
     out = Path(out)
     stamp = {"version": FIXTURE_VERSION, "arch": arch, "preset": preset, "seed": int(seed),
-             "dtype": dtype_name, "fused_experts": bool(fused_experts)}
+             "dtype": dtype_name(dtype or DEFAULT_DTYPE[preset]), "fused_experts": bool(fused_experts)}
     if _is_complete(out, stamp):
         return out
     if out.exists() and not (out / STAMP).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -233,7 +232,7 @@ def build_fixture(arch: str, preset: str, seed: int, out: "str | Path", dtype: "
             for name, t in model.state_dict().items():
                 if name.endswith("e_score_correction_bias"):
                     t.copy_(torch.randn(t.shape) * 0.1)
-    model.to(parse_dtype(dtype_name))
+    model.to(parse_dtype(stamp["dtype"]))
     # transformers keeps some tensors in float32 whatever the dtype (DeepSeek-V3's routing bias),
     # and real checkpoints store them so; `.to` cast them too, so undo that.
     keep = getattr(model, "_keep_in_fp32_modules_strict", None) or ()

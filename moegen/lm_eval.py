@@ -26,6 +26,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from moegen.dtypes import dtype_name
 from moegen.errors import ConfigError, InputError
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -109,7 +110,7 @@ class MoegenLM(TemplateLM):
     def get_model_info(self) -> dict:
         model = self.engine.model
         return {"model_num_parameters": model.num_parameters(),
-                "model_dtype": str(model.dtype).replace("torch.", ""), "model_backend": "moegen"}
+                "model_dtype": dtype_name(model.dtype), "model_backend": "moegen"}
 
     # --- scoring --------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> "list[tuple[float, bool]]":

@@ -37,6 +37,12 @@ def decode_tokens_per_s(decode_tokens: int, decode_s: float) -> float:
     return tokens_per_s(decode_tokens, decode_s)
 
 
+def lockstep_steps(gen_lens) -> list[int]:
+    """Useful sequences per decode step of a lockstep batch: step j serves the sequences that
+    still need a token (each sequence's first new token comes from prefill)."""
+    return [sum(g - 1 > j for g in gen_lens) for j in range(max((g - 1 for g in gen_lens), default=0))]
+
+
 def e2e_tokens_per_s(generated_tokens: int, wall_s: float) -> float:
     """Generated tokens over the whole wall time, prefill included: the number users feel."""
     return tokens_per_s(generated_tokens, wall_s)
@@ -125,8 +131,7 @@ class RunRecord:
         """Sequences (= tokens) per decode step."""
         if self.decode_step_seqs:
             return self.decode_step_seqs
-        steps = max((g - 1 for g in self.gen_lens), default=0)
-        return tuple(sum(g - 1 > j for g in self.gen_lens) for j in range(steps))
+        return tuple(lockstep_steps(self.gen_lens))
 
     def latency_s(self, phase: str) -> float:
         return {"prefill": self.prefill_s, "decode": self.decode_s, "total": self.total_s}[_check_phase(phase)]

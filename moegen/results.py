@@ -311,6 +311,19 @@ def record_bench(bench: dict, kind: str = "bench", tags: Iterable[str] = (), mod
                       status=status, flow_run_id=flow_run_id, url=url)
 
 
+# lm-eval metrics that stand for a task's accuracy, preferred first (strict match over the lenient
+# extraction); cells store them with "." for lm-eval's "," (see eval_cells)
+HEADLINE_ACCURACY = ("exact_match,strict-match", "exact_match,flexible-extract", "acc,none", "exact_match,none")
+
+
+def headline_accuracy(metrics: dict) -> float | None:
+    """One task's accuracy from its lm-eval metrics (either separator), or a cell's `accuracy`."""
+    if isinstance(metrics.get("accuracy"), (int, float)):
+        return float(metrics["accuracy"])
+    named = {k.replace(".", ",", 1): v for k, v in metrics.items()}
+    return next((float(named[k]) for k in HEADLINE_ACCURACY if isinstance(named.get(k), (int, float))), None)
+
+
 def eval_cells(evaluation: dict, system: str | None = None) -> list[CellResult]:
     """The cells of an evaluation: one per lm-eval task, holding that task's metrics."""
     results = evaluation.get("results")

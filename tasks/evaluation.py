@@ -1,11 +1,9 @@
 """Accuracy: lm-eval tasks through moegen's lm-eval backend or lm-eval's own `hf` backend."""
 from __future__ import annotations
 
-import inspect
-
 from prefect import get_run_logger, task
 
-from moegen.errors import ConfigError
+from moegen.results import headline_accuracy
 from tasks.common import key_from_inputs, retry_unless_bad_input
 
 LOCAL_TO_HUB = {"gsm8k_local": "gsm8k"}   # lm-eval's own task reads the hub's openai/gsm8k
@@ -16,24 +14,10 @@ def hub_task_names(tasks: list[str]) -> list[str]:
     return [LOCAL_TO_HUB.get(name, name) for name in tasks]
 
 
-def eval_kwargs(run_eval, max_gen_toks: int | None) -> dict:
-    if max_gen_toks is None:
-        return {}
-    if "gen_kwargs" not in inspect.signature(run_eval).parameters:
-        raise ConfigError("max_gen_toks needs moegen.evaluation.run_eval(gen_kwargs=...), "
-                          "which this version lacks")
-    return {"gen_kwargs": f"max_gen_toks={max_gen_toks}"}
-
-
 def accuracy_summary(result: dict) -> dict[str, float]:
-    """task -> headline accuracy: exact_match (strict match first) or acc, from lm-eval results."""
-    summary = {}
-    for name, metrics in result.get("results", {}).items():
-        for key in ("exact_match,strict-match", "exact_match,flexible-extract", "acc,none", "exact_match,none"):
-            if isinstance(metrics.get(key), (int, float)):
-                summary[name] = float(metrics[key])
-                break
-    return summary
+    """task -> headline accuracy (moegen.results.headline_accuracy) from lm-eval results."""
+    summary = {name: headline_accuracy(metrics) for name, metrics in result.get("results", {}).items()}
+    return {name: acc for name, acc in summary.items() if acc is not None}
 
 
 @task(cache_key_fn=key_from_inputs, persist_result=True, retries=1, retry_condition_fn=retry_unless_bad_input,
@@ -47,6 +31,6 @@ def run_lm_eval(model_path: str, tasks: list[str], system: str, limit: int | Non
 
     result = run_eval(model_path, tasks, limit=limit, system=system, dtype=dtype, device=device,
                       num_fewshot=num_fewshot, engine_options=engine_options or None,
-                      **eval_kwargs(run_eval, max_gen_toks))
+                      gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None)
     get_run_logger().info("%s: %s in %.1f s", system, accuracy_summary(result), result.get("wall_s", 0.0))
     return result

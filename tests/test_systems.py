@@ -9,7 +9,7 @@ import torch
 from moegen.errors import InputError
 from moegen.systems import SYSTEMS, get_system
 from moegen.systems.base import cut_after_eos
-from moegen.systems.hf_generate import lockstep_steps
+from moegen.metrics import lockstep_steps
 from moegen.systems.measure import MemoryMonitor
 from moegen.systems.peaks import Peaks, datasheet_peaks, hardware_peaks, probed_peaks
 from moegen.workloads import Workload

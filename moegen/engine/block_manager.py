@@ -12,9 +12,6 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= len(self.free)
-
     def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
         """Reserve blocks for `num_tokens` tokens of a new sequence (its whole lifetime)."""
         n = self.blocks_for(num_tokens)

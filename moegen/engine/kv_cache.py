@@ -12,7 +12,7 @@ from moegen.ops.attention import paged_decode_attention, paged_decode_attention_
 
 
 def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     total = 0
     for layer in model.layers:
         a = layer.attn

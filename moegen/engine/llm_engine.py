@@ -14,9 +14,11 @@ from moegen.engine.runner import Runner
 from moegen.engine.sampler import Sampler
 from moegen.engine.scheduler import Scheduler, Sequence
 from moegen.engine.weight_stream import CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights, module_bytes
+from moegen.dtypes import dtype_name
 from moegen.errors import InputError, MoegenError, TokenizerError
 from moegen.layers.attention import RaggedContext
 from moegen.layers.linear import packing_supported, prepack
+from moegen.metrics import tokens_per_s
 from moegen.ops.attention import attention_impl
 
 
@@ -52,11 +54,11 @@ class EngineStats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+        return tokens_per_s(self.prefill_tokens, self.prefill_s)
 
     @property
     def decode_tok_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+        return tokens_per_s(self.decode_tokens, self.decode_s)
 
 
 @dataclass
@@ -263,7 +265,7 @@ class Engine:
         if not default_cache_path(self.device.type).exists():
             log.warning("measuring this machine once for the planner (cached in %s)", default_cache_path(self.device.type))
         hw = Hardware.from_probe(probe(self.device.type))
-        dtype = str(self.model.dtype).removeprefix("torch.")
+        dtype = dtype_name(self.model.dtype)
         workload = Workload(prompt_len=max(1, round(sum(prompt_lens) / len(prompt_lens))), gen_len=max_new_tokens,
                             num_sequences=len(prompt_lens), dtype=dtype)
         kv_bytes = self.max_blocks * self.blocks.block_size * kv_bytes_per_token(self.model, self.model.dtype)

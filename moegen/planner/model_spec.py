@@ -298,10 +298,6 @@ class ModelSpec:
             return self.dense_mlp_flops()
         return self.router_flops() + self.routed_expert_flops() + self.shared_expert_flops()
 
-    def layer_flops(self, layer: int, ctx_len: int, mla_absorbed: bool = True) -> int:
-        """One token through one layer at context ctx_len (itself included)."""
-        return self.attn_proj_flops() + self.attn_core_flops(ctx_len, layer, mla_absorbed) + self.ffn_flops(layer)
-
     def elementwise_elems_per_token(self, layer: int) -> int:
         """Activation elements one token reads plus writes in a layer's non-GEMM passes, as the
         engine runs them (each op a pass over memory): two RMSNorms and two residual adds, RoPE on

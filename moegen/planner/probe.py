@@ -100,7 +100,7 @@ def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, min_tota
     over passes through several distinct weights that together exceed the caches, the rate a
     layer's GEMMs keep up in a real pass (what the cost model predicts with)."""
     packed = gemm_path(dtype, device) == "packed"
-    count = max(1, min(8, math.ceil(SUSTAINED_WEIGHT_BYTES / (n * k * torch.tensor([], dtype=dtype).element_size()))))
+    count = max(1, min(8, math.ceil(SUSTAINED_WEIGHT_BYTES / (n * k * dtype.itemsize))))
     weights = [torch.randn(n, k, device=device).to(dtype) for _ in range(count if sustained else 1)]
     weights = [pack_weight(w) if packed else w for w in weights]
     x = torch.randn(m, k, device=device).to(dtype)

@@ -69,14 +69,6 @@ class Plan:
     activation_bytes: int = 0
 
     @property
-    def G(self) -> int:
-        return self.max_batch
-
-    @property
-    def A(self) -> int:
-        return self.attn_micro_batch
-
-    @property
     def device_memory_bytes(self) -> int | None:
         """The engine's device_memory: its resident weights and its buffer pool."""
         if self.device == "cpu" or self.resident_bytes is None:

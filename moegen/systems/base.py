@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from moegen.errors import InputError, MoegenError
-from moegen.metrics import RunRecord
+from moegen.metrics import RunRecord, e2e_tokens_per_s
 from moegen.workloads import Workload
 
 
@@ -41,16 +41,6 @@ class RunResult:
     metrics: dict
     config: dict
     skipped_reason: str | None = None
-
-    @property
-    def skipped(self) -> bool:
-        return self.skipped_reason is not None
-
-    def to_dict(self, outputs: bool = False) -> dict:
-        out = asdict(self)
-        if not outputs:
-            del out["token_ids"], out["texts"]
-        return out
 
 
 def skipped(name: str, reason: str, config: dict | None = None) -> RunResult:
@@ -115,7 +105,7 @@ class System:
                 self.close(handle)
                 del handle
                 release_memory(device)
-        rates = [p.record.generated_tokens / p.record.total_s if p.record.total_s else 0.0 for p in passes]
+        rates = [e2e_tokens_per_s(p.record.generated_tokens, p.record.total_s) for p in passes]
         chosen = passes[sorted(range(repeat), key=rates.__getitem__)[repeat // 2]]   # the median pass
         texts = chosen.texts if chosen.texts is not None else [""] * len(chosen.token_ids)
         metrics = run_metrics(model_path, chosen.record, dtype, peaks, usd_per_hour, workload, texts)

@@ -15,7 +15,7 @@ import time
 import torch
 
 from moegen.errors import InputError
-from moegen.metrics import RunRecord
+from moegen.metrics import RunRecord, e2e_tokens_per_s, lockstep_steps
 from moegen.systems.base import Generation, cut_after_eos
 from moegen.systems.hf_common import GREEDY, FirstLogitsTimer, HFHandle, HFSystem, decode_all, synchronize
 from moegen.workloads import Workload
@@ -36,7 +36,7 @@ class HFGenerateSystem(HFSystem):
 
     def generate(self, h: HFHandle, workload: Workload) -> Generation:
         passes = [self._pass(h, workload, size) for size in self.batch_sizes(h.options, workload.num_prompts)]
-        rate = [p.record.generated_tokens / p.record.total_s for p in passes]
+        rate = [e2e_tokens_per_s(p.record.generated_tokens, p.record.total_s) for p in passes]
         best = passes[max(range(len(passes)), key=rate.__getitem__)]
         best.extra["sweep"] = [{"batch_size": p.config["batch_size"], "e2e_tokens_per_s": r, "wall_s": p.record.total_s}
                                for p, r in zip(passes, rate)]
@@ -83,7 +83,3 @@ def left_pad(prompts: list, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def lockstep_steps(gen_lens: list[int]) -> list[int]:
-    """Useful sequences per decode step of one static batch (step j serves those still needing a
-    token; generate() also runs the finished ones, which the accounting does not credit)."""
-    return [sum(g - 1 > j for g in gen_lens) for j in range(max((g - 1 for g in gen_lens), default=0))]

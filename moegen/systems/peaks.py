@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from moegen.dtypes import parse_dtype
+from moegen.dtypes import dtype_name
 from moegen.errors import InputError, MoegenError
 
 PROBE_MODES = ("quick", "full", "fresh", "off")
@@ -38,10 +38,6 @@ class Peaks:
         return asdict(self)
 
 
-def _canonical(dtype: str) -> str:
-    return str(parse_dtype(dtype)).removeprefix("torch.")
-
-
 def gpu_name(device: str) -> str | None:
     import torch
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
@@ -55,12 +51,12 @@ def datasheet_peaks(device: str, dtype: str) -> Peaks:
         return Peaks(None, None, "none: no datasheet for CPUs (run the probe for measured peaks)")
     for fragment, flops, bw in DATASHEET:
         if fragment in name.lower():
-            return Peaks(flops.get(_canonical(dtype)), bw, f"datasheet: {name}")
+            return Peaks(flops.get(dtype_name(dtype)), bw, f"datasheet: {name}")
     return Peaks(None, None, f"none: no datasheet entry for {name}")
 
 
 def probed_peaks(result: dict, device: str, dtype: str) -> Peaks:
-    flops = result.get("gemm_best_flops_per_s", {}).get(_canonical(dtype)) or None
+    flops = result.get("gemm_best_flops_per_s", {}).get(dtype_name(dtype)) or None
     key = "device_mem_bw_gbps" if str(device).startswith("cuda") else "host_mem_bw_gbps"
     source = "probe" + (" (cached)" if result.get("cached") else "") + (", quick" if result.get("quick") else "")
     return Peaks(flops, result.get(key) or None, source)

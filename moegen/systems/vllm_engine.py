@@ -8,7 +8,6 @@ greedy tokens are compared but not required to equal the others' exactly. Option
 """
 from __future__ import annotations
 
-import gc
 import importlib.util
 import time
 
@@ -36,12 +35,6 @@ class VLLMSystem(System):
         from vllm import LLM
         kwargs = {k: v for k, v in options.items() if v is not None}
         return LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=0, **kwargs)
-
-    def close(self, llm) -> None:
-        del llm
-        gc.collect()
-        import torch
-        torch.cuda.empty_cache()
 
     def _run(self, llm, wl: Workload, max_tokens: int) -> tuple[list, list, float]:
         from vllm import SamplingParams
