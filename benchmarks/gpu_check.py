@@ -85,8 +85,8 @@ def throughput(n: int, prompt_len: int, gen: int) -> dict:
         batch = torch.tensor(prompts[:bs], device="cuda")
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = hf.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=gen, min_new_tokens=gen,
-                          do_sample=False, pad_token_id=0)
+        hf.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=gen, min_new_tokens=gen,
+                    do_sample=False, pad_token_id=0)
         torch.cuda.synchronize()
         tok_s = bs * gen / (time.perf_counter() - t0)
         rows[f"hf-generate-bs{bs}"] = {"e2e_tok_s": tok_s}

@@ -15,6 +15,9 @@ from flows.common import cache_scope, describe_environment, flow_run_id, report_
 from flows.params import (DType, Device, EngineOptions, EvalSystemNames, ModelRef, OptionalSystemNames, ProbeMode,
                           TaskNames, WorkloadSpec)
 from moegen.errors import ConfigError
+from moegen.tasks_lm_eval import LOCAL_TASKS
+from moegen.tasks_lm_eval.gsm8k_data import SPLITS as GSM8K_SPLITS
+from moegen.workloads import workload_kind
 from tasks.data import GSM8K_HUB, resolve_gsm8k
 from tasks.evaluation import hub_task_names, run_lm_eval
 from tasks.metrics import EVAL_TO_BENCH, compute_bench_table, compute_eval_table
@@ -37,7 +40,8 @@ def hub_workload(spec: str) -> str:
 
 
 def uses_gsm8k(tasks: list[str], workload: str) -> bool:
-    return any(t.startswith("gsm8k") for t in tasks) or workload.startswith("gsm8k")
+    """Whether the run reads the local GSM8K files: a local lm-eval task or the `gsm8k` workload."""
+    return bool(set(tasks) & set(LOCAL_TASKS)) or workload_kind(workload) == "gsm8k"
 
 
 def check_baseline(baseline: str, systems: list[str]) -> None:
@@ -67,7 +71,7 @@ def eval_flow(model: ModelRef = "fixture:mixtral/bench",
     check_baseline(baseline, systems)
     scope = cache_scope(resume_from)
     model_path = prepare_model(model)
-    if uses_gsm8k(tasks, bench_workload) and not resolve_gsm8k()["local"]:
+    if uses_gsm8k(tasks, bench_workload) and not resolve_gsm8k(splits=GSM8K_SPLITS)["local"]:
         tasks, bench_workload = hub_task_names(tasks), hub_workload(bench_workload)
     evals = [run_lm_eval(model_path, tasks, system, limit, num_fewshot, dtype, device, max_gen_toks,
                          engine.set_options() if system == "moegen" else None, scope) for system in systems]

@@ -8,10 +8,9 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 DType = Literal["float32", "bfloat16", "float16"]
-ProbeMode = Literal["quick", "full", "off"]     # peaks for S-MFU/S-MBU: probe this machine, or datasheets
+ProbeMode = Literal["quick", "full", "fresh", "off"]   # peaks for S-MFU/S-MBU (moegen.systems.peaks.PROBE_MODES)
 Device = Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N")]
 Threshold = Annotated[float, Field(gt=0, lt=1, description="relative drop that fails a nightly (0.1 = 10%)")]
-ByteSize = Annotated[str, Field(pattern=r"^\d+(\.\d+)?\s*([KMGT]i?B?)?$", description="bytes, e.g. 8GB or 512MB")]
 
 
 def check_model_ref(value: str) -> str:
@@ -19,6 +18,17 @@ def check_model_ref(value: str) -> str:
     from tasks.models import parse_fixture_spec
     try:
         parse_fixture_spec(value)
+    except MoegenError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
+def check_bytes(value: str) -> str:
+    """A size the engine reads (moegen.engine.memory.parse_bytes: 8GB, 512mb, 1.5g, ...)."""
+    from moegen.engine.memory import parse_bytes
+    from moegen.errors import MoegenError
+    try:
+        parse_bytes(value)
     except MoegenError as e:
         raise ValueError(str(e)) from None
     return value
@@ -41,9 +51,9 @@ def check_eval_systems(names: list[str]) -> list[str]:
 
 
 def check_workloads(specs: list[str]) -> list[str]:
-    from moegen.workloads import KINDS
+    from moegen.workloads import KINDS, workload_kind
     for spec in specs:
-        kind = spec.split(",", 1)[0].split(":", 1)[0].strip()
+        kind = workload_kind(spec)
         if kind not in KINDS:
             raise ValueError(f"workload {spec!r}: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
     return specs
@@ -67,6 +77,7 @@ EvalSystemNames = Annotated[list[str], Field(min_length=1), AfterValidator(uniqu
                             AfterValidator(check_eval_systems)]
 WorkloadSpecs = Annotated[list[str], Field(min_length=1), AfterValidator(unique), AfterValidator(check_workloads)]
 WorkloadSpec = Annotated[str, AfterValidator(check_workload)]
+ByteSize = Annotated[str, Field(min_length=1, description="bytes, e.g. 8GB, 512MB, 1.5GiB"), AfterValidator(check_bytes)]
 TaskNames = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1), AfterValidator(unique)]
 
 

@@ -76,12 +76,12 @@ import datetime
 import importlib.metadata
 import json
 import math
-import os
 import platform
 import subprocess
 from pathlib import Path
 
 from moegen.dtypes import dtype_name
+from moegen.jsonl import write_atomic
 from moegen.errors import CheckpointError, ConfigError, DTypeError, InputError, TokenizerError
 from moegen.systems import SYSTEMS, ConfigModel, RunResult, get_system
 from moegen.systems.base import skipped
@@ -319,8 +319,4 @@ def run_bench(model, systems, workload, repeat: int = 1, dtype: str = "bfloat16"
 
 def write_json(path, report: dict) -> None:
     """Write atomically: a crash never leaves half a result file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report, indent=1, allow_nan=False))

@@ -1,7 +1,6 @@
 """`moegen` command line. Each subcommand parses its arguments and calls the library."""
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ import importlib
 from moegen.dtypes import dtype_name
 from moegen.metrics import e2e_tokens_per_s
 from moegen.errors import InputError, MoegenError
-from moegen.jsonl import numbered_jsonl
+from moegen.jsonl import jsonl_text, numbered_jsonl, write_atomic
 from moegen.fixture import ARCHS
 
 
@@ -57,16 +56,6 @@ def prompt_of(row: dict, where: str, field: str | None, template: str | None):
     raise InputError(f"{where}: row needs a 'prompt' string or 'prompt_token_ids' list")
 
 
-def write_jsonl_atomic(path: Path, rows) -> None:
-    """Write to a temporary file and rename, so a crash never leaves a half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def engine_kwargs(args) -> dict:
     kw = dict(device=args.device, dtype=args.dtype, host_memory=args.host_memory, device_memory=args.device_memory)
     for name in ("max_batch", "attn_micro_batch", "max_prefill_tokens", "expert_chunk", "num_buffers"):
@@ -89,7 +78,7 @@ def cmd_generate(args):
     t1 = time.perf_counter()
     outs = engine.generate(prompts, params, progress=not args.quiet, truncate=args.truncate)
     wall = time.perf_counter() - t1
-    write_jsonl_atomic(Path(args.out), ({"index": c.index, "prompt_token_ids": c.prompt_token_ids,
+    write_atomic(Path(args.out), jsonl_text({"index": c.index, "prompt_token_ids": c.prompt_token_ids,
                                          "token_ids": c.token_ids, "text": c.text,
                                          "finish_reason": c.finish_reason} for c in outs))
     s, gen = engine.stats, sum(len(c.token_ids) for c in outs)

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from moegen.jsonl import write_atomic
+
 # option flag -> engine option (moegen system only)
 ENGINE_FLAGS = {"max_batch": int, "attn_micro_batch": int, "max_prefill_tokens": int, "expert_chunk": int,
                 "host_memory": str, "device_memory": str}
@@ -47,7 +49,7 @@ def main_eval(args) -> int:
                       engine_options=options or None, gen_kwargs=args.gen_kwargs)
     print_table(result)
     if args.out:
-        write_json_atomic(Path(args.out), result)
+        write_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 
@@ -86,9 +88,3 @@ def _num(x) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else ("" if x is None else str(x))
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write to a temporary file and rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)

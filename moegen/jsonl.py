@@ -1,5 +1,6 @@
-"""JSONL rows with their line numbers, so every error can name file:line."""
+"""JSONL rows with their line numbers, so every error can name file:line; atomic file writes."""
 import json
+import os
 from pathlib import Path
 
 from moegen.errors import InputError
@@ -23,3 +24,20 @@ def numbered_jsonl(file: Path, n: int | None = None):
                 raise InputError(f"{file}:{lineno}: each row must be a JSON object")
             count += 1
             yield lineno, row
+
+
+def write_atomic(path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync, and rename it over `path`: a crash
+    never leaves a half-written file (parent directories are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def jsonl_text(rows) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)

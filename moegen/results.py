@@ -293,7 +293,8 @@ def bench_cells(bench: dict) -> list[CellResult]:
     return cells
 
 
-def _git_commit(doc: dict) -> str | None:
+def git_commit_of(doc: dict) -> str | None:
+    """The commit a bench/eval JSON was made at (`git_commit`, `commit` or `git.commit`)."""
     commit = doc.get("git_commit") or doc.get("commit")
     if isinstance(doc.get("git"), dict):
         commit = commit or doc["git"].get("commit")
@@ -307,7 +308,7 @@ def record_bench(bench: dict, kind: str = "bench", tags: Iterable[str] = (), mod
     if not model:
         raise ResultsError("bench JSON names no model and none was given")
     return record_run(model, kind, bench_cells(bench), hardware=bench.get("hardware"),
-                      versions=bench.get("versions") or {}, git_commit=_git_commit(bench), tags=tags,
+                      versions=bench.get("versions") or {}, git_commit=git_commit_of(bench), tags=tags,
                       status=status, flow_run_id=flow_run_id, url=url)
 
 
@@ -350,7 +351,7 @@ def record_eval(evaluation: dict | list[dict], model: str | None = None, tags: I
     cells = [cell for doc in docs for cell in eval_cells(doc)] + list(extra_cells)
     first = docs[0]
     return record_run(model, "eval", cells, hardware=first.get("hardware"), versions=first.get("versions") or {},
-                      git_commit=_git_commit(first), tags=tags, status=status, flow_run_id=flow_run_id, url=url)
+                      git_commit=git_commit_of(first), tags=tags, status=status, flow_run_id=flow_run_id, url=url)
 
 
 # ---- reading ------------------------------------------------------------------------------------

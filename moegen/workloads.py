@@ -69,6 +69,11 @@ class Workload:
 
 # ---- spec parsing ----------------------------------------------------------------------------
 
+def workload_kind(spec: str) -> str:
+    """The kind a spec names ("gsm8k:PATH,n=8" -> "gsm8k"), unchecked."""
+    return spec.split(",", 1)[0].split(":", 1)[0].strip()
+
+
 def parse_workload(spec: str, tokenizer, default_gen: int = 64) -> Workload:
     """The Workload a spec string names (see the module docstring), tokenized with `tokenizer`
     (moegen.tokenizer.Tokenizer or anything with encode/bos_token_id/vocab_size)."""

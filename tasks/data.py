@@ -47,11 +47,12 @@ def load_dataset_rows(source: str, split: str = "test", limit: int | None = None
 
 
 @task(task_run_name="resolve-gsm8k")
-def resolve_gsm8k(local_dir: str | None = None) -> dict:
-    """Where GSM8K comes from: the local copy if present, else the hub's openai/gsm8k when online.
+def resolve_gsm8k(local_dir: str | None = None, splits: tuple[str, ...] = ("test",)) -> dict:
+    """Where GSM8K comes from: the local copy if it holds every split asked for (the eval's
+    few-shot examples need train too), else the hub's openai/gsm8k when online.
     Returns {"source", "config", "local"}."""
     local = Path(local_dir) if local_dir else default_gsm8k_dir()
-    if (local / "test.jsonl").is_file():
+    if all((local / f"{split}.jsonl").is_file() for split in splits):
         return {"source": str(local.resolve()), "config": None, "local": True}
     if hub_reachable():
         get_run_logger().warning("GSM8K not found at %s; using the hub's %s", local, GSM8K_HUB)

@@ -10,7 +10,6 @@ other inputs.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from moegen.errors import InputError
+from moegen.jsonl import jsonl_text, write_atomic
 from tasks.common import stable_hash
 
 MANIFEST = "manifest.json"
@@ -26,16 +26,6 @@ MERGED = "completions.jsonl"
 
 def shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"shard-{index:05d}.jsonl"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file, fsync, and rename over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(out_dir: Path) -> dict | None:
@@ -91,7 +81,7 @@ def completion_rows(completions, start: int, extra: list[dict] | None = None) ->
 
 def commit_shard(out_dir: Path, index: int, rows: list[dict], info: dict) -> None:
     """Write the shard file, then record it in the manifest: both steps atomic, in this order."""
-    write_atomic(shard_path(out_dir, index), "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(shard_path(out_dir, index), jsonl_text(rows))
     manifest = read_manifest(out_dir)
     manifest["shards"][str(index)] = info
     write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1))

@@ -16,7 +16,7 @@ def as_cells(rows: list[dict]) -> list[results.CellResult]:
 
 def environment_of(doc: dict) -> dict:
     return {"hardware": doc.get("hardware"), "versions": doc.get("versions") or {},
-            "git_commit": doc.get("git_commit") or (doc.get("git") or {}).get("commit")}
+            "git_commit": results.git_commit_of(doc)}
 
 
 @task(task_run_name="record-bench", **RECORD_RETRIES)

@@ -175,6 +175,8 @@ def test_gsm8k_falls_back_to_the_hub_only_when_local_data_is_missing_and_online(
     (tmp_path / "here" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
     monkeypatch.setattr(data_tasks, "hub_reachable", lambda: True)
     assert resolve_gsm8k(str(tmp_path / "here")) == {"source": str(tmp_path / "here"), "config": None, "local": True}
+    # the eval also needs the train split (few-shot examples): a test-only copy is not enough
+    assert resolve_gsm8k(str(tmp_path / "here"), splits=("train", "test"))["source"] == "openai/gsm8k"
     assert resolve_gsm8k(str(tmp_path / "missing"))["source"] == "openai/gsm8k"
     monkeypatch.setattr(data_tasks, "hub_reachable", lambda: False)
     with pytest.raises(data_tasks.DatasetError, match="GSM8K not found at .*missing .*hub is unreachable"):

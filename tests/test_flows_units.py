@@ -87,3 +87,24 @@ def test_bad_input_is_never_retried():
     assert retry_unless_bad_input(None, None, Failed(data=RuntimeError("connection reset"))) is True
     assert retry_unless_bad_input(None, None, Failed(data=InputError("prompt 3 is empty"))) is False
     assert retry_unless_bad_input(None, None, Failed(data=ConfigError("bad config.json"))) is False
+
+
+def test_flow_parameters_accept_what_the_engine_and_bench_accept():
+    import typing
+
+    from pydantic import ValidationError
+
+    from flows.params import EngineOptions, ProbeMode
+    from moegen.systems.peaks import PROBE_MODES
+    assert set(typing.get_args(ProbeMode)) == set(PROBE_MODES)
+    for size in ("8GB", "512mb", "1.5g", "2GiB"):
+        assert EngineOptions(host_memory=size).set_options() == {"host_memory": size}
+    with pytest.raises(ValidationError, match="cannot read memory size"):
+        EngineOptions(device_memory="lots")
+
+
+def test_only_local_tasks_or_the_gsm8k_workload_need_the_local_files():
+    from flows.eval import uses_gsm8k
+    assert uses_gsm8k(["gsm8k_local"], "synthetic:prompt=8,gen=2,n=2")
+    assert uses_gsm8k(["other"], "gsm8k:/data,n=8")
+    assert not uses_gsm8k(["gsm8k_cot"], "hf:openai/gsm8k,field=question")   # hub task and workload

@@ -2,7 +2,7 @@
 import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
-from moegen.engine.weight_stream import StagedBackend, WeightStreamer, group_weights, module_bytes
+from moegen.engine.weight_stream import StagedBackend, WeightStreamer, group_weights
 from moegen.models import load_model
 
 
