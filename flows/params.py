@@ -13,25 +13,25 @@ Device = Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, 
 Threshold = Annotated[float, Field(gt=0, lt=1, description="relative drop that fails a nightly (0.1 = 10%)")]
 
 
-def check_model_ref(value: str) -> str:
+def _accepted_by(parse, value: str) -> str:
+    """value, if `parse` reads it; its MoegenError becomes the ValueError pydantic reports."""
     from moegen.errors import MoegenError
-    from tasks.models import parse_fixture_spec
     try:
-        parse_fixture_spec(value)
+        parse(value)
     except MoegenError as e:
         raise ValueError(str(e)) from None
     return value
+
+
+def check_model_ref(value: str) -> str:
+    from tasks.models import parse_fixture_spec
+    return _accepted_by(parse_fixture_spec, value)
 
 
 def check_bytes(value: str) -> str:
     """A size the engine reads (moegen.engine.memory.parse_bytes: 8GB, 512mb, 1.5g, ...)."""
     from moegen.engine.memory import parse_bytes
-    from moegen.errors import MoegenError
-    try:
-        parse_bytes(value)
-    except MoegenError as e:
-        raise ValueError(str(e)) from None
-    return value
+    return _accepted_by(parse_bytes, value)
 
 
 def check_systems(names: list[str]) -> list[str]:
