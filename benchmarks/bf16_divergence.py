@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
-from moegen.fixture import ARCHS, build_fixture
-from moegen.models import load_model
+from moegen.harness.fixture import ARCHS, build_fixture
+from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer
 
 

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
-from moegen.fixture import ARCHS, fixture_config
-from moegen.models import load_model
+from moegen.harness.fixture import ARCHS, fixture_config
+from moegen.loader import load_model
 
 
 def write_checkpoint(arch: str, preset: str, out: str, dtype=torch.float32) -> str:

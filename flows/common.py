@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect.runtime import flow_run
 
-from moegen import results
+from moegen.harness import results
 
 
 def flow_run_id() -> str | None:
@@ -26,10 +26,10 @@ def report_dir(kind: str, url: str | None) -> Path:
 
 
 def describe_environment(device: str, dtype: str = "bfloat16") -> dict:
-    """Hardware, versions and git commit of this machine, in moegen.bench's format (for flows
+    """Hardware, versions and git commit of this machine, in moegen.harness.bench's format (for flows
     that record runs without a bench result to take them from)."""
-    from moegen.bench import git_state, hardware, versions
-    from moegen.systems.peaks import hardware_peaks
+    from moegen.harness.bench import git_state, hardware, versions
+    from moegen.harness.systems.peaks import hardware_peaks
 
     peaks, _ = hardware_peaks(device, dtype, "off")
     return {"hardware": hardware(device, peaks, None), "versions": versions(), "git_commit": git_state()["commit"]}

@@ -15,7 +15,7 @@ from pydantic import PositiveInt
 
 from flows.common import describe_environment, flow_run_id
 from flows.params import DType, Device, EngineOptions, ModelRef, Sampling
-from moegen.workloads import DEFAULT_TEMPLATE
+from moegen.harness.workloads import DEFAULT_TEMPLATE
 from tasks.data import build_prompts, load_dataset_rows, resolve_gsm8k
 from tasks.generate import (completed_shards, generate_shard, generation_fingerprint, merge_shards, open_manifest,
                             plan_shards, shard_summary)

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 DType = Literal["float32", "bfloat16", "float16"]
-ProbeMode = Literal["quick", "full", "fresh", "off"]   # peaks for S-MFU/S-MBU (moegen.systems.peaks.PROBE_MODES)
+ProbeMode = Literal["quick", "full", "fresh", "off"]   # peaks for S-MFU/S-MBU (moegen.harness.systems.peaks.PROBE_MODES)
 Device = Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N")]
 Threshold = Annotated[float, Field(gt=0, lt=1, description="relative drop that fails a nightly (0.1 = 10%)")]
 
@@ -35,7 +35,7 @@ def check_bytes(value: str) -> str:
 
 
 def check_systems(names: list[str]) -> list[str]:
-    from moegen.systems import SYSTEMS
+    from moegen.harness.systems import SYSTEMS
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
@@ -43,7 +43,7 @@ def check_systems(names: list[str]) -> list[str]:
 
 
 def check_eval_systems(names: list[str]) -> list[str]:
-    from moegen.evaluation import SYSTEMS
+    from moegen.harness.evaluation import SYSTEMS
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown lm-eval backend(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
@@ -51,7 +51,7 @@ def check_eval_systems(names: list[str]) -> list[str]:
 
 
 def check_workloads(specs: list[str]) -> list[str]:
-    from moegen.workloads import KINDS, workload_kind
+    from moegen.harness.workloads import KINDS, workload_kind
     for spec in specs:
         kind = workload_kind(spec)
         if kind not in KINDS:

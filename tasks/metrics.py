@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from moegen import results
+from moegen.harness import results
 from moegen.errors import ConfigError
 
 THROUGHPUT = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s")
@@ -54,8 +54,8 @@ def outputs_of(doc: dict) -> tuple[str, str, list | None]:
 
 def agreement_metrics(docs: list[dict]) -> dict[tuple[str, str], dict]:
     """Per (system, workload): how far its greedy tokens agree with the first system that ran on
-    that workload (moegen.bench.compare_tokens), the reference itself included (1.0)."""
-    from moegen.bench import compare_tokens
+    that workload (moegen.harness.bench.compare_tokens), the reference itself included (1.0)."""
+    from moegen.harness.bench import compare_tokens
 
     reference: dict[str, list] = {}
     found = {}

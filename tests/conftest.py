@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from moegen.fixture import build_fixture
+from moegen.harness.fixture import build_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 

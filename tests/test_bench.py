@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-import moegen.bench
-from moegen.bench import agreement, compare_tokens, json_safe, run_bench
-from moegen.cli_bench import add_subparser, options_of, parse_opt, prediction_line
+import moegen.harness.bench
+from moegen.harness.bench import agreement, compare_tokens, json_safe, run_bench
+from moegen.cli.bench import add_subparser, options_of, parse_opt, prediction_line
 from moegen.errors import ConfigError, DTypeError, InputError
-from moegen.systems import RunResult
-from moegen.systems.peaks import probed_peaks
+from moegen.harness.systems import RunResult
+from moegen.harness.systems.peaks import probed_peaks
 
 TOP_KEYS = {"schema", "created_at", "config", "hardware", "versions", "git", "baseline", "agreement", "systems"}
 ROW_KEYS = {"system", "description", "status", "reason", "metrics", "config", "ratios"}
@@ -40,7 +40,7 @@ def cli_report(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     mp = pytest.MonkeyPatch()
     # measured peaks without measuring; the engine's own planner is not involved (G, A fixed below)
-    mp.setattr(moegen.bench, "hardware_peaks", lambda device, dtype, mode: (probed_peaks(FAKE_PROBE, device, dtype),
+    mp.setattr(moegen.harness.bench, "hardware_peaks", lambda device, dtype, mode: (probed_peaks(FAKE_PROBE, device, dtype),
                                                                             dict(FAKE_PROBE)))
     try:
         args = bench_args(model, "--systems", "moegen,hf-offload,hf-generate", "--workload",
@@ -111,7 +111,7 @@ def test_float32_mismatch_fails_agreement_but_inexact_systems_do_not():
 
 
 def test_a_failing_system_is_recorded_and_the_rest_still_run(model, monkeypatch):
-    from moegen.systems.hf_generate import HFGenerateSystem
+    from moegen.harness.systems.hf_generate import HFGenerateSystem
 
     def broken(self, handle, workload):
         raise RuntimeError("out of memory (test)")

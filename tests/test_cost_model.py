@@ -9,11 +9,11 @@ import pytest
 from moegen.engine.llm_engine import EngineConfig
 from moegen.engine.memory import choose_resident
 from moegen.errors import InputError
-from moegen.fixture import fixture_config
+from moegen.harness.fixture import fixture_config
 from moegen.planner.cost_model import (GemmCurve, Hardware, PlanError, Workload, activation_bytes, predict,
                                        resident_set)
 from moegen.planner.model_spec import ModelSpec
-from moegen.planner.plan_cli import add_subparser, parse_hw
+from moegen.cli.plan import add_subparser, parse_hw
 from moegen.planner.search import HOST_RESERVE_BYTES, Plan, predict_for_engine, search
 
 GiB = 1 << 30

@@ -6,9 +6,9 @@ import torch
 
 from moegen.engine import Engine, SamplingParams
 from moegen.errors import ConfigError
-from moegen.fixture import fixture_config
+from moegen.harness.fixture import fixture_config
 from moegen.loader import config_from, dummy_model
-from moegen.models import load_model
+from moegen.loader import load_model
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])

@@ -4,8 +4,8 @@ import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.errors import InputError
-from moegen.fixture import ARCHS
-from moegen.models import load_model
+from moegen.harness.fixture import ARCHS
+from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer
 from tests.hf_reference import gsm8k_questions, hf_greedy, hf_logits
 

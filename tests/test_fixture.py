@@ -5,9 +5,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-import moegen.fixture as fx
+import moegen.harness.fixture as fx
 from moegen.errors import ConfigError
-from moegen.fixture import ARCHS, PRESETS, build_fixture, checkpoint_digest, fixture_config
+from moegen.harness.fixture import ARCHS, PRESETS, build_fixture, checkpoint_digest, fixture_config
 
 
 def tensors(ckpt):

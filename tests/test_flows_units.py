@@ -95,7 +95,7 @@ def test_flow_parameters_accept_what_the_engine_and_bench_accept():
     from pydantic import ValidationError
 
     from flows.params import EngineOptions, ProbeMode
-    from moegen.systems.peaks import PROBE_MODES
+    from moegen.harness.systems.peaks import PROBE_MODES
     assert set(typing.get_args(ProbeMode)) == set(PROBE_MODES)
     for size in ("8GB", "512mb", "1.5g", "2GiB"):
         assert EngineOptions(host_memory=size).set_options() == {"host_memory": size}

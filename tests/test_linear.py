@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.errors import InputError
-from moegen.fixture import ARCHS
+from moegen.harness.fixture import ARCHS
 from moegen.layers.linear import linear, pack_weight, packing_supported, prepack
-from moegen.models import load_model
+from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer
 from tests.hf_reference import gsm8k_questions
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from moegen.errors import (CheckpointError, ConfigError, DTypeError, MissingTensorError, ShapeMismatchError,
                            UnexpectedTensorError, UnsupportedModelError)
-from moegen.models import load_model
+from moegen.loader import load_model
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ import math
 
 import pytest
 
-from moegen.metrics import (RunRecord, decode_tokens_per_s, e2e_tokens_per_s, expected_distinct_experts,
-                            prefill_tokens_per_s, run_bytes, run_flops, s_mbu, s_mfu, throughput_report,
-                            usd_per_million_tokens)
-from moegen.planner.model_spec import GQASpec, ModelSpec
+from moegen.engine.stats import RunRecord
+from moegen.harness.metrics import (decode_tokens_per_s, e2e_tokens_per_s, prefill_tokens_per_s,
+                                    run_bytes, run_flops, s_mbu, s_mfu, throughput_report, usd_per_million_tokens)
+from moegen.planner.model_spec import GQASpec, ModelSpec, expected_distinct_experts
 
 PREFILL_FLOPS = (3 * 272 + 16 * 6 + 80) + (5 * 272 + 16 * 15 + 80)      # 992 + 1680 = 2672
 DECODE_FLOPS = (352 + 16 * 4) + (352 + 16 * 5) + (352 + 16 * 6)         # 416 + 432 + 448 = 1296

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from moegen.fixture import ARCHS
-from moegen.models import load_model
+from moegen.harness.fixture import ARCHS
+from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer
 from tests.hf_reference import gsm8k_questions, hf_logits
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from moegen.errors import InputError
-from moegen.systems import SYSTEMS, get_system
-from moegen.systems.base import cut_after_eos
-from moegen.metrics import lockstep_steps
-from moegen.systems.measure import MemoryMonitor
-from moegen.systems.peaks import Peaks, datasheet_peaks, hardware_peaks, probed_peaks
-from moegen.workloads import Workload
+from moegen.harness.systems import SYSTEMS, get_system
+from moegen.harness.systems.base import cut_after_eos
+from moegen.engine.stats import lockstep_steps
+from moegen.harness.systems.measure import MemoryMonitor
+from moegen.harness.systems.peaks import Peaks, datasheet_peaks, hardware_peaks, probed_peaks
+from moegen.harness.workloads import Workload
 
 CPU_SYSTEMS = ["moegen", "moegen-model-batching", "hf-generate", "hf-continuous"]
 # G, A and the prefill budget fixed, so the engine's planner does not probe the machine here

@@ -3,7 +3,7 @@ import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.engine.weight_stream import StagedBackend, WeightStreamer, group_weights
-from moegen.models import load_model
+from moegen.loader import load_model
 
 
 def tensor_bytes(tensors: dict) -> int:

@@ -1,4 +1,6 @@
-from moegen.engine.llm_engine import Engine, EngineConfig, EngineStats
+from moegen.engine.config import EngineConfig
+from moegen.engine.llm_engine import Engine
+from moegen.engine.stats import EngineStats
 from moegen.engine.params import Completion, SamplingParams
 
 __all__ = ["Completion", "Engine", "EngineConfig", "EngineStats", "SamplingParams"]

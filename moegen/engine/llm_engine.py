@@ -1,92 +1,30 @@
 """The Engine: admission -> prefill / decode steps over the global batch -> sampling -> stops."""
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from moegen.engine.block_manager import BlockManager
+from moegen.engine.config import EngineConfig, engine_config
 from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
-from moegen.engine.memory import choose_resident, host_memory_bytes, parse_bytes
+from moegen.engine.memory import choose_resident, host_memory_bytes
 from moegen.engine.params import Completion, SamplingParams
 from moegen.engine.runner import Runner
 from moegen.engine.sampler import Sampler
 from moegen.engine.scheduler import Scheduler, Sequence
+from moegen.engine.stats import EngineStats, RunRecord
 from moegen.engine.weight_stream import CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights, module_bytes
 from moegen.dtypes import dtype_name
 from moegen.errors import InputError, MoegenError, TokenizerError
 from moegen.layers.attention import RaggedContext
 from moegen.layers.linear import packing_supported, prepack
-from moegen.metrics import tokens_per_s
 from moegen.ops.attention import attention_impl
 
 
 log = logging.getLogger("moegen")
 PLANNED = ("max_batch", "attn_micro_batch", "max_prefill_tokens")
 FALLBACK_PLAN = {"max_batch": 256, "attn_micro_batch": 32, "max_prefill_tokens": 8192}
-
-
-@dataclass
-class EngineStats:
-    prefill_tokens: int = 0          # prompt tokens, incl. loglikelihood scoring (no pass record)
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    experts_run: int = 0             # (layer, expert) pairs that ran, summed over steps
-    experts_skipped: int = 0         # (layer, expert) pairs with no token, never run nor copied
-    attention: str = ""
-    prefill_pass_tokens: list = field(default_factory=list)   # tokens per prefill pass
-    decode_step_seqs: list = field(default_factory=list)      # sequences per decode step
-    prefill_distinct_experts: int = 0  # experts_run during prefill passes (for S-MBU)
-    decode_distinct_experts: int = 0
-
-    @property
-    def prefill_steps(self) -> int:
-        return len(self.prefill_pass_tokens)
-
-    @property
-    def decode_steps(self) -> int:
-        return len(self.decode_step_seqs)
-
-    @property
-    def decode_tokens(self) -> int:
-        return sum(self.decode_step_seqs)
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return tokens_per_s(self.prefill_tokens, self.prefill_s)
-
-    @property
-    def decode_tok_s(self) -> float:
-        return tokens_per_s(self.decode_tokens, self.decode_s)
-
-
-@dataclass
-class EngineConfig:
-    device: str = "cpu"
-    kv_cache_bytes: int | None = None     # host memory for the KV cache; default 25% of RAM
-    device_memory: int | None = None      # device budget for resident weights + buffers (cuda)
-    block_size: int = 16
-    # None = chosen per generate() call by the planner (moegen.planner) from this machine's probe
-    max_batch: int | None = None          # global batch G (sequences decoding together)
-    attn_micro_batch: int | None = None   # A: sequences per attention micro-batch (0 = all)
-    max_prefill_tokens: int | None = None  # prompt tokens per prefill step
-    expert_chunk: int = 0                 # rows per expert GEMM (0 = all of an expert's tokens)
-    streaming: str = "auto"               # auto | resident | staged
-    num_buffers: int = 4                  # streamed-weight buffers on the device
-    # pack GEMM weights into oneDNN's layout once at load (CPU, bf16/fp16, resident weights);
-    # None = whenever supported. Same results, faster GEMMs; costs one pass over the weights.
-    prepack: bool | None = None
-    max_model_len: int | None = None
-
-    def __post_init__(self):
-        for name in ("block_size", "max_batch", "max_prefill_tokens", "num_buffers"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.streaming not in ("auto", "resident", "staged"):
-            raise InputError(f"streaming must be auto, resident or staged, got {self.streaming!r}")
-        if self.num_buffers < 2 and self.streaming != "resident":
-            raise InputError("num_buffers must be >= 2: a layer's dense weights and one expert are held at once")
 
 
 class Engine:
@@ -111,10 +49,10 @@ class Engine:
     def from_pretrained(cls, path, device="cpu", dtype="bfloat16", host_memory=None, device_memory=None, **kw):
         """Load a HF checkpoint directory. host_memory: bytes (or "8GB") for the KV cache;
         device_memory: device budget for resident weights and streaming buffers."""
-        from moegen.models import load_model
+        from moegen.loader import load_model
         from moegen.tokenizer import load_tokenizer
         model = load_model(path, dtype)
-        cfg = _engine_config(device, host_memory, device_memory, kw)
+        cfg = engine_config(device, host_memory, device_memory, kw)
         try:
             tokenizer = load_tokenizer(path)
         except TokenizerError as err:     # token-id prompts still work; text prompts get a clear error
@@ -131,7 +69,7 @@ class Engine:
         from moegen.loader import dummy_model
         if not dummy_weights:
             raise ConfigError("Engine.from_config needs dummy_weights=True; use from_pretrained for real weights")
-        return cls(dummy_model(config, dtype, seed), None, _engine_config(device, host_memory, device_memory, kw))
+        return cls(dummy_model(config, dtype, seed), None, engine_config(device, host_memory, device_memory, kw))
 
     def _make_streamer(self) -> WeightStreamer:
         cfg, weights = self.config, self.model.weights
@@ -278,8 +216,7 @@ class Engine:
         self.streamer.stats.reset()
 
     def run_record(self, completions, wall_s: float | None = None):
-        """The metrics module's accounting record of the last generate() since reset_stats()."""
-        from moegen.metrics import RunRecord
+        """The accounting record of the last generate() since reset_stats()."""
         s = self.stats
         return RunRecord(prompt_lens=[c.num_prompt_tokens for c in completions],
                          gen_lens=[len(c.token_ids) for c in completions], prefill_s=s.prefill_s,
@@ -382,12 +319,6 @@ class Engine:
             out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
             at += len(cont)
         return out
-
-
-def _engine_config(device, host_memory, device_memory, overrides: dict) -> EngineConfig:
-    """The constructors' user-facing sizes ("8GB") -> an EngineConfig."""
-    return EngineConfig(device=str(device), kv_cache_bytes=parse_bytes(host_memory),
-                        device_memory=parse_bytes(device_memory), **overrides)
 
 
 def eos_ids(eos) -> tuple:

@@ -44,8 +44,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from moegen.errors import ConfigError, InputError, MoegenError
-from moegen.metrics import expected_distinct_experts
-from moegen.planner.model_spec import ModelSpec
+from moegen.planner.model_spec import ModelSpec, expected_distinct_experts
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
@@ -614,7 +613,7 @@ def _pass_cost(spec: ModelSpec, hw: Hardware, plan, wl: Workload, shape: _PassSh
 class Prediction:
     """Predicted times and rates of one workload under one plan.
 
-    Tokens per second follow moegen.metrics: prefill = prompt tokens / prefill time; decode =
+    Tokens per second follow moegen.harness.metrics: prefill = prompt tokens / prefill time; decode =
     decode-step tokens (each sequence's first new token comes from prefill) / decode time;
     end-to-end = generated tokens / total time. *_layer_s: one layer of a full pass (mean over
     layers), decode at the mean context. bound: the largest term over the whole run."""

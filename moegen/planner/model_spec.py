@@ -513,3 +513,12 @@ def _parse_deepseek(f: _Fields) -> dict:
 
 _PARSERS = {"mixtral": _parse_mixtral, "qwen2_moe": _parse_qwen_moe, "qwen3_moe": _parse_qwen_moe,
             "olmoe": _parse_olmoe, "deepseek_v2": _parse_deepseek, "deepseek_v3": _parse_deepseek}
+
+def expected_distinct_experts(num_experts: int, top_k: int, tokens: float) -> float:
+    """Expected number of experts of one layer that get >= 1 of `tokens` tokens when each token
+    picks top_k distinct experts uniformly: an expert is missed by one token with probability
+    1 - k/E, by all of them with (1 - k/E)^T."""
+    if tokens <= 0 or num_experts <= 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+

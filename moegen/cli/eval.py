@@ -3,7 +3,7 @@
     moegen eval --model DIR --tasks gsm8k_local,gsm8k_mc_local --limit 20 --dtype float32 --out results.json
 
 Prints a table of the scores and writes run_eval's JSON (scores, configs, per-sample responses).
-Wire it in with `moegen.cli_eval.add_subparser(subparsers)`; errors are MoegenError, which
+Wire it in with `moegen.cli.eval.add_subparser(subparsers)`; errors are MoegenError, which
 moegen.cli's main() reports as `moegen eval: error: ...`.
 """
 import json
@@ -41,7 +41,7 @@ def main_eval(args) -> int:
     # Set before lm_eval / datasets are imported, which read them once.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from moegen.evaluation import run_eval
+    from moegen.harness.evaluation import run_eval
 
     options = {k: getattr(args, k) for k in (*ENGINE_FLAGS, "batch_size") if getattr(args, k, None) is not None}
     result = run_eval(args.model, args.tasks, limit=args.limit, system=args.system, dtype=args.dtype,

@@ -1,6 +1,6 @@
 """`moegen bench`: run several systems on one workload, check they agree, compare them.
 
-    from moegen.bench import run_bench
+    from moegen.harness.bench import run_bench
     result = run_bench("runs/fixtures/mixtral-bench", ["moegen", "hf-generate"],
                        "synthetic:prompt=128,gen=64,n=256", dtype="bfloat16")
 
@@ -83,10 +83,10 @@ from pathlib import Path
 from moegen.dtypes import dtype_name
 from moegen.jsonl import write_atomic
 from moegen.errors import CheckpointError, ConfigError, DTypeError, InputError, TokenizerError
-from moegen.systems import SYSTEMS, ConfigModel, RunResult, get_system
-from moegen.systems.base import skipped
-from moegen.systems.peaks import hardware_peaks
-from moegen.workloads import parse_workload
+from moegen.harness.systems import SYSTEMS, ConfigModel, RunResult, get_system
+from moegen.harness.systems.base import skipped
+from moegen.harness.systems.peaks import hardware_peaks
+from moegen.harness.workloads import parse_workload
 
 SCHEMA = 1
 RATIO_METRICS = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s")

@@ -1,11 +1,11 @@
 """Run lm-eval tasks on a checkpoint with moegen (or, for comparison, lm-eval's own `hf` backend).
 
-    from moegen.evaluation import run_eval
+    from moegen.harness.evaluation import run_eval
     res = run_eval("ckpt/", ["gsm8k_local"], limit=20, dtype="float32")
     res["results"]["gsm8k_local"]["exact_match,strict-match"], res["samples"]["gsm8k_local"][0]
 
-The offline task configs in `moegen/tasks_lm_eval/` are always on the include path; their GSM8K
-files are found and validated before lm-eval runs (see `moegen.tasks_lm_eval.gsm8k_data`).
+The offline task configs in `moegen/harness/lm_eval_tasks/` are always on the include path; their GSM8K
+files are found and validated before lm-eval runs (see `moegen.harness.lm_eval_tasks.gsm8k_data`).
 """
 import difflib
 import json
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from moegen.errors import ConfigError, InputError
-from moegen.tasks_lm_eval import LOCAL_TASKS, TASKS_DIR
+from moegen.harness.lm_eval_tasks import LOCAL_TASKS, TASKS_DIR
 
 SYSTEMS = ("moegen", "hf")
 # hf's batch size: generation costs per decode step (bigger is faster), but loglikelihood holds
@@ -42,7 +42,7 @@ def run_eval(model, tasks, limit=None, system="moegen", dtype="bfloat16", device
     names = task_names(tasks)
     manager = task_manager(names, _include_paths(include_path))
     if _GSM8K_NAMES & set(names):
-        from moegen.tasks_lm_eval import gsm8k_data
+        from moegen.harness.lm_eval_tasks import gsm8k_data
         gsm8k_data.check_files()
     lm = make_lm(system, model_dir, dtype, device, engine_options)
     result = evaluate(lm, names, manager, limit, num_fewshot, gen_kwargs, system=system, model=str(model_dir))
@@ -145,7 +145,7 @@ def unknown_tasks_message(missing, known) -> str:
 # --- models ---------------------------------------------------------------------------------------
 def make_lm(system: str, model_dir: Path, dtype: str, device: str, engine_options=None):
     if system == "moegen":
-        from moegen.lm_eval import MoegenLM   # importing it also registers "moegen" with lm-eval
+        from moegen.harness.lm_eval import MoegenLM   # importing it also registers "moegen" with lm-eval
         return MoegenLM(pretrained=str(model_dir), dtype=dtype, device=device, **(engine_options or {}))
     options = dict(engine_options or {})
     unknown = sorted(set(options) - set(HF_OPTIONS))

@@ -1,59 +1,12 @@
-"""`moegen` command line. Each subcommand parses its arguments and calls the library."""
-import argparse
+"""`moegen generate`: completions for a JSONL file of prompts."""
 import json
-import sys
 import time
 from pathlib import Path
 
-import importlib
-
 from moegen.dtypes import dtype_name
-from moegen.metrics import e2e_tokens_per_s
-from moegen.errors import InputError, MoegenError
-from moegen.jsonl import jsonl_text, numbered_jsonl, write_atomic
-from moegen.fixture import ARCHS
-
-
-# Subcommands that live beside the library they drive; each module defines add_subparser(sub)
-# and keeps its heavy imports inside the command function.
-PLUGGED_COMMANDS = ["moegen.planner.plan_cli", "moegen.cli_bench", "moegen.cli_eval", "moegen.cli_results"]
-
-
-def cmd_fixture(args):
-    from moegen.fixture import build_fixture
-    t0 = time.perf_counter()
-    out = build_fixture(args.arch, args.preset, args.seed, args.out, dtype=args.dtype, fused_experts=args.fused_experts)
-    print(f"fixture {args.arch}/{args.preset} seed={args.seed} -> {out} ({time.perf_counter() - t0:.1f}s)")
-
-
-def read_prompts(path: Path, field: str | None, template: str | None, limit: int | None) -> list:
-    """Prompts from JSONL rows: `prompt` (text), `prompt_token_ids`, or `--prompt-field`/`--template`."""
-    if not path.is_file():
-        raise InputError(f"input file {path} does not exist")
-    prompts = [prompt_of(row, f"{path}:{lineno}", field, template) for lineno, row in numbered_jsonl(path, limit)]
-    if not prompts:
-        raise InputError(f"{path} holds no prompts")
-    return prompts
-
-
-def prompt_of(row: dict, where: str, field: str | None, template: str | None):
-    if template:
-        try:
-            return template.format(**row)
-        except KeyError as e:
-            raise InputError(f"{where}: template needs field {e} which the row lacks") from None
-    if field:
-        if not isinstance(row.get(field), str):
-            raise InputError(f"{where}: field {field!r} is missing or not a string")
-        return row[field]
-    if "prompt_token_ids" in row:
-        ids = row["prompt_token_ids"]
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise InputError(f"{where}: prompt_token_ids must be a list of integers")
-        return ids
-    if isinstance(row.get("prompt"), str):
-        return row["prompt"]
-    raise InputError(f"{where}: row needs a 'prompt' string or 'prompt_token_ids' list")
+from moegen.harness.metrics import e2e_tokens_per_s
+from moegen.harness.prompts import read_prompts
+from moegen.jsonl import jsonl_text, write_atomic
 
 
 def engine_kwargs(args) -> dict:
@@ -90,19 +43,6 @@ def cmd_generate(args):
     print(json.dumps(summary, indent=1))
 
 
-def cmd_build_ops(args):
-    from moegen.ops.build import build_ops
-    print(build_ops(verbose=args.verbose))
-
-
-def cmd_probe(args):
-    from moegen.planner.probe import format_probe, probe
-    result = probe(device=args.device, refresh=args.refresh)
-    print(format_probe(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-
-
 def add_engine_args(p):
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors); with "
                    "--dummy-weights also a config.json or a bundled config name (e.g. deepseek-v2-lite)")
@@ -118,19 +58,7 @@ def add_engine_args(p):
     p.add_argument("--num-buffers", type=int, help="device buffers for streamed weights")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moegen", description="High-throughput offline MoE inference.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("fixture", help="write a random-weight HF checkpoint for tests and benchmarks")
-    p.add_argument("--arch", required=True, choices=list(ARCHS))
-    p.add_argument("--preset", required=True, choices=["tiny", "small", "bench"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", help="weight dtype on disk (default float32; bfloat16 for bench)")
-    p.add_argument("--fused-experts", action="store_true", help="write transformers-5 fused expert tensors")
-    p.set_defaults(func=cmd_fixture)
-
+def add_subparser(sub):
     p = sub.add_parser("generate", help="generate completions for a JSONL file of prompts")
     add_engine_args(p)
     p.add_argument("--input", required=True, help="JSONL rows with 'prompt' or 'prompt_token_ids'")
@@ -149,30 +77,3 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: such a prompt is an error naming its row)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("build-ops", help="compile the native C++ ops ahead of time")
-    p.add_argument("--verbose", action="store_true")
-    p.set_defaults(func=cmd_build_ops)
-
-    p = sub.add_parser("probe", help="measure this machine's GEMM, memory and attention rates")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", help="also write the result here")
-    p.add_argument("--refresh", action="store_true", help="re-measure instead of using the cache")
-    p.set_defaults(func=cmd_probe)
-    for module in PLUGGED_COMMANDS:
-        importlib.import_module(module).add_subparser(sub)
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except MoegenError as e:
-        print(f"moegen {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -193,7 +193,7 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
 
 def hardware_label(hardware: Any) -> str:
     """A short, stable name for the machine: the GPU if there is one, else the CPU model and count.
-    Takes moegen.bench's hardware object ({"cpu": {...}, "gpu": {...}}), probe.machine_info's, or a str."""
+    Takes moegen.harness.bench's hardware object ({"cpu": {...}, "gpu": {...}}), probe.machine_info's, or a str."""
     if isinstance(hardware, str):
         return hardware
     if not isinstance(hardware, dict) or not hardware:
@@ -281,7 +281,7 @@ def _skipped_reason(body: dict) -> str | None:
 
 
 def bench_cells(bench: dict) -> list[CellResult]:
-    """The cells of a `moegen.bench.run_bench` result: one per system on its workload."""
+    """The cells of a `moegen.harness.bench.run_bench` result: one per system on its workload."""
     workload = _workload_name(bench.get("workload") or (bench.get("config") or {}).get("workload"))
     cells = []
     for body in _bench_systems(bench):
@@ -303,7 +303,7 @@ def git_commit_of(doc: dict) -> str | None:
 
 def record_bench(bench: dict, kind: str = "bench", tags: Iterable[str] = (), model: str | None = None,
                  status: str = "ok", flow_run_id: str | None = None, url: str | None = None) -> int:
-    """Record a bench result (the JSON of `moegen.bench.run_bench`, or several merged)."""
+    """Record a bench result (the JSON of `moegen.harness.bench.run_bench`, or several merged)."""
     model = model or bench.get("model") or (bench.get("config") or {}).get("model")
     if not model:
         raise ResultsError("bench JSON names no model and none was given")
@@ -340,7 +340,7 @@ def eval_cells(evaluation: dict, system: str | None = None) -> list[CellResult]:
 def record_eval(evaluation: dict | list[dict], model: str | None = None, tags: Iterable[str] = (),
                 extra_cells: Iterable[CellResult] = (), status: str = "ok", flow_run_id: str | None = None,
                 url: str | None = None) -> int:
-    """Record one or more `moegen.evaluation.run_eval` results (one per system) as one eval run;
+    """Record one or more `moegen.harness.evaluation.run_eval` results (one per system) as one eval run;
     `extra_cells` adds cells such as the throughput of a short bench beside the accuracy."""
     docs = [evaluation] if isinstance(evaluation, dict) else list(evaluation)
     if not docs:

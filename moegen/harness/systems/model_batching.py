@@ -10,7 +10,7 @@ difference between the two measures what module-based batching alone buys.
 from __future__ import annotations
 
 from moegen.errors import InputError
-from moegen.systems.moegen_engine import ENGINE_OPTIONS, MoegenSystem
+from moegen.harness.systems.moegen_engine import ENGINE_OPTIONS, MoegenSystem
 
 
 class ModelBatchingSystem(MoegenSystem):

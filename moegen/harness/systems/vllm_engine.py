@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib.util
 import time
 
-from moegen.metrics import RunRecord
-from moegen.systems.base import Generation, System
-from moegen.systems.hf_common import hf_skip_reason
-from moegen.workloads import Workload
+from moegen.engine.stats import RunRecord
+from moegen.harness.systems.base import Generation, System
+from moegen.harness.systems.hf_common import hf_skip_reason
+from moegen.harness.workloads import Workload
 
 
 class VLLMSystem(System):

@@ -4,7 +4,7 @@ A system subclasses `System` and implements `load` (build the model once) and `g
 timed pass over the whole workload). `System.run` does the rest the same way for all of them, so
 no system measures itself differently: options checked, memory watched from before the load to
 after the last pass, a short untimed warm-up, `repeat` timed passes of which the median (by
-end-to-end tokens/s) is reported, and every metric computed by moegen.metrics.
+end-to-end tokens/s) is reported, and every metric computed by moegen.harness.metrics.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moegen.errors import InputError, MoegenError
-from moegen.metrics import RunRecord, e2e_tokens_per_s
-from moegen.workloads import Workload
+from moegen.engine.stats import RunRecord
+from moegen.harness.metrics import e2e_tokens_per_s
+from moegen.harness.workloads import Workload
 
 
 class SystemFailedError(MoegenError):
@@ -83,8 +84,8 @@ class System:
             repeat: int = 1, warmup: bool = True, peaks=None, usd_per_hour: float | None = None,
             **options) -> RunResult:
         """Load, warm up, generate `repeat` times; metrics of the median pass. `peaks`
-        (moegen.systems.peaks.Peaks) enables S-MFU/S-MBU; `usd_per_hour` the cost per token."""
-        from moegen.systems.measure import MemoryMonitor, run_metrics
+        (moegen.harness.systems.peaks.Peaks) enables S-MFU/S-MBU; `usd_per_hour` the cost per token."""
+        from moegen.harness.systems.measure import MemoryMonitor, run_metrics
 
         options = self.check_options(options)
         if repeat < 1:

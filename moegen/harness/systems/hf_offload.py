@@ -13,9 +13,9 @@ import psutil
 import torch
 
 from moegen.engine.memory import parse_bytes
-from moegen.systems.base import SystemFailedError
-from moegen.systems.hf_common import hf_skip_reason, load_hf_model, make_handle
-from moegen.systems.hf_generate import HFGenerateSystem
+from moegen.harness.systems.base import SystemFailedError
+from moegen.harness.systems.hf_common import hf_skip_reason, load_hf_model, make_handle
+from moegen.harness.systems.hf_generate import HFGenerateSystem
 
 
 class HFOffloadSystem(HFGenerateSystem):

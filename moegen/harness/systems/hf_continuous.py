@@ -20,10 +20,10 @@ import math
 import time
 
 from moegen.errors import InputError
-from moegen.metrics import RunRecord
-from moegen.systems.base import Generation, SystemFailedError, cut_after_eos
-from moegen.systems.hf_common import GREEDY, HFHandle, HFSystem, decode_all, synchronize
-from moegen.workloads import Workload
+from moegen.engine.stats import RunRecord
+from moegen.harness.systems.base import Generation, SystemFailedError, cut_after_eos
+from moegen.harness.systems.hf_common import GREEDY, HFHandle, HFSystem, decode_all, synchronize
+from moegen.harness.workloads import Workload
 
 PAGE_SIZE = 256              # transformers' default page size (tokens per block)
 CPU_MAX_BATCH_TOKENS = 1024

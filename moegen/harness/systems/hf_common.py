@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moegen.dtypes import parse_dtype
-from moegen.systems.base import System, eos_ids
+from moegen.harness.systems.base import System, eos_ids
 
 # A checkpoint's generation_config.json may ask for sampling or penalties (Qwen sets
 # repetition_penalty 1.05, top_k 20...). transformers fills every setting a call leaves unset from
@@ -20,7 +20,7 @@ GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ng
 
 
 def hf_skip_reason(model_path) -> str | None:
-    from moegen.systems.moegen_engine import ConfigModel
+    from moegen.harness.systems.moegen_engine import ConfigModel
     if isinstance(model_path, ConfigModel):
         return "needs a checkpoint with weights (a config name runs with moegen's dummy weights only)"
     return None

@@ -22,7 +22,7 @@ import torch
 
 from moegen.errors import InputError
 from moegen.jsonl import numbered_jsonl
-from moegen.tasks_lm_eval.gsm8k_data import gsm8k_dir as default_gsm8k_dir  # $MOEGEN_GSM8K_DIR or ../shared
+from moegen.harness.lm_eval_tasks.gsm8k_data import gsm8k_dir as default_gsm8k_dir  # $MOEGEN_GSM8K_DIR or ../shared
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 KINDS = ("synthetic", "gsm8k", "hf")

@@ -7,7 +7,7 @@ a YAML file that ships with the package. The task YAMLs name `!function gsm8k_da
 time: `$MOEGEN_GSM8K_DIR` if set, else `../shared/data/gsm8k` next to the repository.
 
 Every row is validated first, so a bad file is an error naming the file and line, not a
-KeyError deep inside lm-eval. This module is imported both as `moegen.tasks_lm_eval.gsm8k_data`
+KeyError deep inside lm-eval. This module is imported both as `moegen.harness.lm_eval_tasks.gsm8k_data`
 and, by lm-eval's `!function`, straight from its file path: it imports only absolute names.
 """
 import os

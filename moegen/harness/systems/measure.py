@@ -1,6 +1,6 @@
 """Measures every system gets alike: peak memory while it runs, and its metrics dict.
 
-The throughput, S-MFU/S-MBU and cost formulas live in moegen.metrics; this module only feeds
+The throughput, S-MFU/S-MBU and cost formulas live in moegen.harness.metrics; this module only feeds
 them (model shape, the run's record, the hardware peaks) and adds memory and accuracy.
 """
 from __future__ import annotations
@@ -11,9 +11,10 @@ import threading
 import psutil
 
 from moegen.dtypes import parse_dtype
-from moegen.metrics import PHASES, RunRecord, throughput_report
+from moegen.engine.stats import PHASES, RunRecord
+from moegen.harness.metrics import throughput_report
 from moegen.planner.model_spec import ModelSpec
-from moegen.workloads import Workload, accuracy
+from moegen.harness.workloads import Workload, accuracy
 
 SAMPLE_S = 0.02
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from moegen.systems.base import Generation, System
-from moegen.workloads import Workload
+from moegen.harness.systems.base import Generation, System
+from moegen.harness.workloads import Workload
 
 ENGINE_OPTIONS = ("max_batch", "attn_micro_batch", "max_prefill_tokens", "expert_chunk", "streaming",
                   "num_buffers", "host_memory", "device_memory")

@@ -16,18 +16,11 @@ The engine fills a RunRecord with what it measured; everything else comes from t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from moegen.planner.model_spec import ModelSpec
-
-PHASES = ("prefill", "decode", "total")
+from moegen.engine.stats import PHASES, RunRecord, check_phase, tokens_per_s
+from moegen.planner.model_spec import ModelSpec, expected_distinct_experts
 
 
 # ---- plain ------------------------------------------------------------------------------------
-
-def tokens_per_s(tokens: int, seconds: float) -> float:
-    return tokens / seconds if seconds > 0 else 0.0
-
 
 def prefill_tokens_per_s(prompt_tokens: int, prefill_s: float) -> float:
     return tokens_per_s(prompt_tokens, prefill_s)
@@ -35,12 +28,6 @@ def prefill_tokens_per_s(prompt_tokens: int, prefill_s: float) -> float:
 
 def decode_tokens_per_s(decode_tokens: int, decode_s: float) -> float:
     return tokens_per_s(decode_tokens, decode_s)
-
-
-def lockstep_steps(gen_lens) -> list[int]:
-    """Useful sequences per decode step of a lockstep batch: step j serves the sequences that
-    still need a token (each sequence's first new token comes from prefill)."""
-    return [sum(g - 1 > j for g in gen_lens) for j in range(max((g - 1 for g in gen_lens), default=0))]
 
 
 def e2e_tokens_per_s(generated_tokens: int, wall_s: float) -> float:
@@ -55,96 +42,8 @@ def usd_per_million_tokens(rate_tokens_per_s: float, usd_per_hour: float) -> flo
     return usd_per_hour / 3600.0 / rate_tokens_per_s * 1e6
 
 
-def expected_distinct_experts(num_experts: int, top_k: int, tokens: float) -> float:
-    """Expected number of experts of one layer that get >= 1 of `tokens` tokens when each token
-    picks top_k distinct experts uniformly: an expert is missed by one token with probability
-    1 - k/E, by all of them with (1 - k/E)^T."""
-    if tokens <= 0 or num_experts <= 0:
-        return 0.0
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
-
-
-# ---- what the engine measured -----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One run's accounting. Sequence i has prompt_lens[i] prompt tokens and gen_lens[i] new
-    tokens, the first sampled from the prefill's logits and each further one costing a decode
-    step. A forward pass is either a prefill pass or a decode step.
-
-    prefill_pass_tokens: tokens in each prefill pass; () = all prompts in one pass.
-    decode_step_seqs: sequences in each decode step; () = lockstep (step j runs the sequences
-        that still need a token).
-    *_distinct_experts: sum over that phase's passes and over MoE layers of the number of experts
-        that received >= 1 token; None = estimate with uniform routing.
-    wall_s: the whole run; None = prefill_s + decode_s (phases that do not overlap).
-    """
-    prompt_lens: tuple[int, ...]
-    gen_lens: tuple[int, ...]
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    wall_s: float | None = None
-    prefill_pass_tokens: tuple[int, ...] = ()
-    decode_step_seqs: tuple[int, ...] = ()
-    prefill_distinct_experts: int | None = None
-    decode_distinct_experts: int | None = None
-
-    def __post_init__(self):
-        for name in ("prompt_lens", "gen_lens", "prefill_pass_tokens", "decode_step_seqs"):
-            object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
-        if len(self.prompt_lens) != len(self.gen_lens):
-            raise ValueError(f"RunRecord: {len(self.prompt_lens)} prompt_lens but {len(self.gen_lens)} gen_lens")
-        if min(self.prompt_lens + self.gen_lens, default=0) < 0:
-            raise ValueError("RunRecord: negative prompt or generation length")
-        self._check_sum("prefill_pass_tokens", self.prompt_tokens)
-        self._check_sum("decode_step_seqs", self.decode_tokens)
-
-    def _check_sum(self, name: str, expected: int) -> None:
-        got = getattr(self, name)
-        if got and sum(got) != expected:
-            raise ValueError(f"RunRecord: {name} sums to {sum(got)}, expected {expected}")
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(self.prompt_lens)
-
-    @property
-    def generated_tokens(self) -> int:
-        return sum(self.gen_lens)
-
-    @property
-    def decode_tokens(self) -> int:
-        """Tokens fed through decode steps (each sequence's first new token comes from prefill)."""
-        return sum(max(g - 1, 0) for g in self.gen_lens)
-
-    @property
-    def total_s(self) -> float:
-        return self.wall_s if self.wall_s is not None else self.prefill_s + self.decode_s
-
-    def prefill_passes(self) -> tuple[int, ...]:
-        """Tokens per prefill pass."""
-        if self.prefill_pass_tokens:
-            return self.prefill_pass_tokens
-        return (self.prompt_tokens,) if self.prompt_tokens else ()
-
-    def decode_steps(self) -> tuple[int, ...]:
-        """Sequences (= tokens) per decode step."""
-        if self.decode_step_seqs:
-            return self.decode_step_seqs
-        return tuple(lockstep_steps(self.gen_lens))
-
-    def latency_s(self, phase: str) -> float:
-        return {"prefill": self.prefill_s, "decode": self.decode_s, "total": self.total_s}[_check_phase(phase)]
-
-
-def _check_phase(phase: str) -> str:
-    if phase not in PHASES:
-        raise ValueError(f"phase {phase!r} is not one of {', '.join(PHASES)}")
-    return phase
-
-
 def _phases(phase: str) -> tuple[str, ...]:
-    return ("prefill", "decode") if _check_phase(phase) == "total" else (phase,)
+    return ("prefill", "decode") if check_phase(phase) == "total" else (phase,)
 
 
 # ---- FLOPs and bytes actually done ------------------------------------------------------------

@@ -15,10 +15,11 @@ import time
 import torch
 
 from moegen.errors import InputError
-from moegen.metrics import RunRecord, e2e_tokens_per_s, lockstep_steps
-from moegen.systems.base import Generation, cut_after_eos
-from moegen.systems.hf_common import GREEDY, FirstLogitsTimer, HFHandle, HFSystem, decode_all, synchronize
-from moegen.workloads import Workload
+from moegen.engine.stats import RunRecord, lockstep_steps
+from moegen.harness.metrics import e2e_tokens_per_s
+from moegen.harness.systems.base import Generation, cut_after_eos
+from moegen.harness.systems.hf_common import GREEDY, FirstLogitsTimer, HFHandle, HFSystem, decode_all, synchronize
+from moegen.harness.workloads import Workload
 
 BATCH_SIZES = (16, 64, 256)
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
 
-from moegen import results
+from moegen.harness import results
+from moegen.harness.console import make_console
 
 # The metrics shown in the history table, in this order, when a cell has them.
 HEADLINE = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_s_mfu", "decode_s_mbu",
@@ -65,10 +65,6 @@ def compare_table(run_a: int, run_b: int, rows: list[dict]) -> Table:
     return table
 
 
-def make_console() -> Console:
-    """The terminal's width, or a wide one when printing to a file or pipe (rich defaults to 80)."""
-    console = Console()
-    return console if console.is_terminal else Console(width=220)
 
 
 def cmd_results(args: argparse.Namespace) -> None:

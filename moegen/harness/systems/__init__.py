@@ -1,6 +1,6 @@
 """The systems under test, by name. Each runs a Workload and returns a RunResult:
 
-    from moegen.systems import get_system
+    from moegen.harness.systems import get_system
     result = get_system("hf-generate").run(model_dir, workload, dtype="float32", device="cpu", batch_size=16)
 
 moegen                 our engine, module-based batching, default/planned settings
@@ -11,13 +11,13 @@ hf-offload             transformers + accelerate device_map offloading (CUDA onl
 vllm                   vLLM offline generate (CUDA and vllm installed only)
 """
 from moegen.errors import InputError
-from moegen.systems.base import Generation, RunResult, System, SystemFailedError
-from moegen.systems.hf_continuous import HFContinuousSystem
-from moegen.systems.hf_generate import HFGenerateSystem
-from moegen.systems.hf_offload import HFOffloadSystem
-from moegen.systems.model_batching import ModelBatchingSystem
-from moegen.systems.moegen_engine import ConfigModel, MoegenSystem
-from moegen.systems.vllm_engine import VLLMSystem
+from moegen.harness.systems.base import Generation, RunResult, System, SystemFailedError
+from moegen.harness.systems.hf_continuous import HFContinuousSystem
+from moegen.harness.systems.hf_generate import HFGenerateSystem
+from moegen.harness.systems.hf_offload import HFOffloadSystem
+from moegen.harness.systems.model_batching import ModelBatchingSystem
+from moegen.harness.systems.moegen_engine import ConfigModel, MoegenSystem
+from moegen.harness.systems.vllm_engine import VLLMSystem
 
 SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (
     MoegenSystem, ModelBatchingSystem, HFGenerateSystem, HFContinuousSystem, HFOffloadSystem, VLLMSystem)}

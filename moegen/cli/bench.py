@@ -1,4 +1,4 @@
-"""`moegen bench`: compare systems on one workload; prints a table, writes the JSON of moegen.bench.
+"""`moegen bench`: compare systems on one workload; prints a table, writes the JSON of moegen.harness.bench.
 
     moegen bench --model DIR --systems moegen,hf-generate --workload synthetic:prompt=128,gen=64,n=256 \
         [--repeat K] [--dtype bfloat16] [--device cpu] [--usd-per-hour X] [--json OUT.json] \
@@ -118,7 +118,7 @@ def agreement_line(report: dict) -> str:
 
 
 def cmd_bench(args) -> None:
-    from moegen.bench import run_bench, write_json
+    from moegen.harness.bench import run_bench, write_json
     report = run_bench(args.model, args.systems, args.workload, repeat=args.repeat, dtype=args.dtype,
                        device=args.device, dummy_weights=args.dummy_weights, usd_per_hour=args.usd_per_hour,
                        options=options_of(args.opt), probe=args.probe, outputs=args.outputs,

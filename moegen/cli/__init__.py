@@ -1,0 +1,35 @@
+"""`moegen` command line: one module per command, registered in COMMANDS.
+
+Each module defines add_subparser(subparsers) and keeps its heavy imports inside the command
+function, so `moegen --help` stays fast. A MoegenError is a user's mistake: one line, exit 2.
+"""
+import argparse
+import importlib
+import sys
+
+from moegen.errors import MoegenError
+
+COMMANDS = ["moegen.cli.fixture", "moegen.cli.generate", "moegen.cli.ops", "moegen.cli.plan", "moegen.cli.bench",
+            "moegen.cli.eval", "moegen.cli.results"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moegen", description="High-throughput offline MoE inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        importlib.import_module(module).add_subparser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MoegenError as e:
+        print(f"moegen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""What a run measured: the engine's running stats (EngineStats) and the accounting record every
+system under test produces (RunRecord), from which moegen.harness.metrics derives its figures."""
+from dataclasses import dataclass, field
+
+PHASES = ("prefill", "decode", "total")
+
+
+def tokens_per_s(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0          # prompt tokens, incl. loglikelihood scoring (no pass record)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    experts_run: int = 0             # (layer, expert) pairs that ran, summed over steps
+    experts_skipped: int = 0         # (layer, expert) pairs with no token, never run nor copied
+    attention: str = ""
+    prefill_pass_tokens: list = field(default_factory=list)   # tokens per prefill pass
+    decode_step_seqs: list = field(default_factory=list)      # sequences per decode step
+    prefill_distinct_experts: int = 0  # experts_run during prefill passes (for S-MBU)
+    decode_distinct_experts: int = 0
+
+    @property
+    def prefill_steps(self) -> int:
+        return len(self.prefill_pass_tokens)
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.decode_step_seqs)
+
+    @property
+    def decode_tokens(self) -> int:
+        return sum(self.decode_step_seqs)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return tokens_per_s(self.prefill_tokens, self.prefill_s)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return tokens_per_s(self.decode_tokens, self.decode_s)
+
+
+def lockstep_steps(gen_lens) -> list[int]:
+    """Useful sequences per decode step of a lockstep batch: step j serves the sequences that
+    still need a token (each sequence's first new token comes from prefill)."""
+    return [sum(g - 1 > j for g in gen_lens) for j in range(max((g - 1 for g in gen_lens), default=0))]
+
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run's accounting. Sequence i has prompt_lens[i] prompt tokens and gen_lens[i] new
+    tokens, the first sampled from the prefill's logits and each further one costing a decode
+    step. A forward pass is either a prefill pass or a decode step.
+
+    prefill_pass_tokens: tokens in each prefill pass; () = all prompts in one pass.
+    decode_step_seqs: sequences in each decode step; () = lockstep (step j runs the sequences
+        that still need a token).
+    *_distinct_experts: sum over that phase's passes and over MoE layers of the number of experts
+        that received >= 1 token; None = estimate with uniform routing.
+    wall_s: the whole run; None = prefill_s + decode_s (phases that do not overlap).
+    """
+    prompt_lens: tuple[int, ...]
+    gen_lens: tuple[int, ...]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    wall_s: float | None = None
+    prefill_pass_tokens: tuple[int, ...] = ()
+    decode_step_seqs: tuple[int, ...] = ()
+    prefill_distinct_experts: int | None = None
+    decode_distinct_experts: int | None = None
+
+    def __post_init__(self):
+        for name in ("prompt_lens", "gen_lens", "prefill_pass_tokens", "decode_step_seqs"):
+            object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
+        if len(self.prompt_lens) != len(self.gen_lens):
+            raise ValueError(f"RunRecord: {len(self.prompt_lens)} prompt_lens but {len(self.gen_lens)} gen_lens")
+        if min(self.prompt_lens + self.gen_lens, default=0) < 0:
+            raise ValueError("RunRecord: negative prompt or generation length")
+        self._check_sum("prefill_pass_tokens", self.prompt_tokens)
+        self._check_sum("decode_step_seqs", self.decode_tokens)
+
+    def _check_sum(self, name: str, expected: int) -> None:
+        got = getattr(self, name)
+        if got and sum(got) != expected:
+            raise ValueError(f"RunRecord: {name} sums to {sum(got)}, expected {expected}")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.prompt_lens)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(self.gen_lens)
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens fed through decode steps (each sequence's first new token comes from prefill)."""
+        return sum(max(g - 1, 0) for g in self.gen_lens)
+
+    @property
+    def total_s(self) -> float:
+        return self.wall_s if self.wall_s is not None else self.prefill_s + self.decode_s
+
+    def prefill_passes(self) -> tuple[int, ...]:
+        """Tokens per prefill pass."""
+        if self.prefill_pass_tokens:
+            return self.prefill_pass_tokens
+        return (self.prompt_tokens,) if self.prompt_tokens else ()
+
+    def decode_steps(self) -> tuple[int, ...]:
+        """Sequences (= tokens) per decode step."""
+        if self.decode_step_seqs:
+            return self.decode_step_seqs
+        return tuple(lockstep_steps(self.gen_lens))
+
+    def latency_s(self, phase: str) -> float:
+        return {"prefill": self.prefill_s, "decode": self.decode_s, "total": self.total_s}[check_phase(phase)]
+
+
+
+def check_phase(phase: str) -> str:
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r} is not one of {', '.join(PHASES)}")
+    return phase
+
