@@ -4,7 +4,8 @@
 # runs/prefect/; deployments/stop.sh takes it all down again.
 #
 # Settings (environment): PREFECT_PORT (4200), MOEGEN_PREFECT_DIR (runs/prefect: logs, pids,
-# env.sh), PREFECT_HOME (<that dir>/home: the server's database), VENV (.venv).
+# env.sh), PREFECT_HOME (<that dir>/home: the server's database), VENV (.venv), MOEGEN_RESULTS_URL
+# (the results database every flow run records into; default SQLite at <repo>/results/moegen.db).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -18,6 +19,8 @@ mkdir -p "$STATE"
 STATE="$(cd "$STATE" && pwd)"
 
 export MOEGEN_REPO="$REPO"
+# absolute, so flow runs (which work from $REPO) and later shells (env.sh, anywhere) share one database
+export MOEGEN_RESULTS_URL="${MOEGEN_RESULTS_URL:-sqlite:///$REPO/results/moegen.db}"
 export PREFECT_HOME="${PREFECT_HOME:-$STATE/home}"
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
@@ -71,6 +74,7 @@ fi
 
 cat >"$STATE/env.sh" <<EOF
 export PREFECT_API_URL=$PREFECT_API_URL
+export MOEGEN_RESULTS_URL='$MOEGEN_RESULTS_URL'
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 EOF
 
@@ -80,6 +84,8 @@ The moegen Prefect stack is up.
   UI / API:   http://127.0.0.1:$PORT  (API $PREFECT_API_URL)
   Run one:    source $STATE/env.sh && $PREFECT deployment run eval/mixtral --watch
               (parameters: -p limit=4 -p num_fewshot=0; nightly bench: bench/nightly; example: generate/gsm8k)
+  Results:    $MOEGEN_RESULTS_URL  (moegen results --last 5, after sourcing env.sh)
+  Schedules:  bench/nightly's runs appear as Scheduled within a minute: $PREFECT flow-run ls --state SCHEDULED
   Logs:       $STATE/server.log, $STATE/worker.log
   Stop:       ${MOEGEN_PREFECT_DIR:+MOEGEN_PREFECT_DIR=$STATE }deployments/stop.sh
 EOF
