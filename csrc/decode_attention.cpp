@@ -13,9 +13,9 @@
 //  * items are claimed dynamically, longest first, so ragged batches balance across threads.
 // MLA (absorbed DeepSeek attention) is the same kernel with one kv head whose V is a prefix of K.
 //
-// Compiled with -march=native by moegen/ops/build.py: the SIMD layer is picked at compile time
-// (AVX-512, with bf16 dot products for bf16 scores where the CPU has them; AVX2+FMA+F16C; or
-// portable scalar) and the build cache is keyed by the host CPU.
+// Compiled with -march=native by moegen/ops/build.py: the SIMD layer (csrc/simd.h) is picked at
+// compile time (AVX-512, with bf16 dot products for bf16 scores where the CPU has them;
+// AVX2+FMA+F16C; or portable scalar) and the build cache is keyed by the host CPU.
 // Knobs (-D via MOEGEN_OPS_CFLAGS): MOEGEN_TILE (tokens per tile), MOEGEN_PREFETCH=0, and
 // MOEGEN_SIMD_AVX2 / MOEGEN_SIMD_SCALAR to force a narrower code path (tests use them).
 
@@ -41,9 +41,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 #ifndef MOEGEN_OPS_NS
 #define MOEGEN_OPS_NS moegen_ops
@@ -54,207 +52,11 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// --------------------------------------------------------------------------------------------
-// SIMD layer: one `Simd` struct per build. Everything above it is written once against it.
-// kAccRegs is how many accumulator registers a micro-kernel may keep live (half the register
-// file, leaving room for the K/V operands).
-// --------------------------------------------------------------------------------------------
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
-
-struct Simd {
-  using Reg = __m512;
-  static constexpr int W = 16;
-  static constexpr int kAccRegs = 16;
-  static constexpr const char* kName = "native-avx512";
-#ifdef __AVX512BF16__
-#define MOEGEN_BF16_DOT 1
-  // bf16 x bf16 dot products in one instruction (exact products, fp32 sums), used for scores.
-  static constexpr bool kBf16Dot = true;
-  static Reg dot_bf16(Reg acc, __m512i a, __m512i b) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-  }
-#else
-  static constexpr bool kBf16Dot = false;
-#endif
-
-  static Reg zero() { return _mm512_setzero_ps(); }
-  static Reg set1(float x) { return _mm512_set1_ps(x); }
-  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
-  static Reg load(const c10::BFloat16* p) {
-    // bf16 is the top half of an fp32: widen and shift.
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static Reg load(const c10::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static void store(float* p, Reg r) { _mm512_storeu_ps(p, r); }
-  static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
-  static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
-  static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
-  static Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
-  static float reduce_add(Reg r) { return _mm512_reduce_add_ps(r); }
-  static float reduce_max(Reg r) { return _mm512_reduce_max_ps(r); }
-
-  static Reg exp(Reg x) {
-    // exp(x) = 2^n * e^r with n = round(x / ln2), |r| <= ln2/2, e^r by a degree-7 polynomial.
-    // Inputs below the normal range (including the -inf of masked lanes) give exactly 0.
-    const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-    const Reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const Reg r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f),
-                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-    const Reg p = poly(r);
-    const __m512i pow2n =
-        _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), p, _mm512_castsi512_ps(pow2n));
-  }
-
-  // Returns lane j = horizontal sum of acc[j], for 16 accumulators, in 30 shuffles/adds
-  // instead of 16 separate reductions.
-  static Reg reduce_lanes(const Reg* acc) {
-    Reg x[8], y[4], z[2];
-    for (int i = 0; i < 8; ++i) {  // lanes now hold (a, b, a, b) partial sums per 128 bits
-      x[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
-                           _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
-    }
-    for (int i = 0; i < 4; ++i) {  // (a, b, c, d) per 128 bits
-      const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
-      y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
-                           _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    for (int i = 0; i < 2; ++i) {  // fold 128-bit lanes pairwise
-      z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88),
-                           _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
-    }
-    return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
-                         _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
-  }
-
- private:
-  static Reg poly(Reg r) {
-    // Taylor coefficients 1/k!; truncation error < 2e-8 relative on |r| <= ln2/2.
-    Reg p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  }
-};
-
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(MOEGEN_SIMD_SCALAR)
-
-struct Simd {
-  using Reg = __m256;
-  static constexpr int W = 8;
-  static constexpr int kAccRegs = 8;
-  static constexpr const char* kName = "native-avx2";
-  static constexpr bool kBf16Dot = false;
-
-  static Reg zero() { return _mm256_setzero_ps(); }
-  static Reg set1(float x) { return _mm256_set1_ps(x); }
-  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static Reg load(const c10::BFloat16* p) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  static Reg load(const c10::Half* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static void store(float* p, Reg r) { _mm256_storeu_ps(p, r); }
-  static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
-  static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
-  static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
-  static Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
-  static float reduce_add(Reg r) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-  }
-  static float reduce_max(Reg r) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-  }
-
-  static Reg exp(Reg x) {  // same scheme as the AVX-512 version
-    const Reg keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const Reg n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const Reg r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f),
-                                   _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
-    Reg p = _mm256_set1_ps(1.f / 5040.f);
-    const float c[] = {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f};
-    for (float ck : c) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(ck));
-    const __m256i pow2n =
-        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(keep, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)));
-  }
-
-  static Reg reduce_lanes(const Reg* acc) {  // lane j = sum(acc[j]), 8 accumulators
-    Reg x[4], y[2];
-    for (int i = 0; i < 4; ++i) {
-      x[i] = _mm256_add_ps(_mm256_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
-                           _mm256_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
-    }
-    for (int i = 0; i < 2; ++i) {
-      const __m256d a = _mm256_castps_pd(x[2 * i]), b = _mm256_castps_pd(x[2 * i + 1]);
-      y[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
-                           _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
-    }
-    return _mm256_add_ps(_mm256_permute2f128_ps(y[0], y[1], 0x20),
-                         _mm256_permute2f128_ps(y[0], y[1], 0x31));
-  }
-};
-
-#else
-
-struct Simd {  // portable: one lane, the compiler may still auto-vectorise around it
-  using Reg = float;
-  static constexpr int W = 1;
-  static constexpr int kAccRegs = 8;
-  static constexpr const char* kName = "native";
-  static constexpr bool kBf16Dot = false;
-
-  static Reg zero() { return 0.f; }
-  static Reg set1(float x) { return x; }
-  static Reg load(const float* p) { return *p; }
-  static Reg load(const c10::BFloat16* p) { return static_cast<float>(*p); }
-  static Reg load(const c10::Half* p) { return static_cast<float>(*p); }
-  static void store(float* p, Reg r) { *p = r; }
-  static Reg fma(Reg a, Reg b, Reg c) { return a * b + c; }
-  static Reg add(Reg a, Reg b) { return a + b; }
-  static Reg sub(Reg a, Reg b) { return a - b; }
-  static Reg mul(Reg a, Reg b) { return a * b; }
-  static Reg max(Reg a, Reg b) { return a > b ? a : b; }
-  static float reduce_add(Reg r) { return r; }
-  static float reduce_max(Reg r) { return r; }
-  static Reg exp(Reg x) { return std::exp(x); }
-  static Reg reduce_lanes(const Reg* acc) { return acc[0]; }
-};
-
-#endif
-
-using Reg = Simd::Reg;
-constexpr int W = Simd::W;
-
-// Loads n < W elements, zero-filling the rest, without touching memory past the row.
-template <class T>
-inline Reg load_partial(const T* p, int n) {
-  T buf[W];
-  std::memset(static_cast<void*>(buf), 0, sizeof(buf));
-  std::memcpy(static_cast<void*>(buf), p, n * sizeof(T));
-  return Simd::load(buf);
-}
+// The SIMD layer (csrc/simd.h): everything below is written once against `Simd`.
+using moegen_simd::load_partial;
+using moegen_simd::Reg;
+using moegen_simd::Simd;
+using moegen_simd::W;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -7,8 +7,8 @@
 // exactly where the eager sequence in moegen/layers rounds, so results equal eager's bit for bit
 // except where fp32 summation order (RMSNorm's mean) or exp's last ulp (SiLU) differ.
 //
-// SIMD: AVX-512 where the build has it (16 fp32 lanes; row tails go through a 16-lane buffer so
-// every element sees the same arithmetic), else portable scalar code.
+// SIMD: written once against csrc/simd.h (AVX-512, AVX2 or scalar). A row's tail is loaded
+// zero-padded into a full vector, so every element sees the same arithmetic.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,14 +20,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
-#define MOEGEN_EW_AVX512 1
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 #ifndef MOEGEN_OPS_NS
 #define MOEGEN_OPS_NS moegen_ops
@@ -36,153 +30,68 @@
 namespace moegen_ew {
 namespace {
 
-// Storage (bf16/fp16) <-> fp32, scalar: c10's conversions round to nearest even, as PyTorch's casts do.
-template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
-template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
-// Round an fp32 value the way storing it as T and reading it back would.
-template <typename T> inline float round_f(float v) { return to_f<T>(from_f<T>(v)); }
+using moegen_simd::Reg;
+using moegen_simd::Simd;
+using moegen_simd::W;
 
-#ifdef MOEGEN_EW_AVX512
-constexpr int W = 16;
-using V = __m512;
-
-template <typename T> inline V load(const T* p);
-template <> inline V load<c10::BFloat16>(const c10::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-template <> inline V load<c10::Half>(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// bf16 bits of v rounded to nearest even, one per 32-bit lane; NaN -> quiet NaN (0x7fc0), as
-// c10::BFloat16 does.
-inline __m512i bf16_bits(V v) {
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-}
-
-template <typename T> inline void store(T* p, V v);
-template <> inline void store<c10::BFloat16>(c10::BFloat16* p, V v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
-}
-template <> inline void store<c10::Half>(c10::Half* p, V v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-// v rounded to T and read back as fp32, in registers.
-template <typename T> inline V round_v(V v) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
-  } else {
-    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
-}
-
-// exp(x) in fp32 to ~1 ulp: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2 (Cephes' expf polynomial).
-inline V exp_v(V x) {
-  const V log2e = _mm512_set1_ps(1.44269504088896341f);
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
-  V n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  V p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  V r2 = _mm512_mul_ps(r, r);
-  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);  // exact scaling by 2^n, with overflow to inf / gradual underflow
-}
-
-// Apply `f(lanes...) -> V` over [0, n) in W-lane steps; the tail is padded through a buffer.
+// Apply `f(lanes...) -> Reg` over [0, n) in W-lane steps.
 template <typename T, int NIN, typename F>
 inline void map_lanes(int64_t n, const T* const (&in)[NIN], T* out, F f) {
   int64_t i = 0;
   for (; i + W <= n; i += W) {
-    V a[NIN];
-    for (int k = 0; k < NIN; ++k) a[k] = load<T>(in[k] + i);
-    store<T>(out + i, f(a));
+    Reg a[NIN];
+    for (int k = 0; k < NIN; ++k) a[k] = Simd::load(in[k] + i);
+    Simd::store(out + i, f(a));
   }
   if (i < n) {
-    alignas(64) T buf[NIN][W];
-    alignas(64) T res[W];
-    std::memset(buf, 0, sizeof(buf));
-    for (int k = 0; k < NIN; ++k) std::memcpy(buf[k], in[k] + i, (n - i) * sizeof(T));
-    V a[NIN];
-    for (int k = 0; k < NIN; ++k) a[k] = load<T>(buf[k]);
-    store<T>(res, f(a));
-    std::memcpy(out + i, res, (n - i) * sizeof(T));
+    const int tail = static_cast<int>(n - i);
+    Reg a[NIN];
+    for (int k = 0; k < NIN; ++k) a[k] = moegen_simd::load_partial(in[k] + i, tail);
+    moegen_simd::store_partial(out + i, f(a), tail);
   }
 }
-#endif
 
 // ---- RMSNorm: out = w * round(x * rsqrt(mean(x^2) + eps)) -------------------------------------
 template <typename T>
 void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
-#ifdef MOEGEN_EW_AVX512
-  V acc = _mm512_setzero_ps();
+  Reg acc = Simd::zero();
   int64_t i = 0;
   for (; i + W <= h; i += W) {
-    V v = load<T>(x + i);
-    acc = _mm512_fmadd_ps(v, v, acc);
+    const Reg v = Simd::load(x + i);
+    acc = Simd::fma(v, v, acc);
   }
-  float sum = _mm512_reduce_add_ps(acc);
-  for (; i < h; ++i) sum += to_f(x[i]) * to_f(x[i]);
-  const V r = _mm512_set1_ps(1.0f / std::sqrt(sum / static_cast<float>(h) + eps));
-  const T* in2[2] = {x, w};
-  map_lanes<T, 2>(h, in2, out, [&](V* a) { return _mm512_mul_ps(a[1], round_v<T>(_mm512_mul_ps(a[0], r))); });
-#else
-  float sum = 0.f;
-  for (int64_t i = 0; i < h; ++i) sum += to_f(x[i]) * to_f(x[i]);
-  const float r = 1.0f / std::sqrt(sum / static_cast<float>(h) + eps);
-  for (int64_t i = 0; i < h; ++i) out[i] = from_f<T>(to_f(w[i]) * round_f<T>(to_f(x[i]) * r));
-#endif
+  float sum = Simd::reduce_add(acc);
+  for (; i < h; ++i) sum += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+  const Reg r = Simd::set1(1.0f / std::sqrt(sum / static_cast<float>(h) + eps));
+  const T* in[2] = {x, w};
+  map_lanes<T, 2>(h, in, out, [&](Reg* a) { return Simd::mul(a[1], Simd::round_to<T>(Simd::mul(a[0], r))); });
 }
 
 // ---- silu(gate) * up, gate_up = [gate | up] per row -------------------------------------------
 template <typename T>
 void silu_mul_row(const T* gate, const T* up, T* out, int64_t n) {
-#ifdef MOEGEN_EW_AVX512
   const T* in[2] = {gate, up};
-  const V one = _mm512_set1_ps(1.0f);
-  map_lanes<T, 2>(n, in, out, [&](V* a) {
-    V s = _mm512_div_ps(a[0], _mm512_add_ps(one, exp_v(_mm512_sub_ps(_mm512_setzero_ps(), a[0]))));
-    return _mm512_mul_ps(round_v<T>(s), a[1]);
+  const Reg one = Simd::set1(1.0f);
+  map_lanes<T, 2>(n, in, out, [&](Reg* a) {
+    const Reg s = Simd::div(a[0], Simd::add(one, Simd::exp(Simd::sub(Simd::zero(), a[0]))));
+    return Simd::mul(Simd::round_to<T>(s), a[1]);
   });
-#else
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = to_f(gate[i]);
-    out[i] = from_f<T>(round_f<T>(g / (1.0f + std::exp(-g))) * to_f(up[i]));
-  }
-#endif
 }
 
 // ---- rotate-half RoPE: out = round(round(x * cos) + round(rotate_half(x) * sin)) ---------------
 template <typename T>
 void rope_row(const T* x, const T* cos, const T* sin, T* out, int64_t d) {
   const int64_t half = d / 2;
-#ifdef MOEGEN_EW_AVX512
   // first half: x1 * cos1 - x2 * sin1 ; second half: x2 * cos2 + x1 * sin2 (neg is exact)
   const T* lo[4] = {x, x + half, cos, sin};
-  map_lanes<T, 4>(half, lo, out, [&](V* a) {
-    return _mm512_add_ps(round_v<T>(_mm512_mul_ps(a[0], a[2])),
-                         round_v<T>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a[1]), a[3])));
+  map_lanes<T, 4>(half, lo, out, [&](Reg* a) {
+    return Simd::add(Simd::round_to<T>(Simd::mul(a[0], a[2])),
+                     Simd::round_to<T>(Simd::mul(Simd::sub(Simd::zero(), a[1]), a[3])));
   });
   const T* hi[4] = {x + half, x, cos + half, sin + half};
-  map_lanes<T, 4>(half, hi, out + half, [&](V* a) {
-    return _mm512_add_ps(round_v<T>(_mm512_mul_ps(a[0], a[2])), round_v<T>(_mm512_mul_ps(a[1], a[3])));
+  map_lanes<T, 4>(half, hi, out + half, [&](Reg* a) {
+    return Simd::add(Simd::round_to<T>(Simd::mul(a[0], a[2])), Simd::round_to<T>(Simd::mul(a[1], a[3])));
   });
-#else
-  for (int64_t j = 0; j < half; ++j) {
-    const float x1 = to_f(x[j]), x2 = to_f(x[j + half]);
-    out[j] = from_f<T>(round_f<T>(x1 * to_f(cos[j])) + round_f<T>(-x2 * to_f(sin[j])));
-    out[j + half] = from_f<T>(round_f<T>(x2 * to_f(cos[j + half])) + round_f<T>(x1 * to_f(sin[j + half])));
-  }
-#endif
 }
 
 template <typename F>

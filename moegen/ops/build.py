@@ -2,9 +2,10 @@
 
 The shared library is compiled with ``torch.utils.cpp_extension`` into
 ``$XDG_CACHE_HOME/moegen/ops/<key>`` (``~/.cache`` when unset), where ``<key>`` hashes
-everything that changes the binary: the sources, torch and Python versions, the compiler,
-the flags and the host CPU (the code is built with ``-march=native``). A later process
-finds the finished library there and loads it without compiling or even needing ninja.
+everything that changes the binary: the sources and the headers they include, torch and
+Python versions, the compiler, the flags and the host CPU (the code is built with
+``-march=native``). A later process finds the finished library there and loads it without
+compiling or even needing ninja.
 
 ``MOEGEN_NATIVE=0`` disables the native path; ``MOEGEN_OPS_CFLAGS`` appends compiler
 flags (e.g. ``-DMOEGEN_SIMD_AVX2`` to force the AVX2 code on an AVX-512 machine).
@@ -37,6 +38,8 @@ except ImportError:  # not POSIX: builds are then only serialised by torch's own
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 # one library: decode attention (defines the op namespace) + fused elementwise ops (a fragment)
 SOURCES = (CSRC / "decode_attention.cpp", CSRC / "elementwise.cpp")
+# what the sources #include from csrc/: hashed with them and snapshotted beside them, not compiled
+HEADERS = (CSRC / "simd.h",)
 NAMESPACE = "moegen_ops"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-DNDEBUG")
 # libgomp shares its SONAME with the copy torch bundles, so both resolve to one OpenMP runtime.
@@ -169,15 +172,13 @@ def _compile(codes: dict[str, bytes], build_dir: Path, name: str, cflags, ldflag
             return lib  # another process built it while we waited
         if fcntl is not None:  # we hold the dir: a torch lock file here is stale
             (build_dir / "lock").unlink(missing_ok=True)
-        # Compile a snapshot of exactly the hashed bytes, so an edit to the source during the
-        # build cannot end up cached under the old key.
-        snapshots = []
-        for source_name, code in codes.items():
-            snapshots.append(build_dir / source_name)
-            snapshots[-1].write_bytes(code)
+        # Compile a snapshot of exactly the hashed bytes (headers included: the sources find
+        # them beside themselves), so an edit during the build cannot be cached under the old key.
+        for file_name, code in codes.items():
+            (build_dir / file_name).write_bytes(code)
         cpp_extension.load(
             name=name,
-            sources=[str(s) for s in snapshots],
+            sources=[str(build_dir / n) for n in codes if not n.endswith(".h")],
             extra_cflags=list(cflags),
             extra_ldflags=list(ldflags),
             build_directory=str(build_dir),
@@ -201,7 +202,7 @@ def _try_load(sources: tuple[Path, ...], extra_cflags: tuple[str, ...], namespac
     """Returns (NativeOps, None) or (None, BuildResult describing the failure)."""
     cflags = CFLAGS + (f"-DMOEGEN_OPS_NS={namespace}",) + tuple(extra_cflags)
     codes = {}
-    for source in sources:
+    for source in sources + HEADERS:
         try:
             codes[source.name] = source.read_bytes()
         except OSError:
