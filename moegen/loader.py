@@ -11,18 +11,30 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from moegen.dtypes import parse_dtype
 from moegen.errors import CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
 from moegen.models.model import MoEModel
-from moegen.models.registry import family
+from moegen.models.registry import checked_family, family
 
 # Kept in float32 whatever the model dtype, as transformers does (routing must not round it).
 FP32_TENSORS = re.compile(r".*\.e_score_correction_bias$")
 # Present in real checkpoints but not used for next-token generation.
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def read_json_config(cfg_file: Path) -> dict:
+    """A config.json's fields, its model_type and shape fields checked."""
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+    if "model_type" not in raw:
+        raise ConfigError(f"{cfg_file} has no model_type field")
+    checked_family(raw, where=str(cfg_file))
+    return raw
 
 
 def read_config(path: str | Path):
@@ -32,13 +44,7 @@ def read_config(path: str | Path):
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file} is missing: a checkpoint directory needs config.json")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
-    if "model_type" not in raw:
-        raise ConfigError(f"{cfg_file} has no model_type field")
-    family(raw["model_type"], where=str(cfg_file))
+    read_json_config(cfg_file)
     try:
         return AutoConfig.from_pretrained(str(path))
     except Exception as e:  # transformers raises several types for bad fields
@@ -59,9 +65,17 @@ def weight_files(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"no *.safetensors files in {path} (other weight formats are not supported)")
     names = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
+        with open_safetensors(f) as st:
             names.update({k: f for k in st.keys()})
     return names
+
+
+def open_safetensors(f: Path):
+    """safe_open, with a truncated or corrupt file reported as ours, naming it."""
+    try:
+        return safe_open(str(f), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e}); re-download or re-save it") from None
 
 
 class TensorReader:
@@ -76,9 +90,12 @@ class TensorReader:
     def get(self, name: str) -> torch.Tensor:
         f = self.files[name]
         if f not in self.handles:
-            self.handles[f] = safe_open(str(f), framework="pt")
+            self.handles[f] = open_safetensors(f)
         self.used.add(name)
-        return self.handles[f].get_tensor(name)
+        try:
+            return self.handles[f].get_tensor(name)
+        except (SafetensorError, OSError) as e:   # e.g. a file cut short after its header
+            raise CheckpointError(f"{f}: cannot read tensor {name} ({e}); the file may be truncated") from None
 
 
 def _names(names: list[str], limit: int = 12) -> str:
@@ -143,28 +160,33 @@ def load_model(path: str | Path, dtype="float32") -> MoEModel:
         if tuple(t.shape) != tuple(shapes[name]):
             raise ShapeMismatchError(f"{path}: tensor {name} has shape {tuple(t.shape)}, "
                                      f"config implies {tuple(shapes[name])}")
+        # one pass over the weights: a NaN would otherwise surface only as garbage tokens
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values")
         model.weights[name] = t.to(torch.float32 if FP32_TENSORS.match(name) else dtype)
     return model
 
 
 def config_from(source):
     """A transformers config from a config object, a config.json dict, a checkpoint directory or
-    config.json path, or the name of a bundled real-model config (moegen/configs)."""
+    a config JSON file (any name), or the name of a bundled real-model config (moegen/configs)."""
     if hasattr(source, "model_type") and not isinstance(source, dict):
         family(source.model_type)
         return source
-    if isinstance(source, (str, Path)) and Path(source).exists():
-        path = Path(source)
-        return read_config(path.parent if path.is_file() else path)
-    if isinstance(source, str):
+    where = "config"
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        return read_config(source)
+    if isinstance(source, (str, Path)) and Path(source).is_file():
+        source, where = read_json_config(Path(source)), str(source)
+    elif isinstance(source, str):
         from moegen.configs import load_config
-        source = load_config(source)
+        source, where = load_config(source), f"bundled config {source!r}"
     if not isinstance(source, dict) or "model_type" not in source:
         raise ConfigError(f"cannot read a model config from {source!r}")
-    family(source["model_type"], where="config")
+    checked_family(source, where)
     fields = {k: v for k, v in source.items() if k not in ("model_type", "architectures", "_name_or_path")}
     try:
-        return AutoConfig.for_model(source["model_type"], **fields)
+        return AutoConfig.for_model(source["model_type"], name_or_path=source.get("_name_or_path", ""), **fields)
     except Exception as e:
         raise ConfigError(f"transformers could not build a {source['model_type']} config: {e}") from e
 

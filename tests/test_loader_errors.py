@@ -96,3 +96,19 @@ def test_index_naming_missing_shard(ckpt):
 def test_unknown_dtype(ckpt):
     with pytest.raises(DTypeError, match="unknown dtype 'float8'"):
         load_model(ckpt, "float8")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])       # cut in the data, and inside the header
+def test_truncated_safetensors_is_named(ckpt, keep):
+    f = sorted(ckpt.glob("*.safetensors"))[0]
+    data = f.read_bytes()
+    f.write_bytes(data[:max(8, int(len(data) * keep))])
+    with pytest.raises(CheckpointError, match=f.name):
+        load_model(ckpt)
+
+
+def test_nan_weight_is_named(ckpt):
+    name = "model.layers.0.self_attn.q_proj.weight"
+    rewrite_tensors(ckpt, lambda t: t[name].view(-1).__setitem__(3, float("nan")))
+    with pytest.raises(CheckpointError, match=f"tensor {name} holds NaN"):
+        load_model(ckpt)

@@ -1,12 +1,14 @@
-"""ModelSpec: parameter counts against published sizes and transformers, FLOPs and KV bytes by hand."""
+"""ModelSpec: parameter counts against published sizes and transformers, FLOPs and KV bytes by hand,
+and every bundled config's spec against moegen's and transformers' models of it."""
 import json
+import math
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from moegen.configs import list_configs, load_config
 from moegen.errors import ConfigError, UnsupportedModelError
-from moegen.planner.model_spec import GQASpec, MLASpec, ModelSpec, _sum_ctx
+from moegen.planner.model_spec import MODULES, GQASpec, MLASpec, ModelSpec, _sum_ctx
 
 # name: (published total, published active, count the input embedding in "active"?)
 # DeepSeek's "activated" figures leave the input embedding table out; the others count it.
@@ -200,3 +202,132 @@ def test_inconsistent_shapes_are_refused():
         tiny_gqa_spec(moe_layer_mask=(True, True))
     with pytest.raises(ConfigError, match="num_experts_per_tok"):
         tiny_gqa_spec(top_k=5)
+
+
+# ---- the spec against the models it describes ---------------------------------------------------
+
+def hf_meta_model(cfg):
+    """transformers' model of cfg on the meta device: its modules and shapes, no memory."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def tiny_hf_config(model_type: str, **extra):
+    from transformers import AutoConfig
+    fields = dict(vocab_size=101, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, eos_token_id=1)
+    return AutoConfig.for_model(model_type, **{**fields, **TINY_HF[model_type], **extra})
+
+
+def module_of(name: str) -> str:
+    """The MODULES entry a moegen weight name belongs to."""
+    if name == "model.embed_tokens.weight":
+        return "embedding"
+    if name == "lm_head.weight":
+        return "lm_head"
+    if ".self_attn." in name:                      # MLA's q_a/kv_a layernorms included
+        return "attention"
+    if name.endswith("norm.weight"):               # input/post-attention norms, the final norm
+        return "norms"
+    if ".shared_expert" in name:                   # shared_expert(s).*, Qwen2's shared_expert_gate
+        return "shared_experts"
+    if ".experts." in name:
+        return "routed_experts"
+    if ".gate." in name:                           # router weight, DeepSeek-V3's correction bias
+        return "router"
+    return "dense_mlp"
+
+
+def params_by_module(shapes: dict, modules) -> dict:
+    total = dict.fromkeys(modules, 0)
+    for name, shape in shapes.items():
+        total[module_of(name)] += math.prod(shape)
+    return total
+
+
+def moegen_model(source):
+    from moegen.loader import config_from
+    from moegen.models.registry import family
+    cfg = config_from(source)
+    return family(cfg.model_type).build(cfg)
+
+
+def assert_spec_counts_every_weight(spec, model):
+    """Layer by layer and module by module, the spec's counts are the model's weight shapes."""
+    for layer in model.layers:
+        expected = params_by_module(layer.weight_shapes(), spec.layer_params(layer.index))
+        assert spec.layer_params(layer.index) == expected, layer.index
+    assert spec.params_by_module() == params_by_module(model.weight_shapes(), MODULES)
+    moe = next(layer.ffn for layer in model.layers if layer.is_moe)
+    one_expert = {n: s for n, s in moe.weight_shapes().items() if n.startswith(moe.expert_key(0) + ".")}
+    assert spec.expert_bytes(2) == 2 * sum(math.prod(s) for s in one_expert.values())
+
+
+@pytest.mark.parametrize("name", list_configs())
+def test_bundled_spec_counts_every_weight_of_its_model(name):
+    assert_spec_counts_every_weight(ModelSpec.from_config(name), moegen_model(name))
+
+
+@pytest.mark.parametrize("extra", [{}, {"attention_bias": True, "tie_word_embeddings": True}],
+                         ids=["plain", "bias-tied"])
+@pytest.mark.parametrize("model_type", sorted(TINY_HF))
+def test_tiny_spec_counts_every_weight_of_its_model(model_type, extra):
+    cfg = tiny_hf_config(model_type, **extra)
+    assert_spec_counts_every_weight(ModelSpec.from_config(cfg), moegen_model(cfg))
+
+
+def hf_attention_shapes(attn) -> dict:
+    """Head shapes and per-token KV elements of one transformers attention module."""
+    if hasattr(attn, "kv_lora_rank"):              # MLA: the cache holds kv_a_proj's output
+        return {"kind": "mla", "n_heads": attn.num_heads, "q_lora_rank": attn.q_lora_rank or 0,
+                "kv_lora_rank": attn.kv_lora_rank, "qk_nope_head_dim": attn.qk_nope_head_dim,
+                "qk_rope_head_dim": attn.qk_rope_head_dim, "v_head_dim": attn.v_head_dim,
+                "kv_elems": attn.kv_a_proj_with_mqa.out_features}
+    return {"kind": "gqa", "n_heads": attn.q_proj.out_features // attn.head_dim,
+            "n_kv_heads": attn.k_proj.out_features // attn.head_dim, "head_dim": attn.head_dim,
+            "kv_elems": attn.k_proj.out_features + attn.v_proj.out_features}
+
+
+def spec_attention_shapes(a) -> dict:
+    if a.kind == "mla":
+        return {"kind": "mla", "n_heads": a.n_heads, "q_lora_rank": a.q_lora_rank, "kv_lora_rank": a.kv_lora_rank,
+                "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
+                "v_head_dim": a.v_head_dim, "kv_elems": a.kv_elems_per_token()}
+    return {"kind": "gqa", "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim,
+            "kv_elems": a.kv_elems_per_token()}
+
+
+@pytest.mark.parametrize("name", list_configs())
+def test_bundled_spec_matches_the_transformers_model(name):
+    from moegen.loader import config_from
+    spec, hf = ModelSpec.from_config(name), hf_meta_model(config_from(name))
+    layers = hf.model.layers
+    assert (spec.vocab_size, spec.hidden_size) == tuple(hf.model.embed_tokens.weight.shape)
+    assert spec.num_layers == len(layers)
+    assert spec.moe_layer_mask == tuple(hasattr(layer.mlp, "experts") for layer in layers)
+    moe_shapes = {(layer.mlp.experts.num_experts, layer.mlp.gate.top_k, layer.mlp.experts.intermediate_dim)
+                  for layer in layers if hasattr(layer.mlp, "experts")}
+    assert moe_shapes == {(spec.num_experts, spec.top_k, spec.expert_intermediate)}
+    dense = {layer.mlp.intermediate_size for layer in layers if not hasattr(layer.mlp, "experts")}
+    assert dense == ({spec.dense_intermediate} if spec.num_moe_layers < spec.num_layers else set())
+    shared = next((getattr(layer.mlp, n) for layer in layers for n in ("shared_expert", "shared_experts")
+                   if hasattr(layer.mlp, n)), None)
+    assert spec.shared_intermediate == (shared.intermediate_size if shared is not None else 0)
+    assert {str(spec_attention_shapes(spec.attention))} == {str(hf_attention_shapes(l.self_attn)) for l in layers}
+    expected = sum(p.numel() for p in hf.parameters())
+    expected += sum(b.numel() for n, b in hf.named_buffers() if "e_score_correction_bias" in n)
+    assert spec.total_params() == expected
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_moe_layers_follow_transformers_not_moe_layer_freq(model_type):
+    # DeepSeek's hub code would make layers 1 and 3 dense too (i % moe_layer_freq != 0);
+    # transformers reads only first_k_dense_replace, and the model must run what it runs.
+    cfg = tiny_hf_config(model_type, num_hidden_layers=5, first_k_dense_replace=1, moe_layer_freq=2)
+    hf_kinds = tuple(hasattr(layer.mlp, "experts") for layer in hf_meta_model(cfg).model.layers)
+    assert hf_kinds == (False, True, True, True, True)
+    assert tuple(layer.is_moe for layer in moegen_model(cfg).layers) == hf_kinds
+    assert ModelSpec.from_config(cfg).moe_layer_mask == hf_kinds
+    assert ModelSpec.from_config({**cfg.to_dict(), "moe_layer_freq": 2}).moe_layer_mask == hf_kinds

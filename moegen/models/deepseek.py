@@ -13,6 +13,8 @@ from moegen.models.common import activation, assemble
 from moegen.models.model import DecoderLayer
 
 EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+SHAPE_FIELDS = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "intermediate_size",
+                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 def softmax_scale(cfg) -> float:
@@ -45,9 +47,16 @@ def router_for(cfg, prefix: str):
                                 cfg.n_group, cfg.topk_group, bool(cfg.norm_topk_prob), cfg.routed_scaling_factor)
 
 
+def is_sparse(cfg, i: int) -> bool:
+    """transformers' rule: every layer from first_k_dense_replace on is MoE. moe_layer_freq, which
+    DeepSeek's own hub code also tests (i % freq == 0), is not read there, so not here either;
+    every published checkpoint has moe_layer_freq 1, where the two rules agree."""
+    return i >= cfg.first_k_dense_replace
+
+
 def ffn(cfg, i: int, act: str):
     p = f"model.layers.{i}.mlp"
-    if i < cfg.first_k_dense_replace:
+    if not is_sparse(cfg, i):
         return DenseMLP(p, cfg.hidden_size, cfg.intermediate_size, act)
     router = router_for(cfg, f"{p}.gate")
     shared = DenseMLP(f"{p}.shared_experts", cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, act) \

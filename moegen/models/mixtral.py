@@ -6,6 +6,7 @@ from moegen.models.common import activation, assemble, gqa, head_dim
 from moegen.models.model import DecoderLayer
 
 EXPERT_NAMES = ("w1", "w3", "w2")   # gate, up, down on disk
+SHAPE_FIELDS = ("num_local_experts", "num_experts_per_tok", "intermediate_size")
 
 
 def build(cfg):

@@ -7,6 +7,7 @@ from moegen.models.common import activation, assemble, gqa, head_dim
 from moegen.models.model import DecoderLayer
 
 EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+SHAPE_FIELDS = ("num_experts", "num_experts_per_tok", "intermediate_size")
 
 
 def build(cfg):

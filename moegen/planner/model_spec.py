@@ -1,8 +1,10 @@
 """Shape arithmetic of a MoE model: parameter counts, weight bytes, FLOPs and KV-cache bytes.
 
-Pure Python (no torch), built from a transformers config, a config.json dict, a path or the name
-of a bundled config. The planner and the metrics read every size from here, so the counting rules
-live in one place:
+A spec is read off the model moegen builds (moegen.models), so the planner plans the very layers
+the engine runs: `from_config` takes a transformers config, a config.json dict, a path or the name
+of a bundled config, builds the weightless layer objects and reads their shapes (torch is imported
+there and only there; the arithmetic below is plain Python). The planner and the metrics read
+every size from here, so the counting rules live in one place:
 
 - FLOPs are matmul FLOPs only, 2 per multiply-add; norms, RoPE, softmax, activations and bias adds
   are ignored (they are O(hidden) per token, noise beside the matmuls).
@@ -22,14 +24,12 @@ Shape letters: H hidden, V vocab, E routed experts, k top-k, I expert width.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from moegen.errors import ConfigError, UnsupportedModelError
+from moegen.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 MODULES = ("embedding", "attention", "norms", "router", "routed_experts", "shared_experts", "dense_mlp", "lm_head")
 GATED_MLP_MATRICES = 3   # gate, up, down: every expert and dense MLP of these families is SwiGLU
 
@@ -147,14 +147,21 @@ class ModelSpec:
     @classmethod
     def from_config(cls, cfg: Any) -> "ModelSpec":
         """cfg: a transformers config, a config.json dict, a path to config.json or a checkpoint
-        directory, or the name of a bundled config (see moegen.configs.list_configs())."""
-        cfg, where = _config_dict(cfg)
-        model_type = cfg.get("model_type")
-        parse = _PARSERS.get(model_type)
-        if parse is None:
-            raise UnsupportedModelError(f"{where}: model_type {model_type!r} is not supported; "
-                                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        return cls(**parse(_Fields(cfg, where)), name=str(cfg.get("_name_or_path") or where))
+        directory, or the name of a bundled config (see moegen.configs.list_configs()).
+
+        The spec is that of the model moegen builds from cfg: the family builder makes the layer
+        objects, which hold shapes and no weights, so nothing model-sized is allocated."""
+        from moegen.loader import config_from         # torch and transformers, only when building
+        from moegen.models.registry import family
+        config = config_from(cfg)
+        name = config.name_or_path or (str(cfg) if isinstance(cfg, (str, Path)) else type(config).__name__)
+        return cls.from_model(family(config.model_type).build(config), name=name)
+
+    @classmethod
+    def from_model(cls, model: Any, name: str = "") -> "ModelSpec":
+        """The shapes of a built moegen MoEModel; its weights, if it has any, are not read."""
+        name = name or model.config.name_or_path or model.model_type
+        return cls(**_spec_fields(model, name), name=name)
 
     # ---- layers -------------------------------------------------------------------------------
 
@@ -380,139 +387,48 @@ class ModelSpec:
                 "kv_bytes_per_token": self.kv_bytes_per_token(dtype_bytes)}
 
 
-# ---- config reading ----------------------------------------------------------------------------
+# ---- from the built model ---------------------------------------------------------------------
+# Layer objects of moegen.layers, read by attribute; torch is already loaded when one exists.
 
-class _Fields:
-    """Field access on a config dict whose errors name the file and field."""
-
-    def __init__(self, cfg: Mapping[str, Any], where: str):
-        self.cfg, self.where = cfg, where
-
-    def req(self, *keys: str) -> Any:
-        """The first of keys present (aliases: transformers 5 renames some fields on save)."""
-        for key in keys:
-            if self.cfg.get(key) is not None:
-                return self.cfg[key]
-        raise ConfigError(f"{self.where}: field {keys[0]!r} is missing (model_type {self.cfg.get('model_type')!r})")
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self.cfg.get(key)
-        return default if value is None else value
+def _attention_spec(attn) -> GQASpec | MLASpec:
+    from moegen.layers.mla import MLAAttention
+    if isinstance(attn, MLAAttention):
+        return MLASpec(n_heads=attn.n_heads, q_lora_rank=attn.q_lora_rank or 0, kv_lora_rank=attn.kv_lora_rank,
+                       qk_nope_head_dim=attn.qk_nope_dim, qk_rope_head_dim=attn.qk_rope_dim, v_head_dim=attn.v_dim,
+                       bias=attn.bias)
+    return GQASpec(n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
+                   qkv_bias=attn.qkv_bias, o_bias=attn.o_bias, qk_norm=attn.qk_norm or "none")
 
 
-def _config_dict(cfg: Any) -> tuple[dict, str]:
-    """(config dict, where it came from) for any accepted form of cfg."""
-    if isinstance(cfg, Mapping):
-        return dict(cfg), "config dict"
-    if hasattr(cfg, "to_dict"):                       # a transformers PretrainedConfig
-        return _with_aliases(cfg), f"{type(cfg).__name__}"
-    path = Path(cfg)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text()), str(path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc})") from None
-    from moegen.configs import load_config            # a bundled name, e.g. "mixtral-8x7b"
-    return load_config(str(cfg)), f"bundled config {cfg!r}"
+def _moe_fields(moe) -> dict:
+    from moegen.layers.router import GroupedSigmoidRouter
+    return {"num_experts": moe.n_experts, "top_k": moe.router.top_k, "expert_intermediate": moe.intermediate,
+            "shared_intermediate": moe.shared.intermediate if moe.shared is not None else 0,
+            "shared_expert_gate": moe.shared_gate,
+            # V3's sigmoid router keeps a per-expert correction bias; the softmax routers have none
+            "router_bias": isinstance(moe.router, GroupedSigmoidRouter)}
 
 
-def _with_aliases(cfg: Any) -> dict:
-    """to_dict() of a transformers config plus its attribute_map aliases (Qwen3-MoE's
-    num_experts is stored as num_local_experts, for one)."""
-    out = cfg.to_dict()
-    for alias, real in getattr(cfg, "attribute_map", {}).items():
-        if out.get(alias) is None and real in out:
-            out[alias] = out[real]
-    return out
+def _alike(values: list, what: str, where: str, none: Any) -> Any:
+    """The one value every layer has (`none` when no layer has one): a ModelSpec holds a single
+    attention, MoE and dense-MLP shape, so a model whose layers differ cannot be described."""
+    if any(v != values[0] for v in values):
+        raise ConfigError(f"{where}: layers differ in {what}, which ModelSpec takes to be the same in every layer")
+    return values[0] if values else none
 
 
-def _gqa_head_dim(f: _Fields) -> int:
-    return f.get("head_dim") or f.req("hidden_size") // f.req("num_attention_heads")
+def _spec_fields(model, where: str) -> dict:
+    layers = model.layers
+    windows = tuple(getattr(layer.attn, "sliding_window", 0) for layer in layers)   # MLA has none
+    moe = _alike([_moe_fields(layer.ffn) for layer in layers if layer.is_moe], "MoE shape", where,
+                 none={"num_experts": 0, "top_k": 0, "expert_intermediate": 0})
+    dense = _alike([layer.ffn.intermediate for layer in layers if not layer.is_moe], "dense MLP width", where, none=0)
+    return {"model_type": model.model_type, "vocab_size": model.vocab_size, "hidden_size": model.hidden,
+            "num_layers": len(layers), "tie_word_embeddings": model.tie_word_embeddings,
+            "attention": _alike([_attention_spec(layer.attn) for layer in layers], "attention", where, none=None),
+            "moe_layer_mask": tuple(layer.is_moe for layer in layers), "dense_intermediate": dense,
+            "sliding_windows": windows if any(windows) else (), **moe}
 
-
-def _gqa(f: _Fields, **kw) -> GQASpec:
-    n_heads = f.req("num_attention_heads")
-    return GQASpec(n_heads=n_heads, n_kv_heads=f.get("num_key_value_heads", n_heads), head_dim=_gqa_head_dim(f), **kw)
-
-
-def _common(f: _Fields) -> dict:
-    return {"model_type": f.req("model_type"), "vocab_size": f.req("vocab_size"), "hidden_size": f.req("hidden_size"),
-            "num_layers": f.req("num_hidden_layers"), "tie_word_embeddings": bool(f.get("tie_word_embeddings", False))}
-
-
-def _num_experts(f: _Fields) -> int:
-    # each family has its own name, and transformers 5 may save it under another's
-    return f.req("num_local_experts", "num_experts", "n_routed_experts")
-
-
-def _parse_mixtral(f: _Fields) -> dict:
-    n, window = f.req("num_hidden_layers"), f.get("sliding_window", 0)
-    return {**_common(f), "attention": _gqa(f), "num_experts": _num_experts(f),
-            "top_k": f.req("num_experts_per_tok"), "expert_intermediate": f.req("intermediate_size"),
-            "moe_layer_mask": (True,) * n, "sliding_windows": (window,) * n if window else ()}
-
-
-def _qwen_sliding_windows(f: _Fields, n: int) -> tuple[int, ...]:
-    window = f.get("sliding_window", 0)
-    types = f.get("layer_types")
-    if types is not None:
-        return tuple(window if t == "sliding_attention" else 0 for t in types) if window else ()
-    return (window,) * n if window and f.get("use_sliding_window", False) else ()
-
-
-def _qwen_moe_mask(f: _Fields, n: int, experts: int) -> tuple[bool, ...]:
-    dense, step = set(f.get("mlp_only_layers", [])), f.get("decoder_sparse_step", 1)
-    return tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n))
-
-
-def _qwen_attention_and_shared(f: _Fields) -> tuple[GQASpec, dict]:
-    if f.req("model_type") == "qwen2_moe":   # qkv bias (on by default), sigmoid-gated shared expert
-        shared = {"shared_intermediate": f.get("shared_expert_intermediate_size", 0), "shared_expert_gate": True}
-        return _gqa(f, qkv_bias=bool(f.get("qkv_bias", True))), shared
-    bias = bool(f.get("attention_bias", False))  # Qwen3: per-head q/k norm, no shared expert
-    return _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="head"), {}
-
-
-def _parse_qwen_moe(f: _Fields) -> dict:
-    n, experts = f.req("num_hidden_layers"), _num_experts(f)
-    attention, shared = _qwen_attention_and_shared(f)
-    return {**_common(f), "attention": attention, "num_experts": experts, "top_k": f.req("num_experts_per_tok"),
-            "expert_intermediate": f.req("moe_intermediate_size"), "moe_layer_mask": _qwen_moe_mask(f, n, experts),
-            "dense_intermediate": f.get("intermediate_size", 0), "sliding_windows": _qwen_sliding_windows(f, n),
-            **shared}
-
-
-def _parse_olmoe(f: _Fields) -> dict:
-    bias = bool(f.get("attention_bias", False))    # q/k norms span the whole projection
-    return {**_common(f), "attention": _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="full"),
-            "num_experts": _num_experts(f), "top_k": f.req("num_experts_per_tok"),
-            "expert_intermediate": f.req("intermediate_size"), "moe_layer_mask": (True,) * f.req("num_hidden_layers")}
-
-
-def _mla(f: _Fields) -> MLASpec:
-    return MLASpec(n_heads=f.req("num_attention_heads"), q_lora_rank=f.get("q_lora_rank", 0),
-                   kv_lora_rank=f.req("kv_lora_rank"), qk_nope_head_dim=f.req("qk_nope_head_dim"),
-                   qk_rope_head_dim=f.req("qk_rope_head_dim"), v_head_dim=f.req("v_head_dim"),
-                   bias=bool(f.get("attention_bias", False)))
-
-
-def _parse_deepseek(f: _Fields) -> dict:
-    # moe_layer_freq is in DeepSeek's own config.json and code (transformers ignores it; always 1)
-    n, first_dense, freq = f.req("num_hidden_layers"), f.get("first_k_dense_replace", 0), f.get("moe_layer_freq", 1)
-    moe_width = f.req("moe_intermediate_size")
-    return {**_common(f), "attention": _mla(f), "num_experts": _num_experts(f),
-            "top_k": f.req("num_experts_per_tok"), "expert_intermediate": moe_width,
-            "moe_layer_mask": tuple(i >= first_dense and i % freq == 0 for i in range(n)),
-            "dense_intermediate": f.req("intermediate_size"),
-            "shared_intermediate": moe_width * f.get("n_shared_experts", 0),
-            # V3's sigmoid router keeps a per-expert correction bias; V2's softmax router has none
-            "router_bias": f.req("model_type") == "deepseek_v3"}
-
-
-_PARSERS = {"mixtral": _parse_mixtral, "qwen2_moe": _parse_qwen_moe, "qwen3_moe": _parse_qwen_moe,
-            "olmoe": _parse_olmoe, "deepseek_v2": _parse_deepseek, "deepseek_v3": _parse_deepseek}
 
 def expected_distinct_experts(num_experts: int, top_k: int, tokens: float) -> float:
     """Expected number of experts of one layer that get >= 1 of `tokens` tokens when each token
