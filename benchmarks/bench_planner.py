@@ -35,8 +35,8 @@ def main():
         t0 = time.perf_counter()
         engine.generate(prompts, SamplingParams(max_new_tokens=args.gen, ignore_eos=True))
         wall = time.perf_counter() - t0
-        plan, pred = engine.last_plan
         s = engine.stats
+        plan, pred = s.plan.plan, s.plan.prediction
         row = {"G": g, "A": a, "sequences": n, "prefill_budget": plan.max_prefill_tokens,
                "measured_e2e_tok_s": n * args.gen / wall, "measured_prefill_tok_s": s.prefill_tok_s,
                "measured_decode_tok_s": s.decode_tok_s, "predicted_e2e_tok_s": pred.e2e_tokens_per_s,

@@ -31,10 +31,10 @@ def run(ckpt: str, system: str, n: int, prompt_len: int, gen: int, device_memory
     from moegen.planner.probe import probe
     from moegen.harness.systems import get_system
     from moegen.harness.systems.peaks import probed_peaks
-    from moegen.harness.workloads import Workload
+    from moegen.harness.workloads import PromptSet
     g = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, 100000, (prompt_len - 1,), generator=g).tolist() for _ in range(n)]
-    wl = Workload(f"synthetic:prompt={prompt_len},gen={gen},n={n}", prompts, gen, True, None, "synthetic")
+    wl = PromptSet(f"synthetic:prompt={prompt_len},gen={gen},n={n}", prompts, gen, True, None, "synthetic")
     hw = probe("cuda")
     peaks = probed_peaks(hw, "cuda", "bfloat16")
     result = get_system(system).run(ckpt, wl, "bfloat16", "cuda", warmup=False, peaks=peaks,

@@ -6,9 +6,12 @@
 The matrix's cells run in the subflow `bench-matrix` on the task runner the `runner` parameter
 picks: Prefect's ThreadPoolTaskRunner (default, one cell at a time so that no two measurements
 share the machine) or prefect-ray's RayTaskRunner (extra `cluster`), each cell reserving
-`gpus_per_cell` GPUs. With nightly=true each figure is compared with the previous nightly of the
-same (model, system, workload, hardware): a drop beyond regression_threshold fails the flow run
-with a markdown artifact naming the figures that fell.
+`gpus_per_cell` GPUs. With nightly=true (repeat >= 3: each figure is the median pass) each figure
+is compared with the median of the last 5 healthy nightlies of the same (model, system, workload,
+hardware): a drop beyond regression_threshold *and* beyond the noise those nightlies (and this
+run's passes) showed fails the flow run, with a markdown artifact naming the figures that fell;
+a regressed nightly is recorded as such and never joins the baseline. The report plots each
+headline figure over the last nightlies.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import PositiveFloat, PositiveInt
 
-from flows.common import cache_scope, flow_run_id, report_dir
+from flows.common import cache_scope, flow_run_id, report_dir, system_options
 from flows.eval import check_baseline
 from flows.params import (DType, Device, EngineOptions, ModelRef, ProbeMode, SystemNames, TaskRunnerChoice, Threshold,
                           WorkloadSpecs)
@@ -28,7 +31,20 @@ from moegen.errors import ConfigError
 from tasks.metrics import DEFAULT_REGRESSION_METRICS, compute_bench_table, find_regressions
 from tasks.models import prepare_model
 from tasks.record import environment_of, record_bench_run
-from tasks.report import render_report, report_regressions
+from tasks.report import nightly_trend, render_report, report_regressions
+
+MIN_NIGHTLY_REPEAT = 3       # one pass on a shared machine swings by tens of percent; the median of 3 does not
+
+
+class NightlyRegression(Exception):
+    """What a regressed nightly's Failed state holds: the message, and the run's summary."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+    def __reduce__(self):             # picklable with its summary, as Prefect may persist state data
+        return type(self), (str(self), self.summary)
 from tasks.systems import run_bench_cell
 
 
@@ -72,13 +88,6 @@ def bench_matrix_flow(model_path: str, systems: list[str], workloads: list[str],
     return [future.result() for future in futures]
 
 
-def system_options(engine: EngineOptions, extra: dict[str, dict], systems: list[str]) -> dict[str, dict]:
-    options = {name: dict(extra.get(name, {})) for name in systems}
-    if "moegen" in options:
-        options["moegen"] = {**engine.set_options(), **options["moegen"]}
-    return {name: opts for name, opts in options.items() if opts}
-
-
 @flow(name="bench", description="systems x workloads on one model; nightly regression check")
 def bench_flow(model: ModelRef = "fixture:mixtral/bench",
                systems: SystemNames = ["moegen", "hf-generate"],  # noqa: B006
@@ -95,14 +104,15 @@ def bench_flow(model: ModelRef = "fixture:mixtral/bench",
     """Measure every system on every workload, record the matrix, report it against `baseline`;
     with nightly=true, fail on a regression beyond regression_threshold."""
     check_baseline(baseline, systems)
-    stray = sorted(set(options) - set(systems))
-    if stray:
-        raise ConfigError(f"options given for system(s) not in the run: {', '.join(stray)}")
+    if nightly and repeat < MIN_NIGHTLY_REPEAT:
+        raise ConfigError(f"a nightly needs repeat >= {MIN_NIGHTLY_REPEAT} (its figures are the median pass), "
+                          f"got repeat={repeat}")
+    cell_options = system_options(engine, options, systems)
     scope = cache_scope(resume_from)
     model_path = prepare_model(model)
     matrix = bench_matrix_flow.with_options(task_runner=make_task_runner(runner))
-    docs = matrix(model_path, systems, workloads, repeat, dtype, device, system_options(engine, options, systems),
-                  probe, usd_per_hour, scope, runner)
+    docs = matrix(model_path, systems, workloads, repeat, dtype, device, cell_options, probe, usd_per_hour, scope,
+                  runner)
     cells = compute_bench_table(docs, baseline)
     regressions = find_regressions(cells, model, regression_threshold, regression_metrics,
                                    url=results_url) if nightly else []
@@ -111,17 +121,20 @@ def bench_flow(model: ModelRef = "fixture:mixtral/bench",
                               "regressed" if regressions else "ok", flow_run_id(), results_url)
     notes = [f"model `{model}` ({model_path}); {dtype} on {device}; repeat {repeat}",
              f"{kind} run, task runner {runner.kind}"]
+    trend = nightly_trend(model, list(regression_metrics), results_url) if nightly else None
     report = render_report("bench", f"{kind}: {model}", cells, baseline, str(report_dir("bench", results_url)),
-                           run_id, notes)
+                           run_id, notes, trend)
     summary = {"run_id": run_id, "kind": kind, "model": model, "baseline": baseline, "report": report,
                "cells": [{k: c[k] for k in ("system", "workload", "metrics", "ratios", "skipped_reason")}
                          for c in cells], "regressions": regressions}
     if regressions:
         report_regressions(regressions, regression_threshold, model)
         worst = max(regressions, key=lambda r: r["drop"])
-        return Failed(message=f"{len(regressions)} figure(s) fell more than {regression_threshold:.0%} since the "
-                      f"previous nightly; worst: {worst['system']} on {worst['workload']} {worst['metric']} "
-                      f"-{100 * worst['drop']:.1f}%", data=summary)
+        message = (f"{len(regressions)} figure(s) fell more than {regression_threshold:.0%} (and more than the "
+                   f"baseline's noise) below the healthy nightlies; worst: {worst['system']} on {worst['workload']} "
+                   f"{worst['metric']} -{100 * worst['drop']:.1f}%")
+        # a Failed state's data must be an exception (a dict makes Prefect log a TypeError)
+        return Failed(message=message, data=NightlyRegression(message, summary))
     return summary
 
 

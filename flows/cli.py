@@ -4,10 +4,16 @@
     python -m flows.bench '{"workloads": ["synthetic:prompt=64,gen=16,n=32"]}'
 
 Arguments are a JSON object, or key=value pairs whose values are JSON (else plain strings).
+
+Without PREFECT_API_URL, Prefect starts a temporary API server as a child process and stops it
+at exit. SIGTERM and SIGINT end the flow through a normal exit, so that server stops too. kill -9
+cannot be caught: the server shares the flow's process group, so end both with
+`kill -9 -- -<pgid>` (`ps -o pgid= <pid>`), never the flow's pid alone.
 """
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Callable
 
@@ -36,9 +42,17 @@ def parse_params(argv: list[str]) -> dict:
     return params
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM as a normal exit (status 143), so atexit handlers run: Prefect's temporary server is
+    stopped by one, and the default SIGTERM action would skip it and leave the server running."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def run_flow_from_argv(flow, show: Callable[[dict], None] | None = None, argv: list[str] | None = None) -> dict:
     """Parse parameters from the command line, run the flow, print its summary."""
     from prefect.exceptions import ParameterTypeError
+
+    exit_on_sigterm()
 
     try:
         params = parse_params(sys.argv[1:] if argv is None else argv)

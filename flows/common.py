@@ -33,3 +33,15 @@ def describe_environment(device: str, dtype: str = "bfloat16") -> dict:
 
     peaks, _ = hardware_peaks(device, dtype, "off")
     return {"hardware": hardware(device, peaks, None), "versions": versions(), "git_commit": git_state()["commit"]}
+
+
+def system_options(engine, extra: dict[str, dict], systems: list[str]) -> dict[str, dict]:
+    """Each system's options: `extra[system]`, with the engine options for moegen (`extra` wins)."""
+    from moegen.errors import ConfigError
+    stray = sorted(set(extra) - set(systems))
+    if stray:
+        raise ConfigError(f"options given for system(s) not in the run: {', '.join(stray)}")
+    options = {name: dict(extra.get(name, {})) for name in systems}
+    if "moegen" in options:
+        options["moegen"] = {**engine.set_options(), **options["moegen"]}
+    return {name: opts for name, opts in options.items() if opts}

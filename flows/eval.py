@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from prefect import flow
 
-from flows.common import cache_scope, describe_environment, flow_run_id, report_dir
+from flows.common import cache_scope, describe_environment, flow_run_id, report_dir, system_options
 from flows.params import (DType, Device, EngineOptions, EvalSystemNames, ModelRef, OptionalSystemNames, ProbeMode,
                           TaskNames, WorkloadSpec)
 from moegen.errors import ConfigError
@@ -63,21 +63,22 @@ def eval_flow(model: ModelRef = "fixture:mixtral/bench",
               engine: EngineOptions = EngineOptions(),
               bench_systems: OptionalSystemNames = ["moegen", "hf-generate"],  # noqa: B006
               bench_workload: WorkloadSpec = "gsm8k,n=16,gen=32", bench_repeat: PositiveInt = 1,
+              bench_options: dict[str, dict] = {},  # noqa: B006
               probe: ProbeMode = "quick", usd_per_hour: PositiveFloat | None = None,
               results_url: str | None = None, tags: list[str] = [],  # noqa: B006
               resume_from: str | None = None) -> dict:
     """Evaluate `model` on lm-eval `tasks` with each backend in `systems`, measure the throughput of
     `bench_systems` on `bench_workload`, record both, and report them side by side against `baseline`."""
     check_baseline(baseline, systems)
+    options = system_options(engine, bench_options, bench_systems)
     scope = cache_scope(resume_from)
     model_path = prepare_model(model)
     if uses_gsm8k(tasks, bench_workload) and not resolve_gsm8k(splits=GSM8K_SPLITS)["local"]:
         tasks, bench_workload = hub_task_names(tasks), hub_workload(bench_workload)
     evals = [run_lm_eval(model_path, tasks, system, limit, num_fewshot, dtype, device, max_gen_toks,
                          engine.set_options() if system == "moegen" else None, scope) for system in systems]
-    bench = [run_bench_cell(model_path, system, bench_workload, bench_repeat, dtype, device,
-                            engine.set_options() if system == "moegen" else None, probe, usd_per_hour, scope)
-             for system in bench_systems]
+    bench = [run_bench_cell(model_path, system, bench_workload, bench_repeat, dtype, device, options.get(system),
+                            probe, usd_per_hour, scope) for system in bench_systems]
     cells = compute_bench_table(bench, EVAL_TO_BENCH.get(baseline, baseline)) if bench else []
     rows = compute_eval_table(evals, cells, baseline)
     environment = environment_of(bench[0]) if bench else describe_environment(device)

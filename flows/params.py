@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, create_model,
+                      model_validator)
 
-DType = Literal["float32", "bfloat16", "float16"]
+from moegen.engine.config import DTYPE, Option
+from moegen.engine.options import ENGINE_OPTIONS, config_of
+
+DType = Literal[DTYPE.choices]
 ProbeMode = Literal["quick", "full", "fresh", "off"]   # peaks for S-MFU/S-MBU (moegen.harness.systems.peaks.PROBE_MODES)
 Device = Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N")]
 Threshold = Annotated[float, Field(gt=0, lt=1, description="relative drop that fails a nightly (0.1 = 10%)")]
 
 
-def _accepted_by(parse, value: str) -> str:
+def _accepted_by(parse, value):
     """value, if `parse` reads it; its MoegenError becomes the ValueError pydantic reports."""
     from moegen.errors import MoegenError
     try:
@@ -50,6 +54,13 @@ def check_eval_systems(names: list[str]) -> list[str]:
     return names
 
 
+def check_tasks(names: list[str]) -> list[str]:
+    """lm-eval task names that exist (our local ones, or lm-eval's index): known before any work,
+    not when the flow reaches its lm-eval task."""
+    from moegen.harness.evaluation import include_paths, task_manager
+    return _accepted_by(lambda n: task_manager(n, include_paths(None)), names)
+
+
 def check_workloads(specs: list[str]) -> list[str]:
     from moegen.harness.workloads import KINDS, workload_kind
     for spec in specs:
@@ -78,22 +89,38 @@ EvalSystemNames = Annotated[list[str], Field(min_length=1), AfterValidator(uniqu
 WorkloadSpecs = Annotated[list[str], Field(min_length=1), AfterValidator(unique), AfterValidator(check_workloads)]
 WorkloadSpec = Annotated[str, AfterValidator(check_workload)]
 ByteSize = Annotated[str, Field(min_length=1, description="bytes, e.g. 8GB, 512MB, 1.5GiB"), AfterValidator(check_bytes)]
-TaskNames = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1), AfterValidator(unique)]
+TaskNames = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1), AfterValidator(unique),
+                      AfterValidator(check_tasks)]
 
 
-class EngineOptions(BaseModel):
-    """moegen engine settings (None = the engine's own choice)."""
+class _EngineOptionsBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    host_memory: ByteSize | None = None
-    device_memory: ByteSize | None = None
-    max_batch: PositiveInt | None = None
-    attn_micro_batch: NonNegativeInt | None = None
-    max_prefill_tokens: PositiveInt | None = None
-    expert_chunk: NonNegativeInt | None = None
-    num_buffers: PositiveInt | None = None
 
     def set_options(self) -> dict:
         return self.model_dump(exclude_none=True)
+
+    @model_validator(mode="after")
+    def _accepted_by_engine(self):
+        """EngineConfig's own checks, those across options too (num_buffers with streaming)."""
+        _accepted_by(config_of, self.set_options())
+        return self
+
+
+def parameter_type(option: Option):
+    """The pydantic type of an engine option; the bounds it declares also go into the JSON schema
+    that the server checks a deployment run's parameters against. PositiveInt for >= 1 keeps
+    pydantic's message ("greater than 0")."""
+    if option.kind == "int":
+        return PositiveInt if option.minimum == 1 else Annotated[int, Field(ge=option.minimum)]
+    if option.kind == "choice":
+        return Literal[option.choices]
+    return {"bytes": ByteSize, "bool": bool}.get(option.kind, str)
+
+
+EngineOptions = create_model(
+    "EngineOptions", __base__=_EngineOptionsBase, __module__=__name__,
+    __doc__="moegen engine settings (None = the engine's own choice).",
+    **{opt.name: (parameter_type(opt) | None, Field(None, description=opt.help)) for opt in ENGINE_OPTIONS})
 
 
 class Sampling(BaseModel):

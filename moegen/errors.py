@@ -39,3 +39,11 @@ class TokenizerError(MoegenError):
 
 class InputError(MoegenError):
     """A prompt or request is malformed (empty, too long, wrong type)."""
+
+
+class CapacityError(InputError):
+    """A request does not fit the memory it was given (e.g. one sequence's KV cache)."""
+
+
+class NumericsError(MoegenError):
+    """A model produced NaN or Inf (its weights, or the dtype, cannot represent the computation)."""

@@ -16,8 +16,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from moegen.engine.stats import tokens_per_s
 from moegen.errors import InputError
-from moegen.jsonl import jsonl_text, write_atomic
+from moegen.jsonl import jsonl_text, write_output
 from tasks.common import stable_hash
 
 MANIFEST = "manifest.json"
@@ -59,7 +60,7 @@ def open_manifest(out_dir: str, fingerprint: str, num_rows: int, shard_size: int
         manifest = None
     if manifest is None:
         manifest = {"fingerprint": fingerprint, "num_rows": num_rows, "shard_size": shard_size, "shards": {}}
-        write_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
+        write_output(root / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -72,8 +73,7 @@ def completed_shards(out_dir: str) -> set[int]:
 def completion_rows(completions, start: int, extra: list[dict] | None = None) -> list[dict]:
     rows = []
     for c in completions:
-        row = {"index": start + c.index, "prompt_token_ids": c.prompt_token_ids, "token_ids": c.token_ids,
-               "text": c.text, "finish_reason": c.finish_reason}
+        row = {**c.to_row(), "index": start + c.index}     # the shard's rows are numbered globally
         kept = {k: v for k, v in (extra[c.index] if extra else {}).items() if k not in row}
         rows.append({**row, **kept})
     return rows
@@ -81,10 +81,10 @@ def completion_rows(completions, start: int, extra: list[dict] | None = None) ->
 
 def commit_shard(out_dir: Path, index: int, rows: list[dict], info: dict) -> None:
     """Write the shard file, then record it in the manifest: both steps atomic, in this order."""
-    write_atomic(shard_path(out_dir, index), jsonl_text(rows))
+    write_output(shard_path(out_dir, index), jsonl_text(rows))
     manifest = read_manifest(out_dir)
     manifest["shards"][str(index)] = info
-    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    write_output(out_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def sampling_for(sampling: dict, start: int, count: int) -> list:
@@ -108,7 +108,7 @@ def generate_shard(engine, prompts: list, index: int, start: int, out_dir: str, 
             "generated_tokens": generated, "wall_s": round(wall_s, 4)}
     commit_shard(Path(out_dir), index, rows, info)
     get_run_logger().info("shard %d: %d rows, %d tokens, %.1f tok/s", index, len(rows), generated,
-                          generated / wall_s if wall_s else 0.0)
+                          tokens_per_s(generated, wall_s))
     return info
 
 
@@ -119,7 +119,7 @@ def shard_summary(out_dir: str) -> dict:
     wall_s = sum(s["wall_s"] for s in shards)
     return {"rows": sum(s["rows"] for s in shards), "shards": len(shards),
             "prompt_tokens": sum(s["prompt_tokens"] for s in shards), "generated_tokens": generated,
-            "generate_s": round(wall_s, 3), "e2e_tokens_per_s": generated / wall_s if wall_s else 0.0}
+            "generate_s": round(wall_s, 3), "e2e_tokens_per_s": tokens_per_s(generated, wall_s)}
 
 
 def shard_table(out_dir: str, redone: list[int]) -> list[dict]:
@@ -138,5 +138,5 @@ def merge_shards(out_dir: str, num_shards: int) -> str:
     if missing:
         raise InputError(f"{root}: shards {missing} are missing; re-run the flow to finish them")
     text = "".join(shard_path(root, i).read_text() for i in range(num_shards))
-    write_atomic(root / MERGED, text)
+    write_output(root / MERGED, text)
     return str(root / MERGED)

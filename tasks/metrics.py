@@ -2,14 +2,14 @@
 and the nightly regression check."""
 from __future__ import annotations
 
+import statistics
+
 from prefect import get_run_logger, task
 
 from moegen.harness import results
+from moegen.harness.ratios import LOWER_IS_BETTER, RATIO_METRICS, metric_ratios
 from moegen.errors import ConfigError
 
-THROUGHPUT = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s")
-RATIO_METRICS = (*THROUGHPUT, "decode_s_mfu", "decode_s_mbu", "usd_per_million_tokens", "accuracy")
-LOWER_IS_BETTER = {"usd_per_million_tokens"}
 DEFAULT_REGRESSION_METRICS = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "accuracy")
 # lm-eval backend of the eval flow -> the bench system measured for its throughput
 EVAL_TO_BENCH = {"moegen": "moegen", "hf": "hf-generate"}
@@ -23,15 +23,20 @@ def cells_from_bench(docs: list[dict]) -> list[dict]:
             cells.append({"system": cell.system, "workload": cell.workload, "config": cell.config,
                           "skipped_reason": cell.skipped_reason,
                           "hardware": results.hardware_label(doc.get("hardware")),
-                          "metrics": results.flatten_metrics(cell.metrics)})
+                          "metrics": {**results.flatten_metrics(cell.metrics), **repeat_spreads(cell.metrics)}})
     return cells
 
 
-def ratio(value: float | None, base: float | None, name: str) -> float | None:
-    """value / base, inverted for lower-is-better metrics so that > 1 always means better."""
-    if value in (None, 0) or base in (None, 0):
-        return None
-    return base / value if name in LOWER_IS_BETTER else value / base
+def repeat_spreads(metrics: dict) -> dict[str, float]:
+    """`spread.<metric>` for each metric measured in several passes (`repeats_<metric>`: the bench
+    reports their median): how much worse than that median the worst pass was. Recorded with the
+    run, it tells the regression check how noisy this machine is within one nightly."""
+    out = {}
+    for key, passes in metrics.items():
+        if key.startswith("repeats_") and isinstance(passes, list) and len(passes) > 1:
+            name = key.removeprefix("repeats_")
+            out[f"spread.{name}"] = baseline_figure([float(p) for p in passes], name)[1]
+    return out
 
 
 def add_ratios(cells: list[dict], baseline: str, metrics: tuple[str, ...] = RATIO_METRICS) -> list[dict]:
@@ -40,7 +45,7 @@ def add_ratios(cells: list[dict], baseline: str, metrics: tuple[str, ...] = RATI
     out = []
     for cell in cells:
         ref = base.get(cell["workload"])
-        ratios = {} if ref is None else {m: ratio(cell["metrics"].get(m), ref.get(m), m) for m in metrics}
+        ratios = {} if ref is None else metric_ratios(cell["metrics"], ref, metrics)
         out.append({**cell, "ratios": {k: v for k, v in ratios.items() if v is not None}})
     return out
 
@@ -111,37 +116,57 @@ def relative_drop(new: float, old: float, name: str) -> float:
     return change if name in LOWER_IS_BETTER else -change
 
 
-def cell_regressions(cell: dict, previous: dict, threshold: float, metrics: tuple[str, ...]) -> list[dict]:
+def baseline_figure(values: list[float], name: str) -> tuple[float, float]:
+    """(median, spread) of a metric over the baseline nightlies: spread is how much worse than the
+    median a healthy nightly has been (a fraction of the median; 0 for a single run), the noise a
+    new figure must exceed before it counts as a regression."""
+    median = statistics.median(values)
+    if median == 0:
+        return median, 0.0
+    return median, max(0.0, *(relative_drop(v, median, name) for v in values))
+
+
+def cell_regressions(cell: dict, baseline: dict, threshold: float, metrics: tuple[str, ...]) -> list[dict]:
+    """Figures of `cell` worse than the baseline's median by more than `threshold` and by more
+    than the baseline's own spread (noise that healthy nightlies showed is no regression)."""
     found = []
     for name in metrics:
-        new, old = cell["metrics"].get(name), previous["metrics"].get(name)
-        if new is None or old in (None, 0):
+        new, values = cell["metrics"].get(name), [v for v in baseline["metrics"].get(name, []) if v is not None]
+        if new is None or not values:
             continue
+        old, spread = baseline_figure(values, name)
+        if old == 0:
+            continue
+        # the noise seen within a nightly (its passes), this one's or the baseline's, counts too
+        passes = [cell["metrics"].get(f"spread.{name}"), *baseline["metrics"].get(f"spread.{name}", [])]
+        spread = max([spread, *(s for s in passes if s is not None)])
         drop = relative_drop(new, old, name)
-        if drop > threshold:
+        if drop > threshold and drop > spread:
             found.append({"system": cell["system"], "workload": cell["workload"], "metric": name, "previous": old,
-                          "current": new, "drop": drop, "previous_run": previous["run_id"],
-                          "previous_at": previous["created_at"]})
+                          "current": new, "drop": drop, "spread": spread, "baseline_runs": baseline["runs"],
+                          "previous_at": baseline["created_at"][0]})
     return found
 
 
 @task(task_run_name="find-regressions")
 def find_regressions(cells: list[dict], model: str, threshold: float, metrics: list[str],
-                     before_run: int | None = None, url: str | None = None) -> list[dict]:
-    """Figures that fell by more than `threshold` since the previous nightly of the same
-    (model, system, workload, hardware)."""
+                     before_run: int | None = None, url: str | None = None,
+                     last: int = results.BASELINE_NIGHTLIES) -> list[dict]:
+    """Figures that fell by more than `threshold` (and more than the baseline's spread) against
+    the median of the last `last` healthy nightlies of the same (model, system, workload, hardware)."""
     logger = get_run_logger()
     found = []
     for cell in cells:
         if cell["skipped_reason"]:
             continue
-        previous = results.previous_nightly(model, cell["system"], cell["workload"], cell["hardware"],
-                                            before_run=before_run, url=url)
-        if previous is None:
-            logger.info("no previous nightly for %s on %s: nothing to compare", cell["system"], cell["workload"])
+        baseline = results.nightly_baseline(model, cell["system"], cell["workload"], cell["hardware"],
+                                            last=last, before_run=before_run, url=url)
+        if baseline is None:
+            logger.info("no healthy nightly yet for %s on %s: nothing to compare", cell["system"], cell["workload"])
             continue
-        found += cell_regressions(cell, previous, threshold, tuple(metrics))
+        found += cell_regressions(cell, baseline, threshold, tuple(metrics))
     for r in found:
-        logger.warning("regression: %s/%s %s %.4g -> %.4g (-%.1f%%)", r["system"], r["workload"], r["metric"],
-                       r["previous"], r["current"], 100 * r["drop"])
+        logger.warning("regression: %s/%s %s %.4g -> %.4g (-%.1f%%; baseline median of %d nightlies, spread %.1f%%)",
+                       r["system"], r["workload"], r["metric"], r["previous"], r["current"], 100 * r["drop"],
+                       len(r["baseline_runs"]), 100 * r["spread"])
     return found

@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from moegen.harness import results
 from tasks.metrics import LOWER_IS_BETTER
 
 LABELS = {"e2e_tokens_per_s": "e2e tok/s", "prefill_tokens_per_s": "prefill tok/s",
@@ -88,6 +89,30 @@ def plot_throughput(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def plot_trend(series: dict[str, dict[tuple, list]], path: Path) -> Path | None:
+    """One panel per headline figure: each (system, workload) over the last nightlies, regressed
+    nightlies marked with an x (they are not part of the baseline)."""
+    series = {metric: lines for metric, lines in series.items() if lines}
+    if not series:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.6), squeeze=False)
+    for ax, (metric, lines) in zip(axes[0], series.items()):
+        for (system, workload, _hardware), points in lines.items():
+            when, values = [p[0] for p in points], [p[1] for p in points]
+            (line,) = ax.plot(when, values, marker="o", markersize=3, label=f"{system} / {workload[:24]}")
+            bad = [(w, v) for w, v, status in points if status != "ok"]
+            if bad:
+                ax.scatter(*zip(*bad), marker="x", s=60, color=line.get_color())
+        ax.set_title(LABELS.get(metric, metric))
+        ax.tick_params(axis="x", labelrotation=25, labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def cap_scores(rows: list[dict]) -> tuple[list[str], dict[str, list[float]]]:
     """Spoke labels and, per system, each spoke's value relative to the best system (1 = best;
     cost as cheapest / own). Accuracy, throughput and cost are always spokes (0 and "n/a" when
@@ -145,13 +170,14 @@ def draw_radar(ax, labels: list[str], scores: dict[str, list[float]]) -> None:
     ax.tick_params(axis="y", labelsize=7)
 
 
-def write_plots(rows: list[dict], root: Path, notes: list[str]) -> dict[str, Path]:
+def write_plots(rows: list[dict], root: Path, notes: list[str], trend: dict | None = None) -> dict[str, Path]:
     """The PNGs that apply, by name; without matplotlib none, and a note saying so."""
     if importlib.util.find_spec("matplotlib") is None:
         notes.append("no plots: matplotlib is not installed (pip install 'moegen[harness]')")
         return {}
     plots = {"throughput": plot_throughput(rows, root / "throughput.png"),
-             "CAP radar": plot_cap_radar(rows, root / "cap_radar.png")}
+             "CAP radar": plot_cap_radar(rows, root / "cap_radar.png"),
+             "nightly trend": plot_trend(trend, root / "trend.png") if trend else None}
     return {name: path for name, path in plots.items() if path}
 
 
@@ -198,13 +224,14 @@ def render_markdown(title: str, rows: list[dict], baseline: str, plots: dict[str
 
 @task(task_run_name="render-report-{kind}")
 def render_report(kind: str, title: str, rows: list[dict], baseline: str, out_dir: str, run_id: int | None = None,
-                  notes: list[str] | None = None) -> dict:
+                  notes: list[str] | None = None, trend: dict | None = None) -> dict:
     """Write the plots and report.md under out_dir and publish the table and markdown artifacts.
+    `trend`: metric -> moegen.harness.results.nightly_series, plotted as the nightly trend.
     Returns the paths written."""
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     notes = list(notes or [])
-    plots = write_plots(rows, root, notes)
+    plots = write_plots(rows, root, notes, trend)
     (root / "report.md").write_text(render_markdown(title, rows, baseline, plots, run_id, notes, lambda p: p.name))
     markdown = render_markdown(title, rows, baseline, plots, run_id, notes + [f"report directory: `{root}`"],
                                lambda p: p.resolve().as_uri(), image=data_uri)
@@ -232,17 +259,25 @@ def render_generate_report(out_dir: str, summary: dict) -> str:
     return markdown
 
 
+@task(task_run_name="nightly-trend")
+def nightly_trend(model: str, metrics: list[str], url: str | None = None, last: int = 30) -> dict:
+    """metric -> {(system, workload, hardware): [(time, value, status)]} over the last nightlies."""
+    return {metric: results.nightly_series(model, metric, last=last, url=url) for metric in metrics}
+
+
 @task(task_run_name="report-regressions")
 def report_regressions(regressions: list[dict], threshold: float, model: str) -> str:
     """A markdown artifact naming each figure that fell, by how much, and against which run."""
     lines = [f"# Nightly regression: {len(regressions)} figure(s) fell by more than {threshold:.0%}", "",
-             f"Model `{model}`; each figure against the previous nightly of the same model, system, "
-             "workload and hardware.", "",
-             "| system | workload | metric | previous | now | change | previous run |", "|---|---|---|---|---|---|---|"]
+             f"Model `{model}`; each figure against the median of the last healthy nightlies of the same "
+             "model, system, workload and hardware, and beyond their own spread (noise is no regression).", "",
+             "| system | workload | metric | previous | now | change | baseline spread | baseline runs |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in regressions:
         lines.append(f"| {r['system']} | {r['workload']} | {LABELS.get(r['metric'], r['metric'])} | "
                      f"{fmt(r['previous'])} | {fmt(r['current'])} | -{100 * r['drop']:.1f}% | "
-                     f"{r['previous_run']} ({r['previous_at'][:16]}) |")
+                     f"{100 * r['spread']:.1f}% | {', '.join(map(str, r['baseline_runs']))} "
+                     f"(latest {r['previous_at'][:16]}) |")
     markdown = "\n".join(lines) + "\n"
     create_markdown_artifact(markdown, key="bench-regressions", description="figures that fell since the last nightly")
     return markdown

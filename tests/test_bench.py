@@ -7,11 +7,12 @@ import json
 import pytest
 
 import moegen.harness.bench
-from moegen.harness.bench import agreement, compare_tokens, json_safe, run_bench
+from moegen.harness.bench import agreement, compare_tokens, run_bench
 from moegen.cli.bench import add_subparser, options_of, parse_opt, prediction_line
 from moegen.errors import ConfigError, DTypeError, InputError
 from moegen.harness.systems import RunResult
 from moegen.harness.systems.peaks import probed_peaks
+from moegen.jsonl import json_safe
 
 TOP_KEYS = {"schema", "created_at", "config", "hardware", "versions", "git", "baseline", "agreement", "systems"}
 ROW_KEYS = {"system", "description", "status", "reason", "metrics", "config", "ratios"}
@@ -166,6 +167,13 @@ def test_opt_parsing():
 
 def test_json_safe_drops_non_finite_numbers():
     assert json_safe({"a": float("inf"), "b": (1, 2.5), "c": float("nan")}) == {"a": None, "b": [1, 2.5], "c": None}
+
+
+def test_json_safe_turns_numpy_and_torch_values_into_numbers():
+    import numpy as np
+    import torch
+    assert json_safe({"f": np.float32(0.5), "i": np.int64(3), "t": torch.tensor([1, 2]), "n": np.float64("nan")}) == \
+        {"f": 0.5, "i": 3, "t": [1, 2], "n": None}
 
 
 def test_prediction_line_puts_the_plan_beside_the_measurement():

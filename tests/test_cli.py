@@ -39,10 +39,20 @@ def test_generate_with_template_over_gsm8k(tmp_path, tiny_fixture, gsm8k_dir):
     ("{broken", "in.jsonl:2: not valid JSON"),
     ({"text": "no prompt"}, "in.jsonl:2: row needs a 'prompt'"),
     ({"prompt_token_ids": ["a"]}, "in.jsonl:2: prompt_token_ids must be a list of integers"),
-    ({"prompt": ""}, "prompt 1 is empty"),
+    ({"prompt": ""}, "in.jsonl:2: the prompt is empty"),             # 1-based, as every other row error
+    ({"prompt_token_ids": [1, True]}, "in.jsonl:2: prompt_token_ids must be a list of integers"),  # JSON true is no id
+    (b"\xff\xfe\x00".decode("latin-1"), "in.jsonl:2: not"),
 ])
 def test_bad_rows_are_named(tmp_path, tiny_fixture, capsys, row, message):
     code, out = run_generate(tmp_path, tiny_fixture("mixtral"), [{"prompt": "ok"}, row])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()                       # nothing half-written
+
+
+def test_a_sequence_beyond_the_kv_budget_is_one_line_naming_the_flag(tmp_path, tiny_fixture, capsys):
+    code, out = run_generate(tmp_path, tiny_fixture("mixtral"), [{"prompt_token_ids": [1, 2, 3]}],
+                             "--host-memory", "1KB", "--max-new-tokens", "20", "--ignore-eos")   # 16 tokens of KV
+    err = capsys.readouterr().err
+    assert code == 2 and "needs 23 tokens of KV cache" in err and "--host-memory" in err
+    assert "Traceback" not in err and not out.exists()

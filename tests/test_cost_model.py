@@ -7,14 +7,18 @@ import math
 import pytest
 
 from moegen.engine.llm_engine import EngineConfig
-from moegen.engine.memory import choose_resident
 from moegen.errors import InputError
-from moegen.harness.fixture import fixture_config
-from moegen.planner.cost_model import (GemmCurve, Hardware, PlanError, Workload, activation_bytes, predict,
-                                       resident_set)
+from moegen.engine.weight_stream import group_weights, module_bytes
+from moegen.harness.fixture import ARCHS, fixture_config
+from moegen.loader import dummy_model
+from moegen.planner.cost_model import JobShape, predict
+from moegen.planner.hardware import GemmCurve, Hardware
+from moegen.planner.memory import activation_bytes, model_group_bytes, resident_set
 from moegen.planner.model_spec import ModelSpec
 from moegen.cli.plan import add_subparser, parse_hw
-from moegen.planner.search import HOST_RESERVE_BYTES, Plan, predict_for_engine, search
+from moegen.planner.plan import Plan, PlanError
+from moegen.planner.policy import choose_resident
+from moegen.planner.search import HOST_RESERVE_BYTES, predict_for_engine, search
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -64,7 +68,7 @@ def bench():
 def test_predict_tiny_cpu_by_hand():
     spec, hw = ModelSpec.from_config(TINY), Hardware(device="cpu", **UNIT_RATES)
     plan = Plan(device="cpu", max_batch=2, attn_micro_batch=2, max_prefill_tokens=8)
-    pred = predict(spec, hw, plan, Workload(prompt_len=4, gen_len=2, num_sequences=2))
+    pred = predict(spec, hw, plan, JobShape(prompt_len=4, gen_len=2, num_sequences=2))
     # Every GEMM here is compute-bound at 1 GFLOP/s (each matrix's FLOPs/rate beats its bytes/1 GB/s).
     # Decode step, T = 2 tokens at context 5 (each sequence's one decode step):
     #   dense: 2*T*(64*192 qkv + 64*64 o + 64*4 router) = 4 * 16640          = 66560 FLOP -> 66.560 us
@@ -90,7 +94,7 @@ def test_cpu_elementwise_and_prompt_attention_terms_by_hand():
     spec = ModelSpec.from_config(TINY)
     hw = Hardware(device="cpu", elementwise_gbps=1, prefill_attention_flops_per_s=1e8, **UNIT_RATES)
     plan = Plan(device="cpu", max_batch=2, attn_micro_batch=2, max_prefill_tokens=8)
-    pred = predict(spec, hw, plan, Workload(prompt_len=4, gen_len=2, num_sequences=2))
+    pred = predict(spec, hw, plan, JobShape(prompt_len=4, gen_len=2, num_sequences=2))
     # elements per token in the layer's non-GEMM passes (h=64, 8 heads x 16 of rope, k=1, I=128):
     #   norms 4h 256 + adds 6h 384 + rope 2*(4+4)*16 256 + kv write 2*128 256 + gather 2kh 128
     #   + activation 3kI 384 + weighting 2kh 128 + combine (k+1)h 128 = 1920 elems = 3840 B
@@ -118,7 +122,7 @@ def test_predict_tiny_cuda_streaming_by_hand():
     # (attention 16384 + norms 128 + router 256 params) * 2 B = 25728 + 33536 = 59264 B; no expert fits
     plan = Plan(device="cuda", max_batch=2, attn_micro_batch=2, max_prefill_tokens=8, num_buffers=2,
                 resident_bytes=59264)
-    pred = predict(spec, hw, plan, Workload(4, 2, 2))
+    pred = predict(spec, hw, plan, JobShape(4, 2, 2))
     assert pred.resident_fraction == pytest.approx(59264 / spec.weight_bytes(2)["total"])
     # Decode step: before routing, dense 66.56 us + CPU attention 2.56 us + q/k/v out and o back over
     # PCIe: 2 tokens * (192 + 64) elems * 2 B = 1024 B -> 1.024 us.            pre = 70.144 us
@@ -162,11 +166,28 @@ def test_resident_set_matches_engine_choice(mixtral):
         assert sum(".experts." in k for k in engine) == sum(ours.experts)
 
 
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "deepseek_v3"])   # v3 keeps its router bias in fp32
+def test_resident_set_matches_engine_groups_of_a_built_model(arch):
+    """The planner's weight groups are the engine's own (weight_stream's groups of a built model):
+    the engine's choice keeps the bytes and experts the planner predicts, at every budget."""
+    config = fixture_config(arch, "tiny")
+    spec, model = ModelSpec.from_config(config), dummy_model(config, "bfloat16")
+    sizes = {k: module_bytes(g) for k, g in group_weights(model.weights).items()}
+    rest = {k: size for k, size in sizes.items() if k != "model"}
+    assert sizes["model"] == model_group_bytes(spec, 2) and sum(sizes.values()) == spec.weight_bytes(2)["total"]
+    for budget in range(sizes["model"], sum(sizes.values()) + 1, sum(rest.values()) // 40):
+        engine = choose_resident(rest, sizes, budget - sizes["model"]) | {"model"}
+        ours = resident_set(spec, budget, 2)
+        assert sum(sizes[k] for k in engine) == ours.used_bytes
+        assert sum(".experts." in k for k in engine) == sum(ours.experts)
+        assert all((f"model.layers.{i}" in engine) == ours.dense[i] for i in range(spec.num_layers))
+
 # ---- Mixtral-8x7B on a 24 GB GPU ---------------------------------------------------------------
 
 def test_mixtral_24gb_streams_experts_keeps_kv_in_host(mixtral):
     hw = Hardware(**A5000)
-    wl = Workload(512, 256, 1024)
+    wl = JobShape(512, 256, 1024)
     plan, pred = search(mixtral, hw, wl, host_memory_bytes=128 * GiB, device_memory_bytes=24 * GiB)
     weights = mixtral.weight_bytes(2)["total"]
     assert plan.device == "cuda" and 0 < plan.resident_fraction < 0.3      # 87 GiB of weights, most streamed
@@ -187,7 +208,7 @@ def test_mixtral_decode_grows_with_G_until_compute_bound(mixtral):
     rates, bounds = [], []
     for G in [2 ** i for i in range(0, 17, 2)] + [65536]:
         plan = Plan(device="cuda", max_batch=G, attn_micro_batch=G, num_buffers=2, resident_bytes=resident)
-        pred = predict(mixtral, hw, plan, Workload(128, 128, G))
+        pred = predict(mixtral, hw, plan, JobShape(128, 128, G))
         rates.append(pred.decode_tokens_per_s)
         bounds.append(pred.decode_bound)
     assert all(b >= a * (1 - 1e-9) for a, b in zip(rates, rates[1:])), rates          # monotone
@@ -202,18 +223,18 @@ def test_mixtral_decode_grows_with_G_until_compute_bound(mixtral):
 
 def test_cpu_bench_plan_is_compute_bound(bench):
     hw = Hardware.from_probe(CPU_PROBE)
-    plan, pred = search(bench, hw, Workload(512, 256, 1024), host_memory_bytes=8 * GiB)
+    plan, pred = search(bench, hw, JobShape(512, 256, 1024), host_memory_bytes=8 * GiB)
     assert plan.device == "cpu" and plan.resident_bytes is None and plan.attention == "cpu"
     assert pred.bound == "compute" and pred.decode_bound == "compute"
     assert pred.terms_s["decode"]["pcie"] == 0 and pred.terms_s["decode"]["kv"] == 0
     assert plan.max_batch >= 256                                  # small batches starve the expert GEMMs
-    small = predict(bench, hw, Plan(device="cpu", max_batch=4, attn_micro_batch=4), Workload(512, 256, 1024))
+    small = predict(bench, hw, Plan(device="cpu", max_batch=4, attn_micro_batch=4), JobShape(512, 256, 1024))
     assert small.e2e_tokens_per_s < pred.e2e_tokens_per_s / 10
 
 
 def test_predict_for_engine_uses_its_settings(bench):
     hw = Hardware.from_probe(CPU_PROBE)
-    wl = Workload(128, 16, 64)
+    wl = JobShape(128, 16, 64)
     kv_seq = 144 * bench.kv_bytes_per_token(2)                     # 144 tokens = 9 blocks of 16
     cfg = EngineConfig(max_batch=64, attn_micro_batch=0, kv_cache_bytes=10 * kv_seq)
     pred = predict_for_engine(bench, hw, cfg, wl)
@@ -230,25 +251,24 @@ def test_infeasible_host_budget_names_host_and_shortfall(bench, mixtral):
     budget = weights + HOST_RESERVE_BYTES + prompt_act + 2 * MiB         # 2 MiB left for the KV cache
     with pytest.raises(PlanError, match=r"host memory: the KV cache for one sequence of 640 tokens needs "
                                         r"5\.0 MiB, 2\.0 MiB available \(budget .*; short by 3\.0 MiB"):
-        search(bench, hw, Workload(512, 128, 8), host_memory_bytes=budget)
+        search(bench, hw, JobShape(512, 128, 8), host_memory_bytes=budget)
     with pytest.raises(PlanError, match=r"host memory: the weights \(86\.99 GiB\).*the budget is 64\.00 GiB; short by"):
-        search(mixtral, Hardware(**A5000), Workload(512, 128, 8), host_memory_bytes=64 * GiB)
+        search(mixtral, Hardware(**A5000), JobShape(512, 128, 8), host_memory_bytes=64 * GiB)
 
 
 def test_infeasible_device_budget_names_device(mixtral):
     with pytest.raises(PlanError, match=r"device memory: .*streaming buffers.*need .*available.*short by"):
-        search(mixtral, Hardware(**A5000), Workload(512, 128, 8), device_memory_bytes=1 * GiB)
+        search(mixtral, Hardware(**A5000), JobShape(512, 128, 8), device_memory_bytes=1 * GiB)
 
 
 def test_overrides_are_honoured(mixtral):
     hw = Hardware(**A5000)
-    wl = Workload(512, 256, 1024)
-    fixed = {"G": 64, "A": 16, "expert_chunk": 512, "num_buffers": 3, "max_prefill_tokens": 4096, "block_size": 32,
-             "attention": "split"}
+    wl = JobShape(512, 256, 1024)
+    fixed = {"G": 64, "A": 16, "expert_chunk": 512, "num_buffers": 3, "max_prefill_tokens": 4096, "block_size": 32}
     plan, pred = search(mixtral, hw, wl, overrides=fixed)
     assert (plan.max_batch, plan.attn_micro_batch, plan.expert_chunk, plan.num_buffers, plan.max_prefill_tokens,
-            plan.block_size, plan.attention) == (64, 16, 512, 3, 4096, 32, "split")
-    assert pred.batch == 64 and any("engine runs decode attention on the CPU" in n for n in pred.notes)
+            plan.block_size) == (64, 16, 512, 3, 4096, 32)
+    assert pred.batch == 64
     opts = plan.to_engine_options()
     assert (opts["max_batch"], opts["attn_micro_batch"], opts["block_size"]) == (64, 16, 32)
     plan, _ = search(mixtral, hw, wl, overrides={"resident_bytes": 10 * GiB})
@@ -257,6 +277,8 @@ def test_overrides_are_honoured(mixtral):
         search(mixtral, hw, wl, overrides={"max_batch": 4096})
     with pytest.raises(InputError, match="not a plan choice"):
         search(mixtral, hw, wl, overrides={"batch": 4})
+    with pytest.raises(InputError, match="not a plan choice"):       # decode attention runs on the CPU only
+        search(mixtral, hw, wl, overrides={"attention": "gpu"})
 
 
 # ---- moegen plan ---------------------------------------------------------------------------------

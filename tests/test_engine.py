@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
-from moegen.errors import InputError
+from moegen.errors import CapacityError, InputError
 from moegen.harness.fixture import ARCHS
 from moegen.loader import load_model
+from moegen.planner.plan import Plan, PlanError
+from moegen.planner.policy import FALLBACK_SETTINGS
 from moegen.tokenizer import load_tokenizer
 from tests.hf_reference import gsm8k_questions, hf_greedy, hf_logits
 
@@ -131,6 +133,24 @@ def test_bad_prompts_are_named(tiny_fixture):
         SamplingParams(max_new_tokens=0)
 
 
+def test_stats_account_for_every_pass_of_generation_and_scoring(tiny_fixture):
+    engine = make_engine(tiny_fixture("mixtral"), max_batch=2, attn_micro_batch=0, max_prefill_tokens=64)
+    engine.generate([[1, 2, 3], [1, 2, 3, 4, 5]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    engine.loglikelihood([([1, 2], [3, 4])])          # scores [1, 2, 3] in one more prefill pass
+    rec = engine.stats.record(wall_s=1.0)
+    assert rec.prompt_lens == (3, 5, 3) and rec.gen_lens == (4, 4, 0)
+    assert rec.prefill_pass_tokens == (8, 3) and rec.decode_step_seqs == (2, 2, 2)
+    assert (engine.stats.prefill_tokens, engine.stats.decode_tokens) == (11, 6)
+    assert (engine.stats.prefill_steps, engine.stats.decode_steps) == (2, 3)
+
+
+def test_a_sequence_larger_than_the_kv_budget_says_what_to_raise(tiny_fixture):
+    config = EngineConfig(kv_cache_bytes=1, max_batch=1, attn_micro_batch=0, max_prefill_tokens=64)
+    engine = Engine(load_model(tiny_fixture("mixtral"), "float32"), None, config)
+    with pytest.raises(CapacityError, match="host-memory"):          # the least budget: one block, 16 tokens
+        engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=20, ignore_eos=True))
+
+
 def test_kv_blocks_are_returned(tiny_fixture):
     engine = make_engine(tiny_fixture("qwen2_moe"), max_batch=2)
     engine.generate([[1, 2, 3]] * 5, SamplingParams(max_new_tokens=5, ignore_eos=True))
@@ -162,7 +182,7 @@ def test_planner_fills_unset_settings_and_overrides_win(tiny_fixture):
     path = tiny_fixture("mixtral")
     planned = make_engine(path)
     settings = planned.settings([12] * 20, 8)
-    plan, prediction = planned.last_plan
+    plan, prediction = planned.stats.plan.plan, planned.stats.plan.prediction
     assert settings == {"max_batch": plan.max_batch, "attn_micro_batch": plan.attn_micro_batch,
                         "max_prefill_tokens": plan.max_prefill_tokens}
     assert prediction.e2e_tokens_per_s > 0
@@ -170,6 +190,41 @@ def test_planner_fills_unset_settings_and_overrides_win(tiny_fixture):
     s = fixed.settings([12] * 20, 8)
     assert s["max_batch"] == 3 and s["attn_micro_batch"] == 1 and fixed.runner.attn_micro_batch == 1
 
+
+class FixedPlanner:
+    """A planner that always returns one plan, and records what the engine asked of it."""
+    def __init__(self, error=None):
+        self.calls, self.error = [], error
+
+    def plan(self, model_config, job, overrides):
+        self.calls.append((job, overrides))
+        if self.error:
+            raise self.error
+        return Plan(max_batch=5, attn_micro_batch=2, max_prefill_tokens=40), "its prediction"
+
+
+def test_engine_runs_the_injected_planners_plan(tiny_fixture):
+    path = tiny_fixture("mixtral")
+    planner = FixedPlanner()
+    engine = Engine(load_model(path, "float32"), load_tokenizer(path),
+                    EngineConfig(kv_cache_bytes=32 << 20, max_prefill_tokens=6), planner=planner)
+    engine.generate([[1, 2, 3]] * 7, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    (job, overrides), = planner.calls
+    assert (job.prompt_len, job.gen_len, job.num_sequences) == (3, 3, 7)
+    assert overrides["max_prefill_tokens"] == 6 and overrides["block_size"] == 16    # what the config fixes
+    used = engine.stats.plan
+    assert used.settings == {"max_batch": 5, "attn_micro_batch": 2, "max_prefill_tokens": 6}   # the config wins
+    assert used.plan.max_batch == 5 and used.prediction == "its prediction"
+    assert max(engine.stats.decode_step_seqs) == 5 and max(engine.stats.prefill_pass_tokens) == 6
+    assert engine.runner.attn_micro_batch == 2
+
+
+def test_engine_falls_back_when_the_planner_fails(tiny_fixture):
+    path = tiny_fixture("mixtral")
+    engine = Engine(load_model(path, "float32"), load_tokenizer(path), EngineConfig(kv_cache_bytes=32 << 20),
+                    planner=FixedPlanner(PlanError("no plan fits")))
+    assert engine.settings([12] * 20, 8) == FALLBACK_SETTINGS
+    assert engine.stats.plan.plan is None and engine.stats.plan.settings == FALLBACK_SETTINGS
 
 def test_greedy_choice_is_the_first_maximum_in_any_dtype():
     """The sampler picks greedy tokens without widening logits: ties resolve to the first maximum,

@@ -255,20 +255,21 @@ def fake_bench(values: dict, calls: list):
 
 def nightly_params(tiny_fixture, url, **extra) -> dict:
     return {"model": str(tiny_fixture("mixtral")), "workloads": ["synthetic:prompt=8,gen=2,n=2"], "nightly": True,
-            "probe": "off", "results_url": url, **extra}
+            "repeat": 3, "probe": "off", "results_url": url, **extra}
 
 
 def test_nightly_regression_fails_the_flow_run(prefect_api, tiny_fixture, url, monkeypatch):
     params = nightly_params(tiny_fixture, url)
     workload = params["workloads"][0]
-    yesterday = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
-    previous = [results.CellResult("moegen", workload, {"e2e_tokens_per_s": 100.0}),
-                results.CellResult("hf-generate", workload, {"e2e_tokens_per_s": 50.0})]
-    results.record_run(params["model"], "nightly", previous, hardware=HW, created_at=yesterday, url=url)
+    for days, e2e in ((2, 100.0), (1, 90.0)):                      # two healthy nightlies: median 95
+        when = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
+        previous = [results.CellResult("moegen", workload, {"e2e_tokens_per_s": e2e}),
+                    results.CellResult("hf-generate", workload, {"e2e_tokens_per_s": 50.0})]
+        results.record_run(params["model"], "nightly", previous, hardware=HW, created_at=when, url=url)
 
     monkeypatch.setattr(moegen.harness.bench, "run_bench", fake_bench({"moegen": 95.0, "hf-generate": 50.0}, []))
     state = bench_flow(**params, return_state=True)
-    assert state.is_completed(), state.message                     # -5%: within the 10% threshold
+    assert state.is_completed(), state.message                     # at the median of the healthy nightlies
 
     monkeypatch.setattr(moegen.harness.bench, "run_bench", fake_bench({"moegen": 76.0, "hf-generate": 50.0}, []))
     state = bench_flow(**params, return_state=True)
@@ -278,6 +279,21 @@ def test_nightly_regression_fails_the_flow_run(prefect_api, tiny_fixture, url, m
     assert "| moegen | synthetic:prompt=8,gen=2,n=2 | e2e tok/s | 95 | 76 | -20.0% |" in markdown
     latest = results.history(last=1, kind="nightly", url=url)[0]
     assert latest["status"] == "regressed" and latest["flow_run_id"] == str(state.state_details.flow_run_id)
+    failure = state.result(raise_on_failure=False)                 # an exception carrying the summary, not a dict
+    assert str(failure) == state.message and failure.summary["regressions"][0]["current"] == 76.0
+    assert "nightly trend" in failure.summary["report"]["plots"]
+
+    # the regressed nightly is not part of the baseline: a healthy run compares with 90, 95, 100
+    monkeypatch.setattr(moegen.harness.bench, "run_bench", fake_bench({"moegen": 94.0, "hf-generate": 50.0}, []))
+    assert bench_flow(**params, return_state=True).is_completed()
+    baseline = results.nightly_baseline(params["model"], "moegen", workload, HW, url=url)
+    assert latest["id"] not in baseline["runs"] and sorted(baseline["metrics"]["e2e_tokens_per_s"]) == [
+        90.0, 94.0, 95.0, 100.0]
+
+
+def test_a_nightly_needs_three_passes(prefect_api, tiny_fixture, url):
+    state = bench_flow(**nightly_params(tiny_fixture, url, repeat=1), return_state=True)
+    assert state.is_failed() and "a nightly needs repeat >= 3" in state.message
 
 
 def test_a_resumed_run_reuses_finished_cells(prefect_api, tiny_fixture, url, monkeypatch):

@@ -7,6 +7,7 @@ from prefect.states import Failed
 
 from flows.cli import parse_params
 from moegen.errors import ConfigError, InputError
+from moegen.harness.ratios import ratio
 from tasks import report
 from tasks.common import retry_unless_bad_input
 from tasks.generate import plan_shards
@@ -27,15 +28,52 @@ def test_ratios_are_against_the_baseline_of_the_same_workload_and_cost_is_invert
     assert rows[2]["ratios"] == {}                                  # no baseline ran on that workload
 
 
+def test_a_ratio_is_unknown_where_a_figure_is_missing_or_the_division_undefined():
+    assert ratio(0.0, 100.0, "e2e_tokens_per_s") == 0.0             # it ran, and produced nothing
+    assert ratio(50.0, 0.0, "e2e_tokens_per_s") is None
+    assert ratio(None, 1.0, "accuracy") is None
+    assert ratio(0.0, 2.0, "usd_per_million_tokens") is None         # free is not infinitely better
+
+
 def test_a_drop_beyond_the_threshold_is_a_regression_a_rise_in_cost_too():
-    previous = {"run_id": 7, "created_at": "2026-01-01T02:00:00",
-                "metrics": {"e2e_tokens_per_s": 100.0, "usd_per_million_tokens": 1.0, "accuracy": 0.5}}
+    previous = {"runs": [7], "created_at": ["2026-01-01T02:00:00"],
+                "metrics": {"e2e_tokens_per_s": [100.0], "usd_per_million_tokens": [1.0], "accuracy": [0.5]}}
     found = cell_regressions(cell("moegen", 85.0, usd=1.2, accuracy=0.5), previous, 0.10,
                              ("e2e_tokens_per_s", "usd_per_million_tokens", "accuracy"))
     assert [(r["metric"], round(r["drop"], 3)) for r in found] == [("e2e_tokens_per_s", 0.15),
                                                                    ("usd_per_million_tokens", 0.2)]
     assert cell_regressions(cell("moegen", 91.0), previous, 0.10, ("e2e_tokens_per_s",)) == []
     assert cell_regressions(cell("moegen", None), previous, 0.10, ("e2e_tokens_per_s",)) == []
+
+
+def baseline_of(*values: float, spreads=()) -> dict:
+    metrics = {"e2e_tokens_per_s": list(values)}
+    if spreads:
+        metrics["spread.e2e_tokens_per_s"] = list(spreads)
+    return {"runs": list(range(1, len(values) + 1)), "created_at": ["2026-01-01T02:00:00"] * len(values),
+            "metrics": metrics}
+
+
+def test_a_regression_is_against_the_median_and_beyond_the_baselines_noise():
+    e2e = ("e2e_tokens_per_s",)
+    noisy = baseline_of(100.0, 70.0, 95.0, 105.0, 90.0)          # median 95; a healthy night fell 26% below it
+    assert cell_regressions(cell("moegen", 75.0), noisy, 0.10, e2e) == []           # -21%: within the noise
+    found = cell_regressions(cell("moegen", 60.0), noisy, 0.10, e2e)                # -37%: beyond it
+    assert [(r["previous"], round(r["drop"], 3), round(r["spread"], 3)) for r in found] == [(95.0, 0.368, 0.263)]
+    steady = baseline_of(100.0, 98.0, 101.0)
+    assert [r["previous"] for r in cell_regressions(cell("moegen", 70.0), steady, 0.10, e2e)] == [100.0]   # -30%
+    # the noise between the passes of one nightly counts as well (this run's or the baseline's)
+    noisy_run = cell("moegen", 70.0)
+    noisy_run["metrics"]["spread.e2e_tokens_per_s"] = 0.4
+    assert cell_regressions(noisy_run, steady, 0.10, e2e) == []
+    assert cell_regressions(cell("moegen", 70.0), baseline_of(100.0, spreads=[0.35]), 0.10, e2e) == []
+
+
+def test_repeat_spreads_are_recorded_from_the_passes():
+    from tasks.metrics import repeat_spreads
+    spreads = repeat_spreads({"repeats_e2e_tokens_per_s": [100.0, 80.0, 104.0], "e2e_tokens_per_s": 100.0})
+    assert spreads == {"spread.e2e_tokens_per_s": pytest.approx(0.2)}
+    assert repeat_spreads({"repeats_e2e_tokens_per_s": [100.0]}) == {}
 
 
 def test_cap_scores_put_the_best_system_at_one_and_cost_as_efficiency():
@@ -108,3 +146,13 @@ def test_only_local_tasks_or_the_gsm8k_workload_need_the_local_files():
     assert uses_gsm8k(["gsm8k_local"], "synthetic:prompt=8,gen=2,n=2")
     assert uses_gsm8k(["other"], "gsm8k:/data,n=8")
     assert not uses_gsm8k(["gsm8k_cot"], "hf:openai/gsm8k,field=question")   # hub task and workload
+
+
+def test_unknown_task_names_are_refused_with_the_parameters():
+    """Before any work (the eval flow validates its parameters first), not inside its lm-eval task."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from flows.params import TaskNames
+    assert TypeAdapter(TaskNames).validate_python(["gsm8k_local"]) == ["gsm8k_local"]
+    with pytest.raises(ValidationError, match="unknown task 'gsm8k_locl' \\(did you mean gsm8k_local"):
+        TypeAdapter(TaskNames).validate_python(["gsm8k_locl"])

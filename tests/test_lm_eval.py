@@ -94,8 +94,8 @@ def test_gsm8k_identical_responses(gsm8k_runs, ckpt, engine):
 
 def task_contexts(task_name, limit):
     """doc_id -> (context, gen_kwargs) as simple_evaluate builds them (fewshot seed 1234)."""
-    from moegen.harness.evaluation import _include_paths, task_manager
-    task = task_manager([task_name], _include_paths(None)).load([task_name])["tasks"][task_name]
+    from moegen.harness.evaluation import include_paths, task_manager
+    task = task_manager([task_name], include_paths(None)).load([task_name])["tasks"][task_name]
     task.set_fewshot_seed(seed=1234)
     task.build_all_requests(limit=limit, rank=0, world_size=1)
     return {inst.doc_id: inst.args for inst in task.instances}
@@ -232,20 +232,20 @@ def test_registered_with_model_args(ckpt):
     import lm_eval
     from lm_eval.api.registry import get_model
 
-    from moegen.harness.evaluation import task_manager, _include_paths
+    from moegen.harness.evaluation import task_manager, include_paths
     from moegen.harness.lm_eval import MoegenLM
 
     assert get_model("moegen") is MoegenLM
     out = lm_eval.simple_evaluate(model="moegen", model_args=f"pretrained={ckpt},dtype=float32,max_batch=8,host_memory={KV}",
                                   tasks=["gsm8k_mc_local"], limit=2, num_fewshot=0,
-                                  task_manager=task_manager(["gsm8k_mc_local"], _include_paths(None)))
+                                  task_manager=task_manager(["gsm8k_mc_local"], include_paths(None)))
     assert 0 <= out["results"]["gsm8k_mc_local"]["acc,none"] <= 1
 
 
 def test_fewshot_from_train_eval_from_test(gsm8k_dir):
-    from moegen.harness.evaluation import task_manager, _include_paths
+    from moegen.harness.evaluation import task_manager, include_paths
 
-    loaded = task_manager(["gsm8k_local"], _include_paths(None)).load(["gsm8k_local"])
+    loaded = task_manager(["gsm8k_local"], include_paths(None)).load(["gsm8k_local"])
     task = loaded["tasks"]["gsm8k_local"]
     train, test = (gsm8k_data.read_split(s, gsm8k_dir) for s in ("train", "test"))
     assert list(task.fewshot_docs()) == train and list(task.test_docs()) == test

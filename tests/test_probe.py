@@ -50,7 +50,9 @@ def counting_measure(monkeypatch) -> list:
     def fake(device="cpu", quick=False):
         calls.append(quick)
         return {"schema": probe_mod.SCHEMA, "device": device, "torch_version": torch.__version__,
-                "quick": quick, "measured_at": f"call {len(calls)}"}
+                "quick": quick, "measured_at": f"call {len(calls)}", "gemm": {},
+                "gemm_best_flops_per_s": {"bfloat16": 1e12}, "host_mem_bw_gbps": 20.0,
+                "cpu_attention": {"kv_gbps": 10.0}}
     monkeypatch.setattr(probe_mod, "measure", fake)
     return calls
 
@@ -78,6 +80,18 @@ def test_stale_or_thinner_cache_is_not_reused(tmp_path, monkeypatch):
     assert calls == [True, False, True, True]
 
 
+@pytest.mark.parametrize("text", ["[]", "null", '"probe"', '{"schema": 3}',
+                                  '{"schema": 3, "quick": true, "device": "cpu", "gemm_best_flops_per_s": null}',
+                                  '{"schema": 3, "quick": "yes"}'])
+def test_cache_of_the_wrong_shape_is_measured_again(tmp_path, monkeypatch, text):
+    calls = counting_measure(monkeypatch)
+    path = tmp_path / "p.json"
+    path.write_text(text.replace('"cpu"', '"cpu", "torch_version": "%s"' % torch.__version__))
+    result = probe(quick=True, cache_path=path)
+    assert result["cached"] is False and calls == [True]
+    assert probe(quick=True, cache_path=path)["cached"] is True            # the re-measured file is good
+
+
 def test_default_cache_path_follows_xdg(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = default_cache_path("cpu")
@@ -102,7 +116,7 @@ def test_format_probe_is_a_readable_table(quick_cache):
 def test_fallback_attention_matches_sdpa(window):
     torch.manual_seed(0)
     seqs, ctx, n_heads, n_kv, dim, block = 3, 11, 4, 2, 8, 4
-    args = probe_mod._attention_inputs(seqs, ctx, n_heads, n_kv, dim, block, torch.float32, "cpu")
+    args = probe_mod._attention_inputs(seqs, ctx, n_heads, n_kv, dim, block, torch.float32)
     q, k_cache, v_cache, tables, lens, scale = args
     out = torch_paged_decode_attention(*args, sliding_window=window)
     for s in range(seqs):

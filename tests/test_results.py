@@ -78,7 +78,7 @@ def test_a_failure_mid_write_leaves_nothing(url):
         results.record_run("m", "bench", cells, hardware={"cpu": {"model": "Other"}}, url=url)
     assert count(url, results.Run) == 1
     assert count(url, results.Result) == count(url, results.Metric) == 0
-    assert count(url, results.System) == count(url, results.Workload) == 0
+    assert count(url, results.SystemRow) == count(url, results.WorkloadRow) == 0
     assert count(url, results.Environment) == 1
 
 
@@ -131,7 +131,7 @@ def test_compare_matches_cells_metric_by_metric(url):
     assert rows[("moegen", "accuracy")]["ratio"] is None
 
 
-def test_previous_nightly_is_the_latest_of_the_same_model_system_workload_hardware(url):
+def test_nightly_baseline_is_the_latest_of_the_same_model_system_workload_hardware(url):
     older = nightly(url, 100.0, hours_ago=72)
     latest = nightly(url, 90.0, hours_ago=24)
     nightly(url, 500.0, hours_ago=1, kind="bench")                               # not a nightly
@@ -139,11 +139,31 @@ def test_previous_nightly_is_the_latest_of_the_same_model_system_workload_hardwa
     nightly(url, 500.0, hours_ago=1, workload="w2")                              # other workload
     nightly(url, 500.0, hours_ago=1, model="m2")                                 # other model
     nightly(url, None, hours_ago=0.5, skipped="failed: OOM")                     # did not run
-    found = results.previous_nightly("m", "moegen", "w", HW, url=url)
-    assert found["run_id"] == latest and found["metrics"] == {"e2e_tokens_per_s": 90.0}
-    assert results.previous_nightly("m", "moegen", "w", HW, before_run=latest, url=url)["run_id"] == older
-    assert results.previous_nightly("m", "hf-generate", "w", HW, url=url) is None
-    assert results.previous_nightly("m", "moegen", "w", "NVIDIA H100", url=url)["metrics"]["e2e_tokens_per_s"] == 500
+    found = results.nightly_baseline("m", "moegen", "w", HW, last=1, url=url)
+    assert found["runs"] == [latest] and found["metrics"] == {"e2e_tokens_per_s": [90.0]}
+    assert results.nightly_baseline("m", "moegen", "w", HW, last=1, before_run=latest, url=url)["runs"] == [older]
+    assert results.nightly_baseline("m", "hf-generate", "w", HW, url=url) is None
+    assert results.nightly_baseline("m", "moegen", "w", "NVIDIA H100", url=url)["metrics"]["e2e_tokens_per_s"] == [500]
+    both = results.nightly_baseline("m", "moegen", "w", HW, url=url)          # newest first
+    assert both["runs"] == [latest, older] and both["metrics"]["e2e_tokens_per_s"] == [90.0, 100.0]
+
+
+def test_nightly_baseline_keeps_the_last_healthy_runs_only(url):
+    healthy = [nightly(url, 100.0 + i, hours_ago=100 - i) for i in range(7)]
+    cell = CellResult("moegen", "w", {"e2e_tokens_per_s": 50.0})
+    regressed = results.record_run("m", "nightly", [cell], hardware=HW, status="regressed", created_at=ago(1), url=url)
+    found = results.nightly_baseline("m", "moegen", "w", HW, url=url)
+    assert regressed not in found["runs"] and found["runs"] == healthy[::-1][:results.BASELINE_NIGHTLIES]
+    assert found["metrics"]["e2e_tokens_per_s"] == [106.0, 105.0, 104.0, 103.0, 102.0]
+
+
+def test_nightly_series_is_the_trend_oldest_first(url):
+    first, second = nightly(url, 100.0, hours_ago=48), nightly(url, 80.0, hours_ago=24)
+    nightly(url, 70.0, hours_ago=1, kind="bench")
+    series = results.nightly_series("m", "e2e_tokens_per_s", url=url)
+    assert list(series) == [("moegen", "w", results.hardware_label(HW))]
+    assert [(v, s) for _, v, s in series[("moegen", "w", results.hardware_label(HW))]] == [(100.0, "ok"), (80.0, "ok")]
+    assert first < second
 
 
 def test_url_comes_from_the_environment(monkeypatch, tmp_path):

@@ -1,9 +1,11 @@
-"""Block manager and scheduler: plain state machines, tested without a model."""
+"""Block manager, scheduler and stop checks: plain state machines, tested without a model."""
 import pytest
 
 from moegen.engine.block_manager import BlockManager
 from moegen.engine.params import SamplingParams
 from moegen.engine.scheduler import Scheduler, Sequence
+from moegen.engine.stops import finish_reason
+from moegen.errors import CapacityError
 
 
 def seq(i, prompt_len, new=4):
@@ -46,7 +48,7 @@ def test_kv_budget_limits_admission():
 
 def test_sequence_larger_than_cache_is_refused():
     s = Scheduler(BlockManager(num_blocks=2, block_size=4), max_batch=8, max_prefill_tokens=1000)
-    with pytest.raises(MemoryError, match="needs 12 tokens"):
+    with pytest.raises(CapacityError, match="needs 12 tokens"):
         s.add(seq(0, 8, new=4))
 
 
@@ -56,3 +58,29 @@ def test_prefill_token_budget_splits_groups():
         s.add(seq(i, 6))
     assert [q.seq_id for q in s.schedule()[1]] == [0]
     assert s.schedule() == ("prefill", [s.running[1]])
+
+
+class CharTokenizer:
+    """One character per token id."""
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_a_stop_string_across_tokens_stops_and_cuts_the_text():
+    s = Sequence(0, [1], SamplingParams(max_new_tokens=10, stop=["cd"]))
+    reasons = []
+    for ch in "abcd":
+        s.output.append(ord(ch))
+        reasons.append(finish_reason(s, ord(ch), (), CharTokenizer()))
+    assert reasons == [None, None, None, "stop"] and s.text == "ab"
+
+
+def test_eos_stops_unless_ignored_and_the_length_limit_ends_the_rest():
+    eos = (ord("x"),)
+    s = Sequence(0, [1], SamplingParams(max_new_tokens=2))
+    s.output.append(ord("x"))
+    assert finish_reason(s, ord("x"), eos, None) == "stop"
+    s = Sequence(0, [1], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    s.output += [ord("x"), ord("x")]
+    assert finish_reason(s, ord("x"), eos, None) == "length"

@@ -12,7 +12,7 @@ from moegen.harness.systems.base import cut_after_eos
 from moegen.engine.stats import lockstep_steps
 from moegen.harness.systems.measure import MemoryMonitor
 from moegen.harness.systems.peaks import Peaks, datasheet_peaks, hardware_peaks, probed_peaks
-from moegen.harness.workloads import Workload
+from moegen.harness.workloads import PromptSet
 
 CPU_SYSTEMS = ["moegen", "moegen-model-batching", "hf-generate", "hf-continuous"]
 # G, A and the prefill budget fixed, so the engine's planner does not probe the machine here
@@ -33,7 +33,7 @@ def workload():
     """Ragged prompts (HF pads them; moegen does not), BOS first, fixed output length."""
     g = torch.Generator().manual_seed(3)
     prompts = [[1] + torch.randint(3, 32000, (n,), generator=g).tolist() for n in (4, 19, 9, 27, 13)]
-    return Workload("ragged", prompts, NEW_TOKENS, True, None, "test:ragged")
+    return PromptSet("ragged", prompts, NEW_TOKENS, True, None, "test:ragged")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import sys
 
+from moegen.engine.options import LOAD_OPTIONS, add_arguments, engine_option_names
 from moegen.errors import InputError
+from moegen.jsonl import output_target
 
 DEFAULT_SYSTEMS = "moegen,hf-generate"
 
@@ -119,6 +121,8 @@ def agreement_line(report: dict) -> str:
 
 def cmd_bench(args) -> None:
     from moegen.harness.bench import run_bench, write_json
+    if args.json:
+        output_target(args.json)               # a bad output path fails now, not after the run
     report = run_bench(args.model, args.systems, args.workload, repeat=args.repeat, dtype=args.dtype,
                        device=args.device, dummy_weights=args.dummy_weights, usd_per_hour=args.usd_per_hour,
                        options=options_of(args.opt), probe=args.probe, outputs=args.outputs,
@@ -142,11 +146,11 @@ def add_subparser(subparsers):
     p.add_argument("--workload", required=True,
                    help="synthetic:prompt=128,gen=64,n=512 | gsm8k[:PATH][,n=..,gen=..] | hf:NAME_OR_FILE,field=..")
     p.add_argument("--repeat", type=int, default=1, help="timed passes per system; the median is reported")
-    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default bfloat16)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_arguments(p, LOAD_OPTIONS)
     p.add_argument("--usd-per-hour", type=float, help="machine price, for the cost per million tokens")
     p.add_argument("--opt", action="append", metavar="SYSTEM.KEY=VALUE",
-                   help="a system option, e.g. hf-generate.batch_size=64 or moegen.max_batch=512 (repeatable)")
+                   help="a system option, e.g. hf-generate.batch_size=64 or moegen.max_batch=512 (repeatable); "
+                        f"moegen's: {', '.join(engine_option_names())}")
     p.add_argument("--probe", choices=["quick", "full", "fresh", "off"], default="quick",
                    help="hardware peaks for S-MFU/S-MBU: measured (quick/full: cached per machine; fresh: re-measured in this run) or datasheet only")
     p.add_argument("--outputs", action="store_true", help="also write every system's token ids and texts")

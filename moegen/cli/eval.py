@@ -10,11 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from moegen.jsonl import write_atomic
-
-# option flag -> engine option (moegen system only)
-ENGINE_FLAGS = {"max_batch": int, "attn_micro_batch": int, "max_prefill_tokens": int, "expert_chunk": int,
-                "host_memory": str, "device_memory": str}
+from moegen.engine.options import ENGINE_OPTIONS, LOAD_OPTIONS, add_arguments, values_of
+from moegen.jsonl import output_target, write_output
 
 
 def add_subparser(subparsers):
@@ -25,12 +22,10 @@ def add_subparser(subparsers):
     p.add_argument("--num-fewshot", type=int, help="fewshot examples per prompt (default: the task's, 5 for GSM8K)")
     p.add_argument("--include-path", help="extra directory of lm-eval task YAML files")
     p.add_argument("--system", default="moegen", help="moegen (default) or hf (lm-eval's transformers backend)")
-    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default bfloat16)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_arguments(p, LOAD_OPTIONS)
     p.add_argument("--gen-kwargs", help="override generation settings, lm-eval style: 'max_gen_toks=64,temperature=0'")
     p.add_argument("--out", help="write the full results (scores, configs, per-sample responses) as JSON here")
-    for name, kind in ENGINE_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"engine option {name} (system moegen)")
+    add_arguments(p.add_argument_group("engine options (system moegen)"), ENGINE_OPTIONS)
     p.add_argument("--batch-size", type=int, help="batch size of system hf (default 16)")
     p.set_defaults(func=main_eval)
     return p
@@ -42,14 +37,18 @@ def main_eval(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from moegen.harness.evaluation import run_eval
+    if args.out:
+        output_target(args.out)                # a bad output path fails now, not after the run
 
-    options = {k: getattr(args, k) for k in (*ENGINE_FLAGS, "batch_size") if getattr(args, k, None) is not None}
+    options = values_of(args, ENGINE_OPTIONS)
+    if args.batch_size is not None:
+        options["batch_size"] = args.batch_size
     result = run_eval(args.model, args.tasks, limit=args.limit, system=args.system, dtype=args.dtype,
                       device=args.device, num_fewshot=args.num_fewshot, include_path=args.include_path,
                       engine_options=options or None, gen_kwargs=args.gen_kwargs)
     print_table(result)
     if args.out:
-        write_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
+        write_output(Path(args.out), json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -1,24 +1,24 @@
 """`moegen generate`: completions for a JSONL file of prompts."""
 import json
+import sys
 import time
 from pathlib import Path
 
 from moegen.dtypes import dtype_name
+from moegen.engine.options import ENGINE_OPTIONS, LOAD_OPTIONS, add_arguments, values_of
 from moegen.harness.metrics import e2e_tokens_per_s
 from moegen.harness.prompts import read_prompts
-from moegen.jsonl import jsonl_text, write_atomic
+from moegen.jsonl import STDOUT, jsonl_text, output_target, write_output
 
 
 def engine_kwargs(args) -> dict:
-    kw = dict(device=args.device, dtype=args.dtype, host_memory=args.host_memory, device_memory=args.device_memory)
-    for name in ("max_batch", "attn_micro_batch", "max_prefill_tokens", "expert_chunk", "num_buffers"):
-        if getattr(args, name, None) is not None:
-            kw[name] = getattr(args, name)
-    return kw
+    """Engine.from_pretrained / from_config keyword arguments from the flags of add_engine_args."""
+    return values_of(args, LOAD_OPTIONS + ENGINE_OPTIONS)
 
 
 def cmd_generate(args):
     from moegen.engine import Engine, SamplingParams
+    output_target(args.out)                    # a bad output path fails now, not after the run
     prompts = read_prompts(Path(args.input), args.prompt_field, args.template, args.limit)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [])
@@ -31,31 +31,22 @@ def cmd_generate(args):
     t1 = time.perf_counter()
     outs = engine.generate(prompts, params, progress=not args.quiet, truncate=args.truncate)
     wall = time.perf_counter() - t1
-    write_atomic(Path(args.out), jsonl_text({"index": c.index, "prompt_token_ids": c.prompt_token_ids,
-                                         "token_ids": c.token_ids, "text": c.text,
-                                         "finish_reason": c.finish_reason} for c in outs))
+    write_output(Path(args.out), jsonl_text(c.to_row() for c in outs))
     s, gen = engine.stats, sum(len(c.token_ids) for c in outs)
     summary = {"sequences": len(outs), "prompt_tokens": s.prefill_tokens, "generated_tokens": gen,
                "load_s": round(load_s, 2), "wall_s": round(wall, 2), "end_to_end_tok_s": round(e2e_tokens_per_s(gen, wall), 1),
                "prefill_tok_s": round(s.prefill_tok_s, 1), "decode_tok_s": round(s.decode_tok_s, 1),
                "parameters": engine.model.num_parameters(), "dtype": dtype_name(engine.model.dtype),
                "attention": s.attention, "experts_skipped": s.experts_skipped, "out": args.out}
-    print(json.dumps(summary, indent=1))
+    # with --out - the rows own stdout; the summary goes to stderr
+    print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
 
 
 def add_engine_args(p):
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors); with "
                    "--dummy-weights also a config.json or a bundled config name (e.g. deepseek-v2-lite)")
     p.add_argument("--dummy-weights", action="store_true", help="random weights of the config's shapes, made in memory")
-    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default bfloat16)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--host-memory", help="host memory for the KV cache, e.g. 8GB (default 25%% of RAM)")
-    p.add_argument("--device-memory", help="device memory budget for weights, e.g. 20GB (cuda)")
-    p.add_argument("--max-batch", type=int, help="global batch: sequences decoded together")
-    p.add_argument("--attn-micro-batch", type=int, help="sequences per attention micro-batch (0 = all)")
-    p.add_argument("--max-prefill-tokens", type=int, help="prompt tokens per prefill step")
-    p.add_argument("--expert-chunk", type=int, help="max rows per expert GEMM (0 = all)")
-    p.add_argument("--num-buffers", type=int, help="device buffers for streamed weights")
+    add_arguments(p, LOAD_OPTIONS + ENGINE_OPTIONS)
 
 
 def add_subparser(sub):

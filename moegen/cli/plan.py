@@ -14,9 +14,12 @@ from pathlib import Path
 
 from moegen.engine.memory import host_memory_bytes, parse_bytes
 from moegen.errors import InputError
-from moegen.planner.cost_model import ATTENTION_PLACEMENTS, TERMS, Hardware, Prediction, Workload, format_bytes
+from moegen.planner.cost_model import TERMS, JobShape, Prediction
+from moegen.planner.hardware import Hardware
+from moegen.planner.memory import format_bytes
 from moegen.planner.model_spec import ModelSpec
-from moegen.planner.search import ENGINE_ATTENTION, Plan, search
+from moegen.planner.plan import Plan
+from moegen.planner.search import search
 
 MEMORY_KEYS = {"device_memory_bytes", "host_memory_bytes"}
 HW_ALIASES = {"tflops": "gemm_flops_per_s", "flops_per_s": "gemm_flops_per_s", "device_memory": "device_memory_bytes",
@@ -26,7 +29,7 @@ BOUND_HINTS = {
     "compute": "GEMM compute at the rate achieved for each GEMM's rows: a larger G helps only while more "
                "rows per expert still raise that rate",
     "memory": "reading weights from memory: too few tokens per expert GEMM; raise G",
-    "attention": "decode attention over the KV cache: bound by the attention device's memory bandwidth",
+    "attention": "decode attention over the host KV cache: bound by the CPU's memory bandwidth",
     "kv": "KV / activation traffic over PCIe",
     "overhead": "per-op dispatch: too little work per op; raise G",
 }
@@ -94,8 +97,6 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     fix.add_argument("--expert-chunk", type=int)
     fix.add_argument("--num-buffers", type=int)
     fix.add_argument("--block-size", type=int)
-    fix.add_argument("--attention", choices=[*ATTENTION_PLACEMENTS, "any"],
-                     help="decode attention placement on a GPU; 'any' searches all (the engine runs 'cpu')")
     p.add_argument("--json", help="also write hardware, plan and prediction as JSON here")
     p.set_defaults(func=cmd_plan)
     return p
@@ -104,21 +105,15 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 def cmd_plan(args) -> None:
     hw = load_hardware(args.device, args.probe_json, args.hw)
     spec = ModelSpec.from_config(args.model)
-    workload = Workload(args.prompt_len, args.gen_len, args.num_seqs, args.dtype)
+    job = JobShape(args.prompt_len, args.gen_len, args.num_seqs, args.dtype)
     overrides = {name: getattr(args, name) for name in ("max_batch", "attn_micro_batch", "max_prefill_tokens",
                                                         "expert_chunk", "num_buffers", "block_size")}
     if args.device:
         overrides["device"] = args.device
-    options = None
-    if args.attention == "any":
-        options = ATTENTION_PLACEMENTS
-    elif args.attention:
-        overrides["attention"] = args.attention
-    plan, pred = search(spec, hw, workload, parse_bytes(args.host_memory), parse_bytes(args.device_memory),
-                        overrides, attention_options=options)
-    print(format_plan(spec, hw, workload, plan, pred), end="")
+    plan, pred = search(spec, hw, job, parse_bytes(args.host_memory), parse_bytes(args.device_memory), overrides)
+    print(format_plan(spec, hw, job, plan, pred), end="")
     if args.json:
-        Path(args.json).write_text(json.dumps({"hardware": hw.to_dict(), "workload": asdict(workload),
+        Path(args.json).write_text(json.dumps({"hardware": hw.to_dict(), "workload": asdict(job),
                                                "plan": plan.to_dict(), "engine_options": plan.to_engine_options(),
                                                "prediction": pred.summary()}, indent=1, default=str))
 
@@ -146,7 +141,7 @@ def engine_flags(plan: Plan) -> str:
     return " ".join(flags)
 
 
-def _plan_rows(spec: ModelSpec, wl: Workload, plan: Plan) -> list[tuple[str, str, str]]:
+def _plan_rows(spec: ModelSpec, wl: JobShape, plan: Plan) -> list[tuple[str, str, str]]:
     per_pass = max(1, plan.max_prefill_tokens // wl.prompt_len)
     kv_seq = plan.kv_cache_bytes // max(plan.max_batch, 1)
     rows = [("device", plan.device, ""),
@@ -154,9 +149,7 @@ def _plan_rows(spec: ModelSpec, wl: Workload, plan: Plan) -> list[tuple[str, str
             ("A (attn_micro_batch)", str(plan.attn_micro_batch), "sequences per attention micro-batch"),
             ("max_prefill_tokens", str(plan.max_prefill_tokens), f"{per_pass} prompts per prefill pass"),
             ("expert_chunk", str(plan.expert_chunk), "rows per expert GEMM (0 = all)"),
-            ("decode attention", plan.attention, "on the CPU over the host KV cache" if plan.attention == "cpu" else
-             "modelled only: the engine attends on the CPU" if plan.attention not in ENGINE_ATTENTION[plan.device]
-             else "")]
+            ("decode attention", plan.attention, "on the CPU over the host KV cache")]
     if plan.device == "cuda":
         rows += [("resident weights", format_bytes(plan.resident_bytes),
                   f"{plan.resident_fraction:.1%} of {format_bytes(spec.weight_bytes(wl.dtype_bytes)['total'])}"),
@@ -178,7 +171,7 @@ def _prediction_rows(pred: Prediction) -> list[tuple[str, str, str]]:
              "HRM bound if every term overlapped")]
 
 
-def format_plan(spec: ModelSpec, hw: Hardware, wl: Workload, plan: Plan, pred: Prediction) -> str:
+def format_plan(spec: ModelSpec, hw: Hardware, wl: JobShape, plan: Plan, pred: Prediction) -> str:
     from rich.console import Console
     from rich.table import Table
 
@@ -202,7 +195,5 @@ def format_plan(spec: ModelSpec, hw: Hardware, wl: Workload, plan: Plan, pred: P
         terms.add_row(term, f"{pred.terms_s['prefill'][term]:,.2f}", f"{pred.terms_s['decode'][term]:,.2f}")
     console.print(terms)
     console.print(f"bound: {pred.bound} ({BOUND_HINTS[pred.bound]})")
-    for note in pred.notes:
-        console.print(f"note: {note}")
     console.print(f"engine flags: {engine_flags(plan)}")
     return out.getvalue()

@@ -1,40 +1,138 @@
-"""The engine's settings: one EngineConfig, validated where it is made."""
-from dataclasses import dataclass
+"""The engine's settings: one EngineConfig, validated where it is made.
 
-from moegen.engine.memory import parse_bytes
-from moegen.errors import InputError
+Each field is declared once, with what users see of it (an `Option`: help, kind, public name);
+moegen.engine.options generates the CLI flags, the flow parameters, the systems' options and the
+lm-eval model_args from these declarations, so a new field reaches every consumer by itself.
+"""
+from dataclasses import dataclass, field, fields
+
+from moegen.dtypes import DTYPES, dtype_name
+from moegen.engine.memory import host_memory_bytes, parse_bytes
+from moegen.errors import CapacityError, InputError
+from moegen.planner.memory import format_bytes
+from moegen.planner.policy import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BUFFERS
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one setting is offered to users. kind: "int" (at least `minimum`), "bytes" (an int or a
+    size such as "8GB"), "choice" (one of `choices`), "bool" or "str". `name` is the public name
+    (CLI flag --name-with-dashes, flow parameter, lm-eval model_arg) where it is not the field's;
+    a `load_arg` is a parameter of its own in every consumer (as dtype is), not an engine option."""
+    help: str
+    kind: str = "int"
+    default: object = None
+    minimum: int | None = None
+    choices: tuple = ()
+    name: str = ""
+    load_arg: bool = False
+
+    def checked(self, name: str, value):
+        """value as the config holds it (a size read from "8GB"); an InputError naming `name` if it
+        is not of this kind. None is "unset", allowed only where the default is None."""
+        if value is None:
+            if self.default is not None:
+                raise InputError(f"{name} must be set (default {self.default!r}), got None")
+            return None
+        if self.kind == "bytes":
+            size = parse_bytes(value)
+            if size < 1:      # 0 is no budget, not "the default": leave it unset for that
+                raise InputError(f"{name} must be a positive size such as 8GB, got {value!r}")
+            return size
+        if self.kind == "str":
+            return str(value)      # a torch.device is held as its name
+        if self.kind == "int":
+            return self._checked_int(name, value)
+        if self.kind == "bool" and not isinstance(value, bool):
+            raise InputError(f"{name} must be true or false, got {value!r}")
+        if self.kind == "choice" and value not in self.choices:
+            raise InputError(f"{name} must be {', '.join(self.choices[:-1])} or {self.choices[-1]}, got {value!r}")
+        return value
+
+    def _checked_int(self, name: str, value) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"{name} must be an integer, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise InputError(f"{name} must be >= {self.minimum}, got {value}")
+        return value
+
+    def parsed(self, name: str, text: str):
+        """A value given as text (lm-eval model_args, --opt, a form) -> this option's type."""
+        if self.kind == "int":
+            try:
+                return int(text)
+            except ValueError:
+                raise InputError(f"{name} must be an integer, got {text!r}") from None
+        if self.kind == "bool":
+            words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+            if text.strip().lower() not in words:
+                raise InputError(f"{name} must be true or false, got {text!r}")
+            return words[text.strip().lower()]
+        return text                # sizes, choices and names are text already
+
+
+def option(default, help: str, kind: str = "int", **declared):
+    """A dataclass field whose default and user-facing declaration (Option) are written together."""
+    return field(default=default, metadata={"option": Option(help, kind, default, **declared)})
+
+
+# Engine.from_pretrained's dtype is the model's, not the engine's: declared here beside the fields,
+# offered by every consumer as a parameter of its own (canonical names only, e.g. not "bf16").
+DTYPE = Option("float32, bfloat16 or float16", "choice", "bfloat16", name="dtype", load_arg=True,
+               choices=tuple(dict.fromkeys(dtype_name(d) for d in DTYPES.values())))
 
 
 @dataclass
 class EngineConfig:
-    device: str = "cpu"
-    kv_cache_bytes: int | None = None     # host memory for the KV cache; default 25% of RAM
-    device_memory: int | None = None      # device budget for resident weights + buffers (cuda)
-    block_size: int = 16
+    device: str = option("cpu", "cpu or cuda[:N]", "str", load_arg=True)
+    kv_cache_bytes: int | None = option(None, "host memory for the KV cache, e.g. 8GB (default 25% of RAM)",
+                                        "bytes", name="host_memory")
+    device_memory: int | None = option(None, "device memory budget for resident weights and streaming buffers, "
+                                       "e.g. 20GB (cuda; default 80% of free memory)", "bytes")
+    block_size: int = option(DEFAULT_BLOCK_SIZE, "tokens per KV-cache block", minimum=1)
     # None = chosen per generate() call by the planner (moegen.planner) from this machine's probe
-    max_batch: int | None = None          # global batch G (sequences decoding together)
-    attn_micro_batch: int | None = None   # A: sequences per attention micro-batch (0 = all)
-    max_prefill_tokens: int | None = None  # prompt tokens per prefill step
-    expert_chunk: int = 0                 # rows per expert GEMM (0 = all of an expert's tokens)
-    streaming: str = "auto"               # auto | resident | staged
-    num_buffers: int = 4                  # streamed-weight buffers on the device
-    # pack GEMM weights into oneDNN's layout once at load (CPU, bf16/fp16, resident weights);
-    # None = whenever supported. Same results, faster GEMMs; costs one pass over the weights.
-    prepack: bool | None = None
-    max_model_len: int | None = None
+    max_batch: int | None = option(None, "global batch G: sequences decoded together (default: planned)",
+                                   minimum=1)
+    attn_micro_batch: int | None = option(None, "sequences per attention micro-batch A (0 = all; default: planned)",
+                                          minimum=0)
+    max_prefill_tokens: int | None = option(None, "prompt tokens per prefill step (default: planned)", minimum=1)
+    expert_chunk: int = option(0, "max rows per expert GEMM, 0 = all of an expert's tokens", minimum=0)
+    streaming: str = option("auto", "weights: auto (cuda: what fits stays on the device, the rest streams), "
+                            "resident (all on the device) or staged (streamed, also on cpu)", "choice",
+                            choices=("auto", "resident", "staged"))
+    num_buffers: int = option(DEFAULT_NUM_BUFFERS,
+                              "device buffers for streamed weights, >= 2 unless streaming is resident", minimum=1)
+    # Same results, faster GEMMs; costs one pass over the weights at load.
+    prepack: bool | None = option(None, "pack GEMM weights into oneDNN's layout at load (cpu, bf16/fp16, resident "
+                                  "weights; default: whenever supported)", "bool")
+    max_model_len: int | None = option(None, "longest sequence in tokens (default: the model's context)", minimum=1)
 
     def __post_init__(self):
-        for name in ("block_size", "max_batch", "max_prefill_tokens", "num_buffers"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.streaming not in ("auto", "resident", "staged"):
-            raise InputError(f"streaming must be auto, resident or staged, got {self.streaming!r}")
+        for f in fields(self):
+            setattr(self, f.name, f.metadata["option"].checked(f.name, getattr(self, f.name)))
         if self.num_buffers < 2 and self.streaming != "resident":
             raise InputError("num_buffers must be >= 2: a layer's dense weights and one expert are held at once")
+        check_device(self.device)
+        machine = host_memory_bytes()
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes > machine:
+            raise CapacityError(f"host_memory {format_bytes(self.kv_cache_bytes)} is more than this machine has "
+                                f"({format_bytes(machine)}); give at most that, or leave it unset (25%)")
+
+
+def check_device(device: str) -> None:
+    """"cpu" or "cuda[:N]" naming a device this machine has: found now, not at the first kernel."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise InputError(f"device must be cpu or cuda[:N], got {device!r}")
+    import torch
+    if not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: no CUDA device is available on this machine (use --device cpu)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def engine_config(device, host_memory, device_memory, overrides: dict) -> EngineConfig:
-    """The constructors' user-facing sizes ("8GB") -> an EngineConfig."""
-    return EngineConfig(device=str(device), kv_cache_bytes=parse_bytes(host_memory),
-                        device_memory=parse_bytes(device_memory), **overrides)
-
+    """The constructors' user-facing sizes ("8GB") -> an EngineConfig (the config reads them)."""
+    return EngineConfig(device=device, kv_cache_bytes=host_memory, device_memory=device_memory, **overrides)

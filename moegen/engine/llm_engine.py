@@ -8,33 +8,39 @@ from tqdm.auto import tqdm
 from moegen.engine.block_manager import BlockManager
 from moegen.engine.config import EngineConfig, engine_config
 from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
-from moegen.engine.memory import choose_resident, host_memory_bytes
+from moegen.engine.memory import host_memory_bytes
 from moegen.engine.params import Completion, SamplingParams
 from moegen.engine.runner import Runner
 from moegen.engine.sampler import Sampler
 from moegen.engine.scheduler import Scheduler, Sequence
-from moegen.engine.stats import EngineStats, RunRecord
+from moegen.engine.scoring import loglikelihood
+from moegen.engine.stats import EngineStats
+from moegen.engine.stops import eos_ids, finish_reason
 from moegen.engine.weight_stream import CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights, module_bytes
 from moegen.dtypes import dtype_name
 from moegen.errors import InputError, MoegenError, TokenizerError
-from moegen.layers.attention import RaggedContext
 from moegen.layers.linear import packing_supported, prepack
 from moegen.ops.attention import attention_impl
+from moegen.planner.cost_model import JobShape
+from moegen.planner.measured import MeasuredPlanner
+from moegen.planner.policy import (FALLBACK_SETTINGS, PLANNED, call_plan, choose_resident,
+                                   default_device_budget_bytes, default_kv_cache_bytes)
 
 
 log = logging.getLogger("moegen")
-PLANNED = ("max_batch", "attn_micro_batch", "max_prefill_tokens")
-FALLBACK_PLAN = {"max_batch": 256, "attn_micro_batch": 32, "max_prefill_tokens": 8192}
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, **overrides):
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, planner=None, **overrides):
+        """planner: chooses the settings the config leaves unset, per call (see
+        moegen.planner.measured); default: the plan search over this machine's probe."""
         self.model, self.tokenizer = model, tokenizer
         self.config = cfg = config or EngineConfig(**overrides)
         self.device = torch.device(cfg.device)
+        self.planner = planner or MeasuredPlanner(self.device.type)   # probes on first use only
         self.max_model_len = cfg.max_model_len or getattr(model.config, "max_position_embeddings", 1 << 20)
         per_token = kv_bytes_per_token(model, model.dtype)
-        budget = cfg.kv_cache_bytes or host_memory_bytes() // 4
+        budget = cfg.kv_cache_bytes or default_kv_cache_bytes(host_memory_bytes())
         # the budget caps the cache; it is allocated (and grown) only as far as calls need it
         self.max_blocks = max(1, budget // (per_token * cfg.block_size))
         self.blocks = BlockManager(1, cfg.block_size)
@@ -51,8 +57,8 @@ class Engine:
         device_memory: device budget for resident weights and streaming buffers."""
         from moegen.loader import load_model
         from moegen.tokenizer import load_tokenizer
+        cfg = engine_config(device, host_memory, device_memory, kw)   # bad settings fail before a long load
         model = load_model(path, dtype)
-        cfg = engine_config(device, host_memory, device_memory, kw)
         try:
             tokenizer = load_tokenizer(path)
         except TokenizerError as err:     # token-id prompts still work; text prompts get a clear error
@@ -69,7 +75,8 @@ class Engine:
         from moegen.loader import dummy_model
         if not dummy_weights:
             raise ConfigError("Engine.from_config needs dummy_weights=True; use from_pretrained for real weights")
-        return cls(dummy_model(config, dtype, seed), None, engine_config(device, host_memory, device_memory, kw))
+        cfg = engine_config(device, host_memory, device_memory, kw)
+        return cls(dummy_model(config, dtype, seed), None, cfg)
 
     def _make_streamer(self) -> WeightStreamer:
         cfg, weights = self.config, self.model.weights
@@ -85,7 +92,7 @@ class Engine:
             groups = group_weights(weights)
             sizes = {k: module_bytes(g) for k, g in groups.items()}
             pool = cfg.num_buffers * max(v for k, v in sizes.items() if k != "model")
-            budget = cfg.device_memory or int(torch.cuda.mem_get_info(self.device)[0] * 0.8)
+            budget = cfg.device_memory or default_device_budget_bytes(torch.cuda.mem_get_info(self.device)[0])
             spare = budget - sizes["model"] - pool      # embeddings and lm_head always stay on the device
             if spare < 0:
                 raise InputError(f"device memory budget {budget / 2**20:.1f} MiB cannot hold the embeddings and "
@@ -166,6 +173,7 @@ class Engine:
                 bar.update(1)
             bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.1f}", batch=len(scheduler.running))
         bar.close()
+        self.stats.add_sequences([len(s.prompt) for s in seqs], [len(s.output) for s in seqs])
         return [self.completion(s) for s in seqs]
 
     def reserve_kv(self, blocks_wanted: int) -> None:
@@ -182,75 +190,41 @@ class Engine:
     # --- planning -------------------------------------------------------------------------------
     def settings(self, prompt_lens: list[int], max_new_tokens: int) -> dict:
         """G, A and the prefill token budget for a call: what the config fixes, the planner's
-        choice for the rest (from this machine's cached probe), else safe defaults."""
+        choice for the rest, else the policy's fallback. Recorded, with the plan, in stats.plan."""
         fixed = {k: getattr(self.config, k) for k in PLANNED if getattr(self.config, k) is not None}
-        chosen = dict(FALLBACK_PLAN)
-        self.last_plan = None
+        used = call_plan(fixed)
         if len(fixed) < len(PLANNED):
             try:
-                chosen, self.last_plan = self._plan(prompt_lens, max_new_tokens, fixed)
+                used = call_plan(fixed, *self._plan(prompt_lens, max_new_tokens, fixed))
             except MoegenError as e:
-                log.warning("planner unavailable (%s); using defaults %s", e, FALLBACK_PLAN)
-        settings = {**chosen, **fixed}
-        self.runner.attn_micro_batch = settings["attn_micro_batch"]
-        return settings
+                log.warning("planner unavailable (%s); using defaults %s", e, FALLBACK_SETTINGS)
+        self.stats.plan = used
+        self.runner.attn_micro_batch = used.settings["attn_micro_batch"]
+        return dict(used.settings)
 
     def _plan(self, prompt_lens, max_new_tokens, fixed):
-        from moegen.planner.cost_model import Hardware, Workload
-        from moegen.planner.model_spec import ModelSpec
-        from moegen.planner.probe import default_cache_path, probe
-        from moegen.planner.search import search
-        if not default_cache_path(self.device.type).exists():
-            log.warning("measuring this machine once for the planner (cached in %s)", default_cache_path(self.device.type))
-        hw = Hardware.from_probe(probe(self.device.type))
-        dtype = dtype_name(self.model.dtype)
-        workload = Workload(prompt_len=max(1, round(sum(prompt_lens) / len(prompt_lens))), gen_len=max_new_tokens,
-                            num_sequences=len(prompt_lens), dtype=dtype)
+        """(plan, prediction) from the planner, for this call's shape within this engine's KV cache."""
+        job = JobShape.from_lengths(prompt_lens, max_new_tokens, dtype_name(self.model.dtype))
         kv_bytes = self.max_blocks * self.blocks.block_size * kv_bytes_per_token(self.model, self.model.dtype)
-        plan, prediction = search(ModelSpec.from_config(self.model.config), hw, workload,
-                                  overrides={**fixed, "kv_cache_bytes": kv_bytes, "block_size": self.blocks.block_size})
-        return {k: getattr(plan, k) for k in PLANNED}, (plan, prediction)
+        overrides = {**fixed, "kv_cache_bytes": kv_bytes, "block_size": self.blocks.block_size}
+        return self.planner.plan(self.model.config, job, overrides)
 
     def reset_stats(self) -> None:
         self.stats = self.runner.stats = EngineStats(attention=self.stats.attention)
         self.streamer.stats.reset()
-
-    def run_record(self, completions, wall_s: float | None = None):
-        """The accounting record of the last generate() since reset_stats()."""
-        s = self.stats
-        return RunRecord(prompt_lens=[c.num_prompt_tokens for c in completions],
-                         gen_lens=[len(c.token_ids) for c in completions], prefill_s=s.prefill_s,
-                         decode_s=s.decode_s, wall_s=wall_s, prefill_pass_tokens=s.prefill_pass_tokens,
-                         decode_step_seqs=s.decode_step_seqs, prefill_distinct_experts=s.prefill_distinct_experts,
-                         decode_distinct_experts=s.decode_distinct_experts)
 
     def step(self, phase: str, batch, sampler) -> list[int]:
         t0, experts0 = time.perf_counter(), self.stats.experts_run
         logits = self.runner.prefill(batch) if phase == "prefill" else self.runner.decode(batch)
         tokens = sampler.sample(logits, batch)
         dt = time.perf_counter() - t0
-        s, experts = self.stats, self.stats.experts_run - experts0
-        if phase == "prefill":
-            tokens_in = sum(len(q.prompt) for q in batch)
-            s.prefill_tokens += tokens_in
-            s.prefill_s += dt
-            s.prefill_pass_tokens.append(tokens_in)
-            s.prefill_distinct_experts += experts
-        else:
-            s.decode_s += dt
-            s.decode_step_seqs.append(len(batch))
-            s.decode_distinct_experts += experts
+        size = sum(len(q.prompt) for q in batch) if phase == "prefill" else len(batch)
+        self.stats.add_pass(phase, size, dt, self.stats.experts_run - experts0)
         return tokens
 
     def append_token(self, seq: Sequence, token: int) -> None:
-        p = seq.params
         seq.output.append(token)
-        if (not p.ignore_eos and token in self._eos) or token in p.stop_token_ids:
-            seq.finish_reason = "stop"
-        elif p.stop and self.tokenizer is not None and self._hit_stop_string(seq):
-            seq.finish_reason = "stop"
-        elif len(seq.output) >= p.max_new_tokens:
-            seq.finish_reason = "length"
+        seq.finish_reason = finish_reason(seq, token, self._eos, self.tokenizer)
 
     @property
     def eos_ids(self) -> tuple:
@@ -259,81 +233,12 @@ class Engine:
             return tuple(self.tokenizer.eos_token_ids)
         return eos_ids(getattr(self.model.config, "eos_token_id", None))
 
-    def _hit_stop_string(self, seq) -> bool:
-        # a stop string of L characters spans at most L tokens: look at the tail only
-        window = max(len(s) for s in seq.params.stop) + 2
-        tail = self.tokenizer.decode(seq.output[-window:])
-        if not any(s in tail for s in seq.params.stop):
-            return False
-        text = self.tokenizer.decode(seq.output)
-        cut = min((text.find(s) for s in seq.params.stop if s in text), default=-1)
-        if cut < 0:
-            return False
-        seq.text = text[:cut]
-        return True
-
     def completion(self, seq: Sequence) -> Completion:
         text = seq.text if seq.text is not None else (self.tokenizer.decode(seq.output) if self.tokenizer else "")
         return Completion(seq.seq_id, seq.prompt, seq.output, text, seq.finish_reason or "length")
 
     # --- scoring -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def loglikelihood(self, requests, progress: bool = False) -> list[tuple[float, bool]]:
         """For (context ids, continuation ids) pairs: (sum of log p(continuation | context),
         whether greedy decoding would have produced the continuation). Batched prefill, no KV."""
-        items = []
-        for i, (ctx, cont) in enumerate(requests):
-            ctx, cont = list(ctx), list(cont)
-            if not ctx or not cont:
-                raise InputError(f"request {i}: context and continuation must both be non-empty")
-            if len(ctx) + len(cont) - 1 > self.max_model_len:
-                raise InputError(f"request {i} has {len(ctx) + len(cont)} tokens; the model's context is {self.max_model_len}")
-            items.append((i, ctx + cont[:-1], cont))
-        items.sort(key=lambda it: -len(it[1]))
-        plan = self.settings([len(it[1]) for it in items], 1)
-        results = [None] * len(items)
-        bar = tqdm(total=len(items), desc="loglikelihood", disable=not progress, dynamic_ncols=True)
-        for chunk in _chunks(items, plan["max_prefill_tokens"], plan["max_batch"]):
-            t0 = time.perf_counter()
-            for (i, _, _), res in zip(chunk, self._score_chunk(chunk)):
-                results[i] = res
-            self.stats.prefill_tokens += sum(len(it[1]) for it in chunk)
-            self.stats.prefill_s += time.perf_counter() - t0
-            bar.update(len(chunk))
-        bar.close()
-        return results
-
-    def _score_chunk(self, chunk):
-        lens = [len(toks) for _, toks, _ in chunk]
-        tokens = torch.tensor([t for _, toks, _ in chunk for t in toks], device=self.device)
-        x = self.runner.forward(tokens, RaggedContext(lens, self.device))
-        rows, offset = [], 0
-        for (_, toks, cont), n in zip(chunk, lens):
-            rows.append(torch.arange(offset + n - len(cont), offset + n))
-            offset += n
-        logprobs = torch.log_softmax(self.model.logits(x[torch.cat(rows).to(self.device)], self.runner.top).float(), -1)
-        out, at = [], 0
-        for _, _, cont in chunk:
-            lp = logprobs[at:at + len(cont)]
-            target = torch.tensor(cont, device=lp.device)
-            out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
-            at += len(cont)
-        return out
-
-
-def eos_ids(eos) -> tuple:
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-
-
-def _chunks(items, max_tokens: int, max_seqs: int):
-    chunk, tokens = [], 0
-    for it in items:
-        if chunk and (tokens + len(it[1]) > max_tokens or len(chunk) >= max_seqs):
-            yield chunk
-            chunk, tokens = [], 0
-        chunk.append(it)
-        tokens += len(it[1])
-    if chunk:
-        yield chunk
+        return loglikelihood(self, requests, progress)

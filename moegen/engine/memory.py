@@ -1,4 +1,5 @@
-"""Memory budgets: parse sizes like "8GB", pick defaults, choose what stays resident on a device."""
+"""Memory sizes: parse sizes like "8GB"; this machine's host memory. (What the engine takes of
+them, and what stays resident on a device, is its policy: moegen.planner.policy.)"""
 import os
 import re
 
@@ -21,14 +22,3 @@ def parse_bytes(value) -> int | None:
 def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
-
-def choose_resident(groups: dict, sizes: dict, budget_bytes: int) -> set:
-    """Keep modules on the device while they fit: the top-level and per-layer dense groups first
-    (every step needs them), then experts in layer order."""
-    order = [k for k in groups if ".experts." not in k] + [k for k in groups if ".experts." in k]
-    resident, used = set(), 0
-    for key in order:
-        if used + sizes[key] <= budget_bytes:
-            resident.add(key)
-            used += sizes[key]
-    return resident

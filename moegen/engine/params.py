@@ -1,4 +1,5 @@
 """What a caller asks for (SamplingParams) and what it gets back (Completion)."""
+import math
 from dataclasses import dataclass, field
 
 from moegen.errors import InputError
@@ -20,8 +21,8 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0 or math.isinf(self.temperature):     # NaN compares false
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -45,3 +46,8 @@ class Completion:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def to_row(self) -> dict:
+        """The JSONL output row (`moegen generate`, the generate flow's shards)."""
+        return {"index": self.index, "prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids,
+                "text": self.text, "finish_reason": self.finish_reason}

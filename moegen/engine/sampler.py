@@ -3,6 +3,7 @@ own generator, so a seeded request draws the same tokens whatever else is in the
 import torch
 
 from moegen.engine.params import SamplingParams
+from moegen.errors import NumericsError
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -40,7 +41,14 @@ class Sampler:
         # the first maximum in the model dtype: widening to float32 is exact and order-preserving,
         # so this is argmax of the float32 logits without copying [B, V]; max(dim) rather than
         # argmax because on the CPU its bf16 kernel is ~4x faster (5 vs 20-28 ms at 512 x 32000)
-        tokens = logits.max(dim=-1).indices.tolist()
+        best = logits.max(dim=-1)
+        # max propagates NaN, and an Inf logit is its row's max: checking B values checks [B, V]
+        if not torch.isfinite(best.values).all():
+            rows = torch.nonzero(~torch.isfinite(best.values)).flatten().tolist()
+            where = ", ".join(f"request {seqs[i].seq_id} at new token {len(seqs[i].output)}" for i in rows[:4])
+            raise NumericsError(f"the model's logits are NaN or Inf ({where}); "
+                                "try --dtype float32 or check the checkpoint's weights")
+        tokens = best.indices.tolist()
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:
                 probs = torch.softmax(filter_logits(logits[i].float().cpu(), seq.params), dim=-1)

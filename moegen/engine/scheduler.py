@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from moegen.engine.block_manager import BlockManager
 from moegen.engine.params import SamplingParams
+from moegen.errors import CapacityError
 
 
 @dataclass
@@ -44,8 +45,9 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         if self.blocks.blocks_for(seq.max_length) > self.blocks.num_blocks:
-            raise MemoryError(f"sequence {seq.seq_id} needs {seq.max_length} tokens of KV cache; the cache "
-                              f"holds {self.blocks.num_blocks * self.blocks.block_size}")
+            raise CapacityError(f"sequence {seq.seq_id} needs {seq.max_length} tokens of KV cache; the cache "
+                                f"holds {self.blocks.num_blocks * self.blocks.block_size}: give the KV cache more "
+                                "memory (--host-memory / host_memory) or shorten the prompt or max_new_tokens")
         self.waiting.append(seq)
 
     @property

@@ -1,5 +1,6 @@
-"""What a run measured: the engine's running stats (EngineStats) and the accounting record every
-system under test produces (RunRecord), from which moegen.harness.metrics derives its figures."""
+"""What a run measured: the accounting record every system under test produces (RunRecord), from
+which moegen.harness.metrics derives its figures, and the engine's running account that it
+freezes into one (EngineStats.record)."""
 from dataclasses import dataclass, field
 
 PHASES = ("prefill", "decode", "total")
@@ -11,36 +12,70 @@ def tokens_per_s(tokens: int, seconds: float) -> float:
 
 @dataclass
 class EngineStats:
-    prefill_tokens: int = 0          # prompt tokens, incl. loglikelihood scoring (no pass record)
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    experts_run: int = 0             # (layer, expert) pairs that ran, summed over steps
-    experts_skipped: int = 0         # (layer, expert) pairs with no token, never run nor copied
+    """The engine's running account since it was built or reset_stats(): the fields of a
+    RunRecord, appended to as passes run and calls finish, and the counters only the engine has.
+    Every derived figure comes from record(), so it is computed in one place (RunRecord)."""
     attention: str = ""
+    prompt_lens: list = field(default_factory=list)           # per sequence served (generated or scored)
+    gen_lens: list = field(default_factory=list)              # its new tokens; 0 for a scored request
     prefill_pass_tokens: list = field(default_factory=list)   # tokens per prefill pass
     decode_step_seqs: list = field(default_factory=list)      # sequences per decode step
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
     prefill_distinct_experts: int = 0  # experts_run during prefill passes (for S-MBU)
     decode_distinct_experts: int = 0
+    experts_run: int = 0             # (layer, expert) pairs that ran, summed over steps
+    experts_skipped: int = 0         # (layer, expert) pairs with no token, never run nor copied
+    plan: object = None              # the last call's settings, plan and prediction (planner.policy.CallPlan)
 
-    @property
-    def prefill_steps(self) -> int:
-        return len(self.prefill_pass_tokens)
+    def add_pass(self, phase: str, size: int, seconds: float, experts: int) -> None:
+        """One forward pass: `size` tokens (prefill) or sequences (decode) in `seconds`, in which
+        `experts` (layer, expert) pairs ran."""
+        if check_phase(phase) == "prefill":
+            self.prefill_pass_tokens.append(size)
+            self.prefill_s += seconds
+            self.prefill_distinct_experts += experts
+        else:
+            self.decode_step_seqs.append(size)
+            self.decode_s += seconds
+            self.decode_distinct_experts += experts
 
+    def add_sequences(self, prompt_lens, gen_lens) -> None:
+        """The sequences a call served, once it is done (their passes are already added)."""
+        self.prompt_lens.extend(prompt_lens)
+        self.gen_lens.extend(gen_lens)
+
+    def record(self, wall_s: float | None = None) -> "RunRecord":
+        return RunRecord(self.prompt_lens, self.gen_lens, self.prefill_s, self.decode_s, wall_s,
+                         self.prefill_pass_tokens, self.decode_step_seqs, self.prefill_distinct_experts,
+                         self.decode_distinct_experts)
+
+    # what the CLI, the eval summary and the systems read
     @property
-    def decode_steps(self) -> int:
-        return len(self.decode_step_seqs)
+    def prefill_tokens(self) -> int:
+        return self.record().prompt_tokens
 
     @property
     def decode_tokens(self) -> int:
-        return sum(self.decode_step_seqs)
+        return self.record().decode_tokens
+
+    @property
+    def prefill_steps(self) -> int:
+        return len(self.record().prefill_passes())
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.record().decode_steps())
 
     @property
     def prefill_tok_s(self) -> float:
-        return tokens_per_s(self.prefill_tokens, self.prefill_s)
+        rec = self.record()
+        return tokens_per_s(rec.prompt_tokens, rec.prefill_s)
 
     @property
     def decode_tok_s(self) -> float:
-        return tokens_per_s(self.decode_tokens, self.decode_s)
+        rec = self.record()
+        return tokens_per_s(rec.decode_tokens, rec.decode_s)
 
 
 def lockstep_steps(gen_lens) -> list[int]:
@@ -54,7 +89,8 @@ def lockstep_steps(gen_lens) -> list[int]:
 class RunRecord:
     """One run's accounting. Sequence i has prompt_lens[i] prompt tokens and gen_lens[i] new
     tokens, the first sampled from the prefill's logits and each further one costing a decode
-    step. A forward pass is either a prefill pass or a decode step.
+    step (0 for a request that was only scored). A forward pass is either a prefill pass or a
+    decode step.
 
     prefill_pass_tokens: tokens in each prefill pass; () = all prompts in one pass.
     decode_step_seqs: sequences in each decode step; () = lockstep (step j runs the sequences

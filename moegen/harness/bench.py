@@ -64,8 +64,8 @@ JSON schema (schema 1; every number a plain JSON number, null where unknown or n
         "config": {"dtype", "device", "repeat", "warmup", "options", ...},  # what the system used; moegen
                                                 #   adds engine, planned, settings {max_batch, attn_micro_batch,
                                                 #   max_prefill_tokens}
-        "ratios": null | {"baseline": str, "e2e_tokens_per_s": float, "prefill_tokens_per_s": float,
-                          "decode_tokens_per_s": float},      # this system / baseline (> 1 = faster)
+        "ratios": null | {"baseline": str, name: float | null},   # name: moegen.harness.ratios.RATIO_METRICS;
+                                                # this system / baseline, inverted for cost (> 1 = better)
         "outputs": [{"token_ids": [int], "text": str}]        # only with outputs=True
       }]
     }
@@ -75,21 +75,20 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
-import math
 import platform
 import subprocess
 from pathlib import Path
 
 from moegen.dtypes import dtype_name
-from moegen.jsonl import write_atomic
+from moegen.jsonl import json_safe, write_output
 from moegen.errors import CheckpointError, ConfigError, DTypeError, InputError, TokenizerError
+from moegen.harness.ratios import metric_ratios
 from moegen.harness.systems import SYSTEMS, ConfigModel, RunResult, get_system
 from moegen.harness.systems.base import skipped
 from moegen.harness.systems.peaks import hardware_peaks
 from moegen.harness.workloads import parse_workload
 
 SCHEMA = 1
-RATIO_METRICS = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s")
 # Raised to the caller (the user must fix something); any other failure of a system is recorded.
 USER_ERRORS = (InputError, ConfigError, DTypeError, CheckpointError, TokenizerError)
 
@@ -171,11 +170,7 @@ def baseline_of(results: list[RunResult]) -> RunResult | None:
 def ratios(result: RunResult, baseline: RunResult | None) -> dict | None:
     if baseline is None or result.skipped_reason is not None:
         return None
-    out = {"baseline": baseline.system}
-    for key in RATIO_METRICS:
-        base = baseline.metrics.get(key)
-        out[key] = result.metrics[key] / base if base else None
-    return out
+    return {"baseline": baseline.system, **metric_ratios(result.metrics, baseline.metrics)}
 
 
 # ---- the environment ------------------------------------------------------------------------------
@@ -194,7 +189,7 @@ def versions() -> dict:
 
 
 def git_state() -> dict:
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
 
     def git(*args) -> str | None:
         try:
@@ -225,19 +220,6 @@ def hardware(device: str, peaks, probe_result: dict | None) -> dict:
                 "device_mem_bw_gbps", "h2d_pinned_gbps")
         out["probe"] = {k: probe_result.get(k) for k in keys}
     return out
-
-
-def json_safe(value):
-    """Plain JSON: tuples as lists, paths as strings, inf/nan as null."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
 
 
 # ---- the bench ------------------------------------------------------------------------------------
@@ -319,4 +301,4 @@ def run_bench(model, systems, workload, repeat: int = 1, dtype: str = "bfloat16"
 
 def write_json(path, report: dict) -> None:
     """Write atomically: a crash never leaves half a result file."""
-    write_atomic(path, json.dumps(report, indent=1, allow_nan=False))
+    write_output(path, json.dumps(report, indent=1, allow_nan=False))

@@ -8,11 +8,11 @@ The offline task configs in `moegen/harness/lm_eval_tasks/` are always on the in
 files are found and validated before lm-eval runs (see `moegen.harness.lm_eval_tasks.gsm8k_data`).
 """
 import difflib
-import json
 import time
 from pathlib import Path
 
 from moegen.errors import ConfigError, InputError
+from moegen.jsonl import json_safe
 from moegen.harness.lm_eval_tasks import LOCAL_TASKS, TASKS_DIR
 
 SYSTEMS = ("moegen", "hf")
@@ -40,7 +40,7 @@ def run_eval(model, tasks, limit=None, system="moegen", dtype="bfloat16", device
     _check_system(system)
     model_dir = _check_model_dir(model)
     names = task_names(tasks)
-    manager = task_manager(names, _include_paths(include_path))
+    manager = task_manager(names, include_paths(include_path))
     if _GSM8K_NAMES & set(names):
         from moegen.harness.lm_eval_tasks import gsm8k_data
         gsm8k_data.check_files()
@@ -108,7 +108,7 @@ def task_names(tasks) -> "list[str]":
     return names
 
 
-def _include_paths(include_path) -> "list[Path]":
+def include_paths(include_path) -> "list[Path]":
     extra = [] if include_path is None else include_path if isinstance(include_path, (list, tuple)) else [include_path]
     paths = [TASKS_DIR]
     for p in map(Path, extra):
@@ -155,17 +155,3 @@ def make_lm(system: str, model_dir: Path, dtype: str, device: str, engine_option
     # greedy: lm-eval's generate_until default (do_sample false / temperature 0) on both sides
     return HFLM(pretrained=str(model_dir), dtype=dtype, device=device,
                 batch_size=int(options.get("batch_size", HF_BATCH_SIZE)))
-
-
-# --- JSON -----------------------------------------------------------------------------------------
-def json_safe(obj):
-    """Round-trip through JSON: numpy scalars become numbers, functions and the like strings."""
-    return json.loads(json.dumps(obj, default=_to_json))
-
-
-def _to_json(o):
-    if hasattr(o, "item"):  # numpy / torch scalars
-        return o.item()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)

@@ -20,43 +20,29 @@ Conventions, chosen to agree with lm-eval's own `hf` backend on the same checkpo
   (`prefix_token_id`), later ones on the preceding text. (lm-eval's `hf` backend also encodes
   the text with BOS, and so additionally scores BOS itself after the BOS prefix; we don't.)
 """
-import dataclasses
-
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from moegen.dtypes import dtype_name
+from moegen.engine.config import DTYPE
+from moegen.engine.options import engine_option_names, parse_options
 from moegen.errors import ConfigError, InputError
 
 DEFAULT_MAX_GEN_TOKS = 256
 # gen_kwargs keys lm-eval tasks use for the generation length, in lm-eval's priority order
 _LENGTH_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "seed")
-# Engine.from_pretrained arguments other than EngineConfig fields
-_LOAD_ARGS = ("host_memory", "device_memory")
-# EngineConfig fields that model_args may not set (they have their own arguments)
-_NOT_OPTIONS = ("device", "kv_cache_bytes")
-
-
-def engine_option_names() -> "list[str]":
-    fields = [f.name for f in dataclasses.fields(_engine_config_cls()) if f.name not in _NOT_OPTIONS]
-    return sorted([*fields, *_LOAD_ARGS])
-
-
-def _engine_config_cls():
-    from moegen.engine import EngineConfig
-    return EngineConfig
 
 
 @register_model("moegen")
 class MoegenLM(TemplateLM):
     """lm-eval model over a moegen Engine. model_args: `pretrained` (checkpoint dir), `dtype`,
     `device`, `max_length` (context used for truncation and rolling windows; default the
-    model's), and any engine option (max_batch, attn_micro_batch, max_prefill_tokens,
-    expert_chunk, host_memory, ...). `engine=` takes an already loaded Engine instead."""
+    model's), and any engine option (moegen.engine.options: max_batch, attn_micro_batch,
+    host_memory, ...). `engine=` takes an already loaded Engine instead."""
 
-    def __init__(self, pretrained=None, dtype="bfloat16", device="cpu", max_length=None, engine=None,
+    def __init__(self, pretrained=None, dtype=DTYPE.default, device="cpu", max_length=None, engine=None,
                  batch_size=None, max_batch_size=None, **engine_options):
         super().__init__()
         # batch_size / max_batch_size come from lm-eval's CLI; the engine batches everything it
@@ -248,5 +234,5 @@ def _load_engine(pretrained, dtype, device, options: dict):
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ConfigError(f"unknown moegen model_args {unknown}; known: pretrained, dtype, device, "
-                          f"max_length, {', '.join(allowed)}")
-    return Engine.from_pretrained(str(pretrained), device=str(device), dtype=str(dtype), **options)
+                          f"max_length, {', '.join(sorted(allowed))}")
+    return Engine.from_pretrained(str(pretrained), device=str(device), dtype=str(dtype), **parse_options(options))

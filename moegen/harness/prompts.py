@@ -1,13 +1,18 @@
-"""Prompts from JSONL rows, with one set of rules for `moegen generate`, the flows and workloads."""
+"""Prompts from JSONL rows, with one set of rules for `moegen generate`, the flows and workloads.
+Every error names the row as file:line (1-based, as editors count)."""
+import string
 from pathlib import Path
 
 from moegen.errors import InputError
-from moegen.jsonl import numbered_jsonl
+from moegen.jsonl import STDIN, numbered_jsonl
 
 
 def read_prompts(path: Path, field: str | None, template: str | None, limit: int | None) -> list:
-    """Prompts from JSONL rows: `prompt` (text), `prompt_token_ids`, or `--prompt-field`/`--template`."""
-    if not path.is_file():
+    """Prompts from JSONL rows ("-" reads stdin): `prompt` (text), `prompt_token_ids`, or
+    `--prompt-field`/`--template`."""
+    if template is not None:
+        check_template(template)
+    if str(path) != STDIN and not Path(path).is_file():
         raise InputError(f"input file {path} does not exist")
     prompts = [prompt_of(row, f"{path}:{lineno}", field, template) for lineno, row in numbered_jsonl(path, limit)]
     if not prompts:
@@ -15,19 +20,39 @@ def read_prompts(path: Path, field: str | None, template: str | None, limit: int
     return prompts
 
 
+def check_template(template: str) -> None:
+    """A malformed format string ('{prompt', '{0}') is the user's error, found before any row."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise InputError(f"--template {template!r} is not a valid format string: {e}") from None
+    if any(not name or name.isdigit() for name in names):
+        raise InputError(f"--template {template!r}: name each field, e.g. {{question}}")
+
+
 def prompt_of(row: dict, where: str, field: str | None, template: str | None):
+    prompt = _prompt_of(row, where, field, template)
+    if not prompt:
+        raise InputError(f"{where}: the prompt is empty")
+    return prompt
+
+
+def _prompt_of(row: dict, where: str, field: str | None, template: str | None):
     if template:
         try:
             return template.format(**row)
         except KeyError as e:
             raise InputError(f"{where}: template needs field {e} which the row lacks") from None
+        except (ValueError, IndexError, AttributeError) as e:   # e.g. a format spec the value refuses
+            raise InputError(f"{where}: template cannot format this row: {e}") from None
     if field:
         if not isinstance(row.get(field), str):
             raise InputError(f"{where}: field {field!r} is missing or not a string")
         return row[field]
     if "prompt_token_ids" in row:
         ids = row["prompt_token_ids"]
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        # JSON true/false are ints to Python: refuse them rather than read true as token 1
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise InputError(f"{where}: prompt_token_ids must be a list of integers")
         return ids
     if isinstance(row.get("prompt"), str):

@@ -73,13 +73,13 @@ class Run(Base):
     results: Mapped[list["Result"]] = relationship(back_populates="run", cascade="all, delete-orphan")
 
 
-class System(Base):
+class SystemRow(Base):
     __tablename__ = "systems"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
 
 
-class Workload(Base):
+class WorkloadRow(Base):
     __tablename__ = "workloads"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(500), unique=True)
@@ -95,8 +95,8 @@ class Result(Base):
     config: Mapped[dict[str, Any]]
     skipped_reason: Mapped[str | None] = mapped_column(String(1000))
     run: Mapped[Run] = relationship(back_populates="results")
-    system: Mapped[System] = relationship()
-    workload: Mapped[Workload] = relationship()
+    system: Mapped[SystemRow] = relationship()
+    workload: Mapped[WorkloadRow] = relationship()
     metrics: Mapped[list["Metric"]] = relationship(cascade="all, delete-orphan")
 
 
@@ -230,8 +230,8 @@ def _environment(session: Session, hardware: Any, versions: dict, git_commit: st
 
 
 def _add_cell(session: Session, run: Run, cell: CellResult) -> None:
-    result = Result(system=_get_or_create(session, System, name=cell.system),
-                    workload=_get_or_create(session, Workload, name=cell.workload),
+    result = Result(system=_get_or_create(session, SystemRow, name=cell.system),
+                    workload=_get_or_create(session, WorkloadRow, name=cell.workload),
                     config=json.loads(json.dumps(cell.config, default=str)), skipped_reason=cell.skipped_reason)
     run.results.append(result)
     for name, value in flatten_metrics(cell.metrics).items():
@@ -388,9 +388,9 @@ def history(last: int = 20, kind: str | None = None, model: str | None = None, s
         if value is not None:
             query = query.where(column == value)
     if system is not None:
-        query = query.where(Run.results.any(Result.system.has(System.name == system)))
+        query = query.where(Run.results.any(Result.system.has(SystemRow.name == system)))
     if workload is not None:
-        query = query.where(Run.results.any(Result.workload.has(Workload.name == workload)))
+        query = query.where(Run.results.any(Result.workload.has(WorkloadRow.name == workload)))
     if tag is None:
         query = query.limit(last)
     with Session(get_engine(url)) as session:
@@ -415,22 +415,46 @@ def compare(run_a: int, run_b: int, url: str | None = None) -> list[dict]:
     return rows
 
 
-def previous_nightly(model: str, system: str, workload: str, hardware: Any, before_run: int | None = None,
-                     url: str | None = None) -> dict | None:
-    """The latest nightly run of this (model, system, workload) on the same hardware:
-    {"run_id", "created_at", "metrics"}; None if there is none. `before_run` excludes that run
-    and every later one."""
+BASELINE_NIGHTLIES = 5
+
+
+def nightly_baseline(model: str, system: str, workload: str, hardware: Any, last: int = BASELINE_NIGHTLIES,
+                     before_run: int | None = None, url: str | None = None) -> dict | None:
+    """The last `last` healthy nightlies of this (model, system, workload) on the same hardware,
+    newest first: {"runs": [id], "created_at": [iso], "metrics": {name: [value per run]}}; None if
+    there is none. Healthy: the run's status is "ok" (a regressed nightly never joins the baseline,
+    so a real regression keeps alarming) and the cell ran. `before_run` excludes that run and later."""
     query = (select(Run, Result).join(Run.environment).join(Run.results).join(Result.system).join(Result.workload)
-             .where(Run.kind == NIGHTLY, Run.model == str(model), System.name == system,
-                    Workload.name == workload, Environment.hardware == hardware_label(hardware),
+             .where(Run.kind == NIGHTLY, Run.status == "ok", Run.model == str(model), SystemRow.name == system,
+                    WorkloadRow.name == workload, Environment.hardware == hardware_label(hardware),
                     Result.skipped_reason.is_(None))
              .order_by(Run.created_at.desc(), Run.id.desc()))
     if before_run is not None:
         query = query.where(Run.id < int(before_run))
     with Session(get_engine(url)) as session:
-        row = session.execute(query.limit(1)).first()
-        if row is None:
+        rows = session.execute(query.limit(max(1, int(last)))).all()
+        if not rows:
             return None
-        run, result = row
-        return {"run_id": run.id, "created_at": run.created_at.isoformat(),
-                "metrics": {m.name: m.value for m in result.metrics}}
+        metrics: dict[str, list] = {}
+        for _, result in rows:
+            for m in result.metrics:
+                metrics.setdefault(m.name, []).append(m.value)
+        return {"runs": [run.id for run, _ in rows], "created_at": [run.created_at.isoformat() for run, _ in rows],
+                "metrics": metrics}
+
+
+def nightly_series(model: str, metric: str, last: int = 30, url: str | None = None) -> dict[tuple, list]:
+    """(system, workload, hardware) -> [(created_at, value, status)] of the last `last` nightlies
+    of `model`, oldest first: the trend the nightly report plots."""
+    query = (select(Run, Result, SystemRow.name, WorkloadRow.name, Environment.hardware)
+             .join(Run.environment).join(Run.results).join(Result.system).join(Result.workload)
+             .where(Run.kind == NIGHTLY, Run.model == str(model), Result.skipped_reason.is_(None))
+             .order_by(Run.created_at.desc(), Run.id.desc()))
+    series: dict[tuple, list] = {}
+    with Session(get_engine(url)) as session:
+        for run, result, system, workload, hardware in session.execute(query):
+            value = next((m.value for m in result.metrics if m.name == metric), None)
+            points = series.setdefault((system, workload, hardware), [])
+            if value is not None and len(points) < last:
+                points.append((run.created_at, value, run.status))
+    return {key: points[::-1] for key, points in series.items() if points}

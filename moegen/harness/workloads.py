@@ -39,7 +39,9 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
 @dataclass(frozen=True)
-class Workload:
+class PromptSet:
+    """What a workload spec names, ready to run: tokenized prompts, the generation settings and
+    the reference answers."""
     name: str
     prompts: list            # list[list[int]]: token ids, identical for every system
     max_new_tokens: int
@@ -55,7 +57,7 @@ class Workload:
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
-    def head(self, n: int, max_new_tokens: int | None = None) -> "Workload":
+    def head(self, n: int, max_new_tokens: int | None = None) -> "PromptSet":
         """The first n prompts (e.g. a warm-up run), optionally with a shorter generation."""
         return replace(self, prompts=self.prompts[:n], answers=None if self.answers is None else self.answers[:n],
                        max_new_tokens=max_new_tokens or self.max_new_tokens)
@@ -74,8 +76,8 @@ def workload_kind(spec: str) -> str:
     return spec.split(",", 1)[0].split(":", 1)[0].strip()
 
 
-def parse_workload(spec: str, tokenizer, default_gen: int = 64) -> Workload:
-    """The Workload a spec string names (see the module docstring), tokenized with `tokenizer`
+def parse_workload(spec: str, tokenizer, default_gen: int = 64) -> PromptSet:
+    """The prompts a workload spec string names (see the module docstring), tokenized with `tokenizer`
     (moegen.tokenizer.Tokenizer or anything with encode/bos_token_id/vocab_size)."""
     if not isinstance(spec, str) or not spec.strip():
         raise InputError("workload spec is empty; e.g. synthetic:prompt=128,gen=64,n=512 or gsm8k,n=100")
@@ -162,7 +164,7 @@ def _synthetic(spec, tokenizer, gen, prompt: int = 128, n: int = 512, seed: int 
     low = 3 if vocab > 3 else 0
     g = torch.Generator().manual_seed(seed)
     body = torch.randint(low, vocab, (n, prompt - len(bos)), generator=g).tolist()
-    return Workload(f"synthetic-p{prompt}-g{gen}-n{n}", [bos + row for row in body], gen, ignore_eos, None, spec)
+    return PromptSet(f"synthetic-p{prompt}-g{gen}-n{n}", [bos + row for row in body], gen, ignore_eos, None, spec)
 
 
 def _gsm8k(spec, tokenizer, gen, path: str, n: int | None = None, split: str = "test",
@@ -178,7 +180,7 @@ def _gsm8k(spec, tokenizer, gen, path: str, n: int | None = None, split: str = "
         where_row = f"{file} row {i}"
         prompts.append(_encode(tokenizer, _fill(template, row, where_row), where_row))
         answers.append(gsm8k_answer(_field(row, "answer", where_row), where_row))
-    return Workload(f"gsm8k-{split}-n{len(prompts)}-g{gen}", prompts, gen, ignore_eos, answers, spec)
+    return PromptSet(f"gsm8k-{split}-n{len(prompts)}-g{gen}", prompts, gen, ignore_eos, answers, spec)
 
 
 def _hf(spec, tokenizer, gen, name: str, n: int | None = None, split: str = "train", subset: str | None = None,
@@ -198,7 +200,7 @@ def _hf(spec, tokenizer, gen, name: str, n: int | None = None, split: str = "tra
         if answer:
             answers.append(final_number(str(_field(row, answer, where))))
     label = Path(name).stem if Path(name).suffix else name.replace("/", "_")
-    return Workload(f"hf-{label}-{split}-n{len(prompts)}-g{gen}", prompts, gen, ignore_eos, answers, spec)
+    return PromptSet(f"hf-{label}-{split}-n{len(prompts)}-g{gen}", prompts, gen, ignore_eos, answers, spec)
 
 
 def load_rows(name: str, split: str, subset: str | None, n: int | None) -> list[dict]:

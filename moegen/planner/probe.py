@@ -14,6 +14,7 @@ bytes read plus the bytes written (STREAM's convention).
 from __future__ import annotations
 
 import datetime
+import logging
 import importlib
 import io
 import json
@@ -31,6 +32,7 @@ import torch
 from moegen.errors import MoegenError
 from moegen.layers.linear import linear, pack_weight, packing_supported
 
+log = logging.getLogger("moegen")
 SCHEMA = 3   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
              # prompt attention and elementwise bandwidth
 GEMM_DTYPES = ("float32", "bfloat16", "float16")
@@ -243,28 +245,28 @@ def _decode_attention_impl() -> tuple[Callable, str]:
 
 
 def _attention_inputs(seqs: int, ctx: int, n_heads: int, n_kv_heads: int, head_dim: int, block_size: int,
-                      dtype: torch.dtype, device: str) -> tuple:
+                      dtype: torch.dtype) -> tuple:
     blocks_per_seq = -(-ctx // block_size)
     num_blocks = seqs * blocks_per_seq
-    k_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim, device=device).to(dtype)
+    k_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim).to(dtype)
     v_cache = torch.randn_like(k_cache)
     # shuffled pages, as a long-running cache hands them out
-    block_tables = torch.randperm(num_blocks, device=device).to(torch.int32).view(seqs, blocks_per_seq)
-    context_lens = torch.full((seqs,), ctx, dtype=torch.int32, device=device)
-    q = torch.randn(seqs, n_heads, head_dim, device=device).to(dtype)
+    block_tables = torch.randperm(num_blocks).to(torch.int32).view(seqs, blocks_per_seq)
+    context_lens = torch.full((seqs,), ctx, dtype=torch.int32)
+    q = torch.randn(seqs, n_heads, head_dim).to(dtype)
     return q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5
 
 
-def measure_attention(device: str, quick: bool) -> dict:
-    """KV bytes/s one decode-attention call processes (bf16 cache, else float32 if the kernel
-    refuses bf16)."""
-    fn, impl = _decode_attention_impl() if device == "cpu" else (torch_paged_decode_attention, "torch matmul")
+def measure_attention(quick: bool) -> dict:
+    """KV bytes/s one CPU decode-attention call processes, the engine's decode attention (bf16
+    cache, else float32 if the kernel refuses bf16)."""
+    fn, impl = _decode_attention_impl()
     batch, shape = ATTENTION_BATCH[quick], ATTENTION_SHAPE
     errors = []
     for dtype in (torch.bfloat16, torch.float32):
-        args = _attention_inputs(**batch, **shape, dtype=dtype, device=device)
+        args = _attention_inputs(**batch, **shape, dtype=dtype)
         try:
-            seconds = best_time_s(lambda: fn(*args), _sync_fn(device), min_total_s=0.1 if quick else 0.3)
+            seconds = best_time_s(lambda: fn(*args), _sync_fn("cpu"), min_total_s=0.1 if quick else 0.3)
         except (RuntimeError, TypeError, ValueError) as exc:
             errors.append(f"{dtype}: {str(exc).splitlines()[0]}")
             continue
@@ -327,13 +329,12 @@ def _measure_all(kind: str, quick: bool) -> dict:
               "gemm": gemm,
               "gemm_best_flops_per_s": {name: r["best_flops_per_s"] for name, r in gemm.items()},
               "host_mem_bw_gbps": measure_host_bandwidth(quick),
-              "cpu_attention": measure_attention("cpu", quick)}
+              "cpu_attention": measure_attention(quick)}
     if kind == "cpu":
         result["cpu_prefill_attention"] = measure_prefill_attention(quick)
         result["elementwise_gbps"] = measure_elementwise(quick)
     if kind == "cuda":
         result.update(measure_cuda_transfers(quick))
-        result["device_attention"] = measure_attention("cuda", quick)
     result["probe_s"] = time.perf_counter() - t0
     return result
 
@@ -350,9 +351,24 @@ def _load_cached(path: Path, device: str, quick: bool) -> dict | None:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    same = (cached.get("schema") == SCHEMA and cached.get("device") == device
-            and cached.get("torch_version") == torch.__version__)
+    if not _usable(cached):
+        log.warning("probe cache %s does not hold a probe result of schema %d; measuring again", path, SCHEMA)
+        return None
+    same = cached.get("device") == device and cached.get("torch_version") == torch.__version__
     return cached if same and (quick or not cached.get("quick", True)) else None
+
+
+def _usable(cached) -> bool:
+    """A cache file of this schema whose fields the planner can read (a hand-edited or foreign
+    JSON file such as [] or {"gemm": null} is measured again, not a crash on every run)."""
+    from moegen.planner.hardware import Hardware
+    if not isinstance(cached, dict) or cached.get("schema") != SCHEMA or not isinstance(cached.get("quick"), bool):
+        return False
+    try:
+        Hardware.from_probe(cached)
+    except (MoegenError, TypeError, ValueError, KeyError, AttributeError):
+        return False
+    return True
 
 
 def _save(path: Path, result: dict) -> None:
@@ -436,8 +452,6 @@ def format_probe(result: dict) -> str:
                       f"causal, {a['seqs']} prompts x {a['prompt_len']}, {a['n_heads']}/{a['n_kv_heads']} heads")
     if "elementwise_gbps" in result:
         table.add_row("CPU elementwise pass", f"{result['elementwise_gbps']:.1f} GB/s", "SwiGLU activation, read + write")
-    if "device_attention" in result:
-        table.add_row(*_attention_row("device decode attention", result["device_attention"]))
     out = io.StringIO()
     Console(file=out, width=120, color_system=None).print(table)
     return out.getvalue()

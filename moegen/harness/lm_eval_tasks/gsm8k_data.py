@@ -20,7 +20,7 @@ from moegen.jsonl import numbered_jsonl
 
 ENV_VAR = "MOEGEN_GSM8K_DIR"
 SPLITS = ("train", "test")
-DEFAULT_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
+DEFAULT_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "gsm8k"
 _FINAL = re.compile(r"#### (-?[0-9][0-9,]*(?:\.[0-9]+)?)\s*$")
 
 

@@ -1,4 +1,4 @@
-"""The systems under test, by name. Each runs a Workload and returns a RunResult:
+"""The systems under test, by name. Each runs a workload's PromptSet and returns a RunResult:
 
     from moegen.harness.systems import get_system
     result = get_system("hf-generate").run(model_dir, workload, dtype="float32", device="cpu", batch_size=16)

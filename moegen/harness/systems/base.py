@@ -16,7 +16,7 @@ from typing import Any
 from moegen.errors import InputError, MoegenError
 from moegen.engine.stats import RunRecord
 from moegen.harness.metrics import e2e_tokens_per_s
-from moegen.harness.workloads import Workload
+from moegen.harness.workloads import PromptSet
 
 
 class SystemFailedError(MoegenError):
@@ -63,10 +63,10 @@ class System:
         """Why this system cannot run here (None = it can)."""
         return None
 
-    def load(self, model_path, dtype: str, device: str, workload: Workload, **options) -> Any:
+    def load(self, model_path, dtype: str, device: str, workload: PromptSet, **options) -> Any:
         raise NotImplementedError
 
-    def generate(self, handle, workload: Workload) -> Generation:
+    def generate(self, handle, workload: PromptSet) -> Generation:
         raise NotImplementedError
 
     def close(self, handle) -> None:
@@ -80,7 +80,7 @@ class System:
             raise InputError(f"system {self.name}: unknown option(s) {', '.join(unknown)}; known: {known}")
         return {**self.options, **options}
 
-    def run(self, model_path, workload: Workload, dtype: str = "bfloat16", device: str = "cpu", *,
+    def run(self, model_path, workload: PromptSet, dtype: str = "bfloat16", device: str = "cpu", *,
             repeat: int = 1, warmup: bool = True, peaks=None, usd_per_hour: float | None = None,
             **options) -> RunResult:
         """Load, warm up, generate `repeat` times; metrics of the median pass. `peaks`
@@ -115,7 +115,7 @@ class System:
                   **chosen.config}
         return RunResult(self.name, chosen.token_ids, texts, metrics, config)
 
-    def _checked(self, gen: Generation, workload: Workload) -> Generation:
+    def _checked(self, gen: Generation, workload: PromptSet) -> Generation:
         if len(gen.token_ids) != workload.num_prompts:
             raise SystemFailedError(f"{self.name} returned {len(gen.token_ids)} outputs for "
                                     f"{workload.num_prompts} prompts")

@@ -23,7 +23,7 @@ from moegen.errors import InputError
 from moegen.engine.stats import RunRecord
 from moegen.harness.systems.base import Generation, SystemFailedError, cut_after_eos
 from moegen.harness.systems.hf_common import GREEDY, HFHandle, HFSystem, decode_all, synchronize
-from moegen.harness.workloads import Workload
+from moegen.harness.workloads import PromptSet
 
 PAGE_SIZE = 256              # transformers' default page size (tokens per block)
 CPU_MAX_BATCH_TOKENS = 1024
@@ -34,7 +34,7 @@ class HFContinuousSystem(HFSystem):
     description = "transformers generate_batch(): continuous batching over a paged KV cache"
     options = {"num_blocks": None, "max_batch_tokens": None}
 
-    def cb_config(self, h: HFHandle, wl: Workload):
+    def cb_config(self, h: HFHandle, wl: PromptSet):
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         cpu = h.device.type == "cpu"
         blocks, batch_tokens = h.options["num_blocks"], h.options["max_batch_tokens"]
@@ -49,7 +49,7 @@ class HFContinuousSystem(HFSystem):
         return ContinuousBatchingConfig(num_blocks=blocks, max_batch_tokens=batch_tokens), \
             {"num_blocks": blocks, "max_batch_tokens": batch_tokens, "page_size": PAGE_SIZE}
 
-    def _run(self, h: HFHandle, wl: Workload, max_new_tokens: int) -> tuple[list, float, float, dict]:
+    def _run(self, h: HFHandle, wl: PromptSet, max_new_tokens: int) -> tuple[list, float, float, dict]:
         """(outputs, wall s, serving s, config) of one generate_batch call over the workload."""
         from transformers import GenerationConfig
         cb, info = self.cb_config(h, wl)
@@ -71,7 +71,7 @@ class HFContinuousSystem(HFSystem):
         ids = [cut_after_eos(list(o.generated_tokens), h.eos, wl.ignore_eos) for o in outs]
         return ids, wall, serving_s(outs, wall), info
 
-    def generate(self, h: HFHandle, wl: Workload) -> Generation:
+    def generate(self, h: HFHandle, wl: PromptSet) -> Generation:
         _, _, prefill_s, _ = self._run(h, wl, 1)
         outputs, wall, serving, info = self._run(h, wl, wl.max_new_tokens)
         prefill_s = min(prefill_s, serving)

@@ -19,7 +19,7 @@ from moegen.engine.stats import RunRecord, lockstep_steps
 from moegen.harness.metrics import e2e_tokens_per_s
 from moegen.harness.systems.base import Generation, cut_after_eos
 from moegen.harness.systems.hf_common import GREEDY, FirstLogitsTimer, HFHandle, HFSystem, decode_all, synchronize
-from moegen.harness.workloads import Workload
+from moegen.harness.workloads import PromptSet
 
 BATCH_SIZES = (16, 64, 256)
 
@@ -35,7 +35,7 @@ class HFGenerateSystem(HFSystem):
             raise InputError(f"{self.name}: batch sizes must be integers >= 1, got {sizes}")
         return sorted({min(b, n) for b in sizes})
 
-    def generate(self, h: HFHandle, workload: Workload) -> Generation:
+    def generate(self, h: HFHandle, workload: PromptSet) -> Generation:
         passes = [self._pass(h, workload, size) for size in self.batch_sizes(h.options, workload.num_prompts)]
         rate = [e2e_tokens_per_s(p.record.generated_tokens, p.record.total_s) for p in passes]
         best = passes[max(range(len(passes)), key=rate.__getitem__)]
@@ -44,7 +44,7 @@ class HFGenerateSystem(HFSystem):
         return best
 
     @torch.inference_mode()
-    def _pass(self, h: HFHandle, wl: Workload, size: int) -> Generation:
+    def _pass(self, h: HFHandle, wl: PromptSet, size: int) -> Generation:
         n = wl.num_prompts
         order = sorted(range(n), key=lambda i: -len(wl.prompts[i])) if h.options["sort_by_length"] else range(n)
         order = list(order)

@@ -14,7 +14,7 @@ from moegen.dtypes import parse_dtype
 from moegen.engine.stats import PHASES, RunRecord
 from moegen.harness.metrics import throughput_report
 from moegen.planner.model_spec import ModelSpec
-from moegen.harness.workloads import Workload, accuracy
+from moegen.harness.workloads import PromptSet, accuracy
 
 SAMPLE_S = 0.02
 
@@ -74,7 +74,7 @@ def dtype_bytes(dtype: str) -> int:
     return parse_dtype(dtype).itemsize
 
 
-def run_metrics(model, rec: RunRecord, dtype: str, peaks, usd_per_hour: float | None, workload: Workload,
+def run_metrics(model, rec: RunRecord, dtype: str, peaks, usd_per_hour: float | None, workload: PromptSet,
                 texts: list[str]) -> dict:
     """The flat metrics dict of one run. Every key is always present (None when unknown), so
     tables and databases see one schema whatever the system or the hardware."""

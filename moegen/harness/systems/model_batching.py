@@ -9,14 +9,15 @@ difference between the two measures what module-based batching alone buys.
 """
 from __future__ import annotations
 
+from moegen.engine.options import engine_option_names
 from moegen.errors import InputError
-from moegen.harness.systems.moegen_engine import ENGINE_OPTIONS, MoegenSystem
+from moegen.harness.systems.moegen_engine import MoegenSystem
 
 
 class ModelBatchingSystem(MoegenSystem):
     name = "moegen-model-batching"
     description = "moegen engine with one batch size for every module (G = A = batch_size)"
-    options = {**dict.fromkeys(o for o in ENGINE_OPTIONS if o not in ("max_batch", "attn_micro_batch")),
+    options = {**dict.fromkeys(o for o in engine_option_names() if o not in ("max_batch", "attn_micro_batch")),
                "batch_size": 32}
 
     def engine_overrides(self, options: dict) -> dict:

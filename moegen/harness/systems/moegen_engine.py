@@ -1,6 +1,7 @@
 """System `moegen`: our engine, module-based batching, with its planned settings.
 
-Options pass straight through to Engine.from_pretrained. Those left None are the engine's choice:
+Options are the engine's (moegen.engine.options) and pass through to Engine.from_pretrained, text
+values ("8", "staged") read as their kind; those left None are the engine's choice:
 G, A and the prefill token budget come from its planner per generate() call (the warm-up pays
 for a first probe of the machine), and the run reports the settings used and, when the planner
 chose them, its predicted throughput beside the measured one.
@@ -10,26 +11,20 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from moegen.engine.options import engine_option_names, parse_options
 from moegen.harness.systems.base import Generation, System
-from moegen.harness.workloads import Workload
-
-ENGINE_OPTIONS = ("max_batch", "attn_micro_batch", "max_prefill_tokens", "expert_chunk", "streaming",
-                  "num_buffers", "host_memory", "device_memory")
+from moegen.harness.workloads import PromptSet
 
 
 def settings_used(engine) -> dict:
     """G, A and the prefill budget of the last generate(): fixed in the config, else planned,
-    else the engine's fallback (the engine keeps only the plan, so this mirrors Engine.settings)."""
-    from moegen.engine.llm_engine import FALLBACK_PLAN, PLANNED
-    plan = getattr(engine, "last_plan", None)
-    chosen = {k: getattr(plan[0], k) for k in PLANNED} if plan else dict(FALLBACK_PLAN)
-    return {**chosen, **{k: getattr(engine.config, k) for k in PLANNED if getattr(engine.config, k) is not None}}
+    else the engine's fallback (as the engine recorded them)."""
+    return dict(engine.stats.plan.settings)
 
 
 def predicted(engine) -> dict:
     """The planner's predicted rates for the last generate() (None when nothing was planned)."""
-    plan = getattr(engine, "last_plan", None)
-    p = plan[1] if plan else None
+    p = engine.stats.plan.prediction
     return {"predicted_prefill_tokens_per_s": p.prefill_tokens_per_s if p else None,
             "predicted_decode_tokens_per_s": p.decode_tokens_per_s if p else None,
             "predicted_e2e_tokens_per_s": p.e2e_tokens_per_s if p else None,
@@ -48,20 +43,20 @@ class MoegenSystem(System):
     name = "moegen"
     description = "moegen engine: module-based batching (global batch G, attention micro-batch A)"
     is_moegen = True
-    options = dict.fromkeys(ENGINE_OPTIONS)
+    options = dict.fromkeys(engine_option_names())
 
     def engine_overrides(self, options: dict) -> dict:
         """Engine keyword arguments from this system's options (None = engine default)."""
-        return {k: v for k, v in options.items() if v is not None}
+        return parse_options(options)
 
-    def load(self, model_path, dtype, device, workload: Workload, **options):
+    def load(self, model_path, dtype, device, workload: PromptSet, **options):
         from moegen.engine import Engine
         kwargs = self.engine_overrides(options)
         if isinstance(model_path, ConfigModel):
             return Engine.from_config(model_path.config, device=device, dtype=dtype, **kwargs)
         return Engine.from_pretrained(model_path, device=device, dtype=dtype, **kwargs)
 
-    def generate(self, engine, workload: Workload) -> Generation:
+    def generate(self, engine, workload: PromptSet) -> Generation:
         from moegen.engine import SamplingParams
         params = SamplingParams(max_new_tokens=workload.max_new_tokens, ignore_eos=workload.ignore_eos)
         engine.reset_stats()
@@ -73,6 +68,6 @@ class MoegenSystem(System):
                  "experts_skipped": s.experts_skipped, "weight_bytes_moved": engine.streamer.stats.bytes_moved,
                  **predicted(engine)}
         config = {"engine": asdict(engine.config), "settings": settings_used(engine), "attention": s.attention,
-                  "planned": getattr(engine, "last_plan", None) is not None}
-        return Generation([o.token_ids for o in outs], engine.run_record(outs, wall), [o.text for o in outs],
+                  "planned": engine.stats.plan.plan is not None}
+        return Generation([o.token_ids for o in outs], engine.stats.record(wall), [o.text for o in outs],
                           extra, config)

@@ -14,7 +14,7 @@ import time
 from moegen.engine.stats import RunRecord
 from moegen.harness.systems.base import Generation, System
 from moegen.harness.systems.hf_common import hf_skip_reason
-from moegen.harness.workloads import Workload
+from moegen.harness.workloads import PromptSet
 
 
 class VLLMSystem(System):
@@ -36,7 +36,7 @@ class VLLMSystem(System):
         kwargs = {k: v for k, v in options.items() if v is not None}
         return LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=0, **kwargs)
 
-    def _run(self, llm, wl: Workload, max_tokens: int) -> tuple[list, list, float]:
+    def _run(self, llm, wl: PromptSet, max_tokens: int) -> tuple[list, list, float]:
         from vllm import SamplingParams
         try:
             from vllm import TokensPrompt
@@ -49,7 +49,7 @@ class VLLMSystem(System):
         wall = time.perf_counter() - t0
         return [list(o.outputs[0].token_ids) for o in outs], [o.outputs[0].text for o in outs], wall
 
-    def generate(self, llm, wl: Workload) -> Generation:
+    def generate(self, llm, wl: PromptSet) -> Generation:
         _, _, prefill_s = self._run(llm, wl, 1)
         ids, texts, wall = self._run(llm, wl, wl.max_new_tokens)
         prefill_s = min(prefill_s, wall)

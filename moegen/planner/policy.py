@@ -1,0 +1,61 @@
+"""The engine's memory and batching policy, declared once: its defaults, the memory it takes
+when not told, which weights stay on the device, and the settings a call runs with.
+
+The engine runs by these rules and the planner models them, so both import this module. It is
+plain Python and imports nothing from moegen: the engine may import the planner, never the
+reverse.
+"""
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DEFAULT_BLOCK_SIZE = 16              # tokens per KV cache block
+DEFAULT_MAX_BATCH = 256              # G: sequences decoding together
+DEFAULT_ATTN_MICRO_BATCH = 32        # A: sequences per attention micro-batch
+DEFAULT_MAX_PREFILL_TOKENS = 8192    # prompt tokens per prefill pass
+DEFAULT_NUM_BUFFERS = 4              # device buffers for streamed weights
+MIN_NUM_BUFFERS = 2                  # a streamed layer holds its dense group and one expert at once
+DEVICE_MEMORY_FRACTION = 0.8         # of the GPU's free memory, when no device budget is given
+HOST_KV_FRACTION = 0.25              # of host memory for the KV cache, when no KV budget is given
+
+# Chosen per call (by the planner) unless the engine's config fixes them.
+PLANNED = ("max_batch", "attn_micro_batch", "max_prefill_tokens")
+FALLBACK_SETTINGS = {"max_batch": DEFAULT_MAX_BATCH, "attn_micro_batch": DEFAULT_ATTN_MICRO_BATCH,
+                     "max_prefill_tokens": DEFAULT_MAX_PREFILL_TOKENS}
+
+
+def default_kv_cache_bytes(host_memory_bytes: int) -> int:
+    return int(host_memory_bytes * HOST_KV_FRACTION)
+
+
+def default_device_budget_bytes(device_memory_bytes: float) -> int:
+    return int(device_memory_bytes * DEVICE_MEMORY_FRACTION)
+
+
+def choose_resident(groups: Mapping[str, Any], sizes: Mapping[str, int], budget_bytes: int) -> set:
+    """Keep weight groups on the device while they fit: the top-level and per-layer dense groups
+    first (every step needs them), then experts in layer order. A group that does not fit is
+    skipped and the next one tried. Keys name groups as the engine does ("....experts.N" for an
+    expert); groups gives the order, sizes the bytes."""
+    order = [k for k in groups if ".experts." not in k] + [k for k in groups if ".experts." in k]
+    resident, used = set(), 0
+    for key in order:
+        if used + sizes[key] <= budget_bytes:
+            resident.add(key)
+            used += sizes[key]
+    return resident
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What one generate() or loglikelihood() call ran with: `settings` (the PLANNED keys), and the
+    planner's plan and prediction when the planner chose any of them (None when the config fixed
+    them all, or the planner was unavailable)."""
+    settings: Mapping[str, int]
+    plan: Any = None
+    prediction: Any = None
+
+
+def call_plan(fixed: Mapping[str, int], plan=None, prediction=None) -> CallPlan:
+    """The config's fixed settings win; the plan's fill the rest, else the fallback's."""
+    chosen = {k: getattr(plan, k) for k in PLANNED} if plan is not None else FALLBACK_SETTINGS
+    return CallPlan({**chosen, **fixed}, plan, prediction)
