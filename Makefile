@@ -13,6 +13,7 @@ FIXTURE := $(RUN_DIR)/fixtures/mixtral-bench
 LIMIT ?= 256
 NEW_TOKENS ?= 64
 EVAL_LIMIT ?= 8
+BENCH_PROMPTS ?= 256
 PREFECT_ENV := PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 
 .PHONY: run test install clean serve stop generate
@@ -35,10 +36,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The main job: the `eval` flow in-process (ephemeral Prefect API) on the fixture Mixtral with
-# GSM8K from $(DATA): lm-eval accuracy through moegen and transformers, throughput side by side.
+# GSM8K from $(DATA): lm-eval accuracy through moegen and transformers on $(EVAL_LIMIT) questions,
+# and throughput on $(BENCH_PROMPTS) questions (the batch sizes module batching is for), moegen
+# against transformers `generate` at its best batch for that many prompts.
 run: $(STAMP)
 	MOEGEN_GSM8K_DIR=$(abspath $(DATA)) $(PREFECT_ENV) $(PY) -m flows.eval model=fixture:mixtral/bench \
-		limit=$(EVAL_LIMIT) num_fewshot=0 max_gen_toks=$(NEW_TOKENS) bench_workload=gsm8k,n=$(EVAL_LIMIT),gen=$(NEW_TOKENS)
+		limit=$(EVAL_LIMIT) num_fewshot=0 max_gen_toks=$(NEW_TOKENS) \
+		bench_workload=gsm8k,n=$(BENCH_PROMPTS),gen=$(NEW_TOKENS),ignore_eos=1 \
+		'bench_options={"hf-generate": {"batch_size": $(BENCH_PROMPTS)}}'
 
 # Bulk generation over the GSM8K test questions with the engine alone.
 generate: $(STAMP)

@@ -89,6 +89,7 @@ def eval_flow(model: ModelRef = "fixture:mixtral/bench",
     report = render_report("eval", f"eval: {model}", rows, baseline, str(report_dir("eval", results_url)),
                            run_id, notes)
     return {"run_id": run_id, "model": model, "model_path": model_path, "tasks": tasks, "baseline": baseline,
+            "bench_workload": bench_workload,
             "rows": summary_rows(rows), "report": report}
 
 
@@ -109,6 +110,13 @@ def show_eval(summary: dict) -> None:
                       fmt(r["ratios"].get("accuracy")), fmt(r["ratios"].get("e2e_tokens_per_s")))
     console = make_console()
     console.print(table)
+    for r in summary["rows"]:
+        ratio = r["ratios"].get("e2e_tokens_per_s")
+        if r["system"] != base and ratio is not None:
+            console.print(f"{r['bench_system']} generates {ratio:.2f}x the tokens per second of {base}'s "
+                          f"throughput system on {summary['bench_workload']} (end to end, prefill included, "
+                          "same prompts and greedy settings): module batching runs each expert once per layer "
+                          "over every token routed to it, where a padded static batch runs it per batch.")
     console.print(f"report: {summary['report']['report']}")
 
 
