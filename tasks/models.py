@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from moegen.errors import CheckpointError, ConfigError
 from tasks.common import retry_unless_bad_input
@@ -52,15 +51,3 @@ def prepare_model(model: str, fixtures_dir: str = DEFAULT_FIXTURES_DIR) -> str:
     path = resolve_model(model, fixtures_dir)
     get_run_logger().info("model %s -> %s", model, path)
     return str(path)
-
-
-@task(cache_policy=NO_CACHE, task_run_name="load-engine")
-def load_engine(model_path: str, dtype: str = "bfloat16", device: str = "cpu", host_memory: str | None = None,
-                options: dict | None = None):
-    """A moegen Engine over the checkpoint (kept in memory, never persisted)."""
-    from moegen.engine import Engine
-
-    engine = Engine.from_pretrained(model_path, device=device, dtype=dtype, host_memory=host_memory,
-                                    **(options or {}))
-    get_run_logger().info("engine: %s on %s (%s)", Path(model_path).name, device, dtype)
-    return engine

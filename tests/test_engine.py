@@ -145,10 +145,15 @@ def test_stats_account_for_every_pass_of_generation_and_scoring(tiny_fixture):
 
 
 def test_a_sequence_larger_than_the_kv_budget_says_what_to_raise(tiny_fixture):
-    config = EngineConfig(kv_cache_bytes=1, max_batch=1, attn_micro_batch=0, max_prefill_tokens=64)
-    engine = Engine(load_model(tiny_fixture("mixtral"), "float32"), None, config)
-    with pytest.raises(CapacityError, match="host-memory"):          # the least budget: one block, 16 tokens
+    from moegen.engine.kv_cache import kv_bytes_per_token
+    model = load_model(tiny_fixture("mixtral"), "float32")
+    one_block = 16 * kv_bytes_per_token(model, model.dtype)
+    config = EngineConfig(kv_cache_bytes=one_block, max_batch=1, attn_micro_batch=0, max_prefill_tokens=64)
+    engine = Engine(model, None, config)
+    with pytest.raises(CapacityError, match="host-memory"):          # one block holds 16 tokens, not 23
         engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    with pytest.raises(CapacityError, match="holds no block.*host-memory"):   # less than a block: refused at once
+        Engine(model, None, EngineConfig(kv_cache_bytes=one_block - 1))
 
 
 def test_kv_blocks_are_returned(tiny_fixture):
@@ -237,3 +242,49 @@ def test_greedy_choice_is_the_first_maximum_in_any_dtype():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert Sampler().sample(logits.to(dtype), seqs) == logits.argmax(dim=-1).tolist()
     assert Sampler().sample(logits.bfloat16(), seqs)[5] == 10
+
+
+# ---- generate_iter: completions as they finish ---------------------------------------------------
+
+def test_generate_iter_yields_each_completion_the_moment_it_finishes(tiny_fixture):
+    engine = make_engine(tiny_fixture("mixtral"), max_batch=4)
+    prompts = [[1, 2, 3], [1, 415, 2936, 9060], [5, 6], [7, 8, 9, 10, 11]]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (6, 1, 4, 2)]
+    decode_steps_at_yield = {}
+    for c in engine.generate_iter(prompts, params):
+        decode_steps_at_yield[c.index] = len(engine.stats.decode_step_seqs)   # passes so far
+    assert list(decode_steps_at_yield) == [1, 3, 2, 0]                    # finish order
+    assert decode_steps_at_yield == {1: 0, 3: 1, 2: 3, 0: 5}              # the step its last token came in
+    assert engine.stats.decode_steps == 5
+
+
+def test_generate_iter_pulls_an_iterable_only_as_far_as_it_needs(tiny_fixture):
+    path = tiny_fixture("mixtral")
+    prompts = [[1, 415, 2936 + i] + [5] * (i % 3) for i in range(10)]
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    pulled = []
+
+    def stream():
+        for p in prompts:
+            pulled.append(p)
+            yield p
+
+    engine = make_engine(path, max_batch=1)
+    got, pulled_at_first = {}, None
+    for c in engine.generate_iter(stream(), params, indices=iter(range(100, 110)), window=2):
+        pulled_at_first = len(pulled) if pulled_at_first is None else pulled_at_first
+        got[c.index] = c.token_ids
+    assert pulled_at_first <= 2 + 2                                       # the first window and one refill
+    reference = make_engine(path).generate(prompts, params)
+    assert got == {100 + c.index: c.token_ids for c in reference}         # its own indices, the same tokens
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_closing_generate_iter_early_frees_its_kv_blocks(tiny_fixture):
+    engine = make_engine(tiny_fixture("mixtral"), max_batch=2)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    calls = engine.generate_iter([[1, 2, 3]] * 5, params)
+    next(calls)
+    calls.close()
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert len(engine.generate([[1, 2, 3]] * 2, params)) == 2

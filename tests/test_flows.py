@@ -1,7 +1,7 @@
 """The Prefect flows against a real (test harness) Prefect API: parameters checked before any work,
-generate resumable after a failure or a SIGKILL with every row exactly once, eval and bench end to
-end into the results database with their artifacts, the nightly regression check, caching on
-resume, and no retry on bad input."""
+generate resumable from its journal after a failure or a SIGKILL with every row exactly once and
+the tokens of an uninterrupted run, eval and bench end to end into the results database with
+their artifacts, the nightly regression check, caching on resume, and no retry on bad input."""
 import datetime as dt
 import base64
 import json
@@ -29,7 +29,9 @@ import moegen.harness.bench  # noqa: E402
 from flows.bench import bench_flow  # noqa: E402
 from flows.eval import eval_flow, hub_workload, show_eval  # noqa: E402
 from flows.generate import generate_flow  # noqa: E402
+from moegen.engine import Engine, SamplingParams  # noqa: E402
 from moegen.harness import results  # noqa: E402
+from moegen.harness.journal import Journal, recover_rows  # noqa: E402
 from moegen.errors import InputError  # noqa: E402
 from tasks import data as data_tasks  # noqa: E402
 from tasks import generate as generate_tasks  # noqa: E402
@@ -70,22 +72,28 @@ def prompts_file(tmp_path, n: int) -> Path:
     return path
 
 
-def generate_params(tiny_fixture, tmp_path, n: int, shard_size: int, url: str) -> dict:
+def generate_params(tiny_fixture, tmp_path, n: int, url: str, **engine) -> dict:
     return {"model": str(tiny_fixture("mixtral")), "dataset": str(prompts_file(tmp_path, n)),
-            "out_dir": str(tmp_path / "out"), "shard_size": shard_size, "dtype": "float32",
-            "sampling": {"max_new_tokens": 6, "ignore_eos": True}, "engine": SMALL_ENGINE, "results_url": url}
+            "out_dir": str(tmp_path / "out"), "dtype": "float32", "sampling": {"max_new_tokens": 6, "ignore_eos": True},
+            "engine": {**SMALL_ENGINE, **engine}, "results_url": url}
 
 
 def read_rows(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def check_every_row_once(summary: dict, n: int) -> None:
+def uninterrupted_tokens(params: dict) -> list[list[int]]:
+    """Each row's tokens from one uninterrupted engine call over the flow's prompts."""
+    engine = Engine.from_pretrained(params["model"], dtype="float32", **SMALL_ENGINE)
+    prompts = [row["prompt"] for row in read_rows(params["dataset"])]
+    return [c.token_ids for c in engine.generate(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))]
+
+
+def check_every_row_once(summary: dict, n: int, tokens: list[list[int]]) -> None:
     rows = read_rows(summary["out"])
     assert [r["index"] for r in rows] == list(range(n))
-    assert all(len(r["token_ids"]) == 6 and r["answer"] == str(2 * r["index"]) for r in rows)
-    shard_rows = [r["index"] for p in sorted(Path(summary["out"]).parent.glob("shard-*.jsonl")) for r in read_rows(p)]
-    assert shard_rows == list(range(n))
+    assert all(r["answer"] == str(2 * r["index"]) for r in rows)
+    assert [r["token_ids"] for r in rows] == tokens                    # as if never interrupted
 
 
 # ---- parameters ---------------------------------------------------------------------------------
@@ -110,62 +118,60 @@ def test_bad_parameters_are_rejected_before_any_work(prefect_api, flow, params, 
 # ---- generate -----------------------------------------------------------------------------------
 
 def test_generate_resumes_after_a_failure_mid_run(prefect_api, tiny_fixture, tmp_path, url, monkeypatch):
-    params = generate_params(tiny_fixture, tmp_path, n=10, shard_size=3, url=url)
-    commit = generate_tasks.commit_shard
+    params = generate_params(tiny_fixture, tmp_path, n=10, url=url)
+    append = Journal.append
 
-    def crash_at_shard_2(out_dir, index, rows, info):
-        if index == 2:
+    def fail_after_4_rows(journal, row):
+        if len(journal.done) == 4:
             raise RuntimeError("worker died")
-        commit(out_dir, index, rows, info)
+        return append(journal, row)
 
-    monkeypatch.setattr(generate_tasks, "commit_shard", crash_at_shard_2)
+    monkeypatch.setattr(Journal, "append", fail_after_4_rows)
     state = generate_flow(**params, return_state=True)
     assert state.is_failed()
-    written = sorted(p.name for p in (tmp_path / "out").glob("shard-*.jsonl"))
-    assert written == ["shard-00000.jsonl", "shard-00001.jsonl"]
-    monkeypatch.setattr(generate_tasks, "commit_shard", commit)
+    assert len(read_rows(tmp_path / "out" / generate_tasks.OUTPUT)) == 4    # the finished rows were kept
+    monkeypatch.setattr(Journal, "append", append)
 
     state = generate_flow(**params, return_state=True)
     summary = state.result()
-    assert summary["resumed_shards"] == 2 and summary["generated_shards"] == [2, 3]
-    check_every_row_once(summary, 10)
+    assert summary["resumed_rows"] == 4 and summary["generated_rows"] == 6
+    check_every_row_once(summary, 10, uninterrupted_tokens(params))
     assert results.get_run(summary["run_id"], url)["results"][0]["metrics"]["rows"] == 10
     artifacts = artifacts_of(state.state_details.flow_run_id)
-    assert "2 generated by this run, 2 kept from an earlier run" in artifacts["generate-report"].data
-    assert [row["this run"] for row in json.loads(artifacts["generate-shards"].data)] == [False, False, True, True]
+    assert "6 rows generated by this run, 4 kept from an earlier run" in artifacts["generate-report"].data
+    assert artifacts["generate-progress"].data == 100.0
 
 
 def test_generate_refuses_to_mix_in_other_inputs(prefect_api, tiny_fixture, tmp_path, url):
-    params = generate_params(tiny_fixture, tmp_path, n=3, shard_size=2, url=url)
+    params = generate_params(tiny_fixture, tmp_path, n=3, url=url)
     generate_flow(**params)
-    with pytest.raises(InputError, match="holds shards of a different generation"):
+    with pytest.raises(InputError, match="journal of another generation .sampling.max_new_tokens: 6 in the journal"):
         generate_flow(**{**params, "sampling": {"max_new_tokens": 7, "ignore_eos": True}})
 
 
 def test_generate_killed_mid_run_then_rerun_keeps_every_row_once(prefect_api, tiny_fixture, tmp_path, url):
-    n, shard_size = 24, 2
-    params = generate_params(tiny_fixture, tmp_path, n=n, shard_size=shard_size, url=url)
+    n = 16
+    params = {**generate_params(tiny_fixture, tmp_path, n=n, url=url, max_batch=2), "flush_rows": 1}
     env = {**os.environ, "PREFECT_API_URL": prefect_api["url"], "PREFECT_HOME": prefect_api["home"]}
     script = "import json, sys; from flows.generate import generate_flow; generate_flow(**json.loads(sys.argv[1]))"
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(params)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = tmp_path / "out" / generate_tasks.MANIFEST
+    out = tmp_path / "out" / generate_tasks.OUTPUT
     deadline = time.monotonic() + 180
     try:
-        while not (manifest.is_file() and json.loads(manifest.read_text())["shards"]):
-            assert proc.poll() is None, "the generate subprocess ended before writing a shard"
-            assert time.monotonic() < deadline, "no shard written in 180 s"
-            time.sleep(0.02)
+        while not (out.is_file() and out.read_text().count("\n") >= 2):
+            assert proc.poll() is None, "the generate subprocess ended before writing a row"
+            assert time.monotonic() < deadline, "no row written in 180 s"
+            time.sleep(0.01)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    done = len(json.loads(manifest.read_text())["shards"])
-    assert 1 <= done < n // shard_size, f"{done} shards done at the kill"
+    on_disk = len(recover_rows(out))
+    assert 2 <= on_disk < n, f"{on_disk} rows on disk at the kill"
 
     summary = generate_flow(**params)
-    assert summary["resumed_shards"] == done
-    assert summary["generated_shards"] == list(range(done, n // shard_size))
-    check_every_row_once(summary, n)
+    assert summary["resumed_rows"] == on_disk and summary["generated_rows"] == n - on_disk
+    check_every_row_once(summary, n, uninterrupted_tokens(params))
 
 
 # ---- eval ---------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from moegen.errors import ConfigError, InputError
 from moegen.harness.ratios import ratio
 from tasks import report
 from tasks.common import retry_unless_bad_input
-from tasks.generate import plan_shards
 from tasks.metrics import add_ratios, cell_regressions
 from tasks.models import fixture_dir, parse_fixture_spec
 
@@ -97,11 +96,6 @@ def test_plots_are_written(tmp_path):
     plots = report.write_plots([cell("moegen", 2.0, usd=1.0), cell("hf-generate", 1.0, usd=2.0)], tmp_path, [])
     assert set(plots) == {"throughput", "CAP radar"}
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in plots.values())
-
-
-def test_shards_cover_every_row_once():
-    assert plan_shards(7, 3) == [(0, 0, 3), (1, 3, 6), (2, 6, 7)]
-    assert plan_shards(6, 3) == [(0, 0, 3), (1, 3, 6)]
 
 
 def test_fixture_specs():

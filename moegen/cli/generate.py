@@ -2,13 +2,20 @@
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from moegen.dtypes import dtype_name
 from moegen.engine.options import ENGINE_OPTIONS, LOAD_OPTIONS, add_arguments, values_of
+from moegen.harness.journal import (FLUSH_ROWS, FLUSH_SECONDS, ORDERS, fingerprint, open_output, pending_indices,
+                                    write_completions)
 from moegen.harness.metrics import e2e_tokens_per_s
-from moegen.harness.prompts import read_prompts
-from moegen.jsonl import STDOUT, jsonl_text, output_target, write_output
+from moegen.errors import InputError
+from moegen.harness.prompts import read_chat_prompts, read_prompts
+from moegen.harness.replicas import EngineRecipe, Replicas, open_source
+from moegen.jsonl import STDOUT, output_target
 
 
 def engine_kwargs(args) -> dict:
@@ -17,29 +24,113 @@ def engine_kwargs(args) -> dict:
 
 
 def cmd_generate(args):
-    from moegen.engine import Engine, SamplingParams
+    if args.format == "openai-batch":
+        return cmd_openai_batch(args)
     output_target(args.out)                    # a bad output path fails now, not after the run
-    prompts = read_prompts(Path(args.input), args.prompt_field, args.template, args.limit)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [])
+    prompts = read_input(args)
+    # unset --temperature/--top-p/--top-k: the checkpoint's generation_config.json, else greedy
+    params = generation_defaults(args).params(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [])
+    journal = open_output(args.out, cli_fingerprint(args, prompts, params), args.flush_rows, args.flush_seconds,
+                          args.overwrite)
+    summary = generate_into(journal, prompts, params, args)
+    # with --out - the rows own stdout; the summary goes to stderr
+    print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
+
+
+def read_input(args) -> list:
+    """The prompts of --input: texts or token ids, or with --chat token ids of each row's messages
+    through the checkpoint's chat template (read with its tokenizer, before the model loads)."""
+    if not args.chat:
+        return read_prompts(Path(args.input), args.prompt_field, args.template, args.limit)
+    if args.template or args.dummy_weights:
+        raise InputError("--chat takes each row's messages through the checkpoint's chat template: "
+                         "it needs a checkpoint (not --dummy-weights) and no --template")
+    from moegen.tokenizer import load_tokenizer
+    return read_chat_prompts(Path(args.input), args.prompt_field, args.limit, load_tokenizer(args.model))
+
+
+def generation_defaults(args):
+    from moegen.engine.params import GenerationDefaults
+    return GenerationDefaults() if args.dummy_weights else GenerationDefaults.read(args.model)
+
+
+def cmd_openai_batch(args) -> None:
+    """--format openai-batch: every row of an OpenAI batch file answered, in one engine call."""
+    from moegen.engine import Engine
+    from moegen.harness import openai_batch
+    from moegen.jsonl import jsonl_text, write_output
+    output_target(args.out)
+    lines = openai_batch.read_batch(Path(args.input), args.limit)
     t0 = time.perf_counter()
     if args.dummy_weights:
         engine = Engine.from_config(args.model, dummy_weights=True, **engine_kwargs(args))
     else:
         engine = Engine.from_pretrained(args.model, **engine_kwargs(args))
-    load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    outs = engine.generate(prompts, params, progress=not args.quiet, truncate=args.truncate)
-    wall = time.perf_counter() - t1
-    write_output(Path(args.out), jsonl_text(c.to_row() for c in outs))
-    s, gen = engine.stats, sum(len(c.token_ids) for c in outs)
-    summary = {"sequences": len(outs), "prompt_tokens": s.prefill_tokens, "generated_tokens": gen,
-               "load_s": round(load_s, 2), "wall_s": round(wall, 2), "end_to_end_tok_s": round(e2e_tokens_per_s(gen, wall), 1),
-               "prefill_tok_s": round(s.prefill_tok_s, 1), "decode_tok_s": round(s.decode_tok_s, 1),
-               "parameters": engine.model.num_parameters(), "dtype": dtype_name(engine.model.dtype),
-               "attention": s.attention, "experts_skipped": s.experts_skipped, "out": args.out}
-    # with --out - the rows own stdout; the summary goes to stderr
+    rows = openai_batch.run_batch(engine, lines, Path(args.model).name, args.max_new_tokens, args.truncate,
+                                  progress=not args.quiet)
+    write_output(Path(args.out), jsonl_text(rows))
+    summary = {**openai_batch.summary(rows), "load_s": round(t1 - t0, 2),
+               "wall_s": round(time.perf_counter() - t1, 2), "out": args.out}
     print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
+
+
+def generate_into(journal, prompts: list, params, args) -> dict:
+    """The rows the journal lacks, from one engine or --replicas; returns the run's summary."""
+    pending = pending_indices(len(prompts), journal)
+    t0 = time.perf_counter()
+    with open_source(EngineRecipe(args.model, args.dummy_weights, engine_kwargs(args)), len(pending), args.replicas,
+                     args.ray_address, args.replica_threads) as source:
+        load_s = time.perf_counter() - t0
+        completions = source.generate_iter([prompts[i] for i in pending], params, truncate=args.truncate,
+                                           indices=pending) if pending else ()
+        with tqdm(total=len(prompts), initial=journal.resumed, desc="generate", unit="row", disable=args.quiet,
+                  dynamic_ncols=True) as bar:
+            tally = write_completions(journal, completions, on_row=lambda t: show_progress(bar, t))
+        journal.finish(args.order)
+        return {"sequences": len(prompts), "resumed": journal.resumed, "generated_rows": tally.rows,
+                "prompt_tokens": tally.prompt_tokens, "generated_tokens": tally.generated_tokens,
+                "load_s": round(load_s, 2), "wall_s": round(tally.wall_s, 2),
+                "end_to_end_tok_s": round(e2e_tokens_per_s(tally.generated_tokens, tally.wall_s), 1),
+                **engine_summary(source), "out": args.out}
+
+
+def cli_fingerprint(args, prompts: list, params) -> dict:
+    """What decides the rows (moegen.harness.journal.fingerprint): a journal of others is refused."""
+    engine = {"dtype": args.dtype, "max_model_len": args.max_model_len, "truncate": args.truncate,
+              "dummy_weights": args.dummy_weights}
+    return fingerprint(args.model, prompts, asdict(params), engine)
+
+
+def show_progress(bar, tally) -> None:
+    """Rows done/total and ETA (tqdm's), with this run's generated tokens/s."""
+    bar.set_postfix_str(f"{tally.tokens_per_s:.1f} tok/s", refresh=False)
+    bar.update(1)
+
+
+def engine_summary(source) -> dict:
+    """The engine's own figures (one engine here), or the replica count (none when nothing ran)."""
+    if source is None or isinstance(source, Replicas):
+        return {} if source is None else {"replicas": len(source.pids)}
+    s = source.stats
+    return {"prefill_tok_s": round(s.prefill_tok_s, 1), "decode_tok_s": round(s.decode_tok_s, 1),
+            "parameters": source.model.num_parameters(), "dtype": dtype_name(source.model.dtype),
+            "attention": s.attention, "experts_skipped": s.experts_skipped}
+
+
+def add_journal_args(p):
+    p.add_argument("--overwrite", action="store_true", help="start over when --out holds the journal of another "
+                   "generation (default: refuse it; the same generation resumes)")
+    p.add_argument("--order", choices=ORDERS, default="input", help="output rows in input order (rewritten at the "
+                   "end) or in the order they finished")
+    p.add_argument("--flush-rows", type=int, default=FLUSH_ROWS, help="make the journal durable every N rows")
+    p.add_argument("--flush-seconds", type=float, default=FLUSH_SECONDS, help="... or every T seconds")
+    p.add_argument("--replicas", type=int, default=1, help="engines on Ray (extra `cluster`) sharing the prompts: "
+                   "one GPU each on --device cuda, else --replica-threads CPU threads each")
+    p.add_argument("--replica-threads", type=int, help="CPU threads per replica (default: the CPUs split evenly)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start Ray here when --replicas > 1)")
 
 
 def add_engine_args(p):
@@ -52,13 +143,21 @@ def add_engine_args(p):
 def add_subparser(sub):
     p = sub.add_parser("generate", help="generate completions for a JSONL file of prompts")
     add_engine_args(p)
-    p.add_argument("--input", required=True, help="JSONL rows with 'prompt' or 'prompt_token_ids'")
+    p.add_argument("--input", required=True, help="JSONL rows with 'prompt' or 'prompt_token_ids' (with --chat: "
+                   "'messages'; with --format openai-batch: OpenAI batch requests)")
     p.add_argument("--out", required=True, help="output JSONL")
-    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--format", choices=["prompts", "openai-batch"], default="prompts",
+                   help="openai-batch: rows {custom_id, method, url, body} as the OpenAI Batch API and "
+                   "`vllm run-batch` take them, answered with response rows in input order")
+    p.add_argument("--chat", action="store_true", help="each row's 'messages' (or --prompt-field) is a "
+                   "conversation, rendered by the checkpoint's chat template")
+    p.add_argument("--max-new-tokens", type=int, required=True,
+                   help="(openai-batch: for rows that set no max_tokens)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    unset = "default: the checkpoint's generation_config.json when it says do_sample, else"
+    p.add_argument("--temperature", type=float, help=f"{unset} 0 (greedy)")
+    p.add_argument("--top-p", type=float, help=f"{unset} 1")
+    p.add_argument("--top-k", type=int, help=f"{unset} 0 (all tokens)")
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--prompt-field", help="take the prompt text from this field of each row")
@@ -67,4 +166,5 @@ def add_subparser(sub):
     p.add_argument("--truncate", choices=["left"], help="prompts too long for the context keep their last tokens "
                    "(default: such a prompt is an error naming its row)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_journal_args(p)
     p.set_defaults(func=cmd_generate)

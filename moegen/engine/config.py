@@ -109,7 +109,8 @@ class EngineConfig:
 
     def __post_init__(self):
         for f in fields(self):
-            setattr(self, f.name, f.metadata["option"].checked(f.name, getattr(self, f.name)))
+            opt = f.metadata["option"]      # errors use the public name (host_memory, not kv_cache_bytes)
+            setattr(self, f.name, opt.checked(opt.name or f.name, getattr(self, f.name)))
         if self.num_buffers < 2 and self.streaming != "resident":
             raise InputError("num_buffers must be >= 2: a layer's dense weights and one expert are held at once")
         check_device(self.device)

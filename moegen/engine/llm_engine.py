@@ -1,6 +1,7 @@
 """The Engine: admission -> prefill / decode steps over the global batch -> sampling -> stops."""
 import logging
 import time
+from itertools import count, islice, repeat
 
 import torch
 from tqdm.auto import tqdm
@@ -9,7 +10,7 @@ from moegen.engine.block_manager import BlockManager
 from moegen.engine.config import EngineConfig, engine_config
 from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from moegen.engine.memory import host_memory_bytes
-from moegen.engine.params import Completion, SamplingParams
+from moegen.engine.params import Completion, GenerationDefaults, SamplingParams
 from moegen.engine.runner import Runner
 from moegen.engine.sampler import Sampler
 from moegen.engine.scheduler import Scheduler, Sequence
@@ -18,7 +19,7 @@ from moegen.engine.stats import EngineStats
 from moegen.engine.stops import eos_ids, finish_reason
 from moegen.engine.weight_stream import CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights, module_bytes
 from moegen.dtypes import dtype_name
-from moegen.errors import InputError, MoegenError, TokenizerError
+from moegen.errors import CapacityError, InputError, MoegenError, TokenizerError
 from moegen.layers.linear import packing_supported, prepack
 from moegen.ops.attention import attention_impl
 from moegen.planner.cost_model import JobShape
@@ -28,13 +29,17 @@ from moegen.planner.policy import (FALLBACK_SETTINGS, PLANNED, call_plan, choose
 
 
 log = logging.getLogger("moegen")
+WINDOW = 1024     # prompts generate_iter pulls from an iterable at a time (a few global batches)
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, planner=None, **overrides):
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, planner=None,
+                 generation_defaults: GenerationDefaults | None = None, **overrides):
         """planner: chooses the settings the config leaves unset, per call (see
-        moegen.planner.measured); default: the plan search over this machine's probe."""
+        moegen.planner.measured); default: the plan search over this machine's probe.
+        generation_defaults: the checkpoint's generation_config.json (EOS ids, sampling defaults)."""
         self.model, self.tokenizer = model, tokenizer
+        self.generation_defaults = generation_defaults or GenerationDefaults()
         self.config = cfg = config or EngineConfig(**overrides)
         self.device = torch.device(cfg.device)
         self.planner = planner or MeasuredPlanner(self.device.type)   # probes on first use only
@@ -42,7 +47,12 @@ class Engine:
         per_token = kv_bytes_per_token(model, model.dtype)
         budget = cfg.kv_cache_bytes or default_kv_cache_bytes(host_memory_bytes())
         # the budget caps the cache; it is allocated (and grown) only as far as calls need it
-        self.max_blocks = max(1, budget // (per_token * cfg.block_size))
+        block_bytes = per_token * cfg.block_size
+        if budget < block_bytes:
+            raise CapacityError(f"a KV cache of {budget} bytes holds no block ({cfg.block_size} tokens need "
+                                f"{block_bytes} bytes for this model): give it more memory (--host-memory / "
+                                "host_memory)")
+        self.max_blocks = budget // block_bytes
         self.blocks = BlockManager(1, cfg.block_size)
         self.cache = PagedKVCache(model, 1, cfg.block_size, model.dtype)
         self.streamer = self._make_streamer()
@@ -58,13 +68,14 @@ class Engine:
         from moegen.loader import load_model
         from moegen.tokenizer import load_tokenizer
         cfg = engine_config(device, host_memory, device_memory, kw)   # bad settings fail before a long load
+        defaults = GenerationDefaults.read(path)
         model = load_model(path, dtype)
         try:
             tokenizer = load_tokenizer(path)
         except TokenizerError as err:     # token-id prompts still work; text prompts get a clear error
             log.warning("%s; the engine takes token ids only", err)
             tokenizer = None
-        return cls(model, tokenizer, cfg)
+        return cls(model, tokenizer, cfg, generation_defaults=defaults)
 
     @classmethod
     def from_config(cls, config, dummy_weights=True, device="cpu", dtype="bfloat16", host_memory=None,
@@ -146,35 +157,89 @@ class Engine:
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False, truncate: str | None = None) -> list[Completion]:
         """Completions for prompts (strings or token-id lists), in input order."""
-        params = params or SamplingParams()
-        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-        if len(per_prompt) != len(prompts):
-            raise InputError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        seqs = [Sequence(i, self.encode(p, i, sp.max_new_tokens, truncate), sp)
-                for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
-        plan = self.settings([len(s.prompt) for s in seqs], max(sp.max_new_tokens for sp in per_prompt))
-        self.reserve_kv(sum(self.blocks.blocks_for(s.max_length) for s in seqs))
+        prompts = list(prompts)
+        outs = [None] * len(prompts)
+        for completion in self.generate_iter(prompts, params, truncate=truncate, progress=progress):
+            outs[completion.index] = completion
+        return outs
+
+    def generate_iter(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                      truncate: str | None = None, indices=None, window: int | None = None,
+                      progress: bool = False):
+        """Each Completion the moment its sequence finishes (finish order), with its input `index`.
+
+        prompts: a list, admitted as a whole (longest first, KV reserved for all of it, planned on
+        all of it), or any other iterable, pulled in windows and never read further ahead: the
+        first `window` prompts (default WINDOW) give the plan (their mean length, their count),
+        each window is sorted longest first, the next is pulled when fewer than a global batch
+        wait, and the KV cache is the whole budget (a stream's length is unknown). params: one
+        SamplingParams, or a list with one per prompt of a list. indices: each prompt's index
+        (default 0, 1, ...); a resumed job passes its rows' own, so seeded sampling matches an
+        uninterrupted run. One call at a time per engine; closing the iterator early frees its KV."""
+        seqs = self._sequences(prompts, params or SamplingParams(), truncate, indices)
+        whole = isinstance(prompts, (list, tuple))
+        first = list(islice(seqs, None if whole else window or WINDOW))
+        if not first:
+            return
+        scheduler = self._scheduler_for(first, whole)
+        refill = max(window or WINDOW, 2 * scheduler.max_batch)
+        yield from self._serve(scheduler, seqs, refill, len(first) if whole else None, progress)
+
+    def _scheduler_for(self, first: list[Sequence], whole: bool) -> Scheduler:
+        """Plan the call on its first sequences, size the KV cache (for all of them, or for a stream
+        the whole budget), and admit them longest first."""
+        plan = self.settings([len(s.prompt) for s in first], max(s.params.max_new_tokens for s in first))
+        self.reserve_kv(sum(self.blocks.blocks_for(s.max_length) for s in first) if whole else self.max_blocks)
         scheduler = Scheduler(self.blocks, plan["max_batch"], plan["max_prefill_tokens"])
-        # longest first: memory problems surface at once, and similar lengths decode together
-        for seq in sorted(seqs, key=lambda s: -s.max_length):
-            scheduler.add(seq)
-        sampler = Sampler()
+        scheduler.add_longest_first(first)
+        return scheduler
+
+    def _serve(self, scheduler: Scheduler, seqs, refill: int, total: int | None, progress: bool):
+        """The step loop: pull more when fewer than a global batch wait, step, yield the finished."""
+        sampler, served = Sampler(), []
         self._eos = self.eos_ids          # once per call: append_token runs for every token
-        bar = tqdm(total=len(seqs), desc="generate", unit="seq", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=total, desc="generate", unit="seq", disable=not progress, dynamic_ncols=True)
         generated, t0 = 0, time.perf_counter()
-        while not scheduler.done:
-            phase, batch = scheduler.schedule()
-            tokens = self.step(phase, batch, sampler)
-            for seq, tok in zip(batch, tokens):
-                self.append_token(seq, tok)
-            generated += len(batch)
-            for seq in scheduler.retire_finished():
-                sampler.forget(seq)
-                bar.update(1)
-            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.1f}", batch=len(scheduler.running))
-        bar.close()
-        self.stats.add_sequences([len(s.prompt) for s in seqs], [len(s.output) for s in seqs])
-        return [self.completion(s) for s in seqs]
+        try:
+            while True:
+                if len(scheduler.waiting) < scheduler.max_batch:
+                    scheduler.add_longest_first(islice(seqs, refill))
+                if scheduler.done:
+                    break
+                phase, batch = scheduler.schedule()
+                for seq, tok in zip(batch, self.step(phase, batch, sampler)):
+                    self.append_token(seq, tok)
+                generated += len(batch)
+                bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.1f}", batch=len(scheduler.running))
+                for seq in scheduler.retire_finished():
+                    sampler.forget(seq)
+                    served.append((seq.seq_id, len(seq.prompt), len(seq.output)))
+                    bar.update(1)
+                    yield self.completion(seq)
+        finally:
+            scheduler.abandon()           # an error or an early close: the next call finds every block free
+            bar.close()
+            served.sort()                 # stats list a call's sequences in input order
+            self.stats.add_sequences([p for _, p, _ in served], [g for _, _, g in served])
+
+    def _sequences(self, prompts, params, truncate: str | None, indices):
+        """Sequences for prompts, encoded lazily (an iterable is read only as far as it is pulled)."""
+        per_prompt = params if isinstance(params, list) else repeat(params)
+        if isinstance(params, list) and not isinstance(prompts, (list, tuple)):
+            raise InputError("one SamplingParams per prompt needs the prompts as a list")
+        if isinstance(params, list) and len(params) != len(prompts):
+            raise InputError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        for i, p, sp in zip(count() if indices is None else indices, prompts, per_prompt):
+            yield Sequence(i, self.encode(p, i, sp.max_new_tokens, truncate), sp)
+
+    def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None,
+             progress: bool = False, truncate: str | None = None) -> list[Completion]:
+        """Completions for conversations (lists of {"role", "content"} messages), each rendered by
+        the checkpoint's chat template with the assistant's turn opened, in input order."""
+        if self.tokenizer is None:
+            raise InputError("chat needs the checkpoint's tokenizer and chat template; this engine has no tokenizer")
+        prompts = [self.tokenizer.apply_chat_template(c, f"conversation {i}") for i, c in enumerate(conversations)]
+        return self.generate(prompts, params, progress=progress, truncate=truncate)
 
     def reserve_kv(self, blocks_wanted: int) -> None:
         """Make the KV cache hold min(blocks_wanted, budget) blocks (between calls, when no
@@ -228,10 +293,11 @@ class Engine:
 
     @property
     def eos_ids(self) -> tuple:
-        """Every id that ends generation: the tokenizer's, else config.json's."""
-        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
-            return tuple(self.tokenizer.eos_token_ids)
-        return eos_ids(getattr(self.model.config, "eos_token_id", None))
+        """Every id that ends generation: the tokenizer's and generation_config.json's (as vLLM
+        stops on both), else config.json's."""
+        ids = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
+        ids += tuple(i for i in self.generation_defaults.eos_token_ids if i not in ids)
+        return ids or eos_ids(getattr(self.model.config, "eos_token_id", None))
 
     def completion(self, seq: Sequence) -> Completion:
         text = seq.text if seq.text is not None else (self.tokenizer.decode(seq.output) if self.tokenizer else "")

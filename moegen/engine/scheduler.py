@@ -50,6 +50,11 @@ class Scheduler:
                                 "memory (--host-memory / host_memory) or shorten the prompt or max_new_tokens")
         self.waiting.append(seq)
 
+    def add_longest_first(self, seqs) -> None:
+        # longest first: memory problems surface at once, and similar lengths decode together
+        for seq in sorted(seqs, key=lambda s: -s.max_length):
+            self.add(seq)
+
     @property
     def done(self) -> bool:
         return not self.waiting and not self.running
@@ -85,3 +90,9 @@ class Scheduler:
             self.blocks.release(seq.seq_id)
         self.running = [s for s in self.running if not s.finished]
         return done
+
+    def abandon(self) -> None:
+        """Drop every sequence, freeing the blocks of the admitted ones (a call ended early)."""
+        for seq in self.running:
+            self.blocks.release(seq.seq_id)
+        self.running, self.waiting = [], deque()

@@ -2,6 +2,9 @@
 
     lm_eval.simple_evaluate(model="moegen", model_args="pretrained=DIR,dtype=float32,max_batch=64", ...)
 
+or from lm-eval's own command line: `moegen lm-eval --model moegen --model_args pretrained=DIR ...`
+(moegen.cli.lm_eval).
+
 Every request of a call goes to the engine at once (one `Engine.loglikelihood` or
 `Engine.generate` call), so module batching sees the whole workload; results come back in the
 order lm-eval gave them.
@@ -19,7 +22,14 @@ Conventions, chosen to agree with lm-eval's own `hf` backend on the same checkpo
   once in windows of `max_length` tokens; the first window is conditioned on BOS
   (`prefix_token_id`), later ones on the preceding text. (lm-eval's `hf` backend also encodes
   the text with BOS, and so additionally scores BOS itself after the BOS prefix; we don't.)
+- `--apply_chat_template` renders with the checkpoint's chat template (moegen.tokenizer); as in
+  the hf backend, special-token text in a context ("<s>", "</s>") is that token, and a context
+  that already starts with BOS's text gets no second BOS.
+- Every result goes to lm-eval's cache hook as soon as it exists (generations as each sequence
+  finishes), so `--use_cache` resumes an interrupted run with what it had finished.
 """
+import logging
+
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -29,6 +39,7 @@ from moegen.engine.config import DTYPE
 from moegen.engine.options import engine_option_names, parse_options
 from moegen.errors import ConfigError, InputError
 
+log = logging.getLogger("moegen")
 DEFAULT_MAX_GEN_TOKS = 256
 # gen_kwargs keys lm-eval tasks use for the generation length, in lm-eval's priority order
 _LENGTH_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
@@ -84,11 +95,47 @@ class MoegenLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return self.pretrained or "moegen"
+        """Names the request cache with --apply_chat_template: a file name, so no "/" (as hf)."""
+        return (self.pretrained or "moegen").replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> "list[int]":
-        # None means "the tokenizer's default": BOS where the tokenizer uses one.
-        return self.tokenizer.encode(string, add_bos=add_special_tokens is not False)
+        # None means "the tokenizer's default": BOS where the tokenizer uses one, unless the text
+        # already starts with it (a rendered chat prompt)
+        add_bos = add_special_tokens is True or (add_special_tokens is None and not self._starts_with_bos(string))
+        return self.tokenizer.encode(string, add_bos=add_bos, parse_special=True)
+
+    def _starts_with_bos(self, string: str) -> bool:
+        bos = self.tokenizer.bos_token_id
+        return bos is not None and string.startswith(self.tokenizer.token_text(bos))
+
+    # --- chat templates (--apply_chat_template) -----------------------------------------------------
+    def chat_template(self, chat_template=False) -> "str | None":
+        """The template lm-eval records: the checkpoint's; True asks for it, a name for a named one."""
+        if not chat_template:
+            return None
+        if isinstance(chat_template, str) and chat_template != "default":
+            raise ConfigError(f"--apply_chat_template {chat_template}: moegen uses the checkpoint's default "
+                              "chat template; named templates are not supported")
+        if self.tokenizer.chat_template is None:
+            raise ConfigError(f"{self.pretrained or 'this checkpoint'} has no chat template (chat_template.jinja, "
+                              "or chat_template in tokenizer_config.json): run without --apply_chat_template")
+        return self.tokenizer.chat_template
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        """lm-eval's chat history as the template's text; without a generation prompt the last
+        (assistant) message is left open to be continued, as the hf backend does."""
+        try:
+            return self._render(chat_history, add_generation_prompt)
+        except InputError:
+            # as the hf backend does: templates that refuse a system role get the history without it
+            if not any(m.get("role") == "system" for m in chat_history):
+                raise
+            log.warning("the chat template refused the conversation; retrying without its system message")
+            return self._render([m for m in chat_history if m.get("role") != "system"], add_generation_prompt)
+
+    def _render(self, messages, add_generation_prompt: bool) -> str:
+        return self.tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                          continue_final_message=not add_generation_prompt, where="lm-eval chat history")
 
     def tok_decode(self, tokens) -> str:
         return self.tokenizer.decode(list(tokens))
@@ -156,12 +203,12 @@ class MoegenLM(TemplateLM):
             engine_stops = [s for s in until if not s.startswith(" ")]
             params.append(SamplingParams(max_new_tokens=max_gen, stop=engine_stops, **sampling))
             untils.append(until)
-        outs = self.engine.generate(prompts, params, progress=not disable_tqdm) if prompts else []
-        texts = []
-        for req, out, until in zip(requests, outs, untils):
-            text = cut_at_stops(self.decode_generated(out.token_ids), until)
-            self.cache_hook.add_partial("generate_until", req.args, text)
-            texts.append(text)
+        texts = [None] * len(requests)
+        # finish order: each text reaches the cache the moment it exists, so an interrupted run loses
+        # only the unfinished ones
+        for out in self.engine.generate_iter(prompts, params, progress=not disable_tqdm) if prompts else ():
+            texts[out.index] = cut_at_stops(self.decode_generated(out.token_ids), untils[out.index])
+            self.cache_hook.add_partial("generate_until", requests[out.index].args, texts[out.index])
         return texts
 
     def _gen_options(self, gen_kwargs, index: int):

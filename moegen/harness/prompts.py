@@ -6,18 +6,36 @@ from pathlib import Path
 from moegen.errors import InputError
 from moegen.jsonl import STDIN, numbered_jsonl
 
+MESSAGES = "messages"
+
 
 def read_prompts(path: Path, field: str | None, template: str | None, limit: int | None) -> list:
     """Prompts from JSONL rows ("-" reads stdin): `prompt` (text), `prompt_token_ids`, or
     `--prompt-field`/`--template`."""
     if template is not None:
         check_template(template)
-    if str(path) != STDIN and not Path(path).is_file():
-        raise InputError(f"input file {path} does not exist")
+    _check_input(path)
     prompts = [prompt_of(row, f"{path}:{lineno}", field, template) for lineno, row in numbered_jsonl(path, limit)]
     if not prompts:
         raise InputError(f"{path} holds no prompts")
     return prompts
+
+
+def read_chat_prompts(path: Path, field: str | None, limit: int | None, tokenizer) -> list:
+    """Prompt ids of the conversations in JSONL rows ("-" reads stdin): each row's `messages` (or
+    `field`), a list of {"role", "content"} messages as OpenAI's chat API takes them, through the
+    checkpoint's chat template with the assistant's turn opened."""
+    _check_input(path)
+    prompts = [tokenizer.apply_chat_template(row.get(field or MESSAGES), f"{path}:{lineno}: {field or MESSAGES!r}")
+               for lineno, row in numbered_jsonl(path, limit)]
+    if not prompts:
+        raise InputError(f"{path} holds no conversations")
+    return prompts
+
+
+def _check_input(path: Path) -> None:
+    if str(path) != STDIN and not Path(path).is_file():
+        raise InputError(f"input file {path} does not exist")
 
 
 def check_template(template: str) -> None:

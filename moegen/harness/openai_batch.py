@@ -1,0 +1,187 @@
+"""OpenAI batch files, as the OpenAI Batch API and `vllm run-batch` take them, over one engine call.
+
+An input row (JSONL):
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 32}}
+with url "/v1/chat/completions" (body.messages, through the checkpoint's chat template) or
+"/v1/completions" (body.prompt: a string or a list of token ids). Body fields: max_tokens /
+max_completion_tokens (unset: the caller's default), temperature, top_p, top_k, stop (a string
+or a list), seed, n, model (echoed back), user / metadata / store (ignored); other fields are
+refused unless they ask for nothing (stream false, penalties 0, ...).
+
+Unset sampling fields take the checkpoint's generation_config.json (when it says do_sample), else
+OpenAI's API defaults (temperature 1, top_p 1) -- so a row without a temperature samples, as it
+would from OpenAI or vLLM. A seeded row draws from seed + its position in the engine call.
+
+An output row, one per input row and in input order:
+    {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
+body is a chat.completion or text_completion object with `usage`. A row that cannot be served
+(not JSON, unknown url, no body, a prompt too long, ...) is answered with status_code 400, the
+OpenAI error object as body ({"error": {"message", "type", ...}}) and `error` {"code", "message"};
+it never stops the others. Every valid row goes to the engine in one call, so module batching
+sees the whole batch.
+"""
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from moegen.engine.params import SamplingParams
+from moegen.errors import InputError, MoegenError
+from moegen.jsonl import STDIN
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0}     # the API's defaults for unset fields
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "user", "metadata", "store"}
+_FIELDS = {CHAT: _COMMON | {"messages", "max_completion_tokens"}, COMPLETIONS: _COMMON | {"prompt"}}
+# fields moegen cannot honour, accepted only with the value that asks for nothing
+_NO_OP = {"stream": (False, None), "stream_options": (None,), "logprobs": (False, None), "top_logprobs": (0, None),
+          "echo": (False, None), "best_of": (1, None), "presence_penalty": (0, None),
+          "frequency_penalty": (0, None), "logit_bias": (None, {}), "response_format": (None, {"type": "text"})}
+_NUMBERS = {"temperature": (int, float), "top_p": (int, float), "top_k": (int,), "seed": (int,)}
+
+
+@dataclass
+class BatchRequest:
+    custom_id: str
+    url: str
+    model: str
+    prompt_ids: list
+    params: SamplingParams
+    n: int
+
+
+def read_batch(path: Path, limit: int | None = None) -> "list[tuple[str, str]]":
+    """(file:line, text) of the first `limit` non-blank lines of a batch file ("-": stdin);
+    they are parsed one by one later, so that a bad line is answered, not fatal."""
+    if str(path) != STDIN and not Path(path).is_file():
+        raise InputError(f"input file {path} does not exist")
+    try:
+        text = sys.stdin.read() if str(path) == STDIN else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    lines = [(f"{path}:{n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise InputError(f"{path} holds no requests")
+    return lines[:limit] if limit is not None else lines
+
+
+def run_batch(engine, lines, model: str, max_new_tokens: int, truncate: "str | None" = None,
+              progress: bool = False) -> "list[dict]":
+    """Output rows for (where, text) lines, in their order. max_new_tokens: for rows that set none."""
+    parsed = [parse_line(engine, where, text, model, max_new_tokens, truncate) for where, text in lines]
+    served = [r for r in parsed if isinstance(r, BatchRequest)]
+    prompts = [r.prompt_ids for r in served for _ in range(r.n)]
+    params = [r.params for r in served for _ in range(r.n)]
+    completions = iter(engine.generate(prompts, params, progress=progress) if prompts else ())
+    created = int(time.time())
+    return [response_row(r, [next(completions) for _ in range(r.n)], created) if isinstance(r, BatchRequest) else r
+            for r in parsed]
+
+
+def parse_line(engine, where: str, text: str, model: str, max_new_tokens: int, truncate) -> "BatchRequest | dict":
+    """The engine request of one line, or the error row that answers it."""
+    custom_id = None
+    try:
+        row = json.loads(text)
+        if not isinstance(row, dict):
+            raise InputError("each line must be a JSON object")
+        custom_id = row.get("custom_id")
+        return parse_request(engine, row, model, max_new_tokens, truncate)
+    except json.JSONDecodeError as e:
+        return error_row(custom_id, f"{where}: not valid JSON ({e})")
+    except MoegenError as e:
+        return error_row(custom_id, f"{where}: {e}")
+
+
+def parse_request(engine, row: dict, model: str, max_new_tokens: int, truncate) -> BatchRequest:
+    custom_id, url, body = row.get("custom_id"), row.get("url"), row.get("body")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise InputError("'custom_id' must be a non-empty string")
+    if row.get("method", "POST") != "POST":
+        raise InputError(f"method must be POST, got {row.get('method')!r}")
+    if url not in _FIELDS:
+        raise InputError(f"url {url!r} is not served; use {CHAT} or {COMPLETIONS}")
+    if not isinstance(body, dict):
+        raise InputError("'body' must be a JSON object")
+    check_fields(body, url)
+    params = sampling_params(engine, body, max_new_tokens)
+    n = 1 if body.get("n") is None else body["n"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"n must be an integer >= 1, got {n!r}")
+    ids = engine.encode(prompt_of(engine, body, url), custom_id, params.max_new_tokens, truncate)
+    return BatchRequest(custom_id, url, body.get("model") or model, ids, params, n)
+
+
+def check_fields(body: dict, url: str) -> None:
+    unknown = sorted(k for k in body if k not in _FIELDS[url] and not (k in _NO_OP and body[k] in _NO_OP[k]))
+    if unknown:
+        raise InputError(f"unsupported body field(s) {', '.join(unknown)} for {url}")
+    for key, types in _NUMBERS.items():
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise InputError(f"{key} must be a number, got {value!r}")
+
+
+def sampling_params(engine, body: dict, max_new_tokens: int) -> SamplingParams:
+    """Unset fields: the checkpoint's generation_config, else OpenAI's defaults."""
+    limit = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), max_new_tokens)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        raise InputError(f"max_tokens must be an integer, got {limit!r}")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise InputError("stop must be a string or a list of strings")
+    given = {k: body[k] for k in ("temperature", "top_p", "top_k", "seed") if body.get(k) is not None}
+    return SamplingParams(max_new_tokens=limit, stop=stop,
+                          **{**OPENAI_SAMPLING, **engine.generation_defaults.sampling, **given})
+
+
+def prompt_of(engine, body: dict, url: str):
+    """Chat: the messages' prompt ids; completions: the prompt (text or token ids), as given."""
+    if url == CHAT:
+        if engine.tokenizer is None:
+            raise InputError("chat completions need the checkpoint's tokenizer and chat template")
+        return engine.tokenizer.apply_chat_template(body.get("messages"), "'messages'")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
+                                   all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        return prompt
+    raise InputError("'prompt' must be a string or a list of token ids (one prompt per request)")
+
+
+# --- output rows ---------------------------------------------------------------------------------
+def response_row(request: BatchRequest, completions, created: int) -> dict:
+    chat = request.url == CHAT
+    choices = [{"index": j, "finish_reason": c.finish_reason, "logprobs": None,
+                **({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})}
+               for j, c in enumerate(completions)]
+    generated = sum(len(c.token_ids) for c in completions)
+    prompt_tokens = len(request.prompt_ids)
+    body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": request.model, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                      "total_tokens": prompt_tokens + generated}}
+    return _row(request.custom_id, 200, body, None)
+
+
+def error_row(custom_id, message: str) -> dict:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    return _row(custom_id if isinstance(custom_id, str) else None, 400, body,
+                {"code": "invalid_request", "message": message})
+
+
+def _row(custom_id, status: int, body: dict, error) -> dict:
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}, "error": error}
+
+
+def summary(rows: "list[dict]") -> dict:
+    """Counts over output rows: requests, failed, and the usage of the served ones."""
+    usage = [r["response"]["body"]["usage"] for r in rows if r["error"] is None]
+    return {"requests": len(rows), "failed": len(rows) - len(usage),
+            "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
+            "completion_tokens": sum(u["completion_tokens"] for u in usage)}
