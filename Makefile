@@ -14,6 +14,7 @@ LIMIT ?= 256
 NEW_TOKENS ?= 64
 EVAL_LIMIT ?= 8
 BENCH_PROMPTS ?= 256
+BENCH_NEW_TOKENS ?= 32
 PREFECT_ENV := PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 
 .PHONY: run test install clean serve stop generate
@@ -42,7 +43,7 @@ test: $(STAMP)
 run: $(STAMP)
 	MOEGEN_GSM8K_DIR=$(abspath $(DATA)) $(PREFECT_ENV) $(PY) -m flows.eval model=fixture:mixtral/bench \
 		limit=$(EVAL_LIMIT) num_fewshot=0 max_gen_toks=$(NEW_TOKENS) \
-		bench_workload=gsm8k,n=$(BENCH_PROMPTS),gen=$(NEW_TOKENS),ignore_eos=1 \
+		bench_workload=gsm8k,n=$(BENCH_PROMPTS),gen=$(BENCH_NEW_TOKENS),ignore_eos=1 \
 		'bench_options={"hf-generate": {"batch_size": $(BENCH_PROMPTS)}}'
 
 # Bulk generation over the GSM8K test questions with the engine alone.
