@@ -172,6 +172,7 @@ def test_cli_unset_sampling_takes_the_checkpoint_defaults(sp_ckpt, tmp_path):
 
 # --- trained weights ------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.trained
 def test_smollm2_chat(tmp_path_factory):
     """SmolLM2-135M-Instruct upcycled into Mixtral (real BPE tokenizer, ChatML template with
     <|im_end|> as EOS): the template ids equal transformers', and a chat answers and stops."""

@@ -52,7 +52,7 @@ def test_bad_rows_are_named(tmp_path, tiny_fixture, capsys, row, message):
 
 def test_a_sequence_beyond_the_kv_budget_is_one_line_naming_the_flag(tmp_path, tiny_fixture, capsys):
     code, out = run_generate(tmp_path, tiny_fixture("mixtral"), [{"prompt_token_ids": [1, 2, 3]}],
-                             "--host-memory", "1KB", "--max-new-tokens", "20", "--ignore-eos")   # 16 tokens of KV
+                             "--host-memory", "8KB", "--max-new-tokens", "20", "--ignore-eos")   # one block: 16 tokens
     err = capsys.readouterr().err
     assert code == 2 and "needs 23 tokens of KV cache" in err and "--host-memory" in err
     assert "Traceback" not in err and not out.exists()

@@ -63,3 +63,12 @@ def test_engine_setting_errors(tmp_path, tiny_fixture, capsys, extra, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from moegen.errors import InputError
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": ""}\n')
+    with pytest.raises(InputError, match="the prompt is empty"):
+        main(["--debug", "generate", "--model", "m", "--input", str(src), "--out", str(tmp_path / "o.jsonl"),
+              "--max-new-tokens", "2"])

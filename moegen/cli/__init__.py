@@ -15,6 +15,7 @@ COMMANDS = ["moegen.cli.fixture", "moegen.cli.generate", "moegen.cli.ops", "moeg
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moegen", description="High-throughput offline MoE inference.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its line")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         importlib.import_module(module).add_subparser(sub)
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except MoegenError as e:
+        if args.debug:
+            raise
         print(f"moegen {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

