@@ -113,11 +113,17 @@ class EngineConfig:
             setattr(self, f.name, opt.checked(opt.name or f.name, getattr(self, f.name)))
         if self.num_buffers < 2 and self.streaming != "resident":
             raise InputError("num_buffers must be >= 2: a layer's dense weights and one expert are held at once")
-        check_device(self.device)
-        machine = host_memory_bytes()
-        if self.kv_cache_bytes is not None and self.kv_cache_bytes > machine:
-            raise CapacityError(f"host_memory {format_bytes(self.kv_cache_bytes)} is more than this machine has "
-                                f"({format_bytes(machine)}); give at most that, or leave it unset (25%)")
+
+
+def check_machine(cfg: EngineConfig) -> None:
+    """What a config asks of this machine, checked before any work: its device exists, its KV
+    budget fits the host memory. (A config alone may describe another machine: the planner makes
+    CUDA plans for a 128 GB host on this one.)"""
+    check_device(cfg.device)
+    machine = host_memory_bytes()
+    if cfg.kv_cache_bytes is not None and cfg.kv_cache_bytes > machine:
+        raise CapacityError(f"host_memory {format_bytes(cfg.kv_cache_bytes)} is more than this machine has "
+                            f"({format_bytes(machine)}); give at most that, or leave it unset (25%)")
 
 
 def check_device(device: str) -> None:
@@ -135,5 +141,8 @@ def check_device(device: str) -> None:
 
 
 def engine_config(device, host_memory, device_memory, overrides: dict) -> EngineConfig:
-    """The constructors' user-facing sizes ("8GB") -> an EngineConfig (the config reads them)."""
-    return EngineConfig(device=device, kv_cache_bytes=host_memory, device_memory=device_memory, **overrides)
+    """The constructors' user-facing sizes ("8GB") -> an EngineConfig (the config reads them) that
+    this machine can run, checked before a checkpoint is loaded."""
+    cfg = EngineConfig(device=device, kv_cache_bytes=host_memory, device_memory=device_memory, **overrides)
+    check_machine(cfg)
+    return cfg

@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moegen.engine.block_manager import BlockManager
-from moegen.engine.config import EngineConfig, engine_config
+from moegen.engine.config import EngineConfig, check_machine, engine_config
 from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from moegen.engine.memory import host_memory_bytes
 from moegen.engine.params import Completion, GenerationDefaults, SamplingParams
@@ -41,6 +41,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.generation_defaults = generation_defaults or GenerationDefaults()
         self.config = cfg = config or EngineConfig(**overrides)
+        check_machine(cfg)
         self.device = torch.device(cfg.device)
         self.planner = planner or MeasuredPlanner(self.device.type)   # probes on first use only
         self.max_model_len = cfg.max_model_len or getattr(model.config, "max_position_embeddings", 1 << 20)
