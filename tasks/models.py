@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from moegen.errors import CheckpointError, ConfigError
 from tasks.common import retry_unless_bad_input
 
-FIXTURE_SPEC = re.compile(r"^fixture:(?P<arch>[a-z0-9_]+)/(?P<preset>[a-z]+)(?:@(?P<seed>\d+))?$")
+FIXTURE_SPEC = re.compile(r"^fixture:(?P<arch>[a-z0-9_]+)/(?P<preset>[a-z0-9]+)(?:@(?P<seed>\d+))?$")
 DEFAULT_FIXTURES_DIR = "runs/fixtures"
 
 
