@@ -30,10 +30,12 @@ def main() -> None:
         state = bench_flow(**common, **extra, return_state=True)
         summary = state.result(raise_on_failure=False)
         summary = getattr(summary, "summary", summary)
-        e2e = summary["cells"][0]["metrics"].get("e2e_tokens_per_s")
-        spread = summary["cells"][0]["metrics"].get("spread.e2e_tokens_per_s")
+        metrics = summary["cells"][0]["metrics"]
+        figures = "  ".join(f"{phase} {metrics.get(f'{phase}_tokens_per_s'):7.1f} tok/s "
+                            f"(spread {100 * (metrics.get(f'spread.{phase}_tokens_per_s') or 0):4.1f}%)"
+                            for phase in ("e2e", "prefill", "decode"))
         verdict = "ALARM: " + state.message if state.is_failed() else "ok"
-        print(f"{label:28s} e2e {e2e:8.1f} tok/s  pass spread {100 * (spread or 0):5.1f}%  -> {verdict}", flush=True)
+        print(f"{label:28s} {figures}  -> {verdict}", flush=True)
 
 
 if __name__ == "__main__":

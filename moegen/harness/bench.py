@@ -50,7 +50,8 @@ JSON schema (schema 1; every number a plain JSON number, null where unknown or n
           "prompt_tokens", "generated_tokens", "num_prompts",
           "prefill_s", "decode_s", "wall_s", "load_s",
           "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_tokens_per_s",   # e2e: generated / wall
-          "repeats_e2e_tokens_per_s": [float],  # every timed pass; the median pass is reported
+          "repeats_{e2e,prefill,decode}_tokens_per_s": [float],  # every timed pass; the median
+                                                # pass by e2e tokens/s is reported
           "{prefill,decode,total}_flops", "{prefill,decode,total}_bytes",
           "{prefill,decode,total}_s_mfu", "{prefill,decode,total}_s_mbu",      # null without peaks
           "peak_flops_per_s", "peak_bw_gbps", "peaks_source",

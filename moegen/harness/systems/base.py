@@ -15,7 +15,7 @@ from typing import Any
 
 from moegen.errors import InputError, MoegenError
 from moegen.engine.stats import RunRecord
-from moegen.harness.metrics import e2e_tokens_per_s
+from moegen.harness.metrics import decode_tokens_per_s, e2e_tokens_per_s, prefill_tokens_per_s
 from moegen.harness.workloads import PromptSet
 
 
@@ -110,7 +110,7 @@ class System:
         chosen = passes[sorted(range(repeat), key=rates.__getitem__)[repeat // 2]]   # the median pass
         texts = chosen.texts if chosen.texts is not None else [""] * len(chosen.token_ids)
         metrics = run_metrics(model_path, chosen.record, dtype, peaks, usd_per_hour, workload, texts)
-        metrics.update(load_s=load_s, repeats_e2e_tokens_per_s=rates, **memory.result(), **chosen.extra)
+        metrics.update(load_s=load_s, **pass_rates(passes), **memory.result(), **chosen.extra)
         config = {"dtype": dtype, "device": device, "repeat": repeat, "warmup": warmup, "options": options,
                   **chosen.config}
         return RunResult(self.name, chosen.token_ids, texts, metrics, config)
@@ -120,6 +120,15 @@ class System:
             raise SystemFailedError(f"{self.name} returned {len(gen.token_ids)} outputs for "
                                     f"{workload.num_prompts} prompts")
         return gen
+
+
+def pass_rates(passes: list[Generation]) -> dict[str, list[float]]:
+    """`repeats_<phase>_tokens_per_s`: every timed pass's rate per phase. The nightly check reads
+    the spread of each (a phase can be noisier than the end-to-end figure) as this run's noise."""
+    records = [p.record for p in passes]
+    return {"repeats_e2e_tokens_per_s": [e2e_tokens_per_s(r.generated_tokens, r.total_s) for r in records],
+            "repeats_prefill_tokens_per_s": [prefill_tokens_per_s(r.prompt_tokens, r.prefill_s) for r in records],
+            "repeats_decode_tokens_per_s": [decode_tokens_per_s(r.decode_tokens, r.decode_s) for r in records]}
 
 
 def release_memory(device: str) -> None:
