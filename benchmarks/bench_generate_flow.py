@@ -63,6 +63,7 @@ def main():
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--limit", type=int, help="only the first N questions (a quick check of the script)")
+    ap.add_argument("--no-shards", action="store_true", help="skip the 64-per-call measurement (the slowest)")
     args = ap.parse_args()
     from moegen.engine import Engine, SamplingParams
     from moegen.harness.workloads import DEFAULT_TEMPLATE
@@ -73,9 +74,10 @@ def main():
     engine = Engine.from_pretrained(args.model, dtype=args.dtype)
     bare = bare_tok_s(engine, prompts, params)
     print(f"bare Engine.generate, {len(prompts)} prompts in one call: {bare:.1f} tok/s", flush=True)
-    shards = bare_tok_s(engine, prompts, params, per_call=SHARD)
-    print(f"bare Engine.generate, {SHARD} prompts per call (the old flow's shards): {shards:.1f} tok/s "
-          f"({shards / bare:.2f}x)", flush=True)
+    if not args.no_shards:
+        shards = bare_tok_s(engine, prompts, params, per_call=SHARD)
+        print(f"bare Engine.generate, {SHARD} prompts per call (the old flow's shards): {shards:.1f} tok/s "
+              f"({shards / bare:.2f}x)", flush=True)
     del engine                                    # the flow loads its own
     start_prefect()
     generation, end_to_end = flow_tok_s(str(Path(args.model).resolve()), gsm8k_dir, DEFAULT_TEMPLATE, args.limit,
