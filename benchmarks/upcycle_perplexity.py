@@ -1,9 +1,10 @@
 """GSM8K-text perplexity (and 0-shot exact match) of dense SmolLM2-135M vs its upcycled MoE fixtures.
 
-    python benchmarks/upcycle_perplexity.py [--rows 200] [--archs mixtral] [--perturb 0.02] [--em 20]
+    python benchmarks/upcycle_perplexity.py [--rows 200] [--archs mixtral] [--perturb 0.02] [--em 20] [--dtype bfloat16]
 
 Each test row's question + "\\n" + answer is one sequence, scored from its second token on;
-perplexity = exp(total NLL / scored tokens), float32. The dense model runs through transformers
+perplexity = exp(total NLL / scored tokens), in --dtype (float32 by default; both
+systems run in it, so bfloat16 shows what each does with bf16 weights). The dense model runs through transformers
 (moegen has no dense Llama); each upcycled checkpoint (`moegen fixture --preset smollm2`, built
 under --fixtures-dir on first use) through transformers and through moegen's
 Engine.loglikelihood. --em N: exact match on the first N test questions, 0-shot in SmolLM2's chat
@@ -78,7 +79,9 @@ def main():
                     "(default --rows; transformers' MoE is slow on the CPU)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense model")
     ap.add_argument("--fixtures-dir", default="runs/fixtures")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     with open(Path(args.gsm8k) / "test.jsonl") as f:
         rows = [json.loads(line) for line, _ in zip(f, range(max(args.rows, args.em)))]
     dense_dir = upcycle.dense_checkpoint()
@@ -86,12 +89,12 @@ def main():
     seqs = [tok.encode(r["question"] + "\n" + r["answer"]) for r in rows[:args.rows]]
     prompts = [list(tok.apply_chat_template([{"role": "user", "content": r["question"]}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False)) for r in rows[:args.em]]
-    print(f"GSM8K test: {len(seqs)} rows, {sum(len(s) - 1 for s in seqs)} scored tokens; float32; "
+    print(f"GSM8K test: {len(seqs)} rows, {sum(len(s) - 1 for s in seqs)} scored tokens; {args.dtype}; "
           f"perturb {args.perturb}\n")
     print("| model | via | perplexity | 0-shot EM | s |\n|---|---|---|---|---|", flush=True)
     if not args.no_dense:
         t0 = time.perf_counter()
-        dense = LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+        dense = LlamaForCausalLM.from_pretrained(dense_dir, dtype=dtype).eval()
         em = exact_match(hf_replies(dense, tok, prompts), rows[:args.em]) if prompts else "-"
         print(f"| dense SmolLM2-135M | transformers | {hf_perplexity(dense, seqs):.4f} | {em} | "
               f"{time.perf_counter() - t0:.0f} |", flush=True)
@@ -100,12 +103,12 @@ def main():
         path = build_fixture(arch, "smollm2", 0, Path(args.fixtures_dir) / f"{arch}-smollm2-p{args.perturb}",
                              perturb=args.perturb)
         t0 = time.perf_counter()
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         print(f"| {arch} upcycled, first {len(hf_seqs)} rows | transformers | {hf_perplexity(hf, hf_seqs):.4f} | - | "
               f"{time.perf_counter() - t0:.0f} |", flush=True)
         del hf
         t0 = time.perf_counter()
-        engine = Engine(load_model(path, "float32"), load_tokenizer(path), EngineConfig(kv_cache_bytes=512 << 20))
+        engine = Engine(load_model(path, args.dtype), load_tokenizer(path), EngineConfig(kv_cache_bytes=512 << 20))
         if len(hf_seqs) < len(seqs):
             print(f"| {arch} upcycled, first {len(hf_seqs)} rows | moegen | {engine_perplexity(engine, hf_seqs):.4f} | - | "
                   f"{time.perf_counter() - t0:.0f} |", flush=True)

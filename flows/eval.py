@@ -55,7 +55,7 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 
 @flow(name="eval", description="lm-eval accuracy and bench throughput of each system on one model")
-def eval_flow(model: ModelRef = "fixture:mixtral/bench",
+def eval_flow(model: ModelRef = "fixture:mixtral/smollm2",
               tasks: TaskNames = ["gsm8k_local"],  # noqa: B006
               systems: EvalSystemNames = ["moegen", "hf"],  # noqa: B006
               baseline: str = "hf", limit: PositiveInt | None = 16, num_fewshot: NonNegativeInt | None = None,
