@@ -5,9 +5,23 @@ memory-mapped from *.safetensors (with or without model.safetensors.index.json) 
 requested dtype. Expert weights are accepted in both on-disk layouts: per expert
 (`experts.{e}.{gate,up,down}` under the family's names) or fused transformers-5 tensors
 (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+
+Quantized checkpoints (config.json's `quantization_config`) load as they are stored (layouts in
+moegen.layers.quantized): FP8 blocks (`quant_method: fp8`, DeepSeek-V3's `X.weight` in
+float8_e4m3fn + `X.weight_scale_inv`) and GPTQ int8/int4 (`quant_method: gptq`, `X.qweight`,
+`X.qzeros`, `X.scales`, `X.g_idx`). Weights the engine uses only as GEMM operands stay quantized
+(dequantized chunk by chunk at each GEMM); the few it uses otherwise (MLA's kv_b_proj, which
+absorbed decode views per head; a tied embedding) are dequantized once here. Tensors a
+quantized checkpoint stores unquantized (modules its config excludes: norms, routers, lm_head)
+load as usual.
 """
+import bisect
+import copy
+import ctypes
 import json
+import mmap
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +30,8 @@ from transformers import AutoConfig
 
 from moegen.dtypes import parse_dtype
 from moegen.errors import CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
+from moegen.layers.quantized import (FP8_BLOCK, GPTQ_GROUP, Fp8BlockWeight, GptqWeight, concat_rows, dequantize,
+                                     is_quantized, quantize_fp8, tensors_of)
 from moegen.models.model import MoEModel
 from moegen.models.registry import checked_family, family
 
@@ -23,6 +39,10 @@ from moegen.models.registry import checked_family, family
 FP32_TENSORS = re.compile(r".*\.e_score_correction_bias$")
 # Present in real checkpoints but not used for next-token generation.
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+QUANT_METHODS = ("fp8", "gptq")
+GPTQ_PARTS = ("qweight", "qzeros", "scales")
+GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}          # checkpoint_format -> offset added to stored zeros
+FP8_STORED = "F8_E4M3"                             # safetensors' name of float8_e4m3fn
 
 
 def read_json_config(cfg_file: Path) -> dict:
@@ -83,19 +103,243 @@ class TensorReader:
 
     def __init__(self, files: dict[str, Path]):
         self.files, self.handles, self.used = files, {}, set()
+        self.taken: list[torch.Tensor] = []       # tensors handed out since the caller last cleared it
+        self.pages = MappedPages()
 
     def __contains__(self, name):
         return name in self.files
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         f = self.files[name]
         if f not in self.handles:
             self.handles[f] = open_safetensors(f)
+            self.pages.stale = True
+        return self.handles[f]
+
+    def get(self, name: str) -> torch.Tensor:
         self.used.add(name)
         try:
-            return self.handles[f].get_tensor(name)
+            t = self._handle(name).get_tensor(name)
         except (SafetensorError, OSError) as e:   # e.g. a file cut short after its header
-            raise CheckpointError(f"{f}: cannot read tensor {name} ({e}); the file may be truncated") from None
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({e}); the file may be "
+                                  "truncated") from None
+        self.taken.append(t)
+        return t
+
+    def release_copied(self, kept) -> None:
+        """Hand back the pages of the tensors taken since the last call that `kept` does not use."""
+        for t in self.taken:
+            if not _aliases(kept, t):
+                self.pages(t)
+        self.taken.clear()
+
+    def stored_dtype(self, name: str) -> str:
+        """The dtype in the file's header (safetensors' spelling: "BF16", "F8_E4M3"), read without the data."""
+        return self._handle(name).get_slice(name).get_dtype()
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A checkpoint's quantization_config, checked: `fp8` blocks or `gptq` integer groups."""
+    method: str
+    block: tuple[int, int] = FP8_BLOCK        # fp8
+    bits: int = 4                             # gptq
+    group_size: int = GPTQ_GROUP              # gptq; -1 = one group over all input features
+    zero_offset: int = 1                      # gptq: 1 for v1 ("gptq") zero points
+
+    @property
+    def weight_format(self) -> str:
+        """The planner's name of the format (moegen.planner.model_spec.WEIGHT_FORMAT_BYTES)."""
+        return "fp8" if self.method == "fp8" else f"int{self.bits}"
+
+
+def _fp8_scheme(qc: dict, where: str) -> QuantScheme:
+    block = qc.get("weight_block_size") or list(FP8_BLOCK)
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ConfigError(f"{where}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+    refused = {"activation_scheme": ("dynamic",), "fmt": ("e4m3",), "scale_fmt": ("float",), "expert_dtype": ("fp8",)}
+    for key, allowed in refused.items():
+        if key in qc and str(qc[key]).lower() not in allowed:
+            raise ConfigError(f"{where}: quantization_config.{key}={qc[key]!r} is not supported (moegen runs FP8 "
+                              f"e4m3 weights with float32 block scales and unquantized activations: {key} "
+                              f"{allowed[0]!r})")
+    return QuantScheme("fp8", block=tuple(block))
+
+
+def _gptq_scheme(qc: dict, where: str) -> QuantScheme:
+    bits, group = qc.get("bits"), qc.get("group_size", GPTQ_GROUP)
+    if bits not in (4, 8):
+        raise ConfigError(f"{where}: quantization_config.bits={bits!r}: moegen reads 4- and 8-bit GPTQ weights")
+    if not isinstance(group, int) or not (group > 0 or group == -1):
+        raise ConfigError(f"{where}: quantization_config.group_size={group!r} must be a positive integer or -1")
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in GPTQ_FORMATS:
+        raise ConfigError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported; supported: "
+                          f"{', '.join(GPTQ_FORMATS)}")
+    return QuantScheme("gptq", bits=bits, group_size=group, zero_offset=GPTQ_FORMATS[fmt])
+
+
+def quant_scheme(cfg, where: str = "config") -> QuantScheme | None:
+    """The checked quantization scheme of a config (object or dict), None when unquantized."""
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else getattr(cfg, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "fp8":
+        return _fp8_scheme(qc, where)
+    if method == "gptq":
+        return _gptq_scheme(qc, where)
+    raise ConfigError(f"{where}: quantization_config.quant_method {qc.get('quant_method')!r} is not supported; "
+                      f"supported: {', '.join(QUANT_METHODS)}")
+
+
+# ---- stored weights: plain, FP8 blocks or GPTQ ----------------------------------------------
+
+def fp8_scale_name(name: str) -> str:
+    """`X.weight` -> `X.weight_scale_inv` (DeepSeek-V3); a fused `...gate_up_proj` -> `..._scale_inv`."""
+    return f"{name}_scale_inv"
+
+
+def weight_parts(reader: TensorReader, name: str, scheme: QuantScheme | None) -> list[str]:
+    """The checkpoint tensors that hold weight `name` (an `X.weight` or a fused expert tensor)."""
+    base = name.removesuffix(".weight")
+    if name.endswith(".weight") and f"{base}.qweight" in reader:
+        if scheme is None or scheme.method != "gptq":
+            raise CheckpointError(f"tensor {base}.qweight is GPTQ-packed but config.json has no gptq "
+                                  "quantization_config (quant_method: gptq, bits, group_size)")
+        return [f"{base}.{p}" for p in GPTQ_PARTS] + ([f"{base}.g_idx"] if f"{base}.g_idx" in reader else [])
+    if name in reader and reader.stored_dtype(name) == FP8_STORED:
+        if scheme is None or scheme.method != "fp8":
+            raise CheckpointError(f"tensor {name} is stored in float8_e4m3fn but config.json has no fp8 "
+                                  "quantization_config (quant_method: fp8, weight_block_size: [128, 128])")
+        return [name, fp8_scale_name(name)]
+    return [name]
+
+
+def _gptq_weight(reader: TensorReader, base: str, scheme: QuantScheme) -> GptqWeight:
+    qweight, qzeros, scales = (reader.get(f"{base}.{p}") for p in GPTQ_PARTS)
+    in_features = qweight.shape[0] * (32 // scheme.bits)
+    if f"{base}.g_idx" in reader:
+        g_idx = reader.get(f"{base}.g_idx")
+    else:
+        group = scheme.group_size if scheme.group_size > 0 else in_features
+        g_idx = torch.arange(in_features, dtype=torch.int32) // group
+    w = GptqWeight(qweight, qzeros, scales, g_idx, scheme.bits, scheme.zero_offset)
+    _check_gptq(w, base, scheme)
+    return w
+
+
+def _check_gptq(w: GptqWeight, base: str, scheme: QuantScheme) -> None:
+    n, k = w.shape
+    groups = k // scheme.group_size if scheme.group_size > 0 else 1
+    want = {"qweight": (k // w.pack, n), "qzeros": (groups, -(-n // w.pack)), "scales": (groups, n), "g_idx": (k,)}
+    for part, t in w.tensors().items():
+        if tuple(t.shape) != want[part]:
+            raise ShapeMismatchError(f"tensor {base}.{part} has shape {tuple(t.shape)}; a {scheme.bits}-bit GPTQ "
+                                     f"weight [{n}, {k}] in groups of {scheme.group_size} needs {want[part]}")
+    if w.qweight.dtype != torch.int32 or w.qzeros.dtype != torch.int32:
+        raise CheckpointError(f"tensors {base}.qweight/qzeros must be int32 (packed {scheme.bits}-bit values), "
+                              f"got {w.qweight.dtype}/{w.qzeros.dtype}")
+
+
+def _fp8_weight(reader: TensorReader, name: str, scheme: QuantScheme, index: int | None) -> Fp8BlockWeight:
+    data, scales = reader.get(name), reader.get(fp8_scale_name(name))
+    if index is not None:
+        data, scales = data[index], scales[index]
+    w = Fp8BlockWeight(data, scales, scheme.block)
+    if tuple(scales.shape) != w.expected_scale_shape() or scales.dtype != torch.float32:
+        raise ShapeMismatchError(f"tensor {fp8_scale_name(name)} is {scales.dtype} {tuple(scales.shape)}; the "
+                                 f"{tuple(data.shape[-2:])} FP8 weight in {scheme.block[0]}x{scheme.block[1]} blocks "
+                                 f"needs float32 {w.expected_scale_shape()} (one scale per block)")
+    return w
+
+
+def read_weight(reader: TensorReader, name: str, scheme: QuantScheme | None, index: int | None = None):
+    """Weight `name` as stored: a tensor, or an Fp8BlockWeight / GptqWeight (index: a fused tensor's expert)."""
+    parts = weight_parts(reader, name, scheme)
+    if len(parts) == 1:
+        t = reader.get(name)
+        return t if index is None else t[index]
+    if parts[0].endswith(".qweight"):
+        return _gptq_weight(reader, name.removesuffix(".weight"), scheme)
+    return _fp8_weight(reader, name, scheme, index)
+
+
+def stack_rows(parts: list):
+    """Weights of one input width stacked along their outputs (an expert's gate and up)."""
+    kinds = {is_quantized(p) for p in parts}
+    if kinds == {False}:
+        return torch.cat(parts)
+    if len(kinds) > 1 or len({type(p) for p in parts}) > 1:
+        raise CheckpointError("an expert's gate and up projections are stored in different formats "
+                              f"({', '.join(type(p).__name__ for p in parts)}); quantize both or neither")
+    return concat_rows(parts)
+
+
+class MappedPages:
+    """Hands the pages of a memory-mapped checkpoint tensor back to the kernel once nothing needs
+    them (the loader made its own copy: a cast, an expert's stacked gate and up; the engine packed
+    or pinned it): `release(t)`. safetensors maps each file privately and whole, so without this
+    every page ever read stays in the process's RSS as long as any tensor of that file is alive,
+    and a packed or pinned model would be there twice. Only pages inside mappings of *.safetensors
+    files are touched (madvise MADV_DONTNEED: nothing writes weights, so the data stays in the
+    file and a later read faults it back in; releasing a tensor another model still uses is only
+    slower, never wrong); anonymous memory never is."""
+
+    MADV_DONTNEED = 4
+
+    def __init__(self):
+        self.page = mmap.PAGESIZE
+        self.released_bytes = 0
+        self.stale = False               # a file was mapped since the ranges were read
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.ranges = self._checkpoint_mappings()
+        self.starts = [lo for lo, _ in self.ranges]
+        self.stale = False
+
+    @staticmethod
+    def _checkpoint_mappings() -> list[tuple[int, int]]:
+        try:
+            lines = Path("/proc/self/maps").read_text().splitlines()
+        except OSError:          # not Linux: nothing to release
+            return []
+        ranges = []
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 6 and fields[-1].endswith(".safetensors"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((lo, hi))
+        return sorted(ranges)
+
+    def _mapped(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.starts, start) - 1
+        return i >= 0 and end <= self.ranges[i][1]
+
+    def __call__(self, t) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_mkldnn:
+            return
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        if not self._mapped(start, end):
+            if not self.stale:
+                return
+            self.refresh()
+            if not self._mapped(start, end):
+                return
+        lo = -(-start // self.page) * self.page        # whole pages inside the tensor only
+        hi = end // self.page * self.page
+        if hi > lo and self._libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), self.MADV_DONTNEED) == 0:
+            self.released_bytes += hi - lo
+
+
+def _aliases(kept, source: torch.Tensor) -> bool:
+    """Whether the weight kept shares memory with a checkpoint tensor (then it must stay mapped)."""
+    lo, hi = source.data_ptr(), source.data_ptr() + source.numel() * source.element_size()
+    return any(lo <= t.data_ptr() < hi or t.data_ptr() <= lo < t.data_ptr() + t.numel() * t.element_size()
+               for t in tensors_of(kept))
 
 
 def _names(names: list[str], limit: int = 12) -> str:
@@ -103,33 +347,47 @@ def _names(names: list[str], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def expert_sources(moe, expert_names, reader: TensorReader) -> dict[str, callable]:
+def expert_sources(moe, expert_names, reader: TensorReader, scheme: QuantScheme | None = None) -> dict[str, callable]:
     """Canonical expert tensor name -> function producing it from whichever layout is on disk."""
     fused_gu, fused_d = f"{moe.prefix}.experts.gate_up_proj", f"{moe.prefix}.experts.down_proj"
     gate, up, down = expert_names
+    parts = lambda name: weight_parts(reader, name, scheme)   # noqa: E731
     out = {}
     for e in range(moe.n_experts):
         key = moe.expert_key(e)
         if fused_gu in reader or fused_d in reader:
-            out[f"{key}.gate_up"] = [fused_gu], (lambda e=e: reader.get(fused_gu)[e])
-            out[f"{key}.down"] = [fused_d], (lambda e=e: reader.get(fused_d)[e])
+            out[f"{key}.gate_up"] = parts(fused_gu), (lambda e=e: read_weight(reader, fused_gu, scheme, e))
+            out[f"{key}.down"] = parts(fused_d), (lambda e=e: read_weight(reader, fused_d, scheme, e))
         else:
             g, u, d = (f"{key}.{n}.weight" for n in (gate, up, down))
-            out[f"{key}.gate_up"] = [g, u], (lambda g=g, u=u: torch.cat([reader.get(g), reader.get(u)]))
-            out[f"{key}.down"] = [d], (lambda d=d: reader.get(d))
+            out[f"{key}.gate_up"] = parts(g) + parts(u), (
+                lambda g=g, u=u: stack_rows([read_weight(reader, g, scheme), read_weight(reader, u, scheme)]))
+            out[f"{key}.down"] = parts(d), (lambda d=d: read_weight(reader, d, scheme))
     return out
 
 
-def tensor_sources(model: MoEModel, expert_names, reader: TensorReader) -> dict:
+def tensor_sources(model: MoEModel, expert_names, reader: TensorReader, scheme: QuantScheme | None = None) -> dict:
     """Canonical name -> (checkpoint names it needs, producer)."""
     sources = {}
     for layer in model.layers:
         if layer.is_moe:
-            sources.update(expert_sources(layer.ffn, expert_names, reader))
+            sources.update(expert_sources(layer.ffn, expert_names, reader, scheme))
     for name in model.weight_shapes():
         if name not in sources:
-            sources[name] = [name], (lambda name=name: reader.get(name))
+            sources[name] = weight_parts(reader, name, scheme), (lambda name=name: read_weight(reader, name, scheme))
     return sources
+
+
+def _checked_finite(t, name: str, path: Path) -> None:
+    """One pass over the weights: a NaN would otherwise surface only as garbage tokens."""
+    if is_quantized(t):
+        # FP8's NaN is the bit pattern s.1111.111; integer codes cannot be NaN, their scales can
+        bad = not torch.isfinite(t.scales).all() or (
+            isinstance(t, Fp8BlockWeight) and bool(((t.data.view(torch.uint8) & 0x7F) == 0x7F).any()))
+    else:
+        bad = t.is_floating_point() and not torch.isfinite(t).all()
+    if bad:
+        raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values")
 
 
 def is_ignored(name: str, model: MoEModel) -> bool:
@@ -141,11 +399,16 @@ def is_ignored(name: str, model: MoEModel) -> bool:
 def load_model(path: str | Path, dtype="float32") -> MoEModel:
     path, dtype = Path(path), parse_dtype(dtype)
     cfg = read_config(path)
+    scheme = quant_scheme(read_json_config(path / "config.json"), str(path / "config.json"))
     fam = family(cfg.model_type)
     model = fam.build(cfg)
     model.dtype = dtype
     reader = TensorReader(weight_files(path))
-    sources, shapes = tensor_sources(model, fam.EXPERT_NAMES, reader), model.weight_shapes()
+    try:
+        sources = tensor_sources(model, fam.EXPERT_NAMES, reader, scheme)
+    except CheckpointError as e:
+        raise type(e)(f"{path}: {e}") from None
+    shapes, gemm_only = model.weight_shapes(), set(model.linear_weight_names())
     missing = sorted({n for needed, _ in sources.values() for n in needed if n not in reader})
     if missing:
         raise MissingTensorError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the "
@@ -156,14 +419,19 @@ def load_model(path: str | Path, dtype="float32") -> MoEModel:
         raise UnexpectedTensorError(f"{path}: checkpoint has {len(unexpected)} tensor(s) the "
                                     f"{cfg.model_type} config does not use: {_names(unexpected)}")
     for name, (_, produce) in sources.items():
-        t = produce()
+        try:
+            t = produce()
+        except CheckpointError as e:
+            raise type(e)(f"{path}: {e}") from None
         if tuple(t.shape) != tuple(shapes[name]):
             raise ShapeMismatchError(f"{path}: tensor {name} has shape {tuple(t.shape)}, "
                                      f"config implies {tuple(shapes[name])}")
-        # one pass over the weights: a NaN would otherwise surface only as garbage tokens
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values")
-        model.weights[name] = t.to(torch.float32 if FP32_TENSORS.match(name) else dtype)
+        _checked_finite(t, name, path)
+        if is_quantized(t) and name in gemm_only:
+            model.weights[name] = t                  # stays quantized: dequantized at each GEMM
+        else:
+            model.weights[name] = dequantize(t, torch.float32 if FP32_TENSORS.match(name) else dtype)
+        reader.release_copied(model.weights[name])  # a cast or stacked copy: the mapped source goes back
     return model
 
 
@@ -191,14 +459,29 @@ def config_from(source):
         raise ConfigError(f"transformers could not build a {source['model_type']} config: {e}") from e
 
 
-def dummy_model(source, dtype="bfloat16", seed: int = 0, std: float = 0.02) -> MoEModel:
+def dummy_model(source, dtype="bfloat16", seed: int = 0, std: float = 0.02, quantize: str | None = None) -> MoEModel:
     """A model of the config's shapes with random weights made directly in host memory: for
-    benchmarks of real model sizes without checkpoint files. Norm weights are one, biases zero."""
+    benchmarks of real model sizes without checkpoint files. Norm weights are one, biases zero.
+    quantize "int8"/"int4": the GEMM weights (all but the lm_head) are made directly as random
+    GPTQ codes with scales giving about `std` (never a bfloat16 copy); "fp8": each one drawn in
+    float32 and block-quantized on its own (one weight's float32 at a time). The model's config
+    says so (its quantization_config), so the planner counts their bytes."""
     cfg, dtype = config_from(source), parse_dtype(dtype)
+    bits = _dummy_bits(quantize)
+    if quantize:
+        cfg = copy.deepcopy(cfg)        # the caller's config object stays unquantized
+        cfg.quantization_config = gptq_config(bits) if bits else fp8_quant_config()
     model = family(cfg.model_type).build(cfg)
     model.dtype = dtype
     g = torch.Generator().manual_seed(seed)
+    quantized = set(model.linear_weight_names()) - {model.lm_head_name} if quantize else set()
     for name, shape in model.weight_shapes().items():
+        if name in quantized and bits and shape[1] % GPTQ_GROUP == 0:
+            model.weights[name] = random_gptq(shape, bits, std, g)
+            continue
+        if name in quantized and not bits:
+            model.weights[name] = quantize_fp8(torch.empty(shape).normal_(0.0, std, generator=g))
+            continue
         keep32 = FP32_TENSORS.match(name)
         t = torch.empty(shape, dtype=torch.float32 if keep32 else dtype)
         if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
@@ -209,3 +492,38 @@ def dummy_model(source, dtype="bfloat16", seed: int = 0, std: float = 0.02) -> M
             t.normal_(0.0, std, generator=g)
         model.weights[name] = t
     return model
+
+
+def _dummy_bits(quantize: str | None) -> int:
+    """GPTQ bits of a dummy model's quantize argument (0 for fp8 or none)."""
+    if quantize not in (None, "fp8", "int8", "int4"):
+        raise ConfigError(f"dummy weights quantize={quantize!r}: choose fp8, int8 or int4 (or None)")
+    return int(quantize[3:]) if quantize and quantize.startswith("int") else 0
+
+
+def fp8_quant_config(block=FP8_BLOCK, skip=()) -> dict:
+    """DeepSeek-V3's quantization_config (plus skipped modules, as the Qwen3 FP8 releases list them)."""
+    config = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block)}
+    if skip:
+        config["modules_to_not_convert"] = sorted(skip)
+    return config
+
+
+def gptq_config(bits: int, group_size: int = GPTQ_GROUP, sym: bool = True) -> dict:
+    """The quantization_config of the GPTQ checkpoints moegen writes (round-to-nearest, v1 zeros)."""
+    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": sym, "desc_act": False,
+            "checkpoint_format": "gptq", "damp_percent": 0.0, "true_sequential": True, "static_groups": False}
+
+
+def random_gptq(shape, bits: int, std: float, g: torch.Generator, group_size: int = GPTQ_GROUP) -> GptqWeight:
+    """Uniform random codes around the symmetric zero, scaled to about `std`: made in place."""
+    n, k = shape
+    p = 32 // bits
+    qweight = torch.randint(-(1 << 31), (1 << 31) - 1, (k // p, n), dtype=torch.int32, generator=g)
+    mid = 1 << (bits - 1)
+    zero_word = sum((mid - 1) << (bits * i) for i in range(p))        # v1 stores zero - 1
+    zero_word -= (1 << 32) if zero_word >= 1 << 31 else 0
+    qzeros = torch.full((k // group_size, -(-n // p)), zero_word, dtype=torch.int32)
+    code_std = ((1 << bits) ** 2 - 1) ** 0.5 / 12 ** 0.5               # of a uniform code
+    scales = torch.full((k // group_size, n), std / code_std, dtype=torch.float16)
+    return GptqWeight(qweight, qzeros, scales, torch.arange(k, dtype=torch.int32) // group_size, bits)

@@ -124,7 +124,7 @@ def test_a_failing_system_is_recorded_and_the_rest_still_run(model, monkeypatch)
 
 
 @pytest.mark.parametrize("extra, error, message", [
-    (["--systems", "moegen,llama.cpp"], InputError, "unknown system 'llama.cpp'; known systems: moegen,"),
+    (["--systems", "moegen,tgi"], InputError, "unknown system 'tgi'; known systems: moegen,"),
     (["--systems", "moegen,moegen"], InputError, "named twice"),
     (["--opt", "hf-generate.batch_size=2"], InputError, "not in the run: hf-generate"),
     (["--opt", "moegen.colour=red"], InputError, "unknown option.*colour"),

@@ -10,7 +10,8 @@ import sys
 from moegen.errors import MoegenError
 
 COMMANDS = ["moegen.cli.fixture", "moegen.cli.generate", "moegen.cli.ops", "moegen.cli.plan", "moegen.cli.bench",
-            "moegen.cli.eval", "moegen.cli.lm_eval", "moegen.cli.results"]
+            "moegen.cli.eval", "moegen.cli.lm_eval", "moegen.cli.results", "moegen.cli.quantize",
+            "moegen.cli.peers"]
 
 
 def build_parser() -> argparse.ArgumentParser:

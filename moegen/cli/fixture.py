@@ -1,7 +1,7 @@
 """`moegen fixture`: write a random-weight HF checkpoint, or SmolLM2 upcycled, for tests and benchmarks."""
 import time
 
-from moegen.harness.fixture import ARCHS, PRESETS, TRAINED_PRESETS
+from moegen.harness.fixture import ARCHS, PRESETS, QUANTIZE, TRAINED_PRESETS
 from moegen.harness.upcycle import DEFAULT_PERTURB
 
 
@@ -9,8 +9,9 @@ def cmd_fixture(args):
     from moegen.harness.fixture import build_fixture
     t0 = time.perf_counter()
     out = build_fixture(args.arch, args.preset, args.seed, args.out, dtype=args.dtype,
-                        fused_experts=args.fused_experts, perturb=args.perturb)
-    print(f"fixture {args.arch}/{args.preset} seed={args.seed} -> {out} ({time.perf_counter() - t0:.1f}s)")
+                        fused_experts=args.fused_experts, perturb=args.perturb, quantize=args.quantize)
+    quantized = f" {args.quantize}" if args.quantize else ""
+    print(f"fixture {args.arch}/{args.preset}{quantized} seed={args.seed} -> {out} ({time.perf_counter() - t0:.1f}s)")
 
 
 def add_subparser(sub):
@@ -24,4 +25,6 @@ def add_subparser(sub):
     p.add_argument("--fused-experts", action="store_true", help="write transformers-5 fused expert tensors")
     p.add_argument("--perturb", type=float, help="smollm2: std of each expert's noise relative to its weights' "
                    f"(default {DEFAULT_PERTURB}; 0 gives identical experts, i.e. the dense model)")
+    p.add_argument("--quantize", choices=list(QUANTIZE), help="fp8: GEMM weights in FP8 with one float32 scale per "
+                   "128x128 block, as DeepSeek-V3 ships them (int8/int4: `moegen quantize`)")
     p.set_defaults(func=cmd_fixture)

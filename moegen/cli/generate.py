@@ -18,6 +18,9 @@ from moegen.harness.replicas import EngineRecipe, Replicas, open_source
 from moegen.jsonl import STDOUT, output_target
 
 
+LOGPROB_FIELDS = ("logprobs", "prompt_logprobs")
+
+
 def engine_kwargs(args) -> dict:
     """Engine.from_pretrained / from_config keyword arguments from the flags of add_engine_args."""
     return values_of(args, LOAD_OPTIONS + ENGINE_OPTIONS)
@@ -31,7 +34,8 @@ def cmd_generate(args):
     # unset --temperature/--top-p/--top-k: the checkpoint's generation_config.json, else greedy
     params = generation_defaults(args).params(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [])
+        seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [], logprobs=args.logprobs,
+        prompt_logprobs=args.prompt_logprobs, n=args.n)
     journal = open_output(args.out, cli_fingerprint(args, prompts, params), args.flush_rows, args.flush_seconds,
                           args.overwrite)
     summary = generate_into(journal, prompts, params, args)
@@ -61,6 +65,9 @@ def cmd_openai_batch(args) -> None:
     from moegen.engine import Engine
     from moegen.harness import openai_batch
     from moegen.jsonl import jsonl_text, write_output
+    if args.logprobs is not None or args.prompt_logprobs is not None:
+        raise InputError("--logprobs / --prompt-logprobs are for --format prompts; an OpenAI batch row asks in its "
+                         "body (chat: logprobs: true, top_logprobs: K; completions: logprobs: K)")
     output_target(args.out)
     lines = openai_batch.read_batch(Path(args.input), args.limit)
     t0 = time.perf_counter()
@@ -101,7 +108,11 @@ def cli_fingerprint(args, prompts: list, params) -> dict:
     """What decides the rows (moegen.harness.journal.fingerprint): a journal of others is refused."""
     engine = {"dtype": args.dtype, "max_model_len": args.max_model_len, "truncate": args.truncate,
               "dummy_weights": args.dummy_weights}
-    return fingerprint(args.model, prompts, asdict(params), engine)
+    # logprob settings only when set: a journal written before they existed still resumes
+    sampling = {k: v for k, v in asdict(params).items() if v is not None or k not in LOGPROB_FIELDS}
+    if sampling["n"] == 1:            # likewise one sample per prompt, as before n existed
+        del sampling["n"]
+    return fingerprint(args.model, prompts, sampling, engine)
 
 
 def show_progress(bar, tally) -> None:
@@ -159,7 +170,15 @@ def add_subparser(sub):
     p.add_argument("--top-p", type=float, help=f"{unset} 1")
     p.add_argument("--top-k", type=int, help=f"{unset} 0 (all tokens)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--n", type=int, metavar="N", help="samples per prompt, forked from one prefill (default 1); "
+                   "rows then carry 'samples': each sample's token_ids, text, finish_reason (the row's own "
+                   "fields are sample 0's); with --seed S, sample j of row i draws from S + i * N + j")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--logprobs", type=int, metavar="K", help="rows get 'logprobs': per generated token "
+                   "{token id: log-probability} of the chosen token and the K most likely (raw model "
+                   "distribution, before temperature/top-k/top-p; K=0: the chosen one only)")
+    p.add_argument("--prompt-logprobs", type=int, metavar="K", help="rows get 'prompt_logprobs': the same per "
+                   "prompt token given the ones before it (null for the first)")
     p.add_argument("--prompt-field", help="take the prompt text from this field of each row")
     p.add_argument("--template", help="python format string over row fields, e.g. 'Question: {question}\\nAnswer:'")
     p.add_argument("--limit", type=int, help="only the first N rows")

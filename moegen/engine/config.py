@@ -106,6 +106,10 @@ class EngineConfig:
     prepack: bool | None = option(None, "pack GEMM weights into oneDNN's layout at load (cpu, bf16/fp16, resident "
                                   "weights; default: whenever supported)", "bool")
     max_model_len: int | None = option(None, "longest sequence in tokens (default: the model's context)", minimum=1)
+    # Same results (their K/V are the same numbers), less prefill; false recomputes every prompt.
+    prefix_caching: bool = option(True, "keep full KV blocks of prompts and reuse them for prompts that start "
+                                  "alike (few-shot examples, a multiple-choice context), computing only the rest",
+                                  "bool")
 
     def __post_init__(self):
         for f in fields(self):

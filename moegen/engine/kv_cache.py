@@ -6,7 +6,7 @@ Layouts (per layer), as the attention ops expect them:
 """
 import torch
 
-from moegen.layers.attention import RaggedContext
+from moegen.layers.attention import RaggedContext, causal_attention
 from moegen.layers.mla import MLAAttention
 from moegen.ops.attention import paged_decode_attention, paged_decode_attention_mla
 
@@ -41,23 +41,73 @@ class PagedKVCache:
         for cache, value in zip(self.layers[layer], values):
             cache.view(-1, *cache.shape[2:]).index_copy_(0, slots.to(cache.device), value.to(cache.device, cache.dtype))
 
+    def read(self, layer: int, slots: torch.Tensor, device) -> list[torch.Tensor]:
+        """The per-token values at flat cache slots (k and v, or the packed MLA entry) on device."""
+        return [cache.view(-1, *cache.shape[2:]).index_select(0, slots).to(device) for cache in self.layers[layer]]
+
+    def copy_blocks(self, pairs) -> None:
+        """Copy whole blocks (source, destination) in every layer: a fork's own partial block."""
+        if not pairs:
+            return
+        src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*pairs))
+        for layer in self.layers:
+            for cache in layer:
+                cache.index_copy_(0, dst, cache.index_select(0, src))
+
 
 class PrefillContext:
-    """Whole prompts: attention within each prompt's fresh K/V (exactly the reference path), which
-    is also written into the cache for the decode steps that follow."""
+    """Prompts, or the tails of prompts whose leading blocks are cached (past_slots: per sequence
+    the flat slots of its cached tokens, or None). Every fresh K/V of the pass is written into the
+    cache first; then each tail attends over its cached K/V and its own fresh K/V, so a sequence
+    may share blocks that another sequence of the same pass computes. Without pasts this is
+    exactly the reference path (attention within each prompt's fresh K/V)."""
 
-    def __init__(self, cache: PagedKVCache, seq_lens: list[int], slots: torch.Tensor, device):
-        self.cache, self.slots = cache, slots
+    def __init__(self, cache: PagedKVCache, seq_lens: list[int], slots: torch.Tensor, device, past_slots=None):
+        self.cache, self.slots, self.device = cache, slots, device
         self.ragged = RaggedContext(seq_lens, device)
+        self.pasts = past_slots if past_slots and any(p is not None for p in past_slots) else None
         self.positions = self.ragged.positions
+        if self.pasts is not None:
+            starts = [0 if p is None else len(p) for p in self.pasts]
+            self.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, seq_lens)]).to(device)
+
+    def _tails(self):
+        """(slice of the pass's tokens, cached slots or None) per sequence."""
+        start = 0
+        for n, past in zip(self.ragged.seq_lens, self.pasts):
+            yield slice(start, start + n), past
+            start += n
 
     def attend(self, layer, q, k, v, scale, sliding_window=0):
         self.cache.write(layer, self.slots, k, v)
-        return self.ragged.attend(layer, q, k, v, scale, sliding_window)
+        if self.pasts is None:
+            return self.ragged.attend(layer, q, k, v, scale, sliding_window)
+        outs = []
+        for sl, past in self._tails():
+            if past is None:
+                outs.append(causal_attention(q[sl], k[sl], v[sl], scale, sliding_window))
+                continue
+            if sliding_window:        # the tail's first query sees only the window's last keys
+                past = past[max(0, len(past) - sliding_window):]
+            past_k, past_v = self.cache.read(layer, past, q.device)
+            outs.append(causal_attention(q[sl], torch.cat([past_k, k[sl]]), torch.cat([past_v, v[sl]]), scale,
+                                         sliding_window, past=len(past)))
+        return torch.cat(outs)
 
     def attend_mla(self, layer, attn, w, q_nope, q_rope, latent, k_rope):
         self.cache.write(layer, self.slots, torch.cat([latent, k_rope], dim=-1))
-        return self.ragged.attend_mla(layer, attn, w, q_nope, q_rope, latent, k_rope)
+        if self.pasts is None:
+            return self.ragged.attend_mla(layer, attn, w, q_nope, q_rope, latent, k_rope)
+        outs = []
+        for sl, past in self._tails():
+            lat, rope = latent[sl], k_rope[sl]
+            if past is not None:      # the cached latent | k_rope entries, expanded like fresh ones
+                entry, = self.cache.read(layer, past, latent.device)
+                cached_lat, cached_rope = entry.split([attn.kv_lora_rank, attn.qk_rope_dim], -1)
+                lat, rope = torch.cat([cached_lat, lat]), torch.cat([cached_rope, rope])
+            q, k, v = attn.expand_qkv(w, q_nope[sl], q_rope[sl], lat, rope)
+            outs.append(causal_attention(q, k, v, attn.scale, past=0 if past is None else len(past)))
+        return torch.cat(outs)
 
 
 class DecodeContext:

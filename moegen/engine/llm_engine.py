@@ -12,12 +12,14 @@ from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from moegen.engine.memory import host_memory_bytes
 from moegen.engine.params import Completion, GenerationDefaults, SamplingParams
 from moegen.engine.runner import Runner
-from moegen.engine.sampler import Sampler
-from moegen.engine.scheduler import Scheduler, Sequence
+from moegen.engine.sampler import (Sampler, check_logprob_counts, record_logprobs, record_prompt_logprobs,
+                                   wants_prompt_logprobs)
+from moegen.engine.scheduler import Scheduler, Sequence, admission_order, job_sharing, with_digests, with_samples
 from moegen.engine.scoring import loglikelihood
 from moegen.engine.stats import EngineStats
 from moegen.engine.stops import eos_ids, finish_reason
-from moegen.engine.weight_stream import CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights, module_bytes
+from moegen.engine.weight_stream import (CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights,
+                                         module_bytes, pin_weights)
 from moegen.dtypes import dtype_name
 from moegen.errors import CapacityError, InputError, MoegenError, TokenizerError
 from moegen.layers.linear import packing_supported, prepack
@@ -54,7 +56,7 @@ class Engine:
                                 f"{block_bytes} bytes for this model): give it more memory (--host-memory / "
                                 "host_memory)")
         self.max_blocks = budget // block_bytes
-        self.blocks = BlockManager(1, cfg.block_size)
+        self.blocks = BlockManager(1, cfg.block_size, cfg.prefix_caching)
         self.cache = PagedKVCache(model, 1, cfg.block_size, model.dtype)
         self.streamer = self._make_streamer()
         self.stats = EngineStats(attention=attention_impl())
@@ -99,8 +101,8 @@ class Engine:
         if self.device.type == "cuda":
             if cfg.streaming == "resident":
                 return WeightStreamer(weights, CudaBackend(self.device), resident=set(group_weights(weights)))
-            weights = {n: t.pin_memory() for n, t in weights.items()}
-            self.model.weights = weights
+            from moegen.loader import MappedPages
+            pin_weights(weights, release=MappedPages())     # in place: one host copy, pinned
             groups = group_weights(weights)
             sizes = {k: module_bytes(g) for k, g in groups.items()}
             pool = cfg.num_buffers * max(v for k, v in sizes.items() if k != "model")
@@ -124,8 +126,10 @@ class Engine:
             if self.config.prepack:
                 raise InputError(f"prepack=True needs oneDNN {self.model.dtype} GEMMs, which this CPU/torch lacks")
             return
+        from moegen.loader import MappedPages
         t0 = time.perf_counter()
-        n = prepack(weights, self.model.linear_weight_names())
+        # each plain weight's checkpoint pages go back as soon as its packed copy exists
+        n = prepack(weights, self.model.linear_weight_names(), release=MappedPages())
         log.info("packed %d GEMM weights for oneDNN in %.1f s", n, time.perf_counter() - t0)
 
     # --- inputs --------------------------------------------------------------------------------
@@ -167,7 +171,8 @@ class Engine:
     def generate_iter(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                       truncate: str | None = None, indices=None, window: int | None = None,
                       progress: bool = False):
-        """Each Completion the moment its sequence finishes (finish order), with its input `index`.
+        """Each Completion the moment its sequence finishes (finish order), with its input `index`
+        (SamplingParams(n > 1): the moment its last sample finishes, all n in `samples`).
 
         prompts: a list, admitted as a whole (longest first, KV reserved for all of it, planned on
         all of it), or any other iterable, pulled in windows and never read further ahead: the
@@ -187,24 +192,27 @@ class Engine:
         yield from self._serve(scheduler, seqs, refill, len(first) if whole else None, progress)
 
     def _scheduler_for(self, first: list[Sequence], whole: bool) -> Scheduler:
-        """Plan the call on its first sequences, size the KV cache (for all of them, or for a stream
-        the whole budget), and admit them longest first."""
-        plan = self.settings([len(s.prompt) for s in first], max(s.params.max_new_tokens for s in first))
-        self.reserve_kv(sum(self.blocks.blocks_for(s.max_length) for s in first) if whole else self.max_blocks)
+        """Plan the call on its first sequences (every sample, the prompt tokens prefill will
+        compute once shared prefixes are counted once), size the KV cache (for all of them, or for
+        a stream the whole budget), and admit them in the scheduler's order."""
+        order = admission_order(first, self.blocks)
+        job = job_sharing([with_digests(with_samples(s), self.blocks) for s in order], self.blocks)
+        plan = self.settings(job.prompt_lens, max(s.params.max_new_tokens for s in first), job.computed_tokens)
+        self.reserve_kv(job.blocks if whole else self.max_blocks)
         scheduler = Scheduler(self.blocks, plan["max_batch"], plan["max_prefill_tokens"])
-        scheduler.add_longest_first(first)
+        scheduler.add_sorted(order)
         return scheduler
 
     def _serve(self, scheduler: Scheduler, seqs, refill: int, total: int | None, progress: bool):
         """The step loop: pull more when fewer than a global batch wait, step, yield the finished."""
-        sampler, served = Sampler(), []
+        sampler, served, unfinished = Sampler(), [], {}
         self._eos = self.eos_ids          # once per call: append_token runs for every token
         bar = tqdm(total=total, desc="generate", unit="seq", disable=not progress, dynamic_ncols=True)
         generated, t0 = 0, time.perf_counter()
         try:
             while True:
                 if len(scheduler.waiting) < scheduler.max_batch:
-                    scheduler.add_longest_first(islice(seqs, refill))
+                    scheduler.add_sorted(islice(seqs, refill))
                 if scheduler.done:
                     break
                 phase, batch = scheduler.schedule()
@@ -214,14 +222,29 @@ class Engine:
                 bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.1f}", batch=len(scheduler.running))
                 for seq in scheduler.retire_finished():
                     sampler.forget(seq)
-                    served.append((seq.seq_id, len(seq.prompt), len(seq.output)))
-                    bar.update(1)
-                    yield self.completion(seq)
+                    served.append((seq.key, len(seq.prompt), len(seq.output), seq.cached_tokens))
+                    done = self._request_done(seq, unfinished)
+                    if done is not None:
+                        bar.update(1)
+                        yield done
         finally:
             scheduler.abandon()           # an error or an early close: the next call finds every block free
             bar.close()
             served.sort()                 # stats list a call's sequences in input order
-            self.stats.add_sequences([p for _, p, _ in served], [g for _, _, g in served])
+            self.stats.add_sequences([p for _, p, _, _ in served], [g for _, _, g, _ in served],
+                                     [c for _, _, _, c in served])
+
+    def _request_done(self, seq: Sequence, unfinished: dict) -> Completion | None:
+        """The request's Completion once its last sample finished (n > 1: with every sample in
+        `samples`), else None; unfinished holds the samples done so far, by request."""
+        if seq.params.n == 1:
+            return self.completion(seq)
+        samples = unfinished.setdefault(seq.seq_id, {})
+        samples[seq.sample] = self.completion(seq)
+        if len(samples) < seq.params.n:
+            return None
+        del unfinished[seq.seq_id]
+        return Completion.of_samples([samples[j] for j in range(seq.params.n)])
 
     def _sequences(self, prompts, params, truncate: str | None, indices):
         """Sequences for prompts, encoded lazily (an iterable is read only as far as it is pulled)."""
@@ -231,6 +254,7 @@ class Engine:
         if isinstance(params, list) and len(params) != len(prompts):
             raise InputError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         for i, p, sp in zip(count() if indices is None else indices, prompts, per_prompt):
+            check_logprob_counts(sp, self.model.vocab_size, f"prompt {i}")
             yield Sequence(i, self.encode(p, i, sp.max_new_tokens, truncate), sp)
 
     def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None,
@@ -248,29 +272,30 @@ class Engine:
         want = min(blocks_wanted, self.max_blocks)
         if want <= self.blocks.num_blocks:
             return
-        self.blocks = self.runner.blocks = BlockManager(want, self.config.block_size)
+        self.blocks = self.runner.blocks = BlockManager(want, self.config.block_size, self.config.prefix_caching)
         self.cache = self.runner.cache = None   # free the old cache before allocating the new one
         self.cache = self.runner.cache = PagedKVCache(self.model, want, self.config.block_size, self.model.dtype,
                                                       pin=self.device.type == "cuda")
 
     # --- planning -------------------------------------------------------------------------------
-    def settings(self, prompt_lens: list[int], max_new_tokens: int) -> dict:
+    def settings(self, prompt_lens: list[int], max_new_tokens: int, computed_tokens: int | None = None) -> dict:
         """G, A and the prefill token budget for a call: what the config fixes, the planner's
-        choice for the rest, else the policy's fallback. Recorded, with the plan, in stats.plan."""
+        choice for the rest, else the policy's fallback. Recorded, with the plan, in stats.plan.
+        computed_tokens: the prompt tokens prefill will compute (shared prefixes once); default all."""
         fixed = {k: getattr(self.config, k) for k in PLANNED if getattr(self.config, k) is not None}
         used = call_plan(fixed)
         if len(fixed) < len(PLANNED):
             try:
-                used = call_plan(fixed, *self._plan(prompt_lens, max_new_tokens, fixed))
+                used = call_plan(fixed, *self._plan(prompt_lens, max_new_tokens, fixed, computed_tokens))
             except MoegenError as e:
                 log.warning("planner unavailable (%s); using defaults %s", e, FALLBACK_SETTINGS)
         self.stats.plan = used
         self.runner.attn_micro_batch = used.settings["attn_micro_batch"]
         return dict(used.settings)
 
-    def _plan(self, prompt_lens, max_new_tokens, fixed):
+    def _plan(self, prompt_lens, max_new_tokens, fixed, computed_tokens=None):
         """(plan, prediction) from the planner, for this call's shape within this engine's KV cache."""
-        job = JobShape.from_lengths(prompt_lens, max_new_tokens, dtype_name(self.model.dtype))
+        job = JobShape.from_lengths(prompt_lens, max_new_tokens, dtype_name(self.model.dtype), computed_tokens)
         kv_bytes = self.max_blocks * self.blocks.block_size * kv_bytes_per_token(self.model, self.model.dtype)
         overrides = {**fixed, "kv_cache_bytes": kv_bytes, "block_size": self.blocks.block_size}
         return self.planner.plan(self.model.config, job, overrides)
@@ -281,12 +306,22 @@ class Engine:
 
     def step(self, phase: str, batch, sampler) -> list[int]:
         t0, experts0 = time.perf_counter(), self.stats.experts_run
-        logits = self.runner.prefill(batch) if phase == "prefill" else self.runner.decode(batch)
+        if phase == "prefill" and wants_prompt_logprobs(batch):
+            logits = self._prefill_with_prompt_logprobs(batch)
+        else:
+            logits = self.runner.prefill(batch) if phase == "prefill" else self.runner.decode(batch)
         tokens = sampler.sample(logits, batch)
+        record_logprobs(logits, batch, tokens)       # only the rows of sequences that ask
         dt = time.perf_counter() - t0
-        size = sum(len(q.prompt) for q in batch) if phase == "prefill" else len(batch)
+        size = sum(q.prefill_tokens for q in batch) if phase == "prefill" else len(batch)
         self.stats.add_pass(phase, size, dt, self.stats.experts_run - experts0)
         return tokens
+
+    def _prefill_with_prompt_logprobs(self, batch) -> torch.Tensor:
+        logits, states = self.runner.prefill_with_prompt_states(batch, [s.params.prompt_logprobs is not None
+                                                                        for s in batch])
+        record_prompt_logprobs(batch, states, self.runner.logits)
+        return logits
 
     def append_token(self, seq: Sequence, token: int) -> None:
         seq.output.append(token)
@@ -302,10 +337,13 @@ class Engine:
 
     def completion(self, seq: Sequence) -> Completion:
         text = seq.text if seq.text is not None else (self.tokenizer.decode(seq.output) if self.tokenizer else "")
-        return Completion(seq.seq_id, seq.prompt, seq.output, text, seq.finish_reason or "length")
+        return Completion(seq.seq_id, seq.prompt, seq.output, text, seq.finish_reason or "length",
+                          seq.logprobs.output if seq.params.logprobs is not None else None, seq.logprobs.prompt,
+                          sample=seq.sample)
 
     # --- scoring -------------------------------------------------------------------------------
     def loglikelihood(self, requests, progress: bool = False) -> list[tuple[float, bool]]:
         """For (context ids, continuation ids) pairs: (sum of log p(continuation | context),
-        whether greedy decoding would have produced the continuation). Batched prefill, no KV."""
+        whether greedy decoding would have produced the continuation). Batched prefill; with
+        prefix caching the continuations of one context share its KV blocks, computed once."""
         return loglikelihood(self, requests, progress)

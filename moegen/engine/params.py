@@ -3,7 +3,7 @@ setting unset (GenerationDefaults), and what the caller gets back (Completion)."
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moegen.errors import InputError
@@ -25,6 +25,13 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # samples per prompt, forked from one prefill of it; sample j of request i draws from
+    # seed + i * n + j, so each equals the request alone (n = 1) with that seed
+    n: int = 1
+    # log-probabilities returned (Completion.logprobs / .prompt_logprobs): None = none; k = the
+    # chosen token's plus the k most likely alternatives at each position (0: the chosen one only)
+    logprobs: int | None = None         # per generated token
+    prompt_logprobs: int | None = None  # per prompt token, given the ones before it
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -39,6 +46,13 @@ class SamplingParams:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise InputError("stop strings must be non-empty")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise InputError(f"n (samples per prompt) must be an integer >= 1, got {self.n!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+                raise InputError(f"{name} must be None or an integer >= 0 (the alternatives listed besides "
+                                 f"the chosen token), got {k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -88,12 +102,40 @@ class GenerationDefaults:
 
 
 @dataclass
+class SequenceLogprobs:
+    """What a running sequence collects for its Completion's logprobs (moegen.engine.sampler
+    fills it, only when its SamplingParams ask)."""
+    prompt: list | None = None        # prompt_logprobs, set by the prefill
+    output: list = field(default_factory=list)    # one entry per generated token
+
+
+@dataclass
 class Completion:
+    """One finished sequence. With SamplingParams(logprobs=k), `logprobs` holds one dict per
+    generated token, {token id: log-probability}: the chosen token's first, then the k most
+    likely in descending order (a chosen token among them is not repeated: k or k + 1 entries).
+    With prompt_logprobs=k, `prompt_logprobs` holds one per prompt token: None for the first,
+    then the same kind of dict for each token given the ones before it (vLLM's shapes).
+
+    The values are float32 log_softmax of the model's raw logits: before temperature, top-k and
+    top-p, so a sampled token's log-probability is under the model's own distribution, not the
+    filtered one it was drawn from (vLLM's default, logprobs_mode="raw_logprobs")."""
     index: int
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
     finish_reason: str                # "stop" (EOS, stop id or stop string) or "length"
+    logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # SamplingParams(n > 1): the fields above are sample 0's and `samples` lists all n in order
+    # (each a Completion with its `sample` number; samples[0] repeats the fields above); n = 1: []
+    sample: int = 0
+    samples: list["Completion"] = field(default_factory=list)
+
+    @classmethod
+    def of_samples(cls, samples: list["Completion"]) -> "Completion":
+        """A request's Completion from its n samples' (in sample order)."""
+        return replace(samples[0], samples=list(samples))
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -101,5 +143,20 @@ class Completion:
 
     def to_row(self) -> dict:
         """The JSONL output row (`moegen generate`, the generate flow's journal)."""
-        return {"index": self.index, "prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids,
-                "text": self.text, "finish_reason": self.finish_reason}
+        row = {"index": self.index, "prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids,
+               "text": self.text, "finish_reason": self.finish_reason}
+        # only when asked, so rows of runs without logprobs stay as they were; JSON keys are
+        # strings: {"415": -1.25, ...}, the chosen token's first
+        if self.logprobs is not None:
+            row["logprobs"] = [_json_keys(d) for d in self.logprobs]
+        if self.prompt_logprobs is not None:
+            row["prompt_logprobs"] = [None if d is None else _json_keys(d) for d in self.prompt_logprobs]
+        if self.samples:          # n > 1: every sample's own fields (the prompt's are the row's)
+            row["samples"] = [{"sample": s.sample, **{k: v for k, v in s.to_row().items()
+                                                      if k not in ("index", "prompt_token_ids", "prompt_logprobs")}}
+                              for s in self.samples]
+        return row
+
+
+def _json_keys(logprobs: dict[int, float]) -> dict[str, float]:
+    return {str(t): lp for t, lp in logprobs.items()}

@@ -2,6 +2,8 @@
 attention (projections over the whole batch, the attention core in micro-batches of sequences
 over each one's own KV), then the router over every token of the batch, then each expert that
 received tokens once over all of them (weights streamed when on a device)."""
+from itertools import accumulate
+
 import torch
 
 from moegen.engine.block_manager import BlockManager
@@ -21,25 +23,62 @@ class Runner:
 
     # --- step inputs: Python lists first, then one tensor per field ----------------------------
     def prefill_context(self, seqs) -> PrefillContext:
-        slots = [self.blocks.slot(s.seq_id, p) for s in seqs for p in range(len(s.prompt))]
-        return PrefillContext(self.cache, [len(s.prompt) for s in seqs], torch.tensor(slots), self.device)
+        """The prompts' tails past their cached tokens (see tails_context)."""
+        return self.tails_context([(s.key, len(s.prompt), s.cached_tokens) for s in seqs])
+
+    def tails_context(self, parts) -> PrefillContext:
+        """parts: (block-table key, tokens, leading tokens already cached) per sequence; the pass
+        computes the rest, whose queries also attend over the cached ones."""
+        slots = [self.blocks.slot(key, p) for key, n, cached in parts for p in range(cached, n)]
+        pasts = [self.cached_slots(key, cached) if cached else None for key, _, cached in parts]
+        return PrefillContext(self.cache, [n - cached for _, n, cached in parts], torch.tensor(slots), self.device,
+                              pasts)
+
+    def cached_slots(self, key, cached: int) -> torch.Tensor:
+        """Flat cache slots of a sequence's first `cached` tokens (whole blocks)."""
+        bs = self.blocks.block_size
+        table = torch.tensor(self.blocks.tables[key][:cached // bs], dtype=torch.int64)
+        return (table[:, None] * bs + torch.arange(bs)).flatten()
 
     def decode_context(self, seqs) -> DecodeContext:
-        tables = [self.blocks.tables[s.seq_id] for s in seqs]
+        tables = [self.blocks.tables[s.key] for s in seqs]
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         lens = torch.tensor([s.length for s in seqs], dtype=torch.int32)
-        slots = torch.tensor([self.blocks.slot(s.seq_id, s.length - 1) for s in seqs])
+        slots = torch.tensor([self.blocks.slot(s.key, s.length - 1) for s in seqs])
         return DecodeContext(self.cache, table, lens, slots, self.device, self.attn_micro_batch)
 
     # --- the step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seqs) -> torch.Tensor:
-        """Run whole prompts; returns last-token logits [B, V]."""
-        tokens = torch.tensor([t for s in seqs for t in s.prompt], device=self.device)
-        x = self.forward(tokens, self.prefill_context(seqs))
-        last = torch.tensor([len(s.prompt) for s in seqs], device=self.device).cumsum(0) - 1
-        return self.model.logits(x[last], self.top)
+        """Run the prompts (their uncached tails); returns last-token logits [B, V], one row per
+        sequence of seqs (a forked sample gets its leader's row)."""
+        x, runs, ends = self._run_prompts(seqs)
+        last = torch.tensor([ends[r] - 1 for r in fork_rows(seqs, runs)], device=self.device)
+        return self.logits(x[last])
+
+    @torch.inference_mode()
+    def prefill_with_prompt_states(self, seqs, wanted: list[bool]):
+        """prefill()'s logits, and per sequence of seqs whose flag is set the hidden states of its
+        prompt positions but the last ([len(prompt) - 1, H]; a fork gets its leader's), else None.
+        Such a sequence reuses no cached prompt tokens (the scheduler's rule), so all are here."""
+        x, runs, ends = self._run_prompts(seqs)
+        rows = fork_rows(seqs, runs)
+        last = torch.tensor([ends[r] - 1 for r in rows], device=self.device)
+        states = [x[ends[r] - runs[r].prefill_tokens:ends[r] - 1] if want else None for r, want in zip(rows, wanted)]
+        return self.logits(x[last]), states
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden, self.top)
+
+    def _run_prompts(self, seqs):
+        """One pass over the prompt tails of seqs' leaders: (hidden states, those leaders, each
+        one's end row in the pass)."""
+        runs = [s for s in seqs if s.leader is None]
+        tokens = torch.tensor([t for s in runs for t in s.prompt[s.cached_tokens:]], device=self.device)
+        x = self.forward(tokens, self.prefill_context(runs))
+        self.cache.copy_blocks(self.blocks.take_copies())   # forks' own copies of a partial last block
+        return x, runs, list(accumulate(s.prefill_tokens for s in runs))
 
     @torch.inference_mode()
     def decode(self, seqs) -> torch.Tensor:
@@ -70,3 +109,9 @@ class Runner:
         self.streamer.plan([moe.expert_key(e) for e in active] + next_modules)
         routed = moe.run_experts(w, h, dispatch, weights_for=self.streamer.module, chunk=self.expert_chunk)
         return moe.combine_shared(w, h, routed)
+
+
+def fork_rows(seqs, runs) -> list[int]:
+    """For each sequence of seqs, the index of its prompt's run (a fork's leader's) in runs."""
+    row = {id(s): i for i, s in enumerate(runs)}
+    return [row[id(s.leader or s)] for s in seqs]

@@ -1,9 +1,15 @@
 """Next-token choice: greedy for the whole batch in one argmax; sampling per sequence with its
-own generator, so a seeded request draws the same tokens whatever else is in the batch."""
+own generator, so a seeded request draws the same tokens whatever else is in the batch.
+And the log-probabilities a request asks for (SamplingParams.logprobs / prompt_logprobs; their
+shape is Completion's docstring): float32 log_softmax of the raw logits, computed only for the
+rows of sequences that asked, so a batch where none asks pays nothing."""
 import torch
 
 from moegen.engine.params import SamplingParams
-from moegen.errors import NumericsError
+from moegen.errors import InputError, NumericsError
+
+LOGPROB_ROWS = 256     # rows of [rows, V] float32 log-probabilities made at a time: bounds the memory
+                       # of a long prompt's prompt_logprobs or a large batch's logprobs
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -23,18 +29,19 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 class Sampler:
     def __init__(self):
-        self.generators: dict[int, torch.Generator] = {}
+        self.generators: dict[tuple, torch.Generator] = {}
 
     def generator(self, seq) -> torch.Generator:
-        if seq.seq_id not in self.generators:
+        if seq.key not in self.generators:
             g = torch.Generator()
-            # request i of a call draws from seed + i: reproducible, yet samples of one prompt differ
-            g.manual_seed(seq.params.seed + seq.seq_id if seq.params.seed is not None else torch.seed())
-            self.generators[seq.seq_id] = g
-        return self.generators[seq.seq_id]
+            # sample j of request i draws from seed + i * n + j (Sequence.seed): reproducible, yet
+            # the samples of one prompt and the requests of a call differ
+            g.manual_seed(seq.seed if seq.seed is not None else torch.seed())
+            self.generators[seq.key] = g
+        return self.generators[seq.key]
 
     def forget(self, seq) -> None:
-        self.generators.pop(seq.seq_id, None)
+        self.generators.pop(seq.key, None)
 
     def sample(self, logits: torch.Tensor, seqs) -> list[int]:
         """logits [B, V] for B sequences -> one token id each (the step's only host sync)."""
@@ -54,3 +61,70 @@ class Sampler:
                 probs = torch.softmax(filter_logits(logits[i].float().cpu(), seq.params), dim=-1)
                 tokens[i] = int(torch.multinomial(probs, 1, generator=self.generator(seq)))
         return tokens
+
+
+# --- log-probabilities ----------------------------------------------------------------------------
+def check_logprob_counts(params: SamplingParams, vocab_size: int, where: str) -> None:
+    """A request may ask for at most the whole vocabulary's alternatives."""
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(params, name)
+        if k is not None and k > vocab_size:
+            raise InputError(f"{where}: {name}={k} is more than the model's vocabulary of {vocab_size} tokens")
+
+
+def token_logprobs(logits: torch.Tensor, chosen: list[int], ks: list[int]) -> list[dict[int, float]]:
+    """For each row of logits [N, V]: {token id: log-probability} of chosen[i] first, then the
+    ks[i] most likely tokens in descending order (chosen[i] not repeated)."""
+    out = []
+    for lo in range(0, len(chosen), LOGPROB_ROWS):
+        rows = slice(lo, lo + LOGPROB_ROWS)
+        lp = torch.log_softmax(logits[rows].float(), dim=-1)
+        ids = torch.tensor(chosen[rows], device=lp.device)
+        picked = lp.gather(1, ids[:, None])[:, 0].tolist()
+        k = max(ks[rows])
+        if k:
+            top = lp.topk(k, dim=-1)
+            top_ids, top_lps = top.indices.tolist(), top.values.tolist()
+        else:
+            top_ids = top_lps = [[]] * len(picked)
+        for token, value, want, alt_ids, alt_lps in zip(chosen[rows], picked, ks[rows], top_ids, top_lps):
+            found = {token: value}
+            for alt, alt_lp in zip(alt_ids[:want], alt_lps[:want]):
+                found.setdefault(alt, alt_lp)
+            out.append(found)
+    return out
+
+
+def record_logprobs(logits: torch.Tensor, seqs, tokens: list[int]) -> None:
+    """Append, for each sequence that asks, the entry of the token just chosen for it."""
+    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    if not rows:
+        return
+    # the raw logits (before temperature / top-k / top-p), as vLLM reports them by default
+    found = token_logprobs(logits[rows] if len(rows) < len(seqs) else logits, [tokens[i] for i in rows],
+                           [seqs[i].params.logprobs for i in rows])
+    for i, entry in zip(rows, found):
+        seqs[i].logprobs.output.append(entry)
+
+
+def wants_prompt_logprobs(seqs) -> bool:
+    return any(seq.params.prompt_logprobs is not None for seq in seqs)
+
+
+@torch.inference_mode()
+def record_prompt_logprobs(seqs, hidden: list, logits_of) -> None:
+    """Set prompt_logprobs of each sequence that asks, from the hidden states of its prompt
+    positions but the last (hidden[i], [len(prompt) - 1, H]; row j predicts prompt token j + 1),
+    turned into logits by logits_of LOGPROB_ROWS rows at a time."""
+    for seq, states in zip(seqs, hidden):
+        k = seq.params.prompt_logprobs
+        if k is None:
+            continue
+        if seq.leader is not None and seq.leader.logprobs.prompt is not None:
+            seq.logprobs.prompt = seq.leader.logprobs.prompt      # a forked sample: its prompt's, made once
+            continue
+        entries = [None]              # the first prompt token has no context to be predicted from
+        for lo in range(0, len(states), LOGPROB_ROWS):
+            targets = seq.prompt[lo + 1:lo + 1 + LOGPROB_ROWS]
+            entries += token_logprobs(logits_of(states[lo:lo + LOGPROB_ROWS]), targets, [k] * len(targets))
+        seq.logprobs.prompt = entries

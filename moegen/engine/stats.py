@@ -18,6 +18,7 @@ class EngineStats:
     attention: str = ""
     prompt_lens: list = field(default_factory=list)           # per sequence served (generated or scored)
     gen_lens: list = field(default_factory=list)              # its new tokens; 0 for a scored request
+    prompt_cached_lens: list = field(default_factory=list)    # its prompt tokens reused from the KV cache
     prefill_pass_tokens: list = field(default_factory=list)   # tokens per prefill pass
     decode_step_seqs: list = field(default_factory=list)      # sequences per decode step
     prefill_s: float = 0.0
@@ -40,15 +41,17 @@ class EngineStats:
             self.decode_s += seconds
             self.decode_distinct_experts += experts
 
-    def add_sequences(self, prompt_lens, gen_lens) -> None:
-        """The sequences a call served, once it is done (their passes are already added)."""
+    def add_sequences(self, prompt_lens, gen_lens, cached_lens=None) -> None:
+        """The sequences a call served, once it is done (their passes are already added);
+        cached_lens: each one's prompt tokens taken from the KV cache (default none)."""
         self.prompt_lens.extend(prompt_lens)
         self.gen_lens.extend(gen_lens)
+        self.prompt_cached_lens.extend(cached_lens if cached_lens is not None else [0] * len(prompt_lens))
 
     def record(self, wall_s: float | None = None) -> "RunRecord":
         return RunRecord(self.prompt_lens, self.gen_lens, self.prefill_s, self.decode_s, wall_s,
                          self.prefill_pass_tokens, self.decode_step_seqs, self.prefill_distinct_experts,
-                         self.decode_distinct_experts)
+                         self.decode_distinct_experts, self.prompt_cached_lens)
 
     # what the CLI, the eval summary and the systems read
     @property
@@ -58,6 +61,16 @@ class EngineStats:
     @property
     def decode_tokens(self) -> int:
         return self.record().decode_tokens
+
+    @property
+    def prompt_tokens_computed(self) -> int:
+        """Prompt tokens prefill really computed (the others' K/V came from the cache)."""
+        return self.record().prompt_tokens_computed
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of the prompt tokens asked for whose K/V was reused (0 without sharing)."""
+        return self.record().prefix_hit_rate
 
     @property
     def prefill_steps(self) -> int:
@@ -92,12 +105,14 @@ class RunRecord:
     step (0 for a request that was only scored). A forward pass is either a prefill pass or a
     decode step.
 
-    prefill_pass_tokens: tokens in each prefill pass; () = all prompts in one pass.
+    prefill_pass_tokens: prompt tokens computed in each prefill pass; () = all prompts in one pass.
     decode_step_seqs: sequences in each decode step; () = lockstep (step j runs the sequences
         that still need a token).
     *_distinct_experts: sum over that phase's passes and over MoE layers of the number of experts
         that received >= 1 token; None = estimate with uniform routing.
     wall_s: the whole run; None = prefill_s + decode_s (phases that do not overlap).
+    prompt_cached_lens: per sequence, its leading prompt tokens whose K/V was reused (a shared
+        prefix, or a forked sample's whole prompt) rather than computed; () = none.
     """
     prompt_lens: tuple[int, ...]
     gen_lens: tuple[int, ...]
@@ -108,15 +123,19 @@ class RunRecord:
     decode_step_seqs: tuple[int, ...] = ()
     prefill_distinct_experts: int | None = None
     decode_distinct_experts: int | None = None
+    prompt_cached_lens: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("prompt_lens", "gen_lens", "prefill_pass_tokens", "decode_step_seqs"):
+        for name in ("prompt_lens", "gen_lens", "prefill_pass_tokens", "decode_step_seqs", "prompt_cached_lens"):
             object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
         if len(self.prompt_lens) != len(self.gen_lens):
             raise ValueError(f"RunRecord: {len(self.prompt_lens)} prompt_lens but {len(self.gen_lens)} gen_lens")
         if min(self.prompt_lens + self.gen_lens, default=0) < 0:
             raise ValueError("RunRecord: negative prompt or generation length")
-        self._check_sum("prefill_pass_tokens", self.prompt_tokens)
+        if self.prompt_cached_lens and (len(self.prompt_cached_lens) != len(self.prompt_lens) or any(
+                not 0 <= c <= n for c, n in zip(self.prompt_cached_lens, self.prompt_lens))):
+            raise ValueError("RunRecord: prompt_cached_lens must give each sequence 0 .. its prompt length")
+        self._check_sum("prefill_pass_tokens", self.prompt_tokens_computed)
         self._check_sum("decode_step_seqs", self.decode_tokens)
 
     def _check_sum(self, name: str, expected: int) -> None:
@@ -127,6 +146,18 @@ class RunRecord:
     @property
     def prompt_tokens(self) -> int:
         return sum(self.prompt_lens)
+
+    @property
+    def prompt_tokens_computed(self) -> int:
+        return self.prompt_tokens - sum(self.prompt_cached_lens)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return sum(self.prompt_cached_lens) / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def cached_lens(self) -> tuple[int, ...]:
+        """Per sequence, its prompt tokens reused from the cache (zeros without sharing)."""
+        return self.prompt_cached_lens or (0,) * len(self.prompt_lens)
 
     @property
     def generated_tokens(self) -> int:
@@ -142,10 +173,10 @@ class RunRecord:
         return self.wall_s if self.wall_s is not None else self.prefill_s + self.decode_s
 
     def prefill_passes(self) -> tuple[int, ...]:
-        """Tokens per prefill pass."""
+        """Computed tokens per prefill pass."""
         if self.prefill_pass_tokens:
             return self.prefill_pass_tokens
-        return (self.prompt_tokens,) if self.prompt_tokens else ()
+        return (self.prompt_tokens_computed,) if self.prompt_tokens_computed else ()
 
     def decode_steps(self) -> tuple[int, ...]:
         """Sequences (= tokens) per decode step."""

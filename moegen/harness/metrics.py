@@ -53,7 +53,7 @@ def run_flops(spec: ModelSpec, rec: RunRecord, phase: str = "total") -> int:
     flops = 0
     for p in _phases(phase):
         if p == "prefill":
-            flops += sum(spec.prefill_flops(n) for n in rec.prompt_lens)
+            flops += sum(spec.prefill_flops(n, c) for n, c in zip(rec.prompt_lens, rec.cached_lens()))
         else:
             flops += sum(spec.decode_steps_flops(n, g) for n, g in zip(rec.prompt_lens, rec.gen_lens))
     return flops

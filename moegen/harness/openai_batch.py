@@ -6,8 +6,13 @@ An input row (JSONL):
 with url "/v1/chat/completions" (body.messages, through the checkpoint's chat template) or
 "/v1/completions" (body.prompt: a string or a list of token ids). Body fields: max_tokens /
 max_completion_tokens (unset: the caller's default), temperature, top_p, top_k, stop (a string
-or a list), seed, n, model (echoed back), user / metadata / store (ignored); other fields are
-refused unless they ask for nothing (stream false, penalties 0, ...).
+or a list), seed, n, model (echoed back), user / metadata / store (ignored), and log-probabilities
+(chat: logprobs true with top_logprobs K; completions: logprobs K) answered in each choice's
+`logprobs` in OpenAI's shape (chat: {"content": [{token, logprob, bytes, top_logprobs}]};
+completions: {tokens, token_logprobs, top_logprobs, text_offset}, top_logprobs holding the chosen
+token and the K most likely), under the model's raw distribution (moegen.engine.params.Completion);
+a token is its decoded text ("token_id:N" on an engine without a tokenizer). Other fields are
+refused unless they ask for nothing (stream false, echo false, penalties 0, ...).
 
 Unset sampling fields take the checkpoint's generation_config.json (when it says do_sample), else
 OpenAI's API defaults (temperature 1, top_p 1) -- so a row without a temperature samples, as it
@@ -26,18 +31,22 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import accumulate
 from pathlib import Path
 
 from moegen.engine.params import SamplingParams
+from moegen.engine.sampler import check_logprob_counts
 from moegen.errors import InputError, MoegenError
 from moegen.jsonl import STDIN
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0}     # the API's defaults for unset fields
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "user", "metadata", "store"}
-_FIELDS = {CHAT: _COMMON | {"messages", "max_completion_tokens"}, COMPLETIONS: _COMMON | {"prompt"}}
+_FIELDS = {CHAT: _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"},
+           COMPLETIONS: _COMMON | {"prompt", "logprobs"}}
 # fields moegen cannot honour, accepted only with the value that asks for nothing
-_NO_OP = {"stream": (False, None), "stream_options": (None,), "logprobs": (False, None), "top_logprobs": (0, None),
+_NO_OP = {"stream": (False, None), "stream_options": (None,), "top_logprobs": (0, None),
           "echo": (False, None), "best_of": (1, None), "presence_penalty": (0, None),
           "frequency_penalty": (0, None), "logit_bias": (None, {}), "response_format": (None, {"type": "text"})}
 _NUMBERS = {"temperature": (int, float), "top_p": (int, float), "top_k": (int,), "seed": (int,)}
@@ -76,9 +85,9 @@ def run_batch(engine, lines, model: str, max_new_tokens: int, truncate: "str | N
     prompts = [r.prompt_ids for r in served for _ in range(r.n)]
     params = [r.params for r in served for _ in range(r.n)]
     completions = iter(engine.generate(prompts, params, progress=progress) if prompts else ())
-    created = int(time.time())
-    return [response_row(r, [next(completions) for _ in range(r.n)], created) if isinstance(r, BatchRequest) else r
-            for r in parsed]
+    created, token_text = int(time.time()), token_strings(engine.tokenizer)
+    return [response_row(r, [next(completions) for _ in range(r.n)], created, token_text)
+            if isinstance(r, BatchRequest) else r for r in parsed]
 
 
 def parse_line(engine, where: str, text: str, model: str, max_new_tokens: int, truncate) -> "BatchRequest | dict":
@@ -107,7 +116,8 @@ def parse_request(engine, row: dict, model: str, max_new_tokens: int, truncate) 
     if not isinstance(body, dict):
         raise InputError("'body' must be a JSON object")
     check_fields(body, url)
-    params = sampling_params(engine, body, max_new_tokens)
+    params = sampling_params(engine, body, max_new_tokens, requested_logprobs(body, url))
+    check_logprob_counts(params, engine.model.vocab_size, f"request {custom_id!r}")
     n = 1 if body.get("n") is None else body["n"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InputError(f"n must be an integer >= 1, got {n!r}")
@@ -125,7 +135,27 @@ def check_fields(body: dict, url: str) -> None:
             raise InputError(f"{key} must be a number, got {value!r}")
 
 
-def sampling_params(engine, body: dict, max_new_tokens: int) -> SamplingParams:
+def requested_logprobs(body: dict, url: str) -> "int | None":
+    """The alternatives per generated token a row asks for (SamplingParams.logprobs), None for
+    no log-probabilities."""
+    if url == CHAT:
+        wanted, top = body.get("logprobs"), body.get("top_logprobs")
+        if wanted not in (None, True, False):
+            raise InputError(f"logprobs must be true or false for {CHAT}, got {wanted!r}")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+            raise InputError(f"top_logprobs must be an integer >= 0, got {top!r}")
+        if not wanted and top:
+            raise InputError("top_logprobs needs logprobs: true")
+        return (top or 0) if wanted else None
+    k = body.get("logprobs")
+    if k is None or k is False:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise InputError(f"logprobs must be an integer >= 0 for {COMPLETIONS}, got {k!r}")
+    return k
+
+
+def sampling_params(engine, body: dict, max_new_tokens: int, logprobs: "int | None" = None) -> SamplingParams:
     """Unset fields: the checkpoint's generation_config, else OpenAI's defaults."""
     limit = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), max_new_tokens)
     if not isinstance(limit, int) or isinstance(limit, bool):
@@ -135,7 +165,7 @@ def sampling_params(engine, body: dict, max_new_tokens: int) -> SamplingParams:
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise InputError("stop must be a string or a list of strings")
     given = {k: body[k] for k in ("temperature", "top_p", "top_k", "seed") if body.get(k) is not None}
-    return SamplingParams(max_new_tokens=limit, stop=stop,
+    return SamplingParams(max_new_tokens=limit, stop=stop, logprobs=logprobs,
                           **{**OPENAI_SAMPLING, **engine.generation_defaults.sampling, **given})
 
 
@@ -153,9 +183,11 @@ def prompt_of(engine, body: dict, url: str):
 
 
 # --- output rows ---------------------------------------------------------------------------------
-def response_row(request: BatchRequest, completions, created: int) -> dict:
+def response_row(request: BatchRequest, completions, created: int, token_text) -> dict:
+    """token_text: id -> the token's text (token_strings), for rows that ask for logprobs."""
     chat = request.url == CHAT
-    choices = [{"index": j, "finish_reason": c.finish_reason, "logprobs": None,
+    k = request.params.logprobs
+    choices = [{"index": j, "finish_reason": c.finish_reason, "logprobs": choice_logprobs(c, chat, k, token_text),
                 **({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})}
                for j, c in enumerate(completions)]
     generated = sum(len(c.token_ids) for c in completions)
@@ -166,6 +198,54 @@ def response_row(request: BatchRequest, completions, created: int) -> dict:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                       "total_tokens": prompt_tokens + generated}}
     return _row(request.custom_id, 200, body, None)
+
+
+def choice_logprobs(completion, chat: bool, k: "int | None", token_text) -> "dict | None":
+    """A choice's `logprobs` object in OpenAI's shape for its url, None when not asked."""
+    if completion.logprobs is None:
+        return None
+    if chat:
+        return chat_logprobs(completion.token_ids, completion.logprobs, k, token_text)
+    return completion_logprobs(completion.token_ids, completion.logprobs, token_text)
+
+
+def chat_logprobs(token_ids, logprobs, k: int, token_text) -> dict:
+    """{"content": [{token, logprob, bytes, top_logprobs: the k most likely}]}."""
+    def entry(token_id, logprob):
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token_id, found in zip(token_ids, logprobs):
+        # found: the chosen token first, then the k most likely (the chosen one not repeated)
+        top = sorted(found.items(), key=lambda item: -item[1])[:k]
+        content.append({**entry(token_id, found[token_id]), "top_logprobs": [entry(t, lp) for t, lp in top]})
+    return {"content": content}
+
+
+def completion_logprobs(token_ids, logprobs, token_text) -> dict:
+    """The legacy completions object: top_logprobs holds the chosen token and the k most likely
+    (as OpenAI's: up to k + 1 entries); text_offset counts characters of the tokens' texts."""
+    tokens = [token_text(t) for t in token_ids]
+    top = []
+    for found in logprobs:
+        by_text = {}
+        for token_id, logprob in found.items():
+            by_text.setdefault(token_text(token_id), logprob)    # two ids may spell the same text
+        top.append(by_text)
+    return {"tokens": tokens, "token_logprobs": [found[t] for t, found in zip(token_ids, logprobs)],
+            "top_logprobs": top, "text_offset": list(accumulate(map(len, tokens), initial=0))[:len(tokens)]}
+
+
+def token_strings(tokenizer):
+    """id -> a token's text as OpenAI's logprobs list it: its decoded text, a special token's
+    own spelling ("</s>", which decode skips), "token_id:N" without a tokenizer; memoised."""
+    @lru_cache(maxsize=None)
+    def text(token_id: int) -> str:
+        if tokenizer is None:
+            return f"token_id:{token_id}"
+        return tokenizer.decode([token_id]) or tokenizer.token_text(token_id)
+    return text
 
 
 def error_row(custom_id, message: str) -> dict:

@@ -5,15 +5,20 @@ On the CPU, oneDNN re-lays out a plain bfloat16 weight into its blocked GEMM for
 row counts where oneDNN's per-call heuristics fall off a cliff (e.g. 722 rows of a
 [7168, 1024] expert: 470 vs 940 GFLOP/s on 2 Zen 4 cores); the results are bit-identical to
 `F.linear` (tests/test_linear.py). float32 keeps the plain path: its packed GEMM rounds differently.
+Quantized weights (moegen.layers.quantized) are dequantized chunk by chunk right before the GEMM.
 """
 import torch
 import torch.nn.functional as F
+
+from moegen.layers.quantized import is_quantized, quantized_linear
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, for a plain weight [N, K] or one packed by `pack_weight`."""
+    """x @ weight.T + bias, for a plain weight [N, K], one packed by `pack_weight`, or a quantized one."""
+    if is_quantized(weight):
+        return quantized_linear(x, weight, bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -33,14 +38,18 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 
 
-def prepack(weights: dict, names) -> int:
+def prepack(weights: dict, names, release=None) -> int:
     """Replace `weights[name]` by its packed form for each name (in place, one at a time, so the
-    plain copy can be released as we go); returns how many were packed."""
+    plain copy can be released as we go: `release(tensor)` is called on each replaced one, e.g. to
+    hand its memory-mapped pages back); returns how many were packed. Quantized weights stay."""
     packed = 0
     for name in names:
         t = weights[name]
-        if t.is_mkldnn or t.device.type != "cpu" or not packing_supported(t.dtype) or t.dim() != 2:
+        if not isinstance(t, torch.Tensor) or t.is_mkldnn or t.device.type != "cpu" \
+                or not packing_supported(t.dtype) or t.dim() != 2:
             continue
         weights[name] = pack_weight(t)
+        if release is not None:
+            release(t)
         packed += 1
     return packed

@@ -16,6 +16,9 @@ batch) the model charges, after MoE-Lightning's hierarchical roofline (HRM):
              to "compute" or "memory" by whichever is larger;
 - elementwise: on the CPU, the non-GEMM passes over activations (norms, RoPE, residual adds, the
              expert gather/activation/combine): their bytes over the probe's elementwise bandwidth;
+- dequant:   quantized weights (spec.weight_format) dequantized before each GEMM, on the compute
+             device: their parameters over the probe's dequantization rate (an expert once per
+             chunk of its rows); their stored bytes already price pcie and memory;
 - overhead:  per-op dispatch / kernel launch and per-micro-batch host<->device syncs (on a GPU
              dispatch overlaps the kernels it launched: a group costs max(kernels, dispatch)).
 
@@ -54,7 +57,7 @@ from moegen.planner.policy import MIN_NUM_BUFFERS
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
                "float8_e4m3fn": 1, "fp8": 1}
 _CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp8": "float8_e4m3fn"}
-TERMS = ("pcie", "kv", "attention", "compute", "memory", "elementwise", "overhead")
+TERMS = ("pcie", "kv", "attention", "compute", "memory", "elementwise", "dequant", "overhead")
 
 # Ops per unit of work in the runner (runner.py, layers/): counted from the code, approximately.
 OPS_PER_LAYER = 20             # norms, router (linear, softmax, top-k, sort, bincount), residual adds
@@ -76,23 +79,46 @@ def dtype_bytes_of(dtype: str) -> int:
 @dataclass(frozen=True)
 class JobShape:
     """The job the cost model prices: num_sequences prompts of prompt_len tokens, each generating
-    gen_len tokens (no early EOS), in dtype (weights, activations and KV cache)."""
+    gen_len tokens (no early EOS), in dtype (weights, activations and KV cache).
+    computed_prompt_len: the prompt tokens prefill computes per sequence on average when shared
+    prefixes are reused (the rest of each prompt's K/V comes from the cache); None = all. It is
+    also the mean KV a sequence adds beside the shared blocks, which are held once."""
     prompt_len: int
     gen_len: int
     num_sequences: int = 1
     dtype: str = "bfloat16"
+    computed_prompt_len: int | None = None
 
     def __post_init__(self):
         for name in ("prompt_len", "gen_len", "num_sequences"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"job shape: {name} must be >= 1, got {getattr(self, name)}")
+        if self.computed_prompt_len is not None and not 1 <= self.computed_prompt_len <= self.prompt_len:
+            raise InputError(f"job shape: computed_prompt_len must be in [1, prompt_len={self.prompt_len}], "
+                             f"got {self.computed_prompt_len}")
         dtype_bytes_of(self.dtype)
         object.__setattr__(self, "dtype", _CANONICAL_DTYPE.get(self.dtype.lower(), self.dtype.lower()))
 
     @classmethod
-    def from_lengths(cls, prompt_lens: list[int], gen_len: int, dtype: str) -> "JobShape":
-        """One call's ragged prompts as equal ones of their mean length (the model's assumption)."""
-        return cls(max(1, round(sum(prompt_lens) / len(prompt_lens))), gen_len, len(prompt_lens), dtype)
+    def from_lengths(cls, prompt_lens: list[int], gen_len: int, dtype: str,
+                     computed_tokens: int | None = None) -> "JobShape":
+        """One call's ragged prompts as equal ones of their mean length (the model's assumption);
+        computed_tokens: of all their tokens, those prefill computes (None = all)."""
+        mean = max(1, round(sum(prompt_lens) / len(prompt_lens)))
+        computed = None
+        if computed_tokens is not None and computed_tokens < sum(prompt_lens):
+            computed = min(mean, max(1, round(computed_tokens / len(prompt_lens))))
+        return cls(mean, gen_len, len(prompt_lens), dtype, computed)
+
+    @property
+    def prefill_len(self) -> int:
+        """Prompt tokens prefill computes per sequence."""
+        return self.computed_prompt_len or self.prompt_len
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV tokens per sequence, shared prefixes counted once (a mean)."""
+        return self.prefill_len + self.gen_len
 
     @property
     def dtype_bytes(self) -> int:
@@ -178,6 +204,14 @@ def _dense_linears(spec: ModelSpec, layer: int) -> list[tuple[int, int]]:
     return mats
 
 
+def _dense_dequant_s(spec: ModelSpec, hw: Hardware, layer: int) -> float:
+    """Dequantizing a layer's quantized dense weights (attention, shared experts or dense MLP)."""
+    if not spec.weight_format:
+        return 0.0
+    ffn = spec.shared_expert_params() if spec.moe_layer_mask[layer] else spec.dense_mlp_params()
+    return hw.dequant_s(spec.weight_format, spec.attention.quantized_params(spec.hidden_size) + ffn)
+
+
 def _qk_width(spec: ModelSpec) -> int:
     """Width of one head's q.k product in prefill (MLA runs expanded there)."""
     a = spec.attention
@@ -194,6 +228,9 @@ def _dense_cost(spec: ModelSpec, hw: Hardware, wl: JobShape, shape: _PassShape, 
     dense_bytes = dense_group_bytes(spec, layer, wl.dtype_bytes)
     mat_params = sum(k * n for k, n in mats) or 1        # weight bytes spread over the matrices
     dense_s = sum(_gemm(hw, wl.dtype, shape.tokens, k, n, dense_bytes * k * n / mat_params, terms) for k, n in mats)
+    dequant_s = _dense_dequant_s(spec, hw, layer)
+    terms["dequant"] += dequant_s
+    dense_s += dequant_s
     ffn_s = 0.0
     if not spec.moe_layer_mask[layer] and spec.dense_intermediate:
         # a dense MLP layer's FFN overlaps the next layer's dense-group copy (announced before it)
@@ -246,11 +283,12 @@ def _experts_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, tokens: int
     per_rows = rows / chunks
     ebytes = spec.expert_bytes(wl.dtype_bytes)
     one = dict.fromkeys(TERMS, 0.0)
+    one["dequant"] = hw.dequant_s(spec.weight_format, spec.expert_params())   # each chunk dequantizes again
     per_chunk = (_gemm(hw, wl.dtype, per_rows, H, 2 * I, ebytes * 2 / 3, one)
-                 + _gemm(hw, wl.dtype, per_rows, I, H, ebytes / 3, one))
+                 + _gemm(hw, wl.dtype, per_rows, I, H, ebytes / 3, one) + one["dequant"])
     ops_s = (OPS_PER_EXPERT_CHUNK * chunks + 2) * hw.op_overhead_s
     one_compute_s = _busy(hw.device == "cuda")(chunks * per_chunk, ops_s)
-    for key in ("compute", "memory"):
+    for key in ("compute", "memory", "dequant"):
         terms[key] += distinct * chunks * one[key]
     terms["overhead"] += distinct * ops_s
     if hw.device != "cuda":
@@ -377,15 +415,17 @@ def _check_plan(spec: ModelSpec, hw: Hardware, plan) -> None:
 def predict(spec: ModelSpec, hw: Hardware, plan, job: JobShape) -> Prediction:
     """Predicted times for `job` under `plan` (a moegen.planner.plan.Plan or anything with
     its fields). Sequences run in waves of G = plan.max_batch: each wave's prompts are prefilled in
-    passes of max_prefill_tokens // prompt_len prompts, then gen_len - 1 decode steps in lockstep
+    passes of max_prefill_tokens // prefill_len prompts (the budget counts the tokens computed),
+    then gen_len - 1 decode steps in lockstep
     (equal lengths and no early stop, so the engine's waves are exactly these)."""
     _check_plan(spec, hw, plan)
     wl, db = job, job.dtype_bytes
     resident = resident_set(spec, plan.resident_bytes if hw.device == "cuda" else None, db)
     G = max(1, min(plan.max_batch, wl.num_sequences))
-    P, steps = wl.prompt_len, wl.gen_len - 1
-    per_pass = max(1, min(G, plan.max_prefill_tokens // P))
-    core_prefill = spec.prefill_flops(P) - P * spec.context_free_flops() - spec.lm_head_flops()
+    P, Pc, steps = wl.prompt_len, wl.prefill_len, wl.gen_len - 1
+    per_pass = max(1, min(G, plan.max_prefill_tokens // Pc))     # the budget counts computed tokens
+    # the computed tokens attend over the whole prompt, the shared part included
+    core_prefill = spec.prefill_flops(P, P - Pc) - Pc * spec.context_free_flops() - spec.lm_head_flops()
     if steps:
         kv_step = spec.decode_kv_read_bytes(P, wl.gen_len, db) / steps    # mean over the steps
         core_step = (spec.decode_steps_flops(P, wl.gen_len)
@@ -397,7 +437,7 @@ def predict(spec: ModelSpec, hw: Hardware, plan, job: JobShape) -> Prediction:
     def cost(phase: str, seqs: int) -> _Pass:
         if (phase, seqs) not in cache:
             if phase == "prefill":
-                shape = _PassShape("prefill", seqs * P, seqs, 0.0, seqs * core_prefill)
+                shape = _PassShape("prefill", seqs * Pc, seqs, 0.0, seqs * core_prefill)
             else:
                 shape = _PassShape("decode", seqs, seqs, seqs * kv_step, seqs * core_step)
             cache[phase, seqs] = _pass_cost(spec, hw, plan, wl, shape, resident)

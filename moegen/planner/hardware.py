@@ -97,6 +97,8 @@ class Hardware:
         many FLOPs per KV byte); 0 = bytes only.
     prefill_attention_flops_per_s: useful FLOP/s of prompt attention on the CPU; 0 = GEMM rate.
     elementwise_gbps: GB/s of the CPU's non-GEMM activation passes; 0 = not modelled.
+    dequant_params_per_s: per quantized weight format ("fp8", "int8", "int4"), parameters per
+        second the compute device dequantizes before a GEMM; a format absent = not modelled.
     """
     device: str = "cpu"
     gemm_flops_per_s: Mapping[str, float] = field(default_factory=dict)
@@ -112,6 +114,7 @@ class Hardware:
     cpu_flops_per_s: float = 0.0
     prefill_attention_flops_per_s: float = 0.0
     elementwise_gbps: float = 0.0
+    dequant_params_per_s: Mapping[str, float] = field(default_factory=dict)
     op_overhead_s: float | None = None
     sync_overhead_s: float | None = None
     seq_overhead_s: float = SEQ_OVERHEAD_S
@@ -163,6 +166,7 @@ class Hardware:
                   host_mem_bw_gbps=float(need("host_mem_bw_gbps")),
                   cpu_attention_gbps=float(need("cpu_attention", "kv_gbps")),
                   host_memory_bytes=int(result.get("host_memory_bytes", 0)),
+                  dequant_params_per_s=dict(result.get("dequant_params_per_s") or {}),
                   source=f"probe {result.get('hostname', '?')}/{result.get('device', '?')}")
         if device == "cuda":
             kw.update(h2d_gbps=float(need("h2d_pinned_gbps")), d2h_gbps=float(result.get("d2h_pinned_gbps", 0)),
@@ -203,6 +207,11 @@ class Hardware:
 
     def gemm_rate(self, dtype: str, m: float, k: int, n: int) -> float:
         return self.curve(dtype).rate(m, k, n)
+
+    def dequant_s(self, weight_format: str, params: float) -> float:
+        """Time to dequantize `params` parameters of `weight_format` ("" = unquantized: 0)."""
+        rate = self.dequant_params_per_s.get(weight_format, 0.0) if weight_format else 0.0
+        return params / rate if rate > 0 else 0.0
 
     @property
     def weight_read_gbps(self) -> float:

@@ -32,6 +32,13 @@ from moegen.errors import ConfigError
 
 MODULES = ("embedding", "attention", "norms", "router", "routed_experts", "shared_experts", "dense_mlp", "lm_head")
 GATED_MLP_MATRICES = 3   # gate, up, down: every expert and dense MLP of these families is SwiGLU
+# Stored bytes per parameter of a quantized GEMM weight, scales included (moegen.layers.quantized):
+# FP8 + one float32 scale per 128x128 block; GPTQ codes + per group of 128 a float16 scale and a
+# packed zero point (the per-input-feature g_idx, 4 bytes per column of a matrix, is left out).
+WEIGHT_FORMAT_BYTES = {"fp8": 1 + 4 / (128 * 128), "int8": 1 + (2 + 1) / 128, "int4": 0.5 + (2 + 0.5) / 128}
+# Modules whose GEMM weights a quantized checkpoint stores quantized (embeddings, lm_head, norms
+# and routers stay in the model dtype, as DeepSeek-V3's FP8 and the GPTQ releases keep them).
+QUANTIZED_MODULES = ("attention", "routed_experts", "shared_experts", "dense_mlp")
 
 
 def _sum_ctx(first: int, last: int, window: int = 0) -> int:
@@ -63,6 +70,10 @@ class GQASpec:
     def linear_params(self, hidden: int) -> int:
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         return hidden * (q + 2 * kv) + q * hidden
+
+    def quantized_params(self, hidden: int) -> int:
+        """Parameters a quantized checkpoint keeps quantized: the projections."""
+        return self.linear_params(hidden)
 
     def params(self, hidden: int) -> int:
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -97,6 +108,11 @@ class MLASpec:
         kv_b = self.kv_lora_rank * n * (self.qk_nope_head_dim + self.v_head_dim)
         return q + kv_a + kv_b + n * self.v_head_dim * hidden
 
+    def quantized_params(self, hidden: int) -> int:
+        """Parameters kept quantized: all projections but kv_b_proj, which the loader dequantizes
+        (absorbed decode views it per head)."""
+        return self.linear_params(hidden) - self.kv_lora_rank * self.n_heads * (self.qk_nope_head_dim + self.v_head_dim)
+
     def params(self, hidden: int) -> int:
         norms = self.kv_lora_rank + self.q_lora_rank     # kv_a_layernorm (+ q_a_layernorm)
         bias = (self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim + hidden) if self.bias else 0
@@ -130,6 +146,7 @@ class ModelSpec:
     router_bias: bool = False               # DeepSeek-V3 e_score_correction_bias [E]
     sliding_windows: tuple[int, ...] = ()   # per layer, 0 = full attention; () = none anywhere
     tie_word_embeddings: bool = False
+    weight_format: str = ""                 # GEMM weights quantized: a WEIGHT_FORMAT_BYTES key; "" = model dtype
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -141,6 +158,8 @@ class ModelSpec:
             raise ConfigError(f"{where}: {len(self.sliding_windows)} sliding windows for {self.num_layers} layers")
         if any(self.moe_layer_mask) and not 0 < self.top_k <= self.num_experts:
             raise ConfigError(f"{where}: num_experts_per_tok={self.top_k} with {self.num_experts} experts")
+        if self.weight_format and self.weight_format not in WEIGHT_FORMAT_BYTES:
+            raise ConfigError(f"{where}: weight format {self.weight_format!r}; known: {', '.join(WEIGHT_FORMAT_BYTES)}")
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -244,29 +263,43 @@ class ModelSpec:
 
     # ---- weight bytes -------------------------------------------------------------------------
 
-    def weight_bytes(self, dtype_bytes: float = 2) -> dict[str, int]:
-        """Whole-model weight bytes by module, plus "total"."""
-        out = {m: int(n * dtype_bytes) for m, n in self.params_by_module().items()}
+    def gemm_weight_bytes_per_param(self, dtype_bytes: float = 2) -> float:
+        """Stored bytes of one parameter of a GEMM weight: the quantized format's, else dtype_bytes."""
+        return WEIGHT_FORMAT_BYTES[self.weight_format] if self.weight_format else dtype_bytes
+
+    def _stored_bytes(self, params: dict[str, int], quantized_attention: int, dtype_bytes: float) -> dict[str, int]:
+        """Bytes by module of `params`, the quantized modules at the format's rate (of attention,
+        only `quantized_attention` parameters; its norms, biases and MLA's kv_b stay in dtype)."""
+        out = {m: int(n * dtype_bytes) for m, n in params.items()}
+        if self.weight_format:
+            saved = dtype_bytes - self.gemm_weight_bytes_per_param(dtype_bytes)
+            for m in QUANTIZED_MODULES:
+                quantized = quantized_attention if m == "attention" else params.get(m, 0)
+                out[m] = int(params.get(m, 0) * dtype_bytes - quantized * saved)
         out["total"] = sum(out.values())
         return out
 
+    def weight_bytes(self, dtype_bytes: float = 2) -> dict[str, int]:
+        """Whole-model weight bytes by module as stored (see weight_format), plus "total"."""
+        attention = self.num_layers * self.attention.quantized_params(self.hidden_size)
+        return self._stored_bytes(self.params_by_module(), attention, dtype_bytes)
+
     def layer_weight_bytes(self, layer: int, dtype_bytes: float = 2) -> dict[str, int]:
-        out = {m: int(n * dtype_bytes) for m, n in self.layer_params(layer).items()}
-        out["total"] = sum(out.values())
-        return out
+        return self._stored_bytes(self.layer_params(layer), self.attention.quantized_params(self.hidden_size),
+                                  dtype_bytes)
 
     def expert_bytes(self, dtype_bytes: float = 2) -> int:
         """One routed expert: the unit the engine streams (or skips) per layer."""
-        return int(self.expert_params() * dtype_bytes)
+        return int(self.expert_params() * self.gemm_weight_bytes_per_param(dtype_bytes))
 
     def non_expert_bytes(self, dtype_bytes: float = 2) -> int:
         """Weights read once per forward pass whatever the routing: attention, norms, routers,
         shared experts, dense MLP layers, final norm and lm_head (not the embedding table, of
         which a pass reads only its tokens' rows)."""
-        by_module = self.params_by_module()
+        by_module = self.weight_bytes(dtype_bytes)
         skip = by_module["routed_experts"] + by_module["embedding"]
-        head = self.vocab_size * self.hidden_size if self.tie_word_embeddings else 0
-        return int((sum(by_module.values()) - skip + head) * dtype_bytes)
+        head = int(self.vocab_size * self.hidden_size * dtype_bytes) if self.tie_word_embeddings else 0
+        return by_module["total"] - skip + head
 
     # ---- FLOPs per token ----------------------------------------------------------------------
 
@@ -336,13 +369,15 @@ class ModelSpec:
 
     # ---- FLOPs per sequence -------------------------------------------------------------------
 
-    def prefill_flops(self, prompt_len: int) -> int:
+    def prefill_flops(self, prompt_len: int, cached: int = 0) -> int:
         """One prompt, causal (token i attends over i+1 keys), logits for the last token only.
-        MLA runs expanded K/V in prefill."""
-        if prompt_len <= 0:
+        MLA runs expanded K/V in prefill. cached: leading tokens whose K/V was reused (a shared
+        prefix): only the others run, each still attending over its whole context; none run for
+        a prompt all reused (a forked sample shares its prompt's logits)."""
+        if prompt_len - cached <= 0:
             return 0
-        core = self._attn_core_sum(1, prompt_len, mla_absorbed=False)
-        return prompt_len * self.context_free_flops() + core + self.lm_head_flops()
+        core = self._attn_core_sum(cached + 1, prompt_len, mla_absorbed=False)
+        return (prompt_len - cached) * self.context_free_flops() + core + self.lm_head_flops()
 
     def decode_flops(self, context_len: int) -> int:
         """One decode token attending over context_len keys (itself included), with its logits."""
@@ -427,7 +462,14 @@ def _spec_fields(model, where: str) -> dict:
             "num_layers": len(layers), "tie_word_embeddings": model.tie_word_embeddings,
             "attention": _alike([_attention_spec(layer.attn) for layer in layers], "attention", where, none=None),
             "moe_layer_mask": tuple(layer.is_moe for layer in layers), "dense_intermediate": dense,
-            "sliding_windows": windows if any(windows) else (), **moe}
+            "sliding_windows": windows if any(windows) else (), "weight_format": _weight_format(model.config), **moe}
+
+
+def _weight_format(config) -> str:
+    """The stored format of the GEMM weights, from the config's quantization_config."""
+    from moegen.loader import quant_scheme
+    scheme = quant_scheme(config)
+    return scheme.weight_format if scheme is not None else ""
 
 
 def expected_distinct_experts(num_experts: int, top_k: int, tokens: float) -> float:

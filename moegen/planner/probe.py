@@ -31,10 +31,12 @@ import torch
 
 from moegen.errors import MoegenError
 from moegen.layers.linear import linear, pack_weight, packing_supported
+from moegen.layers.quantized import (DEQUANT_CHUNK_BYTES, DEVICE_DEQUANT_CHUNK_BYTES, SCRATCH, map_tensors,
+                                     quantize_fp8, quantize_int)
 
 log = logging.getLogger("moegen")
-SCHEMA = 3   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
-             # prompt attention and elementwise bandwidth
+SCHEMA = 4   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
+             # prompt attention and elementwise bandwidth; 4: dequantization rates of quantized weights
 GEMM_DTYPES = ("float32", "bfloat16", "float16")
 # (tokens, in_features, out_features): an expert's up/gate GEMM at small (Qwen/OLMoE-sized,
 # H=1024 -> 3584) and Mixtral-sized (4096 -> 14336) widths, over the token counts one expert
@@ -216,6 +218,31 @@ def measure_elementwise(quick: bool) -> float:
     return rows * width * 3 // 2 * 2 / seconds / 1e9      # read gate|up, write half as much
 
 
+# ---- dequantization of quantized weights ------------------------------------------------------
+
+# An expert-shaped weight [out, in], quantized in each format the engine runs.
+DEQUANT_SHAPE = (3584, 1024)
+DEQUANT_FORMATS = {"fp8": quantize_fp8, "int8": lambda w: quantize_int(w, 8), "int4": lambda w: quantize_int(w, 4)}
+
+
+def measure_dequant(device: str, quick: bool) -> dict:
+    """Parameters per second the engine dequantizes into bf16 (its chunked path, chunk sizes as
+    the engine's per device), per format: the cost a quantized GEMM pays on top of bf16's."""
+    w = torch.randn(*DEQUANT_SHAPE) * 0.02
+    out = {}
+    for name, make in DEQUANT_FORMATS.items():
+        q = map_tensors(make(w), lambda t: t.to(device))
+        n, k = q.shape
+        step = q.chunk_rows(DEQUANT_CHUNK_BYTES if device == "cpu" else DEVICE_DEQUANT_CHUNK_BYTES)
+
+        def run():
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                q.dequantize_rows(lo, hi, SCRATCH.get((hi - lo, k), torch.bfloat16, device))
+        out[name] = n * k / best_time_s(run, _sync_fn(device), 0.05 if quick else 0.2)
+    return out
+
+
 # ---- decode attention -------------------------------------------------------------------------
 
 def torch_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=0):
@@ -329,7 +356,8 @@ def _measure_all(kind: str, quick: bool) -> dict:
               "gemm": gemm,
               "gemm_best_flops_per_s": {name: r["best_flops_per_s"] for name, r in gemm.items()},
               "host_mem_bw_gbps": measure_host_bandwidth(quick),
-              "cpu_attention": measure_attention(quick)}
+              "cpu_attention": measure_attention(quick),
+              "dequant_params_per_s": measure_dequant(kind, quick)}
     if kind == "cpu":
         result["cpu_prefill_attention"] = measure_prefill_attention(quick)
         result["elementwise_gbps"] = measure_elementwise(quick)
@@ -452,6 +480,8 @@ def format_probe(result: dict) -> str:
                       f"causal, {a['seqs']} prompts x {a['prompt_len']}, {a['n_heads']}/{a['n_kv_heads']} heads")
     if "elementwise_gbps" in result:
         table.add_row("CPU elementwise pass", f"{result['elementwise_gbps']:.1f} GB/s", "SwiGLU activation, read + write")
+    for fmt, rate in (result.get("dequant_params_per_s") or {}).items():
+        table.add_row(f"dequantize {fmt} -> bf16", _si(rate, "param/s"), f"[{DEQUANT_SHAPE[0]}, {DEQUANT_SHAPE[1]}] weight")
     out = io.StringIO()
     Console(file=out, width=120, color_system=None).print(table)
     return out.getvalue()

@@ -3,8 +3,9 @@
 Memory accounting (what must fit):
 - host: every weight (memory-mapped on the CPU, pinned copies with CUDA) + the KV cache of G
   sequences of prompt_len + gen_len tokens (rounded up to whole blocks, as the engine admits a
-  sequence only with blocks for its whole lifetime) + activations when the CPU computes + a reserve
-  for the Python/torch runtime;
+  sequence only with blocks for its whole lifetime; with shared prefixes, of their computed
+  prompt tokens + gen_len each, the shared blocks being held once) + activations when the CPU
+  computes + a reserve for the Python/torch runtime;
 - device (cuda): the resident weights (embedding/lm_head always) + num_buffers streaming buffers of
   the largest module + activations of the largest pass + a reserve for the CUDA context and
   fragmentation.
@@ -60,8 +61,11 @@ class _Budget:
     def __post_init__(self):
         db = self.job.dtype_bytes
         self.weights = self.spec.weight_bytes(db)["total"]
-        blocks = math.ceil(self.job.seq_tokens / self.block_size)
-        self.kv_per_seq = blocks * self.block_size * self.spec.kv_bytes_per_token(db)
+        per_block = self.block_size * self.spec.kv_bytes_per_token(db)
+        # G sequences hold G times a sequence's own KV (shared prefix blocks are held once, see
+        # JobShape.kv_tokens); any one sequence still needs its whole lifetime's blocks
+        self.kv_per_seq = math.ceil(self.job.kv_tokens / self.block_size) * per_block
+        self.kv_one_seq = math.ceil(self.job.seq_tokens / self.block_size) * per_block
         self.cuda = self.hw.device == "cuda"
         self.buffer = buffer_bytes(self.spec, db) if self.cuda else 0
         self.model_group = model_group_bytes(self.spec, db)
@@ -75,8 +79,7 @@ class _Budget:
 
     def pass_act(self, G: int, per_pass: int, chunk: int) -> int:
         """Largest working set of a prefill pass or a decode step."""
-        P = self.job.prompt_len
-        pre_tokens = per_pass * P
+        pre_tokens = per_pass * self.job.prefill_len
         pre = self.compute_act(pre_tokens, per_pass, min(chunk or pre_tokens, pre_tokens), True)
         dec = self.compute_act(G, G, min(chunk or G, G), False)
         return max(pre, dec)
@@ -111,7 +114,7 @@ class _Budget:
 
 def _host_error(b: _Budget, G: int, act: int, what: str | None = None) -> PlanError:
     free = b.host_free_for_kv(act)
-    need = G * b.kv_per_seq
+    need = b.kv_one_seq if G == 1 else G * b.kv_per_seq
     seqs = "one sequence" if G == 1 else f"{G} sequences"
     detail = (f"budget {format_bytes(b.host_bytes)} - weights {format_bytes(b.weights)} - activations "
               f"{format_bytes(act)} - reserve {format_bytes(HOST_RESERVE_BYTES)}")
@@ -167,7 +170,7 @@ def search(spec: ModelSpec, hw: Hardware, job: JobShape, host_memory_bytes: int 
     Raises PlanError naming the memory that is short, and by how much."""
     ov = plan_overrides(overrides)
     b = _budget(spec, hw, job, host_memory_bytes, device_memory_bytes, ov)
-    min_chunk = int(ov["expert_chunk"]) if "expert_chunk" in ov else b.expert_chunk(job.prompt_len)
+    min_chunk = int(ov["expert_chunk"]) if "expert_chunk" in ov else b.expert_chunk(job.prefill_len)
     _check_one_sequence_fits(b, ov, min_chunk)
     plans, misses = [], []
     for candidate in _candidates(b, ov, min_chunk):
@@ -195,7 +198,7 @@ def _budget(spec: ModelSpec, hw: Hardware, job: JobShape, host_memory_bytes: int
 def _check_one_sequence_fits(b: _Budget, ov: dict, min_chunk: int) -> None:
     """The least any plan needs: one sequence, one prompt per pass, the fewest buffers."""
     host_act = b.host_act(1, 1, 1, min_chunk)
-    if b.host_free_for_kv(host_act) < b.kv_per_seq:
+    if b.host_free_for_kv(host_act) < b.kv_one_seq:
         raise _host_error(b, 1, host_act)
     if b.cuda:
         nb = int(ov.get("num_buffers", MIN_NUM_BUFFERS))
@@ -211,9 +214,9 @@ def _batch_sizes(b: _Budget, ov: dict, min_chunk: int) -> list[int]:
     g_cap = b.host_free_for_kv(b.host_act(1, 1, 1, min_chunk)) // b.kv_per_seq
     if "kv_cache_bytes" in ov:
         kv_override = int(ov["kv_cache_bytes"])
-        if kv_override < b.kv_per_seq:
+        if kv_override < b.kv_one_seq:
             raise PlanError(f"host memory: kv_cache_bytes={format_bytes(kv_override)} holds no sequence of "
-                            f"{b.job.seq_tokens} tokens ({format_bytes(b.kv_per_seq)} each)")
+                            f"{b.job.seq_tokens} tokens ({format_bytes(b.kv_one_seq)} each)")
         g_cap = min(g_cap, kv_override // b.kv_per_seq)
     if "max_batch" in ov:
         G = int(ov["max_batch"])
@@ -226,7 +229,7 @@ def _batch_sizes(b: _Budget, ov: dict, min_chunk: int) -> list[int]:
 
 
 def _prompts_per_pass(b: _Budget, ov: dict, g_eff: int) -> list[int]:
-    P = b.job.prompt_len
+    P = b.job.prefill_len         # the prefill budget counts the tokens computed
     if "max_prefill_tokens" in ov:
         return [max(1, min(g_eff, int(ov["max_prefill_tokens"]) // P))]
     engine_default = max(1, min(g_eff, DEFAULT_MAX_PREFILL_TOKENS // P))
@@ -235,7 +238,7 @@ def _prompts_per_pass(b: _Budget, ov: dict, g_eff: int) -> list[int]:
 
 def _candidates(b: _Budget, ov: dict, min_chunk: int) -> Iterator[_Candidate]:
     """Every combination of the choices searched (or fixed by ov), largest G first."""
-    N, P = b.job.num_sequences, b.job.prompt_len
+    N, P = b.job.num_sequences, b.job.prefill_len
     if "num_buffers" in ov:
         buffers = [int(ov["num_buffers"])]
     else:   # on the CPU nothing streams: the count does not matter
@@ -261,7 +264,7 @@ def _fits(b: _Budget, ov: dict, c: _Candidate) -> Plan | _Miss:
     common = dict(device=b.hw.device, max_batch=c.max_batch, attn_micro_batch=c.attn_micro_batch,
                   expert_chunk=c.expert_chunk, num_buffers=c.num_buffers, kv_cache_bytes=kv_bytes,
                   block_size=b.block_size,
-                  max_prefill_tokens=int(ov.get("max_prefill_tokens", c.prompts_per_pass * b.job.prompt_len)),
+                  max_prefill_tokens=int(ov.get("max_prefill_tokens", c.prompts_per_pass * b.job.prefill_len)),
                   activation_bytes=b.pass_act(g_eff, c.prompts_per_pass, c.expert_chunk))
     if not b.cuda:
         return Plan(**common)
@@ -313,10 +316,10 @@ def plan_from_engine_config(spec: ModelSpec, hw: Hardware, engine_config, job: J
     kv_cache = int(get("kv_cache_bytes", default_kv_cache_bytes(hw.host_memory_bytes)))
     blocks_per_seq = math.ceil(job.seq_tokens / block)
     block_bytes = block * spec.kv_bytes_per_token(db)
-    fits = (kv_cache // block_bytes) // blocks_per_seq
-    if fits < 1:
+    if kv_cache // block_bytes < blocks_per_seq:
         raise PlanError(f"host memory: the engine's KV cache ({format_bytes(kv_cache)}) holds no sequence of "
                         f"{job.seq_tokens} tokens ({format_bytes(blocks_per_seq * block_bytes)} each)")
+    fits = (kv_cache // block_bytes) // math.ceil(job.kv_tokens / block)    # shared prefixes held once
     G = max(1, min(int(get("max_batch", DEFAULT_MAX_BATCH)), fits))
     A = int(get("attn_micro_batch", DEFAULT_ATTN_MICRO_BATCH)) or G
     nb = int(get("num_buffers", DEFAULT_NUM_BUFFERS))

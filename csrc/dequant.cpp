@@ -1,0 +1,200 @@
+// Dequantization of quantized linear weights into bf16 chunks, for the CPU GEMM path
+// (moegen/layers/quantized.py documents the two layouts and calls these).
+//
+// PyTorch spends 6-10 passes over a chunk (unpack, permute, gather zero points and scales,
+// subtract, convert, multiply, round); here each output element is made in one pass from the
+// packed words. The arithmetic is the torch path's, element for element: the code minus its
+// zero point is an exact integer, converted to float32, times the float32 scale (one rounding),
+// then rounded to bf16 (nearest even), so both paths give identical bf16 weights.
+//
+//   dequant_gptq(qweight [K/p, N] i32, qzeros [G, N/p] i32, scales [G, N] f16, g_idx [K] i32,
+//                bits, zero_offset, lo, hi, out [hi-lo, K] bf16)
+//   dequant_fp8(data [N, K] float8_e4m3fn, scales [ceil(N/bn), ceil(K/bk)] f32, bn, bk,
+//               lo, hi, out [hi-lo, K] bf16)
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#ifndef MOEGEN_OPS_NS
+#define MOEGEN_OPS_NS moegen_ops
+#endif
+
+namespace moegen_dq {
+namespace {
+
+constexpr int64_t kTile = 32;   // output rows made together: their packed words are adjacent
+
+void check(bool ok, const char* what) { TORCH_CHECK_VALUE(ok, "dequant: ", what); }
+
+void check_out(const at::Tensor& out, int64_t rows, int64_t k) {
+  check(out.device().is_cpu() && out.is_contiguous(), "out must be a contiguous CPU tensor");
+  check(out.scalar_type() == c10::ScalarType::BFloat16, "out must be bfloat16");
+  check(out.dim() == 2 && out.size(0) == rows && out.size(1) == k, "out must be [hi - lo, K]");
+}
+
+// The zero points and scales of group g for the tile's columns lo + [c0, c1). v1 checkpoints
+// store zero - 1 mod 2^bits: read back as (stored + 1) mod 2^bits.
+void load_group(const int32_t* qz, const c10::Half* sc, int64_t g, int bits, int zero_offset, int64_t n_total,
+                int64_t lo, int64_t c0, int64_t c1, int32_t* zero, float* scale) {
+  const int p = 32 / bits;
+  const uint32_t mask = (1u << bits) - 1u;
+  const int64_t zero_words = (n_total + p - 1) / p;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t col = lo + c;
+    const uint32_t word = static_cast<uint32_t>(qz[g * zero_words + col / p]);
+    zero[c - c0] = static_cast<int32_t>(((word >> (bits * (col % p))) + zero_offset) & mask);
+    scale[c - c0] = static_cast<float>(sc[g * n_total + col]);
+  }
+}
+
+// One tile of output rows [c0, c1) (weight columns lo + c0 ...): for every input feature k, the
+// tile's zero points and scales of k's group (reloaded when the group changes), then the codes.
+void gptq_tile(const int32_t* qw, const int32_t* qz, const c10::Half* sc, const int32_t* gidx, int bits,
+               int zero_offset, int64_t n_total, int64_t k_total, int64_t lo, int64_t c0, int64_t c1,
+               c10::BFloat16* out) {
+  const int p = 32 / bits;
+  const uint32_t mask = (1u << bits) - 1u;
+  std::array<int32_t, kTile> zero{};
+  std::array<float, kTile> scale{};
+  int64_t group = -1;
+  for (int64_t k = 0; k < k_total; ++k) {
+    const int64_t g = gidx[k];
+    if (g != group) {
+      group = g;
+      load_group(qz, sc, g, bits, zero_offset, n_total, lo, c0, c1, zero.data(), scale.data());
+    }
+    const int32_t* row = qw + (k / p) * n_total + lo;
+    const int shift = bits * static_cast<int>(k % p);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int32_t code = static_cast<int32_t>((static_cast<uint32_t>(row[c]) >> shift) & mask);
+      out[c * k_total + k] = c10::BFloat16(static_cast<float>(code - zero[c - c0]) * scale[c - c0]);
+    }
+  }
+}
+
+// The common case: every word's p features share one group (g_idx = k / g with g a multiple of
+// p). Row by row of the tile, a word's p codes land next to each other in the output row, and
+// the tile's words for one k-word share a cache line of qweight.
+template <int BITS>
+void gptq_tile_words(const int32_t* qw, const int32_t* qz, const c10::Half* sc, const int32_t* gidx,
+                     int zero_offset, int64_t n_total, int64_t k_total, int64_t lo, int64_t c0, int64_t c1,
+                     c10::BFloat16* out) {
+  constexpr int P = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  std::array<int32_t, kTile> zero{};
+  std::array<float, kTile> scale{};
+  int64_t group = -1;
+  for (int64_t r = 0; r < k_total / P; ++r) {
+    const int64_t g = gidx[r * P];
+    if (g != group) {
+      group = g;
+      load_group(qz, sc, g, BITS, zero_offset, n_total, lo, c0, c1, zero.data(), scale.data());
+    }
+    const int32_t* words = qw + r * n_total + lo;
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint32_t word = static_cast<uint32_t>(words[c]);
+      const int32_t z = zero[c - c0];
+      const float s = scale[c - c0];
+      c10::BFloat16* o = out + c * k_total + r * P;
+      for (int i = 0; i < P; ++i)
+        o[i] = c10::BFloat16(static_cast<float>(static_cast<int32_t>((word >> (BITS * i)) & MASK) - z) * s);
+    }
+  }
+}
+
+bool groups_follow_words(const int32_t* gidx, int64_t k, int64_t p) {
+  for (int64_t i = 0; i < k; ++i)
+    if (gidx[i] != gidx[i - i % p]) return false;
+  return true;
+}
+
+void dequant_gptq(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                  const at::Tensor& g_idx, int64_t bits, int64_t zero_offset, int64_t lo, int64_t hi, at::Tensor out) {
+  check(bits == 4 || bits == 8, "bits must be 4 or 8");
+  const int64_t p = 32 / bits, n = qweight.size(1), k = qweight.size(0) * p;
+  check(qweight.scalar_type() == c10::ScalarType::Int && qzeros.scalar_type() == c10::ScalarType::Int,
+        "qweight and qzeros must be int32");
+  check(scales.scalar_type() == c10::ScalarType::Half, "scales must be float16");
+  check(g_idx.scalar_type() == c10::ScalarType::Int && g_idx.numel() == k, "g_idx must be int32 [K]");
+  check(0 <= lo && lo < hi && hi <= n, "need 0 <= lo < hi <= N");
+  for (const at::Tensor* t : {&qweight, &qzeros, &scales, &g_idx})
+    check(t->device().is_cpu() && t->is_contiguous(), "inputs must be contiguous CPU tensors");
+  check_out(out, hi - lo, k);
+  const int32_t* qw = qweight.data_ptr<int32_t>();
+  const int32_t* qz = qzeros.data_ptr<int32_t>();
+  const c10::Half* sc = scales.data_ptr<c10::Half>();
+  const int32_t* gi = g_idx.data_ptr<int32_t>();
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  const int64_t tiles = (hi - lo + kTile - 1) / kTile;
+  const bool by_words = groups_follow_words(gi, k, p);
+  const int off = static_cast<int>(zero_offset);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c0 = t * kTile, c1 = std::min(hi - lo, c0 + kTile);
+      if (by_words && bits == 4) {
+        gptq_tile_words<4>(qw, qz, sc, gi, off, n, k, lo, c0, c1, o);
+      } else if (by_words) {
+        gptq_tile_words<8>(qw, qz, sc, gi, off, n, k, lo, c0, c1, o);
+      } else {   // act-order: each feature's own group
+        gptq_tile(qw, qz, sc, gi, static_cast<int>(bits), off, n, k, lo, c0, c1, o);
+      }
+    }
+  });
+}
+
+// Every e4m3 byte's value (exact in float32).
+const std::array<float, 256>& fp8_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int b = 0; b < 256; ++b) t[b] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b), c10::Float8_e4m3fn::from_bits()));
+    return t;
+  }();
+  return table;
+}
+
+void dequant_fp8(const at::Tensor& data, const at::Tensor& scales, int64_t bn, int64_t bk, int64_t lo, int64_t hi,
+                 at::Tensor out) {
+  check(data.scalar_type() == c10::ScalarType::Float8_e4m3fn, "data must be float8_e4m3fn");
+  check(scales.scalar_type() == c10::ScalarType::Float, "scales must be float32");
+  check(data.device().is_cpu() && data.is_contiguous() && scales.is_contiguous(), "inputs must be contiguous CPU tensors");
+  const int64_t n = data.size(0), k = data.size(1), kb = scales.size(1);
+  check(bn > 0 && bk > 0 && 0 <= lo && lo < hi && hi <= n, "need positive blocks and 0 <= lo < hi <= N");
+  check_out(out, hi - lo, k);
+  const uint8_t* d = reinterpret_cast<const uint8_t*>(data.data_ptr());
+  const float* s = scales.data_ptr<float>();
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  const std::array<float, 256>& table = fp8_table();
+  at::parallel_for(lo, hi, std::max<int64_t>(1, 16384 / k), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = d + r * k;
+      const float* srow = s + (r / bn) * kb;
+      c10::BFloat16* orow = o + (r - lo) * k;
+      for (int64_t j0 = 0; j0 < k; j0 += bk) {
+        const float scale = srow[j0 / bk];
+        const int64_t j1 = std::min(k, j0 + bk);
+        for (int64_t j = j0; j < j1; ++j) orow[j] = c10::BFloat16(table[row[j]] * scale);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace moegen_dq
+
+#define MOEGEN_DQ_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+
+MOEGEN_DQ_FRAGMENT(MOEGEN_OPS_NS, m) {
+  m.def("dequant_gptq(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, int zero_offset, "
+        "int lo, int hi, Tensor(a!) out) -> ()", &moegen_dq::dequant_gptq);
+  m.def("dequant_fp8(Tensor data, Tensor scales, int bn, int bk, int lo, int hi, Tensor(a!) out) -> ()",
+        &moegen_dq::dequant_fp8);
+}
