@@ -1,7 +1,7 @@
 """Prefix sharing on vs off, one process, one model: the three workloads of issue #16.
 
-    python benchmarks/bench_prefix_sharing.py --model runs/fixtures/mixtral-bench [--json out.json]
-    python benchmarks/bench_prefix_sharing.py --model runs/fixtures/mixtral-bench --limit 4   # smoke run
+    PYTHONPATH=. python benchmarks/bench_prefix_sharing.py --model runs/fixtures/mixtral-bench [--json out.json]
+    PYTHONPATH=. python benchmarks/bench_prefix_sharing.py --model runs/fixtures/mixtral-bench --limit 4   # smoke
 
 - mc: lm-eval's gsm8k_mc_local (5-shot, 4 choices per question) through the moegen lm-eval
   backend over the test questions (all 1,319 unless --limit): wall time, accuracy.

@@ -1,6 +1,6 @@
 """bf16 vs fp8 vs int8 vs int4 weights: host bytes, peak RSS, end-to-end tok/s, and the accuracy cost.
 
-    python benchmarks/bench_quantized.py [--formats bf16,fp8,int8,int4] [--workload synthetic:prompt=128,gen=32,n=64]
+    PYTHONPATH=. python benchmarks/bench_quantized.py [--formats bf16,fp8,int8,int4] [--workload synthetic:prompt=128,gen=32,n=64]
                                          [--ppl-rows 100] [--json runs/bench_quantized.json]
 
 Throughput: `moegen bench`'s own run (moegen.harness.bench.run_bench, system moegen, bf16

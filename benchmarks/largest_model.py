@@ -1,8 +1,8 @@
 """The largest model that runs on this machine: Qwen3-30B-A3B's shapes with fewer layers, sized
 past what bf16 can hold here, run end to end with int8 and int4 weights made directly quantized.
 
-    python benchmarks/largest_model.py [--layers 24] [--formats int8,int4] [--workload prompt=64,gen=16,n=32]
-    python benchmarks/largest_model.py --smoke        # 2 layers, 16 experts: checks the script, not the machine
+    PYTHONPATH=. python benchmarks/largest_model.py [--layers 24] [--formats int8,int4] [--workload prompt=64,gen=16,n=32]
+    PYTHONPATH=. python benchmarks/largest_model.py --smoke        # 2 layers, 16 experts: checks the script, not the machine
 
 24 layers of Qwen3-30B-A3B (hidden 2048, 128 experts of width 768, top-8, 32/4 heads, vocab
 151936) are 15.6 G parameters: 29 GiB in bf16, more than this 24 GiB machine, so bf16 is only
@@ -83,7 +83,7 @@ def main():
         return
     from moegen.planner.model_spec import ModelSpec
     spec = ModelSpec.from_config(model_config(args.layers, args.smoke))
-    print(f"Qwen3-30B-A3B shapes, {args.layers} layers{' (smoke)' if args.smoke else ''}: "
+    print(f"Qwen3-30B-A3B shapes, {spec.num_layers} layers{' (smoke)' if args.smoke else ''}: "
           f"{spec.total_params() / 1e9:.2f} G params, bf16 {spec.weight_bytes(2)['total'] / 2**30:.1f} GiB "
           f"(not built); workload {workload}\n")
     print("| format | weights GiB | peak RSS GiB | RSS / weights | build s | G | prefill tok/s | decode tok/s | "

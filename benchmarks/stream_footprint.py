@@ -1,7 +1,7 @@
 """Host footprint of CUDA weight streaming: DeepSeek-V2-Lite shapes (dummy weights), bf16 vs fp8.
 
-    python benchmarks/stream_footprint.py [--formats bf16,fp8] [--device-memory 16GiB] [--prompt 512 --gen 256 --n 256]
-    python benchmarks/stream_footprint.py --device cpu --streaming staged --layers 2 --n 4 --prompt 16 --gen 4   # smoke
+    PYTHONPATH=. python benchmarks/stream_footprint.py [--formats bf16,fp8] [--device-memory 16GiB] [--prompt 512 --gen 256 --n 256]
+    PYTHONPATH=. python benchmarks/stream_footprint.py --device cpu --streaming staged --layers 2 --n 4 --prompt 16 --gen 4   # smoke
 
 Each format in a fresh process: the model is made in host memory (fp8: each GEMM weight drawn
 and block-quantized on its own), the engine pins it once for streaming (weight_stream.pin_weights)
