@@ -31,7 +31,12 @@
 namespace moegen_dq {
 namespace {
 
-constexpr int64_t kTile = 32;   // output rows made together: their packed words are adjacent
+// Output rows made together: their packed words are adjacent in qweight. Few, because their
+// rows (K apart) tend to fall in the same cache sets and must all stay in L1 while written.
+#ifndef MOEGEN_DQ_TILE
+#define MOEGEN_DQ_TILE 8
+#endif
+constexpr int64_t kTile = MOEGEN_DQ_TILE;
 
 void check(bool ok, const char* what) { TORCH_CHECK_VALUE(ok, "dequant: ", what); }
 

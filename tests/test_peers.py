@@ -221,6 +221,15 @@ def test_peers_list_shows_installed_peers_with_versions(fake_peers, capsys, tmp_
         cli_main(["peers", "install", "nosuchpeer"])
 
 
+def test_llama_cpp_build_takes_the_cpus_isa_but_never_amx():
+    flags = {"avx", "avx2", "fma", "f16c", "avx512f", "avx512cd", "avx512vl", "avx512dq", "amx_tile", "amx_int8"}
+    options = peers.ggml_isa_options(flags)
+    assert options[0] == "-DGGML_NATIVE=OFF" and "-DGGML_AVX2=ON" in options
+    assert "-DGGML_AVX512=OFF" in options                    # avx512bw missing: not all five
+    assert not any("AMX" in o for o in options)              # -march=native would turn it on
+    assert peers.ggml_isa_options(set()) == ["-DGGML_NATIVE=ON"]
+
+
 def test_cpu_list_writes_ranges():
     assert peers.cpu_list([0, 1]) == "0-1"
     assert peers.cpu_list([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"

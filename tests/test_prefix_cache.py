@@ -212,3 +212,18 @@ def test_planner_fits_more_sequences_when_blocks_are_shared():
     shared, _ = search(spec, CPU, JobShape(800, 64, 512, computed_prompt_len=100), overrides={"kv_cache_bytes": kv})
     assert whole.max_batch <= 40 < shared.max_batch
     assert shared.max_prefill_tokens % 100 == 0
+
+
+def test_generate_rows_carry_every_sample_with_n(tmp_path, tiny_fixture):
+    from moegen.cli import main
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in (PREFIX, PROMPTS[1])))
+    code = main(["generate", "--model", str(tiny_fixture("mixtral")), "--input", str(src), "--out", str(out),
+                 "--max-new-tokens", "4", "--dtype", "float32", "--quiet", "--host-memory", "16MB", "--ignore-eos",
+                 "--n", "3", "--temperature", "0.9", "--seed", "5", "--max-batch", "8", "--attn-micro-batch", "0",
+                 "--max-prefill-tokens", "512"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 0 and [r["index"] for r in rows] == [0, 1]
+    for row in rows:
+        assert [s["sample"] for s in row["samples"]] == [0, 1, 2] and row["token_ids"] == row["samples"][0]["token_ids"]
+        assert all(len(s["token_ids"]) == 4 for s in row["samples"])

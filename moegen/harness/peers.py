@@ -203,25 +203,62 @@ def find_one(tree: Path, name: str) -> Path:
     return found[0]
 
 
+# x86 ISA extensions (as /proc/cpuinfo names them) -> the ggml option that compiles their kernels in
+GGML_ISA = {("sse4_2",): "GGML_SSE42", ("f16c",): "GGML_F16C", ("fma",): "GGML_FMA", ("bmi2",): "GGML_BMI2",
+            ("avx",): "GGML_AVX", ("avx2",): "GGML_AVX2", ("avx_vnni",): "GGML_AVX_VNNI",
+            ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"): "GGML_AVX512",
+            ("avx512vbmi",): "GGML_AVX512_VBMI", ("avx512_vnni",): "GGML_AVX512_VNNI",
+            ("avx512_bf16",): "GGML_AVX512_BF16"}
+LLAMA_CPP_EXTRA_CMAKE_ENV = "MOEGEN_LLAMA_CPP_CMAKE_ARGS"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+def ggml_isa_options(flags: set[str]) -> list[str]:
+    """cmake options for the CPU's own ISA, every extension it lists except AMX. Not GGML_NATIVE:
+    -march=native also turns on AMX where cpuinfo lists it, and on these VMs the AMX tiles trap
+    (SIGILL in llama.cpp's q8_0 kernel) though listed. Where AMX works, add -DGGML_AMX_TILE=ON
+    -DGGML_AMX_INT8=ON -DGGML_AMX_BF16=ON through $MOEGEN_LLAMA_CPP_CMAKE_ARGS. No cpuinfo (not
+    Linux on x86): native."""
+    if "avx" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{option}={'ON' if set(need) <= flags else 'OFF'}"
+                                    for need, option in GGML_ISA.items()]
+
+
 def install_llama_cpp(home: Path, run: StepRunner) -> dict:
     source = fetch_llama_cpp_source(home, run)
     build = home / "build"
+    isa = ggml_isa_options(cpu_flags())
+    extra = os.environ.get(LLAMA_CPP_EXTRA_CMAKE_ENV, "").split()
     # no web UI (its assets would be fetched from a hub at build time) and no HTTPS: the benchmark
     # talks to the server over localhost only
     run("configuring llama.cpp (cmake)", ["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release",
-                                          "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_UI=OFF",
-                                          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF"])
+                                          *isa, "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_UI=OFF",
+                                          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", *extra])
     run(f"building {', '.join(LLAMA_CPP_TOOLS)} (~15 min on 2 cores)",
         ["cmake", "--build", build, "--config", "Release", "-j", str(os.cpu_count() or 1), "--target", *LLAMA_CPP_TOOLS])
     tools = {tool: str(find_one(build / "bin", tool)) for tool in LLAMA_CPP_TOOLS}
     return {"version": LLAMA_CPP_RELEASE,
             "versions": {"llama.cpp": LLAMA_CPP_RELEASE, LLAMA_CPP_SDIST: LLAMA_CPP_SDIST_VERSION},
-            "build": {"native": True, "type": "Release"},
+            "build": {"type": "Release", "cmake": isa + extra},
             "paths": {**tools, "converter": str(source / "convert_hf_to_gguf.py"), "gguf_py": str(source / "gguf-py")}}
 
 
 def fetch_llama_cpp_source(home: Path, run: StepRunner) -> Path:
-    """The sdist from the registry, unpacked; the llama.cpp tree is the folder holding the converter."""
+    """The sdist from the registry, unpacked; the llama.cpp tree is the folder holding the converter.
+    A tree of this version already unpacked is kept (with its timestamps, so that a rebuild after an
+    interrupted or reconfigured install compiles only what changed)."""
+    unpacked = home / "src"
+    kept = unpacked / f"{LLAMA_CPP_SDIST.replace('-', '_')}-{LLAMA_CPP_SDIST_VERSION}" / "llama.cpp"
+    if (kept / "convert_hf_to_gguf.py").is_file():
+        return kept
     download = home / "sdist"
     shutil.rmtree(download, ignore_errors=True)
     # --no-binary for this package alone: with :all: pip also builds its build requirements (cmake)
@@ -230,7 +267,6 @@ def fetch_llama_cpp_source(home: Path, run: StepRunner) -> Path:
         [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", LLAMA_CPP_SDIST,
          f"{LLAMA_CPP_SDIST}=={LLAMA_CPP_SDIST_VERSION}", "-d", download])
     archive = find_one(download, "*.tar.gz")
-    unpacked = home / "src"
     shutil.rmtree(unpacked, ignore_errors=True)
     with tarfile.open(archive) as tar:
         tar.extractall(unpacked, filter="data")
