@@ -53,15 +53,16 @@ class Runner:
     def prefill(self, seqs) -> torch.Tensor:
         """Run the prompts (their uncached tails); returns last-token logits [B, V], one row per
         sequence of seqs (a forked sample gets its leader's row)."""
-        x, runs, ends = self._run_prompts(seqs)
-        last = torch.tensor([ends[r] - 1 for r in fork_rows(seqs, runs)], device=self.device)
-        return self.logits(x[last])
+        return self._prefill(seqs, [False] * len(seqs))[0]
 
     @torch.inference_mode()
     def prefill_with_prompt_states(self, seqs, wanted: list[bool]):
         """prefill()'s logits, and per sequence of seqs whose flag is set the hidden states of its
         prompt positions but the last ([len(prompt) - 1, H]; a fork gets its leader's), else None.
         Such a sequence reuses no cached prompt tokens (the scheduler's rule), so all are here."""
+        return self._prefill(seqs, wanted)
+
+    def _prefill(self, seqs, wanted: list[bool]):
         x, runs, ends = self._run_prompts(seqs)
         rows = fork_rows(seqs, runs)
         last = torch.tensor([ends[r] - 1 for r in rows], device=self.device)
