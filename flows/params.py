@@ -133,6 +133,10 @@ class Sampling(BaseModel):
     seed: int | None = None
     stop: list[Annotated[str, Field(min_length=1)]] = []
     ignore_eos: bool = False
+    n: PositiveInt = Field(1, description="samples per prompt, forked from one prefill (a row's `samples`)")
+    logprobs: NonNegativeInt | None = Field(None, description="per generated token: the chosen token's "
+                                            "log-probability and this many alternatives")
+    prompt_logprobs: NonNegativeInt | None = Field(None, description="likewise per prompt token")
 
 
 class TaskRunnerChoice(BaseModel):

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from moegen.harness.journal import Journal, fingerprint, write_completions
+from moegen.harness.journal import Journal, fingerprint, sampling_fingerprint, write_completions
 from moegen.harness.replicas import EngineRecipe
 
 OUTPUT = "completions.jsonl"
@@ -23,7 +23,7 @@ def generation_fingerprint(model_path: str, prompts: list, kept: list[dict], sam
     """What decides the rows: model, prompts with the fields copied beside them, sampling, and the
     engine settings that change tokens (dtype, context length)."""
     rows = [{"prompt": p, **k} for p, k in zip(prompts, kept)]
-    return fingerprint(model_path, rows, sampling, {"dtype": dtype, "max_model_len": engine.get("max_model_len")})
+    return fingerprint(model_path, rows, sampling_fingerprint(sampling), {"dtype": dtype, "max_model_len": engine.get("max_model_len")})
 
 
 @task(cache_policy=NO_CACHE, task_run_name="open-journal")

@@ -150,3 +150,19 @@ def test_unknown_task_names_are_refused_with_the_parameters():
     assert TypeAdapter(TaskNames).validate_python(["gsm8k_local"]) == ["gsm8k_local"]
     with pytest.raises(ValidationError, match="unknown task 'gsm8k_locl' \\(did you mean gsm8k_local"):
         TypeAdapter(TaskNames).validate_python(["gsm8k_locl"])
+
+
+def test_the_flows_sampling_is_the_engines():
+    """Every field of flows' Sampling is a SamplingParams field with the same default, so a flow
+    can ask for whatever `moegen generate` can (n samples, logprobs)."""
+    from dataclasses import fields
+
+    from flows.params import Sampling
+    from moegen.engine.params import SamplingParams
+    engine = {f.name: f for f in fields(SamplingParams)}
+    assert {"n", "logprobs", "prompt_logprobs"} <= set(Sampling.model_fields)
+    for name, value in Sampling().model_dump().items():
+        assert name in engine
+        default = engine[name].default_factory() if callable(engine[name].default_factory) else engine[name].default
+        assert value == default, name
+    SamplingParams(**Sampling(n=3, logprobs=2).model_dump())

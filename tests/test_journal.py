@@ -194,3 +194,22 @@ def test_differences_name_each_changed_setting():
 def test_stdout_and_fifos_are_written_once_without_a_journal(tmp_path):
     assert isinstance(open_output("-", {}), PlainOutput)
     assert isinstance(open_output(tmp_path / "new.jsonl", {}), Journal)
+
+
+def test_a_tally_counts_every_sample_of_an_n_row():
+    from moegen.harness.journal import Tally
+    tally = Tally()
+    tally.add({"prompt_token_ids": [1, 2, 3], "token_ids": [4, 5]})
+    tally.add({"prompt_token_ids": [1, 2], "token_ids": [6], "samples": [{"token_ids": [6]}, {"token_ids": [7, 8, 9]}]})
+    assert (tally.rows, tally.prompt_tokens, tally.generated_tokens) == (2, 5, 6)
+
+
+def test_sampling_fields_added_later_leave_old_fingerprints_alone():
+    from dataclasses import asdict
+
+    from moegen.engine.params import SamplingParams
+    from moegen.harness.journal import sampling_fingerprint
+    plain = sampling_fingerprint(asdict(SamplingParams(max_new_tokens=8)))
+    assert not {"n", "logprobs", "prompt_logprobs"} & set(plain)
+    assert sampling_fingerprint(asdict(SamplingParams(max_new_tokens=8, n=4, logprobs=0)))["n"] == 4
+    assert sampling_fingerprint(asdict(SamplingParams(max_new_tokens=8, logprobs=0)))["logprobs"] == 0

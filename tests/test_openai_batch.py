@@ -114,7 +114,17 @@ def test_valid_rows_go_to_the_engine_in_one_call(engine, monkeypatch):
     monkeypatch.setattr(Engine, "generate", lambda self, *a, **k: calls.append(len(a[0])) or real(self, *a, **k))
     lines = [(f"b:{i}", line) for i, line in enumerate(LINES, 1)]
     openai_batch.run_batch(engine, lines, "tiny", max_new_tokens=2)
-    assert calls == [5]                      # 4 served rows, one of them with n=2
+    assert calls == [4]                      # 4 served rows; the one with n=2 is one request of n=2
+
+
+def test_n_choices_are_samples_of_one_prefill(engine):
+    """A seeded row with n=3 answers the engine's own n=3 samples (distinct seeds), prefilled once."""
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 7, "n": 3}
+    lines = [("b:1", request("s", COMPLETIONS, body))]
+    got = openai_batch.run_batch(engine, lines, "tiny", max_new_tokens=6)[0]["response"]["body"]
+    want = engine.generate(["Once upon a time"], SamplingParams(max_new_tokens=6, temperature=1.0, seed=7, n=3))[0].samples
+    assert [c["text"] for c in got["choices"]] == [w.text for w in want]
+    assert len({w.text for w in want}) > 1   # the samples differ: not one seed copied n times
 
 
 def test_unset_sampling_is_checkpoint_then_openai_default():

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from moegen.dtypes import dtype_name
 from moegen.engine.options import ENGINE_OPTIONS, LOAD_OPTIONS, add_arguments, values_of
 from moegen.harness.journal import (FLUSH_ROWS, FLUSH_SECONDS, ORDERS, fingerprint, open_output, pending_indices,
-                                    write_completions)
+                                    sampling_fingerprint, write_completions)
 from moegen.harness.metrics import e2e_tokens_per_s
 from moegen.errors import InputError
 from moegen.harness.prompts import read_chat_prompts, read_prompts
@@ -18,7 +18,6 @@ from moegen.harness.replicas import EngineRecipe, Replicas, open_source
 from moegen.jsonl import STDOUT, output_target
 
 
-LOGPROB_FIELDS = ("logprobs", "prompt_logprobs")
 
 
 def engine_kwargs(args) -> dict:
@@ -108,11 +107,7 @@ def cli_fingerprint(args, prompts: list, params) -> dict:
     """What decides the rows (moegen.harness.journal.fingerprint): a journal of others is refused."""
     engine = {"dtype": args.dtype, "max_model_len": args.max_model_len, "truncate": args.truncate,
               "dummy_weights": args.dummy_weights}
-    # logprob settings only when set: a journal written before they existed still resumes
-    sampling = {k: v for k, v in asdict(params).items() if v is not None or k not in LOGPROB_FIELDS}
-    if sampling["n"] == 1:            # likewise one sample per prompt, as before n existed
-        del sampling["n"]
-    return fingerprint(args.model, prompts, sampling, engine)
+    return fingerprint(args.model, prompts, sampling_fingerprint(asdict(params)), engine)
 
 
 def show_progress(bar, tally) -> None:

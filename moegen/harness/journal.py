@@ -41,6 +41,17 @@ def fingerprint(model: str, rows, sampling: dict, engine: dict) -> dict:
                       "engine": engine})
 
 
+# sampling fields added after journals existed, with the value that means "as before": left out
+# of a fingerprint at that value, so a journal written before them still resumes
+_LATER_SAMPLING = {"n": 1, "logprobs": None, "prompt_logprobs": None}
+
+
+def sampling_fingerprint(sampling: dict) -> dict:
+    """The sampling part of a fingerprint: the fields of SamplingParams, less later ones at their
+    as-before value."""
+    return {k: v for k, v in sampling.items() if k not in _LATER_SAMPLING or v != _LATER_SAMPLING[k]}
+
+
 def model_identity(model: str) -> dict:
     config = Path(model) / "config.json"
     digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
@@ -265,7 +276,8 @@ class Tally:
     def add(self, row: dict) -> None:
         self.rows += 1
         self.prompt_tokens += len(row["prompt_token_ids"])
-        self.generated_tokens += len(row["token_ids"])
+        # n > 1: every sample's tokens (the row's own fields repeat sample 0's)
+        self.generated_tokens += sum(len(s["token_ids"]) for s in row.get("samples") or [row])
         self.wall_s = time.perf_counter() - self.started
 
     @property

@@ -16,7 +16,8 @@ refused unless they ask for nothing (stream false, echo false, penalties 0, ...)
 
 Unset sampling fields take the checkpoint's generation_config.json (when it says do_sample), else
 OpenAI's API defaults (temperature 1, top_p 1) -- so a row without a temperature samples, as it
-would from OpenAI or vLLM. A seeded row draws from seed + its position in the engine call.
+would from OpenAI or vLLM. A seeded row draws from seed + its position in the engine call; its
+n choices are the engine's n samples of one prefill (seed + position * n + choice).
 
 An output row, one per input row and in input order:
     {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
@@ -30,7 +31,7 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from itertools import accumulate
 from pathlib import Path
@@ -82,12 +83,19 @@ def run_batch(engine, lines, model: str, max_new_tokens: int, truncate: "str | N
     """Output rows for (where, text) lines, in their order. max_new_tokens: for rows that set none."""
     parsed = [parse_line(engine, where, text, model, max_new_tokens, truncate) for where, text in lines]
     served = [r for r in parsed if isinstance(r, BatchRequest)]
-    prompts = [r.prompt_ids for r in served for _ in range(r.n)]
-    params = [r.params for r in served for _ in range(r.n)]
+    # a row's n choices are SamplingParams(n) samples: forked from one prefill of its prompt
+    # (and distinct under one seed), not n copies of the request
+    prompts = [r.prompt_ids for r in served]
+    params = [replace(r.params, n=r.n) for r in served]
     completions = iter(engine.generate(prompts, params, progress=progress) if prompts else ())
     created, token_text = int(time.time()), token_strings(engine.tokenizer)
-    return [response_row(r, [next(completions) for _ in range(r.n)], created, token_text)
+    return [response_row(r, choices_of(next(completions)), created, token_text)
             if isinstance(r, BatchRequest) else r for r in parsed]
+
+
+def choices_of(completion) -> list:
+    """A request's completions, one per choice (n = 1: itself)."""
+    return completion.samples or [completion]
 
 
 def parse_line(engine, where: str, text: str, model: str, max_new_tokens: int, truncate) -> "BatchRequest | dict":
