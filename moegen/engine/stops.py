@@ -5,7 +5,7 @@ def eos_ids(eos) -> tuple:
     """A config's eos_token_id (None, an id or a list of ids) as a tuple."""
     if eos is None:
         return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return tuple(int(v) for v in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
 def finish_reason(seq, token: int, eos: tuple, tokenizer) -> str | None:

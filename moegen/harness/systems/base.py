@@ -142,13 +142,6 @@ def release_memory(device: str) -> None:
             torch._C._host_emptyCache()
 
 
-def eos_ids(value) -> set[int]:
-    """A config's eos_token_id (None, an int or a list) as a set."""
-    if value is None:
-        return set()
-    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
-
-
 def cut_after_eos(ids: list[int], eos: set[int], ignore_eos: bool) -> list[int]:
     """Generated ids up to and including the first EOS (what moegen returns), unless ignored."""
     if not ignore_eos:

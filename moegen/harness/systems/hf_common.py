@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from moegen.dtypes import parse_dtype
-from moegen.harness.systems.base import System, eos_ids
+from moegen.engine.stops import eos_ids
+from moegen.harness.systems.base import System
 
 # A checkpoint's generation_config.json may ask for sampling or penalties (Qwen sets
 # repetition_penalty 1.05, top_k 20...). transformers fills every setting a call leaves unset from
@@ -50,7 +51,7 @@ def make_handle(model, model_path, device, options: dict) -> HFHandle:
     except TokenizerError:          # token-id workloads need none; texts then stay empty
         tokenizer = None
     gen_cfg = model.generation_config
-    eos = eos_ids(gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else model.config.eos_token_id)
+    eos = set(eos_ids(gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else model.config.eos_token_id))
     pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else getattr(model.config, "pad_token_id", None)
     # any id works as padding (the attention mask hides it); EOS is what generate() pads with anyway
     pad = pad if pad is not None else min(eos, default=0)
