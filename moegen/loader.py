@@ -516,14 +516,21 @@ def gptq_config(bits: int, group_size: int = GPTQ_GROUP, sym: bool = True) -> di
 
 
 def random_gptq(shape, bits: int, std: float, g: torch.Generator, group_size: int = GPTQ_GROUP) -> GptqWeight:
-    """Uniform random codes around the symmetric zero, scaled to about `std`: made in place."""
+    """Uniform random codes, scaled to about `std`: made in place. Codes 0 .. 2^bits - 1 have mean
+    2^(bits-1) - 1/2, so no integer zero centres them: groups alternate between zero 2^(bits-1)
+    and 2^(bits-1) - 1 (means -1/2 and +1/2 of a code). With one zero everywhere, every weight
+    would lean the same way (int4: 11% of `std`), a rank-1 term that the positive mean of SiLU
+    outputs amplifies layer after layer until every token routes alike and repeats one token."""
     n, k = shape
     p = 32 // bits
     qweight = torch.randint(-(1 << 31), (1 << 31) - 1, (k // p, n), dtype=torch.int32, generator=g)
     mid = 1 << (bits - 1)
-    zero_word = sum((mid - 1) << (bits * i) for i in range(p))        # v1 stores zero - 1
-    zero_word -= (1 << 32) if zero_word >= 1 << 31 else 0
-    qzeros = torch.full((k // group_size, -(-n // p)), zero_word, dtype=torch.int32)
+
+    def zeros_word(zero: int) -> int:              # p copies of a v1 zero point (stored as zero - 1)
+        word = sum((zero - 1) << (bits * i) for i in range(p))
+        return word - (1 << 32) if word >= 1 << 31 else word
+    qzeros = torch.empty((k // group_size, -(-n // p)), dtype=torch.int32)
+    qzeros[0::2], qzeros[1::2] = zeros_word(mid), zeros_word(mid - 1)
     code_std = ((1 << bits) ** 2 - 1) ** 0.5 / 12 ** 0.5               # of a uniform code
     scales = torch.full((k // group_size, n), std / code_std, dtype=torch.float16)
     return GptqWeight(qweight, qzeros, scales, torch.arange(k, dtype=torch.int32) // group_size, bits)

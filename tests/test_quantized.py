@@ -336,6 +336,17 @@ def test_dummy_quantized_model_is_made_quantized_and_counted_by_the_planner(fmt)
     assert all(len(o.token_ids) == 3 for o in outs)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dummy_gptq_weights_are_centred(bits):
+    """Random codes over one zero point lean half a code one way (int4: 11% of the std), which
+    collapsed a 24-layer dummy model onto one token; alternating zeros cancel it."""
+    from moegen.loader import random_gptq
+    w = dequantize(random_gptq((512, 1024), bits, 0.02, torch.Generator().manual_seed(0)))
+    assert w.std().item() == pytest.approx(0.02, rel=0.05)
+    assert abs(w.mean().item()) < 0.002 * 0.02                  # one zero everywhere: 0.5 / code_std
+    assert w.sum(dim=1).abs().mean().item() < 3 * 0.02 * 1024 ** 0.5   # rows sum like zero-mean noise
+
+
 def test_cost_model_charges_dequantization_only_for_quantized_weights():
     config = {"model_type": "mixtral", "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 2,
               "num_attention_heads": 16, "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
