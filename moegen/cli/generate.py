@@ -18,8 +18,6 @@ from moegen.harness.replicas import EngineRecipe, Replicas, open_source
 from moegen.jsonl import STDOUT, output_target
 
 
-
-
 def engine_kwargs(args) -> dict:
     """Engine.from_pretrained / from_config keyword arguments from the flags of add_engine_args."""
     return values_of(args, LOAD_OPTIONS + ENGINE_OPTIONS)
