@@ -41,17 +41,15 @@ def in_phase(step):
     return wrapper
 
 
-def patch_everywhere(fn, replacement) -> int:
-    """Replace fn by replacement in every loaded moegen module that holds it by name."""
-    hits = 0
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("moegen"):
-            continue
-        for attr, value in list(vars(module).items()):
-            if value is fn:
-                setattr(module, attr, replacement)
-                hits += 1
-    return hits
+def patch_everywhere(fn, replacement) -> None:
+    """Replace fn by replacement in every loaded moegen module that holds it by name (a function
+    found nowhere would leave its time silently in "other": refused)."""
+    holders = [(m, attr) for name, m in list(sys.modules.items()) if m is not None and name.startswith("moegen")
+               for attr, value in list(vars(m).items()) if value is fn]
+    if not holders:
+        raise RuntimeError(f"{fn.__qualname__} is not held by any moegen module: the profile would miss it")
+    for module, attr in holders:
+        setattr(module, attr, replacement)
 
 
 def instrument() -> None:
@@ -104,9 +102,10 @@ def main():
     for phase, phase_s in phases.items():
         kinds = {kind: s for (p, kind), s in TOTALS.items() if p == phase}
         kinds["other"] = phase_s - sum(kinds.values())
-        rows[phase] = {"seconds": round(phase_s, 2), "kinds": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
-        print(f"{phase}: {phase_s:.1f} s -- " + ", ".join(f"{k} {v:.1f} s ({v / phase_s:.0%})" for k, v in
-                                                           sorted(kinds.items(), key=lambda kv: -kv[1])), flush=True)
+        ranked = sorted(kinds.items(), key=lambda kv: -kv[1])
+        rows[phase] = {"seconds": round(phase_s, 2), "kinds": {k: round(v, 2) for k, v in ranked}}
+        print(f"{phase}: {phase_s:.1f} s -- " + ", ".join(f"{k} {v:.1f} s ({v / phase_s:.0%})" for k, v in ranked),
+              flush=True)
     print(f"wall {wall:.1f} s (prefill + decode {sum(phases.values()):.1f} s), plan {dict(stats.plan.settings)}")
     if args.json:
         with open(args.json, "w") as f:

@@ -31,7 +31,7 @@ from transformers import AutoConfig
 from moegen.dtypes import parse_dtype
 from moegen.errors import CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
 from moegen.layers.quantized import (FP8_BLOCK, GPTQ_GROUP, Fp8BlockWeight, GptqWeight, concat_rows, dequantize,
-                                     is_quantized, quantize_fp8, tensors_of)
+                                     is_quantized, pack_fields, quantize_fp8, tensors_of)
 from moegen.models.model import MoEModel
 from moegen.models.registry import checked_family, family
 
@@ -525,12 +525,9 @@ def random_gptq(shape, bits: int, std: float, g: torch.Generator, group_size: in
     p = 32 // bits
     qweight = torch.randint(-(1 << 31), (1 << 31) - 1, (k // p, n), dtype=torch.int32, generator=g)
     mid = 1 << (bits - 1)
-
-    def zeros_word(zero: int) -> int:              # p copies of a v1 zero point (stored as zero - 1)
-        word = sum((zero - 1) << (bits * i) for i in range(p))
-        return word - (1 << 32) if word >= 1 << 31 else word
-    qzeros = torch.empty((k // group_size, -(-n // p)), dtype=torch.int32)
-    qzeros[0::2], qzeros[1::2] = zeros_word(mid), zeros_word(mid - 1)
+    zeros = torch.full((k // group_size, -(-n // p) * p), mid, dtype=torch.int32)
+    zeros[1::2] -= 1
+    qzeros = pack_fields(zeros - 1, bits)                                 # v1 stores zero - 1
     code_std = ((1 << bits) ** 2 - 1) ** 0.5 / 12 ** 0.5               # of a uniform code
     scales = torch.full((k // group_size, n), std / code_std, dtype=torch.float16)
     return GptqWeight(qweight, qzeros, scales, torch.arange(k, dtype=torch.int32) // group_size, bits)

@@ -121,7 +121,9 @@ def test_n_choices_are_samples_of_one_prefill(engine):
     """A seeded row with n=3 answers the engine's own n=3 samples (distinct seeds), prefilled once."""
     body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 7, "n": 3}
     lines = [("b:1", request("s", COMPLETIONS, body))]
+    engine.reset_stats()
     got = openai_batch.run_batch(engine, lines, "tiny", max_new_tokens=6)[0]["response"]["body"]
+    assert engine.stats.prompt_tokens_computed == got["usage"]["prompt_tokens"]     # one prefill, not n
     want = engine.generate(["Once upon a time"], SamplingParams(max_new_tokens=6, temperature=1.0, seed=7, n=3))[0].samples
     assert [c["text"] for c in got["choices"]] == [w.text for w in want]
     assert len({w.text for w in want}) > 1   # the samples differ: not one seed copied n times

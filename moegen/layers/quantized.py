@@ -207,7 +207,7 @@ class GptqWeight:
         return torch.mul(w, scales, out=out) if out.dtype == torch.float32 else out.copy_(w.float().mul_(scales))
 
 
-def _pack_fields(values: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_fields(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned fields [..., W * p] -> int32 words [..., W], field i of a word at bits * i."""
     p = 32 // bits
     fields = values.to(torch.int64).view(*values.shape[:-1], -1, p)
@@ -234,8 +234,8 @@ def quantize_int(w: torch.Tensor, bits: int, group_size: int = GPTQ_GROUP, sym: 
         zeros = torch.round(-lo / scales.float()).clamp(0, maxq).to(torch.int32)
     q = torch.round(groups / scales.float()[:, None, :]) + zeros[:, None, :]
     q = q.clamp(0, maxq).reshape(k, n)
-    qweight = _pack_fields(q.t().contiguous(), bits).t().contiguous()    # pack along K
-    qzeros = _pack_fields((zeros - 1) & maxq, bits)                       # along N, v1: zero - 1
+    qweight = pack_fields(q.t().contiguous(), bits).t().contiguous()    # pack along K
+    qzeros = pack_fields((zeros - 1) & maxq, bits)                       # along N, v1: zero - 1
     g_idx = torch.arange(k, dtype=torch.int32) // group_size
     return GptqWeight(qweight, qzeros, scales, g_idx, bits)
 
