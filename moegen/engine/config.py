@@ -105,6 +105,11 @@ class EngineConfig:
     # Same results, faster GEMMs; costs one pass over the weights at load.
     prepack: bool | None = option(None, "pack GEMM weights into oneDNN's layout at load (cpu, bf16/fp16, resident "
                                   "weights; default: whenever supported)", "bool")
+    # Same results in float32 (it keeps the per-expert path); bf16 within the bf16 tolerances.
+    experts_kernel: str = option("auto", "routed experts on the cpu: auto (one native call per MoE layer over "
+                                 "weights packed at load, where it runs: bf16, resident, native kernels built), "
+                                 "fused (the same, an error where it cannot) or torch (one oneDNN GEMM chain per "
+                                 "expert)", "choice", choices=("auto", "fused", "torch"))
     max_model_len: int | None = option(None, "longest sequence in tokens (default: the model's context)", minimum=1)
     # Same results (their K/V are the same numbers), less prefill; false recomputes every prompt.
     prefix_caching: bool = option(True, "keep full KV blocks of prompts and reuse them for prompts that start "

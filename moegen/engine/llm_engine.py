@@ -95,7 +95,7 @@ class Engine:
     def _make_streamer(self) -> WeightStreamer:
         cfg, weights = self.config, self.model.weights
         streams = self.device.type == "cuda" or cfg.streaming == "staged"
-        if streams and any(t.is_mkldnn for t in weights.values()):
+        if streams and (any(t.is_mkldnn for t in weights.values()) or self._fused_layers()):
             raise InputError("this model's weights were packed for CPU GEMMs by another Engine (prepack); "
                              "load the model again for a streaming engine, or build the first with prepack=False")
         if self.device.type == "cuda":
@@ -117,9 +117,42 @@ class Engine:
             return WeightStreamer(weights, CudaBackend(self.device), resident=resident, num_buffers=cfg.num_buffers)
         if cfg.streaming == "staged":
             return WeightStreamer(weights, StagedBackend(), resident={"model"}, num_buffers=cfg.num_buffers)
+        self._fuse_experts(weights)
         if cfg.prepack is not False:
             self._prepack(weights)
         return WeightStreamer(weights, ResidentBackend())
+
+    def _moe_layers(self):
+        return [layer.ffn for layer in self.model.layers if layer.is_moe]
+
+    def _fused_layers(self):
+        return [moe for moe in self._moe_layers() if moe.fused_names()[0] in self.model.weights]
+
+    def _fuse_experts(self, weights) -> None:
+        """Routed experts packed for the fused kernel (moegen.ops.experts), where it runs."""
+        from moegen.ops.experts import chosen_isa
+        wanted = self.config.experts_kernel
+        if wanted == "torch":
+            if self._fused_layers():
+                raise InputError("this model's experts were packed for the fused kernel by another Engine; "
+                                 "load the model again for experts_kernel=torch")
+            return
+        done = {moe.prefix for moe in self._fused_layers()}
+        todo = [moe for moe in self._moe_layers() if moe.prefix not in done]
+        isa = chosen_isa()
+        why_not = ("the native kernels are unavailable" if isa is None else
+                   f"it runs bfloat16 SiLU experts, not {self.model.dtype} or quantized ones"
+                   if not all(moe.can_fuse(weights) for moe in todo) else "")
+        if why_not:
+            if wanted == "fused":
+                raise InputError(f"experts_kernel=fused: {why_not}")
+            return
+        from moegen.loader import MappedPages
+        t0, release = time.perf_counter(), MappedPages()
+        for moe in todo:
+            moe.pack_fused(weights, release=release)
+        log.info("packed the experts of %d MoE layers for the fused %s kernel in %.1f s", len(todo), isa,
+                 time.perf_counter() - t0)
 
     def _prepack(self, weights) -> None:
         if not packing_supported(self.model.dtype):

@@ -44,7 +44,7 @@ def prepack(weights: dict, names, release=None) -> int:
     hand its memory-mapped pages back); returns how many were packed. Quantized weights stay."""
     packed = 0
     for name in names:
-        t = weights[name]
+        t = weights.get(name)       # absent: repacked for another kernel (moegen.ops.experts)
         if not isinstance(t, torch.Tensor) or t.is_mkldnn or t.device.type != "cpu" \
                 or not packing_supported(t.dtype) or t.dim() != 2:
             continue

@@ -3,7 +3,11 @@
 Tokens are grouped by expert so each expert with tokens runs one GEMM chain over all of them;
 experts that received no token are skipped. Expert weights live under
 `{prefix}.experts.{e}.gate_up` [2I, H] and `{prefix}.experts.{e}.down` [H, I] whatever the
-on-disk layout (the loader maps per-expert and fused checkpoints onto these names).
+on-disk layout (the loader maps per-expert and fused checkpoints onto these names) -- or, once
+`pack_fused` has run (bf16 on the CPU), as one tile-packed pair per layer,
+`{prefix}.fused_experts.gate_up` / `.down`, which moegen.ops.experts runs in one native call.
+
+Shapes: T tokens, H hidden, I expert intermediate, E experts, k experts per token, R = T*k rows.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -12,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moegen.layers.mlp import ACTIVATIONS, DenseMLP, gated_ffn
+from moegen.ops import experts as fused
 
 
 @dataclass
@@ -78,17 +83,47 @@ class SparseMoE:
         return shapes
 
     def linear_weight_names(self) -> list[str]:
+        """Names of the GEMM weights as loaded (before any packing)."""
         names = [f"{self.expert_key(e)}.{part}" for e in range(self.n_experts) for part in ("gate_up", "down")]
         return names + (self.shared.linear_weight_names() if self.shared is not None else [])
 
     def dispatch(self, w, x) -> Dispatch:
         return Dispatch.from_routing(*self.router.route(w, x), self.n_experts)
 
+    def fused_names(self) -> tuple[str, str]:
+        return f"{self.prefix}.{fused.GATE_UP}", f"{self.prefix}.{fused.DOWN}"
+
+    def can_fuse(self, weights: dict) -> bool:
+        """Whether this layer's experts can run in the fused kernel: SiLU experts whose weights
+        are plain bf16 CPU tensors (quantized ones keep their own GEMMs)."""
+        names = [n for e in range(self.n_experts) for n in (f"{self.expert_key(e)}.gate_up", f"{self.expert_key(e)}.down")]
+        return self.act == "silu" and all(
+            isinstance(weights.get(n), torch.Tensor) and weights[n].dtype == torch.bfloat16
+            and weights[n].device.type == "cpu" and not weights[n].is_mkldnn for n in names)
+
+    def pack_fused(self, weights: dict, release=None) -> None:
+        """Replace this layer's per-expert weights in `weights` (in place) by the fused kernel's
+        packed pair; `release(tensor)` is called on each plain weight dropped."""
+        keys = [self.expert_key(e) for e in range(self.n_experts)]
+        gate_up, down = fused.pack_layer([weights[f"{k}.gate_up"] for k in keys], [weights[f"{k}.down"] for k in keys],
+                                         self.intermediate)
+        weights.update(zip(self.fused_names(), (gate_up, down)))
+        for k in keys:
+            for part in ("gate_up", "down"):
+                t = weights.pop(f"{k}.{part}")
+                if release is not None:
+                    release(t)
+
     def run_experts(self, w, x, d: Dispatch, weights_for=None, chunk: int = 0):
         """Each expert with tokens: one gated FFN over all its tokens (in chunks of `chunk` rows
         if set, to bound memory); results weighted and summed per token. `weights_for(key)` is
         a context manager yielding the expert's weights (the engine streams them); by default
-        they come from `w`."""
+        they come from `w`. Packed layers run every expert in one native call instead."""
+        gate_up_name, down_name = self.fused_names()
+        if gate_up_name in w:
+            weighted = fused.moe_experts(x, d.token_idx, d.weights, d.counts, w[gate_up_name], w[down_name],
+                                         self.intermediate)
+            return d.combine(weighted)
         xs = x.index_select(0, d.token_idx)       # one gather: rows grouped by expert
         # expert output * router weight, computed in their common dtype and rounded to x's once
         # (the reference's `(expert(x) * w).to(dtype)`), written straight into place

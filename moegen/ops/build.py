@@ -36,9 +36,9 @@ except ImportError:  # not POSIX: builds are then only serialised by torch's own
     fcntl = None
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-# one library: decode attention (defines the op namespace) + fused elementwise ops and the
-# dequantization of quantized weights (fragments)
-SOURCES = (CSRC / "decode_attention.cpp", CSRC / "elementwise.cpp", CSRC / "dequant.cpp")
+# one library: decode attention (defines the op namespace) + fused elementwise ops, the
+# dequantization of quantized weights and the routed experts of a MoE layer (fragments)
+SOURCES = (CSRC / "decode_attention.cpp", CSRC / "elementwise.cpp", CSRC / "dequant.cpp", CSRC / "experts.cpp")
 # what the sources #include from csrc/: hashed with them and snapshotted beside them, not compiled
 HEADERS = (CSRC / "simd.h",)
 NAMESPACE = "moegen_ops"

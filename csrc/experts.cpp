@@ -1,0 +1,439 @@
+// The routed experts of one MoE layer in one native call (bfloat16, SwiGLU experts).
+//
+// Why: one oneDNN GEMM per expert means a Python round trip and, on Intel AMX, a freshly JITed
+// primitive for every new row count (each expert's row count changes every step): measured at
+// half the AMX rate. Here every expert's gate_up GEMM, silu(gate) * up and down GEMM run from
+// one call, over weights laid out once at load in the kernel's own tile format, with the threads
+// taking (expert, block of output columns) work items from a shared counter.
+//
+// Weight layout ("VNNI tiles", the same for the AMX and the AVX-512 BF16 kernels): a weight
+// W [N, K] (out, in) is padded to [Np, Kp] (Np a multiple of 32, Kp of 32) and stored as
+// [Np/16][Kp/32][16 k-pairs][16 n][2], i.e. one 1 KiB tile per (16 output columns, 32 inputs):
+// row p of a tile holds, for each of its 16 columns n, W[n][2p] and W[n][2p+1]. That is the B
+// operand of AMX's TDPBF16PS (16 rows of 64 bytes) and of AVX-512's VDPBF16PS (one row = one
+// 512-bit register). moegen/layers/fused_experts.py does the packing.
+//
+// Rounding follows the eager path in moegen/layers/moe.py exactly, apart from fp32 summation
+// order inside the GEMMs: gate and up rounded to bf16 (as F.linear's output), silu(gate) rounded,
+// times up rounded (csrc/elementwise.cpp's silu_mul), the down GEMM rounded, then times the
+// router weight (fp32) and rounded once.
+//
+// ISAs: "amx" (AMX-BF16 tiles: 2x2 blocks of 16x16 fp32 accumulators), "avx512-bf16" (VDPBF16PS,
+// 8 rows x 32 columns of accumulators), "generic" (portable C++ over the same layout, for CPUs
+// with neither). The fastest one this CPU and build allow is the default; any may be forced for
+// tests. Rows past an expert's last are computed on whatever follows (the next expert's rows or
+// zeroed padding) and never stored, so no row count needs its own code path.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "simd.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#ifndef MOEGEN_OPS_NS
+#define MOEGEN_OPS_NS moegen_ops
+#endif
+
+namespace moegen_experts {
+namespace {
+
+using bf16 = c10::BFloat16;
+
+constexpr int kTileN = 16;              // output columns per tile
+constexpr int kTileK = 32;              // inputs per tile (16 pairs)
+constexpr int kTileElems = kTileN * kTileK;
+constexpr int kRowBlock = 32;           // rows per micro-kernel call (two AMX row tiles)
+constexpr int kPadRows = kRowBlock;     // zeroed rows after the last so over-reads stay finite
+
+enum Isa : int64_t { kGeneric = 0, kAvx512Bf16 = 1, kAmx = 2 };
+
+const char* isa_name(int64_t isa) {
+  return isa == kAmx ? "amx" : isa == kAvx512Bf16 ? "avx512-bf16" : "generic";
+}
+
+// ---- which ISAs this build and CPU can run ------------------------------------------------
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define MOEGEN_HAVE_AMX 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define MOEGEN_HAVE_AVX512_BF16 1
+#endif
+
+bool amx_usable() {
+#ifdef MOEGEN_HAVE_AMX
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1) || !((d >> 22) & 1)) return false;  // AMX-TILE, AMX-BF16
+    // Linux hands out the tile state only on request (once per process).
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool avx512_bf16_usable() {
+#ifdef MOEGEN_HAVE_AVX512_BF16
+  return true;  // -march=native: the build machine's ISA is the running one (build.py keys on it)
+#else
+  return false;
+#endif
+}
+
+int64_t best_isa() {
+  if (amx_usable()) return kAmx;
+  if (avx512_bf16_usable()) return kAvx512Bf16;
+  return kGeneric;
+}
+
+bool isa_available(int64_t isa) {
+  return isa == kGeneric || (isa == kAvx512Bf16 && avx512_bf16_usable()) || (isa == kAmx && amx_usable());
+}
+
+// ---- micro-kernels: C[32][CB*16] (fp32) = A[32 rows, Kp] x B tiles of CB column blocks ------
+// A: bf16 rows with stride lda (elements); B[c]: the column block's first tile (kb = 0);
+// rows: how many of the 32 are wanted (the rest may be skipped or computed on padding).
+
+#ifdef MOEGEN_HAVE_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tiles 0-3: C (row tile r, column block c) = 2c + r; 4-5: A row tiles; 6-7: B column blocks.
+void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+template <int RT, int CB>
+void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks, float* C) {
+  const int64_t a_stride = lda * sizeof(bf16), ldc = CB * kTileN * sizeof(float);
+  _tile_zero(0);
+  if constexpr (RT == 2) _tile_zero(1);
+  if constexpr (CB == 2) _tile_zero(2);
+  if constexpr (RT == 2 && CB == 2) _tile_zero(3);
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    _tile_loadd(4, A + kb * kTileK, a_stride);
+    _tile_loadd(6, B[0] + kb * kTileElems, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (RT == 2) {
+      _tile_loadd(5, A + 16 * lda + kb * kTileK, a_stride);
+      _tile_dpbf16ps(1, 5, 6);
+    }
+    if constexpr (CB == 2) {
+      _tile_loadd(7, B[1] + kb * kTileElems, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      if constexpr (RT == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, C, ldc);
+  if constexpr (RT == 2) _tile_stored(1, C + 16 * CB * kTileN, ldc);
+  if constexpr (CB == 2) _tile_stored(2, C + kTileN, ldc);
+  if constexpr (RT == 2 && CB == 2) _tile_stored(3, C + 16 * CB * kTileN + kTileN, ldc);
+}
+
+template <int CB>
+void amx_gemm(const bf16* A, int64_t lda, int rows, const bf16* const* B, int64_t kblocks, float* C) {
+  if (rows > 16)
+    amx_block<2, CB>(A, lda, B, kblocks, C);
+  else
+    amx_block<1, CB>(A, lda, B, kblocks, C);
+}
+#endif
+
+#ifdef MOEGEN_HAVE_AVX512_BF16
+// 8 rows x CB column blocks of accumulators; each k-pair of a row is one 32-bit broadcast.
+template <int CB>
+void avx512_rows8(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks, float* C) {
+  constexpr int R = 8;
+  __m512 acc[R][CB];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    for (int p = 0; p < kTileK / 2; ++p) {
+      __m512bh b[CB];
+      for (int c = 0; c < CB; ++c)
+        b[c] = (__m512bh)_mm512_loadu_si512(B[c] + kb * kTileElems + p * 2 * kTileN);
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, A + r * lda + kb * kTileK + 2 * p, sizeof(pair));
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+        for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CB; ++c) _mm512_storeu_ps(C + r * CB * kTileN + c * kTileN, acc[r][c]);
+}
+
+template <int CB>
+void avx512_gemm(const bf16* A, int64_t lda, int rows, const bf16* const* B, int64_t kblocks, float* C) {
+  for (int r0 = 0; r0 < rows; r0 += 8) avx512_rows8<CB>(A + r0 * lda, lda, B, kblocks, C + r0 * CB * kTileN);
+}
+#endif
+
+template <int CB>
+void generic_gemm(const bf16* A, int64_t lda, int rows, const bf16* const* B, int64_t kblocks, float* C) {
+  for (int r = 0; r < rows; ++r) {
+    float acc[CB][kTileN] = {};
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      for (int p = 0; p < kTileK / 2; ++p) {
+        const float a0 = static_cast<float>(A[r * lda + kb * kTileK + 2 * p]);
+        const float a1 = static_cast<float>(A[r * lda + kb * kTileK + 2 * p + 1]);
+        for (int c = 0; c < CB; ++c) {
+          const bf16* b = B[c] + kb * kTileElems + p * 2 * kTileN;
+          for (int n = 0; n < kTileN; ++n)
+            acc[c][n] += a0 * static_cast<float>(b[2 * n]) + a1 * static_cast<float>(b[2 * n + 1]);
+        }
+      }
+    }
+    for (int c = 0; c < CB; ++c)
+      for (int n = 0; n < kTileN; ++n) C[r * CB * kTileN + c * kTileN + n] = acc[c][n];
+  }
+}
+
+template <int CB>
+void gemm(int64_t isa, const bf16* A, int64_t lda, int rows, const bf16* const* B, int64_t kblocks, float* C) {
+#ifdef MOEGEN_HAVE_AMX
+  if (isa == kAmx) return amx_gemm<CB>(A, lda, rows, B, kblocks, C);
+#endif
+#ifdef MOEGEN_HAVE_AVX512_BF16
+  if (isa == kAvx512Bf16) return avx512_gemm<CB>(A, lda, rows, B, kblocks, C);
+#endif
+  generic_gemm<CB>(A, lda, rows, B, kblocks, C);
+}
+
+// ---- epilogues --------------------------------------------------------------------------
+inline float round_bf16(float x) { return static_cast<float>(static_cast<bf16>(x)); }
+
+// silu(gate) * up over one tile's 16 columns, with csrc/elementwise.cpp's silu_mul arithmetic
+// (simd.h's exp; gate and up first rounded to bf16, as F.linear's outputs are).
+inline void silu_mul_tile(const float* gate, const float* up, bf16* out) {
+  using moegen_simd::Reg;
+  using moegen_simd::Simd;
+  const Reg one = Simd::set1(1.0f);
+  for (int n = 0; n < kTileN; n += moegen_simd::W) {
+    const Reg g = Simd::round_to<bf16>(Simd::load(gate + n)), u = Simd::round_to<bf16>(Simd::load(up + n));
+    const Reg s = Simd::div(g, Simd::add(one, Simd::exp(Simd::sub(Simd::zero(), g))));
+    Simd::store(out + n, Simd::mul(Simd::round_to<bf16>(s), u));
+  }
+}
+
+// ---- the layer -------------------------------------------------------------------------
+struct Layer {
+  int64_t hidden, inter;          // H, I
+  int64_t hp, ip;                 // padded to multiples of 32
+  const bf16* gate_up;            // [E][2][ip/16][hp/32] tiles
+  const bf16* down;               // [E][hp/16][ip/32] tiles
+  int64_t isa;
+
+  const bf16* gate_tile(int64_t e, int64_t half, int64_t nb) const {
+    return gate_up + (((e * 2 + half) * (ip / kTileN) + nb) * (hp / kTileK)) * kTileElems;
+  }
+  const bf16* down_tile(int64_t e, int64_t nb) const {
+    return down + ((e * (hp / kTileN) + nb) * (ip / kTileK)) * kTileElems;
+  }
+};
+
+struct Item {
+  int64_t expert, row0, rows, nb0, nb1;
+};
+
+// Work items: each active expert's output column blocks in groups, largest experts first (so the
+// stragglers at the end are small). `step` column blocks (of 16) per micro-kernel call.
+std::vector<Item> make_items(const std::vector<int64_t>& counts, int64_t nblocks, int64_t step, int threads) {
+  std::vector<int64_t> order, starts(counts.size());
+  int64_t row = 0, total = 0;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    starts[e] = row;
+    row += counts[e];
+    if (counts[e]) order.push_back(e), total += counts[e];
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
+  // groups small enough that every thread gets several items, large enough to reuse A rows
+  const int64_t want_items = std::max<int64_t>(1, 4 * threads);
+  int64_t group = std::max<int64_t>(step, nblocks * static_cast<int64_t>(order.size()) / want_items);
+  group = std::min<int64_t>(std::max<int64_t>(step, (group / step) * step), 8 * step);
+  std::vector<Item> items;
+  for (int64_t e : order)
+    for (int64_t nb = 0; nb < nblocks; nb += group)
+      items.push_back({e, starts[e], counts[e], nb, std::min(nblocks, nb + group)});
+  return items;
+}
+
+template <typename F>
+void run_items(const std::vector<Item>& items, int64_t isa, F body) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
+  at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
+#ifdef MOEGEN_HAVE_AMX
+    if (isa == kAmx) amx_configure();
+#endif
+    alignas(64) float scratch[kRowBlock * 2 * kTileN];
+    for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) body(items[i], scratch);
+#ifdef MOEGEN_HAVE_AMX
+    if (isa == kAmx) _tile_release();
+#endif
+  });
+}
+
+// h[r, :] = round(round(silu(round(x W_gate))) * round(x W_up)) for the item's rows/columns.
+void gate_up_item(const Layer& L, const Item& it, const bf16* xs, bf16* h, float* C) {
+  const int64_t kblocks = L.hp / kTileK;
+  for (int64_t r0 = 0; r0 < it.rows; r0 += kRowBlock) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, it.rows - r0));
+    const bf16* A = xs + (it.row0 + r0) * L.hp;
+    for (int64_t nb = it.nb0; nb < it.nb1; ++nb) {
+      const bf16* B[2] = {L.gate_tile(it.expert, 0, nb), L.gate_tile(it.expert, 1, nb)};
+      gemm<2>(L.isa, A, L.hp, rows, B, kblocks, C);
+      for (int r = 0; r < rows; ++r) {
+        const float* g = C + r * 2 * kTileN;
+        silu_mul_tile(g, g + kTileN, h + (it.row0 + r0 + r) * L.ip + nb * kTileN);
+      }
+    }
+  }
+}
+
+// out[r, :H] = round(round(h W_down) * weight[r]) for the item's rows/columns.
+void down_item(const Layer& L, const Item& it, const bf16* h, const float* weights, bf16* out, float* C) {
+  const int64_t kblocks = L.ip / kTileK;
+  for (int64_t r0 = 0; r0 < it.rows; r0 += kRowBlock) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, it.rows - r0));
+    const bf16* A = h + (it.row0 + r0) * L.ip;
+    for (int64_t nb = it.nb0; nb < it.nb1; nb += 2) {
+      const bf16* B[2] = {L.down_tile(it.expert, nb), L.down_tile(it.expert, nb + 1)};
+      gemm<2>(L.isa, A, L.ip, rows, B, kblocks, C);
+      const int64_t col0 = nb * kTileN, cols = std::min<int64_t>(2 * kTileN, L.hidden - col0);
+      for (int r = 0; r < rows; ++r) {
+        const int64_t row = it.row0 + r0 + r;
+        const float w = weights[row];
+        const float* c = C + r * 2 * kTileN;
+        bf16* o = out + row * L.hidden + col0;
+        for (int64_t n = 0; n < cols; ++n) o[n] = static_cast<bf16>(round_bf16(c[n]) * w);
+      }
+    }
+  }
+}
+
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "moe_experts: ", name, " must be on the CPU");
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "moe_experts: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "moe_experts: ", name, " must be contiguous");
+}
+
+// x [T, H] bf16; token_idx [R] int64 (the token of each expert-ordered row); weights [R] fp32;
+// counts: rows per expert (sum R); gate_up / down: packed tiles (see the header).
+// Returns [R, H] bf16: each row's expert output times its router weight.
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& weights,
+                       std::vector<int64_t> counts, const at::Tensor& gate_up, const at::Tensor& down,
+                       int64_t inter, int64_t isa) {
+  check(x, "x", at::kBFloat16);
+  check(token_idx, "token_idx", at::kLong);
+  check(weights, "weights", at::kFloat);
+  check(gate_up, "gate_up", at::kBFloat16);
+  check(down, "down", at::kBFloat16);
+  TORCH_CHECK_VALUE(x.dim() == 2, "moe_experts: x must be [tokens, hidden]");
+  TORCH_CHECK_VALUE(isa_available(isa), "moe_experts: ISA ", isa_name(isa), " is not available on this CPU/build");
+  Layer L;
+  L.hidden = x.size(1);
+  L.inter = inter;
+  L.hp = (L.hidden + 31) / 32 * 32;
+  L.ip = (inter + 31) / 32 * 32;
+  L.isa = isa;
+  const int64_t experts = static_cast<int64_t>(counts.size());
+  TORCH_CHECK_VALUE(gate_up.numel() == experts * 2 * L.ip * L.hp && down.numel() == experts * L.hp * L.ip,
+                    "moe_experts: packed weights do not match ", experts, " experts of hidden ", L.hidden,
+                    " and intermediate ", inter);
+  int64_t rows = 0;
+  for (int64_t c : counts) {
+    TORCH_CHECK_VALUE(c >= 0, "moe_experts: negative expert count");
+    rows += c;
+  }
+  TORCH_CHECK_VALUE(token_idx.numel() == rows && weights.numel() == rows,
+                    "moe_experts: token_idx and weights need one entry per routed row (", rows, ")");
+  L.gate_up = gate_up.data_ptr<bf16>();
+  L.down = down.data_ptr<bf16>();
+
+  at::Tensor out = at::empty({rows, L.hidden}, x.options());
+  if (rows == 0) return out;
+  // the rows grouped by expert, padded to hp columns and kPadRows more rows (zeros)
+  at::Tensor xs = at::empty({rows + kPadRows, L.hp}, x.options());
+  at::Tensor h = at::empty({rows + kPadRows, L.ip}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  const int64_t* tok = token_idx.data_ptr<int64_t>();
+  bf16* xsp = xs.data_ptr<bf16>();
+  bf16* hp = h.data_ptr<bf16>();
+  const int64_t tokens = x.size(0);
+  at::parallel_for(0, rows + kPadRows, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      bf16* dst = xsp + r * L.hp;
+      int64_t n = 0;
+      if (r < rows) {
+        const int64_t t = tok[r];
+        TORCH_CHECK_INDEX(t >= 0 && t < tokens, "moe_experts: token index ", t, " out of range");
+        std::memcpy(dst, xp + t * L.hidden, L.hidden * sizeof(bf16));
+        n = L.hidden;
+      }
+      std::memset(static_cast<void*>(dst + n), 0, (L.hp - n) * sizeof(bf16));
+    }
+  });
+  std::memset(static_cast<void*>(hp + rows * L.ip), 0, kPadRows * L.ip * sizeof(bf16));
+
+  const int threads = at::get_num_threads();
+  run_items(make_items(counts, L.ip / kTileN, 1, threads), isa,
+            [&](const Item& it, float* C) { gate_up_item(L, it, xsp, hp, C); });
+  const float* wp = weights.data_ptr<float>();
+  bf16* op = out.data_ptr<bf16>();
+  run_items(make_items(counts, L.hp / kTileN, 2, threads), isa,
+            [&](const Item& it, float* C) { down_item(L, it, hp, wp, op, C); });
+  return out;
+}
+
+std::string experts_isa() { return isa_name(best_isa()); }
+
+std::vector<std::string> experts_isas() {
+  std::vector<std::string> names;
+  for (int64_t isa : {kAmx, kAvx512Bf16, kGeneric})
+    if (isa_available(isa)) names.push_back(isa_name(isa));
+  return names;
+}
+
+}  // namespace
+}  // namespace moegen_experts
+
+#define MOEGEN_EXPERTS_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+
+MOEGEN_EXPERTS_FRAGMENT(MOEGEN_OPS_NS, m) {
+  m.def("moe_experts(Tensor x, Tensor token_idx, Tensor weights, int[] counts, Tensor gate_up, Tensor down, "
+        "int inter, int isa) -> Tensor",
+        &moegen_experts::moe_experts);
+  m.def("experts_isas() -> str[]", &moegen_experts::experts_isas);
+}

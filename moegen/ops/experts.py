@@ -1,0 +1,80 @@
+"""The routed experts of a MoE layer in one native call (csrc/experts.cpp), and its weight format.
+
+At load, each MoE layer's expert weights (bfloat16, resident on the CPU) are packed once into the
+kernel's tile layout (`pack_layer`): per expert, gate and up [I, H] and down [H, I], each padded
+to multiples of 32 and cut into 1 KiB tiles of 16 output columns x 32 inputs, stored as pairs of
+adjacent inputs (the B operand of AMX's TDPBF16PS and AVX-512's VDPBF16PS). The plain per-expert
+weights are then dropped. `moe_experts` runs every expert's gate_up GEMM, silu(gate) * up, down
+GEMM and router weight over its rows in one call.
+
+The ISA is the fastest this CPU runs (AMX, then AVX-512 BF16, then portable C++);
+`MOEGEN_EXPERTS_ISA=amx|avx512-bf16|generic` forces one (tests use it; an unavailable one is an
+error, not a silent fallback).
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from moegen.errors import ConfigError
+from moegen.ops.build import native_ops
+
+TILE_N, TILE_K = 16, 32
+ISA_CODES = {"generic": 0, "avx512-bf16": 1, "amx": 2}
+# layer weights in the kernel's format, beside the layer's other weights
+GATE_UP, DOWN = "fused_experts.gate_up", "fused_experts.down"
+
+
+def _round_up(n: int, m: int = 32) -> int:
+    return -(-n // m) * m
+
+
+def available_isas() -> list[str]:
+    """The ISAs the native expert kernel can run here, fastest first ([] without native ops)."""
+    ops = native_ops()
+    return list(ops.ops.experts_isas()) if ops is not None else []
+
+
+def chosen_isa() -> str | None:
+    """The ISA `moe_experts` uses: MOEGEN_EXPERTS_ISA if set (checked), else the fastest; None
+    when the native library is unavailable."""
+    isas = available_isas()
+    forced = os.environ.get("MOEGEN_EXPERTS_ISA", "").strip()
+    if not forced:
+        return isas[0] if isas else None
+    if forced not in ISA_CODES:
+        raise ConfigError(f"MOEGEN_EXPERTS_ISA={forced!r}: expected one of {', '.join(ISA_CODES)}")
+    if forced not in isas:
+        raise ConfigError(f"MOEGEN_EXPERTS_ISA={forced}: not available on this CPU/build "
+                          f"(available: {', '.join(isas) or 'none, native kernels unavailable'})")
+    return forced
+
+
+def pack_tiles(weight: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """A weight [N, K] (out, in) as [Np/16, Kp/32, 16, 16, 2] tiles: Kp = K rounded up to 32,
+    Np = `rows` (or N) rounded up to 32, zero padded."""
+    n, k = weight.shape
+    np_, kp = _round_up(rows or n), _round_up(k)
+    padded = F.pad(weight, (0, kp - k, 0, np_ - n))
+    # [NB, 16 n, KB, 16 pairs, 2] -> [NB, KB, 16 pairs, 16 n, 2]
+    return padded.view(np_ // TILE_N, TILE_N, kp // TILE_K, TILE_K // 2, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def pack_layer(gate_ups: list, downs: list, intermediate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's (gate_up, down) for one layer from each expert's gate_up [2I, H] (gate rows
+    first) and down [H, I]."""
+    gate_up = torch.stack([torch.stack([pack_tiles(gu[:intermediate]), pack_tiles(gu[intermediate:])])
+                           for gu in gate_ups])
+    return gate_up, torch.stack([pack_tiles(d) for d in downs])
+
+
+def moe_experts(x: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor, counts: list[int],
+                gate_up: torch.Tensor, down: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """For each routed row (rows grouped by expert, `counts` per expert, the token of each in
+    `token_idx`): the expert's SwiGLU output for x[token] times the row's router weight, [R, H]."""
+    ops = native_ops()
+    if ops is None:
+        raise ConfigError("the fused experts kernel needs moegen's native ops (see `moegen build-ops`)")
+    isa = ISA_CODES[chosen_isa()]
+    return ops.ops.moe_experts(x.contiguous(), token_idx, weights.float().contiguous(), counts, gate_up, down,
+                               intermediate, isa)
