@@ -1,7 +1,8 @@
 """`moegen` command line: one module per command, registered in COMMANDS.
 
 Each module defines add_subparser(subparsers) and keeps its heavy imports inside the command
-function, so `moegen --help` stays fast. A MoegenError is a user's mistake: one line, exit 2.
+function, so `moegen --help` stays fast. A MoegenError is one line and its exit_status: 2 for a
+user's mistake, 1 for a MachineFault (disk full, I/O error); `moegen --debug CMD` shows the traceback.
 """
 import argparse
 import importlib
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"moegen {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     return 0
 
 

@@ -24,9 +24,9 @@ def engine_kwargs(args) -> dict:
 
 
 def cmd_generate(args):
+    check_paths(args)
     if args.format == "openai-batch":
         return cmd_openai_batch(args)
-    output_target(args.out)                    # a bad output path fails now, not after the run
     prompts = read_input(args)
     # unset --temperature/--top-p/--top-k: the checkpoint's generation_config.json, else greedy
     params = generation_defaults(args).params(
@@ -34,10 +34,36 @@ def cmd_generate(args):
         seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [], logprobs=args.logprobs,
         prompt_logprobs=args.prompt_logprobs, n=args.n)
     journal = open_output(args.out, cli_fingerprint(args, prompts, params), args.flush_rows, args.flush_seconds,
-                          args.overwrite)
+                          args.overwrite, args.wait)
     summary = generate_into(journal, prompts, params, args)
     # with --out - the rows own stdout; the summary goes to stderr
     print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
+
+
+def check_paths(args) -> None:
+    """Before any work: --out must be writable and must not be --input (or a link to it), which
+    the output would overwrite; flags that --format openai-batch would silently ignore are refused."""
+    output_target(args.out)                    # a bad output path fails now, not after the run
+    if same_file(args.input, args.out):
+        raise InputError(f"--out {args.out} is the input file {args.input}: the output would overwrite the "
+                         "prompts; choose another output")
+    if args.format == "openai-batch":
+        ignored = [flag for flag, value in (("--chat", args.chat), ("--template", args.template),
+                                            ("--prompt-field", args.prompt_field)) if value]
+        if ignored:
+            raise InputError(f"{', '.join(ignored)} cannot be used with --format openai-batch: each request's url "
+                             "says how it is read (/v1/chat/completions: its messages through the chat template; "
+                             "/v1/completions: its prompt)")
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name one file (the same path, a symlink or a hard link to it)."""
+    if STDOUT in (str(a), str(b)):
+        return False
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).samefile(b)
+    except OSError:
+        return False
 
 
 def read_input(args) -> list:
@@ -65,7 +91,9 @@ def cmd_openai_batch(args) -> None:
     if args.logprobs is not None or args.prompt_logprobs is not None:
         raise InputError("--logprobs / --prompt-logprobs are for --format prompts; an OpenAI batch row asks in its "
                          "body (chat: logprobs: true, top_logprobs: K; completions: logprobs: K)")
-    output_target(args.out)
+    if Path(args.out).is_file() and Path(args.out).stat().st_size > 0 and not args.overwrite:
+        raise InputError(f"{args.out} exists; replace it with --overwrite, or choose another output (a batch file is "
+                         "answered in one go: there is no journal to resume)")
     lines = openai_batch.read_batch(Path(args.input), args.limit)
     t0 = time.perf_counter()
     if args.dummy_weights:
@@ -126,7 +154,9 @@ def engine_summary(source) -> dict:
 
 def add_journal_args(p):
     p.add_argument("--overwrite", action="store_true", help="start over when --out holds the journal of another "
-                   "generation (default: refuse it; the same generation resumes)")
+                   "generation, or replace a file that is no journal (default: refuse; the same generation resumes)")
+    p.add_argument("--wait", action="store_true", help="when another process is writing --out, wait for it to "
+                   "finish (default: refuse at once, naming its PID)")
     p.add_argument("--order", choices=ORDERS, default="input", help="output rows in input order (rewritten at the "
                    "end) or in the order they finished")
     p.add_argument("--flush-rows", type=int, default=FLUSH_ROWS, help="make the journal durable every N rows")
