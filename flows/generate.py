@@ -18,6 +18,7 @@ from pydantic import NonNegativeFloat, PositiveInt
 
 from flows.common import describe_environment, flow_run_id
 from flows.params import DType, Device, EngineOptions, ModelRef, Sampling
+from moegen.errors import InputError
 from moegen.harness.journal import pending_indices
 from moegen.harness.replicas import open_source
 from moegen.harness.workloads import DEFAULT_TEMPLATE
@@ -48,28 +49,37 @@ def generate_flow(model: ModelRef = "fixture:mixtral/bench", dataset: str = "gsm
                   out_dir: str = "runs/generate/gsm8k", sampling: Sampling = Sampling(), dtype: DType = "bfloat16",
                   device: Device = "cpu", engine: EngineOptions = EngineOptions(), replicas: PositiveInt = 1,
                   ray_address: str | None = None, flush_rows: PositiveInt = 64, flush_seconds: NonNegativeFloat = 10.0,
-                  order: Literal["input", "finish"] = "input", overwrite: bool = False, record: bool = True,
-                  results_url: str | None = None, tags: list[str] = []) -> dict:  # noqa: B006
+                  order: Literal["input", "finish"] = "input", overwrite: bool = False, wait: bool = False,
+                  record: bool = True, results_url: str | None = None,
+                  tags: list[str] = []) -> dict:  # noqa: B006
     """Generate completions for `dataset` (`gsm8k`, a JSONL/parquet file or directory, or a hub
     name) into out_dir/completions.jsonl; returns a summary (rows in the output, rows kept from an
     earlier run, and this run's rows, tokens and tokens/s). Prompts come from `template` (a format
     string over row fields), `prompt_field`, or each row's `prompt` / `prompt_token_ids`, as in
     `moegen generate`. replicas > 1 (or ray_address, to join a cluster) runs that many engines as
-    Ray actors: one GPU each on cuda, the CPUs split among them on cpu."""
+    Ray actors: one GPU each on cuda, the CPUs split among them on cpu. One run writes an out_dir at
+    a time: another is refused, naming its PID, or with wait=true waits for it."""
+    out = Path(out_dir) / OUTPUT
+    if Path(dataset).exists() and out.exists() and Path(dataset).samefile(out):
+        raise InputError(f"dataset {dataset} is the output {out}: the output would overwrite it; choose another out_dir")
     model_path = prepare_model(model)
     source = resolve_source(dataset)
     rows = load_dataset_rows(source["source"], split, limit, source["config"])
     prompts = build_prompts(rows, prompt_template(dataset, template), prompt_field)
     kept = [{k: r[k] for k in keep_fields if k in r} for r in rows]
     fingerprint = generation_fingerprint(model_path, prompts, kept, sampling.model_dump(), dtype, engine.set_options())
-    journal = open_journal(str(Path(out_dir) / OUTPUT), fingerprint, flush_rows, flush_seconds, overwrite)
+    journal = open_journal(str(out), fingerprint, flush_rows, flush_seconds, overwrite, wait)
     pending = pending_indices(len(prompts), journal)
     ran = NOTHING_GENERATED
-    with open_source(engine_recipe(model_path, dtype, device, engine.set_options()), len(pending), replicas,
-                     ray_address) as llm:
-        if pending:
-            ran = generate_rows(llm, journal, prompts, pending, sampling.model_dump(), kept)
-    summary = {"rows": len(prompts), "resumed_rows": journal.resumed, **ran, "out": finish_journal(journal, order),
+    try:
+        with open_source(engine_recipe(model_path, dtype, device, engine.set_options()), len(pending), replicas,
+                         ray_address) as llm:
+            if pending:
+                ran = generate_rows(llm, journal, prompts, pending, sampling.model_dump(), kept)
+        finished = finish_journal(journal, order)
+    finally:
+        journal.release()                 # a failed run lets the next one (a retry) take the output
+    summary = {"rows": len(prompts), "resumed_rows": journal.resumed, **ran, "out": finished,
                "model": model, "dataset": source["source"], "replicas": replicas}
     render_generate_report(summary)
     if record and pending:

@@ -27,10 +27,12 @@ def generation_fingerprint(model_path: str, prompts: list, kept: list[dict], sam
 
 
 @task(cache_policy=NO_CACHE, task_run_name="open-journal")
-def open_journal(out: str, fingerprint: dict, flush_rows: int, flush_seconds: float, overwrite: bool) -> Journal:
+def open_journal(out: str, fingerprint: dict, flush_rows: int, flush_seconds: float, overwrite: bool,
+                 wait: bool = False) -> Journal:
     """The output's journal: its rows kept when it was made from the same inputs, refused (or, with
-    overwrite, started over) when from others; a torn last line is cut off."""
-    journal = Journal(out, fingerprint, flush_rows, flush_seconds, overwrite)
+    overwrite, started over) when from others; a torn last line is cut off. One writer at a time:
+    another process on the same output is refused (or, with wait, waited for)."""
+    journal = Journal(out, fingerprint, flush_rows, flush_seconds, overwrite, wait)
     get_run_logger().info("%s: %d rows already there", out, journal.resumed)
     return journal
 
