@@ -78,7 +78,7 @@ def cmd_results(args: argparse.Namespace) -> None:
         return
     runs = results.history(last=args.last, kind=args.kind, model=args.model, url=args.db)
     if not runs:
-        console.print(f"no runs in {results.resolve_url(args.db)}")
+        console.print(f"no runs in {results.masked(results.resolve_url(args.db))}")
         return
     console.print(history_table(runs))
 

@@ -12,7 +12,22 @@ A small normalised schema (SQLAlchemy 2):
 
 The database is embedded SQLite at `results/moegen.db` (relative to the working directory) in
 WAL mode, or any SQLAlchemy URL given as an argument or in MOEGEN_RESULTS_URL (PostgreSQL for a
-team). Each recorded run is written in one transaction: a failure part-way leaves nothing.
+team: the `postgres` extra installs psycopg, and a plain postgresql:// URL uses it). Each recorded
+run is written in one transaction: a failure part-way leaves nothing.
+
+Many writers at once (several flows, processes or machines recording together), every run is
+recorded exactly once:
+- SQLite: WAL, a 30 s busy timeout, and every write transaction begun IMMEDIATE, so that writers
+  queue for the write lock at BEGIN (a deferred transaction that reads first and then wants to
+  write fails at once with "database is locked", whatever the timeout);
+- the schema is created inside such a transaction (PostgreSQL: under an advisory lock), so two
+  processes meeting a new database never both create a table;
+- environments, systems and workloads, shared between runs by a unique key, are inserted with
+  INSERT ... ON CONFLICT DO NOTHING and then read back.
+Readers never write: they open SQLite read-only (a missing file is not created, an empty one is
+not given a schema) and see a database without the schema as one without runs. A bad URL, a
+missing driver, a file that is not a database or a server that cannot be reached is one line
+naming the URL, its password masked (ResultsError: exit 2; ResultsUnreachable: exit 1).
 """
 from __future__ import annotations
 
@@ -20,18 +35,25 @@ import datetime as dt
 import hashlib
 import json
 import math
+import functools
+import importlib.util
+import inspect
 import os
+import re
+import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, String, UniqueConstraint, create_engine, event,
-                        select)
-from sqlalchemy.engine import Engine, make_url
+                        inspect as sa_inspect, select, text)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from moegen.errors import MoegenError
+from moegen.errors import MachineFault, MoegenError
 
 URL_ENV = "MOEGEN_RESULTS_URL"
 DEFAULT_PATH = Path("results") / "moegen.db"
@@ -40,7 +62,12 @@ RUN_KINDS = ("bench", NIGHTLY, "eval", "generate")
 
 
 class ResultsError(MoegenError):
-    """A results-database request names a run that does not exist, or carries malformed data."""
+    """A results-database request names a run that does not exist, or carries malformed data; or
+    the database URL is malformed, its driver missing, its file not a database."""
+
+
+class ResultsUnreachable(MachineFault):
+    """The results database could not be reached or read (a server down, a disk error)."""
 
 
 # ---- schema -----------------------------------------------------------------------------------
@@ -131,9 +158,42 @@ def resolve_url(url: str | None = None) -> str:
     return f"sqlite:///{DEFAULT_PATH.resolve()}"
 
 
+def masked(url: str) -> str:
+    """The URL as it may be shown: its password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:                                   # unparsable: mask anything like user:secret@
+        return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", str(url))
+
+
+def parse_url(url: str | None = None) -> URL:
+    """The resolved URL, parsed; the driver chosen (module doc); ResultsError when it cannot be used."""
+    url = resolve_url(url)
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        raise ResultsError(f"results database {masked(url)!r}: not a database URL (a SQLite file is "
+                           "sqlite:///path/to/file.db, a PostgreSQL server postgresql://user:password@host/db)") from None
+    try:
+        dialect = parsed.get_dialect()
+    except sa_exc.NoSuchModuleError:
+        raise ResultsError(f"results database {masked(url)}: unknown kind of database {parsed.drivername!r}") from None
+    if getattr(dialect, "is_async", False):
+        raise ResultsError(f"results database {masked(url)}: {parsed.drivername} is an asyncio driver, and moegen "
+                           "writes synchronously: use postgresql:// (psycopg, the `postgres` extra)")
+    # a plain postgresql:// means psycopg2 to SQLAlchemy; the `postgres` extra ships psycopg (3)
+    if parsed.drivername == "postgresql" and not _importable("psycopg2") and _importable("psycopg"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def sqlite_path(url: str | None = None) -> Path | None:
     """The file behind a SQLite URL (None for other databases and in-memory SQLite)."""
-    parsed = make_url(resolve_url(url))
+    parsed = parse_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
@@ -148,26 +208,127 @@ def reports_dir(url: str | None = None) -> Path:
     return (db.parent if db else DEFAULT_PATH.parent.resolve()) / "reports"
 
 
-def _enable_sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_writer_pragmas(dbapi_connection, _record) -> None:
+    # pysqlite's own transaction handling off: _begin_immediate says when a transaction starts
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")          # first: the WAL switch itself may wait
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _begin_immediate(connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_reader_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
+def _create_engine(url: URL, **kwargs) -> Engine:
+    try:
+        return create_engine(url, **kwargs)
+    except (ModuleNotFoundError, ImportError) as e:
+        hint = " (pip install 'moegen[postgres]')" if url.get_backend_name() == "postgresql" else ""
+        raise ResultsError(f"results database {masked(str(url))}: its driver is not installed "
+                           f"({e.name or e}){hint}") from None
+
+
+SCHEMA_LOCK_KEY = 23_5707_2026            # PostgreSQL advisory lock held while creating the schema
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str | None = None) -> Engine:
-    """One SQLAlchemy engine per URL, with the schema created on first use."""
-    url = resolve_url(url)
+    """The engine that writes (one per URL), with the schema created on first use."""
+    parsed = parse_url(url)
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+    engine = _create_engine(parsed)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _enable_sqlite_pragmas)
-    Base.metadata.create_all(engine)
+        event.listen(engine, "connect", _sqlite_writer_pragmas)
+        event.listen(engine, "begin", _begin_immediate)
+    with _database_errors(str(parsed)), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        Base.metadata.create_all(conn)
     return engine
+
+
+def get_reader(url: str | None = None) -> Engine | None:
+    """An engine that only reads, or None when there is no database there yet. SQLite is opened
+    read-only: nothing is created, not even the file."""
+    parsed = parse_url(url)
+    path = sqlite_path(url)
+    if parsed.get_backend_name() != "sqlite":
+        return _reader_engine(parsed.render_as_string(hide_password=False))
+    if path is None:
+        return get_engine(url)                        # in-memory: only the writer's own database exists
+    if not path.is_file():
+        return None
+    return _reader_engine(f"sqlite:///file:{urllib.parse.quote(str(path.resolve()))}?mode=ro&uri=true")
+
+
+@lru_cache(maxsize=8)
+def _reader_engine(url: str) -> Engine:
+    engine = _create_engine(make_url(url))
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_reader_pragmas)
+    return engine
+
+
+@contextmanager
+def reading(url: str | None = None):
+    """A read-only Session, or None when the database has no runs table (nothing recorded yet)."""
+    engine = get_reader(url)
+    if engine is None:
+        yield None
+        return
+    with _database_errors(resolve_url(url)), engine.connect() as conn:
+        if not sa_inspect(conn).has_table(Run.__tablename__):
+            yield None
+            return
+        with Session(bind=conn) as session:
+            yield session
+
+
+@contextmanager
+def _database_errors(url: str):
+    """SQLAlchemy's errors as one line naming the (masked) URL (module doc)."""
+    try:
+        yield
+    except sa_exc.SQLAlchemyError as e:
+        raise database_error(url, e) from e
+
+
+def database_error(url: str, e: Exception) -> MoegenError:
+    orig = getattr(e, "orig", None) or e
+    reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    where = f"results database {masked(url)}"
+    if "file is not a database" in reason:
+        return ResultsError(f"{where}: the file is not a SQLite database ({reason})")
+    if isinstance(e, (sa_exc.OperationalError, sa_exc.InterfaceError)) and make_url(url).get_backend_name() != "sqlite":
+        return ResultsUnreachable(f"{where}: cannot connect ({reason})")
+    if isinstance(e, sa_exc.OperationalError) and "unable to open database file" in reason:
+        return ResultsError(f"{where}: cannot open the file ({reason})")
+    return ResultsUnreachable(f"{where}: {reason}")
+
+
+def database_call(fn):
+    """Any SQLAlchemy error of fn as database_error's one line; fn takes the URL as `url`."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except sa_exc.SQLAlchemyError as e:
+            bound = signature.bind_partial(*args, **kwargs)
+            raise database_error(resolve_url(bound.arguments.get("url")), e) from e
+    return call
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -208,30 +369,35 @@ def hardware_label(hardware: Any) -> str:
     return f"{model} x{count}" if count else str(model)
 
 
-def _get_or_create(session: Session, model, **keys):
-    row = session.scalars(select(model).filter_by(**keys)).one_or_none()
-    if row is None:
-        row = model(**keys)
-        session.add(row)
-        session.flush()
-    return row
+def _insert_or_get(session: Session, model, key: str, **values) -> int:
+    """The id of the row whose unique `key` column equals values[key], inserted if absent. Safe
+    with concurrent writers: INSERT ... ON CONFLICT DO NOTHING, then read back (elsewhere a
+    savepoint around the insert, its IntegrityError meaning another writer was first)."""
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
+        session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+    elif session.scalars(select(model.id).filter_by(**{key: values[key]})).first() is None:
+        try:
+            with session.begin_nested():
+                session.add(model(**values))
+        except sa_exc.IntegrityError:
+            pass
+    return session.scalars(select(model.id).filter_by(**{key: values[key]})).one()
 
 
-def _environment(session: Session, hardware: Any, versions: dict, git_commit: str | None) -> Environment:
+def _environment(session: Session, hardware: Any, versions: dict, git_commit: str | None) -> int:
     info = hardware if isinstance(hardware, dict) else {"label": hardware_label(hardware)}
     blob = json.dumps([hardware_label(hardware), versions, git_commit], sort_keys=True, default=str)
     fingerprint = hashlib.sha256(blob.encode()).hexdigest()
-    env = session.scalars(select(Environment).filter_by(fingerprint=fingerprint)).one_or_none()
-    if env is None:
-        env = Environment(fingerprint=fingerprint, hardware=hardware_label(hardware), hardware_info=info,
-                          versions=versions, git_commit=git_commit)
-        session.add(env)
-    return env
+    return _insert_or_get(session, Environment, "fingerprint", fingerprint=fingerprint,
+                          hardware=hardware_label(hardware), hardware_info=json.loads(json.dumps(info, default=str)),
+                          versions=json.loads(json.dumps(versions, default=str)), git_commit=git_commit)
 
 
 def _add_cell(session: Session, run: Run, cell: CellResult) -> None:
-    result = Result(system=_get_or_create(session, SystemRow, name=cell.system),
-                    workload=_get_or_create(session, WorkloadRow, name=cell.workload),
+    result = Result(system_id=_insert_or_get(session, SystemRow, "name", name=cell.system),
+                    workload_id=_insert_or_get(session, WorkloadRow, "name", name=cell.workload),
                     config=json.loads(json.dumps(cell.config, default=str)), skipped_reason=cell.skipped_reason)
     run.results.append(result)
     for name, value in flatten_metrics(cell.metrics).items():
@@ -239,6 +405,7 @@ def _add_cell(session: Session, run: Run, cell: CellResult) -> None:
     session.flush()
 
 
+@database_call
 def record_run(model: str, kind: str, cells: Iterable[CellResult], hardware: Any = None,
                versions: dict | None = None, git_commit: str | None = None, tags: Iterable[str] = (),
                status: str = "ok", flow_run_id: str | None = None, created_at: dt.datetime | None = None,
@@ -249,7 +416,7 @@ def record_run(model: str, kind: str, cells: Iterable[CellResult], hardware: Any
     with Session(get_engine(url)) as session, session.begin():
         run = Run(kind=kind, model=str(model), status=status, tags=sorted(set(tags)),
                   flow_run_id=flow_run_id, created_at=created_at or dt.datetime.now(dt.timezone.utc),
-                  environment=_environment(session, hardware, versions or {}, git_commit))
+                  environment_id=_environment(session, hardware, versions or {}, git_commit))
         session.add(run)
         for cell in cells:
             _add_cell(session, run, cell)
@@ -369,15 +536,17 @@ def _run_dict(run: Run) -> dict:
             "results": [_result_dict(r) for r in run.results]}
 
 
+@database_call
 def get_run(run_id: int, url: str | None = None) -> dict:
     """One run with its environment, cells and metrics."""
-    with Session(get_engine(url)) as session:
-        run = session.get(Run, int(run_id))
+    with reading(url) as session:
+        run = session.get(Run, int(run_id)) if session is not None else None
         if run is None:
-            raise ResultsError(f"no run {run_id} in {resolve_url(url)}")
+            raise ResultsError(f"no run {run_id} in {masked(resolve_url(url))}")
         return _run_dict(run)
 
 
+@database_call
 def history(last: int = 20, kind: str | None = None, model: str | None = None, system: str | None = None,
             workload: str | None = None, hardware: str | None = None, tag: str | None = None,
             flow_run_id: str | None = None, url: str | None = None) -> list[dict]:
@@ -393,7 +562,9 @@ def history(last: int = 20, kind: str | None = None, model: str | None = None, s
         query = query.where(Run.results.any(Result.workload.has(WorkloadRow.name == workload)))
     if tag is None:
         query = query.limit(last)
-    with Session(get_engine(url)) as session:
+    with reading(url) as session:
+        if session is None:
+            return []
         runs = [run for run in session.scalars(query) if tag is None or tag in run.tags]   # tags: a JSON list
         return [_run_dict(run) for run in runs[:last]]
 
@@ -418,6 +589,7 @@ def compare(run_a: int, run_b: int, url: str | None = None) -> list[dict]:
 BASELINE_NIGHTLIES = 5
 
 
+@database_call
 def nightly_baseline(model: str, system: str, workload: str, hardware: Any, last: int = BASELINE_NIGHTLIES,
                      before_run: int | None = None, url: str | None = None) -> dict | None:
     """The last `last` healthy nightlies of this (model, system, workload) on the same hardware,
@@ -431,8 +603,8 @@ def nightly_baseline(model: str, system: str, workload: str, hardware: Any, last
              .order_by(Run.created_at.desc(), Run.id.desc()))
     if before_run is not None:
         query = query.where(Run.id < int(before_run))
-    with Session(get_engine(url)) as session:
-        rows = session.execute(query.limit(max(1, int(last)))).all()
+    with reading(url) as session:
+        rows = session.execute(query.limit(max(1, int(last)))).all() if session is not None else []
         if not rows:
             return None
         metrics: dict[str, list] = {}
@@ -443,6 +615,7 @@ def nightly_baseline(model: str, system: str, workload: str, hardware: Any, last
                 "metrics": metrics}
 
 
+@database_call
 def nightly_series(model: str, metric: str, last: int = 30, url: str | None = None) -> dict[tuple, list]:
     """(system, workload, hardware) -> [(created_at, value, status)] of the last `last` nightlies
     of `model`, oldest first: the trend the nightly report plots."""
@@ -451,8 +624,8 @@ def nightly_series(model: str, metric: str, last: int = 30, url: str | None = No
              .where(Run.kind == NIGHTLY, Run.model == str(model), Result.skipped_reason.is_(None))
              .order_by(Run.created_at.desc(), Run.id.desc()))
     series: dict[tuple, list] = {}
-    with Session(get_engine(url)) as session:
-        for run, result, system, workload, hardware in session.execute(query):
+    with reading(url) as session:
+        for run, result, system, workload, hardware in session.execute(query) if session is not None else ():
             value = next((m.value for m in result.metrics if m.name == metric), None)
             points = series.setdefault((system, workload, hardware), [])
             if value is not None and len(points) < last:
