@@ -39,11 +39,14 @@ def run_eval(model, tasks, limit=None, system="moegen", dtype="bfloat16", device
     """
     _check_system(system)
     model_dir = _check_model_dir(model)
+    check_counts(limit, num_fewshot)
     names = task_names(tasks)
     manager = task_manager(names, include_paths(include_path))
     if _GSM8K_NAMES & set(names):
         from moegen.harness.lm_eval_tasks import gsm8k_data
         gsm8k_data.check_files()
+    if num_fewshot:
+        check_fewshot_pools(names, manager, num_fewshot)
     lm = make_lm(system, model_dir, dtype, device, engine_options)
     result = evaluate(lm, names, manager, limit, num_fewshot, gen_kwargs, system=system, model=str(model_dir))
     if system == "moegen":
@@ -90,6 +93,24 @@ def sample_record(sample: dict) -> dict:
 def _check_system(system: str) -> None:
     if system not in SYSTEMS:
         raise ConfigError(f"unknown system {system!r}; choose one of {', '.join(SYSTEMS)}")
+
+
+def check_counts(limit, num_fewshot) -> None:
+    """--limit and --num-fewshot that lm-eval would crash on (or record as they are)."""
+    if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0):
+        raise InputError(f"--limit must be at least 1 (documents per task), got {limit}")
+    if num_fewshot is not None and not (isinstance(num_fewshot, int) and not isinstance(num_fewshot, bool)
+                                        and num_fewshot >= 0):
+        raise InputError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
+
+
+def check_fewshot_pools(names, manager, num_fewshot: int) -> None:
+    """Each task must have num_fewshot examples to draw from (lm-eval's sampler would crash)."""
+    for name, task in manager.load(list(names))["tasks"].items():
+        docs = task.fewshot_docs() if hasattr(task, "fewshot_docs") else None
+        if docs is not None and num_fewshot > len(docs):
+            raise InputError(f"--num-fewshot {num_fewshot}: task {name} has only {len(docs)} examples to draw "
+                             "few-shot from")
 
 
 def _check_model_dir(model) -> Path:
