@@ -13,6 +13,7 @@ cannot be caught: the server shares the flow's process group, so end both with
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 from typing import Callable
@@ -48,22 +49,63 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
+USER_MISTAKE, FAULT = 2, 1       # exit statuses, as the moegen command's
+
+
 def run_flow_from_argv(flow, show: Callable[[dict], None] | None = None, argv: list[str] | None = None) -> dict:
-    """Parse parameters from the command line, run the flow, print its summary."""
-    from prefect.exceptions import ParameterTypeError
-
+    """Parse parameters from the command line, check them against the flow's signature and types
+    before it starts (an unknown name, a value of the wrong type: one line, exit 2), run the flow,
+    print its summary. A flow run that fails on a user's mistake exits 2, on anything else 1."""
     exit_on_sigterm()
-
     try:
         params = parse_params(sys.argv[1:] if argv is None else argv)
-        state = flow(**params, return_state=True)
-    except (InputError, ParameterTypeError) as e:
-        sys.exit(f"{flow.name}: error: {e}")
+        check_parameters(flow, params)
+    except InputError as e:
+        fail(f"{flow.name}: error: {e}", USER_MISTAKE)
+    state = flow(**params, return_state=True)
     if not state.is_completed():
-        sys.exit(f"{flow.name}: flow run {state.name}: {state.message}")
+        fail(f"{flow.name}: flow run {state.name}: {state.message}", failure_status(state))
     summary = state.result()
     if show is not None:
         show(summary)
     else:
         print(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def check_parameters(flow, params: dict) -> None:
+    """Prefect's own checks (names bound to the signature, values validated against the
+    parameters' types), run before the flow: their errors as InputError."""
+    from prefect.exceptions import ParameterBindError, ParameterTypeError, SignatureMismatchError
+
+    unknown = sorted(set(params) - set(flow.parameters.properties))
+    if unknown:
+        raise InputError(f"unknown parameter(s) {', '.join(unknown)}; the flow takes "
+                         f"{', '.join(flow.parameters.properties)}")
+    flows_log = logging.getLogger("prefect.flows")
+    disabled, flows_log.disabled = flows_log.disabled, True      # it would log the same, at length
+    try:
+        flow.validate_parameters(params)
+    except (ParameterBindError, ParameterTypeError, SignatureMismatchError) as e:
+        lines = [line.strip().removeprefix("- ") for line in str(e).splitlines() if line.strip()]
+        problems = lines[1:] if len(lines) > 1 and lines[0].endswith(":") else lines
+        raise InputError(f"invalid parameters: {'; '.join(problems)}") from None
+    finally:
+        flows_log.disabled = disabled
+
+
+def failure_status(state) -> int:
+    """2 when the flow failed on a user's mistake (a MoegenError other than a MachineFault), else 1."""
+    from moegen.errors import MoegenError
+    try:
+        state.result(raise_on_failure=True)
+    except MoegenError as e:
+        return e.exit_status
+    except BaseException:  # noqa: BLE001 -- any other failure is the machine's or a bug: 1
+        return FAULT
+    return FAULT
+
+
+def fail(message: str, status: int) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(status)

@@ -28,8 +28,18 @@ def _accepted_by(parse, value):
 
 
 def check_model_ref(value: str) -> str:
+    """A fixture spec, or a checkpoint directory that is there (on the machine the flow runs on:
+    the worker's), so a missing model is refused before the flow starts, not in its first task."""
+    from pathlib import Path
+
+    from moegen.errors import CheckpointError
     from tasks.models import parse_fixture_spec
-    return _accepted_by(parse_fixture_spec, value)
+
+    def check(ref: str) -> None:
+        if parse_fixture_spec(ref) is None and not (Path(ref).expanduser() / "config.json").is_file():
+            raise CheckpointError(f"model {ref!r} is neither a fixture spec (fixture:<arch>/<preset>[@seed]) nor a "
+                                  "checkpoint directory with config.json")
+    return _accepted_by(check, value)
 
 
 def check_bytes(value: str) -> str:

@@ -51,8 +51,11 @@ def read_json_config(cfg_file: Path) -> dict:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_file} must hold a JSON object, not a {type(raw).__name__}")
     if "model_type" not in raw:
         raise ConfigError(f"{cfg_file} has no model_type field")
+    check_model_type(raw, str(cfg_file))
     checked_family(raw, where=str(cfg_file))
     return raw
 
@@ -435,6 +438,12 @@ def load_model(path: str | Path, dtype="float32") -> MoEModel:
     return model
 
 
+def check_model_type(raw: dict, where: str) -> None:
+    """model_type must be a string (a list or number would fail as a dictionary key, deep inside)."""
+    if not isinstance(raw["model_type"], str):
+        raise ConfigError(f"{where}: model_type must be a string such as \"mixtral\", got {json.dumps(raw['model_type'])}")
+
+
 def config_from(source):
     """A transformers config from a config object, a config.json dict, a checkpoint directory or
     a config JSON file (any name), or the name of a bundled real-model config (moegen/configs)."""
@@ -451,6 +460,7 @@ def config_from(source):
         source, where = load_config(source), f"bundled config {source!r}"
     if not isinstance(source, dict) or "model_type" not in source:
         raise ConfigError(f"cannot read a model config from {source!r}")
+    check_model_type(source, where)
     checked_family(source, where)
     fields = {k: v for k, v in source.items() if k not in ("model_type", "architectures", "_name_or_path")}
     try:

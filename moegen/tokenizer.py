@@ -205,9 +205,20 @@ def load_tokenizer(model_dir: "str | Path") -> Tokenizer:
                          f"{', '.join(HF_FILES)} (transformers){why}")
 
 
-def _check_text(text) -> None:
+def _check_text(text, where: str = "text") -> None:
     if not isinstance(text, str):
         raise InputError(f"expected text as str, got {type(text).__name__}")
+    check_unicode(text, where)
+
+
+def check_unicode(text: str, where: str = "text") -> None:
+    """Text must be encodable as UTF-8: a lone surrogate ("\\ud83d", half of an emoji's UTF-16
+    pair, which JSON escapes allow) is not a character, and the tokenizers' native code fails on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where}: holds a lone surrogate {text[e.start]!r} at character {e.start}, which is not "
+                         "valid Unicode (half of a UTF-16 pair; write the whole character, e.g. \\ud83d\\ude00)") from None
 
 
 def check_messages(messages, where: str = "conversation") -> None:
@@ -218,6 +229,7 @@ def check_messages(messages, where: str = "conversation") -> None:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise InputError(f"{where}: message {j} must be an object with string 'role' and 'content'")
+        check_unicode(m["content"], f"{where}: message {j}")
 
 
 def read_chat_template(model_dir: Path) -> "str | None":

@@ -24,7 +24,8 @@ An output row, one per input row and in input order:
 body is a chat.completion or text_completion object with `usage`. A row that cannot be served
 (not JSON, unknown url, no body, a prompt too long, ...) is answered with status_code 400, the
 OpenAI error object as body ({"error": {"message", "type", ...}}) and `error` {"code", "message"};
-it never stops the others. Every valid row goes to the engine in one call, so module batching
+it never stops the others; nor does a custom_id used twice (the later rows are answered with an
+error, as the Batch API requires unique ids). Every valid row goes to the engine in one call, so module batching
 sees the whole batch.
 """
 import json
@@ -82,6 +83,7 @@ def run_batch(engine, lines, model: str, max_new_tokens: int, truncate: "str | N
               progress: bool = False) -> "list[dict]":
     """Output rows for (where, text) lines, in their order. max_new_tokens: for rows that set none."""
     parsed = [parse_line(engine, where, text, model, max_new_tokens, truncate) for where, text in lines]
+    parsed = refuse_duplicate_ids(lines, parsed)
     served = [r for r in parsed if isinstance(r, BatchRequest)]
     # a row's n choices are SamplingParams(n) samples: forked from one prefill of its prompt
     # (and distinct under one seed), not n copies of the request
@@ -91,6 +93,21 @@ def run_batch(engine, lines, model: str, max_new_tokens: int, truncate: "str | N
     created, token_text = int(time.time()), token_strings(engine.tokenizer)
     return [response_row(r, choices_of(next(completions)), created, token_text)
             if isinstance(r, BatchRequest) else r for r in parsed]
+
+
+def refuse_duplicate_ids(lines, parsed: list) -> list:
+    """The Batch API requires each custom_id once (results are matched to requests by it): the
+    first request with an id is served, every later one is answered with an error row."""
+    first, out = {}, []
+    for (where, _), row in zip(lines, parsed):
+        custom_id = row.custom_id if isinstance(row, BatchRequest) else row.get("custom_id")
+        if custom_id is not None and custom_id in first:
+            row = error_row(custom_id, f"{where}: custom_id {custom_id!r} was already used at {first[custom_id]}; "
+                                       "each request of a batch needs its own")
+        elif custom_id is not None:
+            first[custom_id] = where
+        out.append(row)
+    return out
 
 
 def choices_of(completion) -> list:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from moegen.errors import InputError
 from moegen.jsonl import STDIN, numbered_jsonl
+from moegen.tokenizer import check_unicode
 
 MESSAGES = "messages"
 
@@ -52,6 +53,8 @@ def prompt_of(row: dict, where: str, field: str | None, template: str | None):
     prompt = _prompt_of(row, where, field, template)
     if not prompt:
         raise InputError(f"{where}: the prompt is empty")
+    if isinstance(prompt, str):
+        check_unicode(prompt, f"{where}: the prompt")
     return prompt
 
 
