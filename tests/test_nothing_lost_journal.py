@@ -296,3 +296,24 @@ def test_storage_fault_vs_user_mistake():
     from moegen.errors import InputError, storage_fault
     assert isinstance(storage_fault(OSError(errno.EIO, "I/O error"), "x"), MachineFault)
     assert isinstance(storage_fault(OSError(errno.EACCES, "Permission denied"), "x"), InputError)
+
+
+# ---- case 4 for the journal: a directory rebuilt with other weights never resumes the old rows ----
+
+def test_a_checkpoint_rebuilt_with_other_weights_is_another_generation(tmp_path, capsys):
+    from moegen.harness.fixture import build_fixture
+    ckpt, src, out = tmp_path / "ckpt", prompts_file(tmp_path / "p.jsonl", 2), tmp_path / "c.jsonl"
+    build_fixture("mixtral", "tiny", 1, ckpt)
+    assert main(args(ckpt, src, out)) == 0
+    build_fixture("mixtral", "tiny", 2, ckpt)                   # same config.json, other weights
+    capsys.readouterr()
+    assert main(args(ckpt, src, out)) == 2
+    assert "model.checkpoint_sha256" in capsys.readouterr().err
+    # a sidecar written before fingerprints held the checkpoint's still resumes
+    assert main(args(ckpt, src, out, "--overwrite")) == 0
+    saved = json.loads(sidecar_path(out).read_text())
+    del saved["model"]["checkpoint_sha256"]
+    sidecar_path(out).write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(args(ckpt, src, out)) == 0
+    assert json.loads(capsys.readouterr().out)["resumed"] == 2

@@ -65,9 +65,28 @@ def sampling_fingerprint(sampling: dict) -> dict:
 
 
 def model_identity(model: str) -> dict:
+    """The model's name, its config.json's sha256, and the checkpoint's fingerprint (weights,
+    tokenizer, chat template: moegen.harness.fingerprints), so that a directory rebuilt with other
+    weights under the same config never resumes the rows of the old ones."""
+    from moegen.harness.fingerprints import checkpoint_fingerprint
+
     config = Path(model) / "config.json"
     digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
-    return {"name": str(model), "config_sha256": digest}
+    return {"name": str(model), "config_sha256": digest, CHECKPOINT_KEY: checkpoint_fingerprint(model)}
+
+
+CHECKPOINT_KEY = "checkpoint_sha256"
+
+
+def same_generation(saved, new: dict) -> bool:
+    """Whether a sidecar's fingerprint is this one's. A journal written before fingerprints held the
+    checkpoint's is compared without it (it still resumes)."""
+    if saved == new:
+        return True
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if isinstance(model, dict) and CHECKPOINT_KEY not in model and isinstance(new.get("model"), dict):
+        return saved == {**new, "model": {k: v for k, v in new["model"].items() if k != CHECKPOINT_KEY}}
+    return False
 
 
 def rows_digest(rows) -> dict:
@@ -154,7 +173,7 @@ class Journal:
                 return False
             raise InputError(f"{self.sidecar} is not a journal fingerprint (not JSON); start over with --overwrite "
                              "(overwrite=True), or choose another output") from None
-        if saved == self.fingerprint:
+        if same_generation(saved, self.fingerprint):
             return True
         if overwrite:
             return False
