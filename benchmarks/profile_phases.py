@@ -1,5 +1,5 @@
-"""Where moegen's prefill and decode time goes, by kind of work: GEMMs, attention, norms, RoPE,
-activation, routing, dispatch (gather/scatter around the experts), sampling and the rest.
+"""Where moegen's prefill and decode time goes, by kind of work: GEMMs, the fused routed-experts
+kernel, attention, norms, RoPE, activation, routing, dispatch (gather/scatter around the experts), sampling and the rest.
 
     PYTHONPATH=. python benchmarks/profile_phases.py --model runs/fixtures/mixtral-bench [--n 512] [--prompt 128] [--gen 64]
 
@@ -57,7 +57,9 @@ def instrument() -> None:
     from moegen.engine.sampler import Sampler
     from moegen.layers import attention, linear, mlp, moe, norm, rotary, router
     from moegen.ops import attention as attention_ops
-    functions = {"gemm": [linear.linear], "norm": [norm.rms_norm], "activation": [mlp.gated_activation],
+    from moegen.ops import experts as experts_ops
+    functions = {"gemm": [linear.linear], "experts": [experts_ops.moe_experts], "norm": [norm.rms_norm],
+                 "activation": [mlp.gated_activation],
                  "attention": [attention.causal_attention, attention_ops.paged_decode_attention,
                                attention_ops.paged_decode_attention_mla]}
     for kind, fns in functions.items():

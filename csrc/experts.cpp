@@ -61,6 +61,12 @@ constexpr int kTileK = 32;              // inputs per tile (16 pairs)
 constexpr int kTileElems = kTileN * kTileK;
 constexpr int kRowBlock = 32;           // rows per micro-kernel call (two AMX row tiles)
 constexpr int kPadRows = kRowBlock;     // zeroed rows after the last so over-reads stay finite
+// rows per pass over an item's columns: their activations (256 x 2 KiB at H = 1024) stay in L2
+// while the item's column blocks go by
+// Activation rows are kLdPad elements longer than their padded width: rows a power of two bytes
+// apart would all fall into a few L1 sets.
+constexpr int64_t kLdPad = 32;
+constexpr int64_t kRowChunk = 256;
 
 enum Isa : int64_t { kGeneric = 0, kAvx512Bf16 = 1, kAmx = 2 };
 
@@ -133,39 +139,47 @@ void amx_configure() {
   _tile_loadconfig(&cfg);
 }
 
-template <int RT, int CB>
+// C[32 rows (RT = 2) or 16][32] = A[rows, all k] x (B[0] | B[1]): four (or two) 16x16 fp32
+// accumulator tiles, two A row tiles and two B tiles -- the 8 tile registers.
+template <int RT>
 void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks, float* C) {
-  const int64_t a_stride = lda * sizeof(bf16), ldc = CB * kTileN * sizeof(float);
+  constexpr int64_t ldc = 2 * kTileN * sizeof(float);
+  const int64_t a_stride = lda * sizeof(bf16);
   _tile_zero(0);
-  if constexpr (RT == 2) _tile_zero(1);
-  if constexpr (CB == 2) _tile_zero(2);
-  if constexpr (RT == 2 && CB == 2) _tile_zero(3);
+  _tile_zero(2);
+  if constexpr (RT == 2) {
+    _tile_zero(1);
+    _tile_zero(3);
+  }
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     _tile_loadd(4, A + kb * kTileK, a_stride);
     _tile_loadd(6, B[0] + kb * kTileElems, 64);
+    _tile_loadd(7, B[1] + kb * kTileElems, 64);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 4, 7);
     if constexpr (RT == 2) {
       _tile_loadd(5, A + 16 * lda + kb * kTileK, a_stride);
       _tile_dpbf16ps(1, 5, 6);
-    }
-    if constexpr (CB == 2) {
-      _tile_loadd(7, B[1] + kb * kTileElems, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      if constexpr (RT == 2) _tile_dpbf16ps(3, 5, 7);
+      _tile_dpbf16ps(3, 5, 7);
     }
   }
   _tile_stored(0, C, ldc);
-  if constexpr (RT == 2) _tile_stored(1, C + 16 * CB * kTileN, ldc);
-  if constexpr (CB == 2) _tile_stored(2, C + kTileN, ldc);
-  if constexpr (RT == 2 && CB == 2) _tile_stored(3, C + 16 * CB * kTileN + kTileN, ldc);
+  _tile_stored(2, C + kTileN, ldc);
+  if constexpr (RT == 2) {
+    _tile_stored(1, C + 16 * 2 * kTileN, ldc);
+    _tile_stored(3, C + 16 * 2 * kTileN + kTileN, ldc);
+  }
 }
 
-template <int CB>
-void amx_gemm(const bf16* A, int64_t lda, int rows, const bf16* const* B, int64_t kblocks, float* C) {
-  if (rows > 16)
-    amx_block<2, CB>(A, lda, B, kblocks, C);
-  else
-    amx_block<1, CB>(A, lda, B, kblocks, C);
+// All rows of one expert against two column blocks, 32 rows at a time over the whole of k.
+// (Chunking k so that B stays in L1 measured no faster: B streams from L2 well enough.)
+void amx_panel(const bf16* A, int64_t lda, int64_t rows, const bf16* const* B, int64_t kblocks, float* C) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    if (rows - r0 > 16)
+      amx_block<2>(A + r0 * lda, lda, B, kblocks, C + r0 * 2 * kTileN);
+    else
+      amx_block<1>(A + r0 * lda, lda, B, kblocks, C + r0 * 2 * kTileN);
+  }
 }
 #endif
 
@@ -220,20 +234,24 @@ void generic_gemm(const bf16* A, int64_t lda, int rows, const bf16* const* B, in
   }
 }
 
-template <int CB>
-void gemm(int64_t isa, const bf16* A, int64_t lda, int rows, const bf16* const* B, int64_t kblocks, float* C) {
+// C[round32(rows)][32] = A[rows] x (B[0] | B[1]): one expert's rows against two column blocks.
+void panel(int64_t isa, const bf16* A, int64_t lda, int64_t rows, const bf16* const* B, int64_t kblocks, float* C) {
 #ifdef MOEGEN_HAVE_AMX
-  if (isa == kAmx) return amx_gemm<CB>(A, lda, rows, B, kblocks, C);
+  if (isa == kAmx) return amx_panel(A, lda, rows, B, kblocks, C);
 #endif
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
 #ifdef MOEGEN_HAVE_AVX512_BF16
-  if (isa == kAvx512Bf16) return avx512_gemm<CB>(A, lda, rows, B, kblocks, C);
+    if (isa == kAvx512Bf16) {
+      avx512_gemm<2>(A + r0 * lda, lda, n, B, kblocks, C + r0 * 2 * kTileN);
+      continue;
+    }
 #endif
-  generic_gemm<CB>(A, lda, rows, B, kblocks, C);
+    generic_gemm<2>(A + r0 * lda, lda, n, B, kblocks, C + r0 * 2 * kTileN);
+  }
 }
 
 // ---- epilogues --------------------------------------------------------------------------
-inline float round_bf16(float x) { return static_cast<float>(static_cast<bf16>(x)); }
-
 // silu(gate) * up over one tile's 16 columns, with csrc/elementwise.cpp's silu_mul arithmetic
 // (simd.h's exp; gate and up first rounded to bf16, as F.linear's outputs are).
 inline void silu_mul_tile(const float* gate, const float* up, bf16* out) {
@@ -247,10 +265,23 @@ inline void silu_mul_tile(const float* gate, const float* up, bf16* out) {
   }
 }
 
+// out[:cols] = round(round(c) * w): the down GEMM's output rounded (as F.linear's), then weighted.
+inline void scale_row(const float* c, float w, bf16* out, int cols) {
+  using moegen_simd::Reg;
+  using moegen_simd::Simd;
+  const Reg wv = Simd::set1(w);
+  int n = 0;
+  for (; n + moegen_simd::W <= cols; n += moegen_simd::W)
+    Simd::store(out + n, Simd::mul(Simd::round_to<bf16>(Simd::load(c + n)), wv));
+  if (n < cols)
+    moegen_simd::store_partial(out + n, Simd::mul(Simd::round_to<bf16>(Simd::load(c + n)), wv), cols - n);
+}
+
 // ---- the layer -------------------------------------------------------------------------
 struct Layer {
   int64_t hidden, inter;          // H, I
   int64_t hp, ip;                 // padded to multiples of 32
+  int64_t xs_ld, h_ld;            // row strides of the activations (see kLdPad)
   const bf16* gate_up;            // [E][2][ip/16][hp/32] tiles
   const bf16* down;               // [E][hp/16][ip/32] tiles
   int64_t isa;
@@ -297,8 +328,11 @@ void run_items(const std::vector<Item>& items, int64_t isa, F body) {
 #ifdef MOEGEN_HAVE_AMX
     if (isa == kAmx) amx_configure();
 #endif
-    alignas(64) float scratch[kRowBlock * 2 * kTileN];
-    for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) body(items[i], scratch);
+    std::vector<float> C;  // [round32(rows)][32] partial sums of the item's current column pair
+    for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
+      C.resize((std::min(kRowChunk, items[i].rows) + kRowBlock - 1) / kRowBlock * kRowBlock * 2 * kTileN);
+      body(items[i], C.data());
+    }
 #ifdef MOEGEN_HAVE_AMX
     if (isa == kAmx) _tile_release();
 #endif
@@ -307,16 +341,15 @@ void run_items(const std::vector<Item>& items, int64_t isa, F body) {
 
 // h[r, :] = round(round(silu(round(x W_gate))) * round(x W_up)) for the item's rows/columns.
 void gate_up_item(const Layer& L, const Item& it, const bf16* xs, bf16* h, float* C) {
-  const int64_t kblocks = L.hp / kTileK;
-  for (int64_t r0 = 0; r0 < it.rows; r0 += kRowBlock) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, it.rows - r0));
-    const bf16* A = xs + (it.row0 + r0) * L.hp;
+  for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, it.rows - r0);
+    const bf16* A = xs + (it.row0 + r0) * L.xs_ld;
     for (int64_t nb = it.nb0; nb < it.nb1; ++nb) {
       const bf16* B[2] = {L.gate_tile(it.expert, 0, nb), L.gate_tile(it.expert, 1, nb)};
-      gemm<2>(L.isa, A, L.hp, rows, B, kblocks, C);
-      for (int r = 0; r < rows; ++r) {
+      panel(L.isa, A, L.xs_ld, rows, B, L.hp / kTileK, C);
+      for (int64_t r = 0; r < rows; ++r) {
         const float* g = C + r * 2 * kTileN;
-        silu_mul_tile(g, g + kTileN, h + (it.row0 + r0 + r) * L.ip + nb * kTileN);
+        silu_mul_tile(g, g + kTileN, h + (it.row0 + r0 + r) * L.h_ld + nb * kTileN);
       }
     }
   }
@@ -324,20 +357,16 @@ void gate_up_item(const Layer& L, const Item& it, const bf16* xs, bf16* h, float
 
 // out[r, :H] = round(round(h W_down) * weight[r]) for the item's rows/columns.
 void down_item(const Layer& L, const Item& it, const bf16* h, const float* weights, bf16* out, float* C) {
-  const int64_t kblocks = L.ip / kTileK;
-  for (int64_t r0 = 0; r0 < it.rows; r0 += kRowBlock) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, it.rows - r0));
-    const bf16* A = h + (it.row0 + r0) * L.ip;
+  for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, it.rows - r0);
+    const bf16* A = h + (it.row0 + r0) * L.h_ld;
     for (int64_t nb = it.nb0; nb < it.nb1; nb += 2) {
       const bf16* B[2] = {L.down_tile(it.expert, nb), L.down_tile(it.expert, nb + 1)};
-      gemm<2>(L.isa, A, L.ip, rows, B, kblocks, C);
+      panel(L.isa, A, L.h_ld, rows, B, L.ip / kTileK, C);
       const int64_t col0 = nb * kTileN, cols = std::min<int64_t>(2 * kTileN, L.hidden - col0);
-      for (int r = 0; r < rows; ++r) {
+      for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = it.row0 + r0 + r;
-        const float w = weights[row];
-        const float* c = C + r * 2 * kTileN;
-        bf16* o = out + row * L.hidden + col0;
-        for (int64_t n = 0; n < cols; ++n) o[n] = static_cast<bf16>(round_bf16(c[n]) * w);
+        scale_row(C + r * 2 * kTileN, weights[row], out + row * L.hidden + col0, static_cast<int>(cols));
       }
     }
   }
@@ -367,6 +396,8 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   L.inter = inter;
   L.hp = (L.hidden + 31) / 32 * 32;
   L.ip = (inter + 31) / 32 * 32;
+  L.xs_ld = L.hp + kLdPad;
+  L.h_ld = L.ip + kLdPad;
   L.isa = isa;
   const int64_t experts = static_cast<int64_t>(counts.size());
   TORCH_CHECK_VALUE(gate_up.numel() == experts * 2 * L.ip * L.hp && down.numel() == experts * L.hp * L.ip,
@@ -385,16 +416,16 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   at::Tensor out = at::empty({rows, L.hidden}, x.options());
   if (rows == 0) return out;
   // the rows grouped by expert, padded to hp columns and kPadRows more rows (zeros)
-  at::Tensor xs = at::empty({rows + kPadRows, L.hp}, x.options());
-  at::Tensor h = at::empty({rows + kPadRows, L.ip}, x.options());
+  at::Tensor xs = at::empty({rows + kPadRows, L.xs_ld}, x.options());
+  bf16* xsp = xs.data_ptr<bf16>();
+  at::Tensor h = at::empty({rows + kPadRows, L.h_ld}, x.options());
+  bf16* hp = h.data_ptr<bf16>();
   const bf16* xp = x.data_ptr<bf16>();
   const int64_t* tok = token_idx.data_ptr<int64_t>();
-  bf16* xsp = xs.data_ptr<bf16>();
-  bf16* hp = h.data_ptr<bf16>();
   const int64_t tokens = x.size(0);
   at::parallel_for(0, rows + kPadRows, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      bf16* dst = xsp + r * L.hp;
+      bf16* dst = xsp + r * L.xs_ld;
       int64_t n = 0;
       if (r < rows) {
         const int64_t t = tok[r];
@@ -402,10 +433,10 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
         std::memcpy(dst, xp + t * L.hidden, L.hidden * sizeof(bf16));
         n = L.hidden;
       }
-      std::memset(static_cast<void*>(dst + n), 0, (L.hp - n) * sizeof(bf16));
+      std::memset(static_cast<void*>(dst + n), 0, (L.xs_ld - n) * sizeof(bf16));
     }
   });
-  std::memset(static_cast<void*>(hp + rows * L.ip), 0, kPadRows * L.ip * sizeof(bf16));
+  std::memset(static_cast<void*>(hp + rows * L.h_ld), 0, kPadRows * L.h_ld * sizeof(bf16));
 
   const int threads = at::get_num_threads();
   run_items(make_items(counts, L.ip / kTileN, 1, threads), isa,
