@@ -64,6 +64,9 @@ echo "work pool: $POOL (process)"
 "$PREFECT" --no-prompt deploy --all --prefect-file deployments/prefect.yaml \
     >"$STATE/deploy.log" 2>&1 || { echo "serve.sh: prefect deploy failed; see $STATE/deploy.log" >&2; tail -30 "$STATE/deploy.log" >&2; exit 1; }
 "$PREFECT" deployment ls 2>/dev/null | grep -E "eval/|bench/|generate/" || true
+# crashed runs of the deployments tagged resume-on-crash are scheduled again (and so resume)
+"$PY" deployments/automations.py deployments/automations.yaml \
+    || { echo "serve.sh: creating the automations of deployments/automations.yaml failed" >&2; exit 1; }
 
 if alive worker; then
     echo "worker: already running (pid $(cat "$STATE/worker.pid"))"

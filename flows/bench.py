@@ -23,7 +23,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import PositiveFloat, PositiveInt
 
-from flows.common import cache_scope, flow_run_id, report_dir, system_options
+from flows.common import cache_scope, check_resume_limit, flow_run_id, report_dir, system_options
 from flows.eval import check_baseline
 from flows.params import (DType, Device, EngineOptions, ModelRef, ProbeMode, SystemNames, TaskRunnerChoice, Threshold,
                           WorkloadSpecs)
@@ -103,6 +103,7 @@ def bench_flow(model: ModelRef = "fixture:mixtral/bench",
                resume_from: str | None = None):
     """Measure every system on every workload, record the matrix, report it against `baseline`;
     with nightly=true, fail on a regression beyond regression_threshold."""
+    check_resume_limit()
     check_baseline(baseline, systems)
     if nightly and repeat < MIN_NIGHTLY_REPEAT:
         raise ConfigError(f"a nightly needs repeat >= {MIN_NIGHTLY_REPEAT} (its figures are the median pass), "

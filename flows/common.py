@@ -13,6 +13,27 @@ def flow_run_id() -> str | None:
     return flow_run.get_id()
 
 
+RESUME_LIMIT = 3          # crashed runs scheduled again (deployments/automations.yaml) at most this often
+
+
+def check_resume_limit(limit: int = RESUME_LIMIT) -> None:
+    """A flow run that crashed is scheduled again by the moegen-resume-crashed automation and
+    resumes; one that keeps crashing (killed for memory every time) must not loop forever: after
+    `limit` crashes it fails instead (a Failed run is not rescheduled)."""
+    run_id = flow_run.get_id()
+    if run_id is None or flow_run.get_run_count() <= 1:
+        return                                   # a first run: nothing to count
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    from moegen.errors import MachineFault
+    with get_client(sync_client=True) as client:
+        crashes = sum(state.type == StateType.CRASHED for state in client.read_flow_run_states(run_id))
+    if crashes > limit:
+        raise MachineFault(f"flow run {flow_run.get_name()} crashed {crashes} times; not resuming it again (look for "
+                           f"what kills it: memory, the machine) and retry it by hand: prefect flow-run retry {run_id}")
+
+
 def cache_scope(resume_from: str | None) -> str:
     """The scope cached task results are keyed on: this flow run (so a retry of it reuses finished
     work), or the earlier flow run `resume_from` names (to finish what a crashed run started)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from prefect import flow
 
-from flows.common import cache_scope, describe_environment, flow_run_id, report_dir, system_options
+from flows.common import (cache_scope, check_resume_limit, describe_environment, flow_run_id, report_dir,
+                          system_options)
 from flows.params import (DType, Device, EngineOptions, EvalSystemNames, ModelRef, OptionalSystemNames, ProbeMode,
                           TaskNames, WorkloadSpec)
 from moegen.errors import ConfigError
@@ -69,6 +70,7 @@ def eval_flow(model: ModelRef = "fixture:mixtral/smollm2",
               resume_from: str | None = None) -> dict:
     """Evaluate `model` on lm-eval `tasks` with each backend in `systems`, measure the throughput of
     `bench_systems` on `bench_workload`, record both, and report them side by side against `baseline`."""
+    check_resume_limit()
     check_baseline(baseline, systems)
     options = system_options(engine, bench_options, bench_systems)
     scope = cache_scope(resume_from)

@@ -16,7 +16,7 @@ from typing import Literal
 from prefect import flow
 from pydantic import NonNegativeFloat, PositiveInt
 
-from flows.common import describe_environment, flow_run_id
+from flows.common import check_resume_limit, describe_environment, flow_run_id
 from flows.params import DType, Device, EngineOptions, ModelRef, Sampling
 from moegen.errors import InputError
 from moegen.harness.journal import pending_indices
@@ -59,6 +59,7 @@ def generate_flow(model: ModelRef = "fixture:mixtral/bench", dataset: str = "gsm
     `moegen generate`. replicas > 1 (or ray_address, to join a cluster) runs that many engines as
     Ray actors: one GPU each on cuda, the CPUs split among them on cpu. One run writes an out_dir at
     a time: another is refused, naming its PID, or with wait=true waits for it."""
+    check_resume_limit()
     out = Path(out_dir) / OUTPUT
     if Path(dataset).exists() and out.exists() and Path(dataset).samefile(out):
         raise InputError(f"dataset {dataset} is the output {out}: the output would overwrite it; choose another out_dir")

@@ -1,0 +1,28 @@
+"""Create the automations of deployments/automations.yaml on the Prefect server at PREFECT_API_URL,
+replacing any of the same name (so serve.sh can run it every time without making duplicates).
+
+    python deployments/automations.py [deployments/automations.yaml]
+"""
+import sys
+from pathlib import Path
+
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.events.schemas.automations import AutomationCore
+
+DEFAULT = Path(__file__).with_name("automations.yaml")
+
+
+def apply(path: Path = DEFAULT) -> list[str]:
+    automations = [AutomationCore.model_validate(item) for item in yaml.safe_load(path.read_text())["automations"]]
+    with get_client(sync_client=True) as client:
+        for automation in automations:
+            for old in client.read_automations_by_name(automation.name):
+                client.delete_automation(old.id)
+            client.create_automation(automation)
+    return [a.name for a in automations]
+
+
+if __name__ == "__main__":
+    for name in apply(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT):
+        print(f"automation: {name}")
