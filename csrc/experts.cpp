@@ -140,11 +140,14 @@ void amx_configure() {
 }
 
 // C[32 rows (RT = 2) or 16][32] = A[rows, all k] x (B[0] | B[1]): four (or two) 16x16 fp32
-// accumulator tiles, two A row tiles and two B tiles -- the 8 tile registers.
-template <int RT>
-void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks, float* C) {
+// accumulator tiles, two A row tiles and two B tiles -- the 8 tile registers. `pending` is the
+// previous block's epilogue: a few of its rows run in each k step (the vector units work while
+// the AMX unit multiplies), the rest before C is overwritten.
+template <int RT, typename Pending>
+void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks, float* C, Pending& pending) {
   constexpr int64_t ldc = 2 * kTileN * sizeof(float);
   const int64_t a_stride = lda * sizeof(bf16);
+  const int64_t per_step = pending.rows_per_step(kblocks);
   _tile_zero(0);
   _tile_zero(2);
   if constexpr (RT == 2) {
@@ -162,23 +165,14 @@ void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks
       _tile_dpbf16ps(1, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
+    pending.run(per_step);
   }
+  pending.run_all();
   _tile_stored(0, C, ldc);
   _tile_stored(2, C + kTileN, ldc);
   if constexpr (RT == 2) {
     _tile_stored(1, C + 16 * 2 * kTileN, ldc);
     _tile_stored(3, C + 16 * 2 * kTileN + kTileN, ldc);
-  }
-}
-
-// All rows of one expert against two column blocks, 32 rows at a time over the whole of k.
-// (Chunking k so that B stays in L1 measured no faster: B streams from L2 well enough.)
-void amx_panel(const bf16* A, int64_t lda, int64_t rows, const bf16* const* B, int64_t kblocks, float* C) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    if (rows - r0 > 16)
-      amx_block<2>(A + r0 * lda, lda, B, kblocks, C + r0 * 2 * kTileN);
-    else
-      amx_block<1>(A + r0 * lda, lda, B, kblocks, C + r0 * 2 * kTileN);
   }
 }
 #endif
@@ -234,21 +228,57 @@ void generic_gemm(const bf16* A, int64_t lda, int rows, const bf16* const* B, in
   }
 }
 
-// C[round32(rows)][32] = A[rows] x (B[0] | B[1]): one expert's rows against two column blocks.
-void panel(int64_t isa, const bf16* A, int64_t lda, int64_t rows, const bf16* const* B, int64_t kblocks, float* C) {
-#ifdef MOEGEN_HAVE_AMX
-  if (isa == kAmx) return amx_panel(A, lda, rows, B, kblocks, C);
-#endif
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
-#ifdef MOEGEN_HAVE_AVX512_BF16
-    if (isa == kAvx512Bf16) {
-      avx512_gemm<2>(A + r0 * lda, lda, n, B, kblocks, C + r0 * 2 * kTileN);
-      continue;
-    }
-#endif
-    generic_gemm<2>(A + r0 * lda, lda, n, B, kblocks, C + r0 * 2 * kTileN);
+// The rows of a finished 32-row block still to post-process: epi(c, r, nb) gets row r's 32
+// accumulators (column blocks nb and the next, or gate and up).
+template <typename Epi>
+struct Pending {
+  Epi& epi;
+  const float* C;
+  int64_t row = 0, end = 0, first = 0, nb = 0;
+
+  void set(int64_t r0, int64_t rows, int64_t block) { row = first = r0, end = r0 + rows, nb = block; }
+  int64_t rows_per_step(int64_t steps) const { return (end - row + steps - 1) / steps; }
+  void run(int64_t n) {
+    for (; n > 0 && row < end; --n, ++row) epi(C + (row - first) * 2 * kTileN, row, nb);
   }
+  void run_all() { run(end - row); }
+};
+
+// One item's `rows` rows of A against column blocks [nb0, nb1) in steps of `step` (tiles(nb, B)
+// names the two B column blocks of a step), 32 rows at a time, each row then post-processed by
+// epi (see Pending).
+template <typename Tiles, typename Epi>
+void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb0, int64_t nb1, int64_t step,
+          int64_t kblocks, Tiles tiles, Epi epi) {
+  alignas(64) float C[kRowBlock * 2 * kTileN];
+  Pending<Epi> pending{epi, C};
+  for (int64_t nb = nb0; nb < nb1; nb += step) {
+    const bf16* B[2];
+    tiles(nb, B);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+      const int n = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
+      const bf16* a = A + r0 * lda;
+#ifdef MOEGEN_HAVE_AMX
+      if (isa == kAmx) {
+        if (n > 16)
+          amx_block<2>(a, lda, B, kblocks, C, pending);
+        else
+          amx_block<1>(a, lda, B, kblocks, C, pending);
+        pending.set(r0, n, nb);
+        continue;
+      }
+#endif
+#ifdef MOEGEN_HAVE_AVX512_BF16
+      if (isa == kAvx512Bf16)
+        avx512_gemm<2>(a, lda, n, B, kblocks, C);
+      else
+#endif
+        generic_gemm<2>(a, lda, n, B, kblocks, C);
+      pending.set(r0, n, nb);
+      pending.run_all();
+    }
+  }
+  pending.run_all();
 }
 
 // ---- epilogues --------------------------------------------------------------------------
@@ -328,11 +358,7 @@ void run_items(const std::vector<Item>& items, int64_t isa, F body) {
 #ifdef MOEGEN_HAVE_AMX
     if (isa == kAmx) amx_configure();
 #endif
-    std::vector<float> C;  // [round32(rows)][32] partial sums of the item's current column pair
-    for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
-      C.resize((std::min(kRowChunk, items[i].rows) + kRowBlock - 1) / kRowBlock * kRowBlock * 2 * kTileN);
-      body(items[i], C.data());
-    }
+    for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) body(items[i]);
 #ifdef MOEGEN_HAVE_AMX
     if (isa == kAmx) _tile_release();
 #endif
@@ -340,36 +366,78 @@ void run_items(const std::vector<Item>& items, int64_t isa, F body) {
 }
 
 // h[r, :] = round(round(silu(round(x W_gate))) * round(x W_up)) for the item's rows/columns.
-void gate_up_item(const Layer& L, const Item& it, const bf16* xs, bf16* h, float* C) {
+void gate_up_item(const Layer& L, const Item& it, const bf16* xs, bf16* h) {
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
-    const int64_t rows = std::min(kRowChunk, it.rows - r0);
-    const bf16* A = xs + (it.row0 + r0) * L.xs_ld;
-    for (int64_t nb = it.nb0; nb < it.nb1; ++nb) {
-      const bf16* B[2] = {L.gate_tile(it.expert, 0, nb), L.gate_tile(it.expert, 1, nb)};
-      panel(L.isa, A, L.xs_ld, rows, B, L.hp / kTileK, C);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* g = C + r * 2 * kTileN;
-        silu_mul_tile(g, g + kTileN, h + (it.row0 + r0 + r) * L.h_ld + nb * kTileN);
-      }
-    }
+    const int64_t row0 = it.row0 + r0;
+    auto tiles = [&](int64_t nb, const bf16** B) {
+      B[0] = L.gate_tile(it.expert, 0, nb);
+      B[1] = L.gate_tile(it.expert, 1, nb);
+    };
+    auto epi = [&](const float* c, int64_t r, int64_t nb) {
+      silu_mul_tile(c, c + kTileN, h + (row0 + r) * L.h_ld + nb * kTileN);
+    };
+    pass(L.isa, xs + row0 * L.xs_ld, L.xs_ld, std::min(kRowChunk, it.rows - r0), it.nb0, it.nb1, 1,
+         L.hp / kTileK, tiles, epi);
   }
 }
 
 // out[r, :H] = round(round(h W_down) * weight[r]) for the item's rows/columns.
-void down_item(const Layer& L, const Item& it, const bf16* h, const float* weights, bf16* out, float* C) {
+void down_item(const Layer& L, const Item& it, const bf16* h, const float* weights, bf16* out) {
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
-    const int64_t rows = std::min(kRowChunk, it.rows - r0);
-    const bf16* A = h + (it.row0 + r0) * L.h_ld;
-    for (int64_t nb = it.nb0; nb < it.nb1; nb += 2) {
-      const bf16* B[2] = {L.down_tile(it.expert, nb), L.down_tile(it.expert, nb + 1)};
-      panel(L.isa, A, L.h_ld, rows, B, L.ip / kTileK, C);
+    const int64_t row0 = it.row0 + r0;
+    auto tiles = [&](int64_t nb, const bf16** B) {
+      B[0] = L.down_tile(it.expert, nb);
+      B[1] = L.down_tile(it.expert, nb + 1);
+    };
+    auto epi = [&](const float* c, int64_t r, int64_t nb) {
       const int64_t col0 = nb * kTileN, cols = std::min<int64_t>(2 * kTileN, L.hidden - col0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = it.row0 + r0 + r;
-        scale_row(C + r * 2 * kTileN, weights[row], out + row * L.hidden + col0, static_cast<int>(cols));
+      scale_row(c, weights[row0 + r], out + (row0 + r) * L.hidden + col0, static_cast<int>(cols));
+    };
+    pass(L.isa, h + row0 * L.h_ld, L.h_ld, std::min(kRowChunk, it.rows - r0), it.nb0, it.nb1, 2,
+         L.ip / kTileK, tiles, epi);
+  }
+}
+
+// out[t] = the k weighted rows of token t summed in ascending expert order, rounding after each add
+// (moe.py's Dispatch.combine, which is the reference's index_add_ per expert into zeros).
+void combine(const bf16* weighted, const int64_t* tok, int64_t tokens, int64_t k, int64_t hidden, bf16* out) {
+  using moegen_simd::Reg;
+  using moegen_simd::Simd;
+  constexpr int W = moegen_simd::W;
+  // rows come in expert order, so each token's rows are listed by ascending expert
+  std::vector<int64_t> slots(tokens * k), filled(tokens, 0);
+  for (int64_t r = 0; r < tokens * k; ++r) {
+    const int64_t t = tok[r];
+    TORCH_CHECK_VALUE(filled[t] < k, "moe_experts: token ", t, " is routed to more than ", k, " experts");
+    slots[t * k + filled[t]++] = r;
+  }
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 4096 / std::max<int64_t>(hidden, 1)), [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t* s = slots.data() + t * k;
+      for (int64_t n = 0; n < hidden; n += W) {
+        const int lanes = static_cast<int>(std::min<int64_t>(W, hidden - n));
+        auto load = [&](int64_t row) {
+          const bf16* p = weighted + row * hidden + n;
+          return lanes == W ? Simd::load(p) : moegen_simd::load_partial(p, lanes);
+        };
+        Reg acc = load(s[0]);
+        for (int64_t j = 1; j < k; ++j) acc = Simd::round_to<bf16>(Simd::add(acc, load(s[j])));
+        if (lanes == W)
+          Simd::store(out + t * hidden + n, acc);
+        else
+          moegen_simd::store_partial(out + t * hidden + n, acc, lanes);
       }
     }
-  }
+  });
+}
+
+// Activation buffers kept from call to call (grown, never shrunk): a fresh buffer of tens of MB
+// is mapped anew by malloc each time and costs a page fault per 4 KiB on first touch.
+thread_local at::Tensor tl_xs, tl_h, tl_weighted;
+
+bf16* workspace(at::Tensor& buffer, int64_t elements) {
+  if (!buffer.defined() || buffer.numel() < elements) buffer = at::empty({elements}, at::kBFloat16);
+  return buffer.data_ptr<bf16>();
 }
 
 void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
@@ -380,10 +448,10 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
 
 // x [T, H] bf16; token_idx [R] int64 (the token of each expert-ordered row); weights [R] fp32;
 // counts: rows per expert (sum R); gate_up / down: packed tiles (see the header).
-// Returns [R, H] bf16: each row's expert output times its router weight.
+// Returns [T, H] bf16: per token, its k experts' outputs times their router weights, summed.
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& weights,
                        std::vector<int64_t> counts, const at::Tensor& gate_up, const at::Tensor& down,
-                       int64_t inter, int64_t isa) {
+                       int64_t inter, int64_t top_k, int64_t isa) {
   check(x, "x", at::kBFloat16);
   check(token_idx, "token_idx", at::kLong);
   check(weights, "weights", at::kFloat);
@@ -413,16 +481,16 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   L.gate_up = gate_up.data_ptr<bf16>();
   L.down = down.data_ptr<bf16>();
 
-  at::Tensor out = at::empty({rows, L.hidden}, x.options());
-  if (rows == 0) return out;
+  const int64_t tokens = x.size(0);
+  TORCH_CHECK_VALUE(top_k >= 1 && rows == tokens * top_k, "moe_experts: ", rows, " routed rows for ", tokens,
+                    " tokens and top_k ", top_k);
+  at::Tensor combined = at::empty({tokens, L.hidden}, x.options());
+  if (rows == 0) return combined;
   // the rows grouped by expert, padded to hp columns and kPadRows more rows (zeros)
-  at::Tensor xs = at::empty({rows + kPadRows, L.xs_ld}, x.options());
-  bf16* xsp = xs.data_ptr<bf16>();
-  at::Tensor h = at::empty({rows + kPadRows, L.h_ld}, x.options());
-  bf16* hp = h.data_ptr<bf16>();
+  bf16* xsp = workspace(tl_xs, (rows + kPadRows) * L.xs_ld);
+  bf16* hp = workspace(tl_h, (rows + kPadRows) * L.h_ld);
   const bf16* xp = x.data_ptr<bf16>();
   const int64_t* tok = token_idx.data_ptr<int64_t>();
-  const int64_t tokens = x.size(0);
   at::parallel_for(0, rows + kPadRows, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       bf16* dst = xsp + r * L.xs_ld;
@@ -440,12 +508,13 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
 
   const int threads = at::get_num_threads();
   run_items(make_items(counts, L.ip / kTileN, 1, threads), isa,
-            [&](const Item& it, float* C) { gate_up_item(L, it, xsp, hp, C); });
+            [&](const Item& it) { gate_up_item(L, it, xsp, hp); });
   const float* wp = weights.data_ptr<float>();
-  bf16* op = out.data_ptr<bf16>();
+  bf16* op = workspace(tl_weighted, rows * L.hidden);
   run_items(make_items(counts, L.hp / kTileN, 2, threads), isa,
-            [&](const Item& it, float* C) { down_item(L, it, hp, wp, op, C); });
-  return out;
+            [&](const Item& it) { down_item(L, it, hp, wp, op); });
+  combine(op, tok, tokens, top_k, L.hidden, combined.data_ptr<bf16>());
+  return combined;
 }
 
 std::string experts_isa() { return isa_name(best_isa()); }
@@ -464,7 +533,7 @@ std::vector<std::string> experts_isas() {
 
 MOEGEN_EXPERTS_FRAGMENT(MOEGEN_OPS_NS, m) {
   m.def("moe_experts(Tensor x, Tensor token_idx, Tensor weights, int[] counts, Tensor gate_up, Tensor down, "
-        "int inter, int isa) -> Tensor",
+        "int inter, int top_k, int isa) -> Tensor",
         &moegen_experts::moe_experts);
   m.def("experts_isas() -> str[]", &moegen_experts::experts_isas);
 }

@@ -17,7 +17,8 @@ needs_native = pytest.mark.skipif(not ISAS, reason="moegen's native kernels did 
 
 
 def reference(x, d: Dispatch, gate_ups, downs):
-    """moe.py's per-expert path: each expert's SwiGLU over its rows times the router weight."""
+    """moe.py's per-expert path: each expert's SwiGLU over its rows times the router weight,
+    summed per token (Dispatch.combine)."""
     xs, out, start = x.index_select(0, d.token_idx), None, 0
     out = torch.empty_like(xs)
     for e, n in enumerate(d.counts):
@@ -25,7 +26,7 @@ def reference(x, d: Dispatch, gate_ups, downs):
             rows = slice(start, start + n)
             torch.mul(gated_ffn(xs[rows], gate_ups[e], downs[e]), d.weights[rows, None], out=out[rows])
         start += n
-    return out
+    return d.combine(out)
 
 
 def random_layer(hidden, inter, experts, seed=0):
@@ -63,6 +64,8 @@ def assert_bf16_close(ours, ref):
     (64, 32, 8, 2, 40, [1, 6]),          # experts with zero tokens among busy ones
     (128, 64, 4, 2, 3000, None),         # thousands of rows per expert
     (64, 32, 4, 2, 0, None),             # no tokens at all
+    (64, 32, 8, 1, 30, None),            # top-1
+    (64, 32, 16, 8, 50, None),           # fine-grained: top-8 of 16
 ])
 def test_kernel_matches_per_expert_path(monkeypatch, isa, hidden, inter, experts, k, tokens, only):
     monkeypatch.setenv("MOEGEN_EXPERTS_ISA", isa)
@@ -70,7 +73,7 @@ def test_kernel_matches_per_expert_path(monkeypatch, isa, hidden, inter, experts
     d = routing(tokens, experts, k, only=only)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).bfloat16()
     gate_up, down = fused.pack_layer(gate_ups, downs, inter)
-    ours = fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, inter)
+    ours = fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, inter, k)
     assert_bf16_close(ours, reference(x, d, gate_ups, downs))
     if only is not None:
         assert [e for e, n in enumerate(d.counts) if n] == only
@@ -89,7 +92,7 @@ def test_isas_agree_with_each_other(monkeypatch):
     outs = []
     for isa in ISAS:
         monkeypatch.setenv("MOEGEN_EXPERTS_ISA", isa)
-        outs.append(fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, 32))
+        outs.append(fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, 32, 2))
     ref = reference(x, d, gate_ups, downs)
     for out in outs:
         assert torch.equal(out, ref)

@@ -121,9 +121,8 @@ class SparseMoE:
         they come from `w`. Packed layers run every expert in one native call instead."""
         gate_up_name, down_name = self.fused_names()
         if gate_up_name in w:
-            weighted = fused.moe_experts(x, d.token_idx, d.weights, d.counts, w[gate_up_name], w[down_name],
-                                         self.intermediate)
-            return d.combine(weighted)
+            return fused.moe_experts(x, d.token_idx, d.weights, d.counts, w[gate_up_name], w[down_name],
+                                     self.intermediate, d.top_k)
         xs = x.index_select(0, d.token_idx)       # one gather: rows grouped by expert
         # expert output * router weight, computed in their common dtype and rounded to x's once
         # (the reference's `(expert(x) * w).to(dtype)`), written straight into place

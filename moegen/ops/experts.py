@@ -5,7 +5,7 @@ kernel's tile layout (`pack_layer`): per expert, gate and up [I, H] and down [H,
 to multiples of 32 and cut into 1 KiB tiles of 16 output columns x 32 inputs, stored as pairs of
 adjacent inputs (the B operand of AMX's TDPBF16PS and AVX-512's VDPBF16PS). The plain per-expert
 weights are then dropped. `moe_experts` runs every expert's gate_up GEMM, silu(gate) * up, down
-GEMM and router weight over its rows in one call.
+GEMM and router weight over its rows, and the sum over each token's experts, in one call.
 
 The ISA is the fastest this CPU runs (AMX, then AVX-512 BF16, then portable C++);
 `MOEGEN_EXPERTS_ISA=amx|avx512-bf16|generic` forces one (tests use it; an unavailable one is an
@@ -69,12 +69,13 @@ def pack_layer(gate_ups: list, downs: list, intermediate: int) -> tuple[torch.Te
 
 
 def moe_experts(x: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor, counts: list[int],
-                gate_up: torch.Tensor, down: torch.Tensor, intermediate: int) -> torch.Tensor:
-    """For each routed row (rows grouped by expert, `counts` per expert, the token of each in
-    `token_idx`): the expert's SwiGLU output for x[token] times the row's router weight, [R, H]."""
+                gate_up: torch.Tensor, down: torch.Tensor, intermediate: int, top_k: int) -> torch.Tensor:
+    """The routed experts' contribution per token, [T, H]: rows grouped by expert (`counts` per
+    expert, the token of each in `token_idx`, its router weight in `weights`), each the expert's
+    SwiGLU output for x[token] times the weight, summed per token in ascending expert order."""
     ops = native_ops()
     if ops is None:
         raise ConfigError("the fused experts kernel needs moegen's native ops (see `moegen build-ops`)")
     isa = ISA_CODES[chosen_isa()]
     return ops.ops.moe_experts(x.contiguous(), token_idx, weights.float().contiguous(), counts, gate_up, down,
-                               intermediate, isa)
+                               intermediate, top_k, isa)
