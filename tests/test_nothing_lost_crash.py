@@ -1,7 +1,9 @@
 """Issue 23, case 6: a flow run killed mid-run on the served stack goes Crashed, the automation of
 deployments/automations.yaml schedules it again, the worker runs it again, and it resumes from its
-journal: every row once, in input order, and the run recorded once. A run that keeps crashing
-stops being resumed (flows.common.check_resume_limit)."""
+journal: every row once, in input order, and the run recorded once. Killed together with its
+worker, the run sends no more heartbeats: the second automation marks it Crashed, and once a worker
+is back it resumes the same way. A run that keeps crashing stops being resumed
+(flows.common.check_resume_limit)."""
 import json
 import os
 import re
@@ -31,17 +33,21 @@ def run(cmd, env, timeout):
     return done.stdout
 
 
-@pytest.fixture
-def stack(tmp_path):
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """serve.sh's stack, shared by this module's tests; stop.sh takes it down."""
+    tmp_path = tmp_path_factory.mktemp("crash-stack")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_PORT": str(port), "MOEGEN_PREFECT_DIR": str(tmp_path / "stack"),
                 "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_WORKER_QUERY_SECONDS": "2",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",          # Prefect's least; 180 by default
                 "VENV": str(Path(PREFECT).parents[1])})
     try:
         out = run([str(REPO / "deployments" / "serve.sh")], env, timeout=400)
-        yield {"env": {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}, "out": out}
+        yield {"env": {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}, "out": out, "serve_env": env,
+               "dir": tmp_path / "stack"}
     finally:
         subprocess.run([str(REPO / "deployments" / "stop.sh")], env=env, cwd=REPO, capture_output=True, timeout=60)
 
@@ -54,10 +60,25 @@ def flow_run_states(api: str, flow_run_id: str):
             return client.read_flow_run(flow_run_id), client.read_flow_run_states(flow_run_id)
 
 
+def wait_for(api: str, flow_run_id: str, done, what: str, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        flow_run, states = flow_run_states(api, flow_run_id)
+        if done(flow_run):
+            return flow_run, [s.type.value for s in states]
+        assert time.monotonic() < deadline, f"{what}: not in {timeout} s: {[s.type.value for s in states]}"
+        time.sleep(2)
+
+
 @pytest.mark.slow
-def test_a_killed_generate_run_is_resumed_from_its_journal(stack, tiny_fixture, tmp_path):
+@pytest.mark.parametrize("killed", ["the flow run's process", "its worker too"])
+def test_a_killed_generate_run_is_resumed_from_its_journal(stack, tiny_fixture, tmp_path, killed):
     from moegen.harness import results
     assert "automation: moegen-resume-crashed" in stack["out"]
+    if killed == "its worker too":              # heartbeats every 30 s: a run silent for 75 s is lost
+        quick = tmp_path / "automations.yaml"
+        quick.write_text((REPO / "deployments" / "automations.yaml").read_text().replace("within: 600", "within: 75"))
+        run([sys.executable, str(REPO / "deployments" / "automations.py"), str(quick)], stack["env"], timeout=120)
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} times {i}?"}) + "\n" for i in range(ROWS)))
     out_dir, url = tmp_path / "gen", f"sqlite:///{tmp_path / 'results.db'}"
@@ -74,16 +95,18 @@ def test_a_killed_generate_run_is_resumed_from_its_journal(stack, tiny_fixture, 
         assert time.monotonic() < deadline, "the flow run wrote no rows in 400 s"
         time.sleep(0.2)
     writer = int(lock.read_text().split()[0])          # the flow run's own process: it holds the journal
-    os.kill(writer, signal.SIGKILL)
-
-    deadline = time.monotonic() + 600
-    while True:
-        flow_run, states = flow_run_states(stack["env"]["PREFECT_API_URL"], flow_run_id)
-        if flow_run.state.is_final() and not flow_run.state.is_crashed():
-            break
-        assert time.monotonic() < deadline, f"not resumed in 600 s: {[s.type.value for s in states]}"
-        time.sleep(2)
-    types = [s.type.value for s in states]
+    api = stack["env"]["PREFECT_API_URL"]
+    if killed == "its worker too":
+        worker = int((stack["dir"] / "worker.pid").read_text())
+        os.killpg(worker, signal.SIGKILL)                 # serve.sh started it in a session of its own
+        os.kill(writer, signal.SIGKILL) if Path(f"/proc/{writer}").exists() else None
+        # no worker: the run is marked Crashed for its silence, then Scheduled, and waits
+        wait_for(api, flow_run_id, lambda r: r.state.is_scheduled() and "Resuming" == r.state.name, "rescheduled", 300)
+        run([str(REPO / "deployments" / "serve.sh")], stack["serve_env"], timeout=400)    # a worker is back
+    else:
+        os.kill(writer, signal.SIGKILL)
+    flow_run, types = wait_for(api, flow_run_id, lambda r: r.state.is_final() and not r.state.is_crashed(),
+                               "resumed", 600)
     assert flow_run.state.is_completed(), (flow_run.state, types)
     assert "CRASHED" in types and types.index("CRASHED") < len(types) - 1       # crashed, then ran again
     indices = [json.loads(line)["index"] for line in journal.read_text().splitlines()]
