@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from moegen.errors import InputError
+from moegen.errors import InputError, storage_fault
 
 
 STDIN = STDOUT = "-"
@@ -85,8 +85,8 @@ def write_output(path, text: str) -> None:
                 f.write(text)
         else:
             _replace_atomically(target, text)
-    except OSError as e:
-        raise InputError(f"cannot write output {path}: {e.strerror or e}") from None
+    except OSError as e:             # disk full / I/O error: the machine's fault (exit 1); else the path's
+        raise storage_fault(e, f"cannot write output {path}") from None
 
 
 def _replace_atomically(target: Path, text: str) -> None:

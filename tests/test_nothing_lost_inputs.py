@@ -115,3 +115,13 @@ def test_flow_parameters_are_checked_before_the_flow_starts(tmp_path, module, pa
     assert done.returncode == 2, done.stderr
     line = one_error_line(done.stderr)
     assert message in line and line.startswith(module.split(".")[1])
+
+
+# ---- case 7 beyond the journal: every output the CLI writes ----------------------------------------
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_full_disk_under_any_output_is_exit_1(tmp_path, tiny_fixture, capsys):
+    src = tmp_path / "b.jsonl"
+    src.write_text(json.dumps({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "hi"}}) + "\n")
+    assert main(generate(tiny_fixture("mixtral"), src, "/dev/full", "--format", "openai-batch")) == 1
+    assert "cannot write output /dev/full: disk full" in one_error_line(capsys.readouterr().err)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moegen.cli import main
-from moegen.errors import InputError
+from moegen.errors import InputError, MachineFault
 from moegen.jsonl import output_target, write_output
 
 
@@ -56,7 +56,7 @@ def test_device_is_written_in_place_and_errors_are_ours():
     write_output("/dev/null", "row\n")
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
     if os.path.exists("/dev/full"):
-        with pytest.raises(InputError, match="cannot write output /dev/full"):
+        with pytest.raises(MachineFault, match="cannot write output /dev/full: disk full"):
             write_output("/dev/full", "row\n")
         assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
 
