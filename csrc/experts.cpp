@@ -143,8 +143,12 @@ void amx_configure() {
 // accumulator tiles, two A row tiles and two B tiles -- the 8 tile registers. `pending` is the
 // previous block's epilogue: a few of its rows run in each k step (the vector units work while
 // the AMX unit multiplies), the rest before C is overwritten.
+// `next` (or null): the next column blocks' tiles, prefetched into L2 as these are used -- with few
+// rows per expert the weights stream from memory, and the hardware prefetcher alone leaves the
+// tile loads waiting on it.
 template <int RT, typename Pending>
-void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks, float* C, Pending& pending) {
+void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks, float* C, Pending& pending,
+               const bf16* const* next) {
   constexpr int64_t ldc = 2 * kTileN * sizeof(float);
   const int64_t a_stride = lda * sizeof(bf16);
   const int64_t per_step = pending.rows_per_step(kblocks);
@@ -166,6 +170,12 @@ void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks
       _tile_dpbf16ps(3, 5, 7);
     }
     pending.run(per_step);
+    if (next != nullptr) {
+      for (int line = 0; line < kTileElems * 2; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(next[0] + kb * kTileElems) + line, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(next[1] + kb * kTileElems) + line, _MM_HINT_T1);
+      }
+    }
   }
   pending.run_all();
   _tile_stored(0, C, ldc);
@@ -252,18 +262,23 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb0, in
           int64_t kblocks, Tiles tiles, Epi epi) {
   alignas(64) float C[kRowBlock * 2 * kTileN];
   Pending<Epi> pending{epi, C};
+  const bf16* B[2];
+  const bf16* next[2];
+  tiles(nb0, next);
   for (int64_t nb = nb0; nb < nb1; nb += step) {
-    const bf16* B[2];
-    tiles(nb, B);
+    B[0] = next[0], B[1] = next[1];
+    const bool last = nb + step >= nb1;
+    if (!last) tiles(nb + step, next);
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
       const bf16* a = A + r0 * lda;
 #ifdef MOEGEN_HAVE_AMX
       if (isa == kAmx) {
+        const bf16* const* pf = r0 == 0 && !last ? next : nullptr;
         if (n > 16)
-          amx_block<2>(a, lda, B, kblocks, C, pending);
+          amx_block<2>(a, lda, B, kblocks, C, pending, pf);
         else
-          amx_block<1>(a, lda, B, kblocks, C, pending);
+          amx_block<1>(a, lda, B, kblocks, C, pending, pf);
         pending.set(r0, n, nb);
         continue;
       }
