@@ -139,26 +139,34 @@ void amx_configure() {
   _tile_loadconfig(&cfg);
 }
 
-// C[32 rows (RT = 2) or 16][32] = A[rows, all k] x (B[0] | B[1]): four (or two) 16x16 fp32
-// accumulator tiles, two A row tiles and two B tiles -- the 8 tile registers. `pending` is the
-// previous block's epilogue: a few of its rows run in each k step (the vector units work while
-// the AMX unit multiplies), the rest before C is overwritten.
-// `next` (or null): the next column blocks' tiles, prefetched into L2 as these are used -- with few
-// rows per expert the weights stream from memory, and the hardware prefetcher alone leaves the
-// tile loads waiting on it.
+// C[32 rows (RT = 2) or 16][32] += A[rows, k tiles kb0..kb1) x (B[0] | B[1]) (C starts at zero when
+// `first`): four (or two) 16x16 fp32 accumulator tiles, two A row tiles and two B tiles -- the 8
+// tile registers. `pending` is an earlier block's epilogue: a few of its rows run in each k step
+// (the vector units work while the AMX unit multiplies), the rest before C is stored. `next` (or
+// null): the next column blocks' tiles, prefetched into L2 as these are used -- with few rows per
+// expert the weights stream from memory.
 template <int RT, typename Pending>
-void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks, float* C, Pending& pending,
-               const bf16* const* next) {
+void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kb0, int64_t kb1, float* C, bool first,
+               Pending& pending, const bf16* const* next) {
   constexpr int64_t ldc = 2 * kTileN * sizeof(float);
   const int64_t a_stride = lda * sizeof(bf16);
-  const int64_t per_step = pending.rows_per_step(kblocks);
-  _tile_zero(0);
-  _tile_zero(2);
-  if constexpr (RT == 2) {
-    _tile_zero(1);
-    _tile_zero(3);
+  const int64_t per_step = pending.rows_per_step(kb1 - kb0);
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(2);
+    if constexpr (RT == 2) {
+      _tile_zero(1);
+      _tile_zero(3);
+    }
+  } else {
+    _tile_loadd(0, C, ldc);
+    _tile_loadd(2, C + kTileN, ldc);
+    if constexpr (RT == 2) {
+      _tile_loadd(1, C + 16 * 2 * kTileN, ldc);
+      _tile_loadd(3, C + 16 * 2 * kTileN + kTileN, ldc);
+    }
   }
-  for (int64_t kb = 0; kb < kblocks; ++kb) {
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
     _tile_loadd(4, A + kb * kTileK, a_stride);
     _tile_loadd(6, B[0] + kb * kTileElems, 64);
     _tile_loadd(7, B[1] + kb * kTileElems, 64);
@@ -238,29 +246,34 @@ void generic_gemm(const bf16* A, int64_t lda, int rows, const bf16* const* B, in
   }
 }
 
-// The rows of a finished 32-row block still to post-process: epi(c, r, nb) gets row r's 32
-// accumulators (column blocks nb and the next, or gate and up).
+// The rows of a finished block still to post-process: epi(c, r, nb) gets row r's 32 accumulators
+// (column blocks nb and the next, or gate and up), row r of C.
 template <typename Epi>
 struct Pending {
   Epi& epi;
   const float* C;
-  int64_t row = 0, end = 0, first = 0, nb = 0;
+  int64_t row = 0, end = 0, nb = 0;
 
-  void set(int64_t r0, int64_t rows, int64_t block) { row = first = r0, end = r0 + rows, nb = block; }
+  void set(int64_t r0, int64_t rows, int64_t block) { row = r0, end = r0 + rows, nb = block; }
   int64_t rows_per_step(int64_t steps) const { return (end - row + steps - 1) / steps; }
   void run(int64_t n) {
-    for (; n > 0 && row < end; --n, ++row) epi(C + (row - first) * 2 * kTileN, row, nb);
+    for (; n > 0 && row < end; --n, ++row) epi(C + row * 2 * kTileN, row, nb);
   }
   void run_all() { run(end - row); }
 };
 
-// One item's `rows` rows of A against column blocks [nb0, nb1) in steps of `step` (tiles(nb, B)
-// names the two B column blocks of a step), 32 rows at a time, each row then post-processed by
-// epi (see Pending).
+// k tiles per AMX pass over a row chunk: two column blocks' tiles of one pass (32 KiB) stay in L1
+// while the chunk's row blocks go by, so mostly A streams from L2 (measured here: 4 slower, 8 and
+// 16 alike, the whole k at once slower on small row counts).
+constexpr int64_t kAmxKChunk = 16;
+
+// One item's `rows` (<= kRowChunk) rows of A against column blocks [nb0, nb1) in steps of `step`
+// (tiles(nb, B) names the two B column blocks of a step), 32 rows at a time, each row then
+// post-processed by epi (see Pending).
 template <typename Tiles, typename Epi>
 void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb0, int64_t nb1, int64_t step,
           int64_t kblocks, Tiles tiles, Epi epi) {
-  alignas(64) float C[kRowBlock * 2 * kTileN];
+  alignas(64) float C[kRowChunk * 2 * kTileN];
   Pending<Epi> pending{epi, C};
   const bf16* B[2];
   const bf16* next[2];
@@ -269,26 +282,31 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb0, in
     B[0] = next[0], B[1] = next[1];
     const bool last = nb + step >= nb1;
     if (!last) tiles(nb + step, next);
+#ifdef MOEGEN_HAVE_AMX
+    if (isa == kAmx) {
+      for (int64_t kb0 = 0; kb0 < kblocks; kb0 += kAmxKChunk) {
+        const int64_t kb1 = std::min(kblocks, kb0 + kAmxKChunk);
+        for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+          const int64_t n = std::min<int64_t>(kRowBlock, rows - r0);
+          const bf16* const* pf = r0 == 0 && !last ? next : nullptr;
+          if (n > 16)
+            amx_block<2>(A + r0 * lda, lda, B, kb0, kb1, C + r0 * 2 * kTileN, kb0 == 0, pending, pf);
+          else
+            amx_block<1>(A + r0 * lda, lda, B, kb0, kb1, C + r0 * 2 * kTileN, kb0 == 0, pending, pf);
+          if (kb1 == kblocks) pending.set(r0, n, nb);
+        }
+      }
+      continue;
+    }
+#endif
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
-      const bf16* a = A + r0 * lda;
-#ifdef MOEGEN_HAVE_AMX
-      if (isa == kAmx) {
-        const bf16* const* pf = r0 == 0 && !last ? next : nullptr;
-        if (n > 16)
-          amx_block<2>(a, lda, B, kblocks, C, pending, pf);
-        else
-          amx_block<1>(a, lda, B, kblocks, C, pending, pf);
-        pending.set(r0, n, nb);
-        continue;
-      }
-#endif
 #ifdef MOEGEN_HAVE_AVX512_BF16
       if (isa == kAvx512Bf16)
-        avx512_gemm<2>(a, lda, n, B, kblocks, C);
+        avx512_gemm<2>(A + r0 * lda, lda, n, B, kblocks, C + r0 * 2 * kTileN);
       else
 #endif
-        generic_gemm<2>(a, lda, n, B, kblocks, C);
+        generic_gemm<2>(A + r0 * lda, lda, n, B, kblocks, C + r0 * 2 * kTileN);
       pending.set(r0, n, nb);
       pending.run_all();
     }
