@@ -317,3 +317,15 @@ def test_a_checkpoint_rebuilt_with_other_weights_is_another_generation(tmp_path,
     capsys.readouterr()
     assert main(args(ckpt, src, out)) == 0
     assert json.loads(capsys.readouterr().out)["resumed"] == 2
+
+
+def test_output_deleted_after_the_last_flush_is_reported_in_either_order(tmp_path):
+    for order in ("input", "finish"):
+        out = tmp_path / order / "o.jsonl"
+        journal = Journal(out, {"f": 1}, flush_rows=1)
+        journal.append({"index": 0})
+        journal.close()
+        shutil.rmtree(out.parent)
+        with pytest.raises(OutputLostError):
+            journal.finish(order)
+        assert journal._lock.fd is None                       # released all the same

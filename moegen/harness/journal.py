@@ -285,8 +285,8 @@ class Journal:
         output's lock."""
         try:
             self.close()
+            self.check_still_ours()       # rows flushed into a file since deleted are not "done"
             if order == "input" and not self.fresh:
-                self.check_still_ours()
                 self._rewrite_in_order()
         finally:
             self.release()
