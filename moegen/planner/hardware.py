@@ -99,6 +99,9 @@ class Hardware:
     elementwise_gbps: GB/s of the CPU's non-GEMM activation passes; 0 = not modelled.
     dequant_params_per_s: per quantized weight format ("fp8", "int8", "int4"), parameters per
         second the compute device dequantizes before a GEMM; a format absent = not modelled.
+    fused_experts_shapes: per dtype, measured (rows per expert, hidden, intermediate, flops_per_s)
+        rows of the fused routed-experts kernel (CPU; moegen.ops.experts): a MoE layer's experts
+        then cost their FLOPs at that rate and one dispatch per layer; absent = per-expert GEMMs.
     """
     device: str = "cpu"
     gemm_flops_per_s: Mapping[str, float] = field(default_factory=dict)
@@ -115,6 +118,7 @@ class Hardware:
     prefill_attention_flops_per_s: float = 0.0
     elementwise_gbps: float = 0.0
     dequant_params_per_s: Mapping[str, float] = field(default_factory=dict)
+    fused_experts_shapes: Mapping[str, Any] = field(default_factory=dict)
     op_overhead_s: float | None = None
     sync_overhead_s: float | None = None
     seq_overhead_s: float = SEQ_OVERHEAD_S
@@ -173,6 +177,10 @@ class Hardware:
                       device_mem_bw_gbps=float(need("device_mem_bw_gbps")),
                       device_memory_bytes=int(result.get("gpu_memory_bytes", 0)))
         else:   # the CPU is the compute device: its GEMM rate also bounds attention FLOPs
+            fused = result.get("fused_experts") or {}
+            if fused.get("shapes"):
+                kw["fused_experts_shapes"] = {"bfloat16": tuple(
+                    (r["rows_per_expert"], r["hidden"], r["intermediate"], r["flops_per_s"]) for r in fused["shapes"])}
             kw.update(cpu_flops_per_s=float(best.get("bfloat16") or max(best.values())),
                       prefill_attention_flops_per_s=float((result.get("cpu_prefill_attention") or {}).get("flops_per_s", 0)),
                       elementwise_gbps=float(result.get("elementwise_gbps") or 0))
@@ -181,7 +189,7 @@ class Hardware:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in ("gemm_shapes", "source")]
+        return [f.name for f in fields(cls) if f.name not in ("gemm_shapes", "fused_experts_shapes", "source")]
 
     def replace(self, **changes) -> "Hardware":
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -191,6 +199,7 @@ class Hardware:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["gemm_shapes"] = {d: [list(r) for r in rows] for d, rows in self.gemm_shapes.items()}
+        out["fused_experts_shapes"] = {d: [list(r) for r in rows] for d, rows in self.fused_experts_shapes.items()}
         return out
 
     # -- rates --
@@ -207,6 +216,17 @@ class Hardware:
 
     def gemm_rate(self, dtype: str, m: float, k: int, n: int) -> float:
         return self.curve(dtype).rate(m, k, n)
+
+    def fused_experts_rate(self, dtype: str, rows_per_expert: float, hidden: int, inter: int) -> float | None:
+        """FLOP/s of the fused routed-experts kernel at this many rows per expert (the curve nearest
+        in hidden x intermediate), or None where it was not measured (GPU, other dtypes)."""
+        rows = self.fused_experts_shapes.get(dtype)
+        if not rows:
+            return None
+        key = f"fused:{dtype}"
+        if key not in self._curves:
+            self._curves[key] = GemmCurve(max(r[3] for r in rows), rows)
+        return self._curves[key].rate(rows_per_expert, hidden, inter)
 
     def dequant_s(self, weight_format: str, params: float) -> float:
         """Time to dequantize `params` parameters of `weight_format` ("" = unquantized: 0)."""

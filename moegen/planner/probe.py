@@ -35,8 +35,9 @@ from moegen.layers.quantized import (DEQUANT_CHUNK_BYTES, DEVICE_DEQUANT_CHUNK_B
                                      quantize_fp8, quantize_int)
 
 log = logging.getLogger("moegen")
-SCHEMA = 4   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
-             # prompt attention and elementwise bandwidth; 4: dequantization rates of quantized weights
+SCHEMA = 5   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
+             # prompt attention and elementwise bandwidth; 4: dequantization rates of quantized weights;
+             # 5: the fused routed-experts kernel's rate by rows per expert (CPU, bf16)
 GEMM_DTYPES = ("float32", "bfloat16", "float16")
 # (tokens, in_features, out_features): an expert's up/gate GEMM at small (Qwen/OLMoE-sized,
 # H=1024 -> 3584) and Mixtral-sized (4096 -> 14336) widths, over the token counts one expert
@@ -304,6 +305,45 @@ def measure_attention(quick: bool) -> dict:
     return {"impl": impl, "error": "; ".join(errors), "kv_bytes_per_s": 0.0, "kv_gbps": 0.0}
 
 
+# ---- the fused routed-experts kernel (CPU, bf16) ------------------------------------------------
+# (rows per expert, hidden, expert intermediate, experts, top_k): decode (few rows per expert) to
+# prefill (thousands), at the fine-grained (Qwen3/OLMoE-like) and the Mixtral-like width.
+FUSED_EXPERTS_SHAPES = {False: [(16, 1024, 512, 32, 8), (64, 1024, 512, 32, 8), (256, 1024, 512, 32, 8),
+                                (1024, 1024, 512, 32, 8), (64, 1024, 3584, 8, 2), (256, 1024, 3584, 8, 2),
+                                (1024, 1024, 3584, 8, 2)],
+                        True: [(64, 1024, 512, 16, 4), (256, 1024, 512, 16, 4)]}
+
+
+def measure_fused_experts(quick: bool) -> dict:
+    """FLOP/s of one MoE layer's routed experts through moegen.ops.experts (what the engine runs for
+    bf16 on the CPU), by rows per expert; {"isa": None} when the kernel is unavailable here."""
+    from moegen.ops import experts as fused
+    isa = fused.chosen_isa()
+    if isa is None:
+        return {"isa": None, "shapes": []}
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for per_expert, hidden, inter, experts, top_k in FUSED_EXPERTS_SHAPES[quick]:
+        weights = [torch.randn(2 * inter, hidden, generator=g).mul_(0.02).bfloat16() for _ in range(experts)]
+        downs = [torch.randn(hidden, inter, generator=g).mul_(0.02).bfloat16() for _ in range(experts)]
+        gate_up, down = fused.pack_layer(weights, downs, inter)
+        tokens = per_expert * experts // top_k
+        # every token on top_k consecutive experts: each expert gets exactly per_expert rows
+        top_i = (torch.arange(tokens)[:, None] * top_k + torch.arange(top_k)) % experts
+        order = torch.sort(top_i.flatten(), stable=True)[1]
+        x = torch.randn(tokens, hidden, generator=g).bfloat16()
+        w = torch.rand(tokens * top_k, generator=g)
+        counts = [per_expert] * experts
+
+        def run():
+            fused.moe_experts(x, order // top_k, w, counts, gate_up, down, inter, top_k)
+        seconds = best_time_s(run, lambda: None, min_total_s=0.05 if quick else 0.2)
+        flops = 6.0 * tokens * top_k * hidden * inter
+        rows.append({"rows_per_expert": per_expert, "hidden": hidden, "intermediate": inter, "experts": experts,
+                     "top_k": top_k, "seconds": seconds, "flops_per_s": flops / seconds})
+    return {"isa": isa, "shapes": rows}
+
+
 # ---- machine, cache, entry point --------------------------------------------------------------
 
 def _cpu_model() -> str:
@@ -361,6 +401,7 @@ def _measure_all(kind: str, quick: bool) -> dict:
     if kind == "cpu":
         result["cpu_prefill_attention"] = measure_prefill_attention(quick)
         result["elementwise_gbps"] = measure_elementwise(quick)
+        result["fused_experts"] = measure_fused_experts(quick)
     if kind == "cuda":
         result.update(measure_cuda_transfers(quick))
     result["probe_s"] = time.perf_counter() - t0
@@ -478,6 +519,10 @@ def format_probe(result: dict) -> str:
         a = result["cpu_prefill_attention"]
         table.add_row("CPU prompt attention", _si(a["flops_per_s"], "FLOP/s"),
                       f"causal, {a['seqs']} prompts x {a['prompt_len']}, {a['n_heads']}/{a['n_kv_heads']} heads")
+    experts = result.get("fused_experts") or {}
+    for r in experts.get("shapes", ()):
+        table.add_row(f"fused experts {r['rows_per_expert']} rows/expert, {r['experts']} x [{r['hidden']}, "
+                      f"{r['intermediate']}]", _si(r["flops_per_s"], "FLOP/s"), experts.get("isa") or "")
     if "elementwise_gbps" in result:
         table.add_row("CPU elementwise pass", f"{result['elementwise_gbps']:.1f} GB/s", "SwiGLU activation, read + write")
     for fmt, rate in (result.get("dequant_params_per_s") or {}).items():
