@@ -25,8 +25,8 @@ from pydantic import PositiveFloat, PositiveInt
 
 from flows.common import cache_scope, check_resume_limit, flow_run_id, report_dir, system_options
 from flows.eval import check_baseline
-from flows.params import (DType, Device, EngineOptions, ModelRef, ProbeMode, SystemNames, TaskRunnerChoice, Threshold,
-                          WorkloadSpecs)
+from flows.params import (DType, Device, EngineOptions, ModelRef, ProbeMode, ResultsURL, SystemNames, TaskRunnerChoice,
+                          Threshold, WorkloadSpecs)
 from moegen.errors import ConfigError
 from tasks.metrics import DEFAULT_REGRESSION_METRICS, compute_bench_table, find_regressions
 from tasks.models import prepare_model
@@ -99,7 +99,7 @@ def bench_flow(model: ModelRef = "fixture:mixtral/bench",
                runner: TaskRunnerChoice = TaskRunnerChoice(), nightly: bool = False,
                regression_threshold: Threshold = 0.10,
                regression_metrics: list[str] = list(DEFAULT_REGRESSION_METRICS),  # noqa: B006
-               results_url: str | None = None, tags: list[str] = [],  # noqa: B006
+               results_url: ResultsURL = None, tags: list[str] = [],  # noqa: B006
                resume_from: str | None = None):
     """Measure every system on every workload, record the matrix, report it against `baseline`;
     with nightly=true, fail on a regression beyond regression_threshold."""

@@ -14,7 +14,7 @@ from prefect import flow
 from flows.common import (cache_scope, check_resume_limit, describe_environment, flow_run_id, report_dir,
                           system_options)
 from flows.params import (DType, Device, EngineOptions, EvalSystemNames, ModelRef, OptionalSystemNames, ProbeMode,
-                          TaskNames, WorkloadSpec)
+                          ResultsURL, TaskNames, WorkloadSpec)
 from moegen.errors import ConfigError
 from moegen.harness.lm_eval_tasks import LOCAL_TASKS
 from moegen.harness.lm_eval_tasks.gsm8k_data import SPLITS as GSM8K_SPLITS
@@ -66,7 +66,7 @@ def eval_flow(model: ModelRef = "fixture:mixtral/smollm2",
               bench_workload: WorkloadSpec = "gsm8k,n=16,gen=32", bench_repeat: PositiveInt = 1,
               bench_options: dict[str, dict] = {},  # noqa: B006
               probe: ProbeMode = "quick", usd_per_hour: PositiveFloat | None = None,
-              results_url: str | None = None, tags: list[str] = [],  # noqa: B006
+              results_url: ResultsURL = None, tags: list[str] = [],  # noqa: B006
               resume_from: str | None = None) -> dict:
     """Evaluate `model` on lm-eval `tasks` with each backend in `systems`, measure the throughput of
     `bench_systems` on `bench_workload`, record both, and report them side by side against `baseline`."""

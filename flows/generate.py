@@ -17,7 +17,7 @@ from prefect import flow
 from pydantic import NonNegativeFloat, PositiveInt
 
 from flows.common import check_resume_limit, describe_environment, flow_run_id
-from flows.params import DType, Device, EngineOptions, ModelRef, Sampling
+from flows.params import DType, Device, EngineOptions, ModelRef, ResultsURL, Sampling
 from moegen.errors import InputError
 from moegen.harness.journal import pending_indices
 from moegen.harness.replicas import open_source
@@ -50,7 +50,7 @@ def generate_flow(model: ModelRef = "fixture:mixtral/bench", dataset: str = "gsm
                   device: Device = "cpu", engine: EngineOptions = EngineOptions(), replicas: PositiveInt = 1,
                   ray_address: str | None = None, flush_rows: PositiveInt = 64, flush_seconds: NonNegativeFloat = 10.0,
                   order: Literal["input", "finish"] = "input", overwrite: bool = False, wait: bool = False,
-                  record: bool = True, results_url: str | None = None,
+                  record: bool = True, results_url: ResultsURL = None,
                   tags: list[str] = []) -> dict:  # noqa: B006
     """Generate completions for `dataset` (`gsm8k`, a JSONL/parquet file or directory, or a hub
     name) into out_dir/completions.jsonl; returns a summary (rows in the output, rows kept from an

@@ -90,6 +90,14 @@ def unique(values: list[str]) -> list[str]:
     return values
 
 
+def check_results_url(url: str | None) -> str | None:
+    from moegen.harness.results import check_url
+    return _accepted_by(check_url, url)
+
+
+ResultsURL = Annotated[str | None, Field(description="results database: a SQLAlchemy URL (default "
+                                         "MOEGEN_RESULTS_URL, else SQLite at results/moegen.db)"),
+                       AfterValidator(check_results_url)]
 ModelRef = Annotated[str, Field(min_length=1, description="checkpoint directory, or fixture:<arch>/<preset>[@seed] "
                                 "(built under runs/fixtures on first use)"), AfterValidator(check_model_ref)]
 SystemNames = Annotated[list[str], Field(min_length=1), AfterValidator(unique), AfterValidator(check_systems)]

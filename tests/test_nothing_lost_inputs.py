@@ -125,3 +125,14 @@ def test_a_full_disk_under_any_output_is_exit_1(tmp_path, tiny_fixture, capsys):
     src.write_text(json.dumps({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "hi"}}) + "\n")
     assert main(generate(tiny_fixture("mixtral"), src, "/dev/full", "--format", "openai-batch")) == 1
     assert "cannot write output /dev/full: disk full" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_flows_results_url_is_checked_before_the_flow_starts():
+    from flows.cli import check_parameters
+    from flows.generate import generate_flow
+    from moegen.errors import InputError
+    for url, message in [("notaurl", "not a database URL"), ("postgresql+asyncpg://u:pw@h/db", "asyncio driver"),
+                         ("mysql://u:pw@h/db", "driver is not installed")]:
+        with pytest.raises(InputError, match=message):
+            check_parameters(generate_flow, {"results_url": url})
+    check_parameters(generate_flow, {"results_url": "sqlite:////tmp/x.db"})

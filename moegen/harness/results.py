@@ -187,6 +187,21 @@ def parse_url(url: str | None = None) -> URL:
     return parsed
 
 
+def check_url(url: str | None) -> str | None:
+    """A URL that can be used, checked without connecting: parsed, a known kind of database, a
+    synchronous driver that is installed. ResultsError otherwise (flows check results_url with it
+    before they start, not when they record at the end)."""
+    if url is None:
+        return None
+    parsed = parse_url(url)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as e:
+        hint = " (pip install 'moegen[postgres]')" if parsed.get_backend_name() == "postgresql" else ""
+        raise ResultsError(f"results database {masked(url)}: its driver is not installed ({e.name or e}){hint}") from None
+    return url
+
+
 def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
