@@ -35,7 +35,10 @@ def cmd_generate(args):
         prompt_logprobs=args.prompt_logprobs, n=args.n)
     journal = open_output(args.out, cli_fingerprint(args, prompts, params), args.flush_rows, args.flush_seconds,
                           args.overwrite, args.wait)
-    summary = generate_into(journal, prompts, params, args)
+    try:
+        summary = generate_into(journal, prompts, params, args)
+    finally:
+        journal.release()                      # a run that failed (even before its first row) lets go
     # with --out - the rows own stdout; the summary goes to stderr
     print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
 

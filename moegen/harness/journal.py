@@ -410,6 +410,9 @@ class PlainOutput:
         self._rows.append(row)
         return True
 
+    def release(self) -> None:
+        pass                              # nothing locked: stdout and FIFOs have no journal
+
     def finish(self, order: str = "input"):
         rows = self._rows if order == "finish" else sorted(self._rows, key=lambda r: r["index"])
         write_output(self.out, jsonl_text(rows))

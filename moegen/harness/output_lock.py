@@ -85,7 +85,10 @@ class OutputLock:
         self.fd = None
 
     def __del__(self):
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 -- at interpreter exit the kernel drops the lock anyway
+            pass
 
 
 def holder_pid(fd: int) -> int | None:
