@@ -130,7 +130,7 @@ class Engine:
 
     def _fuse_experts(self, weights) -> None:
         """Routed experts packed for the fused kernel (moegen.ops.experts), where it runs."""
-        from moegen.ops.experts import chosen_isa
+        from moegen.ops.experts import auto_isa, chosen_isa
         wanted = self.config.experts_kernel
         if wanted == "torch":
             if self._fused_layers():
@@ -139,7 +139,9 @@ class Engine:
             return
         done = {moe.prefix for moe in self._fused_layers()}
         todo = [moe for moe in self._moe_layers() if moe.prefix not in done]
-        isa = chosen_isa()
+        isa = chosen_isa() if wanted == "fused" else auto_isa()
+        if wanted == "auto" and isa is None:
+            return          # no AMX here: oneDNN's per-expert GEMMs are the faster path
         why_not = ("the native kernels are unavailable" if isa is None else
                    f"it runs bfloat16 SiLU experts, not {self.model.dtype} or quantized ones"
                    if not all(moe.can_fuse(weights) for moe in todo) else "")

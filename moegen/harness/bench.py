@@ -218,7 +218,7 @@ def hardware(device: str, peaks, probe_result: dict | None) -> dict:
     info = machine_info("cpu")
     out = {"peaks": peaks.to_dict(), "probe": None,
            "cpu": {"model": info["cpu_model"], "count": info["cpu_count"], "torch_threads": info["torch_threads"],
-                   "memory_bytes": info["host_memory_bytes"]},
+                   "isa": info["cpu_isa"], "memory_bytes": info["host_memory_bytes"]},
            "gpu": None}
     if str(device).startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))

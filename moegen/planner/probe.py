@@ -316,9 +316,10 @@ FUSED_EXPERTS_SHAPES = {False: [(16, 1024, 512, 32, 8), (64, 1024, 512, 32, 8), 
 
 def measure_fused_experts(quick: bool) -> dict:
     """FLOP/s of one MoE layer's routed experts through moegen.ops.experts (what the engine runs for
-    bf16 on the CPU), by rows per expert; {"isa": None} when the kernel is unavailable here."""
+    bf16 on the CPU by default), by rows per expert; {"isa": None} where the engine does not take it
+    by default (no AMX, or no native kernels)."""
     from moegen.ops import experts as fused
-    isa = fused.chosen_isa()
+    isa = fused.auto_isa()
     if isa is None:
         return {"isa": None, "shapes": []}
     rows = []
@@ -356,10 +357,26 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_isa() -> dict:
+    """What the CPU lists (/proc/cpuinfo) and what moegen's experts kernel runs on it: AMX can be
+    listed yet unusable (the kernel then takes AVX-512 BF16), so figures name the latter."""
+    try:
+        flags = set(re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        flags = set()
+    from moegen.ops.experts import available_isas
+    try:
+        isas = available_isas()
+    except Exception:       # noqa: BLE001 - a machine report never fails on this
+        isas = []
+    return {"listed": sorted(flags & {"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512f", "avx2"}),
+            "experts_kernel": isas[0] if isas else None}
+
+
 def machine_info(device: str) -> dict:
     info = {"hostname": socket.gethostname(), "device": device, "torch_version": torch.__version__,
             "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "host_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+            "cpu_isa": _cpu_isa(), "host_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info.update(gpu_name=props.name, gpu_memory_bytes=props.total_memory, cuda_version=torch.version.cuda)
