@@ -133,3 +133,54 @@ def test_a_database_written_then_read(tmp_path, capsys):
     assert main(["results", "--db", url]) == 0
     assert "moegen" in capsys.readouterr().out
     assert results.get_run(run, url=url)["results"][0]["metrics"] == {"e2e_tokens_per_s": 5.0}
+
+
+# ---- the same on PostgreSQL, where the machine has a server to start ------------------------------
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl as the `postgres` user, a Unix socket only)."""
+    import shutil
+    import tempfile
+    pytest.importorskip("psycopg")
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None or os.geteuid() != 0:
+        pytest.skip("no PostgreSQL server binaries here (or not root, to run them as `postgres`)")
+    try:
+        import pwd
+        pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no `postgres` user to run the server as")
+    base = Path(tempfile.mkdtemp(prefix="moegen-pg-"))
+    os.chmod(base, 0o755)
+    shutil.chown(base, "postgres")
+    import socket
+    with socket.socket() as sock:               # a port no one uses (the server listens on a socket file)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = base / "data"
+
+    def as_postgres(*cmd):
+        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, timeout=120)
+
+    try:
+        as_postgres("initdb", "-D", str(data), "-A", "trust", "-U", "postgres")
+        as_postgres("pg_ctl", "-D", str(data), "-w", "-l", str(base / "log"), "-o",
+                    f"-p {port} -k {base} -c listen_addresses=''", "start")
+        yield f"postgresql://postgres@/postgres?host={base}&port={port}"
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", "pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_concurrent_writers_on_postgresql(tmp_path, postgres_url):
+    record_at_once(postgres_url, tmp_path)
+    import psycopg
+    url = results.parse_url(postgres_url)
+    with psycopg.connect(host=url.query["host"], port=int(url.query["port"]), user="postgres",
+                         dbname="postgres") as conn:
+        models = sorted(m for (m,) in conn.execute("SELECT model FROM runs"))
+        assert conn.execute("SELECT count(*) FROM environments").fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM systems").fetchone()[0] == 6
+    assert models == sorted(f"writer{i}-run{j}" for i in range(PROCESSES) for j in range(RUNS))
+    assert len(results.history(last=1000, url=postgres_url)) == PROCESSES * RUNS
