@@ -6,7 +6,7 @@ durable (write, flush, fsync) every `flush_rows` rows or `flush_seconds` seconds
 settings that change tokens. Opening a journal with the same fingerprint keeps its rows (a torn
 last line, from a crash mid-write, is cut off), so only the missing rows are generated; a journal
 of other inputs is refused, naming what differs, unless `overwrite`. `finish()` rewrites the file
-in input order (atomically, by `moegen.jsonl.write_output`) or, for order="finish", leaves it.
+in input order (atomically: temporary file, fsync, rename) or, for order="finish", leaves it.
 
 Nothing is written before the first row is flushed, so a run that fails at once leaves an
 existing output as it was. Outputs that cannot be reopened (stdout, a FIFO) get `PlainOutput`,
@@ -141,17 +141,17 @@ class Journal:
         self._file, self._broken = None, False
         # the lock first: nothing of the journal is read (or its torn tail cut) under another writer
         self._lock = OutputLock(self.out, wait)
+        self._identity = None
         try:
             self.fresh = not self._matches(overwrite)
-            self.done: set[int] = set() if self.fresh else recover_rows(self.out)
+            self.done: set[int] = set() if self.fresh else self._guarded(lambda: recover_rows(self.out))
+            # the file the kept rows are in: it must still be there, the same file, at every flush.
+            # Held open from now on, so that its inode cannot be reused by a file put in its place.
+            if not self.fresh and self.out.is_file():
+                self._file = self._guarded(lambda: self.out.open("a"))
         except BaseException:
             self._lock.release()
             raise
-        # the file the kept rows are in: it must still be there, the same file, at every flush. Held
-        # open from now on, so that its inode cannot be reused by a file put in its place.
-        self._identity = None
-        if not self.fresh and self.out.is_file():
-            self._file = self._guarded(lambda: self.out.open("a"))
         self.resumed = len(self.done)
         self._buffer: list[str] = []
         self._flushed_at = time.monotonic()
