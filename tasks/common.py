@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from moegen.errors import MoegenError
+from moegen.errors import MachineFault, MoegenError
 
 # Failures that another attempt cannot fix: the input itself is wrong.
 BAD_INPUT = (MoegenError, ValidationError, FileNotFoundError, KeyError, TypeError)
@@ -25,8 +25,11 @@ def failure_of(state) -> BaseException | None:
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry transient failures, never bad input (MoegenError & co)."""
-    return not isinstance(failure_of(state), BAD_INPUT)
+    """Prefect retry_condition_fn: retry transient failures, never bad input (MoegenError & co),
+    except a MoegenError that is a fault of the machine (a database server down, a full disk):
+    another attempt may find it mended."""
+    failure = failure_of(state)
+    return not isinstance(failure, BAD_INPUT) or isinstance(failure, MachineFault)
 
 
 def stable_hash(value: Any) -> str:

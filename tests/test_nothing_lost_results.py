@@ -184,3 +184,13 @@ def test_concurrent_writers_on_postgresql(tmp_path, postgres_url):
         assert conn.execute("SELECT count(*) FROM systems").fetchone()[0] == 6
     assert models == sorted(f"writer{i}-run{j}" for i in range(PROCESSES) for j in range(RUNS))
     assert len(results.history(last=1000, url=postgres_url)) == PROCESSES * RUNS
+
+
+def test_a_machine_fault_is_retried_by_the_flows_tasks_bad_input_is_not():
+    from prefect.states import Failed
+
+    from moegen.errors import InputError
+    from tasks.common import retry_unless_bad_input
+    assert retry_unless_bad_input(None, None, Failed(data=results.ResultsUnreachable("db down"))) is True
+    assert retry_unless_bad_input(None, None, Failed(data=InputError("bad row"))) is False
+    assert retry_unless_bad_input(None, None, Failed(data=results.ResultsError("notaurl"))) is False
