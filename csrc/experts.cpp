@@ -46,6 +46,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #ifndef MOEGEN_OPS_NS
 #define MOEGEN_OPS_NS moegen_ops
@@ -464,12 +467,31 @@ void combine(const bf16* weighted, const int64_t* tok, int64_t tokens, int64_t k
   });
 }
 
+// Asks Linux to back a buffer's whole 2 MiB pages with huge pages (transparent huge pages in
+// "madvise" mode, the common default), before it is first written: the weights stream through the
+// TLB at tens of MB per layer, and 4 KiB pages cost a page walk every 4 KiB (measured: 64 experts
+// of [1024, 448] at 64 rows each, 14.8 -> 11.6 ms a layer). A no-op where unsupported.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+at::Tensor empty_huge(at::IntArrayRef shape, at::ScalarType dtype) {
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
+  advise_huge_pages(t.data_ptr(), t.nbytes());
+  return t;
+}
+
 // Activation buffers kept from call to call (grown, never shrunk): a fresh buffer of tens of MB
 // is mapped anew by malloc each time and costs a page fault per 4 KiB on first touch.
 thread_local at::Tensor tl_xs, tl_h, tl_weighted;
 
 bf16* workspace(at::Tensor& buffer, int64_t elements) {
-  if (!buffer.defined() || buffer.numel() < elements) buffer = at::empty({elements}, at::kBFloat16);
+  if (!buffer.defined() || buffer.numel() < elements) buffer = empty_huge({elements}, at::kBFloat16);
   return buffer.data_ptr<bf16>();
 }
 
@@ -550,6 +572,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   return combined;
 }
 
+// An uninitialised tensor for packed weights, backed by huge pages where the OS allows.
+at::Tensor empty_packed(std::vector<int64_t> shape) { return empty_huge(shape, at::kBFloat16); }
+
 std::string experts_isa() { return isa_name(best_isa()); }
 
 std::vector<std::string> experts_isas() {
@@ -569,4 +594,5 @@ MOEGEN_EXPERTS_FRAGMENT(MOEGEN_OPS_NS, m) {
         "int inter, int top_k, int isa) -> Tensor",
         &moegen_experts::moe_experts);
   m.def("experts_isas() -> str[]", &moegen_experts::experts_isas);
+  m.def("empty_packed(int[] shape) -> Tensor", &moegen_experts::empty_packed);
 }

@@ -70,12 +70,24 @@ def pack_tiles(weight: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     return padded.view(np_ // TILE_N, TILE_N, kp // TILE_K, TILE_K // 2, 2).permute(0, 2, 3, 1, 4).contiguous()
 
 
+def _empty(shape) -> torch.Tensor:
+    """Room for packed weights: huge pages where the OS allows (the kernel streams them through the
+    TLB), plain memory without native ops."""
+    ops = native_ops()
+    return ops.ops.empty_packed(list(shape)) if ops is not None else torch.empty(shape, dtype=torch.bfloat16)
+
+
 def pack_layer(gate_ups: list, downs: list, intermediate: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's (gate_up, down) for one layer from each expert's gate_up [2I, H] (gate rows
-    first) and down [H, I]."""
-    gate_up = torch.stack([torch.stack([pack_tiles(gu[:intermediate]), pack_tiles(gu[intermediate:])])
-                           for gu in gate_ups])
-    return gate_up, torch.stack([pack_tiles(d) for d in downs])
+    first) and down [H, I], one expert at a time into the layer's tensors."""
+    first = pack_tiles(gate_ups[0][:intermediate])
+    gate_up = _empty((len(gate_ups), 2, *first.shape))
+    down = _empty((len(downs), *pack_tiles(downs[0]).shape))
+    for e, (gu, d) in enumerate(zip(gate_ups, downs)):
+        gate_up[e, 0] = pack_tiles(gu[:intermediate])
+        gate_up[e, 1] = pack_tiles(gu[intermediate:])
+        down[e] = pack_tiles(d)
+    return gate_up, down
 
 
 def moe_experts(x: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor, counts: list[int],
