@@ -81,3 +81,27 @@ def test_eval_limits_are_checked_before_any_work(tiny_fixture, capsys, monkeypat
     status = main(["eval", "--model", str(tiny_fixture("mixtral")), "--tasks", "gsm8k_local", *extra])
     err = capsys.readouterr().err
     assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_the_moegen_model_refuses_a_cache_of_another_model(tiny_fixture, other_seed, tmp_path):
+    """The same from Python (simple_evaluate(use_cache=...)), where no launcher picks the file."""
+    from lm_eval.api.model import CachingLM
+
+    from moegen.errors import ConfigError
+    from moegen.harness.lm_eval import MoegenLM
+
+    def lm(model, dtype="float32"):
+        return MoegenLM(engine=Engine.from_pretrained(model, dtype=dtype, host_memory=KV), pretrained=str(model))
+
+    cache = str(tmp_path / "cache.db")
+    CachingLM(lm(tiny_fixture("mixtral")), cache)
+    CachingLM(lm(tiny_fixture("mixtral")), cache)                       # the same model: its own cache
+    with pytest.raises(ConfigError, match="holds the answers of another model .*checkpoint_sha256"):
+        CachingLM(lm(other_seed), cache)
+    with pytest.raises(ConfigError, match="dtype: float32 there, bfloat16 here"):
+        CachingLM(lm(tiny_fixture("mixtral"), "bfloat16"), cache)
+    from sqlitedict import SqliteDict
+    with SqliteDict(str(tmp_path / "unmarked.db"), autocommit=True) as db:
+        db["0" * 64] = "an answer from somewhere"
+    with pytest.raises(ConfigError, match="no moegen model vouches for"):
+        CachingLM(lm(other_seed), str(tmp_path / "unmarked.db"))

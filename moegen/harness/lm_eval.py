@@ -27,7 +27,13 @@ Conventions, chosen to agree with lm-eval's own `hf` backend on the same checkpo
   that already starts with BOS's text gets no second BOS.
 - Every result goes to lm-eval's cache hook as soon as it exists (generations as each sequence
   finishes), so `--use_cache` resumes an interrupted run with what it had finished.
+- lm-eval keys its cache by the request alone. So that another model's answers are never served,
+  a cache the moegen model is given is marked with what decides its answers (the checkpoint's
+  fingerprint, dtype, max_length); a cache marked for another model, or holding answers no mark
+  vouches for, is refused naming the difference (`moegen lm-eval` also gives each model a cache
+  file of its own: moegen.cli.lm_eval).
 """
+import json
 import logging
 
 from lm_eval.api.model import TemplateLM
@@ -74,6 +80,22 @@ class MoegenLM(TemplateLM):
         if not 1 <= max_length <= limit:
             raise ConfigError(f"max_length={max_length} must be in [1, {limit}] (the model's context)")
         return max_length
+
+    # --- lm-eval's answer cache (--use_cache) -------------------------------------------------------
+    def set_cache_hook(self, cache_hook) -> None:
+        """lm-eval's CachingLM hands its database here: claim it for this model (module doc)."""
+        db = getattr(cache_hook, "dbdict", None)
+        if db is not None:
+            claim_cache(db, self.answers_identity())
+        super().set_cache_hook(cache_hook)
+
+    def answers_identity(self) -> dict:
+        """What decides this model's answers, besides the request itself."""
+        from moegen.harness.fingerprints import checkpoint_fingerprint
+        model_dir = self.pretrained or getattr(self.tokenizer, "model_dir", None)
+        return {"checkpoint_sha256": checkpoint_fingerprint(model_dir) if model_dir else None,
+                "dtype": dtype_name(self.engine.model.dtype), "max_length": self.max_length,
+                "max_gen_toks": self.max_gen_toks}
 
     # --- what TemplateLM needs ------------------------------------------------------------------
     @property
@@ -250,6 +272,28 @@ class MoegenLM(TemplateLM):
         if eos is None:
             return None
         return self.tokenizer.token_text(eos)
+
+
+CACHE_MARK = "moegen:answers-of"          # never an lm-eval key (those are sha256 hex digests)
+
+
+def claim_cache(db, identity: dict) -> None:
+    """Mark an empty lm-eval cache with the model's identity; refuse one marked for another model
+    or holding unmarked answers (another backend's or an older moegen's)."""
+    mark = db.get(CACHE_MARK)
+    where = getattr(db, "filename", "the lm-eval cache")
+    if mark is None:
+        if len(db):
+            raise ConfigError(f"{where} holds answers that no moegen model vouches for (another backend's, or "
+                              "written before caches were marked): use another --use_cache path")
+        db[CACHE_MARK] = json.dumps(identity, sort_keys=True)
+        return
+    saved = json.loads(mark)
+    if saved != identity:
+        diffs = [f"{k}: {str(saved.get(k))[:16]} there, {str(identity.get(k))[:16]} here"
+                 for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
+        raise ConfigError(f"{where} holds the answers of another model ({'; '.join(diffs)}): use another "
+                          "--use_cache path")
 
 
 def cut_at_stops(text: str, stops: "list[str]") -> str:
