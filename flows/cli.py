@@ -56,13 +56,20 @@ def run_flow_from_argv(flow, show: Callable[[dict], None] | None = None, argv: l
     """Parse parameters from the command line, check them against the flow's signature and types
     before it starts (an unknown name, a value of the wrong type: one line, exit 2), run the flow,
     print its summary. A flow run that fails on a user's mistake exits 2, on anything else 1."""
+    from prefect.exceptions import ParameterTypeError
+
     exit_on_sigterm()
     try:
         params = parse_params(sys.argv[1:] if argv is None else argv)
         check_parameters(flow, params)
     except InputError as e:
         fail(f"{flow.name}: error: {e}", USER_MISTAKE)
-    state = flow(**params, return_state=True)
+    try:
+        state = flow(**params, return_state=True)
+    except InputError as e:                       # Prefect's own checks, should ours have missed one
+        fail(f"{flow.name}: error: {e}", USER_MISTAKE)
+    except ParameterTypeError as e:
+        fail(f"{flow.name}: error: {e}", USER_MISTAKE)
     if not state.is_completed():
         fail(f"{flow.name}: flow run {state.name}: {state.message}", failure_status(state))
     summary = state.result()

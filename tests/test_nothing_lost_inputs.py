@@ -136,3 +136,13 @@ def test_a_flows_results_url_is_checked_before_the_flow_starts():
         with pytest.raises(InputError, match=message):
             check_parameters(generate_flow, {"results_url": url})
     check_parameters(generate_flow, {"results_url": "sqlite:////tmp/x.db"})
+
+
+def test_a_failed_flow_run_exits_2_on_a_users_mistake_1_otherwise():
+    from prefect.states import Failed
+
+    from flows.cli import failure_status
+    from moegen.errors import InputError, MachineFault
+    assert failure_status(Failed(data=InputError("row 3 is empty"))) == 2
+    assert failure_status(Failed(data=MachineFault("disk full"))) == 1
+    assert failure_status(Failed(data=RuntimeError("a bug"))) == 1
