@@ -49,6 +49,14 @@ elif mode == "torn":
             stall()
         real_write(self, text)
     journal.Journal._write = write
+elif mode == "rows":
+    # rows land slower than the parent polls (10 ms), so its kill comes between two rows, never
+    # after the last (on an idle machine the tiny model could write all of them in one poll)
+    real_write = journal.Journal._write
+    def write(self, text):
+        real_write(self, text)
+        time.sleep(0.2)
+    journal.Journal._write = write
 from moegen.cli import main
 sys.exit(main(sys.argv[4:]))
 """
