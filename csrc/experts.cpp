@@ -109,12 +109,6 @@ bool avx512_bf16_usable() {
 #endif
 }
 
-int64_t best_isa() {
-  if (amx_usable()) return kAmx;
-  if (avx512_bf16_usable()) return kAvx512Bf16;
-  return kGeneric;
-}
-
 bool isa_available(int64_t isa) {
   return isa == kGeneric || (isa == kAvx512Bf16 && avx512_bf16_usable()) || (isa == kAmx && amx_usable());
 }
@@ -574,8 +568,6 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
 
 // An uninitialised tensor for packed weights, backed by huge pages where the OS allows.
 at::Tensor empty_packed(std::vector<int64_t> shape) { return empty_huge(shape, at::kBFloat16); }
-
-std::string experts_isa() { return isa_name(best_isa()); }
 
 std::vector<std::string> experts_isas() {
   std::vector<std::string> names;
