@@ -176,3 +176,14 @@ def test_auto_takes_the_kernel_where_it_is_the_faster_path(tiny_fixture, monkeyp
     assert any(name.endswith(fused.GATE_UP) for name in forced.model.weights)
     out = forced.generate([[3, 4, 5]], SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert len(out[0].token_ids) == 3
+
+
+@needs_native
+def test_a_model_packed_for_the_kernel_is_refused_where_plain_experts_are_needed(tiny_fixture):
+    from moegen.engine.config import EngineConfig
+    model = load_model(tiny_fixture("mixtral"), "bfloat16")
+    Engine(model, None, EngineConfig(kv_cache_bytes=8 << 20, experts_kernel="fused", prepack=False))
+    with pytest.raises(InputError, match="fused experts kernel"):
+        Engine(model, None, EngineConfig(kv_cache_bytes=8 << 20, streaming="staged"))
+    with pytest.raises(InputError, match="experts_kernel=torch"):
+        Engine(model, None, EngineConfig(kv_cache_bytes=8 << 20, experts_kernel="torch"))

@@ -96,8 +96,9 @@ class Engine:
         cfg, weights = self.config, self.model.weights
         streams = self.device.type == "cuda" or cfg.streaming == "staged"
         if streams and (any(t.is_mkldnn for t in weights.values()) or self._fused_layers()):
-            raise InputError("this model's weights were packed for CPU GEMMs by another Engine (prepack); "
-                             "load the model again for a streaming engine, or build the first with prepack=False")
+            raise InputError("this model's weights were packed for CPU GEMMs by another Engine (prepack, or the "
+                             "fused experts kernel); load the model again for a streaming engine, or build the "
+                             "first with prepack=False, experts_kernel='torch'")
         if self.device.type == "cuda":
             if cfg.streaming == "resident":
                 return WeightStreamer(weights, CudaBackend(self.device), resident=set(group_weights(weights)))
