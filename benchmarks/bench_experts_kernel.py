@@ -16,23 +16,19 @@ import time
 import torch
 
 from moegen.layers.linear import pack_weight
-from moegen.layers.mlp import gated_ffn
-from moegen.layers.moe import Dispatch
+from moegen.layers.moe import Dispatch, SparseMoE
 from moegen.ops import experts as fused
 
 SHAPES = {"mixtral": (1024, 3584, 8, 2), "qwen3_moe": (1024, 448, 64, 8)}
 
 
-def per_expert(x, d: Dispatch, gate_ups, downs):
-    """moe.py's per-expert path (one GEMM chain per expert with tokens, then the weighted sum)."""
-    xs, start = x.index_select(0, d.token_idx), 0
-    out = torch.empty_like(xs)
-    for e, n in enumerate(d.counts):
-        if n:
-            torch.mul(gated_ffn(xs[start:start + n], gate_ups[e], downs[e]), d.weights[start:start + n, None],
-                      out=out[start:start + n])
-        start += n
-    return d.combine(out)
+def per_expert_path(gate_ups, downs):
+    """moe.py's per-expert path over these weights: (the layer, its weights dict)."""
+    moe = SparseMoE("layer", downs[0].shape[0], downs[0].shape[1], len(downs), router=None)
+    weights = {}
+    for e, (gu, dn) in enumerate(zip(gate_ups, downs)):
+        weights[f"{moe.expert_key(e)}.gate_up"], weights[f"{moe.expert_key(e)}.down"] = gu, dn
+    return moe, weights
 
 
 def main():
@@ -45,7 +41,7 @@ def main():
         plain = [([(torch.randn(2 * inter, hidden, generator=g) * 0.05).bfloat16() for _ in range(experts)],
                   [(torch.randn(hidden, inter, generator=g) * 0.05).bfloat16() for _ in range(experts)])
                  for _ in range(args.layers)]
-        oned = [([pack_weight(w) for w in gu], [pack_weight(w) for w in dn]) for gu, dn in plain]
+        oned = [per_expert_path([pack_weight(w) for w in gu], [pack_weight(w) for w in dn]) for gu, dn in plain]
         packed = [fused.pack_layer(gu, dn, inter) for gu, dn in plain]
         for tokens in (512, 4096):
             flops = 6.0 * tokens * k * hidden * inter
@@ -59,7 +55,8 @@ def main():
                     layer = call % args.layers
                     t0 = time.perf_counter()
                     if system == "per-expert oneDNN":
-                        per_expert(x, d, *oned[layer])
+                        moe, weights = oned[layer]
+                        moe.run_experts(weights, x, d)
                     else:
                         os.environ["MOEGEN_EXPERTS_ISA"] = system
                         fused.moe_experts(x, d.token_idx, d.weights, d.counts, *packed[layer], inter, k)

@@ -54,3 +54,12 @@ def tiny_fixture(tmp_path_factory):
 def tiny_fused_fixture(tmp_path_factory):
     """Like `tiny_fixture`, with experts in the fused gate_up_proj / down_proj layout."""
     return _tiny_factory(tmp_path_factory, fused=True)
+
+
+@pytest.fixture
+def lm_eval_offline(monkeypatch, gsm8k_dir):
+    """lm-eval and datasets offline (nothing from the hub), the GSM8K tasks reading gsm8k_dir."""
+    from moegen.harness.lm_eval_tasks import gsm8k_data
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv(gsm8k_data.ENV_VAR, str(gsm8k_dir))

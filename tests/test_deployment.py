@@ -2,11 +2,8 @@
 the deployments of deployments/prefect.yaml and a worker; `prefect deployment run eval/mixtral`
 then really executes, and its rows land in the results database and its artifacts in Prefect;
 the server's scheduler creates bench/nightly's cron runs ahead of time, without errors."""
-import os
 import re
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,30 +15,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from moegen.harness import results
-
-REPO = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).parent / "prefect")        # the CLI of the environment running the tests
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(cmd, env, timeout):
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{cmd[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
-def stack_env(tmp_path, port: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return {**env, "PREFECT_PORT": str(port), "MOEGEN_PREFECT_DIR": str(tmp_path / "stack"),
-            "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_WORKER_QUERY_SECONDS": "2",
-            # the scheduler looks for due deployments every 60 s by default; sooner here
-            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "VENV": str(Path(PREFECT).parents[1])}
+from tests.served_stack import PREFECT, REPO, free_port, run, stack_env
 
 
 def eval_params(model: Path, url: str) -> list[str]:
@@ -56,7 +30,8 @@ def stack(tmp_path_factory):
     """The stack serve.sh brings up, shared by this module's tests; stop.sh takes it down."""
     tmp_path = tmp_path_factory.mktemp("stack")
     port = free_port()
-    env = stack_env(tmp_path, port)
+    # the scheduler looks for due deployments every 60 s by default; sooner here
+    env = stack_env(tmp_path, port, PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5")
     try:
         out = run([str(REPO / "deployments" / "serve.sh")], env, timeout=400)
         yield {"env": env, "out": out, "dir": tmp_path, "api": f"http://127.0.0.1:{port}/api"}

@@ -5,8 +5,7 @@ import torch
 
 from moegen import Engine, SamplingParams
 from moegen.errors import ConfigError, InputError
-from moegen.layers.mlp import gated_ffn
-from moegen.layers.moe import Dispatch
+from moegen.layers.moe import Dispatch, SparseMoE
 from moegen.loader import load_model
 from moegen.ops import experts as fused
 from tests.hf_reference import hf_logits
@@ -17,16 +16,19 @@ needs_native = pytest.mark.skipif(not ISAS, reason="moegen's native kernels did 
 
 
 def reference(x, d: Dispatch, gate_ups, downs):
-    """moe.py's per-expert path: each expert's SwiGLU over its rows times the router weight,
-    summed per token (Dispatch.combine)."""
-    xs, out, start = x.index_select(0, d.token_idx), None, 0
-    out = torch.empty_like(xs)
-    for e, n in enumerate(d.counts):
-        if n:
-            rows = slice(start, start + n)
-            torch.mul(gated_ffn(xs[rows], gate_ups[e], downs[e]), d.weights[rows, None], out=out[rows])
-        start += n
-    return d.combine(out)
+    """moe.py's per-expert path (SparseMoE.run_experts over plain weights): each expert's SwiGLU
+    over its rows times the router weight, summed per token."""
+    return per_expert_layer(gate_ups, downs).run_experts(expert_weights(gate_ups, downs), x, d)
+
+
+def per_expert_layer(gate_ups, downs) -> SparseMoE:
+    return SparseMoE("layer", downs[0].shape[0], downs[0].shape[1], len(downs), router=None)
+
+
+def expert_weights(gate_ups, downs) -> dict:
+    moe = per_expert_layer(gate_ups, downs)
+    return {name: t for e, (gu, dn) in enumerate(zip(gate_ups, downs))
+            for name, t in ((f"{moe.expert_key(e)}.gate_up", gu), (f"{moe.expert_key(e)}.down", dn))}
 
 
 def random_layer(hidden, inter, experts, seed=0):

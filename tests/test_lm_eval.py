@@ -29,11 +29,7 @@ def ckpt(tiny_fixture):
     return tiny_fixture("mixtral")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, gsm8k_dir):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv(gsm8k_data.ENV_VAR, str(gsm8k_dir))
+pytestmark = pytest.mark.usefixtures("lm_eval_offline")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from moegen.cli import main  # noqa: E402
 from moegen.cli.lm_eval import amend  # noqa: E402
 from moegen.engine import Engine  # noqa: E402
-from moegen.harness.lm_eval_tasks import TASKS_DIR, gsm8k_data  # noqa: E402
+from moegen.harness.lm_eval_tasks import TASKS_DIR  # noqa: E402
 
 KV = "256MB"
 MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
@@ -33,11 +33,7 @@ def ckpt(tiny_fixture, tmp_path_factory):
     return dst
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, gsm8k_dir):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv(gsm8k_data.ENV_VAR, str(gsm8k_dir))
+pytestmark = pytest.mark.usefixtures("lm_eval_offline")
 
 
 def test_chat_context_ids_equal_transformers(ckpt):

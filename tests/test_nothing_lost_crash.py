@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).parent / "prefect")
+from tests.served_stack import PREFECT, REPO, free_port, run, stack_env
+
 ROWS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(cmd, env, timeout):
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{cmd[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +25,7 @@ def stack(tmp_path_factory):
     """serve.sh's stack, shared by this module's tests; stop.sh takes it down."""
     tmp_path = tmp_path_factory.mktemp("crash-stack")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({"PREFECT_PORT": str(port), "MOEGEN_PREFECT_DIR": str(tmp_path / "stack"),
-                "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_WORKER_QUERY_SECONDS": "2",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",          # Prefect's least; 180 by default
-                "VENV": str(Path(PREFECT).parents[1])})
+    env = stack_env(tmp_path, port, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")   # Prefect's least; 180 by default
     try:
         out = run([str(REPO / "deployments" / "serve.sh")], env, timeout=400)
         yield {"env": {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}, "out": out, "serve_env": env,

@@ -13,16 +13,11 @@ from moegen.cli.lm_eval import cache_key  # noqa: E402
 from moegen.engine import Engine  # noqa: E402
 from moegen.harness.fingerprints import checkpoint_fingerprint  # noqa: E402
 from moegen.harness.fixture import build_fixture  # noqa: E402
-from moegen.harness.lm_eval_tasks import gsm8k_data  # noqa: E402
 
 KV = "256MB"
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, gsm8k_dir):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv(gsm8k_data.ENV_VAR, str(gsm8k_dir))
+pytestmark = pytest.mark.usefixtures("lm_eval_offline")
 
 
 @pytest.fixture(scope="module")

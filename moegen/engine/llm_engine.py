@@ -140,15 +140,13 @@ class Engine:
             return
         done = {moe.prefix for moe in self._fused_layers()}
         todo = [moe for moe in self._moe_layers() if moe.prefix not in done]
+        # auto: only with AMX (elsewhere oneDNN's per-expert GEMMs are the faster path)
         isa = chosen_isa() if wanted == "fused" else auto_isa()
-        if wanted == "auto" and isa is None:
-            return          # no AMX here: oneDNN's per-expert GEMMs are the faster path
-        why_not = ("the native kernels are unavailable" if isa is None else
-                   f"it runs bfloat16 SiLU experts, not {self.model.dtype} or quantized ones"
-                   if not all(moe.can_fuse(weights) for moe in todo) else "")
-        if why_not:
+        fits = all(moe.can_fuse(weights) for moe in todo)
+        if isa is None or not fits:
             if wanted == "fused":
-                raise InputError(f"experts_kernel=fused: {why_not}")
+                raise InputError("experts_kernel=fused: " + ("the native kernels are unavailable" if isa is None else
+                                 f"it runs bfloat16 SiLU experts, not {self.model.dtype} or quantized ones"))
             return
         from moegen.loader import MappedPages
         t0, release = time.perf_counter(), MappedPages()

@@ -82,10 +82,13 @@ class SparseMoE:
             shapes[f"{self.prefix}.shared_expert_gate.weight"] = (1, self.hidden)
         return shapes
 
+    def expert_weight_names(self) -> list[str]:
+        """The routed experts' weights as loaded (before any packing), expert by expert."""
+        return [f"{self.expert_key(e)}.{part}" for e in range(self.n_experts) for part in ("gate_up", "down")]
+
     def linear_weight_names(self) -> list[str]:
         """Names of the GEMM weights as loaded (before any packing)."""
-        names = [f"{self.expert_key(e)}.{part}" for e in range(self.n_experts) for part in ("gate_up", "down")]
-        return names + (self.shared.linear_weight_names() if self.shared is not None else [])
+        return self.expert_weight_names() + (self.shared.linear_weight_names() if self.shared is not None else [])
 
     def dispatch(self, w, x) -> Dispatch:
         return Dispatch.from_routing(*self.router.route(w, x), self.n_experts)
@@ -96,10 +99,9 @@ class SparseMoE:
     def can_fuse(self, weights: dict) -> bool:
         """Whether this layer's experts can run in the fused kernel: SiLU experts whose weights
         are plain bf16 CPU tensors (quantized ones keep their own GEMMs)."""
-        names = [n for e in range(self.n_experts) for n in (f"{self.expert_key(e)}.gate_up", f"{self.expert_key(e)}.down")]
         return self.act == "silu" and all(
             isinstance(weights.get(n), torch.Tensor) and weights[n].dtype == torch.bfloat16
-            and weights[n].device.type == "cpu" and not weights[n].is_mkldnn for n in names)
+            and weights[n].device.type == "cpu" and not weights[n].is_mkldnn for n in self.expert_weight_names())
 
     def pack_fused(self, weights: dict, release=None) -> None:
         """Replace this layer's per-expert weights in `weights` (in place) by the fused kernel's
@@ -108,11 +110,10 @@ class SparseMoE:
         gate_up, down = fused.pack_layer([weights[f"{k}.gate_up"] for k in keys], [weights[f"{k}.down"] for k in keys],
                                          self.intermediate)
         weights.update(zip(self.fused_names(), (gate_up, down)))
-        for k in keys:
-            for part in ("gate_up", "down"):
-                t = weights.pop(f"{k}.{part}")
-                if release is not None:
-                    release(t)
+        for name in self.expert_weight_names():
+            t = weights.pop(name)
+            if release is not None:
+                release(t)
 
     def run_experts(self, w, x, d: Dispatch, weights_for=None, chunk: int = 0):
         """Each expert with tokens: one gated FFN over all its tokens (in chunks of `chunk` rows

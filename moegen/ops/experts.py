@@ -13,6 +13,7 @@ error, not a silent fallback). The engine takes the kernel by default only where
 oneDNN's per-expert GEMMs: on AMX (`auto_isa`).
 """
 import os
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,15 @@ def _round_up(n: int, m: int = 32) -> int:
     return -(-n // m) * m
 
 
+@lru_cache(maxsize=4)
+def _isas_of(ops) -> tuple[str, ...]:
+    return tuple(ops.ops.experts_isas())      # CPUID and the tile-state request: once per library
+
+
 def available_isas() -> list[str]:
     """The ISAs the native expert kernel can run here, fastest first ([] without native ops)."""
     ops = native_ops()
-    return list(ops.ops.experts_isas()) if ops is not None else []
+    return list(_isas_of(ops)) if ops is not None else []
 
 
 def chosen_isa() -> str | None:
@@ -60,14 +66,18 @@ def auto_isa() -> str | None:
     return isa if isa == "amx" or os.environ.get("MOEGEN_EXPERTS_ISA", "").strip() else None
 
 
-def pack_tiles(weight: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """A weight [N, K] (out, in) as [Np/16, Kp/32, 16, 16, 2] tiles: Kp = K rounded up to 32,
-    Np = `rows` (or N) rounded up to 32, zero padded."""
+def tiles_shape(n: int, k: int) -> tuple[int, ...]:
+    """[Np/16, Kp/32, 16, 16, 2]: a weight [n, k] in tiles, both sides padded to multiples of 32."""
+    return _round_up(n) // TILE_N, _round_up(k) // TILE_K, TILE_K // 2, TILE_N, 2
+
+
+def pack_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """A weight [N, K] (out, in) as tiles (`tiles_shape`), zero padded."""
     n, k = weight.shape
-    np_, kp = _round_up(rows or n), _round_up(k)
-    padded = F.pad(weight, (0, kp - k, 0, np_ - n))
+    padded = F.pad(weight, (0, _round_up(k) - k, 0, _round_up(n) - n))
+    nb, kb, pairs, _, _ = tiles_shape(n, k)
     # [NB, 16 n, KB, 16 pairs, 2] -> [NB, KB, 16 pairs, 16 n, 2]
-    return padded.view(np_ // TILE_N, TILE_N, kp // TILE_K, TILE_K // 2, 2).permute(0, 2, 3, 1, 4).contiguous()
+    return padded.view(nb, TILE_N, kb, pairs, 2).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def _empty(shape) -> torch.Tensor:
@@ -80,9 +90,9 @@ def _empty(shape) -> torch.Tensor:
 def pack_layer(gate_ups: list, downs: list, intermediate: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's (gate_up, down) for one layer from each expert's gate_up [2I, H] (gate rows
     first) and down [H, I], one expert at a time into the layer's tensors."""
-    first = pack_tiles(gate_ups[0][:intermediate])
-    gate_up = _empty((len(gate_ups), 2, *first.shape))
-    down = _empty((len(downs), *pack_tiles(downs[0]).shape))
+    hidden = downs[0].shape[0]
+    gate_up = _empty((len(gate_ups), 2, *tiles_shape(intermediate, hidden)))
+    down = _empty((len(downs), *tiles_shape(hidden, intermediate)))
     for e, (gu, d) in enumerate(zip(gate_ups, downs)):
         gate_up[e, 0] = pack_tiles(gu[:intermediate])
         gate_up[e, 1] = pack_tiles(gu[intermediate:])
