@@ -29,6 +29,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -338,21 +339,104 @@ inline void scale_row(const float* c, float w, bf16* out, int cols) {
 }
 
 // ---- the layer -------------------------------------------------------------------------
+// Weight formats: bf16 tiles, or quantized tiles -- the same layout with one code per element
+// (fp8 e4m3 or int8: a byte; int4: two codes a byte, element j of the tile in the low nibble of
+// byte j and element j + 256 in the high one) and, per tile, one float32 scale and zero point per
+// output column: W = (decode(code) - zero) * scale, in float32 and rounded to bf16 once, which is
+// exactly how moegen/layers/quantized.py dequantizes (so the kernel sees the same bf16 weights).
+// fp8 stores no zero points (decode(code) - 0 is decode(code)).
+enum Format : int64_t { kBf16 = 0, kFp8 = 1, kInt8 = 2, kInt4 = 3 };
+
+int64_t code_bytes_per_tile(int64_t fmt) { return fmt == kBf16 ? 2 * kTileElems : fmt == kInt4 ? kTileElems / 2 : kTileElems; }
+
+struct Packed {
+  const uint8_t* codes = nullptr;  // bf16 tiles (kBf16) or codes, tile after tile
+  const float* scales = nullptr;   // [tiles][16]
+  const float* zeros = nullptr;    // [tiles][16], or null (fp8)
+};
+
 struct Layer {
   int64_t hidden, inter;          // H, I
   int64_t hp, ip;                 // padded to multiples of 32
   int64_t xs_ld, h_ld;            // row strides of the activations (see kLdPad)
-  const bf16* gate_up;            // [E][2][ip/16][hp/32] tiles
-  const bf16* down;               // [E][hp/16][ip/32] tiles
+  Packed gate_up;                 // [E][2][ip/16][hp/32] tiles
+  Packed down;                    // [E][hp/16][ip/32] tiles
+  int64_t fmt;
   int64_t isa;
 
-  const bf16* gate_tile(int64_t e, int64_t half, int64_t nb) const {
-    return gate_up + (((e * 2 + half) * (ip / kTileN) + nb) * (hp / kTileK)) * kTileElems;
+  int64_t gate_tile(int64_t e, int64_t half, int64_t nb) const {
+    return ((e * 2 + half) * (ip / kTileN) + nb) * (hp / kTileK);
   }
-  const bf16* down_tile(int64_t e, int64_t nb) const {
-    return down + ((e * (hp / kTileN) + nb) * (ip / kTileK)) * kTileElems;
-  }
+  int64_t down_tile(int64_t e, int64_t nb) const { return (e * (hp / kTileN) + nb) * (ip / kTileK); }
 };
+
+// ---- dequantization of tiles (quantized formats) ------------------------------------------
+inline float fp8_value(uint8_t b) {
+  return static_cast<float>(c10::Float8_e4m3fn(b, c10::Float8_e4m3fn::from_bits()));
+}
+
+void dequant_tile_scalar(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
+  for (int64_t i = 0; i < kTileElems; ++i) {
+    const int n = static_cast<int>((i / 2) % kTileN);
+    float v;
+    if (fmt == kFp8) v = fp8_value(codes[i]);
+    else if (fmt == kInt8) v = static_cast<float>(codes[i]);
+    else v = static_cast<float>(i < kTileElems / 2 ? codes[i] & 15 : codes[i - kTileElems / 2] >> 4);
+    out[i] = bf16((v - (zero != nullptr ? zero[n] : 0.0f)) * scale[n]);
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
+// 16 elements at once: element i of the tile belongs to column (i / 2) % 16, so a vector of 16
+// covers columns 0-7 (even vectors) or 8-15 (odd), each twice.
+inline __m512i codes16(int64_t fmt, const uint8_t* codes, int64_t v) {
+  if (fmt != kInt4) return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + v * 16)));
+  const int64_t half = kTileElems / 2 / 16;  // vectors per nibble half
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (v % half) * 16)));
+  return v < half ? _mm512_and_si512(b, _mm512_set1_epi32(15)) : _mm512_srli_epi32(b, 4);
+}
+
+// e4m3 bytes (one per 32-bit lane) as float32, exactly: normal numbers rebias the exponent
+// (7 -> 127), subnormals are mantissa * 2^-9, 0x7f/0xff are NaN (as c10's conversion).
+inline __m512 fp8_to_float(__m512i b) {
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+  __m512 v = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
+  const __mmask16 sub = _mm512_cmpeq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x78)), _mm512_setzero_si512());
+  v = _mm512_mask_mul_ps(v, sub, _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(7))),
+                         _mm512_set1_ps(1.0f / 512));
+  v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f)), _mm512_set1_ps(NAN));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24)));
+}
+
+void dequant_tile(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
+  using moegen_simd::Simd;
+  const __m512i lo_cols = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i hi_cols = _mm512_add_epi32(lo_cols, _mm512_set1_epi32(8));
+  const __m512 s16 = _mm512_loadu_ps(scale), z16 = zero != nullptr ? _mm512_loadu_ps(zero) : _mm512_setzero_ps();
+  const __m512 s[2] = {_mm512_permutexvar_ps(lo_cols, s16), _mm512_permutexvar_ps(hi_cols, s16)};
+  const __m512 z[2] = {_mm512_permutexvar_ps(lo_cols, z16), _mm512_permutexvar_ps(hi_cols, z16)};
+  for (int64_t v = 0; v < kTileElems / 16; ++v) {
+    const __m512i c = codes16(fmt, codes, v);
+    const __m512 x = fmt == kFp8 ? fp8_to_float(c) : _mm512_cvtepi32_ps(c);
+    Simd::store(out + v * 16, _mm512_mul_ps(_mm512_sub_ps(x, z[v & 1]), s[v & 1]));
+  }
+}
+#else
+void dequant_tile(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
+  dequant_tile_scalar(fmt, codes, scale, zero, out);
+}
+#endif
+
+// `count` consecutive tiles of a packed weight from tile `first`, as bf16 tiles: the weights
+// themselves (bf16) or dequantized into `buffer`.
+const bf16* tiles_bf16(int64_t fmt, const Packed& w, int64_t first, int64_t count, bf16* buffer) {
+  if (fmt == kBf16) return reinterpret_cast<const bf16*>(w.codes) + first * kTileElems;
+  const int64_t bytes = code_bytes_per_tile(fmt);
+  for (int64_t t = first; t < first + count; ++t)
+    dequant_tile(fmt, w.codes + t * bytes, w.scales + t * kTileN, w.zeros != nullptr ? w.zeros + t * kTileN : nullptr,
+                 buffer + (t - first) * kTileElems);
+  return buffer;
+}
 
 struct Item {
   int64_t expert, row0, rows, nb0, nb1;
@@ -395,36 +479,49 @@ void run_items(const std::vector<Item>& items, int64_t isa, F body) {
   });
 }
 
+// A thread's dequantized tiles of the item at hand (quantized formats): an item's column blocks
+// are dequantized once and serve all its rows.
+thread_local at::Tensor tl_dequant;
+bf16* workspace(at::Tensor& buffer, int64_t elements);
+
 // h[r, :] = round(round(silu(round(x W_gate))) * round(x W_up)) for the item's rows/columns.
 void gate_up_item(const Layer& L, const Item& it, const bf16* xs, bf16* h) {
+  const int64_t kblocks = L.hp / kTileK, tiles = (it.nb1 - it.nb0) * kblocks;
+  bf16* buffer = L.fmt == kBf16 ? nullptr : workspace(tl_dequant, 2 * tiles * kTileElems);
+  const bf16* gate = tiles_bf16(L.fmt, L.gate_up, L.gate_tile(it.expert, 0, it.nb0), tiles, buffer);
+  const bf16* up = tiles_bf16(L.fmt, L.gate_up, L.gate_tile(it.expert, 1, it.nb0), tiles,
+                              buffer == nullptr ? nullptr : buffer + tiles * kTileElems);
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
     const int64_t row0 = it.row0 + r0;
-    auto tiles = [&](int64_t nb, const bf16** B) {
-      B[0] = L.gate_tile(it.expert, 0, nb);
-      B[1] = L.gate_tile(it.expert, 1, nb);
+    auto tiles_of = [&](int64_t nb, const bf16** B) {
+      B[0] = gate + (nb - it.nb0) * kblocks * kTileElems;
+      B[1] = up + (nb - it.nb0) * kblocks * kTileElems;
     };
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
       silu_mul_tile(c, c + kTileN, h + (row0 + r) * L.h_ld + nb * kTileN);
     };
-    pass(L.isa, xs + row0 * L.xs_ld, L.xs_ld, std::min(kRowChunk, it.rows - r0), it.nb0, it.nb1, 1,
-         L.hp / kTileK, tiles, epi);
+    pass(L.isa, xs + row0 * L.xs_ld, L.xs_ld, std::min(kRowChunk, it.rows - r0), it.nb0, it.nb1, 1, kblocks,
+         tiles_of, epi);
   }
 }
 
 // out[r, :H] = round(round(h W_down) * weight[r]) for the item's rows/columns.
 void down_item(const Layer& L, const Item& it, const bf16* h, const float* weights, bf16* out) {
+  const int64_t kblocks = L.ip / kTileK, tiles = (it.nb1 - it.nb0) * kblocks;
+  bf16* buffer = L.fmt == kBf16 ? nullptr : workspace(tl_dequant, tiles * kTileElems);
+  const bf16* down = tiles_bf16(L.fmt, L.down, L.down_tile(it.expert, it.nb0), tiles, buffer);
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
     const int64_t row0 = it.row0 + r0;
-    auto tiles = [&](int64_t nb, const bf16** B) {
-      B[0] = L.down_tile(it.expert, nb);
-      B[1] = L.down_tile(it.expert, nb + 1);
+    auto tiles_of = [&](int64_t nb, const bf16** B) {
+      B[0] = down + (nb - it.nb0) * kblocks * kTileElems;
+      B[1] = B[0] + kblocks * kTileElems;
     };
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
       const int64_t col0 = nb * kTileN, cols = std::min<int64_t>(2 * kTileN, L.hidden - col0);
       scale_row(c, weights[row0 + r], out + (row0 + r) * L.hidden + col0, static_cast<int>(cols));
     };
-    pass(L.isa, h + row0 * L.h_ld, L.h_ld, std::min(kRowChunk, it.rows - r0), it.nb0, it.nb1, 2,
-         L.ip / kTileK, tiles, epi);
+    pass(L.isa, h + row0 * L.h_ld, L.h_ld, std::min(kRowChunk, it.rows - r0), it.nb0, it.nb1, 2, kblocks,
+         tiles_of, epi);
   }
 }
 
@@ -495,17 +592,37 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(t.is_contiguous(), "moe_experts: ", name, " must be contiguous");
 }
 
+// One packed weight's tensors checked against the layer: [tiles] (bf16), or [codes, scales] (fp8) /
+// [codes, scales, zeros] (int8, int4), `tiles` tiles each.
+Packed packed(const std::vector<at::Tensor>& parts, int64_t fmt, int64_t tiles, const char* name) {
+  const size_t want = fmt == kBf16 ? 1 : fmt == kFp8 ? 2 : 3;
+  TORCH_CHECK_VALUE(parts.size() == want, "moe_experts: ", name, " needs ", want, " tensors for format ", fmt,
+                    ", got ", parts.size());
+  check(parts[0], name, fmt == kBf16 ? at::kBFloat16 : fmt == kFp8 ? at::kFloat8_e4m3fn : at::kByte);
+  TORCH_CHECK_VALUE(parts[0].nbytes() == static_cast<size_t>(tiles * code_bytes_per_tile(fmt)), "moe_experts: ",
+                    name, " has ", parts[0].nbytes(), " bytes, not ", tiles, " tiles of the layer's shape");
+  Packed p;
+  p.codes = static_cast<const uint8_t*>(parts[0].data_ptr());
+  for (size_t i = 1; i < parts.size(); ++i) {
+    check(parts[i], name, at::kFloat);
+    TORCH_CHECK_VALUE(parts[i].numel() == tiles * kTileN, "moe_experts: ", name, " scales/zeros need ", kTileN,
+                      " per tile");
+  }
+  if (parts.size() > 1) p.scales = parts[1].data_ptr<float>();
+  if (parts.size() > 2) p.zeros = parts[2].data_ptr<float>();
+  return p;
+}
+
 // x [T, H] bf16; token_idx [R] int64 (the token of each expert-ordered row); weights [R] fp32;
-// counts: rows per expert (sum R); gate_up / down: packed tiles (see the header).
+// counts: rows per expert (sum R); gate_up / down: packed tiles in format `fmt` (see Packed).
 // Returns [T, H] bf16: per token, its k experts' outputs times their router weights, summed.
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& weights,
-                       std::vector<int64_t> counts, const at::Tensor& gate_up, const at::Tensor& down,
-                       int64_t inter, int64_t top_k, int64_t isa) {
+                       std::vector<int64_t> counts, std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down,
+                       int64_t inter, int64_t top_k, int64_t isa, int64_t fmt) {
   check(x, "x", at::kBFloat16);
   check(token_idx, "token_idx", at::kLong);
   check(weights, "weights", at::kFloat);
-  check(gate_up, "gate_up", at::kBFloat16);
-  check(down, "down", at::kBFloat16);
+  TORCH_CHECK_VALUE(fmt >= kBf16 && fmt <= kInt4, "moe_experts: unknown weight format ", fmt);
   TORCH_CHECK_VALUE(x.dim() == 2, "moe_experts: x must be [tokens, hidden]");
   TORCH_CHECK_VALUE(isa_available(isa), "moe_experts: ISA ", isa_name(isa), " is not available on this CPU/build");
   Layer L;
@@ -516,10 +633,11 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   L.xs_ld = L.hp + kLdPad;
   L.h_ld = L.ip + kLdPad;
   L.isa = isa;
+  L.fmt = fmt;
   const int64_t experts = static_cast<int64_t>(counts.size());
-  TORCH_CHECK_VALUE(gate_up.numel() == experts * 2 * L.ip * L.hp && down.numel() == experts * L.hp * L.ip,
-                    "moe_experts: packed weights do not match ", experts, " experts of hidden ", L.hidden,
-                    " and intermediate ", inter);
+  const int64_t layer_tiles = experts * L.ip * L.hp / kTileElems;
+  L.gate_up = packed(gate_up, fmt, 2 * layer_tiles, "gate_up");
+  L.down = packed(down, fmt, layer_tiles, "down");
   int64_t rows = 0;
   for (int64_t c : counts) {
     TORCH_CHECK_VALUE(c >= 0, "moe_experts: negative expert count");
@@ -527,8 +645,6 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   }
   TORCH_CHECK_VALUE(token_idx.numel() == rows && weights.numel() == rows,
                     "moe_experts: token_idx and weights need one entry per routed row (", rows, ")");
-  L.gate_up = gate_up.data_ptr<bf16>();
-  L.down = down.data_ptr<bf16>();
 
   const int64_t tokens = x.size(0);
   TORCH_CHECK_VALUE(top_k >= 1 && rows == tokens * top_k, "moe_experts: ", rows, " routed rows for ", tokens,
@@ -566,8 +682,18 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   return combined;
 }
 
+// A packed weight's tiles as bf16 (the kernel's own dequantization, for tests): [tiles, 512].
+at::Tensor dequant_tiles(std::vector<at::Tensor> parts, int64_t fmt) {
+  TORCH_CHECK_VALUE(fmt > kBf16 && fmt <= kInt4, "dequant_tiles: not a quantized format: ", fmt);
+  const int64_t tiles = static_cast<int64_t>(parts.at(0).nbytes()) / code_bytes_per_tile(fmt);
+  const Packed p = packed(parts, fmt, tiles, "weight");
+  at::Tensor out = at::empty({tiles, kTileElems}, at::TensorOptions().dtype(at::kBFloat16));
+  tiles_bf16(fmt, p, 0, tiles, out.data_ptr<bf16>());
+  return out;
+}
+
 // An uninitialised tensor for packed weights, backed by huge pages where the OS allows.
-at::Tensor empty_packed(std::vector<int64_t> shape) { return empty_huge(shape, at::kBFloat16); }
+at::Tensor empty_packed(std::vector<int64_t> shape, at::ScalarType dtype) { return empty_huge(shape, dtype); }
 
 std::vector<std::string> experts_isas() {
   std::vector<std::string> names;
@@ -582,9 +708,10 @@ std::vector<std::string> experts_isas() {
 #define MOEGEN_EXPERTS_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
 
 MOEGEN_EXPERTS_FRAGMENT(MOEGEN_OPS_NS, m) {
-  m.def("moe_experts(Tensor x, Tensor token_idx, Tensor weights, int[] counts, Tensor gate_up, Tensor down, "
-        "int inter, int top_k, int isa) -> Tensor",
+  m.def("moe_experts(Tensor x, Tensor token_idx, Tensor weights, int[] counts, Tensor[] gate_up, Tensor[] down, "
+        "int inter, int top_k, int isa, int fmt) -> Tensor",
         &moegen_experts::moe_experts);
   m.def("experts_isas() -> str[]", &moegen_experts::experts_isas);
-  m.def("empty_packed(int[] shape) -> Tensor", &moegen_experts::empty_packed);
+  m.def("dequant_tiles(Tensor[] parts, int fmt) -> Tensor", &moegen_experts::dequant_tiles);
+  m.def("empty_packed(int[] shape, ScalarType dtype) -> Tensor", &moegen_experts::empty_packed);
 }

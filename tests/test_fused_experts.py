@@ -5,9 +5,12 @@ import torch
 
 from moegen import Engine, SamplingParams
 from moegen.errors import ConfigError, InputError
-from moegen.layers.moe import Dispatch, SparseMoE
+from moegen.harness.quantize import quantize_checkpoint
+from moegen.layers.moe import PACKED_PARTS, Dispatch, SparseMoE
+from moegen.layers.quantized import dequantize, fits_tiles, quantize_fp8, quantize_int, stored_bytes, tile_codes
 from moegen.loader import load_model
 from moegen.ops import experts as fused
+from moegen.ops.build import native_ops
 from tests.hf_reference import hf_logits
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
@@ -100,6 +103,69 @@ def test_isas_agree_with_each_other(monkeypatch):
         assert torch.equal(out, ref)
 
 
+QUANTIZERS = {
+    "fp8": quantize_fp8,                                              # 128 x 128 blocks
+    "int8": lambda w: quantize_int(w, 8, group_size=32),
+    "int4": lambda w: quantize_int(w, 4, group_size=32, sym=False),   # asymmetric: zero points vary
+}
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", list(QUANTIZERS))
+@pytest.mark.parametrize("hidden,inter,experts,k,tokens", [
+    (128, 64, 4, 2, 37),
+    (256, 96, 8, 2, 700),                # rows over the 256-row chunk, 3 column blocks of gate
+    (128, 64, 8, 2, 1),                  # one token
+])
+def test_quantized_experts_match_the_path_over_their_dequantized_weights(monkeypatch, isa, fmt, hidden, inter,
+                                                                        experts, k, tokens):
+    """Each tile dequantized inside the kernel gives exactly moegen.layers.quantized's bf16 weights,
+    so the result is the bf16 kernel's over those weights: within the same tolerance."""
+    monkeypatch.setenv("MOEGEN_EXPERTS_ISA", isa)
+    plain_gu, plain_dn = random_layer(hidden, inter, experts)
+    gate_ups, downs = [QUANTIZERS[fmt](w) for w in plain_gu], [QUANTIZERS[fmt](w) for w in plain_dn]
+    assert all(fits_tiles(w) for w in gate_ups + downs)
+    d = routing(tokens, experts, k)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).bfloat16()
+    gate_up, down = fused.pack_layer([tile_codes(w) for w in gate_ups], [tile_codes(w) for w in downs], inter)
+    assert fused.packed_format(gate_up, experts, hidden, inter) == fmt
+    packed_bytes = sum(t.nbytes for t in gate_up[:1] + down[:1])
+    assert packed_bytes == 3 * experts * hidden * inter * {"fp8": 1, "int8": 1, "int4": 0.5}[fmt]
+    ours = fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, inter, k)
+    deq = lambda ws: [dequantize(w, torch.bfloat16) for w in ws]
+    assert_bf16_close(ours, reference(x, d, deq(gate_ups), deq(downs)))
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", list(QUANTIZERS))
+def test_tiles_dequantize_to_exactly_the_bf16_weights_of_the_torch_path(fmt):
+    """Every code the format has (all 256 e4m3 bytes: subnormals, both zeros, NaN), with scales and
+    zero points per column and tile, dequantized by the kernel = pack_tiles(dequantize(w)), bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    w = QUANTIZERS[fmt](torch.randn(48, 256, generator=g))
+    if fmt == "fp8":       # every byte once per row block, block scales of very different sizes
+        codes = torch.arange(256, dtype=torch.uint8).repeat(48, 1).view(torch.float8_e4m3fn)
+        w = type(w)(codes, torch.tensor([[0.5, 3e-3], [7.0, 1.0]]), (32, 128))
+    parts = fused.pack_codes(tile_codes(w))
+    got = native_ops().ops.dequant_tiles(parts, fused.FORMAT_CODES[fmt])
+    want = fused.pack_tiles(dequantize(w, torch.bfloat16)).view(-1, 512)
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any() == (fmt == "fp8")
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_quantized_weights_that_cut_a_tile_stay_off_the_kernel():
+    """Scales must be constant over each 32-input tile: fp8 blocks 32-aligned, GPTQ groups of 32 or
+    more in order; groups of 16 or an act-order g_idx do not fit (the per-expert path runs them)."""
+    w = torch.randn(64, 128)
+    assert fits_tiles(quantize_fp8(w)) and fits_tiles(quantize_int(w, 8, group_size=32))
+    assert not fits_tiles(quantize_fp8(w, block=(128, 16)))
+    assert not fits_tiles(quantize_int(w, 4, group_size=16))
+    q = quantize_int(w, 4, group_size=32)
+    shuffled = type(q)(q.qweight, q.qzeros, q.scales, q.g_idx[torch.randperm(128)], q.bits)
+    assert not fits_tiles(shuffled)
+
+
 def test_pack_tiles_layout():
     """Tile (nb, kb) row p holds, for each of its 16 columns n, W[n][2p] and W[n][2p + 1]."""
     w = torch.arange(40 * 70, dtype=torch.float32).view(40, 70).bfloat16()
@@ -133,7 +199,7 @@ def test_every_architecture_with_packed_experts_stays_close_to_transformers(tiny
     plain = model.forward(seqs)
     moes = [layer.ffn for layer in model.layers if layer.is_moe]
     for moe in moes:
-        assert moe.can_fuse(model.weights)
+        assert moe.can_fuse(model.weights, model.dtype)
         moe.pack_fused(model.weights)
     assert all(moe.fused_names()[0] in model.weights for moe in moes)
     assert not any(".experts." in name for name in model.weights)
@@ -144,6 +210,38 @@ def test_every_architecture_with_packed_experts_stays_close_to_transformers(tiny
     # already puts the per-expert path 15% away from transformers there)
     ref = hf_logits(path, seqs[0], torch.bfloat16)
     assert (packed[0].float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny(tmp_path_factory, tiny_fixture):
+    """(arch, fmt) -> a tiny checkpoint quantized with groups of 32 (fp8: 128 x 128 blocks)."""
+    def make(arch, fmt):
+        out = tmp_path_factory.mktemp(f"{arch}-{fmt}") / "ckpt"
+        return quantize_checkpoint(tiny_fixture(arch), out, fmt, group_size=32)[0]
+    return make
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", list(QUANTIZERS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_with_quantized_experts_through_the_kernel(quantized_tiny, arch, fmt):
+    """A quantized bf16 model with its experts packed: logits close to the same model on the
+    per-expert path (which dequantizes chunk by chunk), and the packed codes no bigger than the
+    checkpoint's own (no bf16 copy of any expert kept)."""
+    model = load_model(quantized_tiny(arch, fmt), "bfloat16")
+    seqs = [[1, 100, 200, 300, 400, 500, 17, 9]]
+    plain = model.forward(seqs)
+    moes = [layer.ffn for layer in model.layers if layer.is_moe]
+    expert_bytes = sum(stored_bytes(model.weights[n]) for moe in moes for n in moe.expert_weight_names())
+    for moe in moes:
+        assert moe.can_fuse(model.weights, model.dtype)
+        moe.pack_fused(model.weights)
+    packed = [model.weights[name + suffix] for moe in moes for name in moe.fused_names()
+              for suffix in PACKED_PARTS if name + suffix in model.weights]
+    assert all(model.weights[name].dtype != torch.bfloat16 for moe in moes for name in moe.fused_names())
+    assert sum(t.nbytes for t in packed) <= 1.6 * expert_bytes      # codes padded to 32, float32 scales
+    ours = model.forward(seqs)[0].float()
+    assert (ours - plain[0].float()).abs().max() <= 0.02 * plain[0].float().abs().max()
 
 
 @needs_native

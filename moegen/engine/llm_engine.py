@@ -142,11 +142,12 @@ class Engine:
         todo = [moe for moe in self._moe_layers() if moe.prefix not in done]
         # auto: only with AMX (elsewhere oneDNN's per-expert GEMMs are the faster path)
         isa = chosen_isa() if wanted == "fused" else auto_isa()
-        fits = all(moe.can_fuse(weights) for moe in todo)
+        fits = all(moe.can_fuse(weights, self.model.dtype) for moe in todo)
         if isa is None or not fits:
             if wanted == "fused":
                 raise InputError("experts_kernel=fused: " + ("the native kernels are unavailable" if isa is None else
-                                 f"it runs bfloat16 SiLU experts, not {self.model.dtype} or quantized ones"))
+                                 f"it runs SiLU experts in bfloat16 models (weights bf16, fp8 or int8/int4 "
+                                 f"with groups of 32 inputs), not these ({self.model.dtype})"))
             return
         from moegen.loader import MappedPages
         t0, release = time.perf_counter(), MappedPages()

@@ -5,7 +5,8 @@ experts that received no token are skipped. Expert weights live under
 `{prefix}.experts.{e}.gate_up` [2I, H] and `{prefix}.experts.{e}.down` [H, I] whatever the
 on-disk layout (the loader maps per-expert and fused checkpoints onto these names) -- or, once
 `pack_fused` has run (bf16 on the CPU), as one tile-packed pair per layer,
-`{prefix}.fused_experts.gate_up` / `.down`, which moegen.ops.experts runs in one native call.
+`{prefix}.fused_experts.gate_up` / `.down` (and, for quantized experts, their `.scales` and
+`.zeros`), which moegen.ops.experts runs in one native call.
 
 Shapes: T tokens, H hidden, I expert intermediate, E experts, k experts per token, R = T*k rows.
 """
@@ -16,7 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from moegen.layers.mlp import ACTIVATIONS, DenseMLP, gated_ffn
+from moegen.layers.quantized import fits_tiles, is_quantized, tensors_of, tile_codes
 from moegen.ops import experts as fused
+
+# a packed weight's tensors under its name: the tiles or codes, then (quantized) scales and zeros
+PACKED_PARTS = ("", ".scales", ".zeros")
 
 
 @dataclass
@@ -96,24 +101,33 @@ class SparseMoE:
     def fused_names(self) -> tuple[str, str]:
         return f"{self.prefix}.{fused.GATE_UP}", f"{self.prefix}.{fused.DOWN}"
 
-    def can_fuse(self, weights: dict) -> bool:
-        """Whether this layer's experts can run in the fused kernel: SiLU experts whose weights
-        are plain bf16 CPU tensors (quantized ones keep their own GEMMs)."""
-        return self.act == "silu" and all(
-            isinstance(weights.get(n), torch.Tensor) and weights[n].dtype == torch.bfloat16
-            and weights[n].device.type == "cpu" and not weights[n].is_mkldnn for n in self.expert_weight_names())
+    def can_fuse(self, weights: dict, dtype: torch.dtype) -> bool:
+        """Whether this layer's experts can run in the fused kernel: SiLU experts in a bfloat16
+        model whose weights are plain bf16 CPU tensors or quantized ones whose scales fit its tiles."""
+        def fits(t) -> bool:
+            if is_quantized(t):
+                return fits_tiles(t)
+            return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type == "cpu" \
+                and not t.is_mkldnn
+        return self.act == "silu" and dtype == torch.bfloat16 and all(
+            fits(weights.get(n)) for n in self.expert_weight_names())
 
     def pack_fused(self, weights: dict, release=None) -> None:
         """Replace this layer's per-expert weights in `weights` (in place) by the fused kernel's
         packed pair; `release(tensor)` is called on each plain weight dropped."""
         keys = [self.expert_key(e) for e in range(self.n_experts)]
-        gate_up, down = fused.pack_layer([weights[f"{k}.gate_up"] for k in keys], [weights[f"{k}.down"] for k in keys],
-                                         self.intermediate)
-        weights.update(zip(self.fused_names(), (gate_up, down)))
+        as_tiles = lambda t: tile_codes(t) if is_quantized(t) else t
+        gate_up, down = fused.pack_layer([as_tiles(weights[f"{k}.gate_up"]) for k in keys],
+                                         [as_tiles(weights[f"{k}.down"]) for k in keys], self.intermediate)
+        for name, parts in zip(self.fused_names(), (gate_up, down)):
+            weights.update((name + suffix, part) for suffix, part in zip(PACKED_PARTS, parts))
         for name in self.expert_weight_names():
-            t = weights.pop(name)
-            if release is not None:
-                release(t)
+            for t in tensors_of(weights.pop(name)):
+                if release is not None:
+                    release(t)
+
+    def packed(self, w, name: str) -> list:
+        return [w[name + suffix] for suffix in PACKED_PARTS if name + suffix in w]
 
     def run_experts(self, w, x, d: Dispatch, weights_for=None, chunk: int = 0):
         """Each expert with tokens: one gated FFN over all its tokens (in chunks of `chunk` rows
@@ -122,8 +136,8 @@ class SparseMoE:
         they come from `w`. Packed layers run every expert in one native call instead."""
         gate_up_name, down_name = self.fused_names()
         if gate_up_name in w:
-            return fused.moe_experts(x, d.token_idx, d.weights, d.counts, w[gate_up_name], w[down_name],
-                                     self.intermediate, d.top_k)
+            return fused.moe_experts(x, d.token_idx, d.weights, d.counts, self.packed(w, gate_up_name),
+                                     self.packed(w, down_name), self.intermediate, d.top_k)
         xs = x.index_select(0, d.token_idx)       # one gather: rows grouped by expert
         # expert output * router weight, computed in their common dtype and rounded to x's once
         # (the reference's `(expert(x) * w).to(dtype)`), written straight into place

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from moegen.ops.build import native_ops
+from moegen.ops.experts import TILE_K, TileCodes
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0                       # largest finite float8_e4m3fn
@@ -282,6 +283,33 @@ def concat_rows(parts: list):
     rows = math.gcd(first.block[0], *(p.shape[0] for p in parts[:-1]))
     parts = [fp8_with_row_block(p, rows) for p in parts]
     return Fp8BlockWeight(torch.cat([p.data for p in parts]), torch.cat([p.scales for p in parts]), parts[0].block)
+
+
+def fits_tiles(w) -> bool:
+    """Whether a quantized weight has one scale (and zero point) per output column over each
+    aligned run of TILE_K inputs, which the fused experts kernel's tiles need: fp8 blocks TILE_K-
+    aligned in K, GPTQ groups constant over such runs (act-order g_idx may break it)."""
+    if isinstance(w, Fp8BlockWeight):
+        return w.block[1] % TILE_K == 0 and w.device.type == "cpu"
+    k = w.shape[1]
+    starts = w.g_idx[torch.arange(k) // TILE_K * TILE_K]
+    return w.device.type == "cpu" and bool(torch.equal(starts, w.g_idx))
+
+
+def tile_codes(w) -> TileCodes:
+    """A quantized weight as the fused experts kernel reads it (`fits_tiles` must hold): each
+    element's code, and per output column and TILE_K inputs the scale and zero point, so that
+    (decode(code) - zero) * scale is exactly `dequantize`'s arithmetic."""
+    n, k = w.shape
+    first = torch.arange(_cdiv(k, TILE_K)) * TILE_K            # each tile's first input feature
+    if isinstance(w, Fp8BlockWeight):
+        bn, bk = w.block
+        scales = w.scales.repeat_interleave(bn, 0)[:n][:, first // bk]
+        return TileCodes("fp8", w.data, scales.float().contiguous())
+    codes = w._unpack(w.qweight).permute(1, 0, 2).reshape(n, k).to(torch.uint8)
+    zeros = (w._unpack(w.qzeros).flatten(1)[:, :n] + w.zero_offset) & ((1 << w.bits) - 1)   # [G, N]
+    groups = w.g_idx[first].long()
+    return TileCodes(w.format, codes, w.scales.float()[groups].t().contiguous(), zeros[groups].t().float().contiguous())
 
 
 class _Scratch:

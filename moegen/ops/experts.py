@@ -1,10 +1,13 @@
 """The routed experts of a MoE layer in one native call (csrc/experts.cpp), and its weight format.
 
-At load, each MoE layer's expert weights (bfloat16, resident on the CPU) are packed once into the
-kernel's tile layout (`pack_layer`): per expert, gate and up [I, H] and down [H, I], each padded
-to multiples of 32 and cut into 1 KiB tiles of 16 output columns x 32 inputs, stored as pairs of
-adjacent inputs (the B operand of AMX's TDPBF16PS and AVX-512's VDPBF16PS). The plain per-expert
-weights are then dropped. `moe_experts` runs every expert's gate_up GEMM, silu(gate) * up, down
+At load, each MoE layer's expert weights (resident on the CPU) are packed once into the kernel's
+tile layout (`pack_layer`): per expert, gate and up [I, H] and down [H, I], each padded to
+multiples of 32 and cut into tiles of 16 output columns x 32 inputs, stored as pairs of adjacent
+inputs (the B operand of AMX's TDPBF16PS and AVX-512's VDPBF16PS). The plain per-expert weights
+are then dropped. bfloat16 weights become bf16 tiles (1 KiB); quantized ones (`TileCodes`: fp8,
+int8, int4) keep their codes in the same order (512 or 256 bytes a tile) with one float32 scale and
+zero point per tile column, and the kernel dequantizes each tile to the very bf16 values
+moegen.layers.quantized gives, an item's tiles at a time, never a whole weight. `moe_experts` runs every expert's gate_up GEMM, silu(gate) * up, down
 GEMM and router weight over its rows, and the sum over each token's experts, in one call.
 
 The ISA is the fastest this CPU runs (AMX, then AVX-512 BF16, then portable C++);
@@ -13,6 +16,7 @@ error, not a silent fallback). The engine takes the kernel by default only where
 oneDNN's per-expert GEMMs: on AMX (`auto_isa`).
 """
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -23,6 +27,9 @@ from moegen.ops.build import native_ops
 
 TILE_N, TILE_K = 16, 32
 ISA_CODES = {"generic": 0, "avx512-bf16": 1, "amx": 2}
+# weight formats the kernel reads, and the bytes of one tile's codes in each
+FORMAT_CODES = {"bfloat16": 0, "fp8": 1, "int8": 2, "int4": 3}
+TILE_BYTES = {"bfloat16": 1024, "fp8": 512, "int8": 512, "int4": 256}
 # layer weights in the kernel's format, beside the layer's other weights
 GATE_UP, DOWN = "fused_experts.gate_up", "fused_experts.down"
 
@@ -80,34 +87,101 @@ def pack_tiles(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(nb, TILE_N, kb, pairs, 2).permute(0, 2, 3, 1, 4).contiguous()
 
 
-def _empty(shape) -> torch.Tensor:
+def _empty(shape, dtype=torch.bfloat16) -> torch.Tensor:
     """Room for packed weights: huge pages where the OS allows (the kernel streams them through the
     TLB), plain memory without native ops."""
     ops = native_ops()
-    return ops.ops.empty_packed(list(shape)) if ops is not None else torch.empty(shape, dtype=torch.bfloat16)
+    return ops.ops.empty_packed(list(shape), dtype) if ops is not None else torch.empty(shape, dtype=dtype)
 
 
-def pack_layer(gate_ups: list, downs: list, intermediate: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's (gate_up, down) for one layer from each expert's gate_up [2I, H] (gate rows
-    first) and down [H, I], one expert at a time into the layer's tensors."""
-    hidden = downs[0].shape[0]
-    gate_up = _empty((len(gate_ups), 2, *tiles_shape(intermediate, hidden)))
-    down = _empty((len(downs), *tiles_shape(hidden, intermediate)))
-    for e, (gu, d) in enumerate(zip(gate_ups, downs)):
-        gate_up[e, 0] = pack_tiles(gu[:intermediate])
-        gate_up[e, 1] = pack_tiles(gu[intermediate:])
-        down[e] = pack_tiles(d)
+@dataclass(frozen=True)
+class TileCodes:
+    """A quantized weight [N, K] as the kernel's tiles see it: W[n, k] = (decode(codes[n, k]) -
+    zeros[n, k // 32]) * scales[n, k // 32], computed in float32 and rounded to bf16 once. decode is
+    the e4m3 value for fp8 (codes float8_e4m3fn, no zeros), the integer itself for int8/int4
+    (codes uint8). moegen.layers.quantized makes these from its stored layouts."""
+    format: str
+    codes: torch.Tensor                 # [N, K]
+    scales: torch.Tensor                # [N, ceil(K / 32)] float32
+    zeros: torch.Tensor | None = None   # [N, ceil(K / 32)] float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def rows(self, lo: int, hi: int) -> "TileCodes":
+        return TileCodes(self.format, self.codes[lo:hi], self.scales[lo:hi],
+                         None if self.zeros is None else self.zeros[lo:hi])
+
+
+def _pack_columns(per_tile: torch.Tensor) -> torch.Tensor:
+    """Per (column, 32-input tile) values [N, K/32] -> per tile its 16 columns' [Np/16, Kp/32, 16]."""
+    n, kt = per_tile.shape
+    padded = F.pad(per_tile.float(), (0, 0, 0, _round_up(n) - n))
+    return padded.view(-1, TILE_N, kt).permute(0, 2, 1).contiguous()
+
+
+def pack_codes(w: TileCodes) -> list[torch.Tensor]:
+    """A quantized weight's (codes, scales[, zeros]) in tile order; padding decodes to zero
+    (code 0 with scale 0). int4 codes: element j of a tile's 512 in the low nibble of byte j, element
+    j + 256 in the high nibble of byte j."""
+    codes = pack_tiles(w.codes.view(torch.uint8)).view(-1, TILE_N * TILE_K)
+    if w.format == "int4":
+        codes = codes[:, :256] | (codes[:, 256:] << 4)
+    parts = [codes.contiguous().view(torch.float8_e4m3fn if w.format == "fp8" else torch.uint8),
+             _pack_columns(w.scales)]
+    if w.format != "fp8":
+        parts.append(_pack_columns(w.zeros))
+    return parts
+
+
+def pack_layer(gate_ups: list, downs: list, intermediate: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The kernel's (gate_up, down) tensors for one layer from each expert's gate_up [2I, H] (gate
+    rows first) and down [H, I], bf16 tensors or `TileCodes`, one expert at a time into the layer's
+    tensors: ([tiles], [tiles]) for bf16, ([codes, scales(, zeros)], ...) for quantized ones."""
+    hidden, experts = downs[0].shape[0], len(downs)
+    fmt = downs[0].format if isinstance(downs[0], TileCodes) else "bfloat16"
+    if fmt == "bfloat16":
+        gate_up = _empty((experts, 2, *tiles_shape(intermediate, hidden)))
+        down = _empty((experts, *tiles_shape(hidden, intermediate)))
+        for e, (gu, d) in enumerate(zip(gate_ups, downs)):
+            gate_up[e, 0] = pack_tiles(gu[:intermediate])
+            gate_up[e, 1] = pack_tiles(gu[intermediate:])
+            down[e] = pack_tiles(d)
+        return [gate_up], [down]
+    per_expert = [([*zip(pack_codes(gu.rows(0, intermediate)), pack_codes(gu.rows(intermediate, 2 * intermediate)))],
+                   pack_codes(d)) for gu, d in zip(gate_ups, downs)]
+    gate_up = [_empty((experts, 2, *part.shape), part.dtype) for part, _ in per_expert[0][0]]
+    down = [_empty((experts, *part.shape), part.dtype) for part in per_expert[0][1]]
+    for e, (gu_parts, d_parts) in enumerate(per_expert):
+        for i, (gate, up) in enumerate(gu_parts):
+            gate_up[i][e, 0], gate_up[i][e, 1] = gate, up
+        for i, part in enumerate(d_parts):
+            down[i][e] = part
     return gate_up, down
 
 
+def packed_format(gate_up: list[torch.Tensor], experts: int, hidden: int, intermediate: int) -> str:
+    """The format of a layer packed by `pack_layer`, from its codes' dtype and bytes per tile."""
+    codes = gate_up[0]
+    if codes.dtype == torch.bfloat16:
+        return "bfloat16"
+    if codes.dtype == torch.float8_e4m3fn:
+        return "fp8"
+    tiles = experts * 2 * _round_up(hidden) * _round_up(intermediate) // (TILE_N * TILE_K)
+    return "int4" if codes.numel() == tiles * TILE_BYTES["int4"] else "int8"
+
+
 def moe_experts(x: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor, counts: list[int],
-                gate_up: torch.Tensor, down: torch.Tensor, intermediate: int, top_k: int) -> torch.Tensor:
+                gate_up: list[torch.Tensor], down: list[torch.Tensor], intermediate: int, top_k: int) -> torch.Tensor:
     """The routed experts' contribution per token, [T, H]: rows grouped by expert (`counts` per
     expert, the token of each in `token_idx`, its router weight in `weights`), each the expert's
-    SwiGLU output for x[token] times the weight, summed per token in ascending expert order."""
+    SwiGLU output for x[token] times the weight, summed per token in ascending expert order.
+    gate_up / down: a layer packed by `pack_layer`."""
     ops = native_ops()
     if ops is None:
         raise ConfigError("the fused experts kernel needs moegen's native ops (see `moegen build-ops`)")
     isa = ISA_CODES[chosen_isa()]
+    fmt = packed_format(gate_up, len(counts), x.shape[-1], intermediate)
     return ops.ops.moe_experts(x.contiguous(), token_idx, weights.float().contiguous(), counts, gate_up, down,
-                               intermediate, top_k, isa)
+                               intermediate, top_k, isa, FORMAT_CODES[fmt])
