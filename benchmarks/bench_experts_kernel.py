@@ -2,11 +2,14 @@
 chain per expert over packed weights (the per-expert path), bf16, fresh random routing every call
 (so every call has new row counts, as in the engine).
 
-    PYTHONPATH=. python benchmarks/bench_experts_kernel.py [--calls 6] [--layers 4]
+    PYTHONPATH=. python benchmarks/bench_experts_kernel.py [--calls 6] [--layers 4] [--formats bfloat16,fp8,int8,int4]
 
 Shapes: the bench fixtures' Mixtral (8 experts of [1024, 3584], top-2) and qwen3_moe (64 of
 [1024, 448], top-8), at 512 tokens (decode of G = 512) and 4096 (a prefill pass). `--layers`
 distinct copies of the weights are cycled, so that they come from memory as in a real pass.
+Quantized formats (fp8 128x128 blocks, GPTQ int8/int4 groups of 128) compare the kernel (its
+tiles dequantized inside it) with the per-expert path (chunked dequantization + oneDNN GEMMs);
+each line also gives the kernel's rate relative to bf16's at the same shape.
 """
 import argparse
 import os
@@ -17,9 +20,12 @@ import torch
 
 from moegen.layers.linear import pack_weight
 from moegen.layers.moe import Dispatch, SparseMoE
+from moegen.layers.quantized import quantize_fp8, quantize_int, tile_codes
 from moegen.ops import experts as fused
 
 SHAPES = {"mixtral": (1024, 3584, 8, 2), "qwen3_moe": (1024, 448, 64, 8)}
+QUANTIZE = {"bfloat16": lambda w: w, "fp8": quantize_fp8, "int8": lambda w: quantize_int(w, 8, 64),
+            "int4": lambda w: quantize_int(w, 4, 64)}
 
 
 def per_expert_path(gate_ups, downs):
@@ -31,42 +37,58 @@ def per_expert_path(gate_ups, downs):
     return moe, weights
 
 
+def time_calls(run, tokens, hidden, experts, k, calls, layers, g):
+    """Median seconds of run(layer, x, dispatch) over fresh inputs and routing, cycling the layers."""
+    times = []
+    for call in range(calls + 1):
+        x = torch.randn(tokens, hidden, generator=g).bfloat16()
+        top_w, top_i = torch.rand(tokens, experts, generator=g).topk(k, dim=1)
+        d = Dispatch.from_routing(top_i, top_w, experts)
+        t0 = time.perf_counter()
+        run(call % layers, x, d)
+        if call:                        # the first call warms up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=6)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--formats", default="bfloat16")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
+    bf16_rate = {}
     for name, (hidden, inter, experts, k) in SHAPES.items():
-        plain = [([(torch.randn(2 * inter, hidden, generator=g) * 0.05).bfloat16() for _ in range(experts)],
-                  [(torch.randn(hidden, inter, generator=g) * 0.05).bfloat16() for _ in range(experts)])
-                 for _ in range(args.layers)]
-        oned = [per_expert_path([pack_weight(w) for w in gu], [pack_weight(w) for w in dn]) for gu, dn in plain]
-        packed = [fused.pack_layer(gu, dn, inter) for gu, dn in plain]
-        for tokens in (512, 4096):
-            flops = 6.0 * tokens * k * hidden * inter
-            rates = {}
-            for system in ["per-expert oneDNN"] + fused.available_isas():
-                times = []
-                for call in range(args.calls + 1):
-                    x = torch.randn(tokens, hidden, generator=g).bfloat16()
-                    top_w, top_i = torch.rand(tokens, experts, generator=g).topk(k, dim=1)
-                    d = Dispatch.from_routing(top_i, top_w, experts)
-                    layer = call % args.layers
-                    t0 = time.perf_counter()
-                    if system == "per-expert oneDNN":
-                        moe, weights = oned[layer]
-                        moe.run_experts(weights, x, d)
+        for fmt in args.formats.split(","):
+            plain = [([QUANTIZE[fmt]((torch.randn(2 * inter, hidden, generator=g) * 0.05).bfloat16())
+                       for _ in range(experts)],
+                      [QUANTIZE[fmt]((torch.randn(hidden, inter, generator=g) * 0.05).bfloat16())
+                       for _ in range(experts)]) for _ in range(args.layers)]
+            prep = (lambda w: pack_weight(w)) if fmt == "bfloat16" else (lambda w: w)
+            tiles = (lambda w: w) if fmt == "bfloat16" else tile_codes
+            oned = [per_expert_path([prep(w) for w in gu], [prep(w) for w in dn]) for gu, dn in plain]
+            packed = [fused.pack_layer([tiles(w) for w in gu], [tiles(w) for w in dn], inter) for gu, dn in plain]
+            del plain
+            isas = fused.available_isas() if fmt == "bfloat16" else fused.available_isas()[:1]
+            for tokens in (512, 4096):
+                flops = 6.0 * tokens * k * hidden * inter
+                rates = {}
+                for system in ["per-expert"] + isas:
+                    if system == "per-expert":
+                        run = lambda layer, x, d: oned[layer][0].run_experts(oned[layer][1], x, d)
                     else:
                         os.environ["MOEGEN_EXPERTS_ISA"] = system
-                        fused.moe_experts(x, d.token_idx, d.weights, d.counts, *packed[layer], inter, k)
-                    if call:                        # the first call warms up
-                        times.append(time.perf_counter() - t0)
-                rates[system] = flops / statistics.median(times)
-            base = rates["per-expert oneDNN"]
-            print(f"{name} {tokens} tokens ({tokens * k // experts} rows/expert): " + ", ".join(
-                f"{s} {r / 1e12:.2f} TFLOP/s ({r / base:.1f}x)" for s, r in rates.items()), flush=True)
-        os.environ.pop("MOEGEN_EXPERTS_ISA", None)
+                        run = lambda layer, x, d: fused.moe_experts(x, d.token_idx, d.weights, d.counts,
+                                                                    *packed[layer], inter, k)
+                    rates[system] = flops / time_calls(run, tokens, hidden, experts, k, args.calls, args.layers, g)
+                base = rates["per-expert"]
+                kernel = rates[isas[0]]
+                bf16_rate.setdefault((name, tokens), kernel)
+                print(f"{name} {fmt} {tokens} tokens ({tokens * k // experts} rows/expert): " + ", ".join(
+                    f"{s} {r / 1e12:.2f} TFLOP/s ({r / base:.1f}x)" for s, r in rates.items())
+                    + f"; kernel vs bf16 kernel {kernel / bf16_rate[name, tokens]:.2f}x", flush=True)
+            os.environ.pop("MOEGEN_EXPERTS_ISA", None)
 
 
 if __name__ == "__main__":

@@ -371,54 +371,77 @@ struct Layer {
 };
 
 // ---- dequantization of tiles (quantized formats) ------------------------------------------
+// Codes are stored in groups of 32 (one k-pair row of a tile: element e = 2 n + j is column n's
+// input j) in the order AVX-512's 16-bit unpacks produce: position p of a group holds element
+// 4 (p / 8) + p % 8 when p % 8 < 4, else 16 + 4 (p / 8) + p % 8 - 4. Widening a group's 32 codes
+// with unpacklo / unpackhi then gives elements 0-15 and 16-31 in order, and one VCVTNE2PS2BF16
+// writes the 32 bf16 values in natural order (moegen/ops/experts.py's `pack_codes` lays them out).
+inline int element_at(int p) { return (p % 8 < 4 ? 0 : 16) + 4 * (p / 8) + p % 4; }
+
 inline float fp8_value(uint8_t b) {
   return static_cast<float>(c10::Float8_e4m3fn(b, c10::Float8_e4m3fn::from_bits()));
 }
 
+inline int code_at(int64_t fmt, const uint8_t* codes, int64_t i) {
+  if (fmt != kInt4) return codes[i];
+  return i < kTileElems / 2 ? codes[i] & 15 : codes[i - kTileElems / 2] >> 4;
+}
+
 void dequant_tile_scalar(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
   for (int64_t i = 0; i < kTileElems; ++i) {
-    const int n = static_cast<int>((i / 2) % kTileN);
-    float v;
-    if (fmt == kFp8) v = fp8_value(codes[i]);
-    else if (fmt == kInt8) v = static_cast<float>(codes[i]);
-    else v = static_cast<float>(i < kTileElems / 2 ? codes[i] & 15 : codes[i - kTileElems / 2] >> 4);
-    out[i] = bf16((v - (zero != nullptr ? zero[n] : 0.0f)) * scale[n]);
+    const int64_t e = i / 32 * 32 + element_at(static_cast<int>(i % 32));
+    const int n = static_cast<int>((e % 32) / 2);
+    const int code = code_at(fmt, codes, i);
+    const float v = fmt == kFp8 ? fp8_value(static_cast<uint8_t>(code)) : static_cast<float>(code);
+    out[e] = bf16((v - (zero != nullptr ? zero[n] : 0.0f)) * scale[n]);
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
-// 16 elements at once: element i of the tile belongs to column (i / 2) % 16, so a vector of 16
-// covers columns 0-7 (even vectors) or 8-15 (odd), each twice.
-inline __m512i codes16(int64_t fmt, const uint8_t* codes, int64_t v) {
-  if (fmt != kInt4) return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + v * 16)));
-  const int64_t half = kTileElems / 2 / 16;  // vectors per nibble half
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (v % half) * 16)));
-  return v < half ? _mm512_and_si512(b, _mm512_set1_epi32(15)) : _mm512_srli_epi32(b, 4);
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
+// e4m3 magnitudes (7 bits) as bf16 bits, 4 registers of 32: every e4m3 value is exact in bf16.
+struct Fp8Table {
+  __m512i part[4];
+  Fp8Table() {
+    alignas(64) uint16_t t[128];
+    for (int m = 0; m < 128; ++m) t[m] = bf16(fp8_value(static_cast<uint8_t>(m))).x;
+    for (int i = 0; i < 4; ++i) part[i] = _mm512_load_si512(t + 32 * i);
+  }
+};
+
+// 32 e4m3 codes (one per 16-bit lane) as bf16 bits: two 64-entry lookups, bit 6 picks one, sign.
+inline __m512i fp8_to_bf16(const Fp8Table& table, __m512i c) {
+  const __m512i low = _mm512_permutex2var_epi16(table.part[0], c, table.part[1]);
+  const __m512i high = _mm512_permutex2var_epi16(table.part[2], c, table.part[3]);
+  const __m512i mag = _mm512_mask_mov_epi16(low, _mm512_test_epi16_mask(c, _mm512_set1_epi16(0x40)), high);
+  return _mm512_or_si512(mag, _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x80)), 8));
 }
 
-// e4m3 bytes (one per 32-bit lane) as float32, exactly: normal numbers rebias the exponent
-// (7 -> 127), subnormals are mantissa * 2^-9, 0x7f/0xff are NaN (as c10's conversion).
-inline __m512 fp8_to_float(__m512i b) {
-  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
-  __m512 v = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
-  const __mmask16 sub = _mm512_cmpeq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x78)), _mm512_setzero_si512());
-  v = _mm512_mask_mul_ps(v, sub, _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(7))),
-                         _mm512_set1_ps(1.0f / 512));
-  v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f)), _mm512_set1_ps(NAN));
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24)));
-}
-
+// 32 elements (one k-pair row) per step; VCVTNE2PS2BF16 rounds to nearest even as c10 does (it
+// flushes results below 2^-126 to zero, which a weight times its scale never is).
 void dequant_tile(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
-  using moegen_simd::Simd;
+  static const Fp8Table table;
   const __m512i lo_cols = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i hi_cols = _mm512_add_epi32(lo_cols, _mm512_set1_epi32(8));
   const __m512 s16 = _mm512_loadu_ps(scale), z16 = zero != nullptr ? _mm512_loadu_ps(zero) : _mm512_setzero_ps();
-  const __m512 s[2] = {_mm512_permutexvar_ps(lo_cols, s16), _mm512_permutexvar_ps(hi_cols, s16)};
-  const __m512 z[2] = {_mm512_permutexvar_ps(lo_cols, z16), _mm512_permutexvar_ps(hi_cols, z16)};
-  for (int64_t v = 0; v < kTileElems / 16; ++v) {
-    const __m512i c = codes16(fmt, codes, v);
-    const __m512 x = fmt == kFp8 ? fp8_to_float(c) : _mm512_cvtepi32_ps(c);
-    Simd::store(out + v * 16, _mm512_mul_ps(_mm512_sub_ps(x, z[v & 1]), s[v & 1]));
+  const __m512 s_lo = _mm512_permutexvar_ps(lo_cols, s16), s_hi = _mm512_permutexvar_ps(hi_cols, s16);
+  const __m512 z_lo = _mm512_permutexvar_ps(lo_cols, z16), z_hi = _mm512_permutexvar_ps(hi_cols, z16);
+  const __m512i none = _mm512_setzero_si512();
+  constexpr int64_t kGroups = kTileElems / 32;
+  for (int64_t g = 0; g < kGroups; ++g) {
+    const uint8_t* src = codes + (fmt == kInt4 ? g % (kGroups / 2) : g) * 32;
+    __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+    if (fmt == kInt4) c = g < kGroups / 2 ? _mm512_and_si512(c, _mm512_set1_epi16(15)) : _mm512_srli_epi16(c, 4);
+    __m512 lo, hi;
+    if (fmt == kFp8) {
+      const __m512i v = fp8_to_bf16(table, c);
+      lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(none, v));
+      hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(none, v));
+    } else {
+      lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_unpacklo_epi16(c, none)), z_lo);
+      hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_unpackhi_epi16(c, none)), z_hi);
+    }
+    const __m512bh r = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s_hi), _mm512_mul_ps(lo, s_lo));
+    _mm512_storeu_si512(out + g * 32, (__m512i)r);
   }
 }
 #else

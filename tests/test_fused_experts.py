@@ -137,21 +137,26 @@ def test_quantized_experts_match_the_path_over_their_dequantized_weights(monkeyp
     assert_bf16_close(ours, reference(x, d, deq(gate_ups), deq(downs)))
 
 
-@needs_native
-@pytest.mark.parametrize("fmt", list(QUANTIZERS))
-def test_tiles_dequantize_to_exactly_the_bf16_weights_of_the_torch_path(fmt):
+def check_dequant_tiles(ops, fmt):
     """Every code the format has (all 256 e4m3 bytes: subnormals, both zeros, NaN), with scales and
-    zero points per column and tile, dequantized by the kernel = pack_tiles(dequantize(w)), bit for bit."""
+    zero points per column and tile, dequantized by `ops` = pack_tiles(dequantize(w)), bit for bit."""
     g = torch.Generator().manual_seed(3)
     w = QUANTIZERS[fmt](torch.randn(48, 256, generator=g))
     if fmt == "fp8":       # every byte once per row block, block scales of very different sizes
         codes = torch.arange(256, dtype=torch.uint8).repeat(48, 1).view(torch.float8_e4m3fn)
         w = type(w)(codes, torch.tensor([[0.5, 3e-3], [7.0, 1.0]]), (32, 128))
-    parts = fused.pack_codes(tile_codes(w))
-    got = native_ops().ops.dequant_tiles(parts, fused.FORMAT_CODES[fmt])
+    got = ops.dequant_tiles(fused.pack_codes(tile_codes(w)), fused.FORMAT_CODES[fmt])
     want = fused.pack_tiles(dequantize(w, torch.bfloat16)).view(-1, 512)
     assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any() == (fmt == "fp8")
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", list(QUANTIZERS))
+def test_tiles_dequantize_to_exactly_the_bf16_weights_of_the_torch_path(fmt):
+    """The build's own dequantization (AVX-512 BF16 where the CPU has it; test_ops_attention.py
+    checks the portable one the same way)."""
+    check_dequant_tiles(native_ops().ops, fmt)
 
 
 def test_quantized_weights_that_cut_a_tile_stay_off_the_kernel():

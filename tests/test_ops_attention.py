@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from moegen.ops import attention as attn
 from moegen.ops import build
+from tests.test_fused_experts import QUANTIZERS, check_dequant_tiles
 from tests.test_ops_elementwise import check_ops as check_elementwise_ops
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -406,5 +407,7 @@ def test_other_simd_paths(variants, variant):
     out = ops.ops.paged_decode_attention_mla(q, kv, tables, lens, 0.1, 64)
     assert rel_err(out, mla_reference(q, kv, tables, lens, 0.1, 64)) < 1e-5
     check_elementwise_ops(ops.ops, torch.bfloat16)     # the same library's fused elementwise ops
+    for fmt in QUANTIZERS:                              # and its dequantization of the experts kernel's tiles
+        check_dequant_tiles(ops.ops, fmt)
     if variant == "avx2":  # its own fp16 stores; scalar fp16 RMSNorm sums in another order, 2 ulps off at times
         check_elementwise_ops(ops.ops, torch.float16)

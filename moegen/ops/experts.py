@@ -121,11 +121,17 @@ def _pack_columns(per_tile: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, TILE_N, kt).permute(0, 2, 1).contiguous()
 
 
+# Position p of each group of 32 codes (a tile's k-pair row) holds this element of the row: the
+# order AVX-512's 16-bit unpacks widen back into elements 0-15 and 16-31 (csrc/experts.cpp).
+CODE_ORDER = torch.tensor([(0 if p % 8 < 4 else 16) + 4 * (p // 8) + p % 4 for p in range(32)])
+
+
 def pack_codes(w: TileCodes) -> list[torch.Tensor]:
-    """A quantized weight's (codes, scales[, zeros]) in tile order; padding decodes to zero
-    (code 0 with scale 0). int4 codes: element j of a tile's 512 in the low nibble of byte j, element
-    j + 256 in the high nibble of byte j."""
-    codes = pack_tiles(w.codes.view(torch.uint8)).view(-1, TILE_N * TILE_K)
+    """A quantized weight's (codes, scales[, zeros]) in tile order, each 32 codes in CODE_ORDER;
+    padding decodes to zero (code 0 with scale 0). int4: code j of a tile's 512 in the low nibble of
+    byte j, code j + 256 in the high nibble of byte j."""
+    tiles = pack_tiles(w.codes.view(torch.uint8))
+    codes = tiles.view(-1, 16, 32)[:, :, CODE_ORDER].reshape(-1, TILE_N * TILE_K)
     if w.format == "int4":
         codes = codes[:, :256] | (codes[:, 256:] << 4)
     parts = [codes.contiguous().view(torch.float8_e4m3fn if w.format == "fp8" else torch.uint8),
