@@ -114,6 +114,131 @@ bool isa_available(int64_t isa) {
   return isa == kGeneric || (isa == kAvx512Bf16 && avx512_bf16_usable()) || (isa == kAmx && amx_usable());
 }
 
+// ---- weight formats ------------------------------------------------------------------------
+// Weight formats: bf16 tiles, or quantized tiles -- the same layout with one code per element
+// (fp8 e4m3 or int8: a byte; int4: two codes a byte, element j of the tile in the low nibble of
+// byte j and element j + 256 in the high one) and, per tile, one float32 scale and zero point per
+// output column: W = (decode(code) - zero) * scale, in float32 and rounded to bf16 once, which is
+// exactly how moegen/layers/quantized.py dequantizes (so the kernel sees the same bf16 weights).
+// fp8 stores no zero points; see dequant_tile for the stored forms of scales and zero points.
+enum Format : int64_t { kBf16 = 0, kFp8 = 1, kInt8 = 2, kInt4 = 3 };
+
+int64_t code_bytes_per_tile(int64_t fmt) { return fmt == kBf16 ? 2 * kTileElems : fmt == kInt4 ? kTileElems / 2 : kTileElems; }
+
+struct Packed {
+  const uint8_t* codes = nullptr;  // bf16 tiles (kBf16) or codes, tile after tile
+  const float* scales = nullptr;   // [tiles][16]
+  const float* zeros = nullptr;    // [tiles][16], or null (fp8)
+};
+
+// ---- dequantization of tiles ----------------------------------------------------------------
+// Codes go in blocks of 64 = two k-pair rows (A = row 2i, B = row 2i + 1 of the tile; element
+// 2n + j of a row is column n's input j): byte b of 32-bit lane r of block i holds
+// b = 0: A[r], 1: A[16 + r], 2: B[r], 3: B[16 + r]. A lane's bytes are then separated by shifts
+// and masks (no shuffles: port 5 stays free), each gives 16 float32 elements in order, and one
+// VCVTNE2PS2BF16 per row writes 32 bf16 in natural order (moegen/ops/experts.py `pack_codes`).
+// Stored forms, so that each element costs a few integer ops and one multiply:
+//   fp8: scale * 2^120. The code's bits placed in a float32 ((sign << 31) | (magnitude << 20)) are
+//        the e4m3 value times 2^-120 exactly, subnormals included (float32 subnormals: the kernel
+//        runs with denormals-are-zero off), so times scale * 2^120 is value * scale, rounded once.
+//        NaN codes (0x7f, 0xff) are not taken (moegen.layers.quantized.fits_tiles).
+//   int: zero + 2^23. The code ORed into the mantissa of 2^23 is 2^23 + code; minus (2^23 + zero)
+//        that is code - zero exactly, then times the scale.
+inline int element_at(int64_t i) {  // the tile element stored at code position i (0..511)
+  const int64_t block = i / 64, r = (i % 64) / 4, b = i % 4;
+  return static_cast<int>((2 * block + b / 2) * 32 + (b % 2) * 16 + r);
+}
+
+inline float fp8_scaled_value(uint32_t code) {  // the e4m3 value times 2^-120 (see above)
+  const uint32_t bits = ((code & 0x80u) << 24) | ((code & 0x7fu) << 20);
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+inline float int_biased_value(uint32_t code) {  // 2^23 + code
+  const uint32_t bits = 0x4b000000u | code;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+void dequant_tile_scalar(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
+  for (int64_t i = 0; i < kTileElems; ++i) {
+    const int e = element_at(i);
+    const int n = (e % 32) / 2;
+    const uint32_t code = fmt != kInt4 ? codes[i] : i < kTileElems / 2 ? codes[i] & 15u : codes[i - kTileElems / 2] >> 4;
+    out[e] = bf16(fmt == kFp8 ? fp8_scaled_value(code) * scale[n] : (int_biased_value(code) - zero[n]) * scale[n]);
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
+void dequant_tile(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
+  // elements 0-15 of a row are columns 0-7 (each twice), elements 16-31 columns 8-15
+  const __m512i lo_cols = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i hi_cols = _mm512_add_epi32(lo_cols, _mm512_set1_epi32(8));
+  const __m512 s16 = _mm512_loadu_ps(scale), z16 = zero != nullptr ? _mm512_loadu_ps(zero) : _mm512_setzero_ps();
+  const __m512 s[2] = {_mm512_permutexvar_ps(lo_cols, s16), _mm512_permutexvar_ps(hi_cols, s16)};
+  const __m512 z[2] = {_mm512_permutexvar_ps(lo_cols, z16), _mm512_permutexvar_ps(hi_cols, z16)};
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u)), mag = _mm512_set1_epi32(0x07f00000);
+  const __m512i byte = _mm512_set1_epi32(0xff), two23 = _mm512_set1_epi32(0x4b000000);
+  const __m512i nibble = _mm512_set1_epi32(0x0f0f0f0f);
+  constexpr int64_t kBlocks = kTileElems / 64;
+  for (int64_t i = 0; i < kBlocks; ++i) {
+    __m512i x = _mm512_loadu_si512(codes + (fmt == kInt4 ? i % (kBlocks / 2) : i) * 64);
+    if (fmt == kInt4) x = _mm512_and_si512(i < kBlocks / 2 ? x : _mm512_srli_epi32(x, 4), nibble);
+    __m512 v[4];
+    for (int b = 0; b < 4; ++b) {
+      if (fmt == kFp8) {
+        const __m512i t = b == 3 ? x : _mm512_slli_epi32(x, 24 - 8 * b);  // sign at bit 31
+        const __m512i m = _mm512_and_si512(_mm512_srli_epi32(t, 4), mag);
+        v[b] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(t, m, sign, 0xEC)), s[b % 2]);
+      } else {
+        const __m512i q = b == 0 ? x : _mm512_srli_epi32(x, 8 * b);
+        const __m512 biased = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(q, byte, two23, 0xEA));
+        v[b] = _mm512_mul_ps(_mm512_sub_ps(biased, z[b % 2]), s[b % 2]);
+      }
+    }
+    _mm512_storeu_si512(out + i * 64, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+    _mm512_storeu_si512(out + i * 64 + 32, (__m512i)_mm512_cvtne2ps_pbh(v[3], v[2]));
+  }
+}
+#else
+void dequant_tile(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
+  dequant_tile_scalar(fmt, codes, scale, zero, out);
+}
+#endif
+
+void dequant_one(int64_t fmt, const Packed& w, int64_t t, bf16* out) {
+  dequant_tile(fmt, w.codes + t * code_bytes_per_tile(fmt), w.scales + t * kTileN,
+               w.zeros != nullptr ? w.zeros + t * kTileN : nullptr, out);
+}
+
+// `count` consecutive tiles of a packed weight from tile `first`, as bf16 tiles: the weights
+// themselves (bf16) or dequantized into `buffer`.
+const bf16* tiles_bf16(int64_t fmt, const Packed& w, int64_t first, int64_t count, bf16* buffer) {
+  if (fmt == kBf16) return reinterpret_cast<const bf16*>(w.codes) + first * kTileElems;
+  for (int64_t t = first; t < first + count; ++t) dequant_one(fmt, w, t, buffer + (t - first) * kTileElems);
+  return buffer;
+}
+
+// The tiles of the column-block step after the current one, dequantized a few per AMX k step
+// while the tile unit multiplies (quantized weights, items of one row chunk: decode).
+struct TileJob {
+  int64_t fmt = kBf16;
+  const Packed* w = nullptr;
+  int64_t first[2] = {0, 0};   // each half's first tile (gate | up, or two column blocks)
+  int64_t per_half = 0;        // k tiles
+  bf16* out = nullptr;         // [2][per_half] tiles
+  int64_t done = 0, total = 0;
+
+  void run(int64_t n) {
+    for (; n > 0 && done < total; --n, ++done)
+      dequant_one(fmt, *w, first[done / per_half] + done % per_half, out + done * kTileElems);
+  }
+  void run_all() { run(total - done); }
+};
+
 // ---- micro-kernels: C[32][CB*16] (fp32) = A[32 rows, Kp] x B tiles of CB column blocks ------
 // A: bf16 rows with stride lda (elements); B[c]: the column block's first tile (kb = 0);
 // rows: how many of the 32 are wanted (the rest may be skipped or computed on padding).
@@ -175,7 +300,7 @@ void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kb0, in
       _tile_dpbf16ps(1, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
-    pending.run(per_step);
+    pending.step(per_step);
     if (next != nullptr) {
       for (int line = 0; line < kTileElems * 2; line += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(next[0] + kb * kTileElems) + line, _MM_HINT_T1);
@@ -244,13 +369,17 @@ void generic_gemm(const bf16* A, int64_t lda, int rows, const bf16* const* B, in
   }
 }
 
-// The rows of a finished block still to post-process: epi(c, r, nb) gets row r's 32 accumulators
-// (column blocks nb and the next, or gate and up), row r of C.
+// Work that runs a little at a time inside the next block's k loop (the vector units work while
+// the AMX unit multiplies): the rows of a finished block still to post-process -- epi(c, r, nb) gets
+// row r's 32 accumulators (column blocks nb and the next, or gate and up), row r of C -- and the
+// dequantization of the next step's tiles (`job`, `job_per_step` tiles a k step).
 template <typename Epi>
 struct Pending {
   Epi& epi;
   const float* C;
   int64_t row = 0, end = 0, nb = 0;
+  TileJob* job = nullptr;
+  int64_t job_per_step = 0;
 
   void set(int64_t r0, int64_t rows, int64_t block) { row = r0, end = r0 + rows, nb = block; }
   int64_t rows_per_step(int64_t steps) const { return (end - row + steps - 1) / steps; }
@@ -258,6 +387,10 @@ struct Pending {
     for (; n > 0 && row < end; --n, ++row) epi(C + row * 2 * kTileN, row, nb);
   }
   void run_all() { run(end - row); }
+  void step(int64_t rows) {
+    run(rows);
+    if (job != nullptr) job->run(job_per_step);
+  }
 };
 
 // k tiles per AMX pass over a row chunk: two column blocks' tiles of one pass (32 KiB) stay in L1
@@ -265,28 +398,73 @@ struct Pending {
 // 16 alike, the whole k at once slower on small row counts).
 constexpr int64_t kAmxKChunk = 16;
 
+// Where a pass finds the two B column blocks of each step nb (nb0, nb0 + step, ...): `direct`,
+// bf16 tiles in memory (the weights, or an item's dequantized tiles) at base[h] + (nb - nb0) k rows
+// of tiles; or `streamed`, quantized tiles dequantized step by step into two slots, the next step's
+// while this one multiplies.
+struct Steps {
+  int64_t nb0 = 0, step = 1, kblocks = 0;
+  const bf16* base[2] = {nullptr, nullptr};      // direct
+  int64_t fmt = kBf16;                           // streamed: from these tiles of w
+  const Packed* w = nullptr;
+  int64_t first[2] = {0, 0};
+  bf16* slots = nullptr;                         // [2 slots][2 halves][kblocks] tiles
+
+  bool streamed() const { return slots != nullptr; }
+  int64_t stride(int64_t nb) const { return (nb - nb0) * kblocks * kTileElems; }
+  void tiles(int64_t nb, const bf16** B) const {
+    if (streamed()) {
+      B[0] = slots + ((nb - nb0) / step % 2) * 2 * kblocks * kTileElems;
+      B[1] = B[0] + kblocks * kTileElems;
+    } else {
+      B[0] = base[0] + stride(nb);
+      B[1] = base[1] + stride(nb);
+    }
+  }
+  TileJob job(int64_t nb) const {
+    TileJob j;
+    j.fmt = fmt, j.w = w, j.per_half = kblocks, j.total = 2 * kblocks;
+    j.first[0] = first[0] + (nb - nb0) * kblocks, j.first[1] = first[1] + (nb - nb0) * kblocks;
+    j.out = slots + ((nb - nb0) / step % 2) * 2 * kblocks * kTileElems;
+    return j;
+  }
+};
+
 // One item's `rows` (<= kRowChunk) rows of A against column blocks [nb0, nb1) in steps of `step`
-// (tiles(nb, B) names the two B column blocks of a step), 32 rows at a time, each row then
-// post-processed by epi (see Pending).
-template <typename Tiles, typename Epi>
-void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb0, int64_t nb1, int64_t step,
-          int64_t kblocks, Tiles tiles, Epi epi) {
+// (`steps` gives each step's two B column blocks), 32 rows at a time, each row then post-processed
+// by epi (see Pending).
+template <typename Epi>
+void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb1, const Steps& steps, Epi epi) {
   alignas(64) float C[kRowChunk * 2 * kTileN];
   Pending<Epi> pending{epi, C};
+  const int64_t kblocks = steps.kblocks, step = steps.step;
   const bf16* B[2];
   const bf16* next[2];
-  tiles(nb0, next);
-  for (int64_t nb = nb0; nb < nb1; nb += step) {
-    B[0] = next[0], B[1] = next[1];
+  TileJob job;
+  if (steps.streamed()) {
+    job = steps.job(steps.nb0);
+    job.run_all();
+  }
+  for (int64_t nb = steps.nb0; nb < nb1; nb += step) {
+    steps.tiles(nb, B);
     const bool last = nb + step >= nb1;
-    if (!last) tiles(nb + step, next);
+    TileJob* background = nullptr;
+    if (!last && steps.streamed()) {
+      job = steps.job(nb + step);
+      background = &job;
+    } else if (!last) {
+      steps.tiles(nb + step, next);
+    }
 #ifdef MOEGEN_HAVE_AMX
     if (isa == kAmx) {
+      const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
+      pending.job = background;
+      pending.job_per_step = background ? (background->total + row_blocks * kblocks - 1) / (row_blocks * kblocks) : 0;
       for (int64_t kb0 = 0; kb0 < kblocks; kb0 += kAmxKChunk) {
         const int64_t kb1 = std::min(kblocks, kb0 + kAmxKChunk);
         for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
           const int64_t n = std::min<int64_t>(kRowBlock, rows - r0);
-          const bf16* const* pf = r0 == 0 && !last ? next : nullptr;
+          const bf16* const* pf = r0 == 0 && !last && !steps.streamed() ? next : nullptr;
           if (n > 16)
             amx_block<2>(A + r0 * lda, lda, B, kb0, kb1, C + r0 * 2 * kTileN, kb0 == 0, pending, pf);
           else
@@ -294,6 +472,8 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb0, in
           if (kb1 == kblocks) pending.set(r0, n, nb);
         }
       }
+      pending.job = nullptr;
+      if (background != nullptr) background->run_all();
       continue;
     }
 #endif
@@ -308,6 +488,7 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb0, in
       pending.set(r0, n, nb);
       pending.run_all();
     }
+    if (background != nullptr) background->run_all();
   }
   pending.run_all();
 }
@@ -339,22 +520,6 @@ inline void scale_row(const float* c, float w, bf16* out, int cols) {
 }
 
 // ---- the layer -------------------------------------------------------------------------
-// Weight formats: bf16 tiles, or quantized tiles -- the same layout with one code per element
-// (fp8 e4m3 or int8: a byte; int4: two codes a byte, element j of the tile in the low nibble of
-// byte j and element j + 256 in the high one) and, per tile, one float32 scale and zero point per
-// output column: W = (decode(code) - zero) * scale, in float32 and rounded to bf16 once, which is
-// exactly how moegen/layers/quantized.py dequantizes (so the kernel sees the same bf16 weights).
-// fp8 stores no zero points (decode(code) - 0 is decode(code)).
-enum Format : int64_t { kBf16 = 0, kFp8 = 1, kInt8 = 2, kInt4 = 3 };
-
-int64_t code_bytes_per_tile(int64_t fmt) { return fmt == kBf16 ? 2 * kTileElems : fmt == kInt4 ? kTileElems / 2 : kTileElems; }
-
-struct Packed {
-  const uint8_t* codes = nullptr;  // bf16 tiles (kBf16) or codes, tile after tile
-  const float* scales = nullptr;   // [tiles][16]
-  const float* zeros = nullptr;    // [tiles][16], or null (fp8)
-};
-
 struct Layer {
   int64_t hidden, inter;          // H, I
   int64_t hp, ip;                 // padded to multiples of 32
@@ -370,96 +535,6 @@ struct Layer {
   int64_t down_tile(int64_t e, int64_t nb) const { return (e * (hp / kTileN) + nb) * (ip / kTileK); }
 };
 
-// ---- dequantization of tiles (quantized formats) ------------------------------------------
-// Codes are stored in groups of 32 (one k-pair row of a tile: element e = 2 n + j is column n's
-// input j) in the order AVX-512's 16-bit unpacks produce: position p of a group holds element
-// 4 (p / 8) + p % 8 when p % 8 < 4, else 16 + 4 (p / 8) + p % 8 - 4. Widening a group's 32 codes
-// with unpacklo / unpackhi then gives elements 0-15 and 16-31 in order, and one VCVTNE2PS2BF16
-// writes the 32 bf16 values in natural order (moegen/ops/experts.py's `pack_codes` lays them out).
-inline int element_at(int p) { return (p % 8 < 4 ? 0 : 16) + 4 * (p / 8) + p % 4; }
-
-inline float fp8_value(uint8_t b) {
-  return static_cast<float>(c10::Float8_e4m3fn(b, c10::Float8_e4m3fn::from_bits()));
-}
-
-inline int code_at(int64_t fmt, const uint8_t* codes, int64_t i) {
-  if (fmt != kInt4) return codes[i];
-  return i < kTileElems / 2 ? codes[i] & 15 : codes[i - kTileElems / 2] >> 4;
-}
-
-void dequant_tile_scalar(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
-  for (int64_t i = 0; i < kTileElems; ++i) {
-    const int64_t e = i / 32 * 32 + element_at(static_cast<int>(i % 32));
-    const int n = static_cast<int>((e % 32) / 2);
-    const int code = code_at(fmt, codes, i);
-    const float v = fmt == kFp8 ? fp8_value(static_cast<uint8_t>(code)) : static_cast<float>(code);
-    out[e] = bf16((v - (zero != nullptr ? zero[n] : 0.0f)) * scale[n]);
-  }
-}
-
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
-// e4m3 magnitudes (7 bits) as bf16 bits, 4 registers of 32: every e4m3 value is exact in bf16.
-struct Fp8Table {
-  __m512i part[4];
-  Fp8Table() {
-    alignas(64) uint16_t t[128];
-    for (int m = 0; m < 128; ++m) t[m] = bf16(fp8_value(static_cast<uint8_t>(m))).x;
-    for (int i = 0; i < 4; ++i) part[i] = _mm512_load_si512(t + 32 * i);
-  }
-};
-
-// 32 e4m3 codes (one per 16-bit lane) as bf16 bits: two 64-entry lookups, bit 6 picks one, sign.
-inline __m512i fp8_to_bf16(const Fp8Table& table, __m512i c) {
-  const __m512i low = _mm512_permutex2var_epi16(table.part[0], c, table.part[1]);
-  const __m512i high = _mm512_permutex2var_epi16(table.part[2], c, table.part[3]);
-  const __m512i mag = _mm512_mask_mov_epi16(low, _mm512_test_epi16_mask(c, _mm512_set1_epi16(0x40)), high);
-  return _mm512_or_si512(mag, _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x80)), 8));
-}
-
-// 32 elements (one k-pair row) per step; VCVTNE2PS2BF16 rounds to nearest even as c10 does (it
-// flushes results below 2^-126 to zero, which a weight times its scale never is).
-void dequant_tile(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
-  static const Fp8Table table;
-  const __m512i lo_cols = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const __m512i hi_cols = _mm512_add_epi32(lo_cols, _mm512_set1_epi32(8));
-  const __m512 s16 = _mm512_loadu_ps(scale), z16 = zero != nullptr ? _mm512_loadu_ps(zero) : _mm512_setzero_ps();
-  const __m512 s_lo = _mm512_permutexvar_ps(lo_cols, s16), s_hi = _mm512_permutexvar_ps(hi_cols, s16);
-  const __m512 z_lo = _mm512_permutexvar_ps(lo_cols, z16), z_hi = _mm512_permutexvar_ps(hi_cols, z16);
-  const __m512i none = _mm512_setzero_si512();
-  constexpr int64_t kGroups = kTileElems / 32;
-  for (int64_t g = 0; g < kGroups; ++g) {
-    const uint8_t* src = codes + (fmt == kInt4 ? g % (kGroups / 2) : g) * 32;
-    __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-    if (fmt == kInt4) c = g < kGroups / 2 ? _mm512_and_si512(c, _mm512_set1_epi16(15)) : _mm512_srli_epi16(c, 4);
-    __m512 lo, hi;
-    if (fmt == kFp8) {
-      const __m512i v = fp8_to_bf16(table, c);
-      lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(none, v));
-      hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(none, v));
-    } else {
-      lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_unpacklo_epi16(c, none)), z_lo);
-      hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_unpackhi_epi16(c, none)), z_hi);
-    }
-    const __m512bh r = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s_hi), _mm512_mul_ps(lo, s_lo));
-    _mm512_storeu_si512(out + g * 32, (__m512i)r);
-  }
-}
-#else
-void dequant_tile(int64_t fmt, const uint8_t* codes, const float* scale, const float* zero, bf16* out) {
-  dequant_tile_scalar(fmt, codes, scale, zero, out);
-}
-#endif
-
-// `count` consecutive tiles of a packed weight from tile `first`, as bf16 tiles: the weights
-// themselves (bf16) or dequantized into `buffer`.
-const bf16* tiles_bf16(int64_t fmt, const Packed& w, int64_t first, int64_t count, bf16* buffer) {
-  if (fmt == kBf16) return reinterpret_cast<const bf16*>(w.codes) + first * kTileElems;
-  const int64_t bytes = code_bytes_per_tile(fmt);
-  for (int64_t t = first; t < first + count; ++t)
-    dequant_tile(fmt, w.codes + t * bytes, w.scales + t * kTileN, w.zeros != nullptr ? w.zeros + t * kTileN : nullptr,
-                 buffer + (t - first) * kTileElems);
-  return buffer;
-}
 
 struct Item {
   int64_t expert, row0, rows, nb0, nb1;
@@ -487,11 +562,26 @@ std::vector<Item> make_items(const std::vector<int64_t>& counts, int64_t nblocks
   return items;
 }
 
+// Float32 subnormal inputs read as themselves on this thread while alive (fp8 tiles decode through
+// them, see dequant_tile), whatever torch.set_flush_denormal chose; the caller's mode is restored.
+struct KeepDenormals {
+#if defined(__x86_64__)
+  const unsigned saved = _mm_getcsr();
+  KeepDenormals() {
+    if (saved & 0x40u) _mm_setcsr(saved & ~0x40u);  // DAZ off
+  }
+  ~KeepDenormals() {
+    if (saved & 0x40u) _mm_setcsr(saved);
+  }
+#endif
+};
+
 template <typename F>
 void run_items(const std::vector<Item>& items, int64_t isa, F body) {
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
   at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
+    const KeepDenormals keep;
 #ifdef MOEGEN_HAVE_AMX
     if (isa == kAmx) amx_configure();
 #endif
@@ -502,49 +592,59 @@ void run_items(const std::vector<Item>& items, int64_t isa, F body) {
   });
 }
 
-// A thread's dequantized tiles of the item at hand (quantized formats): an item's column blocks
-// are dequantized once and serve all its rows.
+// A thread's dequantized tiles of the item at hand (quantized formats).
 thread_local at::Tensor tl_dequant;
 bf16* workspace(at::Tensor& buffer, int64_t elements);
 
+// How an item's passes find their tiles (see Steps): bf16 weights directly; quantized ones, for
+// an item of one row chunk (decode), streamed through two slots; for a longer item (prefill), all
+// its tiles dequantized once up front and shared by its row chunks.
+Steps item_steps(const Layer& L, const Packed& w, const Item& it, int64_t step, int64_t kblocks, int64_t first0,
+                 int64_t first1) {
+  Steps s;
+  s.nb0 = it.nb0, s.step = step, s.kblocks = kblocks, s.fmt = L.fmt, s.w = &w;
+  s.first[0] = first0, s.first[1] = first1;
+  if (L.fmt == kBf16) {
+    s.base[0] = reinterpret_cast<const bf16*>(w.codes) + first0 * kTileElems;
+    s.base[1] = reinterpret_cast<const bf16*>(w.codes) + first1 * kTileElems;
+  } else if (it.rows <= kRowChunk) {
+    s.slots = workspace(tl_dequant, 2 * 2 * kblocks * kTileElems);
+  } else {
+    const int64_t tiles = (it.nb1 - it.nb0) * kblocks;  // from first0 (down: both halves of every step)
+    const bool halves_apart = step == 1;                // gate_up: the gate's tiles and the up's lie apart
+    bf16* buffer = workspace(tl_dequant, (halves_apart ? 2 : 1) * tiles * kTileElems);
+    s.base[0] = tiles_bf16(L.fmt, w, first0, tiles, buffer);
+    s.base[1] = halves_apart ? tiles_bf16(L.fmt, w, first1, tiles, buffer + tiles * kTileElems)
+                             : s.base[0] + (first1 - first0) * kTileElems;
+  }
+  return s;
+}
+
 // h[r, :] = round(round(silu(round(x W_gate))) * round(x W_up)) for the item's rows/columns.
 void gate_up_item(const Layer& L, const Item& it, const bf16* xs, bf16* h) {
-  const int64_t kblocks = L.hp / kTileK, tiles = (it.nb1 - it.nb0) * kblocks;
-  bf16* buffer = L.fmt == kBf16 ? nullptr : workspace(tl_dequant, 2 * tiles * kTileElems);
-  const bf16* gate = tiles_bf16(L.fmt, L.gate_up, L.gate_tile(it.expert, 0, it.nb0), tiles, buffer);
-  const bf16* up = tiles_bf16(L.fmt, L.gate_up, L.gate_tile(it.expert, 1, it.nb0), tiles,
-                              buffer == nullptr ? nullptr : buffer + tiles * kTileElems);
+  const int64_t kblocks = L.hp / kTileK;
+  const Steps steps = item_steps(L, L.gate_up, it, 1, kblocks, L.gate_tile(it.expert, 0, it.nb0),
+                                 L.gate_tile(it.expert, 1, it.nb0));
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
     const int64_t row0 = it.row0 + r0;
-    auto tiles_of = [&](int64_t nb, const bf16** B) {
-      B[0] = gate + (nb - it.nb0) * kblocks * kTileElems;
-      B[1] = up + (nb - it.nb0) * kblocks * kTileElems;
-    };
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
       silu_mul_tile(c, c + kTileN, h + (row0 + r) * L.h_ld + nb * kTileN);
     };
-    pass(L.isa, xs + row0 * L.xs_ld, L.xs_ld, std::min(kRowChunk, it.rows - r0), it.nb0, it.nb1, 1, kblocks,
-         tiles_of, epi);
+    pass(L.isa, xs + row0 * L.xs_ld, L.xs_ld, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
   }
 }
 
 // out[r, :H] = round(round(h W_down) * weight[r]) for the item's rows/columns.
 void down_item(const Layer& L, const Item& it, const bf16* h, const float* weights, bf16* out) {
-  const int64_t kblocks = L.ip / kTileK, tiles = (it.nb1 - it.nb0) * kblocks;
-  bf16* buffer = L.fmt == kBf16 ? nullptr : workspace(tl_dequant, tiles * kTileElems);
-  const bf16* down = tiles_bf16(L.fmt, L.down, L.down_tile(it.expert, it.nb0), tiles, buffer);
+  const int64_t kblocks = L.ip / kTileK, first = L.down_tile(it.expert, it.nb0);
+  const Steps steps = item_steps(L, L.down, it, 2, kblocks, first, first + kblocks);
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
     const int64_t row0 = it.row0 + r0;
-    auto tiles_of = [&](int64_t nb, const bf16** B) {
-      B[0] = down + (nb - it.nb0) * kblocks * kTileElems;
-      B[1] = B[0] + kblocks * kTileElems;
-    };
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
       const int64_t col0 = nb * kTileN, cols = std::min<int64_t>(2 * kTileN, L.hidden - col0);
       scale_row(c, weights[row0 + r], out + (row0 + r) * L.hidden + col0, static_cast<int>(cols));
     };
-    pass(L.isa, h + row0 * L.h_ld, L.h_ld, std::min(kRowChunk, it.rows - r0), it.nb0, it.nb1, 2, kblocks,
-         tiles_of, epi);
+    pass(L.isa, h + row0 * L.h_ld, L.h_ld, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
   }
 }
 
@@ -711,6 +811,7 @@ at::Tensor dequant_tiles(std::vector<at::Tensor> parts, int64_t fmt) {
   const int64_t tiles = static_cast<int64_t>(parts.at(0).nbytes()) / code_bytes_per_tile(fmt);
   const Packed p = packed(parts, fmt, tiles, "weight");
   at::Tensor out = at::empty({tiles, kTileElems}, at::TensorOptions().dtype(at::kBFloat16));
+  const KeepDenormals keep;
   tiles_bf16(fmt, p, 0, tiles, out.data_ptr<bf16>());
   return out;
 }

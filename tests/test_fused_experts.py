@@ -115,7 +115,8 @@ QUANTIZERS = {
 @pytest.mark.parametrize("fmt", list(QUANTIZERS))
 @pytest.mark.parametrize("hidden,inter,experts,k,tokens", [
     (128, 64, 4, 2, 37),
-    (256, 96, 8, 2, 700),                # rows over the 256-row chunk, 3 column blocks of gate
+    (256, 96, 8, 2, 700),                # ~175 rows an expert: tiles dequantized a step ahead
+    (128, 64, 3, 2, 900),                # ~600 rows an expert (over one 256-row chunk): all up front
     (128, 64, 8, 2, 1),                  # one token
 ])
 def test_quantized_experts_match_the_path_over_their_dequantized_weights(monkeypatch, isa, fmt, hidden, inter,
@@ -138,17 +139,24 @@ def test_quantized_experts_match_the_path_over_their_dequantized_weights(monkeyp
 
 
 def check_dequant_tiles(ops, fmt):
-    """Every code the format has (all 256 e4m3 bytes: subnormals, both zeros, NaN), with scales and
-    zero points per column and tile, dequantized by `ops` = pack_tiles(dequantize(w)), bit for bit."""
+    """Every code the format has (all finite e4m3 bytes: subnormals, both zeros), with scales and
+    zero points per column and tile, dequantized by `ops` = pack_tiles(dequantize(w)), bit for bit,
+    also with denormals-are-zero set by the caller (fp8 subnormals decode through float32 ones)."""
     g = torch.Generator().manual_seed(3)
     w = QUANTIZERS[fmt](torch.randn(48, 256, generator=g))
-    if fmt == "fp8":       # every byte once per row block, block scales of very different sizes
-        codes = torch.arange(256, dtype=torch.uint8).repeat(48, 1).view(torch.float8_e4m3fn)
+    if fmt == "fp8":       # every finite byte at least once per row, block scales of very different sizes
+        finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+        codes = torch.cat([finite, finite[:2]]).repeat(48, 1).view(torch.float8_e4m3fn)
         w = type(w)(codes, torch.tensor([[0.5, 3e-3], [7.0, 1.0]]), (32, 128))
-    got = ops.dequant_tiles(fused.pack_codes(tile_codes(w)), fused.FORMAT_CODES[fmt])
+    assert fits_tiles(w)
     want = fused.pack_tiles(dequantize(w, torch.bfloat16)).view(-1, 512)
-    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any() == (fmt == "fp8")
-    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    for flush in (False, True):
+        torch.set_flush_denormal(flush)
+        try:
+            got = ops.dequant_tiles(fused.pack_codes(tile_codes(w)), fused.FORMAT_CODES[fmt])
+        finally:
+            torch.set_flush_denormal(False)
+        assert torch.equal(got, want)
 
 
 @needs_native
@@ -169,6 +177,11 @@ def test_quantized_weights_that_cut_a_tile_stay_off_the_kernel():
     q = quantize_int(w, 4, group_size=32)
     shuffled = type(q)(q.qweight, q.qzeros, q.scales, q.g_idx[torch.randperm(128)], q.bits)
     assert not fits_tiles(shuffled)
+    f = quantize_fp8(w)
+    nan = f.data.clone()
+    nan.view(torch.uint8)[3, 5] = 0xFF                     # e4m3 NaN: the per-expert path keeps it
+    assert not fits_tiles(type(f)(nan, f.scales, f.block))
+    assert not fits_tiles(type(f)(f.data, f.scales * 1e5, f.block))   # scales x 2^120 would overflow
 
 
 def test_pack_tiles_layout():

@@ -288,9 +288,12 @@ def concat_rows(parts: list):
 def fits_tiles(w) -> bool:
     """Whether a quantized weight has one scale (and zero point) per output column over each
     aligned run of TILE_K inputs, which the fused experts kernel's tiles need: fp8 blocks TILE_K-
-    aligned in K, GPTQ groups constant over such runs (act-order g_idx may break it)."""
+    aligned in K (and finite codes, scales below 128), GPTQ groups constant over such runs
+    (act-order g_idx may break it)."""
     if isinstance(w, Fp8BlockWeight):
-        return w.block[1] % TILE_K == 0 and w.device.type == "cpu"
+        # the kernel stores scales times 2^120 and has no NaN codes (0x7f, 0xff)
+        return w.block[1] % TILE_K == 0 and w.device.type == "cpu" and float(w.scales.abs().max()) < 2.0 ** 7 \
+            and not bool(((w.data.view(torch.uint8) & 0x7F) == 0x7F).any())
     k = w.shape[1]
     starts = w.g_idx[torch.arange(k) // TILE_K * TILE_K]
     return w.device.type == "cpu" and bool(torch.equal(starts, w.g_idx))

@@ -121,24 +121,26 @@ def _pack_columns(per_tile: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, TILE_N, kt).permute(0, 2, 1).contiguous()
 
 
-# Position p of each group of 32 codes (a tile's k-pair row) holds this element of the row: the
-# order AVX-512's 16-bit unpacks widen back into elements 0-15 and 16-31 (csrc/experts.cpp).
-CODE_ORDER = torch.tensor([(0 if p % 8 < 4 else 16) + 4 * (p // 8) + p % 4 for p in range(32)])
+# The tile element at each code position: blocks of 64 codes = two k-pair rows A, B (element 2n + j
+# of a row: column n's input j); byte b of 32-bit lane r holds A[r], A[16 + r], B[r], B[16 + r] for
+# b = 0..3, the order csrc/experts.cpp's dequantization unpacks with shifts alone.
+CODE_ORDER = torch.tensor([(2 * (i // 64) + (i % 4) // 2) * 32 + (i % 2) * 16 + (i % 64) // 4 for i in range(512)])
+FP8_SCALE_BIAS = 2.0 ** 120       # fp8 scales are stored times this (the kernel decodes e4m3 x 2^-120)
+INT_ZERO_BIAS = 2.0 ** 23         # int zero points are stored plus this (codes decode as 2^23 + code)
 
 
 def pack_codes(w: TileCodes) -> list[torch.Tensor]:
-    """A quantized weight's (codes, scales[, zeros]) in tile order, each 32 codes in CODE_ORDER;
-    padding decodes to zero (code 0 with scale 0). int4: code j of a tile's 512 in the low nibble of
+    """A quantized weight's (codes, scales[, zeros]) in tile order, each tile's codes in
+    CODE_ORDER, scales and zero points in the stored forms the kernel reads (csrc/experts.cpp);
+    padding decodes to zero (code 0, scale 0). int4: code j of a tile's 512 in the low nibble of
     byte j, code j + 256 in the high nibble of byte j."""
-    tiles = pack_tiles(w.codes.view(torch.uint8))
-    codes = tiles.view(-1, 16, 32)[:, :, CODE_ORDER].reshape(-1, TILE_N * TILE_K)
+    tiles = pack_tiles(w.codes.view(torch.uint8)).view(-1, TILE_N * TILE_K)
+    codes = tiles[:, CODE_ORDER]
     if w.format == "int4":
         codes = codes[:, :256] | (codes[:, 256:] << 4)
-    parts = [codes.contiguous().view(torch.float8_e4m3fn if w.format == "fp8" else torch.uint8),
-             _pack_columns(w.scales)]
-    if w.format != "fp8":
-        parts.append(_pack_columns(w.zeros))
-    return parts
+    if w.format == "fp8":
+        return [codes.contiguous().view(torch.float8_e4m3fn), _pack_columns(w.scales) * FP8_SCALE_BIAS]
+    return [codes.contiguous(), _pack_columns(w.scales), _pack_columns(w.zeros) + INT_ZERO_BIAS]
 
 
 def pack_layer(gate_ups: list, downs: list, intermediate: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
