@@ -434,3 +434,26 @@ def test_a_gptq_checkpoint_packed_by_autogptq_matches_transformers(tiny_fixture,
                                                             "group_size": TINY_GROUP, "desc_act": False, "sym": False}))
     reference = dequantize_checkpoint(dst, tmp_path / "reference")
     assert engine_tokens(dst) == [hf_greedy(reference, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def test_cost_model_charges_quantized_experts_on_the_fused_kernel_its_rate_plus_dequantization():
+    """Where the fused experts kernel runs (its rate measured), quantized experts go through it too:
+    the same compute as bf16 at the kernel's rate, fewer bytes, plus each expert's dequantization."""
+    config = {"model_type": "mixtral", "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 2,
+              "num_attention_heads": 16, "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
+              "vocab_size": 32000}
+    plain = ModelSpec.from_config(config)
+    int8 = ModelSpec.from_config({**config, "quantization_config": {"quant_method": "gptq", "bits": 8,
+                                                                     "group_size": 128}})
+    fused_rate = 5e11
+    hw = Hardware(gemm_flops_per_s=1e11, host_mem_bw_gbps=20, cpu_attention_gbps=10,
+                  dequant_params_per_s={"int8": 1e10},
+                  fused_experts_shapes={"bfloat16": ((4, 1024, 3584, fused_rate), (512, 1024, 3584, fused_rate))})
+    plan = Plan(device="cpu", max_batch=16, attn_micro_batch=16, max_prefill_tokens=2048, expert_chunk=0)
+    job = JobShape(64, 8, 16)
+    a, b = predict(plain, hw, plan, job), predict(int8, hw, plan, job)
+    assert b.terms_s["decode"]["dequant"] > 0 == a.terms_s["decode"]["dequant"]
+    assert b.terms_s["decode"]["compute"] == pytest.approx(a.terms_s["decode"]["compute"])
+    unfused = predict(int8, Hardware(gemm_flops_per_s=1e11, host_mem_bw_gbps=20, cpu_attention_gbps=10,
+                                     dequant_params_per_s={"int8": 1e10}), plan, job)
+    assert b.terms_s["decode"]["compute"] < unfused.terms_s["decode"]["compute"]     # the kernel's rate, not 1e11
