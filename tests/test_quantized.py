@@ -457,3 +457,22 @@ def test_cost_model_charges_quantized_experts_on_the_fused_kernel_its_rate_plus_
     unfused = predict(int8, Hardware(gemm_flops_per_s=1e11, host_mem_bw_gbps=20, cpu_attention_gbps=10,
                                      dequant_params_per_s={"int8": 1e10}), plan, job)
     assert b.terms_s["decode"]["compute"] < unfused.terms_s["decode"]["compute"]     # the kernel's rate, not 1e11
+    # with the kernel measured on int8 experts (the probe does), that rate, dequantization inside it
+    measured = Hardware(gemm_flops_per_s=1e11, host_mem_bw_gbps=20, cpu_attention_gbps=10,
+                        dequant_params_per_s={"int8": 1e10},
+                        fused_experts_shapes={**hw.fused_experts_shapes,
+                                              "int8": ((4, 1024, 3584, fused_rate / 2), (512, 1024, 3584, fused_rate / 2))})
+    c = predict(int8, measured, plan, job)
+    assert c.terms_s["decode"]["dequant"] < b.terms_s["decode"]["dequant"]     # only the dense projections' left
+    assert c.terms_s["decode"]["compute"] > 1.2 * b.terms_s["decode"]["compute"]     # at the int8 curve's half rate
+
+
+def test_probe_rows_of_the_fused_kernel_become_a_curve_per_format():
+    from moegen.planner.probe import FUSED_QUANTIZED_SHAPES
+    assert FUSED_QUANTIZED_SHAPES[False]
+    rows = [{"format": fmt, "rows_per_expert": r, "hidden": 1024, "intermediate": 512, "flops_per_s": rate}
+            for fmt, rate in (("bfloat16", 1e12), ("fp8", 6e11)) for r in (64, 256)]
+    hw = Hardware.from_probe({"device": "cpu", "gemm": {"bfloat16": {"flops_per_s": 1e12}}, "host_mem_bw_gbps": 20,
+                              "cpu_attention": {"kv_gbps": 10}, "fused_experts": {"isa": "amx", "shapes": rows}})
+    assert set(hw.fused_experts_shapes) == {"bfloat16", "fp8"}
+    assert hw.fused_experts_rate("fp8", 64, 1024, 512) == pytest.approx(6e11)

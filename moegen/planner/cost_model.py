@@ -275,10 +275,13 @@ def _fused_experts_cost(spec: ModelSpec, hw: Hardware, wl: JobShape, distinct: f
                        terms: dict) -> _Experts:
     """The layer's routed experts through moegen.ops.experts: FLOPs at the kernel's rate for this
     many rows per expert (weight reads included in that measurement), one dispatch; quantized
-    experts also dequantized once each, tile by tile inside the kernel (at the measured rate)."""
+    experts at their format's measured rate (dequantization inside), or without one at bf16's plus
+    each expert's dequantization at the measured rate."""
     compute_s = distinct * 6.0 * rows * spec.hidden_size * spec.expert_intermediate / rate
     memory_s = distinct * spec.expert_bytes(wl.dtype_bytes) / (hw.weight_read_gbps * GB)
-    dequant_s = hw.dequant_s(spec.weight_format, distinct * spec.expert_params())
+    measured = hw.fused_experts_shapes.get(spec.weight_format) if spec.weight_format else None
+    dequant_s = 0.0 if measured or not spec.weight_format else \
+        hw.dequant_s(spec.weight_format, distinct * spec.expert_params())
     layer_s = max(compute_s, memory_s) + dequant_s + hw.op_overhead_s
     terms["compute" if compute_s >= memory_s else "memory"] += max(compute_s, memory_s)
     terms["dequant"] += dequant_s
@@ -294,7 +297,10 @@ def _experts_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, tokens: int
     E, k, I, H = spec.num_experts, spec.top_k, spec.expert_intermediate, spec.hidden_size
     distinct = expected_distinct_experts(E, k, tokens)
     rows = tokens * k / distinct if distinct else 0.0
-    fused_rate = hw.fused_experts_rate(wl.dtype, rows, H, I) if hw.device != "cuda" else None
+    fused_rate = None
+    if hw.device != "cuda" and wl.dtype == "bfloat16":     # the engine's kernel runs bf16 models
+        curve = spec.weight_format if spec.weight_format in hw.fused_experts_shapes else "bfloat16"
+        fused_rate = hw.fused_experts_rate(curve, rows, H, I)
     if fused_rate and distinct:     # the engine's fused kernel: one call per layer, its measured rate
         return _fused_experts_cost(spec, hw, wl, distinct, rows, fused_rate, terms)
     chunks = max(1, math.ceil(rows / plan.expert_chunk)) if plan.expert_chunk else 1

@@ -99,9 +99,11 @@ class Hardware:
     elementwise_gbps: GB/s of the CPU's non-GEMM activation passes; 0 = not modelled.
     dequant_params_per_s: per quantized weight format ("fp8", "int8", "int4"), parameters per
         second the compute device dequantizes before a GEMM; a format absent = not modelled.
-    fused_experts_shapes: per dtype, measured (rows per expert, hidden, intermediate, flops_per_s)
-        rows of the fused routed-experts kernel (CPU; moegen.ops.experts): a MoE layer's experts
-        then cost their FLOPs at that rate and one dispatch per layer; absent = per-expert GEMMs.
+    fused_experts_shapes: per weight format ("bfloat16", "fp8", "int8", "int4"), measured (rows per
+        expert, hidden, intermediate, flops_per_s) rows of the fused routed-experts kernel (CPU;
+        moegen.ops.experts): a MoE layer's experts then cost their FLOPs at that rate and one
+        dispatch per layer (quantized ones without a curve: bf16's plus their dequantization);
+        absent = per-expert GEMMs.
     """
     device: str = "cpu"
     gemm_flops_per_s: Mapping[str, float] = field(default_factory=dict)
@@ -178,9 +180,12 @@ class Hardware:
                       device_memory_bytes=int(result.get("gpu_memory_bytes", 0)))
         else:   # the CPU is the compute device: its GEMM rate also bounds attention FLOPs
             fused = result.get("fused_experts") or {}
-            if fused.get("shapes"):
-                kw["fused_experts_shapes"] = {"bfloat16": tuple(
-                    (r["rows_per_expert"], r["hidden"], r["intermediate"], r["flops_per_s"]) for r in fused["shapes"])}
+            by_format: dict[str, list] = {}
+            for r in fused.get("shapes") or []:
+                by_format.setdefault(r.get("format", "bfloat16"), []).append(
+                    (r["rows_per_expert"], r["hidden"], r["intermediate"], r["flops_per_s"]))
+            if by_format:
+                kw["fused_experts_shapes"] = {fmt: tuple(rows) for fmt, rows in by_format.items()}
             kw.update(cpu_flops_per_s=float(best.get("bfloat16") or max(best.values())),
                       prefill_attention_flops_per_s=float((result.get("cpu_prefill_attention") or {}).get("flops_per_s", 0)),
                       elementwise_gbps=float(result.get("elementwise_gbps") or 0))
@@ -219,7 +224,8 @@ class Hardware:
 
     def fused_experts_rate(self, dtype: str, rows_per_expert: float, hidden: int, inter: int) -> float | None:
         """FLOP/s of the fused routed-experts kernel at this many rows per expert (the curve nearest
-        in hidden x intermediate), or None where it was not measured (GPU, other dtypes)."""
+        in hidden x intermediate) for a weight format (bfloat16 or a quantized one), or None where
+        it was not measured (GPU, other dtypes)."""
         rows = self.fused_experts_shapes.get(dtype)
         if not rows:
             return None

@@ -35,9 +35,10 @@ from moegen.layers.quantized import (DEQUANT_CHUNK_BYTES, DEVICE_DEQUANT_CHUNK_B
                                      quantize_fp8, quantize_int)
 
 log = logging.getLogger("moegen")
-SCHEMA = 5   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
+SCHEMA = 6   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
              # prompt attention and elementwise bandwidth; 4: dequantization rates of quantized weights;
              # 5: the fused routed-experts kernel's rate by rows per expert (CPU, bf16)
+             # 6: the fused kernel on quantized experts too (fp8, int8, int4)
 GEMM_DTYPES = ("float32", "bfloat16", "float16")
 # (tokens, in_features, out_features): an expert's up/gate GEMM at small (Qwen/OLMoE-sized,
 # H=1024 -> 3584) and Mixtral-sized (4096 -> 14336) widths, over the token counts one expert
@@ -314,20 +315,36 @@ FUSED_EXPERTS_SHAPES = {False: [(16, 1024, 512, 32, 8), (64, 1024, 512, 32, 8), 
                         True: [(64, 1024, 512, 16, 4), (256, 1024, 512, 16, 4)]}
 
 
+# the quantized formats at the shapes that matter most (decode-sized rows), groups of 128
+FUSED_QUANTIZED_SHAPES = {False: [(64, 1024, 512, 32, 8), (256, 1024, 512, 32, 8), (64, 1024, 3584, 8, 2),
+                                  (256, 1024, 3584, 8, 2)],
+                          True: [(64, 1024, 512, 16, 4)]}
+
+
+def _fused_layer(fmt: str, hidden: int, inter: int, experts: int, g: torch.Generator):
+    from moegen.layers.quantized import quantize_fp8, quantize_int, tile_codes
+    from moegen.ops import experts as fused
+    make = {"bfloat16": lambda w: w, "fp8": lambda w: tile_codes(quantize_fp8(w)),
+            "int8": lambda w: tile_codes(quantize_int(w, 8)), "int4": lambda w: tile_codes(quantize_int(w, 4))}[fmt]
+    gate_ups = [make(torch.randn(2 * inter, hidden, generator=g).mul_(0.02).bfloat16()) for _ in range(experts)]
+    downs = [make(torch.randn(hidden, inter, generator=g).mul_(0.02).bfloat16()) for _ in range(experts)]
+    return fused.pack_layer(gate_ups, downs, inter)
+
+
 def measure_fused_experts(quick: bool) -> dict:
     """FLOP/s of one MoE layer's routed experts through moegen.ops.experts (what the engine runs for
-    bf16 on the CPU by default), by rows per expert; {"isa": None} where the engine does not take it
-    by default (no AMX, or no native kernels)."""
+    bf16 and quantized experts on the CPU by default), by weight format and rows per expert;
+    {"isa": None} where the engine does not take it by default (no AMX, or no native kernels)."""
     from moegen.ops import experts as fused
     isa = fused.auto_isa()
     if isa is None:
         return {"isa": None, "shapes": []}
     rows = []
     g = torch.Generator().manual_seed(0)
-    for per_expert, hidden, inter, experts, top_k in FUSED_EXPERTS_SHAPES[quick]:
-        weights = [torch.randn(2 * inter, hidden, generator=g).mul_(0.02).bfloat16() for _ in range(experts)]
-        downs = [torch.randn(hidden, inter, generator=g).mul_(0.02).bfloat16() for _ in range(experts)]
-        gate_up, down = fused.pack_layer(weights, downs, inter)
+    cases = [("bfloat16", shape) for shape in FUSED_EXPERTS_SHAPES[quick]] + \
+        [(fmt, shape) for fmt in ("fp8", "int8", "int4") for shape in FUSED_QUANTIZED_SHAPES[quick]]
+    for fmt, (per_expert, hidden, inter, experts, top_k) in cases:
+        gate_up, down = _fused_layer(fmt, hidden, inter, experts, g)
         tokens = per_expert * experts // top_k
         # every token on top_k consecutive experts: each expert gets exactly per_expert rows
         top_i = (torch.arange(tokens)[:, None] * top_k + torch.arange(top_k)) % experts
@@ -340,8 +357,8 @@ def measure_fused_experts(quick: bool) -> dict:
             fused.moe_experts(x, order // top_k, w, counts, gate_up, down, inter, top_k)
         seconds = best_time_s(run, lambda: None, min_total_s=0.05 if quick else 0.2)
         flops = 6.0 * tokens * top_k * hidden * inter
-        rows.append({"rows_per_expert": per_expert, "hidden": hidden, "intermediate": inter, "experts": experts,
-                     "top_k": top_k, "seconds": seconds, "flops_per_s": flops / seconds})
+        rows.append({"format": fmt, "rows_per_expert": per_expert, "hidden": hidden, "intermediate": inter,
+                     "experts": experts, "top_k": top_k, "seconds": seconds, "flops_per_s": flops / seconds})
     return {"isa": isa, "shapes": rows}
 
 
@@ -538,8 +555,9 @@ def format_probe(result: dict) -> str:
                       f"causal, {a['seqs']} prompts x {a['prompt_len']}, {a['n_heads']}/{a['n_kv_heads']} heads")
     experts = result.get("fused_experts") or {}
     for r in experts.get("shapes", ()):
-        table.add_row(f"fused experts {r['rows_per_expert']} rows/expert, {r['experts']} x [{r['hidden']}, "
-                      f"{r['intermediate']}]", _si(r["flops_per_s"], "FLOP/s"), experts.get("isa") or "")
+        table.add_row(f"fused experts {r.get('format', 'bfloat16')} {r['rows_per_expert']} rows/expert, "
+                      f"{r['experts']} x [{r['hidden']}, {r['intermediate']}]", _si(r["flops_per_s"], "FLOP/s"),
+                      experts.get("isa") or "")
     if "elementwise_gbps" in result:
         table.add_row("CPU elementwise pass", f"{result['elementwise_gbps']:.1f} GB/s", "SwiGLU activation, read + write")
     for fmt, rate in (result.get("dequant_params_per_s") or {}).items():
