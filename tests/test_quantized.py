@@ -462,7 +462,9 @@ def test_cost_model_charges_quantized_experts_on_the_fused_kernel_its_rate_plus_
                         dequant_params_per_s={"int8": 1e10},
                         fused_experts_shapes={**hw.fused_experts_shapes,
                                               "int8": ((4, 1024, 3584, fused_rate / 2), (512, 1024, 3584, fused_rate / 2))})
-    c = predict(int8, measured, plan, job)
+    big = Plan(device="cpu", max_batch=512, attn_micro_batch=512, max_prefill_tokens=2048, expert_chunk=0)
+    wide = JobShape(64, 8, 512)         # 128 rows an expert in decode: compute-bound
+    b, c = predict(int8, hw, big, wide), predict(int8, measured, big, wide)
     assert c.terms_s["decode"]["dequant"] < b.terms_s["decode"]["dequant"]     # only the dense projections' left
     assert c.terms_s["decode"]["compute"] > 1.2 * b.terms_s["decode"]["compute"]     # at the int8 curve's half rate
 
