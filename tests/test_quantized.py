@@ -466,7 +466,7 @@ def test_cost_model_charges_quantized_experts_on_the_fused_kernel_its_rate_plus_
     wide = JobShape(64, 8, 512)         # 128 rows an expert in decode: compute-bound
     b, c = predict(int8, hw, big, wide), predict(int8, measured, big, wide)
     assert c.terms_s["decode"]["dequant"] < b.terms_s["decode"]["dequant"]     # only the dense projections' left
-    assert c.terms_s["decode"]["compute"] > 1.2 * b.terms_s["decode"]["compute"]     # at the int8 curve's half rate
+    assert c.terms_s["decode"]["compute"] > 1.1 * b.terms_s["decode"]["compute"]     # experts at the int8 curve's half rate
 
 
 def test_probe_rows_of_the_fused_kernel_become_a_curve_per_format():
