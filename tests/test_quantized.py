@@ -474,7 +474,7 @@ def test_probe_rows_of_the_fused_kernel_become_a_curve_per_format():
     assert FUSED_QUANTIZED_SHAPES[False]
     rows = [{"format": fmt, "rows_per_expert": r, "hidden": 1024, "intermediate": 512, "flops_per_s": rate}
             for fmt, rate in (("bfloat16", 1e12), ("fp8", 6e11)) for r in (64, 256)]
-    hw = Hardware.from_probe({"device": "cpu", "gemm": {"bfloat16": {"flops_per_s": 1e12}}, "host_mem_bw_gbps": 20,
+    hw = Hardware.from_probe({"device": "cpu", "gemm_best_flops_per_s": {"bfloat16": 1e12}, "host_mem_bw_gbps": 20,
                               "cpu_attention": {"kv_gbps": 10}, "fused_experts": {"isa": "amx", "shapes": rows}})
     assert set(hw.fused_experts_shapes) == {"bfloat16", "fp8"}
     assert hw.fused_experts_rate("fp8", 64, 1024, 512) == pytest.approx(6e11)
