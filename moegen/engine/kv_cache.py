@@ -21,7 +21,7 @@ def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
 
 
 class PagedKVCache:
-    def __init__(self, model, num_blocks: int, block_size: int, dtype: torch.dtype, pin: bool = False):
+    def __init__(self, model, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu"):
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.layers = []
         for layer in model.layers:
@@ -30,7 +30,7 @@ class PagedKVCache:
                 shapes = [(num_blocks, block_size, a.kv_lora_rank + a.qk_rope_dim)]
             else:
                 shapes = [(num_blocks, block_size, a.n_kv_heads, a.head_dim)] * 2
-            self.layers.append([torch.zeros(s, dtype=dtype, pin_memory=pin) for s in shapes])
+            self.layers.append([torch.zeros(s, dtype=dtype, device=device) for s in shapes])
 
     @property
     def device(self):
