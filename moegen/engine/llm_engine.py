@@ -39,6 +39,18 @@ DEQUANT_TEMPORARIES = 3    # float32 copies of a weight alive while it is dequan
 WINDOW = 1024     # prompts generate_iter pulls from an iterable at a time (a few global batches)
 
 
+def device_reserve(model, config: EngineConfig, budget_bytes: int) -> int:
+    """What a CUDA engine keeps back from weights in a device budget: the CUDA context and
+    fragmentation (policy), the largest pass of its settings (the config's, else the fallback's)
+    and the float32 temporaries of dequantizing its largest quantized weight at a GEMM."""
+    act = engine_activation_reserve(ModelSpec.from_config(model.config), model.dtype.itemsize,
+                                    config.max_batch or FALLBACK_SETTINGS["max_batch"],
+                                    config.max_prefill_tokens or FALLBACK_SETTINGS["max_prefill_tokens"],
+                                    config.expert_chunk)
+    quantized = [math.prod(w.shape) for w in model.weights.values() if is_quantized(w)]
+    return device_reserve_bytes(budget_bytes) + act + DEQUANT_TEMPORARIES * 4 * max(quantized, default=0)
+
+
 class Engine:
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, planner=None,
                  generation_defaults: GenerationDefaults | None = None, **overrides):
@@ -127,7 +139,7 @@ class Engine:
         pool = cfg.num_buffers * max((v for k, v in sizes.items() if k != "model"), default=0)
         if self.device.type == "cuda":
             budget = cfg.device_memory or default_device_budget_bytes(torch.cuda.mem_get_info(self.device)[0])
-            reserve = device_reserve_bytes(budget) + self._activation_reserve_bytes()
+            reserve = device_reserve(self.model, cfg, budget)
         elif cfg.device_memory is None:
             return {"model"}
         else:
@@ -141,17 +153,6 @@ class Engine:
                              f"{format_bytes(-spare)} short")
         rest = {k: g for k, g in groups.items() if k != "model"}
         return choose_resident(rest, sizes, spare) | {"model"}
-
-    def _activation_reserve_bytes(self) -> int:
-        """The largest pass the fallback settings (or the config's) make, and the float32
-        temporaries of dequantizing the largest quantized weight at its GEMM."""
-        cfg, db = self.config, self.model.dtype.itemsize
-        act = engine_activation_reserve(ModelSpec.from_config(self.model.config), db,
-                                        cfg.max_batch or FALLBACK_SETTINGS["max_batch"],
-                                        cfg.max_prefill_tokens or FALLBACK_SETTINGS["max_prefill_tokens"],
-                                        cfg.expert_chunk)
-        quantized = [math.prod(w.shape) for w in self.model.weights.values() if is_quantized(w)]
-        return act + DEQUANT_TEMPORARIES * 4 * max(quantized, default=0)
 
     def _kv_budget_bytes(self) -> int:
         """The KV cache's cap: the config's, else the policy's share of RAM. With weights streamed
