@@ -16,7 +16,7 @@ minutes: the script itself is tested wherever there is no GPU.
 """
 import argparse
 import json
-import os
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
-from moegen.engine.llm_engine import device_reserve
+from moegen.engine.llm_engine import DEQUANT_TEMPORARIES, device_reserve
 from moegen.engine.weight_stream import group_weights, module_bytes
 from moegen.harness.fixture import ARCHS, fixture_config
+from moegen.layers.quantized import is_quantized
 from moegen.loader import config_from, dummy_model, load_model
 
 # Sizes per mode: the GPU run fits ~8 minutes on an H100 with its build, the rehearsal ~5 on 2 cores.
@@ -225,12 +226,16 @@ def step_footprint(check: Check, mode: str, sizes: dict, work: Path, fmt: str) -
     wall = time.perf_counter() - t0
     kv = sum(t.numel() * t.element_size() for layer in e.cache.layers for t in layer)
     peak = _status_bytes("VmHWM")
-    # the staged backend's buffers stand in for device memory: not host memory on a GPU
-    staged = e.streamer.num_buffers * e.streamer.buffer_bytes if mode != "cuda" else 0
+    # the staged backend's buffers and its dequantization temporaries stand in for device memory:
+    # not host memory on a GPU
+    staged = 0
+    if mode != "cuda":
+        quantized = [math.prod(w.shape) for w in model.weights.values() if is_quantized(w)]
+        staged = e.streamer.num_buffers * e.streamer.buffer_bytes + DEQUANT_TEMPORARIES * 4 * max(quantized, default=0)
     ratio = (peak - base - staged) / (weights + kv)
     check.record(f"footprint-{fmt}", ratio <= RSS_LIMIT,
                  f"peak RSS {peak / 2**30:.2f} GiB ({base / 2**30:.2f} before the model"
-                 + (f", {staged / 2**30:.2f} staged device buffers" if staged else "") + ") over weights "
+                 + (f", {staged / 2**30:.2f} staged device memory" if staged else "") + ") over weights "
                  f"{weights / 2**30:.2f} + KV {kv / 2**30:.2f} GiB = {ratio:.2f} (limit {RSS_LIMIT}); "
                  f"{sizes['fp_n'] * sizes['fp_gen'] / wall:.1f} tok/s; " + streamed_stats(e),
                  peak_rss_bytes=peak, base_rss_bytes=base, weights_bytes=weights, kv_bytes=kv, ratio=ratio)
