@@ -1,118 +1,323 @@
-"""GPU check of the engine: exactness with weights streamed under a device budget smaller than
-the model, and throughput vs transformers, in one run. Needs CUDA.
+"""One step of the GPU check (benchmarks/gpu_check.sh runs every step, each in a process of its own).
 
-    PYTHONPATH=. python benchmarks/gpu_check.py [--out results.json]
+    PYTHONPATH=. python benchmarks/gpu_check.py STEP [VARIANT] --out DIR [--rehearse]
 
-Checkpoints are written from the fixture configs with transformers (random weights), so the
-script needs no tokenizer package; prompts are random token ids.
+Steps: ops (the native build), exact (float32 greedy tokens = transformers, every architecture,
+weights streamed), quantized (fp8 / int4 streamed = the same model resident on the CPU), features
+(prefix caching, logprobs, n samples), footprint bf16|fp8 (peak host RSS over weights + KV cache,
+streamed), throughput mixtral|v2lite (moegen streamed and resident vs hf-generate and hf-offload at
+the same device budget). Each prints one line per check, `PASS name: ...` or `FAIL name: ...`, and
+writes DIR/STEP[-VARIANT].json. Checkpoints are random weights of the fixture configs written with
+transformers (no tokenizer: prompts are token ids).
+
+--rehearse runs the same steps on the CPU, weights streamed by the staged backend (a CPU stand-in
+for the device, with the same device budget and resident choice), at sizes these 2 cores run in
+minutes: the script itself is tested wherever there is no GPU.
 """
 import argparse
 import json
+import math
+import sys
 import time
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
+from moegen.engine.llm_engine import DEQUANT_TEMPORARIES, device_reserve
+from moegen.engine.weight_stream import group_weights, module_bytes
 from moegen.harness.fixture import ARCHS, fixture_config
-from moegen.loader import load_model
+from moegen.layers.quantized import is_quantized
+from moegen.loader import config_from, dummy_model, load_model
+
+# Sizes per mode: the GPU run fits ~8 minutes on an H100 with its build, the rehearsal ~5 on 2 cores.
+SIZES = {
+    "cuda": dict(preset="small", prompts=8, new_tokens=32, fp_layers=10, fp_n=64, fp_prompt=256, fp_gen=32,
+                 mixtral_n=256, v2_n=64, tp_prompt=128, tp_gen=32, v2_layers=6, v2_budget=3 << 30, kv=4 << 30,
+                 v2_experts=64),
+    "rehearse": dict(preset="tiny", prompts=4, new_tokens=8, fp_layers=2, fp_n=4, fp_prompt=32, fp_gen=4,
+                     mixtral_n=8, v2_n=4, tp_prompt=16, tp_gen=4, v2_layers=2, v2_budget=None, kv=256 << 20,
+                     v2_experts=16),
+}
+FIXED = dict(max_batch=64, attn_micro_batch=16, max_prefill_tokens=4096)    # no probe: settings fixed
+LOGPROB_TOL = 1e-4
+RSS_LIMIT = 1.2
 
 
-def write_checkpoint(arch: str, preset: str, out: str, dtype=torch.float32) -> str:
+class Check:
+    """Collects a step's results and prints one PASS/FAIL line per check."""
+
+    def __init__(self, out: Path, name: str, mode: str):
+        self.path, self.mode = out / f"{name}.json", mode
+        self.result = {"step": name, "mode": mode, "torch": torch.__version__, "checks": []}
+        if mode == "cuda":
+            self.result["device"] = torch.cuda.get_device_name()
+
+    def record(self, name: str, ok: bool, detail: str, **data) -> None:
+        print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
+        self.result["checks"].append({"name": name, "ok": bool(ok), "detail": detail, **data})
+        self.path.write_text(json.dumps(self.result, indent=1, default=str))
+
+
+def device_of(mode: str) -> str:
+    return "cuda" if mode == "cuda" else "cpu"
+
+
+def engine(model, mode: str, budget: int | None, kv: int, **kw) -> Engine:
+    """Streamed within `budget` (None: everything resident; on the CPU, resident = plain CPU engine)."""
+    settings = {**FIXED, **kw}
+    if mode == "cuda":
+        streaming = "resident" if budget is None else "auto"
+        cfg = EngineConfig(device="cuda", device_memory=budget, streaming=streaming, kv_cache_bytes=kv, **settings)
+    elif budget is None:
+        cfg = EngineConfig(kv_cache_bytes=kv, prepack=False, experts_kernel="torch", **settings)
+    else:
+        cfg = EngineConfig(streaming="staged", device_memory=budget, kv_cache_bytes=kv, **settings)
+    return Engine(model, None, cfg)
+
+
+def streamed_budget(model, mode: str, share: float, buffers: int = 4, **kw) -> int:
+    """A device budget holding the embeddings and lm_head, the buffers and `share` of the other
+    weights, plus (CUDA) the engine's reserve: the rest must stream."""
+    sizes = {k: module_bytes(g) for k, g in group_weights(model.weights).items()}
+    rest = {k: v for k, v in sizes.items() if k != "model"}
+    weights_room = sizes["model"] + buffers * max(rest.values()) + int(share * sum(rest.values()))
+    if mode != "cuda":
+        return weights_room
+    cfg, budget = EngineConfig(device="cpu", **{**FIXED, **kw}), weights_room
+    for _ in range(4):          # the reserve grows with the budget (a share for fragmentation)
+        budget = weights_room + device_reserve(model, cfg, budget)
+    return budget
+
+
+def v2lite(layers: int, experts: int):
+    """DeepSeek-V2-Lite's shapes with fewer layers (its first is dense; each other, with all 64
+    experts, ~1.1 GB in bf16) and, for the rehearsal, fewer experts."""
+    from moegen.configs import load_config
+    return config_from(dict(load_config("deepseek-v2-lite"), num_hidden_layers=layers, n_routed_experts=experts))
+
+
+def write_checkpoint(config, root: Path, name: str, dtype=torch.float32) -> Path:
+    from transformers import AutoModelForCausalLM
+    path = root / name
+    if (path / "model.safetensors.index.json").exists() or (path / "model.safetensors").exists():
+        return path
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(fixture_config(arch, preset)).to(dtype)
-    model.save_pretrained(out)
-    return out
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):    # random init is fast on a GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path, max_shard_size="4GB")
+    return path
 
 
-def model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in model.weights.values())
+def prompts(n: int, length_of, vocab: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, vocab, (length_of(i) - 1,), generator=g).tolist() for i in range(n)]
 
 
-@torch.inference_mode()
-def exactness(arch: str, new_tokens: int = 32) -> dict:
-    path = write_checkpoint(arch, "small", f"/tmp/moegen-gpu/{arch}")
-    model = load_model(path, "float32")
-    top = sum(model.weights[n].numel() * 4 for n in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
-    # room for embeddings/lm_head, 3 buffers and a third of the layers: the rest streams
-    budget = top + 3 * (1 << 20) + (model_bytes(model) - top) // 3
-    g = torch.Generator().manual_seed(1)
-    prompts = [[1] + torch.randint(3, 32000, (n,), generator=g).tolist() for n in (5, 17, 33, 9, 64, 12, 100, 3)]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    refs = [hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=new_tokens, do_sample=False,
-                        eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    del hf
-    engine = Engine(model, None, EngineConfig(device="cuda", device_memory=budget, num_buffers=3,
-                                              max_batch=3, attn_micro_batch=2, kv_cache_bytes=256 << 20))
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-    matches = sum(o.token_ids == r for o, r in zip(outs, refs))
-    first_div = [next((i for i, (a, b) in enumerate(zip(o.token_ids, r)) if a != b), None) for o, r in zip(outs, refs)]
-    s = engine.streamer
-    return {"arch": arch, "prompts": len(prompts), "exact_matches": matches, "first_divergence": first_div,
-            "model_bytes": model_bytes(model), "device_budget_bytes": budget,
-            "resident_modules": len(s.resident), "streamed_modules": len(s.groups) - len(s.resident),
-            "bytes_streamed": s.stats.bytes_moved, "experts_skipped": engine.stats.experts_skipped}
+def streamed_stats(e: Engine) -> str:
+    s = e.streamer
+    return (f"{len(s.resident)}/{len(s.groups)} modules resident, {s.stats.bytes_moved / 2**20:.1f} MiB streamed, "
+            f"{e.stats.experts_skipped} experts skipped")
+
+
+# --- steps -----------------------------------------------------------------------------------------
+
+def step_ops(check: Check, mode: str, sizes: dict, work: Path) -> None:
+    from moegen.ops.build import build_ops
+    t0 = time.perf_counter()
+    built = build_ops()
+    check.record("native-ops", built.ok, f"{built} in {time.perf_counter() - t0:.0f} s", impl=built.impl,
+                 seconds=time.perf_counter() - t0)
 
 
 @torch.inference_mode()
-def throughput(n: int, prompt_len: int, gen: int) -> dict:
-    path = write_checkpoint("mixtral", "bench", "/tmp/moegen-gpu/mixtral-bench", torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    prompts = [[1] + torch.randint(3, 32000, (prompt_len - 1,), generator=g).tolist() for _ in range(n)]
-    params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
-    rows = {}
-    for label, budget in (("moegen-streamed", 600 << 20), ("moegen-resident", None)):
-        model = load_model(path, "bfloat16")
-        engine = Engine(model, None, EngineConfig(device="cuda", device_memory=budget, max_batch=n,
-                                                  attn_micro_batch=128, kv_cache_bytes=8 << 30))
-        engine.generate(prompts[:8], SamplingParams(max_new_tokens=2, ignore_eos=True))   # warm up
-        engine.reset_stats()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        outs = engine.generate(prompts, params)
-        wall = time.perf_counter() - t0
-        st = engine.stats
-        rows[label] = {"e2e_tok_s": n * gen / wall, "prefill_tok_s": st.prefill_tok_s, "decode_tok_s": st.decode_tok_s,
-                       "wall_s": wall, "bytes_streamed": engine.streamer.stats.bytes_moved,
-                       "model_bytes": model_bytes(model), "device_budget": budget, "attention": st.attention}
-        rows[label]["tokens"] = [o.token_ids for o in outs[:4]]
-        print(label, {k: v for k, v in rows[label].items() if k != "tokens"}, flush=True)
-        del engine, model
-        torch.cuda.empty_cache()
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    best = None
-    for bs in (16, 64, 256):
-        batch = torch.tensor(prompts[:bs], device="cuda")
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        hf.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=gen, min_new_tokens=gen,
-                    do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        tok_s = bs * gen / (time.perf_counter() - t0)
-        rows[f"hf-generate-bs{bs}"] = {"e2e_tok_s": tok_s}
-        print("hf", bs, tok_s, flush=True)
-        best = max(best or 0, tok_s)
-    rows["ratio_streamed_vs_hf_best"] = rows["moegen-streamed"]["e2e_tok_s"] / best
-    rows["ratio_resident_vs_hf_best"] = rows["moegen-resident"]["e2e_tok_s"] / best
-    return rows
+def step_exact(check: Check, mode: str, sizes: dict, work: Path) -> None:
+    from transformers import AutoModelForCausalLM
+    device, n_new = device_of(mode), sizes["new_tokens"]
+    for arch in ARCHS:
+        path = write_checkpoint(fixture_config(arch, sizes["preset"]), work, f"{arch}-{sizes['preset']}")
+        ps = prompts(sizes["prompts"], lambda i: (5, 17, 33, 9, 64, 12, 100, 3)[i % 8], 1000)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        hf.generation_config.eos_token_id = None         # moegen ignores EOS here too
+        refs = [hf.generate(torch.tensor([p], device=device), max_new_tokens=n_new, do_sample=False,
+                            pad_token_id=0)[0, len(p):].tolist() for p in ps]
+        del hf
+        model = load_model(path, "float32")
+        budget = streamed_budget(model, mode, 1 / 3, max_batch=3, attn_micro_batch=2)
+        e = engine(model, mode, budget, 64 << 20, max_batch=3, attn_micro_batch=2)
+        outs = e.generate(ps, SamplingParams(max_new_tokens=n_new, ignore_eos=True))
+        same = sum(o.token_ids == r for o, r in zip(outs, refs))
+        streamed = e.streamer.stats.bytes_moved > 0 and len(e.streamer.resident) < len(e.streamer.groups)
+        check.record(f"exact-{arch}", same == len(ps) and streamed,
+                     f"{same}/{len(ps)} prompts token-identical to transformers ({n_new} tokens, float32); "
+                     + streamed_stats(e), matches=same, prompts=len(ps), budget_bytes=budget)
+        del e, model
+        if mode == "cuda":
+            torch.cuda.empty_cache()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="gpu_check.json")
-    ap.add_argument("--n", type=int, default=512)
-    ap.add_argument("--archs", default=",".join(ARCHS))
-    ap.add_argument("--skip-throughput", action="store_true")
+@torch.inference_mode()
+def step_quantized(check: Check, mode: str, sizes: dict, work: Path) -> None:
+    """The device (streamed) against the CPU (resident), float32 compute over the same codes."""
+    config = fixture_config("mixtral", sizes["preset"])
+    ps = prompts(sizes["prompts"], lambda i: 8 + 7 * i, 1000)
+    params = SamplingParams(max_new_tokens=sizes["new_tokens"], ignore_eos=True)
+    for fmt in ("fp8", "int4"):
+        ref = engine(dummy_model(config, "float32", quantize=fmt), "rehearse", None, 64 << 20).generate(ps, params)
+        model = dummy_model(config, "float32", quantize=fmt)
+        e = engine(model, mode, streamed_budget(model, mode, 1 / 3), 64 << 20)
+        outs = e.generate(ps, params)
+        same = sum(a.token_ids == b.token_ids for a, b in zip(outs, ref))
+        check.record(f"quantized-{fmt}", same == len(ps) and e.streamer.stats.bytes_moved > 0,
+                     f"{same}/{len(ps)} prompts token-identical to the CPU; " + streamed_stats(e), matches=same)
+
+
+@torch.inference_mode()
+def step_features(check: Check, mode: str, sizes: dict, work: Path) -> None:
+    config = fixture_config("mixtral", sizes["preset"])
+    model = lambda: dummy_model(config, "float32", seed=3)    # noqa: E731 - a fresh copy per engine
+    dev = engine(model(), mode, streamed_budget(model(), mode, 1 / 3), 64 << 20)
+    cpu = engine(model(), "rehearse", None, 64 << 20)
+    shared = prompts(1, lambda i: 40, 1000)[0]
+    ps = [shared + p[1:] for p in prompts(4, lambda i: 5 + i, 1000, seed=2)]
+    greedy = SamplingParams(max_new_tokens=sizes["new_tokens"], ignore_eos=True)
+
+    cached = dev.generate(ps, greedy)
+    hit = dev.stats.prefix_hit_rate
+    plain = engine(model(), mode, streamed_budget(model(), mode, 1 / 3), 64 << 20, prefix_caching=False)
+    same = [a.token_ids for a in cached] == [b.token_ids for b in plain.generate(ps, greedy)]
+    check.record("prefix-caching", same and hit > 0, f"tokens identical with and without it, prefix hit rate {hit:.2f}",
+                 hit_rate=hit)
+
+    lp = SamplingParams(max_new_tokens=sizes["new_tokens"], ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    a, b = dev.generate(ps, lp), cpu.generate(ps, lp)
+    worst = max(abs(x[t] - y[t]) for ca, cb in zip(a, b) for ea, eb in zip(ca.logprobs + ca.prompt_logprobs[1:],
+                                                                          cb.logprobs + cb.prompt_logprobs[1:])
+                for x, y in [(ea, eb)] for t in x if t in y)
+    tokens_same = [c.token_ids for c in a] == [c.token_ids for c in b]
+    check.record("logprobs", tokens_same and worst <= LOGPROB_TOL,
+                 f"max |device - cpu| = {worst:.2e} (limit {LOGPROB_TOL:g}), tokens identical: {tokens_same}",
+                 max_abs_diff=worst)
+
+    sp = SamplingParams(max_new_tokens=sizes["new_tokens"], ignore_eos=True, n=4, temperature=1.0, top_p=0.9, seed=7)
+    first, again = dev.generate(ps[:2], sp), dev.generate(ps[:2], sp)
+    samples = [[s.token_ids for s in c.samples] for c in first]
+    distinct = min(len({tuple(s) for s in per}) for per in samples)
+    repeat = samples == [[s.token_ids for s in c.samples] for c in again]
+    check.record("n-samples", repeat and distinct > 1 and all(len(per) == 4 for per in samples),
+                 f"4 samples per prompt, at least {distinct} distinct, seeded repeat identical: {repeat}")
+
+
+def step_footprint(check: Check, mode: str, sizes: dict, work: Path, fmt: str) -> None:
+    """Peak RSS from the engine's construction to the end of a run over weights + KV cache, less
+    what the process held before the model (the interpreter, torch and, on CUDA, its context).
+    The peak is reset once the model exists: making random weights has transients of its own."""
+    if mode == "cuda":
+        torch.zeros(1, device="cuda")
+    base = _status_bytes("VmRSS")
+    model = dummy_model(v2lite(sizes["fp_layers"], sizes["v2_experts"]), "bfloat16",
+                        quantize=None if fmt == "bf16" else fmt)
+    weights = sum(module_bytes(g) for g in group_weights(model.weights).values())
+    Path("/proc/self/clear_refs").write_text("5")         # VmHWM := VmRSS
+    e = engine(model, mode, streamed_budget(model, mode, 0.25), sizes["kv"])
+    ps = prompts(sizes["fp_n"], lambda i: sizes["fp_prompt"], 100000)
+    t0 = time.perf_counter()
+    e.generate(ps, SamplingParams(max_new_tokens=sizes["fp_gen"], ignore_eos=True))
+    wall = time.perf_counter() - t0
+    kv = sum(t.numel() * t.element_size() for layer in e.cache.layers for t in layer)
+    peak = _status_bytes("VmHWM")
+    # the staged backend's buffers and its dequantization temporaries stand in for device memory:
+    # not host memory on a GPU
+    staged = 0
+    if mode != "cuda":
+        quantized = [math.prod(w.shape) for w in model.weights.values() if is_quantized(w)]
+        staged = e.streamer.num_buffers * e.streamer.buffer_bytes + DEQUANT_TEMPORARIES * 4 * max(quantized, default=0)
+    ratio = (peak - base - staged) / (weights + kv)
+    check.record(f"footprint-{fmt}", ratio <= RSS_LIMIT,
+                 f"peak RSS {peak / 2**30:.2f} GiB ({base / 2**30:.2f} before the model"
+                 + (f", {staged / 2**30:.2f} staged device memory" if staged else "") + ") over weights "
+                 f"{weights / 2**30:.2f} + KV {kv / 2**30:.2f} GiB = {ratio:.2f} (limit {RSS_LIMIT}); "
+                 f"{sizes['fp_n'] * sizes['fp_gen'] / wall:.1f} tok/s; " + streamed_stats(e),
+                 peak_rss_bytes=peak, base_rss_bytes=base, weights_bytes=weights, kv_bytes=kv, ratio=ratio)
+
+
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM its peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def step_throughput(check: Check, mode: str, sizes: dict, work: Path, shape: str) -> None:
+    from moegen.harness.systems import get_system
+    from moegen.harness.workloads import PromptSet
+    if shape == "mixtral":
+        config, n = fixture_config("mixtral", "bench" if mode == "cuda" else "tiny"), sizes["mixtral_n"]
+    else:
+        config = v2lite(sizes["v2_layers"], sizes["v2_experts"])
+        n = sizes["v2_n"]
+    path = write_checkpoint(config, work, f"{shape}-{config.num_hidden_layers}", torch.bfloat16)
+    model = load_model(path, "bfloat16")
+    budget = sizes["v2_budget"] if shape == "v2lite" and sizes["v2_budget"] else streamed_budget(model, mode, 0.1, 2)
+    weights = sum(module_bytes(g) for g in group_weights(model.weights).values())
+    del model
+    ps = prompts(n, lambda i: sizes["tp_prompt"], config.vocab_size)
+    wl = PromptSet(f"synthetic:prompt={sizes['tp_prompt']},gen={sizes['tp_gen']},n={n}", ps, sizes["tp_gen"], True,
+                   None, "synthetic")
+    device, rows, failed = device_of(mode), {}, []
+    moegen_opts = dict(max_batch=n, attn_micro_batch=min(n, 64), max_prefill_tokens=4096, host_memory=sizes["kv"])
+    runs = {"moegen-streamed": ("moegen", dict(moegen_opts, device_memory=budget, num_buffers=2,
+                                                streaming="auto" if mode == "cuda" else "staged")),
+            "moegen-resident": ("moegen", dict(moegen_opts, streaming="resident" if mode == "cuda" else "auto")),
+            "hf-generate": ("hf-generate", dict(batch_size=min(n, 64))),
+            "hf-offload": ("hf-offload", dict(batch_size=min(n, 64), device_memory=budget))}
+    for label, (system, options) in runs.items():
+        sys_ = get_system(system)
+        skip = sys_.skip_reason(str(path), device)
+        if skip:
+            rows[label] = {"skipped": skip}
+            continue
+        try:
+            r = sys_.run(str(path), wl, "bfloat16", device, warmup=False, **options)
+            rows[label] = {"e2e_tok_s": r.metrics.get("e2e_tokens_per_s"), "tokens": [t[:8] for t in r.token_ids[:2]],
+                           "peak_rss_per_weights_kv": r.metrics.get("peak_rss_per_weights_kv_bytes")}
+        except Exception as exc:     # noqa: BLE001 - one system's failure is a FAIL line, the others still run
+            rows[label], failed = {"error": f"{type(exc).__name__}: {exc}"}, failed + [label]
+    ran = {k: v["e2e_tok_s"] for k, v in rows.items() if v.get("e2e_tok_s")}
+    same = rows.get("moegen-streamed", {}).get("tokens") == rows.get("moegen-resident", {}).get("tokens")
+    summary = ", ".join(f"{k} {v:.1f}" for k, v in ran.items()) + " tok/s"
+    skipped = [f"{k} ({v['skipped']})" for k, v in rows.items() if "skipped" in v]
+    check.record(f"throughput-{shape}", not failed and same and "moegen-streamed" in ran and budget < weights,
+                 f"{summary}; weights {weights / 2**30:.2f} GiB, device budget {budget / 2**30:.2f} GiB; "
+                 f"streamed = resident tokens: {same}" + (f"; failed: {failed}" if failed else "")
+                 + (f"; skipped: {'; '.join(skipped)}" if skipped else ""),
+                 rows=rows, weights_bytes=weights, budget_bytes=budget, n=n)
+
+
+STEPS = {"ops": step_ops, "exact": step_exact, "quantized": step_quantized, "features": step_features,
+         "footprint": step_footprint, "throughput": step_throughput}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("step", choices=STEPS)
+    ap.add_argument("variant", nargs="?", help="footprint: bf16|fp8; throughput: mixtral|v2lite")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/moegen-gpu-check"), help="checkpoints written here")
+    ap.add_argument("--rehearse", action="store_true", help="on the CPU, weights streamed by the staged backend")
     args = ap.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "exactness": []}
-    for arch in args.archs.split(","):
-        result["exactness"].append(exactness(arch))
-        print(json.dumps(result["exactness"][-1]), flush=True)
-    if not args.skip_throughput:
-        result["throughput"] = throughput(args.n, 128, 64)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    mode = "rehearse" if args.rehearse else "cuda"
+    if mode == "cuda" and not torch.cuda.is_available():
+        print(f"FAIL {args.step}: no CUDA device (use --rehearse on a machine without one)")
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    check = Check(args.out, args.step + (f"-{args.variant}" if args.variant else ""), mode)
+    extra = (args.variant,) if args.variant else ()
+    STEPS[args.step](check, mode, SIZES[mode], args.work / mode, *extra)
+    return 0 if all(c["ok"] for c in check.result["checks"]) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,9 @@ import torch
 
 from moegen.layers.attention import RaggedContext, causal_attention
 from moegen.layers.mla import MLAAttention
-from moegen.ops.attention import paged_decode_attention, paged_decode_attention_mla
+from moegen.engine.transfers import HostStaging
+from moegen.ops.attention import (gathered_decode_attention, gathered_decode_attention_mla, paged_decode_attention,
+                                  paged_decode_attention_mla)
 
 
 def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
@@ -21,7 +23,7 @@ def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
 
 
 class PagedKVCache:
-    def __init__(self, model, num_blocks: int, block_size: int, dtype: torch.dtype, pin: bool = False):
+    def __init__(self, model, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu"):
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.layers = []
         for layer in model.layers:
@@ -30,7 +32,7 @@ class PagedKVCache:
                 shapes = [(num_blocks, block_size, a.kv_lora_rank + a.qk_rope_dim)]
             else:
                 shapes = [(num_blocks, block_size, a.n_kv_heads, a.head_dim)] * 2
-            self.layers.append([torch.zeros(s, dtype=dtype, pin_memory=pin) for s in shapes])
+            self.layers.append([torch.zeros(s, dtype=dtype, device=device) for s in shapes])
 
     @property
     def device(self):
@@ -111,32 +113,51 @@ class PrefillContext:
 
 
 class DecodeContext:
-    """One new token per sequence, attending over its own ragged paged KV in host memory, in
-    micro-batches of `micro_batch` sequences (0 = all at once)."""
+    """One new token per sequence, attending over its own ragged paged KV, in micro-batches of
+    `micro_batch` sequences (0 = all at once). With the KV cache in host memory and the engine on
+    a device, each micro-batch's q and new K/V come to the host and its output goes back through
+    `staging` (moegen.engine.transfers): the next micro-batch's copies overlap this one's attention.
+    With the KV cache on the engine's device, attention runs there (ops.attention's gathered kernels)."""
 
-    def __init__(self, cache: PagedKVCache, block_tables, context_lens, slots, device, micro_batch: int = 0):
-        self.cache, self.block_tables, self.context_lens, self.slots = cache, block_tables, context_lens, slots
-        self.positions, self.device = (context_lens.long() - 1).to(device), device
+    def __init__(self, cache: PagedKVCache, block_tables, context_lens, slots, device, micro_batch: int = 0,
+                 staging: HostStaging | None = None):
+        self.cache, self.slots, self.device = cache, slots, device
+        self.block_tables, self.context_lens = block_tables.to(cache.device), context_lens.to(cache.device)
+        self.positions = (context_lens.long() - 1).to(device)
+        self.staging = staging or HostStaging(device)
         n = len(context_lens)
         step = micro_batch or n
         self.micro_batches = [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
-    def _attend_each(self, kernel, q, caches, *args):
-        q = q.to(caches[0].device, caches[0].dtype)
-        out = torch.cat([kernel(q[mb], *caches, self.block_tables[mb], self.context_lens[mb], *args)
-                         for mb in self.micro_batches])
-        return out.to(self.device)
+    def _attend_each(self, layer, kernel, q, news, out_width, *args):
+        """Per micro-batch: write its new cache entries (news), then attend over its KV."""
+        caches = self.cache.layers[layer]
+        mbs, tables, lens = self.micro_batches, self.block_tables, self.context_lens
+        if not (self.staging.active and self.cache.device.type == "cpu"):      # q, K/V and cache in one place
+            self.cache.write(layer, self.slots, *news)
+            q = q.to(caches[0].device, caches[0].dtype)
+            return torch.cat([kernel(q[mb], *caches, tables[mb], lens[mb], *args) for mb in mbs]).to(self.device)
+
+        def outs():
+            for mb, (hq, *hnew) in zip(mbs, self.staging.to_host([q, *news], mbs)):
+                self.cache.write(layer, self.slots[mb], *hnew)
+                yield kernel(hq.to(caches[0].dtype), *caches, tables[mb], lens[mb], *args)
+        return self.staging.to_device(outs(), mbs, (*q.shape[:2], out_width), caches[0].dtype)
+
+    def _kernels(self):
+        return (paged_decode_attention, paged_decode_attention_mla) if self.cache.device.type == "cpu" else \
+            (gathered_decode_attention, gathered_decode_attention_mla)
 
     def attend(self, layer, q, k, v, scale, sliding_window=0):
-        self.cache.write(layer, self.slots, k, v)
-        return self._attend_each(paged_decode_attention, q, self.cache.layers[layer], scale, sliding_window).to(q.dtype)
+        out = self._attend_each(layer, self._kernels()[0], q, [k, v], q.shape[-1], scale, sliding_window)
+        return out.to(q.dtype)
 
     def attend_mla(self, layer, attn, w, q_nope, q_rope, latent, k_rope):
         """Absorbed MLA: fold kv_b's key half into the query and its value half into the output,
         so attention runs over the compressed latent without expanding per-head K/V."""
-        self.cache.write(layer, self.slots, torch.cat([latent, k_rope], dim=-1))
         kv_b = w[f"{attn.prefix}.kv_b_proj.weight"].view(attn.n_heads, attn.qk_nope_dim + attn.v_dim, attn.kv_lora_rank)
         w_uk, w_uv = kv_b[:, :attn.qk_nope_dim], kv_b[:, attn.qk_nope_dim:]
         q = torch.cat([torch.einsum("bnd,ndr->bnr", q_nope, w_uk), q_rope], dim=-1)
-        out = self._attend_each(paged_decode_attention_mla, q, self.cache.layers[layer], attn.scale, attn.kv_lora_rank)
+        out = self._attend_each(layer, self._kernels()[1], q, [torch.cat([latent, k_rope], dim=-1)], attn.kv_lora_rank,
+                                attn.scale, attn.kv_lora_rank)
         return torch.einsum("bnr,nvr->bnv", out.to(q_nope.dtype), w_uv)

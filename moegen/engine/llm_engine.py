@@ -1,5 +1,6 @@
 """The Engine: admission -> prefill / decode steps over the global batch -> sampling -> stops."""
 import logging
+import math
 import time
 from itertools import count, islice, repeat
 
@@ -19,19 +20,35 @@ from moegen.engine.scoring import loglikelihood
 from moegen.engine.stats import EngineStats
 from moegen.engine.stops import eos_ids, finish_reason
 from moegen.engine.weight_stream import (CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights,
-                                         module_bytes, pin_weights)
+                                         module_bytes)
 from moegen.dtypes import dtype_name
 from moegen.errors import CapacityError, InputError, MoegenError, TokenizerError
 from moegen.layers.linear import packing_supported, prepack
+from moegen.layers.quantized import is_quantized
 from moegen.ops.attention import attention_impl
 from moegen.planner.cost_model import JobShape
 from moegen.planner.measured import MeasuredPlanner
-from moegen.planner.policy import (FALLBACK_SETTINGS, PLANNED, call_plan, choose_resident,
-                                   default_device_budget_bytes, default_kv_cache_bytes)
+from moegen.planner.memory import engine_activation_reserve, format_bytes
+from moegen.planner.model_spec import ModelSpec
+from moegen.planner.policy import (FALLBACK_SETTINGS, HOST_RESERVE_BYTES, PLANNED, call_plan, choose_resident,
+                                   default_device_budget_bytes, default_kv_cache_bytes, device_reserve_bytes)
 
 
 log = logging.getLogger("moegen")
+DEQUANT_TEMPORARIES = 3    # float32 copies of a weight alive while it is dequantized (values, scales, result)
 WINDOW = 1024     # prompts generate_iter pulls from an iterable at a time (a few global batches)
+
+
+def device_reserve(model, config: EngineConfig, budget_bytes: int) -> int:
+    """What a CUDA engine keeps back from weights in a device budget: the CUDA context and
+    fragmentation (policy), the largest pass of its settings (the config's, else the fallback's)
+    and the float32 temporaries of dequantizing its largest quantized weight at a GEMM."""
+    act = engine_activation_reserve(ModelSpec.from_config(model.config), model.dtype.itemsize,
+                                    config.max_batch or FALLBACK_SETTINGS["max_batch"],
+                                    config.max_prefill_tokens or FALLBACK_SETTINGS["max_prefill_tokens"],
+                                    config.expert_chunk)
+    quantized = [math.prod(w.shape) for w in model.weights.values() if is_quantized(w)]
+    return device_reserve_bytes(budget_bytes) + act + DEQUANT_TEMPORARIES * 4 * max(quantized, default=0)
 
 
 class Engine:
@@ -45,10 +62,12 @@ class Engine:
         self.config = cfg = config or EngineConfig(**overrides)
         check_machine(cfg)
         self.device = torch.device(cfg.device)
-        self.planner = planner or MeasuredPlanner(self.device.type)   # probes on first use only
+        self.planner = planner or MeasuredPlanner(str(self.device))   # probes on first use only
         self.max_model_len = cfg.max_model_len or getattr(model.config, "max_position_embeddings", 1 << 20)
+        self.device_budget_bytes = None         # a streaming engine's device budget (see _resident_modules)
+        self.streamer = self._make_streamer()
         per_token = kv_bytes_per_token(model, model.dtype)
-        budget = cfg.kv_cache_bytes or default_kv_cache_bytes(host_memory_bytes())
+        budget = self._kv_budget_bytes()
         # the budget caps the cache; it is allocated (and grown) only as far as calls need it
         block_bytes = per_token * cfg.block_size
         if budget < block_bytes:
@@ -58,7 +77,6 @@ class Engine:
         self.max_blocks = budget // block_bytes
         self.blocks = BlockManager(1, cfg.block_size, cfg.prefix_caching)
         self.cache = PagedKVCache(model, 1, cfg.block_size, model.dtype)
-        self.streamer = self._make_streamer()
         self.stats = EngineStats(attention=attention_impl())
         self._eos = self.eos_ids
         self.runner = Runner(model, self.cache, self.blocks, self.streamer, self.device,
@@ -99,29 +117,63 @@ class Engine:
             raise InputError("this model's weights were packed for CPU GEMMs by another Engine (prepack, or the "
                              "fused experts kernel); load the model again for a streaming engine, or build the "
                              "first with prepack=False, experts_kernel='torch'")
-        if self.device.type == "cuda":
-            if cfg.streaming == "resident":
-                return WeightStreamer(weights, CudaBackend(self.device), resident=set(group_weights(weights)))
+        if streams:
             from moegen.loader import MappedPages
-            pin_weights(weights, release=MappedPages())     # in place: one host copy, pinned
+            backend = CudaBackend(self.device) if self.device.type == "cuda" else StagedBackend()
             groups = group_weights(weights)
-            sizes = {k: module_bytes(g) for k, g in groups.items()}
-            pool = cfg.num_buffers * max(v for k, v in sizes.items() if k != "model")
-            budget = cfg.device_memory or default_device_budget_bytes(torch.cuda.mem_get_info(self.device)[0])
-            spare = budget - sizes["model"] - pool      # embeddings and lm_head always stay on the device
-            if spare < 0:
-                raise InputError(f"device memory budget {budget / 2**20:.1f} MiB cannot hold the embeddings and "
-                                 f"lm_head ({sizes['model'] / 2**20:.1f} MiB) plus {cfg.num_buffers} streaming "
-                                 f"buffers ({pool / 2**20:.1f} MiB): {-spare / 2**20:.1f} MiB short")
-            rest = {k: g for k, g in groups.items() if k != "model"}
-            resident = choose_resident(rest, sizes, spare) | {"model"}
-            return WeightStreamer(weights, CudaBackend(self.device), resident=resident, num_buffers=cfg.num_buffers)
-        if cfg.streaming == "staged":
-            return WeightStreamer(weights, StagedBackend(), resident={"model"}, num_buffers=cfg.num_buffers)
+            resident = set(groups) if cfg.streaming == "resident" else self._resident_modules(groups)
+            return WeightStreamer(weights, backend, resident, cfg.num_buffers, release=MappedPages())
         self._fuse_experts(weights)
         if cfg.prepack is not False:
             self._prepack(weights)
         return WeightStreamer(weights, ResidentBackend())
+
+    def _resident_modules(self, groups) -> set:
+        """The modules kept on the device: the embeddings and lm_head always, then what fits
+        (policy.choose_resident) in the device budget less its reserve (CUDA context, the
+        activations of the largest pass, dequantization temporaries) and the buffer pool. The
+        planner plans in the same budget with the same buffers (_plan). Staged (a CPU stand-in)
+        keeps only the top resident unless given a device_memory, and reserves nothing."""
+        cfg = self.config
+        sizes = {k: module_bytes(g) for k, g in groups.items()}
+        pool = cfg.num_buffers * max((v for k, v in sizes.items() if k != "model"), default=0)
+        if self.device.type == "cuda":
+            budget = cfg.device_memory or default_device_budget_bytes(torch.cuda.mem_get_info(self.device)[0])
+            reserve = device_reserve(self.model, cfg, budget)
+        elif cfg.device_memory is None:
+            return {"model"}
+        else:
+            budget, reserve = cfg.device_memory, 0
+        self.device_budget_bytes = budget
+        spare = budget - reserve - sizes["model"] - pool      # embeddings and lm_head always stay on the device
+        if spare < 0:
+            raise InputError(f"device memory budget {format_bytes(budget)} cannot hold the embeddings and lm_head "
+                             f"({format_bytes(sizes['model'])}) plus {cfg.num_buffers} streaming buffers "
+                             f"({format_bytes(pool)}) and its reserve ({format_bytes(reserve)}): "
+                             f"{format_bytes(-spare)} short")
+        rest = {k: g for k, g in groups.items() if k != "model"}
+        return choose_resident(rest, sizes, spare) | {"model"}
+
+    def _kv_budget_bytes(self) -> int:
+        """The KV cache's cap: the config's, else the policy's share of RAM. With weights streamed
+        from host memory, their host copies and the KV cache must fit RAM together: an unset
+        budget shrinks to what is left, a set one that does not fit is refused."""
+        ram, cfg = host_memory_bytes(), self.config
+        budget = cfg.kv_cache_bytes or default_kv_cache_bytes(ram)
+        if not self.streamer.backend.streams:
+            return budget
+        held = self.streamer.host_bytes
+        room = ram - held - HOST_RESERVE_BYTES
+        if budget <= room:
+            return budget
+        if cfg.kv_cache_bytes is not None:
+            raise CapacityError(f"host memory: the streamed weights' host copy ({format_bytes(held)}) and a KV cache of "
+                                f"{format_bytes(budget)} need more than this machine's {format_bytes(ram)} (less "
+                                f"{format_bytes(HOST_RESERVE_BYTES)} for the runtime); give host_memory at most "
+                                f"{format_bytes(max(room, 0))}")
+        log.warning("KV cache budget %s (the default share of RAM) shrunk to %s: the streamed weights hold %s of %s",
+                    format_bytes(budget), format_bytes(max(room, 0)), format_bytes(held), format_bytes(ram))
+        return max(room, 0)
 
     def _moe_layers(self):
         return [layer.ffn for layer in self.model.layers if layer.is_moe]
@@ -309,8 +361,9 @@ class Engine:
             return
         self.blocks = self.runner.blocks = BlockManager(want, self.config.block_size, self.config.prefix_caching)
         self.cache = self.runner.cache = None   # free the old cache before allocating the new one
-        self.cache = self.runner.cache = PagedKVCache(self.model, want, self.config.block_size, self.model.dtype,
-                                                      pin=self.device.type == "cuda")
+        # pageable, exact size: pinned memory would round each layer's tensor up to a power of two, and
+        # decode's transfers go through the runner's small pinned staging buffers instead
+        self.cache = self.runner.cache = PagedKVCache(self.model, want, self.config.block_size, self.model.dtype)
 
     # --- planning -------------------------------------------------------------------------------
     def settings(self, prompt_lens: list[int], max_new_tokens: int, computed_tokens: int | None = None) -> dict:
@@ -322,7 +375,9 @@ class Engine:
         if len(fixed) < len(PLANNED):
             try:
                 used = call_plan(fixed, *self._plan(prompt_lens, max_new_tokens, fixed, computed_tokens))
-            except MoegenError as e:
+            except (MoegenError, torch.cuda.OutOfMemoryError) as e:   # the probe may not fit beside the weights
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
                 log.warning("planner unavailable (%s); using defaults %s", e, FALLBACK_SETTINGS)
         self.stats.plan = used
         self.runner.attn_micro_batch = used.settings["attn_micro_batch"]
@@ -333,6 +388,9 @@ class Engine:
         job = JobShape.from_lengths(prompt_lens, max_new_tokens, dtype_name(self.model.dtype), computed_tokens)
         kv_bytes = self.max_blocks * self.blocks.block_size * kv_bytes_per_token(self.model, self.model.dtype)
         overrides = {**fixed, "kv_cache_bytes": kv_bytes, "block_size": self.blocks.block_size}
+        if self.device_budget_bytes is not None:    # plan in this engine's device budget, as it is laid out
+            overrides.update(device_memory_bytes=self.device_budget_bytes, num_buffers=self.config.num_buffers,
+                             resident_bytes=self.streamer.resident_bytes, expert_chunk=self.config.expert_chunk)
         return self.planner.plan(self.model.config, job, overrides)
 
     def reset_stats(self) -> None:

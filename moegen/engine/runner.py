@@ -8,6 +8,7 @@ import torch
 
 from moegen.engine.block_manager import BlockManager
 from moegen.engine.kv_cache import DecodeContext, PagedKVCache, PrefillContext
+from moegen.engine.transfers import HostStaging
 from moegen.engine.weight_stream import WeightStreamer
 
 
@@ -20,6 +21,7 @@ class Runner:
         self.expert_chunk = expert_chunk
         self.stats = stats
         self.top = streamer.weights("model")      # embeddings, final norm, lm_head: always resident
+        self.staging = HostStaging(self.device)    # decode's pinned buffers, kept from step to step
 
     # --- step inputs: Python lists first, then one tensor per field ----------------------------
     def prefill_context(self, seqs) -> PrefillContext:
@@ -46,7 +48,7 @@ class Runner:
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         lens = torch.tensor([s.length for s in seqs], dtype=torch.int32)
         slots = torch.tensor([self.blocks.slot(s.key, s.length - 1) for s in seqs])
-        return DecodeContext(self.cache, table, lens, slots, self.device, self.attn_micro_batch)
+        return DecodeContext(self.cache, table, lens, slots, self.device, self.attn_micro_batch, self.staging)
 
     # --- the step ----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -11,9 +11,12 @@ Backends do the copies: `ResidentBackend` (everything in place, the CPU default)
 `CudaBackend` (pinned host -> device on a copy stream, ordered with CUDA events).
 
 A quantized weight (moegen.layers.quantized) moves as its stored tensors (FP8 crosses PCIe as
-FP8, int4 as packed words) and is dequantized on the device at its GEMM. For CUDA streaming the
-host copy is pinned once (`pin_weights`): tensor by tensor into pinned slabs, each source handed
-back as soon as it is copied, so the host never holds two copies of the model.
+FP8, int4 as packed words) and is dequantized on the device at its GEMM.
+
+Host memory, with a streaming backend: resident modules move to the device and their host copies
+are dropped (a memory-mapped checkpoint's pages handed back); only the streamed modules keep a
+host copy, which CUDA pins once (`pin_weights`): tensor by tensor into pinned slabs, each source
+handed back as soon as it is copied, so the host never holds two copies of any weight.
 """
 import re
 from collections import OrderedDict, deque
@@ -70,9 +73,17 @@ class ResidentBackend:
 
 
 class StagedBackend:
-    """CPU stand-in for a device: real copies into pool buffers, completed synchronously."""
+    """CPU stand-in for a device: real copies into pool buffers, completed synchronously.
+    pin_alloc: a stand-in for the pinned allocator (tests): given, the streamed weights' host
+    copies are moved into slabs from it, as CudaBackend pins them."""
     streams = True
     device = torch.device("cpu")
+
+    def __init__(self, pin_alloc=None):
+        self.pin_alloc = pin_alloc
+
+    def prepare_host(self, weights: dict, names: list, release=None) -> list[int]:
+        return pin_weights(weights, release, names=names, alloc=self.pin_alloc) if self.pin_alloc else []
 
     def alloc(self, nbytes):
         return torch.empty(nbytes, dtype=torch.uint8)
@@ -96,6 +107,10 @@ class CudaBackend:
     def __init__(self, device):
         self.device = torch.device(device)
         self.copy_stream = torch.cuda.Stream(self.device)
+
+    def prepare_host(self, weights: dict, names: list, release=None) -> list[int]:
+        """Only pinned host memory copies asynchronously: pin the streamed weights, in place."""
+        return pin_weights(weights, release, names=names)
 
     def alloc(self, nbytes):
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -152,18 +167,20 @@ def _slab_size(need: int, remaining: int, slab_bytes: int) -> int:
     return max(fit, min(slab_bytes, 1 << (remaining.bit_length() - 1)))
 
 
-def pin_weights(weights: dict, release=None, slab_bytes: int = SLAB_BYTES, alloc=None) -> list[int]:
-    """Move every weight of `weights` (in place, in order) into pinned host slabs; returns the
-    slab sizes. Each source is replaced as soon as it is copied and, if given, `release(tensor)`
+def pin_weights(weights: dict, release=None, slab_bytes: int = SLAB_BYTES, alloc=None,
+                names=None) -> list[int]:
+    """Move the weights `names` of `weights` (default all; in place, in order) into pinned host
+    slabs; returns the slab sizes. Each source is replaced as soon as it is copied and, if given, `release(tensor)`
     hands its pages back (a memory-mapped checkpoint), so at most one extra tensor is ever held.
     Slabs, not one pinned allocation per tensor: torch's pinned allocator rounds each allocation
     up to a power of two (up to 2x the model); slabs are powers of two, filled in order, so only
     the tails they cannot fit the next tensor into are wasted. alloc(nbytes) -> uint8 tensor
     (default: pinned)."""
     alloc = alloc or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
-    needs = {name: sum(_aligned(t.numel() * t.element_size()) for t in tensors_of(w)) for name, w in weights.items()}
+    names = list(weights) if names is None else list(names)
+    needs = {name: sum(_aligned(t.numel() * t.element_size()) for t in tensors_of(weights[name])) for name in names}
     remaining, carver, slabs = sum(needs.values()), None, []
-    for name in list(weights):
+    for name in names:
         w = weights[name]
         if all(t.is_pinned() for t in tensors_of(w)):     # pinned already (another engine did it)
             remaining -= needs[name]
@@ -186,11 +203,19 @@ def pin_weights(weights: dict, release=None, slab_bytes: int = SLAB_BYTES, alloc
 
 
 class WeightStreamer:
-    def __init__(self, weights: dict, backend=None, resident: set | None = None, num_buffers: int = 4):
+    def __init__(self, weights: dict, backend=None, resident: set | None = None, num_buffers: int = 4,
+                 release=None):
+        """weights: the model's dict, changed in place with a streaming backend (resident weights
+        replaced by their device copies, streamed ones by the backend's host copies). release(t):
+        hands back the pages of a replaced memory-mapped tensor (moegen.loader.MappedPages)."""
         self.backend = backend or ResidentBackend()
+        keys = {module_key(n) for n in weights}
+        self.resident = keys if not self.backend.streams else (set(resident or ()) | {"model"}) & keys
+        if self.backend.streams:
+            self._place_resident(weights, release)
+            self.pinned_slabs = self.backend.prepare_host(
+                weights, [n for n in weights if module_key(n) not in self.resident], release)
         self.groups = group_weights(weights)
-        wanted = set(self.groups) if not self.backend.streams else set(resident or ()) | {"model"}
-        self.resident = wanted & set(self.groups)
         streamed = [k for k in self.groups if k not in self.resident]
         self.buffer_bytes = max((module_bytes(self.groups[k]) for k in streamed), default=0)
         self.free = deque(self.backend.alloc(self.buffer_bytes) for _ in range(num_buffers if streamed else 0))
@@ -200,14 +225,36 @@ class WeightStreamer:
         self.upcoming: deque[str] = deque()
         self.users: dict[str, int] = {}
         self.stats = StreamStats()
-        if self.backend.streams:                   # resident modules live on the device once
-            dev = self.backend.device
-            self.placed = {k: {n: map_tensors(w, lambda t: t.to(dev)) for n, w in self.groups[k].items()}
-                           for k in self.resident}
+
+    def _place_resident(self, weights: dict, release) -> None:
+        """Resident weights onto the device, one tensor at a time, each host copy dropped (and its
+        checkpoint pages handed back) as soon as its device copy exists."""
+        dev = self.backend.device
+        for name in [n for n in weights if module_key(n) in self.resident]:
+            old = weights[name]
+            weights[name] = map_tensors(old, lambda t: t.to(dev))
+            if release is not None:
+                for before, after in zip(tensors_of(old), tensors_of(weights[name])):
+                    if after is not before:
+                        release(before)
+            del old
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the weights hold: the streamed modules' copies (all of them on the CPU)."""
+        return sum(module_bytes(g) for k, g in self.groups.items() if self.backend.streams is False or
+                   k not in self.resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Device memory the resident modules hold (0 on the CPU)."""
+        if not self.backend.streams:
+            return 0
+        return sum(module_bytes(self.groups[k]) for k in self.resident)
 
     def weights(self, key: str) -> dict:
         """Resident weights of a module (no streaming involved)."""
-        return self.placed[key] if self.backend.streams else self.groups[key]
+        return self.groups[key]
 
     def plan(self, keys) -> None:
         """Announce the modules about to be used, in order; copies start as buffers allow."""

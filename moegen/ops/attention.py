@@ -68,6 +68,42 @@ def paged_decode_attention_mla(
 
 
 # ---------------------------------------------------------------------------------------------
+# Gathered: the same results on any device (a GPU holding the KV cache). Each sequence's blocks are
+# gathered into a padded batch [S, L, ...], L = the table's width in tokens, masked past its own
+# context; float32 math as the CPU kernels. Memory grows with S x L: called per micro-batch.
+# ---------------------------------------------------------------------------------------------
+
+
+def _gathered(cache, block_tables, context_lens, window: int = 0):
+    """(float32 [S, L, ...] of each sequence's cache rows, zero where not attended; mask [S, L])."""
+    s, width = block_tables.shape
+    rows = cache[block_tables.long()].reshape(s, width * cache.shape[1], *cache.shape[2:]).float()
+    pos = torch.arange(rows.shape[1], device=cache.device)[None, :]
+    lens = context_lens.long()[:, None]
+    valid = (pos < lens) & (pos >= lens - window) if window > 0 else pos < lens
+    # stale rows past a context are zeroed, not only masked: NaN * 0 would still be NaN
+    return torch.where(valid.view(*valid.shape, *([1] * (rows.dim() - 2))), rows, 0.0), valid
+
+
+def gathered_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=0):
+    """paged_decode_attention where q and the cache are (any device); [S, H, D]."""
+    k, valid = _gathered(k_cache, block_tables, context_lens, sliding_window)
+    v, _ = _gathered(v_cache, block_tables, context_lens, sliding_window)
+    out = F.scaled_dot_product_attention(q.float().unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=valid[:, None, None, :], scale=float(scale),
+                                         enable_gqa=q.shape[1] != k.shape[2])
+    return out.squeeze(2).to(q.dtype)
+
+
+def gathered_decode_attention_mla(q, kv_cache, block_tables, context_lens, scale, kv_lora_rank):
+    """paged_decode_attention_mla where q and the cache are (any device); [S, H, R]."""
+    kv, valid = _gathered(kv_cache, block_tables, context_lens)
+    scores = torch.matmul(q.float(), kv.transpose(1, 2)) * float(scale)
+    probs = torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
+    return torch.matmul(probs, kv[..., :kv_lora_rank]).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # PyTorch fallback: sequences of similar length are bucketed, each bucket's blocks gathered into
 # a padded [B, L, ...] batch in one index_select, and attended with SDPA / batched matmul.
 # ---------------------------------------------------------------------------------------------

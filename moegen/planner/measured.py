@@ -17,8 +17,8 @@ log = logging.getLogger("moegen")
 
 
 class MeasuredPlanner:
-    """Plans from the probe of `device` ("cpu" or "cuda"), measured on first use and cached per
-    machine (moegen.planner.probe)."""
+    """Plans from the probe of `device` ("cpu", "cuda" or "cuda:N": that GPU), measured on first
+    use and cached per machine (moegen.planner.probe)."""
 
     def __init__(self, device: str):
         self.device = device
@@ -34,4 +34,9 @@ class MeasuredPlanner:
         return self._hardware
 
     def plan(self, model_config, job: JobShape, overrides: dict) -> tuple[Plan, Prediction]:
-        return search(ModelSpec.from_config(model_config), self.hardware, job, overrides=overrides)
+        """overrides: the Plan choices the engine fixes, and its device budget (device_memory_bytes:
+        what it keeps resident, buffers and activations in), so the plan is made in that budget."""
+        fixed = dict(overrides)
+        device_bytes = fixed.pop("device_memory_bytes", None)
+        return search(ModelSpec.from_config(model_config), self.hardware, job, device_memory_bytes=device_bytes,
+                      overrides=fixed)

@@ -111,6 +111,16 @@ def activation_bytes(spec: ModelSpec, tokens: int, out_rows: int, expert_rows: i
 
 
 
+def engine_activation_reserve(spec: ModelSpec, dtype_bytes: float, max_batch: int, max_prefill_tokens: int,
+                              expert_chunk: int = 0) -> int:
+    """Device memory a streaming engine keeps back for activations: the larger of a prefill pass
+    of max_prefill_tokens and a decode step of max_batch rows (logits included)."""
+    pre = activation_bytes(spec, max_prefill_tokens, max_batch, min(expert_chunk or max_prefill_tokens,
+                                                                     max_prefill_tokens), dtype_bytes, True)
+    dec = activation_bytes(spec, max_batch, max_batch, min(expert_chunk or max_batch, max_batch), dtype_bytes)
+    return max(pre, dec)
+
+
 def attention_link_bytes(spec: ModelSpec, dtype_bytes: float) -> tuple[float, float]:
     """Per token per layer with CPU decode attention on a GPU engine: (device->host, host->device)
     bytes: q and the new K/V (or MLA's absorbed query and latent) out, the attention output back."""

@@ -16,6 +16,9 @@ DEFAULT_NUM_BUFFERS = 4              # device buffers for streamed weights
 MIN_NUM_BUFFERS = 2                  # a streamed layer holds its dense group and one expert at once
 DEVICE_MEMORY_FRACTION = 0.8         # of the GPU's free memory, when no device budget is given
 HOST_KV_FRACTION = 0.25              # of host memory for the KV cache, when no KV budget is given
+HOST_RESERVE_BYTES = 256 << 20       # host memory for Python, torch, tokenizer, allocator
+DEVICE_RESERVE_BYTES = 512 << 20     # device memory for the CUDA context, cuBLAS workspaces
+DEVICE_RESERVE_FRACTION = 0.03       # of the device budget: allocator fragmentation
 
 # Chosen per call (by the planner) unless the engine's config fixes them.
 PLANNED = ("max_batch", "attn_micro_batch", "max_prefill_tokens")
@@ -29,6 +32,11 @@ def default_kv_cache_bytes(host_memory_bytes: int) -> int:
 
 def default_device_budget_bytes(device_memory_bytes: float) -> int:
     return int(device_memory_bytes * DEVICE_MEMORY_FRACTION)
+
+
+def device_reserve_bytes(budget_bytes: int) -> int:
+    """What a device budget keeps back from weights and activations (context, fragmentation)."""
+    return min(budget_bytes, DEVICE_RESERVE_BYTES + int(DEVICE_RESERVE_FRACTION * budget_bytes))
 
 
 def choose_resident(groups: Mapping[str, Any], sizes: Mapping[str, int], budget_bytes: int) -> set:

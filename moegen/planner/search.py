@@ -34,14 +34,12 @@ from moegen.planner.memory import (activation_bytes, attention_link_bytes, buffe
 from moegen.planner.model_spec import ModelSpec
 from moegen.planner.plan import Plan, PlanError, plan_overrides
 from moegen.planner.policy import (DEFAULT_ATTN_MICRO_BATCH, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH,
-                                   DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_NUM_BUFFERS, MIN_NUM_BUFFERS,
-                                   default_device_budget_bytes, default_kv_cache_bytes)
+                                   DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_NUM_BUFFERS, HOST_RESERVE_BYTES,
+                                   MIN_NUM_BUFFERS, default_device_budget_bytes, default_kv_cache_bytes,
+                                   device_reserve_bytes)
 
 __all__ = ["search", "predict_for_engine", "plan_from_engine_config"]
 
-HOST_RESERVE_BYTES = 256 << 20        # Python, torch, tokenizer, allocator
-DEVICE_RESERVE_BYTES = 512 << 20      # CUDA context, cuBLAS workspaces
-DEVICE_RESERVE_FRACTION = 0.03        # allocator fragmentation
 EXPERT_WORKSET_FRACTION = 1 / 8       # an expert GEMM chain's rows may use this share of the budget
 MIN_EXPERT_CHUNK = 64
 NEAR_TIE = 0.01                       # predicted rates this close count as equal
@@ -69,8 +67,7 @@ class _Budget:
         self.cuda = self.hw.device == "cuda"
         self.buffer = buffer_bytes(self.spec, db) if self.cuda else 0
         self.model_group = model_group_bytes(self.spec, db)
-        reserve = DEVICE_RESERVE_BYTES + int(DEVICE_RESERVE_FRACTION * self.device_bytes)
-        self.device_reserve = min(reserve, self.device_bytes)
+        self.device_reserve = device_reserve_bytes(self.device_bytes)
         self.device_usable = self.device_bytes - self.device_reserve
 
     # working sets
