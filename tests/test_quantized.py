@@ -349,12 +349,15 @@ def test_dummy_gptq_weights_are_centred(bits):
     assert w.sum(dim=1).abs().mean().item() < 3 * 0.02 * 2048 ** 0.5   # rows sum like zero-mean noise
 
 
+# the bench Mixtral's shapes, two layers: what the planner tests price
+BENCH_MIXTRAL = {"model_type": "mixtral", "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 2,
+                 "num_attention_heads": 16, "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
+                 "vocab_size": 32000}
+
+
 def test_cost_model_charges_dequantization_only_for_quantized_weights():
-    config = {"model_type": "mixtral", "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 2,
-              "num_attention_heads": 16, "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
-              "vocab_size": 32000}
-    plain = ModelSpec.from_config(config)
-    int4 = ModelSpec.from_config({**config, "quantization_config": {"quant_method": "gptq", "bits": 4,
+    plain = ModelSpec.from_config(BENCH_MIXTRAL)
+    int4 = ModelSpec.from_config({**BENCH_MIXTRAL, "quantization_config": {"quant_method": "gptq", "bits": 4,
                                                                      "group_size": 128}})
     hw = Hardware(gemm_flops_per_s=1e11, host_mem_bw_gbps=20, cpu_attention_gbps=10,
                   dequant_params_per_s={"int4": 1e9})
@@ -439,11 +442,8 @@ def test_a_gptq_checkpoint_packed_by_autogptq_matches_transformers(tiny_fixture,
 def test_cost_model_charges_quantized_experts_on_the_fused_kernel_its_rate_plus_dequantization():
     """Where the fused experts kernel runs (its rate measured), quantized experts go through it too:
     the same compute as bf16 at the kernel's rate, fewer bytes, plus each expert's dequantization."""
-    config = {"model_type": "mixtral", "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 2,
-              "num_attention_heads": 16, "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
-              "vocab_size": 32000}
-    plain = ModelSpec.from_config(config)
-    int8 = ModelSpec.from_config({**config, "quantization_config": {"quant_method": "gptq", "bits": 8,
+    plain = ModelSpec.from_config(BENCH_MIXTRAL)
+    int8 = ModelSpec.from_config({**BENCH_MIXTRAL, "quantization_config": {"quant_method": "gptq", "bits": 8,
                                                                      "group_size": 128}})
     fused_rate = 5e11
     hw = Hardware(gemm_flops_per_s=1e11, host_mem_bw_gbps=20, cpu_attention_gbps=10,
