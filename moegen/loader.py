@@ -31,9 +31,10 @@ from transformers import AutoConfig
 from moegen.dtypes import parse_dtype
 from moegen.errors import CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
 from moegen.layers.quantized import (FP8_BLOCK, GPTQ_GROUP, Fp8BlockWeight, GptqWeight, concat_rows, dequantize,
-                                     is_quantized, pack_fields, quantize_fp8, tensors_of)
+                                     is_quantized, map_tensors, pack_fields, quantize_fp8, tensors_of)
 from moegen.models.model import MoEModel
 from moegen.models.registry import checked_family, family
+from moegen.safetensors_files import EXPERT_INDEX, FUSED_EXPERTS, Entry, HeaderReader, read_headers
 
 # Kept in float32 whatever the model dtype, as transformers does (routing must not round it).
 FP32_TENSORS = re.compile(r".*\.e_score_correction_bias$")
@@ -399,43 +400,111 @@ def is_ignored(name: str, model: MoEModel) -> bool:
     return bool(IGNORED_TENSORS.match(name)) or (m is not None and int(m.group(1)) >= len(model.layers))
 
 
-def load_model(path: str | Path, dtype="float32") -> MoEModel:
-    path, dtype = Path(path), parse_dtype(dtype)
-    cfg = read_config(path)
-    scheme = quant_scheme(read_json_config(path / "config.json"), str(path / "config.json"))
-    fam = family(cfg.model_type)
-    model = fam.build(cfg)
-    model.dtype = dtype
-    reader = TensorReader(weight_files(path))
-    try:
-        sources = tensor_sources(model, fam.EXPERT_NAMES, reader, scheme)
-    except CheckpointError as e:
-        raise type(e)(f"{path}: {e}") from None
-    shapes, gemm_only = model.weight_shapes(), set(model.linear_weight_names())
-    missing = sorted({n for needed, _ in sources.values() for n in needed if n not in reader})
-    if missing:
-        raise MissingTensorError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the "
-                                 f"{cfg.model_type} config needs: {_names(missing)}")
-    needed = {n for names, _ in sources.values() for n in names}
-    unexpected = sorted(n for n in reader.files if n not in needed and not is_ignored(n, model))
-    if unexpected:
-        raise UnexpectedTensorError(f"{path}: checkpoint has {len(unexpected)} tensor(s) the "
-                                    f"{cfg.model_type} config does not use: {_names(unexpected)}")
-    for name, (_, produce) in sources.items():
+class Checkpoint:
+    """A checkpoint directory opened for reading: the model its config builds, and each weight's
+    source, checked before any data is read (names against the files' index, shapes and dtypes
+    from their headers). The model starts with every weight as its skeleton (what it will be, on
+    the meta device: sizes without data); `load(names)` reads weights into model.weights. The
+    disk tier (moegen.engine.disk_tier) reads the ones it streams itself, through `extents` or
+    the producers over its own reads (`producers`)."""
+
+    def __init__(self, path: str | Path, dtype="float32"):
+        self.path, dtype = Path(path), parse_dtype(dtype)
+        cfg = read_config(self.path)
+        self.scheme = quant_scheme(read_json_config(self.path / "config.json"), str(self.path / "config.json"))
+        self.expert_names = family(cfg.model_type).EXPERT_NAMES
+        self.model = model = family(cfg.model_type).build(cfg)
+        model.dtype, model.checkpoint = dtype, self
+        self.files = weight_files(self.path)
+        self.reader = TensorReader(self.files)
+        self.sources = self._sources(self.reader)
+        self._check_names()
+        self.entries = read_headers(self.files)
+        self.gemm_only, self.shapes = set(model.linear_weight_names()), model.weight_shapes()
+        meta = HeaderReader(self.entries)
+        self.skeletons = {name: self._kept(name, self._checked(name, produce), meta=True)
+                          for name, (_, produce) in self._sources(meta).items()}
+        model.weights.update(self.skeletons)
+
+    def _sources(self, reader) -> dict:
+        try:
+            return tensor_sources(self.model, self.expert_names, reader, self.scheme)
+        except CheckpointError as e:
+            raise type(e)(f"{self.path}: {e}") from None
+
+    def _check_names(self) -> None:
+        cfg = self.model.config
+        missing = sorted({n for needed, _ in self.sources.values() for n in needed if n not in self.reader})
+        if missing:
+            raise MissingTensorError(f"{self.path}: checkpoint lacks {len(missing)} tensor(s) the "
+                                     f"{cfg.model_type} config needs: {_names(missing)}")
+        needed = {n for names, _ in self.sources.values() for n in names}
+        unexpected = sorted(n for n in self.reader.files if n not in needed and not is_ignored(n, self.model))
+        if unexpected:
+            raise UnexpectedTensorError(f"{self.path}: checkpoint has {len(unexpected)} tensor(s) the "
+                                        f"{cfg.model_type} config does not use: {_names(unexpected)}")
+
+    def _checked(self, name: str, produce):
         try:
             t = produce()
         except CheckpointError as e:
-            raise type(e)(f"{path}: {e}") from None
-        if tuple(t.shape) != tuple(shapes[name]):
-            raise ShapeMismatchError(f"{path}: tensor {name} has shape {tuple(t.shape)}, "
-                                     f"config implies {tuple(shapes[name])}")
-        _checked_finite(t, name, path)
-        if is_quantized(t) and name in gemm_only:
-            model.weights[name] = t                  # stays quantized: dequantized at each GEMM
-        else:
-            model.weights[name] = dequantize(t, torch.float32 if FP32_TENSORS.match(name) else dtype)
-        reader.release_copied(model.weights[name])  # a cast or stacked copy: the mapped source goes back
-    return model
+            raise type(e)(f"{self.path}: {e}") from None
+        want = self.shapes[name]
+        if tuple(t.shape) != tuple(want):
+            raise ShapeMismatchError(f"{self.path}: tensor {name} has shape {tuple(t.shape)}, "
+                                     f"config implies {tuple(want)}")
+        return t
+
+    def _kept(self, name: str, t, meta: bool = False):
+        """A weight as the engine keeps it: GEMM operands as stored (quantized ones too), the
+        rest dequantized or cast to the model's dtype (float32 where routing needs it)."""
+        if is_quantized(t) and name in self.gemm_only:
+            return t                     # stays quantized: dequantized at each GEMM
+        dtype = torch.float32 if FP32_TENSORS.match(name) else self.model.dtype
+        if meta:
+            return torch.empty(t.shape, dtype=dtype, device="meta")
+        return dequantize(t, dtype)
+
+    def produce(self, name: str, producer):
+        """Weight `name` from a producer of `producers` (or the checkpoint's own), checked and kept."""
+        t = self._checked(name, producer)
+        _checked_finite(t, name, self.path)
+        return self._kept(name, t)
+
+    def load(self, names, own: bool = False) -> None:
+        """Read these weights into model.weights: memory-mapped where used as stored, or with own,
+        copied into the process's memory (the disk tier: resident weights then stay readable
+        whatever happens to the files, and their bytes are counted where the budget says)."""
+        for name in names:
+            w = self.produce(name, self.sources[name][1])
+            self.model.weights[name] = map_tensors(w, torch.clone) if own else w
+            self.reader.release_copied(self.model.weights[name])  # a copy: the mapped source goes back
+
+    def producers(self, reader) -> dict:
+        """Canonical name -> producer reading through `reader` (a HeaderReader over FileReads)."""
+        return {name: produce for name, (_, produce) in self._sources(reader).items()}
+
+    def extents(self, name: str) -> "list[Entry] | None":
+        """The file ranges whose bytes, one after the other, are weight `name` as the engine uses
+        it (a plain tensor, an expert's slice of a fused tensor, an expert's gate and up stacked
+        in the model's dtype): read straight into place. None when it takes more (a cast, a
+        quantized weight): then its producer runs."""
+        skeleton = self.skeletons[name]
+        if is_quantized(skeleton):
+            return None
+        index = EXPERT_INDEX.match(name)
+        parts = [self.entries[n].row(int(index.group(1))) if index and FUSED_EXPERTS.match(n) else self.entries[n]
+                 for n in self.sources[name][0]]
+        plain = all(p.torch_dtype == skeleton.dtype and p.shape[1:] == tuple(skeleton.shape[1:]) for p in parts)
+        if not plain or sum(p.shape[0] if p.shape else 1 for p in parts) != (skeleton.shape[0] if skeleton.dim() else 1):
+            return None
+        return parts
+
+
+def load_model(path: str | Path, dtype="float32") -> MoEModel:
+    checkpoint = Checkpoint(path, dtype)
+    checkpoint.load(checkpoint.sources)
+    return checkpoint.model
 
 
 def check_model_type(raw: dict, where: str) -> None:

@@ -46,7 +46,7 @@ def cli_report(model, tmp_path_factory):
     try:
         args = bench_args(model, "--systems", "moegen,hf-offload,hf-generate", "--workload",
                           "synthetic:prompt=12,gen=4,n=3", "--dtype", "float32", "--usd-per-hour", "1.8",
-                          "--opt", "moegen.host_memory=16MB", "--opt", "moegen.max_batch=8",
+                          "--opt", "moegen.kv_cache_memory=16MB", "--opt", "moegen.max_batch=8",
                           "--opt", "moegen.attn_micro_batch=2", "--opt", "moegen.max_prefill_tokens=4096",
                           "--opt", "hf-generate.batch_size=2", "--outputs", "--json", str(out))
         printed = io.StringIO()
@@ -146,7 +146,7 @@ def test_a_config_name_needs_dummy_weights():
 
 
 def test_dummy_weights_run_moegen_only(model):
-    fixed = {"host_memory": "16MB", "max_batch": 4, "attn_micro_batch": 2, "max_prefill_tokens": 4096}
+    fixed = {"kv_cache_memory": "16MB", "max_batch": 4, "attn_micro_batch": 2, "max_prefill_tokens": 4096}
     report = run_bench(model, "moegen,hf-generate", "synthetic:prompt=6,gen=3,n=2", dtype="float32",
                        dummy_weights=True, probe="off", options={"moegen": fixed})
     rows = {r["system"]: r for r in report["systems"]}

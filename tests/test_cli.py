@@ -10,7 +10,7 @@ def run_generate(tmp_path, model, rows, *extra):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     code = main(["generate", "--model", str(model), "--input", str(src), "--out", str(out), "--max-new-tokens", "5",
-                 "--dtype", "float32", "--quiet", "--host-memory", "16MB", *extra])
+                 "--dtype", "float32", "--quiet", "--kv-cache-memory", "16MB", *extra])
     return code, out
 
 
@@ -31,7 +31,7 @@ def test_generate_with_template_over_gsm8k(tmp_path, tiny_fixture, gsm8k_dir):
     out = tmp_path / "out.jsonl"
     code = main(["generate", "--model", str(tiny_fixture("qwen3_moe")), "--input", str(gsm8k_dir / "test.jsonl"),
                  "--template", "Question: {question}\nAnswer:", "--limit", "3", "--max-new-tokens", "3",
-                 "--dtype", "float32", "--quiet", "--host-memory", "16MB", "--out", str(out)])
+                 "--dtype", "float32", "--quiet", "--kv-cache-memory", "16MB", "--out", str(out)])
     assert code == 0 and len(out.read_text().splitlines()) == 3
 
 
@@ -52,7 +52,7 @@ def test_bad_rows_are_named(tmp_path, tiny_fixture, capsys, row, message):
 
 def test_a_sequence_beyond_the_kv_budget_is_one_line_naming_the_flag(tmp_path, tiny_fixture, capsys):
     code, out = run_generate(tmp_path, tiny_fixture("mixtral"), [{"prompt_token_ids": [1, 2, 3]}],
-                             "--host-memory", "8KB", "--max-new-tokens", "20", "--ignore-eos")   # one block: 16 tokens
+                             "--kv-cache-memory", "8KB", "--max-new-tokens", "20", "--ignore-eos")   # one block: 16 tokens
     err = capsys.readouterr().err
-    assert code == 2 and "needs 23 tokens of KV cache" in err and "--host-memory" in err
+    assert code == 2 and "needs 23 tokens of KV cache" in err and "--kv-cache-memory" in err
     assert "Traceback" not in err and not out.exists()

@@ -32,7 +32,7 @@ def test_stdin_input(tmp_path, tiny_fixture, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO('{"prompt": "Hello"}\n{"prompt_token_ids": [1, 2]}\n'))
     out = tmp_path / "out.jsonl"
     code = main(["generate", "--model", str(tiny_fixture("mixtral")), "--input", "-", "--out", str(out),
-                 "--max-new-tokens", "2", "--quiet", "--dtype", "float32", "--host-memory", "16MB", "--ignore-eos"])
+                 "--max-new-tokens", "2", "--quiet", "--dtype", "float32", "--kv-cache-memory", "16MB", "--ignore-eos"])
     assert code == 0, capsys.readouterr().err
     assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1]
 

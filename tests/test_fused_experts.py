@@ -266,19 +266,19 @@ def test_every_architecture_with_quantized_experts_through_the_kernel(quantized_
 def test_engine_packs_bf16_experts_and_leaves_float32_alone(tiny_fixture):
     path = tiny_fixture("qwen3_moe")
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    bf16 = Engine.from_pretrained(path, dtype="bfloat16", host_memory=8 << 20, experts_kernel="fused")
+    bf16 = Engine.from_pretrained(path, dtype="bfloat16", kv_cache_memory=8 << 20, experts_kernel="fused")
     assert any(name.endswith(fused.GATE_UP) for name in bf16.model.weights)
     out = bf16.generate([[1, 2, 3, 4], [9, 8, 7]], params)
     assert [len(c.token_ids) for c in out] == [6, 6]
-    f32 = Engine.from_pretrained(path, dtype="float32", host_memory=8 << 20)
+    f32 = Engine.from_pretrained(path, dtype="float32", kv_cache_memory=8 << 20)
     assert not any(name.endswith(fused.GATE_UP) for name in f32.model.weights)
-    plain = Engine.from_pretrained(path, dtype="bfloat16", host_memory=8 << 20, experts_kernel="torch")
+    plain = Engine.from_pretrained(path, dtype="bfloat16", kv_cache_memory=8 << 20, experts_kernel="torch")
     assert not any(name.endswith(fused.GATE_UP) for name in plain.model.weights)
 
 
 def test_experts_kernel_fused_where_it_cannot_run_is_a_clear_error(tiny_fixture):
     with pytest.raises(InputError, match="experts_kernel=fused"):
-        Engine.from_pretrained(tiny_fixture("mixtral"), dtype="float32", host_memory=8 << 20,
+        Engine.from_pretrained(tiny_fixture("mixtral"), dtype="float32", kv_cache_memory=8 << 20,
                                experts_kernel="fused")
 
 
@@ -286,11 +286,11 @@ def test_experts_kernel_fused_where_it_cannot_run_is_a_clear_error(tiny_fixture)
 def test_auto_takes_the_kernel_where_it_is_the_faster_path(tiny_fixture, monkeypatch):
     """auto: AMX (or a forced ISA) packs; elsewhere oneDNN's per-expert GEMMs stay."""
     path = tiny_fixture("olmoe")
-    engine = Engine.from_pretrained(path, dtype="bfloat16", host_memory=8 << 20)
+    engine = Engine.from_pretrained(path, dtype="bfloat16", kv_cache_memory=8 << 20)
     packed = any(name.endswith(fused.GATE_UP) for name in engine.model.weights)
     assert packed == (fused.auto_isa() is not None) == ("amx" in ISAS)
     monkeypatch.setenv("MOEGEN_EXPERTS_ISA", "generic")
-    forced = Engine.from_pretrained(path, dtype="bfloat16", host_memory=8 << 20)
+    forced = Engine.from_pretrained(path, dtype="bfloat16", kv_cache_memory=8 << 20)
     assert any(name.endswith(fused.GATE_UP) for name in forced.model.weights)
     out = forced.generate([[3, 4, 5]], SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert len(out[0].token_ids) == 3

@@ -70,7 +70,7 @@ def prompts_file(path: Path, n: int = N) -> Path:
 
 def generate_args(model, src: Path, out: Path, *extra) -> list[str]:
     return ["generate", "--model", str(model), "--input", str(src), "--out", str(out), "--max-new-tokens", "6",
-            "--ignore-eos", "--dtype", "float32", "--host-memory", "16MB", "--max-batch", "2", "--quiet", *extra]
+            "--ignore-eos", "--dtype", "float32", "--kv-cache-memory", "16MB", "--max-batch", "2", "--quiet", *extra]
 
 
 def rows_of(path: Path) -> list[dict]:

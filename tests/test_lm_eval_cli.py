@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("lm_eval_offline")
 def test_chat_context_ids_equal_transformers(ckpt):
     """What lm-eval feeds: the rendered history, then tok_encode of it (no second BOS, "</s>" a token)."""
     from moegen.harness.lm_eval import MoegenLM
-    lm = MoegenLM(engine=Engine.from_pretrained(ckpt, dtype="float32", host_memory=KV), pretrained=str(ckpt))
+    lm = MoegenLM(engine=Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory=KV), pretrained=str(ckpt))
     hf = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
     context = lm.apply_chat_template(HISTORY)
     assert context == hf.apply_chat_template(HISTORY, add_generation_prompt=True, tokenize=False)
@@ -53,7 +53,7 @@ def test_cache_keeps_what_an_interrupted_generation_finished(ckpt, tmp_path, mon
     from lm_eval.api.model import CachingLM
 
     from moegen.harness.lm_eval import MoegenLM
-    lm = MoegenLM(engine=Engine.from_pretrained(ckpt, dtype="float32", host_memory=KV), pretrained=str(ckpt))
+    lm = MoegenLM(engine=Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory=KV), pretrained=str(ckpt))
     gen = {"until": ["\n\n"], "max_gen_toks": 3}
     requests = [Instance("generate_until", {}, (f"Question: {q}\nAnswer:", gen), i) for i, q in enumerate(["1+1?", "2+2?"])]
     real = Engine.generate_iter
@@ -99,7 +99,7 @@ def test_gsm8k_chat_run_then_cache_only(ckpt, tmp_path, monkeypatch):
         monkeypatch.setattr(Engine, name, lambda self, *a, _real=real, _name=name, **k: calls.append(_name)
                             or _real(self, *a, **k))
     out, cache = tmp_path / "results", tmp_path / "cache" / "lm"
-    argv = ["lm-eval", "--model", "moegen", "--model_args", f"pretrained={ckpt},dtype=float32,host_memory={KV}",
+    argv = ["lm-eval", "--model", "moegen", "--model_args", f"pretrained={ckpt},dtype=float32,kv_cache_memory={KV}",
             "--tasks", "gsm8k_local", "--limit", "2", "--gen_kwargs", "max_gen_toks=4", "--batch_size", "auto",
             "--apply_chat_template", "--fewshot_as_multiturn", "--log_samples", "--output_path", str(out),
             "--use_cache", str(cache)]

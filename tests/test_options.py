@@ -13,6 +13,7 @@ from moegen.errors import InputError
 # a value of each option's kind other than its default, typed as the consumers hand it on
 SAMPLE_BY_KIND = {"int": 3, "bytes": "8MB", "bool": False}
 SAMPLES = {opt.name: SAMPLE_BY_KIND.get(opt.kind, opt.choices[-1] if opt.choices else None) for opt in ENGINE_OPTIONS}
+SAMPLES["host_memory"] = "16MB"        # it holds the KV cache (kv_cache_memory, 8MB) and more
 LOAD_NAMES = [opt.name for opt in LOAD_OPTIONS]
 
 

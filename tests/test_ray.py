@@ -33,7 +33,7 @@ def test_bench_matrix_runs_on_a_local_ray(tiny_fixture, tmp_path, caplog):
     with temporary_settings({PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
         with prefect_test_harness(server_startup_timeout=120):
             summary = bench_flow(model=str(tiny_fixture("mixtral")), workloads=workloads, dtype="float32",
-                                 engine={"host_memory": "64MB"}, probe="off", runner={"kind": "ray"}, results_url=url)
+                                 engine={"kv_cache_memory": "64MB"}, probe="off", runner={"kind": "ray"}, results_url=url)
     cells = {(c["system"], c["workload"]): c for c in summary["cells"]}
     assert set(cells) == {(s, w) for s in ("moegen", "hf-generate") for w in workloads}
     assert all(c["skipped_reason"] is None and c["metrics"]["e2e_tokens_per_s"] > 0 for c in cells.values())

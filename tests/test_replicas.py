@@ -15,7 +15,7 @@ from moegen.harness.replicas import EngineRecipe, Replicas  # noqa: E402
 pytestmark = pytest.mark.slow          # a Ray start and two engine processes
 N = 10
 NEW_TOKENS = 24        # with one sequence at a time, enough steps that a replica is still busy when killed
-ENGINE = {"dtype": "float32", "host_memory": "16MB", "max_batch": 1}
+ENGINE = {"dtype": "float32", "kv_cache_memory": "16MB", "max_batch": 1}
 PARAMS = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
 
@@ -43,7 +43,7 @@ def test_two_replicas_give_the_rows_of_one_engine(tiny_fixture, prompts, one_eng
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     code = main(["generate", "--model", str(tiny_fixture("mixtral")), "--input", str(src), "--out", str(out),
                  "--max-new-tokens", str(NEW_TOKENS), "--ignore-eos", "--dtype", "float32",
-                 "--host-memory", "16MB", "--max-batch", "1", "--quiet", "--replicas", "2"])
+                 "--kv-cache-memory", "16MB", "--max-batch", "1", "--quiet", "--replicas", "2"])
     assert code == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["replicas"] == 2
     assert [json.loads(line) for line in out.read_text().splitlines()] == one_engine_rows

@@ -16,9 +16,9 @@ from moegen.harness.workloads import PromptSet
 
 CPU_SYSTEMS = ["moegen", "moegen-model-batching", "hf-generate", "hf-continuous"]
 # G, A and the prefill budget fixed, so the engine's planner does not probe the machine here
-SMALL_KV = {"moegen": {"host_memory": "16MB", "max_batch": 8, "attn_micro_batch": 3, "max_prefill_tokens": 4096,
+SMALL_KV = {"moegen": {"kv_cache_memory": "16MB", "max_batch": 8, "attn_micro_batch": 3, "max_prefill_tokens": 4096,
                        "repeat": 2},
-            "moegen-model-batching": {"host_memory": "16MB", "batch_size": 2, "max_prefill_tokens": 4096}}
+            "moegen-model-batching": {"kv_cache_memory": "16MB", "batch_size": 2, "max_prefill_tokens": 4096}}
 NEW_TOKENS = 6
 PEAKS = Peaks(1e11, 20.0, "test")
 

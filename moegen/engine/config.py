@@ -85,8 +85,14 @@ DTYPE = Option("float32, bfloat16 or float16", "choice", "bfloat16", name="dtype
 @dataclass
 class EngineConfig:
     device: str = option("cpu", "cpu or cuda[:N]", "str", load_arg=True)
-    kv_cache_bytes: int | None = option(None, "host memory for the KV cache, e.g. 8GB (default 25% of RAM)",
-                                        "bytes", name="host_memory")
+    host_memory_bytes: int | None = option(
+        None, "all the host memory moegen may use: resident weights, streaming buffers, KV cache, activations, "
+        "e.g. 16GB; weights that do not fit beside the rest stream from the checkpoint's files (default: no limit, "
+        "every weight in memory)", "bytes", name="host_memory")
+    kv_cache_bytes: int | None = option(None, "host memory for the KV cache, e.g. 8GB (default: within host_memory, "
+                                        "what the weights leave, at least a quarter, or with weights streamed from "
+                                        "disk half of what is left beside the buffers; without host_memory 25% of "
+                                        "RAM)", "bytes", name="kv_cache_memory")
     device_memory: int | None = option(None, "device memory budget for resident weights and streaming buffers, "
                                        "e.g. 20GB (cuda; default 80% of free memory)", "bytes")
     block_size: int = option(DEFAULT_BLOCK_SIZE, "tokens per KV-cache block", minimum=1)
@@ -122,6 +128,9 @@ class EngineConfig:
             setattr(self, f.name, opt.checked(opt.name or f.name, getattr(self, f.name)))
         if self.num_buffers < 2 and self.streaming != "resident":
             raise InputError("num_buffers must be >= 2: a layer's dense weights and one expert are held at once")
+        if None not in (self.kv_cache_bytes, self.host_memory_bytes) and self.kv_cache_bytes >= self.host_memory_bytes:
+            raise InputError(f"kv_cache_memory {format_bytes(self.kv_cache_bytes)} must be less than host_memory "
+                             f"{format_bytes(self.host_memory_bytes)}, which holds it beside the weights")
 
 
 def check_machine(cfg: EngineConfig) -> None:
@@ -130,9 +139,10 @@ def check_machine(cfg: EngineConfig) -> None:
     CUDA plans for a 128 GB host on this one.)"""
     check_device(cfg.device)
     machine = host_memory_bytes()
-    if cfg.kv_cache_bytes is not None and cfg.kv_cache_bytes > machine:
-        raise CapacityError(f"host_memory {format_bytes(cfg.kv_cache_bytes)} is more than this machine has "
-                            f"({format_bytes(machine)}); give at most that, or leave it unset (25%)")
+    for name, size in (("host_memory", cfg.host_memory_bytes), ("kv_cache_memory", cfg.kv_cache_bytes)):
+        if size is not None and size > machine:
+            raise CapacityError(f"{name} {format_bytes(size)} is more than this machine has "
+                                f"({format_bytes(machine)}); give at most that, or leave it unset")
 
 
 def check_device(device: str) -> None:
@@ -152,6 +162,8 @@ def check_device(device: str) -> None:
 def engine_config(device, host_memory, device_memory, overrides: dict) -> EngineConfig:
     """The constructors' user-facing sizes ("8GB") -> an EngineConfig (the config reads them) that
     this machine can run, checked before a checkpoint is loaded."""
-    cfg = EngineConfig(device=device, kv_cache_bytes=host_memory, device_memory=device_memory, **overrides)
+    by_name = {f.metadata["option"].name or f.name: f.name for f in fields(EngineConfig)}   # public -> field
+    overrides = {by_name.get(name, name): value for name, value in overrides.items()}
+    cfg = EngineConfig(device=device, host_memory_bytes=host_memory, device_memory=device_memory, **overrides)
     check_machine(cfg)
     return cfg

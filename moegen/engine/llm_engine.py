@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from moegen.engine.block_manager import BlockManager
 from moegen.engine.config import EngineConfig, check_machine, engine_config
+from moegen.engine.disk_tier import DiskBackend, HostLayout, host_layout, is_skeleton
 from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from moegen.engine.memory import host_memory_bytes
 from moegen.engine.params import Completion, GenerationDefaults, SamplingParams
@@ -28,10 +29,11 @@ from moegen.layers.quantized import is_quantized
 from moegen.ops.attention import attention_impl
 from moegen.planner.cost_model import JobShape
 from moegen.planner.measured import MeasuredPlanner
-from moegen.planner.memory import engine_activation_reserve, format_bytes
+from moegen.planner.memory import activation_bytes, engine_activation_reserve, format_bytes
 from moegen.planner.model_spec import ModelSpec
-from moegen.planner.policy import (FALLBACK_SETTINGS, HOST_RESERVE_BYTES, PLANNED, call_plan, choose_resident,
-                                   default_device_budget_bytes, default_kv_cache_bytes, device_reserve_bytes)
+from moegen.planner.policy import (DEFAULT_MAX_BATCH, DEFAULT_MAX_PREFILL_TOKENS, FALLBACK_SETTINGS, HOST_RESERVE_BYTES,
+                                   PLANNED, call_plan, choose_resident, default_device_budget_bytes,
+                                   default_kv_cache_bytes, device_reserve_bytes)
 
 
 log = logging.getLogger("moegen")
@@ -62,18 +64,19 @@ class Engine:
         self.config = cfg = config or EngineConfig(**overrides)
         check_machine(cfg)
         self.device = torch.device(cfg.device)
-        self.planner = planner or MeasuredPlanner(str(self.device))   # probes on first use only
         self.max_model_len = cfg.max_model_len or getattr(model.config, "max_position_embeddings", 1 << 20)
+        block_bytes = kv_bytes_per_token(model, model.dtype) * cfg.block_size
+        self.layout = self._host_layout(block_bytes)       # None: no host budget, every weight in memory
+        disk = self.model.checkpoint.path if self.layout is not None and self.layout.disk else None
+        self.planner = planner or MeasuredPlanner(str(self.device), disk)   # probes on first use only
         self.device_budget_bytes = None         # a streaming engine's device budget (see _resident_modules)
         self.streamer = self._make_streamer()
-        per_token = kv_bytes_per_token(model, model.dtype)
-        budget = self._kv_budget_bytes()
+        budget = self.layout.kv_bytes if self.layout else self._kv_budget_bytes()
         # the budget caps the cache; it is allocated (and grown) only as far as calls need it
-        block_bytes = per_token * cfg.block_size
         if budget < block_bytes:
             raise CapacityError(f"a KV cache of {budget} bytes holds no block ({cfg.block_size} tokens need "
-                                f"{block_bytes} bytes for this model): give it more memory (--host-memory / "
-                                "host_memory)")
+                                f"{block_bytes} bytes for this model): give it more memory (--kv-cache-memory / "
+                                "kv_cache_memory)")
         self.max_blocks = budget // block_bytes
         self.blocks = BlockManager(1, cfg.block_size, cfg.prefix_caching)
         self.cache = PagedKVCache(model, 1, cfg.block_size, model.dtype)
@@ -84,13 +87,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype="bfloat16", host_memory=None, device_memory=None, **kw):
-        """Load a HF checkpoint directory. host_memory: bytes (or "8GB") for the KV cache;
-        device_memory: device budget for resident weights and streaming buffers."""
-        from moegen.loader import load_model
+        """Load a HF checkpoint directory. host_memory: bytes (or "8GB") of host memory the engine
+        may use in all (weights, streaming buffers, KV cache, activations; the weights that do not
+        fit stream from the checkpoint's files); device_memory: device budget for resident weights
+        and streaming buffers."""
+        from moegen.loader import Checkpoint
         from moegen.tokenizer import load_tokenizer
         cfg = engine_config(device, host_memory, device_memory, kw)   # bad settings fail before a long load
         defaults = GenerationDefaults.read(path)
-        model = load_model(path, dtype)
+        model = Checkpoint(path, dtype).model     # weights read by the engine: all, or what host_memory holds
         try:
             tokenizer = load_tokenizer(path)
         except TokenizerError as err:     # token-id prompts still work; text prompts get a clear error
@@ -110,8 +115,39 @@ class Engine:
         cfg = engine_config(device, host_memory, device_memory, kw)
         return cls(dummy_model(config, dtype, seed), None, cfg)
 
+    def _host_layout(self, block_bytes: int) -> HostLayout | None:
+        """How host_memory is spent (moegen.engine.disk_tier.host_layout), checked before any weight
+        is read; None without a budget (every weight in memory, as loaded)."""
+        cfg, weights = self.config, self.model.weights
+        if cfg.host_memory_bytes is None:
+            return None
+        sizes = {k: module_bytes(g) for k, g in group_weights(weights).items()}
+        # the reader's own buffer is a pool buffer more
+        pool = (cfg.num_buffers + 1) * max((v for k, v in sizes.items() if k != "model"), default=0)
+        spec = ModelSpec.from_model(self.model)
+        tokens = cfg.max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS
+        act = activation_bytes(spec, tokens, min(tokens, DEFAULT_MAX_BATCH), tokens, self.model.dtype.itemsize, True)
+        layout = host_layout(sizes, cfg.host_memory_bytes, cfg.kv_cache_bytes, pool, act, HOST_RESERVE_BYTES,
+                             block_bytes)
+        if layout.disk and self.model.checkpoint is None:
+            raise CapacityError(f"{layout.describe()}; but this model's weights were made or loaded whole in "
+                                "memory: open it with Engine.from_pretrained to stream them from its files")
+        if layout.disk and (self.device.type != "cpu" or cfg.streaming == "resident"):
+            raise InputError(f"{layout.describe()}: the disk tier streams to the CPU (device cpu, streaming "
+                             "auto or staged); give a host_memory that holds the model")
+        log.info("%s", layout.describe())
+        return layout
+
     def _make_streamer(self) -> WeightStreamer:
         cfg, weights = self.config, self.model.weights
+        checkpoint = self.model.checkpoint
+        if self.layout is not None and self.layout.disk:
+            groups = group_weights(weights)
+            checkpoint.load([n for k in self.layout.resident for n, w in groups[k].items() if is_skeleton(w)], own=True)
+            return WeightStreamer(weights, DiskBackend(checkpoint), resident=set(self.layout.resident),
+                                  num_buffers=cfg.num_buffers)
+        if checkpoint is not None:            # opened lazily (from_pretrained): read what is not yet
+            checkpoint.load([n for n, w in weights.items() if is_skeleton(w)])
         streams = self.device.type == "cuda" or cfg.streaming == "staged"
         if streams and (any(t.is_mkldnn for t in weights.values()) or self._fused_layers()):
             raise InputError("this model's weights were packed for CPU GEMMs by another Engine (prepack, or the "
@@ -395,7 +431,7 @@ class Engine:
 
     def reset_stats(self) -> None:
         self.stats = self.runner.stats = EngineStats(attention=self.stats.attention)
-        self.streamer.stats.reset()
+        self.streamer.reset_stats()
 
     def step(self, phase: str, batch, sampler) -> list[int]:
         t0, experts0 = time.perf_counter(), self.stats.experts_run

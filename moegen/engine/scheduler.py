@@ -157,7 +157,7 @@ class Scheduler:
             samples = f" ({len(seq.group)} samples)" if seq.forks else ""
             raise CapacityError(f"sequence {seq.seq_id}{samples} needs {seq.max_length} tokens of KV cache; the cache "
                                 f"holds {self.blocks.num_blocks * self.blocks.block_size}: give the KV cache more "
-                                "memory (--host-memory / host_memory) or shorten the prompt or max_new_tokens")
+                                "memory (--kv-cache-memory / kv_cache_memory, or --host-memory) or shorten the prompt or max_new_tokens")
         self.waiting.append(seq)
 
     def add_sorted(self, seqs) -> None:

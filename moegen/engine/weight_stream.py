@@ -7,8 +7,9 @@ runner announces them with `plan()`, into at most `num_buffers` buffers. The run
 experts of a layer only after routing, so experts that received no token are never copied.
 
 Backends do the copies: `ResidentBackend` (everything in place, the CPU default), `StagedBackend`
-(CPU: real copies into a bounded host pool, for tests of the scheduling and accounting) and
-`CudaBackend` (pinned host -> device on a copy stream, ordered with CUDA events).
+(CPU: real copies into a bounded host pool, for tests of the scheduling and accounting),
+`CudaBackend` (pinned host -> device on a copy stream, ordered with CUDA events) and
+`moegen.engine.disk_tier.DiskBackend` (CPU: reads from the checkpoint files into the host pool).
 
 A quantized weight (moegen.layers.quantized) moves as its stored tensors (FP8 crosses PCIe as
 FP8, int4 as packed words) and is dequantized on the device at its GEMM.
@@ -150,14 +151,18 @@ class _Carver:
         return view
 
 
-def _pack(buffer, tensors, non_blocking=False):
+def carve(buffer, tensors) -> dict:
+    """Views of `buffer` laid out for `tensors` (each stored tensor aligned), contents untouched."""
     carver = _Carver(buffer)
+    return {name: map_tensors(w, carver.take) for name, w in tensors.items()}
 
-    def place(t):
-        view = carver.take(t)
-        view.copy_(t, non_blocking=non_blocking)
-        return view
-    return {name: map_tensors(w, place) for name, w in tensors.items()}
+
+def _pack(buffer, tensors, non_blocking=False):
+    views = carve(buffer, tensors)
+    for name, w in tensors.items():
+        for dst, src in zip(tensors_of(views[name]), tensors_of(w)):
+            dst.copy_(src, non_blocking=non_blocking)
+    return views
 
 
 def _slab_size(need: int, remaining: int, slab_bytes: int) -> int:
@@ -225,6 +230,7 @@ class WeightStreamer:
         self.upcoming: deque[str] = deque()
         self.users: dict[str, int] = {}
         self.stats = StreamStats()
+        self._disk_base = self.disk_bytes_total
 
     def _place_resident(self, weights: dict, release) -> None:
         """Resident weights onto the device, one tensor at a time, each host copy dropped (and its
@@ -251,6 +257,19 @@ class WeightStreamer:
         if not self.backend.streams:
             return 0
         return sum(module_bytes(self.groups[k]) for k in self.resident)
+
+    @property
+    def disk_bytes_total(self) -> int:
+        return getattr(self.backend, "bytes_read", 0)
+
+    @property
+    def disk_bytes_read(self) -> int:
+        """Bytes read from the checkpoint files since the stats were last reset (the disk tier)."""
+        return self.disk_bytes_total - self._disk_base
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+        self._disk_base = self.disk_bytes_total
 
     def weights(self, key: str) -> dict:
         """Resident weights of a module (no streaming involved)."""

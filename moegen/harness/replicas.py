@@ -60,8 +60,8 @@ class Replica:
         kwargs = dict(recipe.kwargs)
         if recipe.on_cuda:
             kwargs["device"] = "cuda"     # the one GPU Ray gave this actor
-        if kwargs.get("host_memory") is None and share > 1:
-            kwargs["host_memory"] = kv_share_bytes(share)
+        if kwargs.get("host_memory") is None and kwargs.get("kv_cache_memory") is None and share > 1:
+            kwargs["kv_cache_memory"] = kv_share_bytes(share)
         self.engine = EngineRecipe(recipe.model, recipe.dummy_weights, kwargs).build()
         return os.getpid()
 

@@ -325,7 +325,9 @@ class _Scratch:
         key, numel = (str(device), dtype), math.prod(shape)
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
-            buf = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+            # a normal tensor even when first asked for in inference mode (the engine's): usable in both
+            with torch.inference_mode(False):
+                buf = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)
 
 

@@ -54,6 +54,8 @@ class MoEModel:
     tie_word_embeddings: bool = False
     weights: dict = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
+    # moegen.loader.Checkpoint it was opened from: weights still skeletons (meta) are read from there
+    checkpoint: object = None
 
     @property
     def model_type(self) -> str:

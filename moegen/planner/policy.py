@@ -15,8 +15,10 @@ DEFAULT_MAX_PREFILL_TOKENS = 8192    # prompt tokens per prefill pass
 DEFAULT_NUM_BUFFERS = 4              # device buffers for streamed weights
 MIN_NUM_BUFFERS = 2                  # a streamed layer holds its dense group and one expert at once
 DEVICE_MEMORY_FRACTION = 0.8         # of the GPU's free memory, when no device budget is given
-HOST_KV_FRACTION = 0.25              # of host memory for the KV cache, when no KV budget is given
-HOST_RESERVE_BYTES = 256 << 20       # host memory for Python, torch, tokenizer, allocator
+HOST_KV_FRACTION = 0.25              # of host memory for the KV cache, when no budget at all is given
+HOST_KV_SHARE = 0.25                 # of a host_memory budget the KV cache needs at least, or weights go to disk
+DISK_KV_SHARE = 0.5                  # with the disk tier, of the memory left beside the pool: the rest holds weights
+HOST_RESERVE_BYTES = 512 << 20       # host memory for Python, torch, tokenizer, allocator (counted in host_memory)
 DEVICE_RESERVE_BYTES = 512 << 20     # device memory for the CUDA context, cuBLAS workspaces
 DEVICE_RESERVE_FRACTION = 0.03       # of the device budget: allocator fragmentation
 

@@ -1,0 +1,140 @@
+"""The disk tier: the weights host memory does not hold are read from the checkpoint's safetensors
+files into the streaming pool, on a reader thread, one module ahead of their use.
+
+What is read and when is the streamer's (moegen.engine.weight_stream): modules in the order the
+runner announces them, a layer's experts only after routing (experts without tokens are never
+read), into at most num_buffers buffers. `DiskBackend` does the reads: `copy` carves the module's
+views in a free buffer and queues its read; `wait` blocks until the bytes are there. A weight the
+engine uses as stored (a plain tensor in the model's dtype; an expert's gate and up, stacked) is
+read straight into its view: one pread per file range, no copy, its pages dropped from the page
+cache after the read. The others (a cast from the stored dtype, a quantized weight, which streams
+as stored) are made by the loader's own producers over bytes read the same way and then copied
+in, so every weight is exactly what an in-memory load holds.
+
+`host_layout` divides the host budget (EngineConfig.host_memory_bytes) between a runtime reserve,
+activations, the KV cache, the pool and resident weights, and says whether the disk tier is on.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from moegen.errors import CapacityError
+from moegen.layers.quantized import tensors_of
+from moegen.planner.memory import format_bytes
+from moegen.planner.policy import DISK_KV_SHARE, HOST_KV_SHARE, choose_resident
+from moegen.safetensors_files import FileReads, HeaderReader
+
+
+def is_skeleton(w) -> bool:
+    """A weight not read yet (moegen.loader.Checkpoint): its tensors are on the meta device."""
+    return any(t.is_meta for t in tensors_of(w))
+
+
+class DiskBackend:
+    """Host pool buffers filled from the checkpoint files by one reader thread (reads are large
+    and sequential within a module; the disk, not the thread count, is the limit)."""
+    streams = True
+    device = torch.device("cpu")
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+        self.reads = FileReads()
+        self.reader = HeaderReader(checkpoint.entries, self.reads)
+        self.producers = checkpoint.producers(self.reader)
+        self.extents = {}                    # name -> file ranges (None: produced), found once
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="moegen-disk")
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reads.bytes_read
+
+    def alloc(self, nbytes):
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def copy(self, buffer, tensors, ready_after=None):
+        from moegen.engine.weight_stream import carve
+        views = carve(buffer, tensors)
+        return views, self.thread.submit(self._read, views)
+
+    def wait(self, event):
+        event.result()          # a read's error (a truncated file) surfaces here, in the caller
+
+    def compute_done(self):
+        return None
+
+    @torch.inference_mode()         # the views were carved in the runner's inference mode
+    def _read(self, views: dict) -> None:
+        for name, view in views.items():
+            if name not in self.extents:
+                self.extents[name] = self.checkpoint.extents(name)
+            extents = self.extents[name]
+            if extents is None:
+                self.reader.for_weight(name)
+                made = self.checkpoint.produce(name, self.producers[name])
+                for dst, src in zip(tensors_of(view), tensors_of(made)):
+                    dst.copy_(src)
+                continue
+            flat, at = view.view(-1).view(torch.uint8), 0
+            for extent in extents:
+                self.reads.read_into(extent, flat[at:at + extent.nbytes])
+                at += extent.nbytes
+
+
+# ---- the host budget ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HostLayout:
+    """How the host budget is spent. resident: the weight groups kept in memory (all of them when
+    the disk tier is off); the rest stream from disk through pool_bytes of buffers."""
+    budget_bytes: int
+    reserve_bytes: int
+    activation_bytes: int
+    kv_bytes: int
+    pool_bytes: int
+    resident: frozenset
+    resident_bytes: int
+    streamed_bytes: int
+
+    @property
+    def disk(self) -> bool:
+        return self.streamed_bytes > 0
+
+    def describe(self) -> str:
+        tier = (f"disk tier on: {format_bytes(self.streamed_bytes)} of weights stream from disk through "
+                f"{format_bytes(self.pool_bytes)} of buffers" if self.disk else "all weights in memory")
+        return (f"host memory {format_bytes(self.budget_bytes)}: weights {format_bytes(self.resident_bytes)} resident, "
+                f"KV cache {format_bytes(self.kv_bytes)}, activations {format_bytes(self.activation_bytes)}, "
+                f"runtime {format_bytes(self.reserve_bytes)}; {tier}")
+
+
+def host_layout(sizes: dict, budget_bytes: int, kv_bytes: int | None, pool_bytes: int, activation_bytes: int,
+                reserve_bytes: int, min_kv_bytes: int) -> HostLayout:
+    """The layout of `budget_bytes`. The weight groups (sizes: key -> bytes; "model" always
+    resident) stay in memory if they fit beside the runtime reserve, activations and the KV cache
+    (kv_bytes, or unset: at least HOST_KV_SHARE of the budget, then all that is left); else the
+    disk tier: the pool, the KV cache (kv_bytes, or unset: DISK_KV_SHARE of what the reserve,
+    activations, pool and embeddings leave) and what fits of the rest resident, dense groups first
+    (every step needs them). A CapacityError says what does not fit, part by part."""
+    total, fixed = sum(sizes.values()), reserve_bytes + activation_bytes
+    wanted = kv_bytes if kv_bytes is not None else max(min_kv_bytes, int(HOST_KV_SHARE * budget_bytes))
+    if fixed + total + wanted <= budget_bytes:
+        kv = kv_bytes if kv_bytes is not None else budget_bytes - fixed - total
+        return HostLayout(budget_bytes, reserve_bytes, activation_bytes, kv, 0, frozenset(sizes), total, 0)
+    left = budget_bytes - fixed - pool_bytes - sizes["model"]
+    kv = kv_bytes if kv_bytes is not None else max(min_kv_bytes, int(DISK_KV_SHARE * left))
+    if left - kv < 0 or kv < min_kv_bytes:
+        raise CapacityError(
+            f"host memory {format_bytes(budget_bytes)} is too small for this model even with its weights streamed "
+            f"from disk: the runtime ({format_bytes(reserve_bytes)}) + activations ({format_bytes(activation_bytes)}) "
+            f"+ KV cache ({format_bytes(kv)}; one sequence needs {format_bytes(min_kv_bytes)}) + streaming buffers "
+            f"({format_bytes(pool_bytes)}) + embeddings and lm_head ({format_bytes(sizes['model'])}) need "
+            f"{format_bytes(fixed + kv + pool_bytes + sizes['model'])}; give --host-memory at least that"
+            + ("" if kv_bytes is None else " or a smaller --kv-cache-memory"))
+    rest = {k: v for k, v in sizes.items() if k != "model"}
+    resident = choose_resident(rest, rest, left - kv) | {"model"}
+    kept = sum(sizes[k] for k in resident)
+    return HostLayout(budget_bytes, reserve_bytes, activation_bytes, kv, pool_bytes, frozenset(resident), kept,
+                      total - kept)
