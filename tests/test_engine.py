@@ -150,9 +150,9 @@ def test_a_sequence_larger_than_the_kv_budget_says_what_to_raise(tiny_fixture):
     one_block = 16 * kv_bytes_per_token(model, model.dtype)
     config = EngineConfig(kv_cache_bytes=one_block, max_batch=1, attn_micro_batch=0, max_prefill_tokens=64)
     engine = Engine(model, None, config)
-    with pytest.raises(CapacityError, match="host-memory"):          # one block holds 16 tokens, not 23
+    with pytest.raises(CapacityError, match="kv-cache-memory"):          # one block holds 16 tokens, not 23
         engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=20, ignore_eos=True))
-    with pytest.raises(CapacityError, match="holds no block.*host-memory"):   # less than a block: refused at once
+    with pytest.raises(CapacityError, match="holds no block.*kv-cache-memory"):   # less than a block: refused at once
         Engine(model, None, EngineConfig(kv_cache_bytes=one_block - 1))
 
 

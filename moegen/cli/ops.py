@@ -1,4 +1,5 @@
-"""`moegen build-ops` (compile the native kernels) and `moegen probe` (measure this machine)."""
+"""`moegen build-ops` (compile the native kernels) and `moegen probe` (measure this machine, and a
+checkpoint's disk with --disk)."""
 import json
 from pathlib import Path
 
@@ -11,6 +12,9 @@ def cmd_build_ops(args):
 def cmd_probe(args):
     from moegen.planner.probe import format_probe, probe
     result = probe(device=args.device, refresh=args.refresh)
+    if args.disk:
+        from moegen.planner.disk_probe import disk_read
+        result = {**result, "disk_read": disk_read(args.disk, refresh=args.refresh)}
     print(format_probe(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -25,4 +29,6 @@ def add_subparser(sub):
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--refresh", action="store_true", help="re-measure instead of using the cache")
+    p.add_argument("--disk", metavar="CHECKPOINT_DIR", help="also measure the read bandwidth of the disk this "
+                   "checkpoint is on (what weights stream at when --host-memory is below the model's size)")
     p.set_defaults(func=cmd_probe)

@@ -78,6 +78,8 @@ class Engine:
                                 f"{block_bytes} bytes for this model): give it more memory (--kv-cache-memory / "
                                 "kv_cache_memory)")
         self.max_blocks = budget // block_bytes
+        disk = self.model.checkpoint.path if self.layout is not None and self.layout.disk else None
+        self.planner = planner or MeasuredPlanner(self.device.type, disk)   # probes on first use only
         self.blocks = BlockManager(1, cfg.block_size, cfg.prefix_caching)
         self.cache = PagedKVCache(model, 1, cfg.block_size, model.dtype)
         self.stats = EngineStats(attention=attention_impl())
@@ -427,6 +429,10 @@ class Engine:
         if self.device_budget_bytes is not None:    # plan in this engine's device budget, as it is laid out
             overrides.update(device_memory_bytes=self.device_budget_bytes, num_buffers=self.config.num_buffers,
                              resident_bytes=self.streamer.resident_bytes, expert_chunk=self.config.expert_chunk)
+        if self.layout is not None:     # plan within the host budget, and with the disk tier as laid out
+            overrides["host_memory_bytes"] = self.layout.budget_bytes
+            if self.layout.disk:
+                overrides.update(resident_bytes=self.layout.resident_bytes, num_buffers=self.config.num_buffers)
         return self.planner.plan(self.model.config, job, overrides)
 
     def reset_stats(self) -> None:

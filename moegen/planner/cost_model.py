@@ -6,6 +6,9 @@ batch) the model charges, after MoE-Lightning's hierarchical roofline (HRM):
 
 - pcie:      streamed weights host -> device (the layer's dense group when not resident, plus the
              *distinct* experts that received tokens and are not resident), over h2d bandwidth;
+- disk:      on the CPU with the disk tier (plan.resident_bytes set: the weights host memory
+             holds), the same streamed weights read from the checkpoint's files, over the disk
+             read bandwidth; they pipeline with compute through the buffer pool as PCIe copies do;
 - kv:        other PCIe traffic: in decode q/k/v out and the attention output back (decode
              attention runs on the CPU over the host KV cache), in prefill the prompt's K/V
              written to the host cache;
@@ -30,7 +33,8 @@ whose serial parts cannot overlap:
   pipeline, time max(copies + last compute, first copy + computes), serial when the pool leaves
   one buffer for experts (a streamed dense group holds one buffer for the whole layer);
 - the next layer's dense group is copied behind this layer's experts.
-On the CPU everything is resident and one device does it all: the terms add.
+On the CPU one device does it all: the terms add, but for the disk tier's reads, which a reader
+thread does beside the compute (the same two-stage pipeline as the copies on a GPU).
 `ideal_decode_tokens_per_s` is the HRM bound with full overlap (max of the terms), for reference.
 
 Routing is taken as uniform: a layer's pass over T tokens touches expected_distinct_experts(E, k, T)
@@ -57,7 +61,7 @@ from moegen.planner.policy import MIN_NUM_BUFFERS
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
                "float8_e4m3fn": 1, "fp8": 1}
 _CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp8": "float8_e4m3fn"}
-TERMS = ("pcie", "kv", "attention", "compute", "memory", "elementwise", "dequant", "overhead")
+TERMS = ("pcie", "disk", "kv", "attention", "compute", "memory", "elementwise", "dequant", "overhead")
 
 # Ops per unit of work in the runner (runner.py, layers/): counted from the code, approximately.
 OPS_PER_LAYER = 20             # norms, router (linear, softmax, top-k, sort, bincount), residual adds
@@ -297,8 +301,10 @@ def _experts_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, tokens: int
     E, k, I, H = spec.num_experts, spec.top_k, spec.expert_intermediate, spec.hidden_size
     distinct = expected_distinct_experts(E, k, tokens)
     rows = tokens * k / distinct if distinct else 0.0
+    streams = resident.experts[layer] < E      # some experts of this layer are read each pass
     fused_rate = None
-    if hw.device != "cuda" and wl.dtype == "bfloat16":     # the engine's kernel runs bf16 models
+    # the engine's kernel runs bf16 models, over experts packed at load (not the disk tier's streamed ones)
+    if hw.device != "cuda" and wl.dtype == "bfloat16" and not streams:
         curve = spec.weight_format if spec.weight_format in hw.fused_experts_shapes else "bfloat16"
         fused_rate = hw.fused_experts_rate(curve, rows, H, I)
     if fused_rate and distinct:     # the engine's fused kernel: one call per layer, its measured rate
@@ -315,11 +321,16 @@ def _experts_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, tokens: int
     for key in ("compute", "memory", "dequant"):
         terms[key] += distinct * chunks * one[key]
     terms["overhead"] += distinct * ops_s
-    if hw.device != "cuda":
+    if not streams:
         return _Experts(distinct * one_compute_s, one_compute_s=one_compute_s)
     streamed = distinct * (E - resident.experts[layer]) / E
-    one_copy_s = ebytes / (hw.h2d_gbps * GB)
+    one_copy_s = ebytes / (_stream_gbps(hw) * GB)
     return _Experts(distinct * one_compute_s, streamed * one_copy_s, one_copy_s, one_compute_s, streamed)
+
+
+def _stream_gbps(hw: Hardware) -> float:
+    """Where streamed weights come from: host memory over PCIe on a GPU; the disk on the CPU."""
+    return hw.h2d_gbps if hw.device == "cuda" else hw.disk_read_gbps
 
 
 def _streamed_tail_s(plan, experts: _Experts, dense_copy_s: float, ffn_s: float, dense_resident: bool) -> float:
@@ -343,9 +354,9 @@ def _layer_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassS
     attn_s, link_s, sync_s = _attention_cost(spec, hw, wl, shape, micro_batches, terms)
     experts = _experts_cost(spec, hw, plan, wl, shape.tokens, layer, resident, terms)
     dense_copy_s = 0.0
-    if cuda and not resident.dense[layer]:
-        dense_copy_s = dense_group_bytes(spec, layer, wl.dtype_bytes) / (hw.h2d_gbps * GB)
-    terms["pcie"] += experts.copy_s + dense_copy_s
+    if not resident.dense[layer]:
+        dense_copy_s = dense_group_bytes(spec, layer, wl.dtype_bytes) / (_stream_gbps(hw) * GB)
+    terms["pcie" if cuda else "disk"] += experts.copy_s + dense_copy_s
     before_routing_s = attn_s + link_s + sync_s
     pre_s = max(dense_s - ffn_s, 0.0) + before_routing_s
     if not cuda and hw.elementwise_gbps > 0:    # the CPU runs these passes between its GEMMs
@@ -353,10 +364,12 @@ def _layer_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassS
         elementwise_s = elementwise_bytes / (hw.elementwise_gbps * GB)
         terms["elementwise"] += elementwise_s
         pre_s += elementwise_s
-    if not cuda:
+    if not cuda and not (experts.streamed or dense_copy_s):
         layer_s = pre_s + ffn_s + experts.compute_s
         return _Pass(layer_s, layer_s, terms)
     layer_s = pre_s + _streamed_tail_s(plan, experts, dense_copy_s, ffn_s, resident.dense[layer])
+    if not cuda:     # disk tier: the reads could at best hide behind all of the compute
+        return _Pass(layer_s, max(experts.copy_s + dense_copy_s, pre_s + ffn_s + experts.compute_s), terms)
     cpu_side = attn_s if shape.phase == "decode" else 0.0
     gpu_side = dense_s + experts.compute_s + (attn_s - cpu_side)
     ideal_s = max(experts.copy_s + dense_copy_s + link_s, cpu_side, gpu_side)
@@ -380,9 +393,9 @@ def _pass_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassSh
     fixed_s = OPS_PER_STEP * hw.op_overhead_s + hw.seq_overhead_s * shape.seqs
     terms["overhead"] += fixed_s
     first_copy_s = 0.0
-    if hw.device == "cuda" and not resident.dense[0]:   # nothing to hide the first layer's copy behind
-        first_copy_s = dense_group_bytes(spec, 0, wl.dtype_bytes) / (hw.h2d_gbps * GB)
-        terms["pcie"] += first_copy_s
+    if not resident.dense[0]:   # nothing to hide the first layer's copy behind
+        first_copy_s = dense_group_bytes(spec, 0, wl.dtype_bytes) / (_stream_gbps(hw) * GB)
+        terms["pcie" if hw.device == "cuda" else "disk"] += first_copy_s
     step_s += logits_s + fixed_s + first_copy_s
     out.add(_Pass(step_s, step_s, terms))
     return out
@@ -434,6 +447,9 @@ def _check_plan(spec: ModelSpec, hw: Hardware, plan) -> None:
         raise PlanError(f"max_batch must be >= 1, got {plan.max_batch}")
     if device == "cuda" and plan.num_buffers < MIN_NUM_BUFFERS:
         raise PlanError(f"num_buffers must be >= {MIN_NUM_BUFFERS} with streaming, got {plan.num_buffers}")
+    if device == "cpu" and plan.resident_bytes is not None and hw.disk_read_gbps <= 0:
+        raise PlanError("a CPU plan with weights streamed from disk (resident_bytes set) needs the disk's read "
+                        "bandwidth: `moegen probe --disk CHECKPOINT_DIR`, or --hw disk_read_gbps=N")
 
 
 def predict(spec: ModelSpec, hw: Hardware, plan, job: JobShape) -> Prediction:
@@ -444,7 +460,8 @@ def predict(spec: ModelSpec, hw: Hardware, plan, job: JobShape) -> Prediction:
     (equal lengths and no early stop, so the engine's waves are exactly these)."""
     _check_plan(spec, hw, plan)
     wl, db = job, job.dtype_bytes
-    resident = resident_set(spec, plan.resident_bytes if hw.device == "cuda" else None, db)
+    # on the CPU resident_bytes is what host memory holds of the weights (None: all; else the disk tier)
+    resident = resident_set(spec, plan.resident_bytes, db)
     G = max(1, min(plan.max_batch, wl.num_sequences))
     P, Pc, steps = wl.prompt_len, wl.prefill_len, wl.gen_len - 1
     per_pass = max(1, min(G, plan.max_prefill_tokens // Pc))     # the budget counts computed tokens

@@ -104,6 +104,8 @@ class Hardware:
         moegen.ops.experts): a MoE layer's experts then cost their FLOPs at that rate and one
         dispatch per layer (quantized ones without a curve: bf16's plus their dequantization);
         absent = per-expert GEMMs.
+    disk_read_gbps: sequential read bandwidth of the checkpoint's filesystem (the probe's, past
+        the page cache); 0 = unknown: plans keep every weight in host memory (no disk tier).
     """
     device: str = "cpu"
     gemm_flops_per_s: Mapping[str, float] = field(default_factory=dict)
@@ -121,6 +123,7 @@ class Hardware:
     elementwise_gbps: float = 0.0
     dequant_params_per_s: Mapping[str, float] = field(default_factory=dict)
     fused_experts_shapes: Mapping[str, Any] = field(default_factory=dict)
+    disk_read_gbps: float = 0.0
     op_overhead_s: float | None = None
     sync_overhead_s: float | None = None
     seq_overhead_s: float = SEQ_OVERHEAD_S
@@ -173,6 +176,7 @@ class Hardware:
                   cpu_attention_gbps=float(need("cpu_attention", "kv_gbps")),
                   host_memory_bytes=int(result.get("host_memory_bytes", 0)),
                   dequant_params_per_s=dict(result.get("dequant_params_per_s") or {}),
+                  disk_read_gbps=float((result.get("disk_read") or {}).get("gbps", 0)),
                   source=f"probe {result.get('hostname', '?')}/{result.get('device', '?')}")
         if device == "cuda":
             kw.update(h2d_gbps=float(need("h2d_pinned_gbps")), d2h_gbps=float(result.get("d2h_pinned_gbps", 0)),

@@ -560,6 +560,10 @@ def format_probe(result: dict) -> str:
                       experts.get("isa") or "")
     if "elementwise_gbps" in result:
         table.add_row("CPU elementwise pass", f"{result['elementwise_gbps']:.1f} GB/s", "SwiGLU activation, read + write")
+    if "disk_read" in result:
+        d = result["disk_read"]
+        table.add_row("disk read", f"{d['gbps']:.2f} GB/s", f"{'O_DIRECT' if d['direct'] else 'page cache dropped'}, "
+                      f"{d['bytes'] >> 20} MiB of {d['path']}")
     for fmt, rate in (result.get("dequant_params_per_s") or {}).items():
         table.add_row(f"dequantize {fmt} -> bf16", _si(rate, "param/s"), f"[{DEQUANT_SHAPE[0]}, {DEQUANT_SHAPE[1]}] weight")
     out = io.StringIO()

@@ -65,9 +65,14 @@ class _Budget:
         self.kv_per_seq = math.ceil(self.job.kv_tokens / self.block_size) * per_block
         self.kv_one_seq = math.ceil(self.job.seq_tokens / self.block_size) * per_block
         self.cuda = self.hw.device == "cuda"
-        self.buffer = buffer_bytes(self.spec, db) if self.cuda else 0
+        # on the CPU with a measured disk, weights host memory cannot hold stream from the files
+        self.disk = not self.cuda and self.hw.disk_read_gbps > 0
+        self.buffer = buffer_bytes(self.spec, db) if self.cuda or self.disk else 0
         self.model_group = model_group_bytes(self.spec, db)
         self.device_reserve = device_reserve_bytes(self.device_bytes)
+        # host memory the weights need at least: all of them, or the disk tier's embeddings + pool
+        self.host_weights = self.model_group + host_pool_bytes(MIN_NUM_BUFFERS, self.buffer) if self.disk \
+            else self.weights
         self.device_usable = self.device_bytes - self.device_reserve
 
     # working sets
@@ -88,12 +93,12 @@ class _Budget:
         return int(A * (out_b + back_b) * 2)        # a micro-batch's q/k/v and output, staged
 
     def host_free_for_kv(self, act: int) -> int:
-        return self.host_bytes - self.weights - HOST_RESERVE_BYTES - act
+        return self.host_bytes - self.host_weights - HOST_RESERVE_BYTES - act
 
     def expert_chunk(self, tokens: int) -> int:
         """0 (all rows) if an expert GEMM chain over every token of the pass fits its share of
         memory, else the largest power of two that does (an expert may get every token)."""
-        room = EXPERT_WORKSET_FRACTION * (self.device_usable if self.cuda else self.host_bytes - self.weights)
+        room = EXPERT_WORKSET_FRACTION * (self.device_usable if self.cuda else self.host_bytes - self.host_weights)
         per_row = self.compute_act(0, 0, 1, False)
         if tokens * per_row <= room:
             return 0
@@ -238,8 +243,8 @@ def _candidates(b: _Budget, ov: dict, min_chunk: int) -> Iterator[_Candidate]:
     N, P = b.job.num_sequences, b.job.prefill_len
     if "num_buffers" in ov:
         buffers = [int(ov["num_buffers"])]
-    else:   # on the CPU nothing streams: the count does not matter
-        buffers = list(BUFFER_OPTIONS) if b.cuda else [MIN_NUM_BUFFERS]
+    else:   # on the CPU nothing streams (but with the disk tier): the count does not matter
+        buffers = list(BUFFER_OPTIONS) if b.cuda or b.disk else [MIN_NUM_BUFFERS]
     for G in _batch_sizes(b, ov, min_chunk):
         g_eff = max(1, min(G, N))
         # the CPU attention kernel wants many sequences, and nothing is staged on the device
@@ -264,8 +269,31 @@ def _fits(b: _Budget, ov: dict, c: _Candidate) -> Plan | _Miss:
                   max_prefill_tokens=int(ov.get("max_prefill_tokens", c.prompts_per_pass * b.job.prefill_len)),
                   activation_bytes=b.pass_act(g_eff, c.prompts_per_pass, c.expert_chunk))
     if not b.cuda:
-        return Plan(**common)
+        return _host_fit(b, ov, c, common, host_act, kv_bytes)
     return _device_fit(b, ov, c, g_eff, common)
+
+
+def host_pool_bytes(num_buffers: int, buffer: int) -> int:
+    """The disk tier's pool: num_buffers buffers and one more for its reader (moegen.engine.disk_tier)."""
+    return (num_buffers + 1) * buffer
+
+
+def _host_fit(b: _Budget, ov: dict, c: _Candidate, common: dict, act: int, kv: int) -> Plan | _Miss:
+    """On the CPU: every weight in host memory if they fit beside the KV cache and activations;
+    else, with a measured disk, the disk tier: the buffer pool and what fits of the rest resident
+    (the engine's own choice, dense groups first), the rest read from disk each pass."""
+    room = b.host_bytes - HOST_RESERVE_BYTES - act - kv
+    if "resident_bytes" not in ov and room >= b.weights:
+        return Plan(**common)
+    pool = host_pool_bytes(c.num_buffers, b.buffer)
+    want = int(ov.get("resident_bytes", room - pool))
+    if not b.disk or want > room - pool or want < b.model_group:
+        short = max(want, b.model_group) + pool - room if b.disk else b.weights - room
+        return _Miss(short, _host_error(b, common["max_batch"], act,
+                                        "weights streamed from disk, the buffer pool" if b.disk else None))
+    resident = resident_set(b.spec, want, b.job.dtype_bytes)
+    return Plan(**common, resident_bytes=resident.used_bytes,
+                resident_fraction=resident.fraction(b.spec, b.job.dtype_bytes), pool_bytes=pool)
 
 
 def _device_fit(b: _Budget, ov: dict, c: _Candidate, g_eff: int, common: dict) -> Plan | _Miss:
