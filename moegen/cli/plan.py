@@ -31,6 +31,8 @@ BOUND_HINTS = {
     "memory": "reading weights from memory: too few tokens per expert GEMM; raise G",
     "attention": "decode attention over the host KV cache: bound by the CPU's memory bandwidth",
     "kv": "KV / activation traffic over PCIe",
+    "disk": "reading streamed weights from disk: a larger G (--kv-cache-memory) spreads each read over more "
+            "tokens; more --host-memory keeps more weights resident",
     "overhead": "per-op dispatch: too little work per op; raise G",
 }
 
@@ -81,7 +83,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    "(e.g. mixtral-8x7b)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the probe's device, else cpu")
     p.add_argument("--host-memory", help="host memory moegen may use for weights, KV cache and activations, "
-                   "e.g. 64GB (default: the hardware's)")
+                   "e.g. 64GB (default: the hardware's); below the model's size (cpu, with the disk's bandwidth "
+                   "from `moegen probe --disk`) the rest of the weights stream from disk")
     p.add_argument("--device-memory", help="GPU memory budget, e.g. 24GB (default: the hardware's)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=256)
@@ -104,6 +107,12 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_plan(args) -> None:
     hw = load_hardware(args.device, args.probe_json, args.hw)
+    if hw.device == "cpu" and not hw.disk_read_gbps and Path(args.model).is_dir():   # a checkpoint: its disk
+        from moegen.planner.disk_probe import disk_read
+        try:
+            hw = hw.replace(disk_read_gbps=disk_read(args.model)["gbps"])
+        except InputError:        # files too small to measure with: plans keep every weight in memory
+            pass
     spec = ModelSpec.from_config(args.model)
     job = JobShape(args.prompt_len, args.gen_len, args.num_seqs, args.dtype)
     overrides = {name: getattr(args, name) for name in ("max_batch", "attn_micro_batch", "max_prefill_tokens",
@@ -127,17 +136,21 @@ def _hw_line(hw: Hardware, dtype: str) -> str:
              f"host memory {hw.host_mem_bw_gbps:.1f} GB/s", f"CPU attention {hw.cpu_attention_gbps:.1f} GB/s of KV"]
     if hw.device == "cuda":
         parts += [f"h2d {hw.h2d_gbps:.1f} GB/s", f"device memory {hw.device_mem_bw_gbps:.0f} GB/s"]
+    if hw.disk_read_gbps:
+        parts.append(f"disk {hw.disk_read_gbps:.2f} GB/s")
     return f"hardware ({hw.source}, {hw.device}): " + ", ".join(parts)
 
 
 def engine_flags(plan: Plan) -> str:
-    """The `moegen generate` flags that run this plan (--host-memory there is the KV cache)."""
+    """The `moegen generate` flags that run this plan."""
     opts = plan.to_engine_options()
     flags = [f"--device {opts['device']}", f"--max-batch {opts['max_batch']}",
              f"--attn-micro-batch {opts['attn_micro_batch']}", f"--max-prefill-tokens {opts['max_prefill_tokens']}",
-             f"--expert-chunk {opts['expert_chunk']}", f"--host-memory {opts['kv_cache_bytes']}"]
+             f"--expert-chunk {opts['expert_chunk']}", f"--kv-cache-memory {opts['kv_cache_bytes']}"]
     if opts["device"] == "cuda":
         flags += [f"--num-buffers {opts['num_buffers']}", f"--device-memory {opts['device_memory']}"]
+    if plan.disk_tier:
+        flags += [f"--num-buffers {opts['num_buffers']}", f"--host-memory {opts['host_memory_bytes']}"]
     return " ".join(flags)
 
 
@@ -155,6 +168,16 @@ def _plan_rows(spec: ModelSpec, wl: JobShape, plan: Plan) -> list[tuple[str, str
                   f"{plan.resident_fraction:.1%} of {format_bytes(spec.weight_bytes(wl.dtype_bytes)['total'])}"),
                  ("streaming buffers", str(plan.num_buffers), f"{format_bytes(plan.pool_bytes)} in all"),
                  ("device activations", format_bytes(plan.activation_bytes), "planner's estimate")]
+    if plan.disk_tier:
+        total = spec.weight_bytes(wl.dtype_bytes)["total"]
+        rows += [("weight tier", "disk", f"host memory holds {format_bytes(plan.resident_bytes)} "
+                  f"({plan.resident_fraction:.1%}) of {format_bytes(total)}; the rest is read from the checkpoint's "
+                  "files each pass"),
+                 ("streaming buffers", str(plan.num_buffers), f"{format_bytes(plan.pool_bytes)} in host memory"),
+                 ("host memory", format_bytes(plan.host_memory_bytes), "--host-memory: weights, buffers, KV cache, "
+                  "activations, runtime")]
+    elif plan.device == "cpu":
+        rows.append(("weight tier", "memory", "every weight in host memory"))
     rows += [("KV cache (host)", format_bytes(plan.kv_cache_bytes), f"{format_bytes(kv_seq)} per sequence, "
               f"block_size {plan.block_size}")]
     return rows

@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Mapping
 
 from moegen.errors import InputError, MoegenError
 from moegen.planner.policy import (DEFAULT_ATTN_MICRO_BATCH, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH,
-                                   DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_NUM_BUFFERS, MIN_NUM_BUFFERS)
+                                   DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_NUM_BUFFERS, HOST_RESERVE_BYTES,
+                                   MIN_NUM_BUFFERS)
 
 ENGINE_ALIGN_SLACK_BYTES = 1 << 20    # the engine aligns each tensor to 64 bytes: keep its budget >= ours
 
@@ -21,10 +22,11 @@ class Plan:
     """Engine settings plus what the planner assumed about memory.
 
     max_batch (G): sequences decoding together; attn_micro_batch (A): sequences per attention
-    micro-batch; expert_chunk: rows per expert GEMM (0 = all); num_buffers: device buffers for
-    streamed weights; resident_bytes: weights kept on the device (None on the CPU: everything is
-    resident); pool_bytes: those buffers; kv_cache_bytes: host KV cache; activation_bytes: the
-    planner's working-set estimate on the compute device. Defaults are the engine's."""
+    micro-batch; expert_chunk: rows per expert GEMM (0 = all); num_buffers: buffers for streamed
+    weights; resident_bytes: weights kept on the device (on the CPU: in host memory, the rest
+    streaming from disk; None: everything is resident); pool_bytes: those buffers; kv_cache_bytes:
+    host KV cache; activation_bytes: the planner's working-set estimate on the compute device.
+    Defaults are the engine's."""
     attention: ClassVar[str] = "cpu"    # decode attention: the engine runs it on the CPU over the host KV cache
     device: str = "cpu"
     max_batch: int = DEFAULT_MAX_BATCH
@@ -40,6 +42,20 @@ class Plan:
     activation_bytes: int = 0
 
     @property
+    def disk_tier(self) -> bool:
+        """On the CPU, weights beyond resident_bytes stream from the checkpoint's files."""
+        return self.device == "cpu" and self.resident_bytes is not None
+
+    @property
+    def host_memory_bytes(self) -> int | None:
+        """The engine's host_memory for a disk-tier plan: what its layout (moegen.engine.disk_tier)
+        then divides as the plan did; None when every weight is in memory (no budget needed)."""
+        if not self.disk_tier:
+            return None
+        return (HOST_RESERVE_BYTES + self.activation_bytes + self.kv_cache_bytes + self.pool_bytes
+                + self.resident_bytes + ENGINE_ALIGN_SLACK_BYTES)
+
+    @property
     def device_memory_bytes(self) -> int | None:
         """The engine's device_memory: its resident weights and its buffer pool."""
         if self.device == "cpu" or self.resident_bytes is None:
@@ -53,10 +69,13 @@ class Plan:
                     num_buffers=self.num_buffers, kv_cache_bytes=self.kv_cache_bytes, block_size=self.block_size)
         if self.device_memory_bytes is not None:
             opts["device_memory"] = self.device_memory_bytes
+        if self.host_memory_bytes is not None:
+            opts["host_memory_bytes"] = self.host_memory_bytes
         return opts
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "device_memory_bytes": self.device_memory_bytes}
+        return {**asdict(self), "device_memory_bytes": self.device_memory_bytes,
+                "host_memory_bytes": self.host_memory_bytes}
 
 
 ALIASES = {"G": "max_batch", "A": "attn_micro_batch", "g": "max_batch", "a": "attn_micro_batch"}
