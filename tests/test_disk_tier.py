@@ -185,3 +185,18 @@ def test_peak_rss_stays_within_a_budget_below_the_model(large_checkpoint):
     assert streamed["peak_rss"] <= budget, (streamed["peak_rss"], budget)
     # the in-memory run holds the weights; the streamed one did not (else the budget test is moot)
     assert whole["peak_rss"] > budget and streamed["peak_rss"] < whole["peak_rss"] - weights // 2
+
+
+def test_bench_figures_of_a_disk_tier_run(tiny_fixture):
+    from moegen.harness.systems.moegen_engine import disk_figures
+    engine = disk_engine(tiny_fixture("mixtral"), resident_share=0.0, max_batch=4, attn_micro_batch=0)   # not planned
+    engine.planner._hardware = type("HW", (), {"disk_read_gbps": 2.0})()      # the disk's measured bandwidth
+    engine.reset_stats()
+    outs = engine.generate(PROMPTS, PARAMS)
+    generated = sum(len(o.token_ids) for o in outs)
+    figures = disk_figures(engine, 1.0, generated)
+    assert figures["disk_bytes_read"] == engine.streamer.stats.bytes_moved > 0
+    assert figures["disk_bound_tokens_per_s"] == pytest.approx(generated / (figures["disk_bytes_read"] / 2e9))
+    assert figures["compute_bound_tokens_per_s"] >= generated / 1.0
+    assert figures["bound_share"] == pytest.approx(generated / min(figures["disk_bound_tokens_per_s"],
+                                                                   figures["compute_bound_tokens_per_s"]))

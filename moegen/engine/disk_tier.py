@@ -16,7 +16,8 @@ activations, the KV cache, the pool and resident weights, and says whether the d
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ class DiskBackend:
         self.reader = HeaderReader(checkpoint.entries, self.reads)
         self.producers = checkpoint.producers(self.reader)
         self.extents = {}                    # name -> file ranges (None: produced), found once
+        self.wait_s = 0.0                    # the runner's time blocked on reads (what the disk did not hide)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="moegen-disk")
 
     @property
@@ -60,6 +62,10 @@ class DiskBackend:
         return views, self.thread.submit(self._read, views)
 
     def wait(self, event):
+        if not event.done():
+            t0 = time.perf_counter()
+            wait([event])
+            self.wait_s += time.perf_counter() - t0
         event.result()          # a read's error (a truncated file) surfaces here, in the caller
 
     def compute_done(self):

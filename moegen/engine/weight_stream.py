@@ -230,7 +230,7 @@ class WeightStreamer:
         self.upcoming: deque[str] = deque()
         self.users: dict[str, int] = {}
         self.stats = StreamStats()
-        self._disk_base = self.disk_bytes_total
+        self._disk_base = self._disk_totals()
 
     def _place_resident(self, weights: dict, release) -> None:
         """Resident weights onto the device, one tensor at a time, each host copy dropped (and its
@@ -258,18 +258,22 @@ class WeightStreamer:
             return 0
         return sum(module_bytes(self.groups[k]) for k in self.resident)
 
-    @property
-    def disk_bytes_total(self) -> int:
-        return getattr(self.backend, "bytes_read", 0)
+    def _disk_totals(self) -> tuple:
+        return getattr(self.backend, "bytes_read", 0), getattr(self.backend, "wait_s", 0.0)
 
     @property
     def disk_bytes_read(self) -> int:
         """Bytes read from the checkpoint files since the stats were last reset (the disk tier)."""
-        return self.disk_bytes_total - self._disk_base
+        return self._disk_totals()[0] - self._disk_base[0]
+
+    @property
+    def disk_wait_s(self) -> float:
+        """Time the runner waited for those reads since the stats were last reset."""
+        return self._disk_totals()[1] - self._disk_base[1]
 
     def reset_stats(self) -> None:
         self.stats.reset()
-        self._disk_base = self.disk_bytes_total
+        self._disk_base = self._disk_totals()
 
     def weights(self, key: str) -> dict:
         """Resident weights of a module (no streaming involved)."""

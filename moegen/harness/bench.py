@@ -67,6 +67,12 @@ JSON schema (schema 1; every number a plain JSON number, null where unknown or n
                                                 #   weight_format ("int4", "fp8", or the dtype), kv_cache_bytes
                                                 #   (allocated), peak_rss_per_weights_bytes (peak_rss_bytes /
                                                 #   weights_bytes), peak_rss_per_weights_kv_bytes (/ both);
+                                                #   disk_bytes_read (the disk tier's reads, 0 without it)
+                                                #   and with it disk_read_gbps, disk_wait_s,
+                                                #   disk_bound_tokens_per_s (generated / the reads' time at
+                                                #   disk_read_gbps), compute_bound_tokens_per_s (generated /
+                                                #   the time not waiting on reads), bound_share (e2e / the
+                                                #   smaller bound);
                                                 #   hf-generate: batch_size, sweep;
                                                 #   hf-continuous: setup_s
         "config": {"dtype", "device", "repeat", "warmup", "options", ...},  # what the system used; moegen

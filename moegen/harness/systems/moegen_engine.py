@@ -31,6 +31,22 @@ def predicted(engine) -> dict:
             "predicted_bound": p.bound if p else None}
 
 
+def disk_figures(engine, wall_s: float, generated: int) -> dict:
+    """The disk tier's share of a run: bytes read; the disk bound (tokens/s if reading them at the
+    disk's measured bandwidth were all the run did); the compute bound (tokens/s of the run's time
+    not spent waiting for reads); and the share of min(both) the run achieved."""
+    read = engine.streamer.disk_bytes_read
+    out = {"disk_bytes_read": read}
+    gbps = getattr(getattr(engine.planner, "hardware", None), "disk_read_gbps", 0) if read else 0
+    if not gbps or wall_s <= 0:
+        return out
+    disk_bound = generated / (read / (gbps * 1e9))
+    compute_bound = generated / max(wall_s - engine.streamer.disk_wait_s, 1e-9)
+    return {**out, "disk_read_gbps": gbps, "disk_wait_s": engine.streamer.disk_wait_s,
+            "disk_bound_tokens_per_s": disk_bound, "compute_bound_tokens_per_s": compute_bound,
+            "bound_share": generated / wall_s / min(disk_bound, compute_bound)}
+
+
 def memory_of(engine) -> dict:
     """Host bytes of the engine's weights as stored, their format, and its allocated KV cache."""
     from moegen.dtypes import dtype_name
@@ -88,6 +104,7 @@ class MoegenSystem(System):
         extra = {"prefill_steps": s.prefill_steps, "decode_steps": s.decode_steps, "experts_run": s.experts_run,
                  "experts_skipped": s.experts_skipped, "weight_bytes_moved": engine.streamer.stats.bytes_moved,
                  "prompt_tokens_computed": s.prompt_tokens_computed, "prefix_hit_rate": s.prefix_hit_rate,
+                 **disk_figures(engine, wall, sum(len(o.token_ids) for o in outs)),
                  **predicted(engine), **memory_of(engine)}
         config = {"engine": asdict(engine.config), "settings": settings_used(engine), "attention": s.attention,
                   "planned": engine.stats.plan.plan is not None}
