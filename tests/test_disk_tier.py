@@ -7,13 +7,16 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.engine.weight_stream import group_weights, module_bytes
 from moegen.errors import CapacityError, CheckpointError
 from moegen.harness.fixture import build_fixture
 from moegen.harness.quantize import quantize_checkpoint
+from moegen.layers.linear import packing_supported
 from moegen.loader import load_model
+from moegen.planner.policy import disk_pool_bytes
 
 PROMPTS = [[1, 22, 33, 44], [1, 9], [1, 4, 5, 6, 7, 8]]
 PARAMS = SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -28,7 +31,8 @@ def disk_budget(path, dtype="float32", resident_share=0.1, **options) -> int:
                                    **{**SMALL, **options})     # its weights as loaded, not packed
     sizes = {k: module_bytes(g) for k, g in group_weights(probe.model.weights).items()}
     layout = probe.layout
-    pool = (probe.config.num_buffers + 1) * max(v for k, v in sizes.items() if k != "model")
+    packed = dtype == "bfloat16" and packing_supported(torch.bfloat16)      # the reader packs bf16 GEMM weights
+    pool = disk_pool_bytes(probe.config.num_buffers, max(v for k, v in sizes.items() if k != "model"), packed)
     rest = sum(sizes.values()) - sizes["model"]
     return layout.reserve_bytes + layout.activation_bytes + KV + pool + sizes["model"] + int(resident_share * rest)
 
@@ -157,7 +161,6 @@ RSS_SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def large_checkpoint(tmp_path_factory):
     """A float32 Mixtral-shaped checkpoint with ~300 MB of experts (more than the runtime's slack)."""
-    import torch
     from transformers import AutoModelForCausalLM, MixtralConfig
     cfg = MixtralConfig(vocab_size=4096, hidden_size=256, intermediate_size=2048, num_hidden_layers=6,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,

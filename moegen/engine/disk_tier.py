@@ -9,7 +9,8 @@ engine uses as stored (a plain tensor in the model's dtype; an expert's gate and
 read straight into its view: one pread per file range, no copy, its pages dropped from the page
 cache after the read. The others (a cast from the stored dtype, a quantized weight, which streams
 as stored) are made by the loader's own producers over bytes read the same way and then copied
-in, so every weight is exactly what an in-memory load holds.
+in, so every weight is exactly what an in-memory load holds. bf16 GEMM weights are then re-laid
+out for oneDNN on the reader thread (as prepack does for resident ones at load), bit-identical.
 
 `host_layout` divides the host budget (EngineConfig.host_memory_bytes) between a runtime reserve,
 activations, the KV cache, the pool and resident weights, and says whether the disk tier is on.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from moegen.errors import CapacityError
+from moegen.layers.linear import pack_weight
 from moegen.layers.quantized import tensors_of
 from moegen.planner.memory import format_bytes
 from moegen.planner.policy import DISK_KV_SHARE, HOST_KV_SHARE, choose_resident
@@ -40,14 +42,19 @@ class DiskBackend:
     streams = True
     device = torch.device("cpu")
 
-    def __init__(self, checkpoint):
+    def __init__(self, checkpoint, pack: bool = False):
         self.checkpoint = checkpoint
+        # bf16 GEMM weights re-laid out for oneDNN by the reader, beside the compute (a plain one
+        # would be re-laid out at every GEMM, in the compute's time): bit-identical results
+        self.packed = checkpoint.gemm_only if pack else set()
         self.reads = FileReads()
         self.reader = HeaderReader(checkpoint.entries, self.reads)
         self.producers = checkpoint.producers(self.reader)
         self.extents = {}                    # name -> file ranges (None: produced), found once
         self.wait_s = 0.0                    # the runner's time blocked on reads (what the disk did not hide)
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="moegen-disk")
+        # one intra-op thread for the reader's packing: the compute keeps the cores
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="moegen-disk", initializer=torch.set_num_threads,
+                                         initargs=(1,))
 
     @property
     def bytes_read(self) -> int:
@@ -76,17 +83,18 @@ class DiskBackend:
         for name, view in views.items():
             if name not in self.extents:
                 self.extents[name] = self.checkpoint.extents(name)
-            extents = self.extents[name]
-            if extents is None:
+            if self.extents[name] is None:
                 self.reader.for_weight(name)
                 made = self.checkpoint.produce(name, self.producers[name])
                 for dst, src in zip(tensors_of(view), tensors_of(made)):
                     dst.copy_(src)
-                continue
-            flat, at = view.view(-1).view(torch.uint8), 0
-            for extent in extents:
-                self.reads.read_into(extent, flat[at:at + extent.nbytes])
-                at += extent.nbytes
+            else:
+                flat, at = view.view(-1).view(torch.uint8), 0
+                for extent in self.extents[name]:
+                    self.reads.read_into(extent, flat[at:at + extent.nbytes])
+                    at += extent.nbytes
+            if name in self.packed and isinstance(view, torch.Tensor) and view.dim() == 2:
+                views[name] = pack_weight(view)
 
 
 # ---- the host budget ----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from moegen.planner.memory import activation_bytes, engine_activation_reserve, f
 from moegen.planner.model_spec import ModelSpec
 from moegen.planner.policy import (DEFAULT_MAX_BATCH, DEFAULT_MAX_PREFILL_TOKENS, FALLBACK_SETTINGS, HOST_RESERVE_BYTES,
                                    PLANNED, call_plan, choose_resident, default_device_budget_bytes,
-                                   default_kv_cache_bytes, device_reserve_bytes)
+                                   default_kv_cache_bytes, device_reserve_bytes, disk_pool_bytes)
 
 
 log = logging.getLogger("moegen")
@@ -124,8 +124,8 @@ class Engine:
         if cfg.host_memory_bytes is None:
             return None
         sizes = {k: module_bytes(g) for k, g in group_weights(weights).items()}
-        # the reader's own buffer is a pool buffer more
-        pool = (cfg.num_buffers + 1) * max((v for k, v in sizes.items() if k != "model"), default=0)
+        pool = disk_pool_bytes(cfg.num_buffers, max((v for k, v in sizes.items() if k != "model"), default=0),
+                               self._packs())
         spec = ModelSpec.from_model(self.model)
         tokens = cfg.max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS
         act = activation_bytes(spec, tokens, min(tokens, DEFAULT_MAX_BATCH), tokens, self.model.dtype.itemsize, True)
@@ -140,14 +140,20 @@ class Engine:
         log.info("%s", layout.describe())
         return layout
 
+    def _packs(self) -> bool:
+        """Whether GEMM weights get oneDNN's layout (prepack; with the disk tier, after each read)."""
+        return self.config.prepack is not False and packing_supported(self.model.dtype)
+
     def _make_streamer(self) -> WeightStreamer:
         cfg, weights = self.config, self.model.weights
         checkpoint = self.model.checkpoint
         if self.layout is not None and self.layout.disk:
             groups = group_weights(weights)
             checkpoint.load([n for k in self.layout.resident for n, w in groups[k].items() if is_skeleton(w)], own=True)
-            return WeightStreamer(weights, DiskBackend(checkpoint), resident=set(self.layout.resident),
-                                  num_buffers=cfg.num_buffers)
+            if self._packs():         # resident ones once; streamed ones by the reader, as each is read
+                self._prepack(weights)
+            return WeightStreamer(weights, DiskBackend(checkpoint, pack=self._packs()),
+                                  resident=set(self.layout.resident), num_buffers=cfg.num_buffers)
         if checkpoint is not None:            # opened lazily (from_pretrained): read what is not yet
             checkpoint.load([n for n, w in weights.items() if is_skeleton(w)])
         streams = self.device.type == "cuda" or cfg.streaming == "staged"

@@ -41,6 +41,13 @@ def device_reserve_bytes(budget_bytes: int) -> int:
     return min(budget_bytes, DEVICE_RESERVE_BYTES + int(DEVICE_RESERVE_FRACTION * budget_bytes))
 
 
+def disk_pool_bytes(num_buffers: int, buffer_bytes: int, packed: bool) -> int:
+    """Host memory of the disk tier's pool (moegen.engine.disk_tier): num_buffers buffers of the
+    largest streamed module, a module's worth for the reader's own temporaries, and with packed
+    (bf16/fp16 GEMM weights re-laid out for oneDNN after each read) the packed copies beside them."""
+    return (num_buffers * (2 if packed else 1) + 1) * buffer_bytes
+
+
 def choose_resident(groups: Mapping[str, Any], sizes: Mapping[str, int], budget_bytes: int) -> set:
     """Keep weight groups on the device while they fit: the top-level and per-layer dense groups
     first (every step needs them), then experts in layer order. A group that does not fit is

@@ -36,7 +36,7 @@ from moegen.planner.plan import Plan, PlanError, plan_overrides
 from moegen.planner.policy import (DEFAULT_ATTN_MICRO_BATCH, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH,
                                    DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_NUM_BUFFERS, HOST_RESERVE_BYTES,
                                    MIN_NUM_BUFFERS, default_device_budget_bytes, default_kv_cache_bytes,
-                                   device_reserve_bytes)
+                                   device_reserve_bytes, disk_pool_bytes)
 
 __all__ = ["search", "predict_for_engine", "plan_from_engine_config"]
 
@@ -71,8 +71,9 @@ class _Budget:
         self.model_group = model_group_bytes(self.spec, db)
         self.device_reserve = device_reserve_bytes(self.device_bytes)
         # host memory the weights need at least: all of them, or the disk tier's embeddings + pool
-        self.host_weights = self.model_group + host_pool_bytes(MIN_NUM_BUFFERS, self.buffer) if self.disk \
-            else self.weights
+        self.packed = self.job.dtype in ("bfloat16", "float16")     # the disk tier packs those for oneDNN
+        self.host_weights = self.model_group + disk_pool_bytes(MIN_NUM_BUFFERS, self.buffer, self.packed) \
+            if self.disk else self.weights
         self.device_usable = self.device_bytes - self.device_reserve
 
     # working sets
@@ -273,11 +274,6 @@ def _fits(b: _Budget, ov: dict, c: _Candidate) -> Plan | _Miss:
     return _device_fit(b, ov, c, g_eff, common)
 
 
-def host_pool_bytes(num_buffers: int, buffer: int) -> int:
-    """The disk tier's pool: num_buffers buffers and one more for its reader (moegen.engine.disk_tier)."""
-    return (num_buffers + 1) * buffer
-
-
 def _host_fit(b: _Budget, ov: dict, c: _Candidate, common: dict, act: int, kv: int) -> Plan | _Miss:
     """On the CPU: every weight in host memory if they fit beside the KV cache and activations;
     else, with a measured disk, the disk tier: the buffer pool and what fits of the rest resident
@@ -285,7 +281,7 @@ def _host_fit(b: _Budget, ov: dict, c: _Candidate, common: dict, act: int, kv: i
     room = b.host_bytes - HOST_RESERVE_BYTES - act - kv
     if "resident_bytes" not in ov and room >= b.weights:
         return Plan(**common)
-    pool = host_pool_bytes(c.num_buffers, b.buffer)
+    pool = disk_pool_bytes(c.num_buffers, b.buffer, b.packed)
     want = int(ov.get("resident_bytes", room - pool))
     if not b.disk or want > room - pool or want < b.model_group:
         short = max(want, b.model_group) + pool - room if b.disk else b.weights - room
