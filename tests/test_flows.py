@@ -40,7 +40,7 @@ from tasks.evaluation import hub_task_names  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HW = {"cpu": {"model": "Fake CPU", "count": 2}, "gpu": None}
-SMALL_ENGINE = {"host_memory": "64MB"}
+SMALL_ENGINE = {"kv_cache_memory": "64MB"}
 
 
 @pytest.fixture(scope="session")
