@@ -31,7 +31,7 @@ POOL_ELEMS = 80 << 20          # bf16 values the tensors are cut from (the embed
 
 def config(layers: int):
     from transformers import MixtralConfig
-    return MixtralConfig(num_hidden_layers=layers, dtype="bfloat16", **SHAPE)
+    return MixtralConfig(num_hidden_layers=layers, dtype="bfloat16", architectures=["MixtralForCausalLM"], **SHAPE)
 
 
 class Slicer:
