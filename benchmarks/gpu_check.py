@@ -266,7 +266,7 @@ def step_throughput(check: Check, mode: str, sizes: dict, work: Path, shape: str
     wl = PromptSet(f"synthetic:prompt={sizes['tp_prompt']},gen={sizes['tp_gen']},n={n}", ps, sizes["tp_gen"], True,
                    None, "synthetic")
     device, rows, failed = device_of(mode), {}, []
-    moegen_opts = dict(max_batch=n, attn_micro_batch=min(n, 64), max_prefill_tokens=4096, host_memory=sizes["kv"])
+    moegen_opts = dict(max_batch=n, attn_micro_batch=min(n, 64), max_prefill_tokens=4096, kv_cache_memory=sizes["kv"])
     runs = {"moegen-streamed": ("moegen", dict(moegen_opts, device_memory=budget, num_buffers=2,
                                                 streaming="auto" if mode == "cuda" else "staged")),
             "moegen-resident": ("moegen", dict(moegen_opts, streaming="resident" if mode == "cuda" else "auto")),

@@ -103,7 +103,8 @@ class FileReads:
                                       "while moegen was reading it")
             done += n
         os.posix_fadvise(fd, entry.offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
-        self.bytes_read += entry.nbytes
+        with self.lock:
+            self.bytes_read += entry.nbytes
 
     def tensor(self, entry: Entry) -> torch.Tensor:
         out = torch.empty(entry.shape, dtype=entry.torch_dtype)

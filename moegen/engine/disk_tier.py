@@ -17,6 +17,7 @@ activations, the KV cache, the pool and resident weights, and says whether the d
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from moegen.planner.memory import format_bytes
 from moegen.planner.policy import DISK_KV_SHARE, HOST_KV_SHARE, choose_resident
 from moegen.safetensors_files import FileReads, HeaderReader
 
+READERS = 2           # reader threads: one reading while the other packs what it read
+
 
 def is_skeleton(w) -> bool:
     """A weight not read yet (moegen.loader.Checkpoint): its tensors are on the meta device."""
@@ -37,8 +40,9 @@ def is_skeleton(w) -> bool:
 
 
 class DiskBackend:
-    """Host pool buffers filled from the checkpoint files by one reader thread (reads are large
-    and sequential within a module; the disk, not the thread count, is the limit)."""
+    """Host pool buffers filled from the checkpoint files by READERS threads: while one waits on
+    the disk, another re-lays out what it read (modules are independent; the pool bounds how many
+    are in flight)."""
     streams = True
     device = torch.device("cpu")
 
@@ -53,12 +57,17 @@ class DiskBackend:
         self.extents = {}                    # name -> file ranges (None: produced), found once
         self.wait_s = 0.0                    # the runner's time blocked on reads (what the disk did not hide)
         # one intra-op thread for the reader's packing: the compute keeps the cores
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="moegen-disk", initializer=torch.set_num_threads,
+        self.thread = ThreadPoolExecutor(READERS, thread_name_prefix="moegen-disk", initializer=torch.set_num_threads,
                                          initargs=(1,))
+        self.produce_lock = threading.Lock()   # the producers share one reader (its expert row)
 
     @property
     def bytes_read(self) -> int:
         return self.reads.bytes_read
+
+    def prepare_host(self, weights: dict, names: list, release=None) -> list[int]:
+        """Nothing to stage: the streamed weights stay in the files until read."""
+        return []
 
     def alloc(self, nbytes):
         return torch.empty(nbytes, dtype=torch.uint8)
@@ -84,8 +93,9 @@ class DiskBackend:
             if name not in self.extents:
                 self.extents[name] = self.checkpoint.extents(name)
             if self.extents[name] is None:
-                self.reader.for_weight(name)
-                made = self.checkpoint.produce(name, self.producers[name])
+                with self.produce_lock:
+                    self.reader.for_weight(name)
+                    made = self.checkpoint.produce(name, self.producers[name])
                 for dst, src in zip(tensors_of(view), tensors_of(made)):
                     dst.copy_(src)
             else:

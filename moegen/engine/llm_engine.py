@@ -149,9 +149,16 @@ class Engine:
         checkpoint = self.model.checkpoint
         if self.layout is not None and self.layout.disk:
             groups = group_weights(weights)
-            checkpoint.load([n for k in self.layout.resident for n, w in groups[k].items() if is_skeleton(w)], own=True)
-            if self._packs():         # resident ones once; streamed ones by the reader, as each is read
+            todo = [n for k in self.layout.resident for n, w in groups[k].items() if is_skeleton(w)]
+            # plain GEMM weights packed straight from the mapped files (each one's pages handed back
+            # as it is packed: a copy first would hold the resident weights twice); the rest copied
+            # in, so resident weights never depend on the files again. Streamed ones the reader packs.
+            packed = {n for n in self.model.linear_weight_names()
+                      if self._packs() and isinstance(weights[n], torch.Tensor)} & set(todo)
+            checkpoint.load(sorted(packed))
+            if packed:
                 self._prepack(weights)
+            checkpoint.load([n for n in todo if n not in packed], own=True)
             return WeightStreamer(weights, DiskBackend(checkpoint, pack=self._packs()),
                                   resident=set(self.layout.resident), num_buffers=cfg.num_buffers)
         if checkpoint is not None:            # opened lazily (from_pretrained): read what is not yet
