@@ -62,6 +62,8 @@ class Engine:
         self.config = cfg = config or EngineConfig(**overrides)
         check_machine(cfg)
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is None:    # "cuda" is the current GPU: name it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.planner = planner or MeasuredPlanner(str(self.device))   # probes on first use only
         self.max_model_len = cfg.max_model_len or getattr(model.config, "max_position_embeddings", 1 << 20)
         self.device_budget_bytes = None         # a streaming engine's device budget (see _resident_modules)
