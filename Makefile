@@ -20,7 +20,7 @@ BENCH_PROMPTS ?= 256
 BENCH_NEW_TOKENS ?= 32
 PREFECT_ENV := PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 
-.PHONY: run test install clean serve stop generate
+.PHONY: run test install clean serve stop generate gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,3 +71,10 @@ stop:
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR)
+
+# Wheels a lent GPU machine (Python 3.12, no network) lacks, for benchmarks/gpu_check.sh to install
+# offline: ninja, which torch's extension builder needs for the native CPU kernels (else the slower
+# PyTorch fallbacks run). Pass .whl along with the working tree (the device tool's carry).
+gpu-wheels:
+	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 -d .whl ninja==1.13.2

@@ -199,6 +199,16 @@ def step_features(check: Check, mode: str, sizes: dict, work: Path) -> None:
                  f"max |device - cpu| = {worst:.2e} (limit {LOGPROB_TOL:g}), tokens identical: {tokens_same}",
                  max_abs_diff=worst)
 
+    for arch in ("mixtral", "deepseek_v2"):      # GQA and MLA: the KV cache in device memory, attention there
+        placed = Engine(dummy_model(fixture_config(arch, sizes["preset"]), "float32", seed=3), None,
+                        EngineConfig(device=device_of(mode), kv_cache_bytes=64 << 20), planner=DeviceAttention(mode))
+        host = engine(dummy_model(fixture_config(arch, sizes["preset"]), "float32", seed=3), mode, None, 64 << 20,
+                      max_batch=8, attn_micro_batch=2)
+        same = [o.token_ids for o in placed.generate(ps, greedy)] == [o.token_ids for o in host.generate(ps, greedy)]
+        where = placed.cache.device
+        check.record(f"device-attention-{arch}", same and where == placed.device,
+                     f"KV cache on {where}: tokens identical to decode attention over the host KV cache: {same}")
+
     sp = SamplingParams(max_new_tokens=sizes["new_tokens"], ignore_eos=True, n=4, temperature=1.0, top_p=0.9, seed=7)
     first, again = dev.generate(ps[:2], sp), dev.generate(ps[:2], sp)
     samples = [[s.token_ids for s in c.samples] for c in first]
@@ -206,6 +216,19 @@ def step_features(check: Check, mode: str, sizes: dict, work: Path) -> None:
     repeat = samples == [[s.token_ids for s in c.samples] for c in again]
     check.record("n-samples", repeat and distinct > 1 and all(len(per) == 4 for per in samples),
                  f"4 samples per prompt, at least {distinct} distinct, seeded repeat identical: {repeat}")
+
+
+class DeviceAttention:
+    """A planner that puts the KV cache and decode attention on the engine's device (as the search
+    does when they fit beside the weights), with fixed batch settings."""
+
+    def __init__(self, mode: str):
+        self.device = device_of(mode)
+
+    def plan(self, model_config, job, overrides):
+        from moegen.planner.plan import Plan
+        return Plan(device=self.device, attention="device", max_batch=8, attn_micro_batch=2,
+                    max_prefill_tokens=4096), None
 
 
 def step_footprint(check: Check, mode: str, sizes: dict, work: Path, fmt: str) -> None:

@@ -277,7 +277,7 @@ def test_overrides_are_honoured(mixtral):
         search(mixtral, hw, wl, overrides={"max_batch": 4096})
     with pytest.raises(InputError, match="not a plan choice"):
         search(mixtral, hw, wl, overrides={"batch": 4})
-    with pytest.raises(InputError, match="not a plan choice"):       # decode attention runs on the CPU only
+    with pytest.raises(InputError, match="attention must be one of cpu, device"):
         search(mixtral, hw, wl, overrides={"attention": "gpu"})
 
 

@@ -12,7 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = (["native-ops"] + [f"exact-{a}" for a in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
                                                    "deepseek_v3")]
-          + ["quantized-fp8", "quantized-int4", "prefix-caching", "logprobs", "n-samples", "footprint-bf16",
+          + ["quantized-fp8", "quantized-int4", "prefix-caching", "logprobs", "device-attention-mixtral",
+             "device-attention-deepseek_v2", "n-samples", "footprint-bf16",
              "footprint-fp8", "throughput-mixtral", "throughput-v2lite"])
 
 

@@ -165,3 +165,50 @@ def test_the_planner_probes_the_engines_own_gpu(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="probe stopped here"):
         engine.planner.hardware
     assert seen == ["cuda:1"]
+
+
+# ---- decode attention on the device: a planner choice, with its cost ---------------------------
+
+A5000 = dict(device="cuda", gemm_flops_per_s={"bfloat16": 70e12}, device_mem_bw_gbps=768, h2d_gbps=25,
+             d2h_gbps=25, host_mem_bw_gbps=100, cpu_attention_gbps=20, device_memory_bytes=24 * GiB,
+             host_memory_bytes=128 * GiB)
+
+
+def test_decode_attention_goes_to_the_gpu_when_its_kv_cache_fits_beside_the_weights():
+    small = ModelSpec.from_config(fixture_config("mixtral", "bench"))      # ~1.5 GB: resident with room to spare
+    plan, pred = search(small, Hardware(**A5000), JobShape(128, 64, 256))
+    assert plan.attention == "device" and plan.resident_fraction == 1.0
+    kv = 256 * (128 + 64) * small.kv_bytes_per_token(2)
+    assert plan.resident_bytes + plan.pool_bytes + plan.activation_bytes + kv <= 24 * GiB
+    cpu_plan, cpu_pred = search(small, Hardware(**A5000), JobShape(128, 64, 256), overrides={"attention": "cpu"})
+    assert cpu_plan.attention == "cpu"
+    assert pred.decode_tokens_per_s > cpu_pred.decode_tokens_per_s            # no PCIe round trip, GPU bandwidth
+    assert pred.terms_s["decode"]["kv"] == 0 < cpu_pred.terms_s["decode"]["kv"]
+
+
+def test_decode_attention_stays_on_the_cpu_when_the_weights_fill_the_gpu():
+    big = ModelSpec.from_config("mixtral-8x7b")                               # 87 GiB: streams
+    plan, _ = search(big, Hardware(**A5000), JobShape(512, 256, 1024))
+    assert plan.attention == "cpu"
+    from moegen.planner.plan import PlanError
+    with pytest.raises(PlanError):
+        search(big, Hardware(**A5000), JobShape(512, 256, 1024), overrides={"attention": "device"})
+
+
+def test_an_engine_puts_its_kv_cache_where_the_plan_says(tiny_fixture):
+    """A plan with attention="device": the cache is allocated on the engine's device (here the CPU,
+    so the placement path runs; the GPU kernels are tested in test_transfers), tokens unchanged."""
+    from moegen.loader import load_model
+    from moegen.planner.plan import Plan
+
+    class DevicePlanner:
+        def plan(self, model_config, job, overrides):
+            return Plan(attention="device", max_batch=4, attn_micro_batch=2, max_prefill_tokens=64), None
+    prompts = [[1, 4, 6], [1, 9, 9, 2]]
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    ref = Engine(load_model(tiny_fixture("mixtral"), "float32"), None, EngineConfig(kv_cache_bytes=8 << 20),
+                 planner=OOMPlanner()).generate(prompts, params)
+    engine = Engine(load_model(tiny_fixture("mixtral"), "float32"), None, EngineConfig(kv_cache_bytes=8 << 20),
+                    planner=DevicePlanner())
+    assert [o.token_ids for o in engine.generate(prompts, params)] == [o.token_ids for o in ref]
+    assert engine.stats.plan.plan.attention == "device" and engine.cache.device == engine.device

@@ -19,11 +19,11 @@ class RecordingEngine(Engine):
         self.active = []
         orig = self.runner.feed_forward
 
-        def spy(layer, w, h, nxt):
+        def spy(layer, w, h, *rest):
             if layer.is_moe:
                 d = layer.ffn.dispatch(w, h)
                 self.active += [layer.ffn.expert_key(e) for e in d.active_experts()]
-            return orig(layer, w, h, nxt)
+            return orig(layer, w, h, *rest)
         self.runner.feed_forward = spy
         try:
             tokens = super().step(phase, batch, sampler)
@@ -94,3 +94,35 @@ def test_pool_buffers_are_reused_not_reallocated():
     assert sorted(b.data_ptr() for b in streamer.free) == sorted(lo for lo, _ in pool)
     assert streamer.stats.copies == keys
     assert streamer.stats.max_buffers_in_use == 2
+
+
+def test_experts_are_prefetched_before_routing_when_nearly_all_will_be_active(tiny_fixture):
+    """A prefill of 40 tokens over 4 experts, top-2, leaves an expert idle with probability 0.5^40:
+    each layer's experts are queued with its dense weights, in expert order, before its routing;
+    a single decode token (half the experts idle) only copies what it routes to. Same tokens."""
+    prompts = [[1] + list(range(3, 42))]
+    engine, out = run_staged(tiny_fixture("mixtral"), prompts, num_buffers=3)
+    plain, ref = run_staged(tiny_fixture("mixtral"), prompts, num_buffers=3)
+    assert out[0].token_ids == ref[0].token_ids
+    layers = [l.prefix for l in engine.model.layers]
+    phase, copies, active, _, used = engine.steps[0]
+    assert phase == "prefill" and used <= 3
+    for layer in layers:
+        at = copies.index(layer)
+        assert copies[at + 1:at + 5] == [f"{layer}.block_sparse_moe.experts.{e}" for e in range(4)]
+    for phase, copies, active, _, _ in engine.steps[1:]:
+        assert [k for k in copies if ".experts." in k] == active     # decode: only the routed experts
+
+
+def test_a_cancelled_prefetch_frees_its_buffer():
+    weights = {f"model.layers.0.mlp.experts.{e}.w": torch.full((8,), float(e)) for e in range(3)}
+    weights["model.embed_tokens.weight"] = torch.zeros(4)
+    s = WeightStreamer(weights, StagedBackend(), resident={"model"}, num_buffers=2)
+    keys = [f"model.layers.0.mlp.experts.{e}" for e in range(3)]
+    s.plan(keys)                                   # two loaded, the third queued
+    assert set(s.loaded) == set(keys[:2]) and list(s.upcoming) == keys[2:]
+    s.cancel([keys[0], keys[2]])                   # a loaded and a queued one got no token
+    assert set(s.loaded) == {keys[1]} and not s.upcoming and len(s.free) == 1
+    with s.module(keys[1]) as w:
+        assert torch.equal(w[f"{keys[1]}.w"], torch.full((8,), 1.0))
+    assert len(s.free) == 2

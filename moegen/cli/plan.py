@@ -162,7 +162,8 @@ def _plan_rows(spec: ModelSpec, wl: JobShape, plan: Plan) -> list[tuple[str, str
             ("A (attn_micro_batch)", str(plan.attn_micro_batch), "sequences per attention micro-batch"),
             ("max_prefill_tokens", str(plan.max_prefill_tokens), f"{per_pass} prompts per prefill pass"),
             ("expert_chunk", str(plan.expert_chunk), "rows per expert GEMM (0 = all)"),
-            ("decode attention", plan.attention, "on the CPU over the host KV cache")]
+            ("decode attention", plan.attention, "over the KV cache in device memory" if plan.attention == "device"
+             else "on the CPU over the host KV cache")]
     if plan.device == "cuda":
         rows += [("resident weights", format_bytes(plan.resident_bytes),
                   f"{plan.resident_fraction:.1%} of {format_bytes(spec.weight_bytes(wl.dtype_bytes)['total'])}"),
@@ -178,7 +179,8 @@ def _plan_rows(spec: ModelSpec, wl: JobShape, plan: Plan) -> list[tuple[str, str
                   "activations, runtime")]
     elif plan.device == "cpu":
         rows.append(("weight tier", "memory", "every weight in host memory"))
-    rows += [("KV cache (host)", format_bytes(plan.kv_cache_bytes), f"{format_bytes(kv_seq)} per sequence, "
+    rows += [(f"KV cache ({'device' if plan.attention == 'device' else 'host'})", format_bytes(plan.kv_cache_bytes),
+              f"{format_bytes(kv_seq)} per sequence, "
               f"block_size {plan.block_size}")]
     return rows
 

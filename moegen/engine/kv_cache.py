@@ -45,6 +45,7 @@ class PagedKVCache:
 
     def read(self, layer: int, slots: torch.Tensor, device) -> list[torch.Tensor]:
         """The per-token values at flat cache slots (k and v, or the packed MLA entry) on device."""
+        slots = slots.to(self.device)
         return [cache.view(-1, *cache.shape[2:]).index_select(0, slots).to(device) for cache in self.layers[layer]]
 
     def copy_blocks(self, pairs) -> None:

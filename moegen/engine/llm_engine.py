@@ -64,6 +64,8 @@ class Engine:
         self.config = cfg = config or EngineConfig(**overrides)
         check_machine(cfg)
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is None:    # "cuda" is the current GPU: name it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_model_len = cfg.max_model_len or getattr(model.config, "max_position_embeddings", 1 << 20)
         block_bytes = kv_bytes_per_token(model, model.dtype) * cfg.block_size
         self.layout = self._host_layout(block_bytes)       # None: no host budget, every weight in memory
@@ -78,8 +80,6 @@ class Engine:
                                 f"{block_bytes} bytes for this model): give it more memory (--kv-cache-memory / "
                                 "kv_cache_memory)")
         self.max_blocks = budget // block_bytes
-        disk = self.model.checkpoint.path if self.layout is not None and self.layout.disk else None
-        self.planner = planner or MeasuredPlanner(self.device.type, disk)   # probes on first use only
         self.blocks = BlockManager(1, cfg.block_size, cfg.prefix_caching)
         self.cache = PagedKVCache(model, 1, cfg.block_size, model.dtype)
         self.stats = EngineStats(attention=attention_impl())
@@ -336,7 +336,9 @@ class Engine:
         order = admission_order(first, self.blocks)
         job = job_sharing([with_digests(with_samples(s), self.blocks) for s in order], self.blocks)
         plan = self.settings(job.prompt_lens, max(s.params.max_new_tokens for s in first), job.computed_tokens)
-        self.reserve_kv(job.blocks if whole else self.max_blocks)
+        planned = self.stats.plan.plan
+        on_device = getattr(planned, "attention", "cpu") == "device"    # the planner found room for it
+        self.reserve_kv(job.blocks if whole else self.max_blocks, self.device if on_device else "cpu")
         scheduler = Scheduler(self.blocks, plan["max_batch"], plan["max_prefill_tokens"])
         scheduler.add_sorted(order)
         return scheduler
@@ -404,17 +406,19 @@ class Engine:
         prompts = [self.tokenizer.apply_chat_template(c, f"conversation {i}") for i, c in enumerate(conversations)]
         return self.generate(prompts, params, progress=progress, truncate=truncate)
 
-    def reserve_kv(self, blocks_wanted: int) -> None:
-        """Make the KV cache hold min(blocks_wanted, budget) blocks (between calls, when no
-        sequence holds blocks), so a small job never pins the whole budget."""
+    def reserve_kv(self, blocks_wanted: int, device="cpu") -> None:
+        """Make the KV cache hold min(blocks_wanted, budget) blocks on `device` (host memory, or
+        the engine's device when the planner put decode attention there), between calls, when no
+        sequence holds blocks; so a small job never takes the whole budget."""
         want = min(blocks_wanted, self.max_blocks)
-        if want <= self.blocks.num_blocks:
+        if want <= self.blocks.num_blocks and self.cache.device == torch.device(device):
             return
         self.blocks = self.runner.blocks = BlockManager(want, self.config.block_size, self.config.prefix_caching)
         self.cache = self.runner.cache = None   # free the old cache before allocating the new one
         # pageable, exact size: pinned memory would round each layer's tensor up to a power of two, and
         # decode's transfers go through the runner's small pinned staging buffers instead
-        self.cache = self.runner.cache = PagedKVCache(self.model, want, self.config.block_size, self.model.dtype)
+        self.cache = self.runner.cache = PagedKVCache(self.model, want, self.config.block_size, self.model.dtype,
+                                                      device)
 
     # --- planning -------------------------------------------------------------------------------
     def settings(self, prompt_lens: list[int], max_new_tokens: int, computed_tokens: int | None = None) -> dict:

@@ -12,6 +12,9 @@ from moegen.engine.transfers import HostStaging
 from moegen.engine.weight_stream import WeightStreamer
 
 
+PREFETCH_ACTIVE = 0.95    # expected share of a layer's experts active above which all are copied before routing
+
+
 class Runner:
     def __init__(self, model, cache: PagedKVCache, blocks: BlockManager, streamer: WeightStreamer, device,
                  attn_micro_batch: int | None = None, expert_chunk: int = 0, stats=None):
@@ -91,14 +94,27 @@ class Runner:
     def forward(self, tokens, ctx) -> torch.Tensor:
         x = self.model.embed(tokens, self.top)
         layers = self.model.layers
-        self.streamer.plan([layers[0].prefix])
+        self.prefetched = self.early_experts(layers[0], len(tokens))
+        self.streamer.plan([layers[0].prefix] + self.prefetched)
         for i, layer in enumerate(layers):
-            nxt = [layers[i + 1].prefix] if i + 1 < len(layers) else []
+            early = self.prefetched
+            self.prefetched = self.early_experts(layers[i + 1], len(tokens)) if i + 1 < len(layers) else []
+            nxt = [layers[i + 1].prefix] + self.prefetched if i + 1 < len(layers) else []
             with self.streamer.module(layer.prefix) as w:
-                x = layer.forward(w, x, ctx, ffn=lambda w, h: self.feed_forward(layer, w, h, nxt))
+                x = layer.forward(w, x, ctx, ffn=lambda w, h: self.feed_forward(layer, w, h, nxt, early))
         return x
 
-    def feed_forward(self, layer, w, h, next_modules):
+    def early_experts(self, layer, tokens: int) -> list[str]:
+        """A MoE layer's experts announced with its dense weights, before its routing, when `tokens`
+        tokens routed at random would leave almost none idle (1 - (1 - k/E)^T >= PREFETCH_ACTIVE):
+        their copies then start during its attention. Those that get no token are cancelled."""
+        if not layer.is_moe:
+            return []
+        moe = layer.ffn
+        idle = (1 - moe.router.top_k / moe.n_experts) ** tokens
+        return [moe.expert_key(e) for e in range(moe.n_experts)] if 1 - idle >= PREFETCH_ACTIVE else []
+
+    def feed_forward(self, layer, w, h, next_modules, early=()):
         if not layer.is_moe:
             self.streamer.plan(next_modules)
             return layer.ffn.forward(w, h)
@@ -108,8 +124,11 @@ class Runner:
         if self.stats is not None:
             self.stats.experts_run += len(active)
             self.stats.experts_skipped += moe.n_experts - len(active)
-        # only experts that received tokens are announced, hence copied; then the next layer
-        self.streamer.plan([moe.expert_key(e) for e in active] + next_modules)
+        # only experts that received tokens are announced (or kept, if announced early), hence
+        # copied; then the next layer
+        keys = [moe.expert_key(e) for e in active]
+        self.streamer.cancel(sorted(set(early) - set(keys)))
+        self.streamer.plan([k for k in keys if k not in set(early)] + next_modules)
         routed = moe.run_experts(w, h, dispatch, weights_for=self.streamer.module, chunk=self.expert_chunk)
         return moe.combine_shared(w, h, routed)
 

@@ -1,5 +1,6 @@
-"""Next-token choice: greedy for the whole batch in one argmax; sampling per sequence with its
-own generator, so a seeded request draws the same tokens whatever else is in the batch.
+"""Next-token choice: greedy for the whole batch in one argmax; sampling for all sampled rows at
+once where the logits are (the device), each row's random draw from its sequence's own
+generator, so a seeded request draws the same tokens whatever else is in the batch.
 And the log-probabilities a request asks for (SamplingParams.logprobs / prompt_logprobs; their
 shape is Completion's docstring): float32 log_softmax of the raw logits, computed only for the
 rows of sequences that asked, so a batch where none asks pays nothing."""
@@ -14,17 +15,24 @@ LOGPROB_ROWS = 256     # rows of [rows, V] float32 log-probabilities made at a t
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) on one row of float32 logits."""
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel()))[0][-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop tokens once the mass before them already reaches top_p (the first token always stays)
-        drop = probs.cumsum(-1) - probs >= params.top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits
+    return filter_rows(logits[None], [params])[0]
+
+
+def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """filter_logits for every row of float32 logits [R, V] at once, row i by params[i], where
+    the logits are (on the device: one sort, no copy per row)."""
+    def column(values, dtype=logits.dtype):
+        return torch.tensor(values, dtype=dtype, device=logits.device)[:, None]
+    vocab = logits.shape[-1]
+    logits = logits / column([p.temperature for p in params])
+    ranked, order = torch.sort(logits, dim=-1, descending=True)
+    k = column([min(p.top_k, vocab) if p.top_k else vocab for p in params], torch.int64)
+    kept = ranked >= ranked.gather(1, k - 1)          # top-k; ties with the k-th token stay
+    probs = torch.softmax(ranked.masked_fill(~kept, float("-inf")), dim=-1)
+    # drop tokens once the mass before them already reaches top_p (the first token always stays)
+    top_p = column([p.top_p for p in params])
+    drop = ~kept | ((probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0))
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
 
 
 class Sampler:
@@ -55,12 +63,20 @@ class Sampler:
             where = ", ".join(f"request {seqs[i].seq_id} at new token {len(seqs[i].output)}" for i in rows[:4])
             raise NumericsError(f"the model's logits are NaN or Inf ({where}); "
                                 "try --dtype float32 or check the checkpoint's weights")
-        tokens = best.indices.tolist()
-        for i, seq in enumerate(seqs):
-            if not seq.params.greedy:
-                probs = torch.softmax(filter_logits(logits[i].float().cpu(), seq.params), dim=-1)
-                tokens[i] = int(torch.multinomial(probs, 1, generator=self.generator(seq)))
-        return tokens
+        rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+        if not rows:
+            return best.indices.tolist()
+        tokens = best.indices.clone()
+        tokens[torch.tensor(rows, device=tokens.device)] = self.draw(logits[rows].float(), [seqs[i] for i in rows])
+        return tokens.tolist()
+
+    def draw(self, logits: torch.Tensor, seqs) -> torch.Tensor:
+        """One token per row of float32 logits [R, V], where they are, by inverse CDF: each row's
+        uniform comes from its sequence's own generator, so a seeded draw does not depend on the
+        batch. float64 sums: u * total < total, so the token found has a probability > 0."""
+        cdf = torch.softmax(filter_rows(logits, [s.params for s in seqs]), dim=-1).double().cumsum(-1)
+        u = torch.stack([torch.rand((), dtype=torch.float64, generator=self.generator(s)) for s in seqs])
+        return torch.searchsorted(cdf, u.to(cdf.device)[:, None] * cdf[:, -1:], right=True)[:, 0]
 
 
 # --- log-probabilities ----------------------------------------------------------------------------

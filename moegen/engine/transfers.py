@@ -25,7 +25,13 @@ class HostStaging:
         self.alloc = alloc or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
         self.buffers: dict[str, torch.Tensor] = {}
         self.pending: dict[str, object] = {}   # buffer name -> event of the last device copy through it
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._copy_stream = None
+
+    @property
+    def copy_stream(self):
+        if self._copy_stream is None:        # made on first use: an engine built without a call needs none
+            self._copy_stream = torch.cuda.Stream(self.device)
+        return self._copy_stream
 
     def _host(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """A pinned tensor of `shape` in buffer `name`, once no copy through it is in flight."""

@@ -296,6 +296,18 @@ class WeightStreamer:
             self.stats.copies.append(key)
             self.stats.max_buffers_in_use = max(self.stats.max_buffers_in_use, self.num_buffers - len(self.free))
 
+    def cancel(self, keys) -> None:
+        """Modules announced that will not be used after all (experts prefetched before routing
+        that got no token): a queued one leaves the queue, a loaded one frees its buffer."""
+        for key in keys:
+            if key in self.upcoming:
+                self.upcoming.remove(key)
+            elif key in self.loaded and key not in self.users:
+                buffer, _, _ = self.loaded.pop(key)
+                self.released_at[id(buffer)] = self.backend.compute_done()
+                self.free.append(buffer)
+        self._prefetch()
+
     def acquire(self, key: str) -> dict:
         if key in self.resident:
             return self.weights(key)

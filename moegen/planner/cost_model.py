@@ -248,9 +248,10 @@ def _dense_cost(spec: ModelSpec, hw: Hardware, wl: JobShape, shape: _PassShape, 
 
 
 def _attention_cost(spec: ModelSpec, hw: Hardware, wl: JobShape, shape: _PassShape, micro_batches: int,
-                    terms: dict) -> tuple[float, float, float]:
+                    terms: dict, on_device: bool = False) -> tuple[float, float, float]:
     """(attention compute, its PCIe traffic, host syncs) of one layer. Prefill attends on the
-    compute device; decode on the CPU over the host KV cache."""
+    compute device; decode on the CPU over the host KV cache, or (on_device) on the GPU over a
+    KV cache in its memory."""
     cuda, L = hw.device == "cuda", spec.num_layers
     core_layer = shape.core_flops / L
     link_s = sync_s = 0.0
@@ -259,8 +260,10 @@ def _attention_cost(spec: ModelSpec, hw: Hardware, wl: JobShape, shape: _PassSha
         if not cuda and hw.prefill_attention_flops_per_s > 0:
             rate = hw.prefill_attention_flops_per_s
         attn_s = core_layer / rate
-        if cuda:   # the prompt's K/V go to the host cache
+        if cuda and not on_device:   # the prompt's K/V go to the host cache
             link_s = shape.tokens * spec.kv_bytes_per_token(wl.dtype_bytes) / L / (hw.d2h_gbps * GB)
+    elif on_device:
+        attn_s = shape.kv_read_bytes / L / (hw.device_mem_bw_gbps * GB)
     else:
         attn_s = shape.kv_read_bytes / L / (hw.cpu_attention_gbps * GB)
         if hw.cpu_flops_per_s > 0:
@@ -351,7 +354,8 @@ def _layer_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassS
     terms = dict.fromkeys(TERMS, 0.0)
     micro_batches = math.ceil(shape.seqs / max(plan.attn_micro_batch or shape.seqs, 1))
     dense_s, ffn_s = _dense_cost(spec, hw, wl, shape, layer, micro_batches, terms)
-    attn_s, link_s, sync_s = _attention_cost(spec, hw, wl, shape, micro_batches, terms)
+    attn_s, link_s, sync_s = _attention_cost(spec, hw, wl, shape, micro_batches, terms,
+                                             cuda and getattr(plan, "attention", "cpu") == "device")
     experts = _experts_cost(spec, hw, plan, wl, shape.tokens, layer, resident, terms)
     dense_copy_s = 0.0
     if not resident.dense[layer]:

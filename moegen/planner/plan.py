@@ -3,7 +3,7 @@ that fix a choice instead of searching it."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 from moegen.errors import InputError, MoegenError
 from moegen.planner.policy import (DEFAULT_ATTN_MICRO_BATCH, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH,
@@ -23,12 +23,12 @@ class Plan:
 
     max_batch (G): sequences decoding together; attn_micro_batch (A): sequences per attention
     micro-batch; expert_chunk: rows per expert GEMM (0 = all); num_buffers: buffers for streamed
-    weights; resident_bytes: weights kept on the device (on the CPU: in host memory, the rest
-    streaming from disk; None: everything is resident); pool_bytes: those buffers; kv_cache_bytes:
-    host KV cache; activation_bytes: the planner's working-set estimate on the compute device.
-    Defaults are the engine's."""
-    attention: ClassVar[str] = "cpu"    # decode attention: the engine runs it on the CPU over the host KV cache
+    weights; attention: where decode attention runs and the KV cache lives; resident_bytes: weights
+    kept on the device (on the CPU: in host memory, the rest streaming from disk; None: everything
+    is resident); pool_bytes: those buffers; kv_cache_bytes: host KV cache; activation_bytes: the
+    planner's working-set estimate on the compute device. Defaults are the engine's."""
     device: str = "cpu"
+    attention: str = "cpu"       # decode attention: "cpu" over the host KV cache, or "device" (KV cache there)
     max_batch: int = DEFAULT_MAX_BATCH
     attn_micro_batch: int = DEFAULT_ATTN_MICRO_BATCH
     expert_chunk: int = 0
@@ -78,6 +78,7 @@ class Plan:
                 "host_memory_bytes": self.host_memory_bytes}
 
 
+ATTENTION = ("cpu", "device")
 ALIASES = {"G": "max_batch", "A": "attn_micro_batch", "g": "max_batch", "a": "attn_micro_batch"}
 # What the planner derives, never takes as a choice.
 DERIVED = ("resident_fraction", "pool_bytes", "activation_bytes")
@@ -100,6 +101,8 @@ def plan_overrides(overrides: Mapping[str, Any] | None) -> dict:
     for name in ("attn_micro_batch", "expert_chunk", "kv_cache_bytes", "resident_bytes"):
         if name in out and int(out[name]) < 0:
             raise InputError(f"plan override {name} must be >= 0, got {out[name]}")
+    if out.get("attention", "cpu") not in ATTENTION:
+        raise InputError(f"plan override attention must be one of {', '.join(ATTENTION)}, got {out['attention']!r}")
     if "num_buffers" in out and int(out["num_buffers"]) < MIN_NUM_BUFFERS:
         raise InputError(f"plan override num_buffers must be >= {MIN_NUM_BUFFERS}, got {out['num_buffers']}")
     return out

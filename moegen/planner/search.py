@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator, Mapping, NamedTuple
 
 from moegen.planner.cost_model import JobShape, Prediction, predict
@@ -178,7 +178,10 @@ def search(spec: ModelSpec, hw: Hardware, job: JobShape, host_memory_bytes: int 
     plans, misses = [], []
     for candidate in _candidates(b, ov, min_chunk):
         fit = _fits(b, ov, candidate)
-        (misses if isinstance(fit, _Miss) else plans).append(fit)
+        if isinstance(fit, _Miss):
+            misses.append(fit)
+        else:
+            plans += _placements(b, ov, fit)
     if not plans:   # the closest miss says what is short
         raise min(misses, key=lambda m: m.short_bytes).error if misses else PlanError("no plan fits")
     return _best([(plan, predict(spec, hw, plan, job)) for plan in plans])
@@ -311,6 +314,16 @@ def _device_fit(b: _Budget, ov: dict, c: _Candidate, g_eff: int, common: dict) -
     resident = resident_set(b.spec, room, b.job.dtype_bytes)      # the engine's own choice within this budget
     return Plan(**common, resident_bytes=resident.used_bytes,
                 resident_fraction=resident.fraction(b.spec, b.job.dtype_bytes), pool_bytes=pool)
+
+
+def _placements(b: _Budget, ov: dict, plan: Plan) -> list[Plan]:
+    """The plan with decode attention on the CPU over the host KV cache and, on a GPU whose budget
+    holds the job's KV cache beside the resident weights, the buffers and the activations, with
+    the KV cache and decode attention on the device (no per-layer PCIe traffic, device bandwidth)."""
+    wanted = ov.get("attention")
+    kv = b.job.num_sequences * b.kv_per_seq
+    fits = b.cuda and plan.resident_bytes + plan.pool_bytes + plan.activation_bytes + kv <= b.device_usable
+    return [replace(plan, attention=a) for a in ("cpu", "device") if wanted in (None, a) and (a == "cpu" or fits)]
 
 
 def _best(scored: list[tuple[Plan, Prediction]]) -> tuple[Plan, Prediction]:
