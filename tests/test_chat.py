@@ -56,7 +56,7 @@ def bpe_ckpt(tiny_fixture, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sp_engine(sp_ckpt):
-    return Engine.from_pretrained(sp_ckpt, dtype="float32", host_memory=KV)
+    return Engine.from_pretrained(sp_ckpt, dtype="float32", kv_cache_memory=KV)
 
 
 @lru_cache(maxsize=4)
@@ -111,7 +111,7 @@ def test_bad_messages_are_named(sp_engine):
 def test_cli_chat_rows(sp_ckpt, sp_engine, tmp_path):
     rows, out = tmp_path / "chat.jsonl", tmp_path / "out.jsonl"
     rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
-    assert main(["generate", "--model", str(sp_ckpt), "--dtype", "float32", "--host-memory", KV, "--input", str(rows),
+    assert main(["generate", "--model", str(sp_ckpt), "--dtype", "float32", "--kv-cache-memory", KV, "--input", str(rows),
                  "--chat", "--out", str(out), "--max-new-tokens", "4", "--quiet"]) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     want = sp_engine.chat(CONVERSATIONS, SamplingParams(max_new_tokens=4))
@@ -140,12 +140,12 @@ def test_sampling_defaults_need_do_sample(tmp_path):
 
 def test_engine_stops_on_generation_config_eos(sp_ckpt, tmp_path):
     ckpt = shutil.copytree(sp_ckpt, tmp_path / "ckpt")
-    first = Engine.from_pretrained(ckpt, dtype="float32", host_memory=KV).generate([[1, 22557]], SamplingParams(
+    first = Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory=KV).generate([[1, 22557]], SamplingParams(
         max_new_tokens=3, ignore_eos=True))[0].token_ids
     (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, first[1]]}))
     (ckpt / "tokenizer.model").unlink()                     # no tokenizer: generation_config still counts
     (ckpt / "tokenizer.json").unlink()
-    engine = Engine.from_pretrained(ckpt, dtype="float32", host_memory=KV)
+    engine = Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory=KV)
     assert engine.tokenizer is None and engine.eos_ids == (2, first[1])
     out = engine.generate([[1, 22557]], SamplingParams(max_new_tokens=3))[0]
     assert out.token_ids == first[:2] and out.finish_reason == "stop"
@@ -159,11 +159,11 @@ def test_cli_unset_sampling_takes_the_checkpoint_defaults(sp_ckpt, tmp_path):
 
     def run(*flags):
         out = tmp_path / f"out{len(flags)}.jsonl"
-        assert main(["generate", "--model", str(ckpt), "--dtype", "float32", "--host-memory", KV, "--input", str(rows),
+        assert main(["generate", "--model", str(ckpt), "--dtype", "float32", "--kv-cache-memory", KV, "--input", str(rows),
                      "--out", str(out), "--max-new-tokens", "8", "--seed", "7", "--quiet", *flags]) == 0
         return json.loads(out.read_text())["token_ids"]
 
-    engine = Engine.from_pretrained(ckpt, dtype="float32", host_memory=KV)
+    engine = Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory=KV)
     sampled = engine.generate([[1, 22557]], SamplingParams(max_new_tokens=8, temperature=0.8, top_k=5, seed=7))
     greedy = engine.generate([[1, 22557]], SamplingParams(max_new_tokens=8))
     assert run() == sampled[0].token_ids
@@ -181,7 +181,7 @@ def test_smollm2_chat(tmp_path_factory):
         pytest.skip("no smollm2 fixture preset")
     ckpt = fixture.build_fixture("mixtral", "smollm2", seed=0, out=tmp_path_factory.mktemp("smol") / "ckpt")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    engine = Engine.from_pretrained(ckpt, dtype="float32", host_memory=KV)
+    engine = Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory=KV)
     assert engine.tokenizer.apply_chat_template(messages) == transformers_ids(ckpt, messages)
     out = engine.chat([messages], SamplingParams(max_new_tokens=24))[0]
     assert out.finish_reason == "stop" and "Paris" in out.text

@@ -21,7 +21,7 @@ from tests.served_stack import PREFECT, REPO, free_port, run, stack_env
 def eval_params(model: Path, url: str) -> list[str]:
     params = {"model": str(model), "limit": "2", "num_fewshot": "0", "dtype": "float32", "systems": '["moegen"]',
               "baseline": "moegen", "bench_systems": '["moegen"]', "bench_workload": "gsm8k,n=2,gen=4",
-              "probe": "off", "engine": '{"host_memory": "64MB"}', "results_url": url, "tags": '["deployment-test"]'}
+              "probe": "off", "engine": '{"kv_cache_memory": "64MB"}', "results_url": url, "tags": '["deployment-test"]'}
     return [arg for key, value in params.items() for arg in ("-p", f"{key}={value}")]
 
 

@@ -22,10 +22,10 @@ def test_dummy_model_has_the_checkpoint_shapes(arch, tiny_fixture):
 
 def test_engine_from_config_generates(tiny_fixture):
     cfg = json.loads((tiny_fixture("mixtral") / "config.json").read_text())
-    engine = Engine.from_config(cfg, dtype="float32", host_memory="16MB")
+    engine = Engine.from_config(cfg, dtype="float32", kv_cache_memory="16MB")
     out = engine.generate([[1, 2, 3], [1, 5]], SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [3, 3]
-    again = Engine.from_config(cfg, dtype="float32", host_memory="16MB").generate(
+    again = Engine.from_config(cfg, dtype="float32", kv_cache_memory="16MB").generate(
         [[1, 2, 3], [1, 5]], SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert [o.token_ids for o in out] == [o.token_ids for o in again]      # seeded weights
 

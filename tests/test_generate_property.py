@@ -66,7 +66,7 @@ def test_generate_answers_every_row_or_refuses_in_one_line(tiny_fixture, tmp_pat
         monkeypatch.setattr(journal.Journal, "_write", write_then_delete)
     try:
         code = main(["generate", "--model", str(model), "--input", str(src), "--out", str(out),
-                     "--dtype", "float32", "--host-memory", "16MB", "--quiet", *flag_args(chosen),
+                     "--dtype", "float32", "--kv-cache-memory", "16MB", "--quiet", *flag_args(chosen),
                      *(["--overwrite"] if overwrite else [])])
     finally:
         monkeypatch.undo()

@@ -35,12 +35,12 @@ pytestmark = pytest.mark.usefixtures("lm_eval_offline")
 @pytest.fixture(scope="module")
 def engine(ckpt):
     from moegen.engine import Engine
-    return Engine.from_pretrained(ckpt, dtype="float32", host_memory=KV)
+    return Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory=KV)
 
 
 def both(ckpt, task, hf_batch):
     """hf_batch: hf's batch size; generation gets faster with it, loglikelihood bigger."""
-    options = {"moegen": {"host_memory": KV}, "hf": {"batch_size": hf_batch}}
+    options = {"moegen": {"kv_cache_memory": KV}, "hf": {"batch_size": hf_batch}}
     return {s: run_eval(ckpt, [task], limit=LIMIT, system=s, dtype="float32", engine_options=options[s])
             for s in ("moegen", "hf")}
 
@@ -232,7 +232,7 @@ def test_registered_with_model_args(ckpt):
     from moegen.harness.lm_eval import MoegenLM
 
     assert get_model("moegen") is MoegenLM
-    out = lm_eval.simple_evaluate(model="moegen", model_args=f"pretrained={ckpt},dtype=float32,max_batch=8,host_memory={KV}",
+    out = lm_eval.simple_evaluate(model="moegen", model_args=f"pretrained={ckpt},dtype=float32,max_batch=8,kv_cache_memory={KV}",
                                   tasks=["gsm8k_mc_local"], limit=2, num_fewshot=0,
                                   task_manager=task_manager(["gsm8k_mc_local"], include_paths(None)))
     assert 0 <= out["results"]["gsm8k_mc_local"]["acc,none"] <= 1
@@ -297,7 +297,7 @@ def test_unknown_system_and_options(ckpt, tmp_path):
         run_eval(ckpt, ["gsm8k_local"], system="hf", engine_options={"max_batch": 4})
     from moegen.harness.lm_eval import MoegenLM
     with pytest.raises(ConfigError, match=r"unknown moegen model_args \['max_batchez'\].*max_batch"):
-        MoegenLM(pretrained=str(ckpt), dtype="float32", max_batchez=4, host_memory=KV)
+        MoegenLM(pretrained=str(ckpt), dtype="float32", max_batchez=4, kv_cache_memory=KV)
 
 
 def test_unsupported_gen_kwargs(engine):
@@ -318,7 +318,7 @@ def _parser():
 def test_cli_eval(ckpt, tmp_path, capsys):
     out = tmp_path / "res.json"
     args = _parser().parse_args(["eval", "--model", str(ckpt), "--tasks", "gsm8k_mc_local,gsm8k_local", "--limit", "1",
-                                 "--num-fewshot", "1", "--dtype", "float32", "--max-batch", "4", "--host-memory", KV,
+                                 "--num-fewshot", "1", "--dtype", "float32", "--max-batch", "4", "--kv-cache-memory", KV,
                                  "--gen-kwargs", "max_gen_toks=8", "--out", str(out)])
     assert args.func(args) == 0
     res = json.loads(out.read_text())

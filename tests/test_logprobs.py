@@ -166,7 +166,7 @@ def run_generate(tmp_path, model, *extra):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in TEXTS[:2]))
     code = main(["generate", "--model", str(model), "--input", str(src), "--out", str(out), "--max-new-tokens", "4",
-                 "--dtype", "float32", "--quiet", "--host-memory", "16MB", "--ignore-eos", "--overwrite", *extra])
+                 "--dtype", "float32", "--quiet", "--kv-cache-memory", "16MB", "--ignore-eos", "--overwrite", *extra])
     return code, [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else None
 
 
@@ -208,7 +208,7 @@ def chat_engine(tiny_fixture, tmp_path_factory):
     ckpt = shutil.copytree(tiny_fixture("mixtral"), tmp_path_factory.mktemp("logprobs") / "ckpt")
     config = json.loads((ckpt / "tokenizer_config.json").read_text())
     (ckpt / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": PLAIN_TEMPLATE}))
-    return Engine.from_pretrained(ckpt, dtype="float32", host_memory="64MB")
+    return Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory="64MB")
 
 
 def batch_rows(engine, bodies: dict) -> dict:

@@ -66,7 +66,7 @@ def test_a_killed_generate_run_is_resumed_from_its_journal(stack, tiny_fixture, 
     out_dir, url = tmp_path / "gen", f"sqlite:///{tmp_path / 'results.db'}"
     params = {"model": str(tiny_fixture("mixtral")), "dataset": str(src), "limit": ROWS, "out_dir": str(out_dir),
               "sampling": {"max_new_tokens": 24, "ignore_eos": True}, "dtype": "float32", "flush_rows": 1,
-              "engine": {"max_batch": 2, "host_memory": "64MB"}, "results_url": url, "tags": ["crash-test"]}
+              "engine": {"max_batch": 2, "kv_cache_memory": "64MB"}, "results_url": url, "tags": ["crash-test"]}
     argv = [arg for key, value in params.items() for arg in ("-p", f"{key}={json.dumps(value)}")]
     started = run([PREFECT, "deployment", "run", "generate/gsm8k", *argv], stack["env"], timeout=120)
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)

@@ -47,7 +47,7 @@ def test_use_cache_never_answers_for_another_model(tiny_fixture, other_seed, tmp
     cache = tmp_path / "cache" / "lm"
 
     def run(model):
-        return main(["lm-eval", "--model", "moegen", "--model_args", f"pretrained={model},dtype=float32,host_memory={KV}",
+        return main(["lm-eval", "--model", "moegen", "--model_args", f"pretrained={model},dtype=float32,kv_cache_memory={KV}",
                      "--tasks", "gsm8k_local", "--limit", "2", "--num_fewshot", "0", "--gen_kwargs", "max_gen_toks=3",
                      "--use_cache", str(cache)])
 
@@ -86,7 +86,7 @@ def test_the_moegen_model_refuses_a_cache_of_another_model(tiny_fixture, other_s
     from moegen.harness.lm_eval import MoegenLM
 
     def lm(model, dtype="float32"):
-        return MoegenLM(engine=Engine.from_pretrained(model, dtype=dtype, host_memory=KV), pretrained=str(model))
+        return MoegenLM(engine=Engine.from_pretrained(model, dtype=dtype, kv_cache_memory=KV), pretrained=str(model))
 
     cache = str(tmp_path / "cache.db")
     CachingLM(lm(tiny_fixture("mixtral")), cache)

@@ -45,7 +45,7 @@ def ckpt(tiny_fixture, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(ckpt):
-    return Engine.from_pretrained(ckpt, dtype="float32", host_memory=KV)
+    return Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory=KV)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_unset_sampling_is_checkpoint_then_openai_default():
 def test_cli_writes_the_batch_file(ckpt, tmp_path, capsys):
     src, out = tmp_path / "batch.jsonl", tmp_path / "results.jsonl"
     src.write_text("\n".join(LINES) + "\n")
-    assert main(["generate", "--model", str(ckpt), "--dtype", "float32", "--host-memory", KV, "--input", str(src),
+    assert main(["generate", "--model", str(ckpt), "--dtype", "float32", "--kv-cache-memory", KV, "--input", str(src),
                  "--format", "openai-batch", "--out", str(out), "--max-new-tokens", "3", "--quiet"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == len(LINES) and {r["custom_id"] for r in rows if r["error"]} == FAILED

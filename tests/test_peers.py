@@ -324,7 +324,7 @@ def test_llama_cpp_serves_our_ids_on_every_core(fake_peers, model, workload):
 def test_agreement_counts_the_peers_but_never_requires_them(fake_peers, model):
     report = run_bench(model, ["moegen", *PEER_SYSTEMS], "synthetic:prompt=5,gen=3,n=2", dtype="float32",
                        probe="off", options={"moegen": {"max_batch": 2, "attn_micro_batch": 2,
-                                                         "max_prefill_tokens": 64, "host_memory": "16MB"}})
+                                                         "max_prefill_tokens": 64, "kv_cache_memory": "16MB"}})
     assert [row["status"] for row in report["systems"]] == ["ok"] * 4
     a = report["agreement"]
     assert a["reference"] == "moegen" and a["exact_required"] and a["ok"]      # peers differ, and that is allowed
@@ -368,7 +368,7 @@ def test_installed_peer_runs_the_tiny_fixture(system, peer_model):
         pytest.skip(reason)
     report = run_bench(model, ["moegen", system], "synthetic:prompt=16,gen=8,n=6", dtype="float32", probe="off",
                        options={"moegen": {"max_batch": 6, "attn_micro_batch": 6, "max_prefill_tokens": 256,
-                                           "host_memory": "64MB"}}, outputs=True)
+                                           "kv_cache_memory": "64MB"}}, outputs=True)
     rows = {row["system"]: row for row in report["systems"]}
     assert rows[system]["status"] == "ok", rows[system]["reason"]
     outputs = rows[system]["outputs"]

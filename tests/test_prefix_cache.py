@@ -219,7 +219,7 @@ def test_generate_rows_carry_every_sample_with_n(tmp_path, tiny_fixture):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in (PREFIX, PROMPTS[1])))
     code = main(["generate", "--model", str(tiny_fixture("mixtral")), "--input", str(src), "--out", str(out),
-                 "--max-new-tokens", "4", "--dtype", "float32", "--quiet", "--host-memory", "16MB", "--ignore-eos",
+                 "--max-new-tokens", "4", "--dtype", "float32", "--quiet", "--kv-cache-memory", "16MB", "--ignore-eos",
                  "--n", "3", "--temperature", "0.9", "--seed", "5", "--max-batch", "8", "--attn-micro-batch", "0",
                  "--max-prefill-tokens", "512"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
