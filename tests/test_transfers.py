@@ -9,18 +9,7 @@ from moegen.engine.transfers import HostStaging
 from moegen.loader import load_model
 from moegen.ops.attention import (gathered_decode_attention, gathered_decode_attention_mla,
                                   paged_decode_attention_mla_torch, paged_decode_attention_torch)
-
-
-class FakePinned:
-    def __init__(self):
-        self.slabs = []
-
-    def __call__(self, nbytes):
-        self.slabs.append(torch.empty(nbytes, dtype=torch.uint8))
-        return self.slabs[-1]
-
-    def owns(self, t):
-        return any(s.data_ptr() <= t.data_ptr() < s.data_ptr() + s.numel() for s in self.slabs)
+from tests.test_stream_memory import FakePinned
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v2"])
