@@ -94,12 +94,12 @@ class Runner:
     def forward(self, tokens, ctx) -> torch.Tensor:
         x = self.model.embed(tokens, self.top)
         layers = self.model.layers
-        self.prefetched = self.early_experts(layers[0], len(tokens))
-        self.streamer.plan([layers[0].prefix] + self.prefetched)
+        prefetched = self.early_experts(layers[0], len(tokens))
+        self.streamer.plan([layers[0].prefix] + prefetched)
         for i, layer in enumerate(layers):
-            early = self.prefetched
-            self.prefetched = self.early_experts(layers[i + 1], len(tokens)) if i + 1 < len(layers) else []
-            nxt = [layers[i + 1].prefix] + self.prefetched if i + 1 < len(layers) else []
+            early = prefetched
+            prefetched = self.early_experts(layers[i + 1], len(tokens)) if i + 1 < len(layers) else []
+            nxt = [layers[i + 1].prefix] + prefetched if i + 1 < len(layers) else []
             with self.streamer.module(layer.prefix) as w:
                 x = layer.forward(w, x, ctx, ffn=lambda w, h: self.feed_forward(layer, w, h, nxt, early))
         return x
@@ -107,8 +107,9 @@ class Runner:
     def early_experts(self, layer, tokens: int) -> list[str]:
         """A MoE layer's experts announced with its dense weights, before its routing, when `tokens`
         tokens routed at random would leave almost none idle (1 - (1 - k/E)^T >= PREFETCH_ACTIVE):
-        their copies then start during its attention. Those that get no token are cancelled."""
-        if not layer.is_moe:
+        their copies then start during its attention. Those that get no token are cancelled. Only
+        where weights stream: resident experts need no copy (and the CPU decode loop no extra work)."""
+        if not layer.is_moe or not self.streamer.backend.streams:
             return []
         moe = layer.ffn
         idle = (1 - moe.router.top_k / moe.n_experts) ** tokens
@@ -127,8 +128,11 @@ class Runner:
         # only experts that received tokens are announced (or kept, if announced early), hence
         # copied; then the next layer
         keys = [moe.expert_key(e) for e in active]
-        self.streamer.cancel(sorted(set(early) - set(keys)))
-        self.streamer.plan([k for k in keys if k not in set(early)] + next_modules)
+        if early:
+            early = set(early)
+            self.streamer.cancel(sorted(early.difference(keys)))
+            keys = [k for k in keys if k not in early]
+        self.streamer.plan(keys + next_modules)
         routed = moe.run_experts(w, h, dispatch, weights_for=self.streamer.module, chunk=self.expert_chunk)
         return moe.combine_shared(w, h, routed)
 
