@@ -71,6 +71,9 @@ constexpr int kPadRows = kRowBlock;     // zeroed rows after the last so over-re
 // apart would all fall into a few L1 sets.
 constexpr int64_t kLdPad = 32;
 constexpr int64_t kRowChunk = 256;
+// h (bf16 intermediate rows) a thread keeps for one expert item: about its core's L2 less what
+// streams through (measured on Xeon with 2 MiB L2: 256 rows of Mixtral's 3584 beat 128 and 192).
+constexpr int64_t kOwnHBytes = 2 << 20;
 
 enum Isa : int64_t { kGeneric = 0, kAvx512Bf16 = 1, kAmx = 2 };
 
@@ -243,6 +246,21 @@ struct TileJob {
 // A: bf16 rows with stride lda (elements); B[c]: the column block's first tile (kb = 0);
 // rows: how many of the 32 are wanted (the rest may be skipped or computed on padding).
 
+// The next column step's weight tiles (two column blocks, a k range) brought into L2 a few lines
+// each k step, spread evenly over all of the current step's row blocks: with few rows per expert
+// the weights stream from memory, and one core keeps only so many lines in flight (all of a
+// step's lines asked for in its first row block measured 10% slower at decode sizes).
+struct Prefetch {
+  const char* p[2] = {nullptr, nullptr};
+  int64_t pos = 0, end = 0, per_step = 0;  // bytes
+  void step() {
+    for (int64_t n = 0; n < per_step && pos < end; n += 64, pos += 64) {
+      __builtin_prefetch(p[0] + pos, 0, 2);   // read, L2 (prefetcht1 on x86)
+      __builtin_prefetch(p[1] + pos, 0, 2);
+    }
+  }
+};
+
 #ifdef MOEGEN_HAVE_AMX
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
@@ -265,12 +283,11 @@ void amx_configure() {
 // C[32 rows (RT = 2) or 16][32] += A[rows, k tiles kb0..kb1) x (B[0] | B[1]) (C starts at zero when
 // `first`): four (or two) 16x16 fp32 accumulator tiles, two A row tiles and two B tiles -- the 8
 // tile registers. `pending` is an earlier block's epilogue: a few of its rows run in each k step
-// (the vector units work while the AMX unit multiplies), the rest before C is stored. `next` (or
-// null): the next column blocks' tiles, prefetched into L2 as these are used -- with few rows per
-// expert the weights stream from memory.
+// (the vector units work while the AMX unit multiplies), the rest before C is stored. `ahead` (or
+// null): the next column step's tiles, a few lines brought into L2 each k step.
 template <int RT, typename Pending>
 void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kb0, int64_t kb1, float* C, bool first,
-               Pending& pending, const bf16* const* next) {
+               Pending& pending, Prefetch* ahead) {
   constexpr int64_t ldc = 2 * kTileN * sizeof(float);
   const int64_t a_stride = lda * sizeof(bf16);
   const int64_t per_step = pending.rows_per_step(kb1 - kb0);
@@ -301,12 +318,7 @@ void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kb0, in
       _tile_dpbf16ps(3, 5, 7);
     }
     pending.step(per_step);
-    if (next != nullptr) {
-      for (int line = 0; line < kTileElems * 2; line += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(next[0] + kb * kTileElems) + line, _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(next[1] + kb * kTileElems) + line, _MM_HINT_T1);
-      }
-    }
+    if (ahead != nullptr) ahead->step();
   }
   pending.run_all();
   _tile_stored(0, C, ldc);
@@ -462,9 +474,16 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb1, co
       pending.job_per_step = background ? (background->total + row_blocks * kblocks - 1) / (row_blocks * kblocks) : 0;
       for (int64_t kb0 = 0; kb0 < kblocks; kb0 += kAmxKChunk) {
         const int64_t kb1 = std::min(kblocks, kb0 + kAmxKChunk);
+        Prefetch ahead;
+        if (!last && !steps.streamed()) {
+          ahead.p[0] = reinterpret_cast<const char*>(next[0] + kb0 * kTileElems);
+          ahead.p[1] = reinterpret_cast<const char*>(next[1] + kb0 * kTileElems);
+          ahead.end = (kb1 - kb0) * kTileElems * sizeof(bf16);
+          ahead.per_step = (ahead.end / (row_blocks * (kb1 - kb0)) + 63) / 64 * 64;
+        }
+        Prefetch* pf = ahead.end ? &ahead : nullptr;
         for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
           const int64_t n = std::min<int64_t>(kRowBlock, rows - r0);
-          const bf16* const* pf = r0 == 0 && !last && !steps.streamed() ? next : nullptr;
           if (n > 16)
             amx_block<2>(A + r0 * lda, lda, B, kb0, kb1, C + r0 * 2 * kTileN, kb0 == 0, pending, pf);
           else
@@ -620,7 +639,8 @@ Steps item_steps(const Layer& L, const Packed& w, const Item& it, int64_t step, 
   return s;
 }
 
-// h[r, :] = round(round(silu(round(x W_gate))) * round(x W_up)) for the item's rows/columns.
+// h[r, :] = round(round(silu(round(x W_gate))) * round(x W_up)) for the item's rows/columns; h: the
+// item's first row's (row it.row0 of xs).
 void gate_up_item(const Layer& L, const Item& it, const bf16* xs, bf16* h) {
   const int64_t kblocks = L.hp / kTileK;
   const Steps steps = item_steps(L, L.gate_up, it, 1, kblocks, L.gate_tile(it.expert, 0, it.nb0),
@@ -628,13 +648,13 @@ void gate_up_item(const Layer& L, const Item& it, const bf16* xs, bf16* h) {
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
     const int64_t row0 = it.row0 + r0;
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
-      silu_mul_tile(c, c + kTileN, h + (row0 + r) * L.h_ld + nb * kTileN);
+      silu_mul_tile(c, c + kTileN, h + (r0 + r) * L.h_ld + nb * kTileN);
     };
     pass(L.isa, xs + row0 * L.xs_ld, L.xs_ld, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
   }
 }
 
-// out[r, :H] = round(round(h W_down) * weight[r]) for the item's rows/columns.
+// out[r, :H] = round(round(h W_down) * weight[r]) for the item's rows/columns; h as in gate_up_item.
 void down_item(const Layer& L, const Item& it, const bf16* h, const float* weights, bf16* out) {
   const int64_t kblocks = L.ip / kTileK, first = L.down_tile(it.expert, it.nb0);
   const Steps steps = item_steps(L, L.down, it, 2, kblocks, first, first + kblocks);
@@ -644,8 +664,40 @@ void down_item(const Layer& L, const Item& it, const bf16* h, const float* weigh
       const int64_t col0 = nb * kTileN, cols = std::min<int64_t>(2 * kTileN, L.hidden - col0);
       scale_row(c, weights[row0 + r], out + (row0 + r) * L.hidden + col0, static_cast<int>(cols));
     };
-    pass(L.isa, h + row0 * L.h_ld, L.h_ld, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
+    pass(L.isa, h + r0 * L.h_ld, L.h_ld, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
   }
+}
+
+// h kept by each thread for its expert items (see expert_items), grown, never shrunk.
+thread_local at::Tensor tl_h_own;
+
+// One expert's rows [row0, row0 + rows): gate_up over every column into this thread's own h, then
+// down over every output column.
+void expert_item(const Layer& L, const Item& it, const bf16* xs, const float* weights, bf16* out) {
+  bf16* h = workspace(tl_h_own, (it.rows + kPadRows) * L.h_ld);
+  // rows past the last are multiplied too (never stored): zeros keep them finite
+  std::memset(static_cast<void*>(h + it.rows * L.h_ld), 0, kPadRows * L.h_ld * sizeof(bf16));
+  gate_up_item(L, {it.expert, it.row0, it.rows, 0, L.ip / kTileN}, xs, h);
+  down_item(L, {it.expert, it.row0, it.rows, 0, L.hp / kTileN}, h, weights, out);
+}
+
+// Items of whole experts' rows, split into even chunks whose h (rows x I bf16) fits kOwnHBytes,
+// largest first.
+std::vector<Item> expert_items(const std::vector<int64_t>& counts, const Layer& L) {
+  const int64_t cap = std::max<int64_t>(kRowBlock, kOwnHBytes / (L.h_ld * int64_t(sizeof(bf16))) / kRowBlock * kRowBlock);
+  std::vector<Item> items;
+  int64_t row = 0;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    const int64_t chunks = (counts[e] + cap - 1) / cap;
+    for (int64_t c = 0, r = 0; c < chunks; ++c) {
+      const int64_t n = (counts[e] - r) / (chunks - c);  // even split of what is left
+      items.push_back({static_cast<int64_t>(e), row + r, n, 0, 0});
+      r += n;
+    }
+    row += counts[e];
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.rows > b.rows; });
+  return items;
 }
 
 // out[t] = the k weighted rows of token t summed in ascending expert order, rounding after each add
@@ -776,7 +828,6 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   if (rows == 0) return combined;
   // the rows grouped by expert, padded to hp columns and kPadRows more rows (zeros)
   bf16* xsp = workspace(tl_xs, (rows + kPadRows) * L.xs_ld);
-  bf16* hp = workspace(tl_h, (rows + kPadRows) * L.h_ld);
   const bf16* xp = x.data_ptr<bf16>();
   const int64_t* tok = token_idx.data_ptr<int64_t>();
   at::parallel_for(0, rows + kPadRows, 64, [&](int64_t lo, int64_t hi) {
@@ -792,15 +843,25 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
       std::memset(static_cast<void*>(dst + n), 0, (L.xs_ld - n) * sizeof(bf16));
     }
   });
-  std::memset(static_cast<void*>(hp + rows * L.h_ld), 0, kPadRows * L.h_ld * sizeof(bf16));
 
   const int threads = at::get_num_threads();
-  run_items(make_items(counts, L.ip / kTileN, 1, threads), isa,
-            [&](const Item& it) { gate_up_item(L, it, xsp, hp); });
   const float* wp = weights.data_ptr<float>();
   bf16* op = workspace(tl_weighted, rows * L.hidden);
-  run_items(make_items(counts, L.hp / kTileN, 2, threads), isa,
-            [&](const Item& it) { down_item(L, it, hp, wp, op); });
+  // Whole experts per thread where there are enough of them to go round: each item's h stays in
+  // its core's L2 (written, then read by down) instead of going through memory -- measured 8% (8
+  // experts x 128 rows) to 15% (64 x 64) faster at decode sizes. With fewer experts than threads
+  // need, the layer is split by columns in two phases (every thread on every expert) over a shared h.
+  const std::vector<Item> whole = expert_items(counts, L);
+  if (static_cast<int64_t>(whole.size()) >= 2 * threads) {
+    run_items(whole, isa, [&](const Item& it) { expert_item(L, it, xsp, wp, op); });
+  } else {
+    bf16* hp = workspace(tl_h, (rows + kPadRows) * L.h_ld);
+    std::memset(static_cast<void*>(hp + rows * L.h_ld), 0, kPadRows * L.h_ld * sizeof(bf16));
+    run_items(make_items(counts, L.ip / kTileN, 1, threads), isa,
+              [&](const Item& it) { gate_up_item(L, it, xsp, hp + it.row0 * L.h_ld); });
+    run_items(make_items(counts, L.hp / kTileN, 2, threads), isa,
+              [&](const Item& it) { down_item(L, it, hp + it.row0 * L.h_ld, wp, op); });
+  }
   combine(op, tok, tokens, top_k, L.hidden, combined.data_ptr<bf16>());
   return combined;
 }

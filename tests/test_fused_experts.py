@@ -85,6 +85,33 @@ def test_kernel_matches_per_expert_path(monkeypatch, isa, hidden, inter, experts
 
 
 @needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hidden,inter,experts,k,tokens", [
+    (64, 32, 6, 2, 45),           # a few rows per expert
+    (64, 4096, 2, 1, 600),        # ~300 rows of a wide expert: its h (8 KiB a row) split into two items
+])
+def test_split_by_experts_and_by_columns_agree(monkeypatch, isa, hidden, inter, experts, k, tokens):
+    """With enough busy experts for the threads, each thread runs whole experts (rows split so
+    its h fits its L2); with more threads, every thread works on every expert by output columns.
+    Same arithmetic either way: bit for bit the same result, and the reference's."""
+    monkeypatch.setenv("MOEGEN_EXPERTS_ISA", isa)
+    gate_ups, downs = random_layer(hidden, inter, experts)
+    d = routing(tokens, experts, k)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).bfloat16()
+    gate_up, down = fused.pack_layer(gate_ups, downs, inter)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 64):               # 1 thread: by experts; 64 threads: more than the items, by columns
+            torch.set_num_threads(n)
+            outs.append(fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, inter, k))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    assert_bf16_close(outs[0], reference(x, d, gate_ups, downs))
+
+
+@needs_native
 def test_isas_agree_with_each_other(monkeypatch):
     """Every ISA reads the same packed tiles; on small integers all sums are exact, so they agree
     bit for bit with each other and with the reference."""
