@@ -290,6 +290,21 @@ def test_every_architecture_with_quantized_experts_through_the_kernel(quantized_
 
 
 @needs_native
+def test_experts_quantized_in_part_stay_on_the_per_expert_path(tmp_path, tiny_fixture):
+    """GPTQ groups of 128 do not divide the tiny model's hidden size (64): gate_up stays bf16 and
+    down is quantized. The kernel takes one format per layer, so such a layer keeps the per-expert
+    path, and an engine over the checkpoint runs (it crashed packing the mixed layer before)."""
+    path, left = quantize_checkpoint(tiny_fixture("mixtral"), tmp_path / "ckpt", "int4")
+    assert any(name.endswith("w1.weight") for name in left)            # gate/up left in bf16
+    model = load_model(path, "bfloat16")
+    moes = [layer.ffn for layer in model.layers if layer.is_moe]
+    assert not any(moe.can_fuse(model.weights, model.dtype) for moe in moes)
+    engine = Engine.from_pretrained(path, dtype="bfloat16", kv_cache_memory=8 << 20)
+    out = engine.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+
+
+@needs_native
 def test_engine_packs_bf16_experts_and_leaves_float32_alone(tiny_fixture):
     path = tiny_fixture("qwen3_moe")
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)

@@ -109,8 +109,12 @@ class SparseMoE:
                 return fits_tiles(t)
             return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type == "cpu" \
                 and not t.is_mkldnn
-        return self.act == "silu" and dtype == torch.bfloat16 and all(
-            fits(weights.get(n)) for n in self.expert_weight_names())
+        names = self.expert_weight_names()
+        # the kernel takes one format per layer: a checkpoint may quantize some projections and not
+        # others (e.g. GPTQ groups that do not divide a projection's inputs leave it in bf16)
+        formats = {weights[n].format if is_quantized(weights.get(n)) else "bf16" for n in names if n in weights}
+        return self.act == "silu" and dtype == torch.bfloat16 and len(formats) == 1 and all(
+            fits(weights.get(n)) for n in names)
 
     def pack_fused(self, weights: dict, release=None) -> None:
         """Replace this layer's per-expert weights in `weights` (in place) by the fused kernel's
