@@ -71,9 +71,12 @@ constexpr int kPadRows = kRowBlock;     // zeroed rows after the last so over-re
 // apart would all fall into a few L1 sets.
 constexpr int64_t kLdPad = 32;
 constexpr int64_t kRowChunk = 256;
-// h (bf16 intermediate rows) a thread keeps for one expert item: about its core's L2 less what
-// streams through (measured on Xeon with 2 MiB L2: 256 rows of Mixtral's 3584 beat 128 and 192).
-constexpr int64_t kOwnHBytes = 2 << 20;
+// h (bf16 intermediate rows) a thread keeps for one expert item: an expert whose h fits 2 MiB is
+// one item (its weights read once: decode sizes), a bigger one is split into items of at most
+// 1 MiB of h, which stays in L2 while the weights stream by (measured on Xeon with 2 MiB of L2,
+// Mixtral's I = 3584: 1024 rows in items of 128 +8% over items of 256; decode's ~130 rows split
+// in two -13%).
+constexpr int64_t kOwnHBytes = 2 << 20, kOwnHSplitBytes = 1 << 20;
 
 enum Isa : int64_t { kGeneric = 0, kAvx512Bf16 = 1, kAmx = 2 };
 
@@ -243,7 +246,8 @@ struct TileJob {
 };
 
 // ---- micro-kernels: C[32][CB*16] (fp32) = A[32 rows, Kp] x B tiles of CB column blocks ------
-// A: bf16 rows with stride lda (elements); B[c]: the column block's first tile (kb = 0);
+// A: bf16 rows with stride lda (elements), k tile kb of a row kb * kbs elements after its start
+// (kTileK in plain rows; see Slabs); B[c]: the column block's first tile (kb = 0);
 // rows: how many of the 32 are wanted (the rest may be skipped or computed on padding).
 
 // The next column step's weight tiles (two column blocks, a k range) brought into L2 a few lines
@@ -286,7 +290,8 @@ void amx_configure() {
 // (the vector units work while the AMX unit multiplies), the rest before C is stored. `ahead` (or
 // null): the next column step's tiles, a few lines brought into L2 each k step.
 template <int RT, typename Pending>
-void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kb0, int64_t kb1, float* C, bool first,
+void amx_block(const bf16* A, int64_t lda, int64_t kbs, const bf16* const* B, int64_t kb0, int64_t kb1, float* C,
+               bool first,
                Pending& pending, Prefetch* ahead) {
   constexpr int64_t ldc = 2 * kTileN * sizeof(float);
   const int64_t a_stride = lda * sizeof(bf16);
@@ -307,13 +312,13 @@ void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kb0, in
     }
   }
   for (int64_t kb = kb0; kb < kb1; ++kb) {
-    _tile_loadd(4, A + kb * kTileK, a_stride);
+    _tile_loadd(4, A + kb * kbs, a_stride);
     _tile_loadd(6, B[0] + kb * kTileElems, 64);
     _tile_loadd(7, B[1] + kb * kTileElems, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(2, 4, 7);
     if constexpr (RT == 2) {
-      _tile_loadd(5, A + 16 * lda + kb * kTileK, a_stride);
+      _tile_loadd(5, A + 16 * lda + kb * kbs, a_stride);
       _tile_dpbf16ps(1, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
@@ -333,7 +338,7 @@ void amx_block(const bf16* A, int64_t lda, const bf16* const* B, int64_t kb0, in
 #ifdef MOEGEN_HAVE_AVX512_BF16
 // 8 rows x CB column blocks of accumulators; each k-pair of a row is one 32-bit broadcast.
 template <int CB>
-void avx512_rows8(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblocks, float* C) {
+void avx512_rows8(const bf16* A, int64_t lda, int64_t kbs, const bf16* const* B, int64_t kblocks, float* C) {
   constexpr int R = 8;
   __m512 acc[R][CB];
   for (int r = 0; r < R; ++r)
@@ -345,7 +350,7 @@ void avx512_rows8(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblo
         b[c] = (__m512bh)_mm512_loadu_si512(B[c] + kb * kTileElems + p * 2 * kTileN);
       for (int r = 0; r < R; ++r) {
         int32_t pair;
-        std::memcpy(&pair, A + r * lda + kb * kTileK + 2 * p, sizeof(pair));
+        std::memcpy(&pair, A + r * lda + kb * kbs + 2 * p, sizeof(pair));
         const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
         for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
       }
@@ -356,19 +361,19 @@ void avx512_rows8(const bf16* A, int64_t lda, const bf16* const* B, int64_t kblo
 }
 
 template <int CB>
-void avx512_gemm(const bf16* A, int64_t lda, int rows, const bf16* const* B, int64_t kblocks, float* C) {
-  for (int r0 = 0; r0 < rows; r0 += 8) avx512_rows8<CB>(A + r0 * lda, lda, B, kblocks, C + r0 * CB * kTileN);
+void avx512_gemm(const bf16* A, int64_t lda, int64_t kbs, int rows, const bf16* const* B, int64_t kblocks, float* C) {
+  for (int r0 = 0; r0 < rows; r0 += 8) avx512_rows8<CB>(A + r0 * lda, lda, kbs, B, kblocks, C + r0 * CB * kTileN);
 }
 #endif
 
 template <int CB>
-void generic_gemm(const bf16* A, int64_t lda, int rows, const bf16* const* B, int64_t kblocks, float* C) {
+void generic_gemm(const bf16* A, int64_t lda, int64_t kbs, int rows, const bf16* const* B, int64_t kblocks, float* C) {
   for (int r = 0; r < rows; ++r) {
     float acc[CB][kTileN] = {};
     for (int64_t kb = 0; kb < kblocks; ++kb) {
       for (int p = 0; p < kTileK / 2; ++p) {
-        const float a0 = static_cast<float>(A[r * lda + kb * kTileK + 2 * p]);
-        const float a1 = static_cast<float>(A[r * lda + kb * kTileK + 2 * p + 1]);
+        const float a0 = static_cast<float>(A[r * lda + kb * kbs + 2 * p]);
+        const float a1 = static_cast<float>(A[r * lda + kb * kbs + 2 * p + 1]);
         for (int c = 0; c < CB; ++c) {
           const bf16* b = B[c] + kb * kTileElems + p * 2 * kTileN;
           for (int n = 0; n < kTileN; ++n)
@@ -446,7 +451,8 @@ struct Steps {
 // (`steps` gives each step's two B column blocks), 32 rows at a time, each row then post-processed
 // by epi (see Pending).
 template <typename Epi>
-void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb1, const Steps& steps, Epi epi) {
+void pass(int64_t isa, const bf16* A, int64_t lda, int64_t kbs, int64_t rows, int64_t nb1, const Steps& steps,
+          Epi epi) {
   alignas(64) float C[kRowChunk * 2 * kTileN];
   Pending<Epi> pending{epi, C};
   const int64_t kblocks = steps.kblocks, step = steps.step;
@@ -485,9 +491,9 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb1, co
         for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
           const int64_t n = std::min<int64_t>(kRowBlock, rows - r0);
           if (n > 16)
-            amx_block<2>(A + r0 * lda, lda, B, kb0, kb1, C + r0 * 2 * kTileN, kb0 == 0, pending, pf);
+            amx_block<2>(A + r0 * lda, lda, kbs, B, kb0, kb1, C + r0 * 2 * kTileN, kb0 == 0, pending, pf);
           else
-            amx_block<1>(A + r0 * lda, lda, B, kb0, kb1, C + r0 * 2 * kTileN, kb0 == 0, pending, pf);
+            amx_block<1>(A + r0 * lda, lda, kbs, B, kb0, kb1, C + r0 * 2 * kTileN, kb0 == 0, pending, pf);
           if (kb1 == kblocks) pending.set(r0, n, nb);
         }
       }
@@ -500,10 +506,10 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t rows, int64_t nb1, co
       const int n = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
 #ifdef MOEGEN_HAVE_AVX512_BF16
       if (isa == kAvx512Bf16)
-        avx512_gemm<2>(A + r0 * lda, lda, n, B, kblocks, C + r0 * 2 * kTileN);
+        avx512_gemm<2>(A + r0 * lda, lda, kbs, n, B, kblocks, C + r0 * 2 * kTileN);
       else
 #endif
-        generic_gemm<2>(A + r0 * lda, lda, n, B, kblocks, C + r0 * 2 * kTileN);
+        generic_gemm<2>(A + r0 * lda, lda, kbs, n, B, kblocks, C + r0 * 2 * kTileN);
       pending.set(r0, n, nb);
       pending.run_all();
     }
@@ -542,7 +548,7 @@ inline void scale_row(const float* c, float w, bf16* out, int cols) {
 struct Layer {
   int64_t hidden, inter;          // H, I
   int64_t hp, ip;                 // padded to multiples of 32
-  int64_t xs_ld, h_ld;            // row strides of the activations (see kLdPad)
+  int64_t xs_ld;                  // row stride of the gathered inputs (see kLdPad)
   Packed gate_up;                 // [E][2][ip/16][hp/32] tiles
   Packed down;                    // [E][hp/16][ip/32] tiles
   int64_t fmt;
@@ -639,23 +645,45 @@ Steps item_steps(const Layer& L, const Packed& w, const Item& it, int64_t step, 
   return s;
 }
 
-// h[r, :] = round(round(silu(round(x W_gate))) * round(x W_up)) for the item's rows/columns; h: the
-// item's first row's (row it.row0 of xs).
-void gate_up_item(const Layer& L, const Item& it, const bf16* xs, bf16* h) {
+// The intermediate h (rows x I, bf16) in slabs of 32 columns: element (r, c) at
+// p[(c / 32) * slab + r * 32 + c % 32]. gate_up's epilogue then writes each step's rows to one
+// contiguous run of lines (each finished by the next step while still cached: row-major h, 16
+// columns of a 7 KiB row at a time, cost ~25% of gate_up at prefill sizes in cache misses), and
+// each of down's A tiles is one contiguous KiB.
+struct Slabs {
+  bf16* p;
+  int64_t slab;    // elements from one slab to the next: (rows allocated) x 32
+  bf16* at(int64_t r, int64_t col) const { return p + col / kTileK * slab + r * kTileK + col % kTileK; }
+  Slabs from(int64_t r) const { return {p + r * kTileK, slab}; }
+};
+
+// Slabs for `rows` rows (+ kPadRows zeroed: rows past an item's last are multiplied too, never
+// stored; zeros keep them finite) of I = ip columns in `buffer`.
+Slabs slabs(at::Tensor& buffer, int64_t rows, int64_t ip) {
+  const int64_t alloc = rows + kPadRows;
+  Slabs h{workspace(buffer, alloc * ip), alloc * kTileK};
+  for (int64_t c = 0; c < ip; c += kTileK)
+    std::memset(static_cast<void*>(h.at(rows, c)), 0, kPadRows * kTileK * sizeof(bf16));
+  return h;
+}
+
+// h[r, :] = round(round(silu(round(x W_gate))) * round(x W_up)) for the item's rows/columns; h: from
+// the item's first row (row it.row0 of xs).
+void gate_up_item(const Layer& L, const Item& it, const bf16* xs, Slabs h) {
   const int64_t kblocks = L.hp / kTileK;
   const Steps steps = item_steps(L, L.gate_up, it, 1, kblocks, L.gate_tile(it.expert, 0, it.nb0),
                                  L.gate_tile(it.expert, 1, it.nb0));
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
     const int64_t row0 = it.row0 + r0;
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
-      silu_mul_tile(c, c + kTileN, h + (r0 + r) * L.h_ld + nb * kTileN);
+      silu_mul_tile(c, c + kTileN, h.at(r0 + r, nb * kTileN));
     };
-    pass(L.isa, xs + row0 * L.xs_ld, L.xs_ld, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
+    pass(L.isa, xs + row0 * L.xs_ld, L.xs_ld, kTileK, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
   }
 }
 
 // out[r, :H] = round(round(h W_down) * weight[r]) for the item's rows/columns; h as in gate_up_item.
-void down_item(const Layer& L, const Item& it, const bf16* h, const float* weights, bf16* out) {
+void down_item(const Layer& L, const Item& it, Slabs h, const float* weights, bf16* out) {
   const int64_t kblocks = L.ip / kTileK, first = L.down_tile(it.expert, it.nb0);
   const Steps steps = item_steps(L, L.down, it, 2, kblocks, first, first + kblocks);
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
@@ -664,7 +692,7 @@ void down_item(const Layer& L, const Item& it, const bf16* h, const float* weigh
       const int64_t col0 = nb * kTileN, cols = std::min<int64_t>(2 * kTileN, L.hidden - col0);
       scale_row(c, weights[row0 + r], out + (row0 + r) * L.hidden + col0, static_cast<int>(cols));
     };
-    pass(L.isa, h + r0 * L.h_ld, L.h_ld, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
+    pass(L.isa, h.from(r0).p, kTileK, h.slab, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
   }
 }
 
@@ -674,21 +702,19 @@ thread_local at::Tensor tl_h_own;
 // One expert's rows [row0, row0 + rows): gate_up over every column into this thread's own h, then
 // down over every output column.
 void expert_item(const Layer& L, const Item& it, const bf16* xs, const float* weights, bf16* out) {
-  bf16* h = workspace(tl_h_own, (it.rows + kPadRows) * L.h_ld);
-  // rows past the last are multiplied too (never stored): zeros keep them finite
-  std::memset(static_cast<void*>(h + it.rows * L.h_ld), 0, kPadRows * L.h_ld * sizeof(bf16));
+  const Slabs h = slabs(tl_h_own, it.rows, L.ip);
   gate_up_item(L, {it.expert, it.row0, it.rows, 0, L.ip / kTileN}, xs, h);
   down_item(L, {it.expert, it.row0, it.rows, 0, L.hp / kTileN}, h, weights, out);
 }
 
-// Items of whole experts' rows, split into even chunks whose h (rows x I bf16) fits kOwnHBytes,
-// largest first.
+// Items of whole experts' rows, or of even chunks of them (see kOwnHBytes), largest first.
 std::vector<Item> expert_items(const std::vector<int64_t>& counts, const Layer& L) {
-  const int64_t cap = std::max<int64_t>(kRowBlock, kOwnHBytes / (L.h_ld * int64_t(sizeof(bf16))) / kRowBlock * kRowBlock);
+  const int64_t row_bytes = L.ip * static_cast<int64_t>(sizeof(bf16));
+  const int64_t whole = kOwnHBytes / row_bytes, cap = std::max<int64_t>(kRowBlock, kOwnHSplitBytes / row_bytes);
   std::vector<Item> items;
   int64_t row = 0;
   for (size_t e = 0; e < counts.size(); ++e) {
-    const int64_t chunks = (counts[e] + cap - 1) / cap;
+    const int64_t chunks = counts[e] <= whole ? (counts[e] > 0) : (counts[e] + cap - 1) / cap;
     for (int64_t c = 0, r = 0; c < chunks; ++c) {
       const int64_t n = (counts[e] - r) / (chunks - c);  // even split of what is left
       items.push_back({static_cast<int64_t>(e), row + r, n, 0, 0});
@@ -806,7 +832,6 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   L.hp = (L.hidden + 31) / 32 * 32;
   L.ip = (inter + 31) / 32 * 32;
   L.xs_ld = L.hp + kLdPad;
-  L.h_ld = L.ip + kLdPad;
   L.isa = isa;
   L.fmt = fmt;
   const int64_t experts = static_cast<int64_t>(counts.size());
@@ -855,12 +880,11 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   if (static_cast<int64_t>(whole.size()) >= 2 * threads) {
     run_items(whole, isa, [&](const Item& it) { expert_item(L, it, xsp, wp, op); });
   } else {
-    bf16* hp = workspace(tl_h, (rows + kPadRows) * L.h_ld);
-    std::memset(static_cast<void*>(hp + rows * L.h_ld), 0, kPadRows * L.h_ld * sizeof(bf16));
+    const Slabs h = slabs(tl_h, rows, L.ip);
     run_items(make_items(counts, L.ip / kTileN, 1, threads), isa,
-              [&](const Item& it) { gate_up_item(L, it, xsp, hp + it.row0 * L.h_ld); });
+              [&](const Item& it) { gate_up_item(L, it, xsp, h.from(it.row0)); });
     run_items(make_items(counts, L.hp / kTileN, 2, threads), isa,
-              [&](const Item& it) { down_item(L, it, hp + it.row0 * L.h_ld, wp, op); });
+              [&](const Item& it) { down_item(L, it, h.from(it.row0), wp, op); });
   }
   combine(op, tok, tokens, top_k, L.hidden, combined.data_ptr<bf16>());
   return combined;

@@ -88,7 +88,7 @@ def test_kernel_matches_per_expert_path(monkeypatch, isa, hidden, inter, experts
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("hidden,inter,experts,k,tokens", [
     (64, 32, 6, 2, 45),           # a few rows per expert
-    (64, 4096, 2, 1, 600),        # ~300 rows of a wide expert: its h (8 KiB a row) split into two items
+    (64, 4096, 2, 1, 600),        # ~300 rows of a wide expert: its h (8 KiB a row) split into items
 ])
 def test_split_by_experts_and_by_columns_agree(monkeypatch, isa, hidden, inter, experts, k, tokens):
     """With enough busy experts for the threads, each thread runs whole experts (rows split so
