@@ -67,8 +67,8 @@ constexpr int kRowBlock = 32;           // rows per micro-kernel call (two AMX r
 constexpr int kPadRows = kRowBlock;     // zeroed rows after the last so over-reads stay finite
 // rows per pass over an item's columns: their activations (256 x 2 KiB at H = 1024) stay in L2
 // while the item's column blocks go by
-// Activation rows are kLdPad elements longer than their padded width: rows a power of two bytes
-// apart would all fall into a few L1 sets.
+// Activation and output rows are kLdPad elements longer than their padded width: rows a power of
+// two bytes apart would all fall into a few L1 sets (weighted output rows of 2 KiB: 5% slower).
 constexpr int64_t kLdPad = 32;
 constexpr int64_t kRowChunk = 256;
 // h (bf16 intermediate rows) a thread keeps for one expert item: an expert whose h fits 2 MiB is
@@ -410,10 +410,11 @@ struct Pending {
   }
 };
 
-// k tiles per AMX pass over a row chunk: two column blocks' tiles of one pass (32 KiB) stay in L1
-// while the chunk's row blocks go by, so mostly A streams from L2 (measured here: 4 slower, 8 and
-// 16 alike, the whole k at once slower on small row counts).
-constexpr int64_t kAmxKChunk = 16;
+// k tiles per AMX pass over a row chunk: two column blocks' tiles of one pass (64 KiB) stay close
+// while the chunk's row blocks go by, and C is stored and reloaded once per chunk. Measured on the
+// AMX Xeon (experts kernel as it is now, A/B in one process): 32 beat 16 by 2-7% on both bench
+// shapes; 24 was 10-15% slower, 48 and 64 no better.
+constexpr int64_t kAmxKChunk = 32;
 
 // Where a pass finds the two B column blocks of each step nb (nb0, nb0 + step, ...): `direct`,
 // bf16 tiles in memory (the weights, or an item's dequantized tiles) at base[h] + (nb - nb0) k rows
@@ -548,7 +549,7 @@ inline void scale_row(const float* c, float w, bf16* out, int cols) {
 struct Layer {
   int64_t hidden, inter;          // H, I
   int64_t hp, ip;                 // padded to multiples of 32
-  int64_t xs_ld;                  // row stride of the gathered inputs (see kLdPad)
+  int64_t xs_ld, out_ld;          // row strides of the gathered inputs and weighted outputs (kLdPad)
   Packed gate_up;                 // [E][2][ip/16][hp/32] tiles
   Packed down;                    // [E][hp/16][ip/32] tiles
   int64_t fmt;
@@ -690,7 +691,7 @@ void down_item(const Layer& L, const Item& it, Slabs h, const float* weights, bf
     const int64_t row0 = it.row0 + r0;
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
       const int64_t col0 = nb * kTileN, cols = std::min<int64_t>(2 * kTileN, L.hidden - col0);
-      scale_row(c, weights[row0 + r], out + (row0 + r) * L.hidden + col0, static_cast<int>(cols));
+      scale_row(c, weights[row0 + r], out + (row0 + r) * L.out_ld + col0, static_cast<int>(cols));
     };
     pass(L.isa, h.from(r0).p, kTileK, h.slab, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
   }
@@ -728,7 +729,7 @@ std::vector<Item> expert_items(const std::vector<int64_t>& counts, const Layer& 
 
 // out[t] = the k weighted rows of token t summed in ascending expert order, rounding after each add
 // (moe.py's Dispatch.combine, which is the reference's index_add_ per expert into zeros).
-void combine(const bf16* weighted, const int64_t* tok, int64_t tokens, int64_t k, int64_t hidden, bf16* out) {
+void combine(const bf16* weighted, int64_t ld, const int64_t* tok, int64_t tokens, int64_t k, int64_t hidden, bf16* out) {
   using moegen_simd::Reg;
   using moegen_simd::Simd;
   constexpr int W = moegen_simd::W;
@@ -745,7 +746,7 @@ void combine(const bf16* weighted, const int64_t* tok, int64_t tokens, int64_t k
       for (int64_t n = 0; n < hidden; n += W) {
         const int lanes = static_cast<int>(std::min<int64_t>(W, hidden - n));
         auto load = [&](int64_t row) {
-          const bf16* p = weighted + row * hidden + n;
+          const bf16* p = weighted + row * ld + n;
           return lanes == W ? Simd::load(p) : moegen_simd::load_partial(p, lanes);
         };
         Reg acc = load(s[0]);
@@ -832,6 +833,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   L.hp = (L.hidden + 31) / 32 * 32;
   L.ip = (inter + 31) / 32 * 32;
   L.xs_ld = L.hp + kLdPad;
+  L.out_ld = L.hidden + kLdPad;
   L.isa = isa;
   L.fmt = fmt;
   const int64_t experts = static_cast<int64_t>(counts.size());
@@ -871,7 +873,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
 
   const int threads = at::get_num_threads();
   const float* wp = weights.data_ptr<float>();
-  bf16* op = workspace(tl_weighted, rows * L.hidden);
+  bf16* op = workspace(tl_weighted, rows * L.out_ld);
   // Whole experts per thread where there are enough of them to go round: each item's h stays in
   // its core's L2 (written, then read by down) instead of going through memory -- measured 8% (8
   // experts x 128 rows) to 15% (64 x 64) faster at decode sizes. With fewer experts than threads
@@ -886,7 +888,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
     run_items(make_items(counts, L.hp / kTileN, 2, threads), isa,
               [&](const Item& it) { down_item(L, it, h.from(it.row0), wp, op); });
   }
-  combine(op, tok, tokens, top_k, L.hidden, combined.data_ptr<bf16>());
+  combine(op, L.out_ld, tok, tokens, top_k, L.hidden, combined.data_ptr<bf16>());
   return combined;
 }
 
