@@ -1,0 +1,81 @@
+"""A/B builds of the fused experts kernel in one process: each variant is the native library built
+from a csrc/ tree (this checkout's, or another's: a `git worktree` or `git archive REV csrc | tar -x`)
+with extra compiler flags, loaded into its own op namespace; every call runs all variants on the
+same fresh inputs and routing, in turn, and their outputs must be identical. On a VM whose speed
+moves ±15% from run to run, only such interleaved ratios tell a kernel change from noise.
+
+    PYTHONPATH=. python benchmarks/ab_experts_kernel.py 'base@/tmp/old=' 'new=' ['flag=-DFOO=1'] \\
+        [--shape mixtral|qwen3_moe] [--tokens 512,4096] [--calls 12] [--threads N]
+
+A variant is NAME[@DIR]=FLAGS: DIR holds the csrc/ to build (default: this checkout's), FLAGS are
+extra compiler flags (e.g. a -D for an experiment's #if). Medians of `--calls` calls after one
+warm-up; AMX ISA; bf16 weights. Shapes as in bench_experts_kernel.py.
+"""
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moegen.layers.moe import Dispatch
+from moegen.ops import experts as fused
+from moegen.ops.build import SOURCES, load_native
+from moegen.ops.experts import FORMAT_CODES, ISA_CODES
+
+SHAPES = {"mixtral": (1024, 3584, 8, 2), "qwen3_moe": (1024, 448, 64, 8)}
+
+
+def load_variant(i: int, spec: str):
+    name, _, flags = spec.partition("=")
+    sources = SOURCES
+    if "@" in name:
+        name, tree = name.split("@", 1)
+        sources = tuple(Path(tree) / "csrc" / s.name for s in SOURCES)
+    ops = load_native(source=sources, extra_cflags=tuple(flags.split()), namespace=f"moegen_ab{i}")
+    if ops is None:
+        raise SystemExit(f"variant {spec!r} did not build (see the warning above)")
+    return name, ops
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variants", nargs="+", help="NAME[@DIR]=FLAGS")
+    ap.add_argument("--shape", choices=SHAPES, default="mixtral")
+    ap.add_argument("--tokens", default="512,4096")
+    ap.add_argument("--calls", type=int, default=12)
+    ap.add_argument("--layers", type=int, default=4, help="distinct weight copies cycled (weights come from memory)")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = dict(load_variant(i, v) for i, v in enumerate(args.variants))
+    hidden, inter, experts, k = SHAPES[args.shape]
+    g = torch.Generator().manual_seed(0)
+    layers = [fused.pack_layer([(torch.randn(2 * inter, hidden, generator=g) * 0.05).bfloat16() for _ in range(experts)],
+                               [(torch.randn(hidden, inter, generator=g) * 0.05).bfloat16() for _ in range(experts)],
+                               inter) for _ in range(args.layers)]
+    for tokens in map(int, args.tokens.split(",")):
+        times = {name: [] for name in variants}
+        for call in range(args.calls + 1):
+            x = torch.randn(tokens, hidden, generator=g).bfloat16()
+            top_w, top_i = torch.rand(tokens, experts, generator=g).topk(k, dim=1)
+            d = Dispatch.from_routing(top_i, top_w, experts)
+            gate_up, down = layers[call % args.layers]
+            outs = []
+            for name, ops in variants.items():
+                t0 = time.perf_counter()
+                outs.append(ops.ops.moe_experts(x, d.token_idx, d.weights.float().contiguous(), d.counts, gate_up, down,
+                                                inter, k, ISA_CODES["amx"], FORMAT_CODES["bfloat16"]))
+                if call:                                # the first call warms up
+                    times[name].append(time.perf_counter() - t0)
+            assert all(torch.equal(o, outs[0]) for o in outs), "variants disagree"
+        flops = 6.0 * tokens * k * hidden * inter
+        rates = {name: flops / statistics.median(t) for name, t in times.items()}
+        base = next(iter(rates.values()))
+        print(f"{args.shape} {tokens} tokens ({tokens * k // experts} rows/expert): " + ", ".join(
+            f"{name} {r / 1e12:.2f} TFLOP/s ({r / base:.3f}x)" for name, r in rates.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
