@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
-from moegen.harness.fixture import ARCHS, build_fixture
+from moegen.checkpoints.fixture import ARCHS, build_fixture
 from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer
 

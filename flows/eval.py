@@ -16,9 +16,9 @@ from flows.common import (cache_scope, check_resume_limit, describe_environment,
 from flows.params import (DType, Device, EngineOptions, EvalSystemNames, ModelRef, OptionalSystemNames, ProbeMode,
                           ResultsURL, TaskNames, WorkloadSpec)
 from moegen.errors import ConfigError
-from moegen.harness.lm_eval_tasks import LOCAL_TASKS
-from moegen.harness.lm_eval_tasks.gsm8k_data import SPLITS as GSM8K_SPLITS
-from moegen.harness.workloads import workload_kind
+from moegen.eval.tasks import LOCAL_TASKS
+from moegen.eval.tasks.gsm8k_data import SPLITS as GSM8K_SPLITS
+from moegen.bench.workloads import workload_kind
 from tasks.data import GSM8K_HUB, resolve_gsm8k
 from tasks.evaluation import hub_task_names, run_lm_eval
 from tasks.metrics import EVAL_TO_BENCH, compute_bench_table, compute_eval_table
@@ -99,7 +99,7 @@ def show_eval(summary: dict) -> None:
     """The comparison table on the terminal."""
     from rich.table import Table
 
-    from moegen.harness.console import make_console
+    from moegen.console import make_console
     from tasks.report import fmt
     base = summary["baseline"]
     accuracy = sorted({k for r in summary["rows"] for k in r["metrics"] if k.startswith("accuracy.")})

@@ -19,9 +19,9 @@ from pydantic import NonNegativeFloat, PositiveInt
 from flows.common import check_resume_limit, describe_environment, flow_run_id
 from flows.params import DType, Device, EngineOptions, ModelRef, ResultsURL, Sampling
 from moegen.errors import InputError
-from moegen.harness.journal import pending_indices
-from moegen.harness.replicas import open_source
-from moegen.harness.workloads import DEFAULT_TEMPLATE
+from moegen.generation.journal import pending_indices
+from moegen.generation.replicas import open_source
+from moegen.bench.workloads import DEFAULT_TEMPLATE
 from tasks.data import build_prompts, load_dataset_rows, resolve_gsm8k
 from tasks.generate import (NOTHING_GENERATED, OUTPUT, engine_recipe, finish_journal, generate_rows,
                             generation_fingerprint, open_journal)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from moegen.harness.results import headline_accuracy
+from moegen.results.database import headline_accuracy
 from tasks.common import key_from_inputs, retry_unless_bad_input
 
 LOCAL_TO_HUB = {"gsm8k_local": "gsm8k"}   # lm-eval's own task reads the hub's openai/gsm8k
@@ -15,7 +15,7 @@ def hub_task_names(tasks: list[str]) -> list[str]:
 
 
 def accuracy_summary(result: dict) -> dict[str, float]:
-    """task -> headline accuracy (moegen.harness.results.headline_accuracy) from lm-eval results."""
+    """task -> headline accuracy (moegen.results.database.headline_accuracy) from lm-eval results."""
     summary = {name: headline_accuracy(metrics) for name, metrics in result.get("results", {}).items()}
     return {name: acc for name, acc in summary.items() if acc is not None}
 
@@ -27,7 +27,7 @@ def run_lm_eval(model_path: str, tasks: list[str], system: str, limit: int | Non
                 max_gen_toks: int | None = None, engine_options: dict | None = None, scope: str = "") -> dict:
     """lm-eval `tasks` on the checkpoint with backend `system` (moegen | hf). Cached on its inputs
     (scope included), so a resumed flow run does not evaluate a finished system again."""
-    from moegen.harness.evaluation import run_eval
+    from moegen.eval.run import run_eval
 
     result = run_eval(model_path, tasks, limit=limit, system=system, dtype=dtype, device=device,
                       num_fewshot=num_fewshot, engine_options=engine_options or None,

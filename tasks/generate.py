@@ -1,4 +1,4 @@
-"""Generation into a durable journal (moegen.harness.journal): the whole dataset goes to the engine
+"""Generation into a durable journal (moegen.generation.journal): the whole dataset goes to the engine
 (or its Ray replicas) in one call, each finished row is appended to out_dir/completions.jsonl and
 made durable every flush_rows rows or flush_seconds, so a crash costs only the rows in flight and a
 re-run with the same inputs generates only the rows the journal lacks. A Prefect progress
@@ -11,8 +11,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from moegen.harness.journal import Journal, fingerprint, sampling_fingerprint, write_completions
-from moegen.harness.replicas import EngineRecipe
+from moegen.generation.journal import Journal, fingerprint, sampling_fingerprint, write_completions
+from moegen.generation.replicas import EngineRecipe
 
 OUTPUT = "completions.jsonl"
 PROGRESS_EVERY_S = 2.0      # at most one progress update per this many seconds (each is an API call)

@@ -6,8 +6,8 @@ import statistics
 
 from prefect import get_run_logger, task
 
-from moegen.harness import results
-from moegen.harness.ratios import LOWER_IS_BETTER, RATIO_METRICS, metric_ratios
+from moegen.results import database as results
+from moegen.bench.ratios import LOWER_IS_BETTER, RATIO_METRICS, metric_ratios
 from moegen.errors import ConfigError
 
 DEFAULT_REGRESSION_METRICS = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "accuracy")
@@ -59,8 +59,8 @@ def outputs_of(doc: dict) -> tuple[str, str, list | None]:
 
 def agreement_metrics(docs: list[dict]) -> dict[tuple[str, str], dict]:
     """Per (system, workload): how far its greedy tokens agree with the first system that ran on
-    that workload (moegen.harness.bench.compare_tokens), the reference itself included (1.0)."""
-    from moegen.harness.bench import compare_tokens
+    that workload (moegen.bench.run.compare_tokens), the reference itself included (1.0)."""
+    from moegen.bench.run import compare_tokens
 
     reference: dict[str, list] = {}
     found = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from moegen.harness import results
+from moegen.results import database as results
 from tasks.metrics import LOWER_IS_BETTER
 
 LABELS = {"e2e_tokens_per_s": "e2e tok/s", "prefill_tokens_per_s": "prefill tok/s",
@@ -226,7 +226,7 @@ def render_markdown(title: str, rows: list[dict], baseline: str, plots: dict[str
 def render_report(kind: str, title: str, rows: list[dict], baseline: str, out_dir: str, run_id: int | None = None,
                   notes: list[str] | None = None, trend: dict | None = None) -> dict:
     """Write the plots and report.md under out_dir and publish the table and markdown artifacts.
-    `trend`: metric -> moegen.harness.results.nightly_series, plotted as the nightly trend.
+    `trend`: metric -> moegen.results.database.nightly_series, plotted as the nightly trend.
     Returns the paths written."""
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)

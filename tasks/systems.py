@@ -1,4 +1,4 @@
-"""Throughput: one system under test on one workload, measured by moegen.harness.bench."""
+"""Throughput: one system under test on one workload, measured by moegen.bench.run."""
 from __future__ import annotations
 
 from prefect import get_run_logger, task
@@ -11,10 +11,10 @@ from tasks.common import key_from_inputs, retry_unless_bad_input
 def run_bench_cell(model_path: str, system: str, workload: str, repeat: int = 1, dtype: str = "bfloat16",
                    device: str = "cpu", options: dict | None = None, probe: str = "quick",
                    usd_per_hour: float | None = None, scope: str = "") -> dict:
-    """One (system, workload) cell of a bench matrix: moegen.harness.bench.run_bench's JSON for this system
+    """One (system, workload) cell of a bench matrix: moegen.bench.run.run_bench's JSON for this system
     alone, with its outputs (to check agreement between systems). Cached on its inputs and `scope`,
     so a resumed flow run does not measure a finished cell again."""
-    from moegen.harness.bench import run_bench
+    from moegen.bench.run import run_bench
 
     result = run_bench(model_path, [system], workload, repeat=repeat, dtype=dtype, device=device,
                        usd_per_hour=usd_per_hour, options={system: options} if options else None, probe=probe,

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-import moegen.harness.bench
-from moegen.harness.bench import agreement, compare_tokens, run_bench
+import moegen.bench.run
+from moegen.bench.run import agreement, compare_tokens, run_bench
 from moegen.cli.bench import add_subparser, options_of, parse_opt, prediction_line
 from moegen.errors import ConfigError, DTypeError, InputError
-from moegen.harness.systems import RunResult
-from moegen.harness.systems.peaks import probed_peaks
+from moegen.bench.systems import RunResult
+from moegen.bench.systems.peaks import probed_peaks
 from moegen.jsonl import json_safe
 
 TOP_KEYS = {"schema", "created_at", "config", "hardware", "versions", "git", "baseline", "agreement", "systems"}
@@ -41,7 +41,7 @@ def cli_report(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     mp = pytest.MonkeyPatch()
     # measured peaks without measuring; the engine's own planner is not involved (G, A fixed below)
-    mp.setattr(moegen.harness.bench, "hardware_peaks", lambda device, dtype, mode: (probed_peaks(FAKE_PROBE, device, dtype),
+    mp.setattr(moegen.bench.run, "hardware_peaks", lambda device, dtype, mode: (probed_peaks(FAKE_PROBE, device, dtype),
                                                                             dict(FAKE_PROBE)))
     try:
         args = bench_args(model, "--systems", "moegen,hf-offload,hf-generate", "--workload",
@@ -112,7 +112,7 @@ def test_float32_mismatch_fails_agreement_but_inexact_systems_do_not():
 
 
 def test_a_failing_system_is_recorded_and_the_rest_still_run(model, monkeypatch):
-    from moegen.harness.systems.hf_generate import HFGenerateSystem
+    from moegen.bench.systems.hf_generate import HFGenerateSystem
 
     def broken(self, handle, workload):
         raise RuntimeError("out of memory (test)")

@@ -176,7 +176,7 @@ def test_cli_unset_sampling_takes_the_checkpoint_defaults(sp_ckpt, tmp_path):
 def test_smollm2_chat(tmp_path_factory):
     """SmolLM2-135M-Instruct upcycled into Mixtral (real BPE tokenizer, ChatML template with
     <|im_end|> as EOS): the template ids equal transformers', and a chat answers and stops."""
-    from moegen.harness import fixture
+    from moegen.checkpoints import fixture
     if "smollm2" not in getattr(fixture, "TRAINED_PRESETS", ()):
         pytest.skip("no smollm2 fixture preset")
     ckpt = fixture.build_fixture("mixtral", "smollm2", seed=0, out=tmp_path_factory.mktemp("smol") / "ckpt")

@@ -9,7 +9,7 @@ import pytest
 from moegen.engine.llm_engine import EngineConfig
 from moegen.errors import InputError
 from moegen.engine.weight_stream import group_weights, module_bytes
-from moegen.harness.fixture import ARCHS, fixture_config
+from moegen.checkpoints.fixture import ARCHS, fixture_config
 from moegen.loader import dummy_model
 from moegen.planner.cost_model import JobShape, predict
 from moegen.planner.hardware import GemmCurve, Hardware

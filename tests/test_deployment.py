@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterNa
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from moegen.harness import results
+from moegen.results import database as results
 from tests.served_stack import PREFECT, REPO, free_port, run, stack_env
 
 

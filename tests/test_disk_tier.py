@@ -12,8 +12,8 @@ import torch
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.engine.weight_stream import group_weights, module_bytes
 from moegen.errors import CapacityError, CheckpointError
-from moegen.harness.fixture import build_fixture
-from moegen.harness.quantize import quantize_checkpoint
+from moegen.checkpoints.fixture import build_fixture
+from moegen.checkpoints.quantize import quantize_checkpoint
 from moegen.layers.linear import packing_supported
 from moegen.loader import load_model
 from moegen.planner.policy import disk_pool_bytes
@@ -191,7 +191,7 @@ def test_peak_rss_stays_within_a_budget_below_the_model(large_checkpoint):
 
 
 def test_bench_figures_of_a_disk_tier_run(tiny_fixture):
-    from moegen.harness.systems.moegen_engine import disk_figures
+    from moegen.bench.systems.moegen_engine import disk_figures
     engine = disk_engine(tiny_fixture("mixtral"), resident_share=0.0, max_batch=4, attn_micro_batch=0)   # not planned
     engine.planner._hardware = type("HW", (), {"disk_read_gbps": 2.0})()      # the disk's measured bandwidth
     engine.reset_stats()

@@ -6,7 +6,7 @@ import torch
 
 from moegen.engine import Engine, SamplingParams
 from moegen.errors import ConfigError
-from moegen.harness.fixture import fixture_config
+from moegen.checkpoints.fixture import fixture_config
 from moegen.loader import config_from, dummy_model
 from moegen.loader import load_model
 

@@ -4,7 +4,7 @@ import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.errors import CapacityError, InputError
-from moegen.harness.fixture import ARCHS
+from moegen.checkpoints.fixture import ARCHS
 from moegen.loader import load_model
 from moegen.planner.plan import Plan, PlanError
 from moegen.planner.policy import FALLBACK_SETTINGS

@@ -5,9 +5,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-import moegen.harness.fixture as fx
+import moegen.checkpoints.fixture as fx
 from moegen.errors import ConfigError
-from moegen.harness.fixture import ARCHS, PRESETS, build_fixture, checkpoint_digest, fixture_config
+from moegen.checkpoints.fixture import ARCHS, PRESETS, build_fixture, checkpoint_digest, fixture_config
 
 
 def tensors(ckpt):

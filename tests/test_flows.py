@@ -25,13 +25,13 @@ from prefect.settings import (PREFECT_API_URL, PREFECT_HOME, PREFECT_LOCAL_STORA
                               PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings)
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-import moegen.harness.bench  # noqa: E402
+import moegen.bench.run  # noqa: E402
 from flows.bench import bench_flow  # noqa: E402
 from flows.eval import eval_flow, hub_workload, show_eval  # noqa: E402
 from flows.generate import generate_flow  # noqa: E402
 from moegen.engine import Engine, SamplingParams  # noqa: E402
-from moegen.harness import results  # noqa: E402
-from moegen.harness.journal import Journal, recover_rows  # noqa: E402
+from moegen.results import database as results  # noqa: E402
+from moegen.generation.journal import Journal, recover_rows  # noqa: E402
 from moegen.errors import InputError  # noqa: E402
 from tasks import data as data_tasks  # noqa: E402
 from tasks import generate as generate_tasks  # noqa: E402
@@ -244,7 +244,7 @@ def test_bench_flow_measures_the_matrix(prefect_api, tiny_fixture, url):
 
 
 def fake_bench(values: dict, calls: list):
-    """A stand-in for moegen.harness.bench.run_bench returning e2e tok/s from `values[system]`."""
+    """A stand-in for moegen.bench.run.run_bench returning e2e tok/s from `values[system]`."""
     def run_bench(model, systems, workload, **kwargs):
         system = systems[0]
         calls.append((system, workload))
@@ -273,11 +273,11 @@ def test_nightly_regression_fails_the_flow_run(prefect_api, tiny_fixture, url, m
                     results.CellResult("hf-generate", workload, {"e2e_tokens_per_s": 50.0})]
         results.record_run(params["model"], "nightly", previous, hardware=HW, created_at=when, url=url)
 
-    monkeypatch.setattr(moegen.harness.bench, "run_bench", fake_bench({"moegen": 95.0, "hf-generate": 50.0}, []))
+    monkeypatch.setattr(moegen.bench.run, "run_bench", fake_bench({"moegen": 95.0, "hf-generate": 50.0}, []))
     state = bench_flow(**params, return_state=True)
     assert state.is_completed(), state.message                     # at the median of the healthy nightlies
 
-    monkeypatch.setattr(moegen.harness.bench, "run_bench", fake_bench({"moegen": 76.0, "hf-generate": 50.0}, []))
+    monkeypatch.setattr(moegen.bench.run, "run_bench", fake_bench({"moegen": 76.0, "hf-generate": 50.0}, []))
     state = bench_flow(**params, return_state=True)
     assert state.is_failed()
     assert "moegen on synthetic:prompt=8,gen=2,n=2 e2e_tokens_per_s -20.0%" in state.message
@@ -290,7 +290,7 @@ def test_nightly_regression_fails_the_flow_run(prefect_api, tiny_fixture, url, m
     assert "nightly trend" in failure.summary["report"]["plots"]
 
     # the regressed nightly is not part of the baseline: a healthy run compares with 90, 95, 100
-    monkeypatch.setattr(moegen.harness.bench, "run_bench", fake_bench({"moegen": 94.0, "hf-generate": 50.0}, []))
+    monkeypatch.setattr(moegen.bench.run, "run_bench", fake_bench({"moegen": 94.0, "hf-generate": 50.0}, []))
     assert bench_flow(**params, return_state=True).is_completed()
     baseline = results.nightly_baseline(params["model"], "moegen", workload, HW, url=url)
     assert latest["id"] not in baseline["runs"] and sorted(baseline["metrics"]["e2e_tokens_per_s"]) == [
@@ -304,7 +304,7 @@ def test_a_nightly_needs_three_passes(prefect_api, tiny_fixture, url):
 
 def test_a_resumed_run_reuses_finished_cells(prefect_api, tiny_fixture, url, monkeypatch):
     calls = []
-    monkeypatch.setattr(moegen.harness.bench, "run_bench", fake_bench({"moegen": 10.0, "hf-generate": 5.0}, calls))
+    monkeypatch.setattr(moegen.bench.run, "run_bench", fake_bench({"moegen": 10.0, "hf-generate": 5.0}, calls))
     params = nightly_params(tiny_fixture, url, nightly=False)
     first = bench_flow(**params, return_state=True)
     assert len(calls) == 2
@@ -317,12 +317,12 @@ def test_a_resumed_run_reuses_finished_cells(prefect_api, tiny_fixture, url, mon
 def test_bad_input_is_not_retried_but_a_crash_is(prefect_api, tiny_fixture, url, monkeypatch):
     calls = []
     params = nightly_params(tiny_fixture, url, nightly=False, systems=["moegen"], baseline="moegen")
-    monkeypatch.setattr(moegen.harness.bench, "run_bench", fake_bench({"moegen": InputError("bad workload")}, calls))
+    monkeypatch.setattr(moegen.bench.run, "run_bench", fake_bench({"moegen": InputError("bad workload")}, calls))
     with pytest.raises(InputError, match="bad workload"):
         bench_flow(**params)
     assert len(calls) == 1
     monkeypatch.setattr("tasks.systems.run_bench_cell.retry_delay_seconds", 0)
-    monkeypatch.setattr(moegen.harness.bench, "run_bench", fake_bench({"moegen": RuntimeError("CUDA hiccup")}, calls))
+    monkeypatch.setattr(moegen.bench.run, "run_bench", fake_bench({"moegen": RuntimeError("CUDA hiccup")}, calls))
     with pytest.raises(RuntimeError, match="CUDA hiccup"):
         bench_flow(**params)
     assert len(calls) == 3                                        # one retry

@@ -7,7 +7,7 @@ from prefect.states import Failed
 
 from flows.cli import parse_params
 from moegen.errors import ConfigError, InputError
-from moegen.harness.ratios import ratio
+from moegen.bench.ratios import ratio
 from tasks import report
 from tasks.common import retry_unless_bad_input
 from tasks.metrics import add_ratios, cell_regressions
@@ -127,7 +127,7 @@ def test_flow_parameters_accept_what_the_engine_and_bench_accept():
     from pydantic import ValidationError
 
     from flows.params import EngineOptions, ProbeMode
-    from moegen.harness.systems.peaks import PROBE_MODES
+    from moegen.bench.systems.peaks import PROBE_MODES
     assert set(typing.get_args(ProbeMode)) == set(PROBE_MODES)
     for size in ("8GB", "512mb", "1.5g", "2GiB"):
         assert EngineOptions(host_memory=size).set_options() == {"host_memory": size}

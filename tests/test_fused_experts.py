@@ -5,7 +5,7 @@ import torch
 
 from moegen import Engine, SamplingParams
 from moegen.errors import ConfigError, InputError
-from moegen.harness.quantize import quantize_checkpoint
+from moegen.checkpoints.quantize import quantize_checkpoint
 from moegen.layers.moe import PACKED_PARTS, Dispatch, SparseMoE
 from moegen.layers.quantized import dequantize, fits_tiles, quantize_fp8, quantize_int, stored_bytes, tile_codes
 from moegen.loader import load_model

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from moegen.cli import main
-from moegen.harness import journal
-from moegen.harness.output_lock import OutputLock
+from moegen.generation import journal
+from moegen.generation.output_lock import OutputLock
 
 token_ids = st.lists(st.one_of(st.integers(-5, 32_010), st.booleans()), min_size=0, max_size=6)
 rows = st.one_of(

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.errors import InputError
-from moegen.harness.fixture import ARCHS
+from moegen.checkpoints.fixture import ARCHS
 from moegen.layers.linear import linear, pack_weight, packing_supported, prepack
 from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer

@@ -1,4 +1,4 @@
-"""The lm-eval backend (moegen.harness.lm_eval), run_eval / `moegen eval`, and the offline GSM8K tasks.
+"""The lm-eval backend (moegen.eval.lm_eval_backend), run_eval / `moegen eval`, and the offline GSM8K tasks.
 
 moegen and lm-eval's own `hf` backend run the same tiny float32 checkpoint greedily and must give
 identical per-sample responses and scores.
@@ -16,8 +16,8 @@ import torch  # noqa: E402
 from lm_eval.utils import hash_string  # noqa: E402
 
 from moegen.errors import ConfigError, InputError  # noqa: E402
-from moegen.harness.evaluation import run_eval  # noqa: E402
-from moegen.harness.lm_eval_tasks import gsm8k_data  # noqa: E402
+from moegen.eval.run import run_eval  # noqa: E402
+from moegen.eval.tasks import gsm8k_data  # noqa: E402
 from tests.hf_reference import hf_logits, hf_model  # noqa: E402
 
 LIMIT = 20
@@ -90,7 +90,7 @@ def test_gsm8k_identical_responses(gsm8k_runs, ckpt, engine):
 
 def task_contexts(task_name, limit):
     """doc_id -> (context, gen_kwargs) as simple_evaluate builds them (fewshot seed 1234)."""
-    from moegen.harness.evaluation import include_paths, task_manager
+    from moegen.eval.run import include_paths, task_manager
     task = task_manager([task_name], include_paths(None)).load([task_name])["tasks"][task_name]
     task.set_fewshot_seed(seed=1234)
     task.build_all_requests(limit=limit, rank=0, world_size=1)
@@ -98,7 +98,7 @@ def task_contexts(task_name, limit):
 
 
 def assert_differ_only_after_tie(ckpt, engine, args, texts):
-    from moegen.harness.lm_eval import MoegenLM, cut_at_stops
+    from moegen.eval.lm_eval_backend import MoegenLM, cut_at_stops
     context, gen_kwargs = args
     lm = MoegenLM(engine=engine)
     ids = engine.tokenizer.encode(context)
@@ -160,7 +160,7 @@ def _requests(kind, args):
 def test_generate_until_stop_strings_match_hf(ckpt, engine):
     """Stops mid-text, at the very start, after the first word's space, several per request."""
     from lm_eval.models.huggingface import HFLM
-    from moegen.harness.lm_eval import MoegenLM, cut_at_stops
+    from moegen.eval.lm_eval_backend import MoegenLM, cut_at_stops
 
     ours = MoegenLM(engine=engine)
     hf = HFLM(pretrained=str(ckpt), dtype="float32", device="cpu", batch_size=4)
@@ -182,7 +182,7 @@ def test_generate_until_stop_strings_match_hf(ckpt, engine):
 
 
 def test_loglikelihood_rolling_matches_direct(ckpt, engine):
-    from moegen.harness.lm_eval import MoegenLM
+    from moegen.eval.lm_eval_backend import MoegenLM
 
     L = 16
     lm = MoegenLM(engine=engine, max_length=L)
@@ -210,7 +210,7 @@ def direct_rolling(ckpt, toks, bos, L) -> float:
 
 
 def test_loglikelihood_requests_and_empty_context(engine, ckpt):
-    from moegen.harness.lm_eval import MoegenLM
+    from moegen.eval.lm_eval_backend import MoegenLM
 
     lm = MoegenLM(engine=engine)
     (ll, greedy), (ll0, _) = lm.loglikelihood(_requests("loglikelihood", [("Question: 1+1?\nAnswer:", " 2"), ("", "Hello")]),
@@ -228,8 +228,8 @@ def test_registered_with_model_args(ckpt):
     import lm_eval
     from lm_eval.api.registry import get_model
 
-    from moegen.harness.evaluation import task_manager, include_paths
-    from moegen.harness.lm_eval import MoegenLM
+    from moegen.eval.run import task_manager, include_paths
+    from moegen.eval.lm_eval_backend import MoegenLM
 
     assert get_model("moegen") is MoegenLM
     out = lm_eval.simple_evaluate(model="moegen", model_args=f"pretrained={ckpt},dtype=float32,max_batch=8,kv_cache_memory={KV}",
@@ -239,7 +239,7 @@ def test_registered_with_model_args(ckpt):
 
 
 def test_fewshot_from_train_eval_from_test(gsm8k_dir):
-    from moegen.harness.evaluation import task_manager, include_paths
+    from moegen.eval.run import task_manager, include_paths
 
     loaded = task_manager(["gsm8k_local"], include_paths(None)).load(["gsm8k_local"])
     task = loaded["tasks"]["gsm8k_local"]
@@ -295,13 +295,13 @@ def test_unknown_system_and_options(ckpt, tmp_path):
         run_eval(tmp_path, ["gsm8k_local"])
     with pytest.raises(ConfigError, match=r"\['max_batch'\] apply to system 'moegen' only; system 'hf' takes batch_size"):
         run_eval(ckpt, ["gsm8k_local"], system="hf", engine_options={"max_batch": 4})
-    from moegen.harness.lm_eval import MoegenLM
+    from moegen.eval.lm_eval_backend import MoegenLM
     with pytest.raises(ConfigError, match=r"unknown moegen model_args \['max_batchez'\].*max_batch"):
         MoegenLM(pretrained=str(ckpt), dtype="float32", max_batchez=4, kv_cache_memory=KV)
 
 
 def test_unsupported_gen_kwargs(engine):
-    from moegen.harness.lm_eval import MoegenLM
+    from moegen.eval.lm_eval_backend import MoegenLM
     with pytest.raises(InputError, match=r"request 0: unsupported generation options \['repetition_penalty'\]"):
         MoegenLM(engine=engine).generate_until(
             _requests("generate_until", [("x", {"until": [], "repetition_penalty": 1.1})]), disable_tqdm=True)

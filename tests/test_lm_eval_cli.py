@@ -16,7 +16,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from moegen.cli import main  # noqa: E402
 from moegen.cli.lm_eval import amend  # noqa: E402
 from moegen.engine import Engine  # noqa: E402
-from moegen.harness.lm_eval_tasks import TASKS_DIR  # noqa: E402
+from moegen.eval.tasks import TASKS_DIR  # noqa: E402
 
 KV = "256MB"
 MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("lm_eval_offline")
 
 def test_chat_context_ids_equal_transformers(ckpt):
     """What lm-eval feeds: the rendered history, then tok_encode of it (no second BOS, "</s>" a token)."""
-    from moegen.harness.lm_eval import MoegenLM
+    from moegen.eval.lm_eval_backend import MoegenLM
     lm = MoegenLM(engine=Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory=KV), pretrained=str(ckpt))
     hf = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
     context = lm.apply_chat_template(HISTORY)
@@ -52,7 +52,7 @@ def test_cache_keeps_what_an_interrupted_generation_finished(ckpt, tmp_path, mon
     from lm_eval.api.instance import Instance
     from lm_eval.api.model import CachingLM
 
-    from moegen.harness.lm_eval import MoegenLM
+    from moegen.eval.lm_eval_backend import MoegenLM
     lm = MoegenLM(engine=Engine.from_pretrained(ckpt, dtype="float32", kv_cache_memory=KV), pretrained=str(ckpt))
     gen = {"until": ["\n\n"], "max_gen_toks": 3}
     requests = [Instance("generate_until", {}, (f"Question: {q}\nAnswer:", gen), i) for i, q in enumerate(["1+1?", "2+2?"])]

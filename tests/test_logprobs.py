@@ -13,8 +13,8 @@ from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.engine.runner import Runner
 from moegen.engine.sampler import filter_logits
 from moegen.errors import InputError
-from moegen.harness import openai_batch
-from moegen.harness.openai_batch import CHAT, COMPLETIONS
+from moegen.generation import openai_batch
+from moegen.generation.openai_batch import CHAT, COMPLETIONS
 from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer
 from tests.hf_reference import hf_logits

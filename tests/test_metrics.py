@@ -19,7 +19,7 @@ import math
 import pytest
 
 from moegen.engine.stats import RunRecord
-from moegen.harness.metrics import (decode_tokens_per_s, e2e_tokens_per_s, prefill_tokens_per_s,
+from moegen.bench.metrics import (decode_tokens_per_s, e2e_tokens_per_s, prefill_tokens_per_s,
                                     run_bytes, run_flops, s_mbu, s_mfu, throughput_report, usd_per_million_tokens)
 from moegen.planner.model_spec import GQASpec, ModelSpec, expected_distinct_experts
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moegen.harness.fixture import ARCHS
+from moegen.checkpoints.fixture import ARCHS
 from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer
 from tests.hf_reference import gsm8k_questions, hf_logits

@@ -55,7 +55,7 @@ def wait_for(api: str, flow_run_id: str, done, what: str, timeout: float):
 @pytest.mark.slow
 @pytest.mark.parametrize("killed", ["the flow run's process", "its worker too"])
 def test_a_killed_generate_run_is_resumed_from_its_journal(stack, tiny_fixture, tmp_path, killed):
-    from moegen.harness import results
+    from moegen.results import database as results
     assert "automation: moegen-resume-crashed" in stack["out"]
     if killed == "its worker too":              # heartbeats every 30 s: a run silent for 75 s is lost
         quick = tmp_path / "automations.yaml"

@@ -15,8 +15,8 @@ import pytest
 
 from moegen.cli import main
 from moegen.errors import MachineFault, OutputBusyError
-from moegen.harness.journal import Journal, OutputLostError, sidecar_path
-from moegen.harness.output_lock import lock_path
+from moegen.generation.journal import Journal, OutputLostError, sidecar_path
+from moegen.generation.output_lock import lock_path
 
 REPO = Path(__file__).resolve().parents[1]
 N = 8
@@ -25,7 +25,7 @@ N = 8
 # rows already on disk) until the parent creates the file `go`.
 CHILD = r"""
 import os, sys, time
-from moegen.harness import journal
+from moegen.generation import journal
 pause_at, marker, go = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 calls = [0]
 real_flush = journal.Journal.flush
@@ -48,7 +48,7 @@ CLI = "import sys; from moegen.cli import main; sys.exit(main(sys.argv[1:]))"
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from moegen.harness.fixture import build_fixture
+    from moegen.checkpoints.fixture import build_fixture
     out = tmp_path_factory.mktemp("tiny") / "mixtral"
     build_fixture("mixtral", "tiny", 1, out)
     return out
@@ -301,7 +301,7 @@ def test_storage_fault_vs_user_mistake():
 # ---- case 4 for the journal: a directory rebuilt with other weights never resumes the old rows ----
 
 def test_a_checkpoint_rebuilt_with_other_weights_is_another_generation(tmp_path, capsys):
-    from moegen.harness.fixture import build_fixture
+    from moegen.checkpoints.fixture import build_fixture
     ckpt, src, out = tmp_path / "ckpt", prompts_file(tmp_path / "p.jsonl", 2), tmp_path / "c.jsonl"
     build_fixture("mixtral", "tiny", 1, ckpt)
     assert main(args(ckpt, src, out)) == 0

@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 from moegen.cli import main  # noqa: E402
 from moegen.cli.lm_eval import cache_key  # noqa: E402
 from moegen.engine import Engine  # noqa: E402
-from moegen.harness.fingerprints import checkpoint_fingerprint  # noqa: E402
-from moegen.harness.fixture import build_fixture  # noqa: E402
+from moegen.checkpoints.fingerprints import checkpoint_fingerprint  # noqa: E402
+from moegen.checkpoints.fixture import build_fixture  # noqa: E402
 
 KV = "256MB"
 
@@ -83,7 +83,7 @@ def test_the_moegen_model_refuses_a_cache_of_another_model(tiny_fixture, other_s
     from lm_eval.api.model import CachingLM
 
     from moegen.errors import ConfigError
-    from moegen.harness.lm_eval import MoegenLM
+    from moegen.eval.lm_eval_backend import MoegenLM
 
     def lm(model, dtype="float32"):
         return MoegenLM(engine=Engine.from_pretrained(model, dtype=dtype, kv_cache_memory=KV), pretrained=str(model))

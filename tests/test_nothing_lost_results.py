@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from moegen.cli import main
-from moegen.harness import results
+from moegen.results import database as results
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES, RUNS = 4, 30
@@ -22,7 +22,7 @@ PROCESSES, RUNS = 4, 30
 # environment, systems and workloads are shared with the other writers (the unique rows they race for).
 WRITER = r"""
 import os, sys, time
-from moegen.harness import results
+from moegen.results import database as results
 url, go, me, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 while not os.path.exists(go):
     time.sleep(0.005)

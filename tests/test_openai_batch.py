@@ -1,4 +1,4 @@
-"""OpenAI batch files (moegen.harness.openai_batch, `moegen generate --format openai-batch`)."""
+"""OpenAI batch files (moegen.generation.openai_batch, `moegen generate --format openai-batch`)."""
 import json
 import shutil
 from types import SimpleNamespace
@@ -8,8 +8,8 @@ import pytest
 from moegen.cli import main
 from moegen.engine import Engine, SamplingParams
 from moegen.engine.params import GenerationDefaults
-from moegen.harness import openai_batch
-from moegen.harness.openai_batch import CHAT, COMPLETIONS
+from moegen.generation import openai_batch
+from moegen.generation.openai_batch import CHAT, COMPLETIONS
 
 KV = "256MB"
 MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"

@@ -76,8 +76,8 @@ def test_flows_take_every_option():
 
 
 def test_moegen_systems_take_every_option():
-    from moegen.harness.systems import get_system
-    from moegen.harness.systems.base import System
+    from moegen.bench.systems import get_system
+    from moegen.bench.systems.base import System
     moegen = get_system("moegen")
     assert moegen.engine_overrides(moegen.check_options(SAMPLES)) == SAMPLES
     as_text = {name: str(value).lower() if isinstance(value, bool) else str(value)   # as a form sends them
@@ -92,7 +92,7 @@ def test_moegen_systems_take_every_option():
 
 def test_lm_eval_model_args_take_every_option(monkeypatch):
     from moegen.engine import Engine
-    from moegen.harness import lm_eval
+    from moegen.eval import lm_eval_backend as lm_eval
     seen = {}
     monkeypatch.setattr(Engine, "from_pretrained", lambda path, **kw: seen.update(kw))
     lm_eval._load_engine("ckpt", "float32", "cpu", dict(SAMPLES))

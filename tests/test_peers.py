@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from moegen.cli import main as cli_main
-from moegen.harness import peers
-from moegen.harness.bench import agreement, run_bench
-from moegen.harness.systems import SYSTEMS, RunResult, SystemFailedError, get_system
-from moegen.harness.systems import llama_cpp
-from moegen.harness.systems.vllm_engine import RunnerProcess, VLLMSystem
-from moegen.harness.workloads import PromptSet
+from moegen.bench import peers
+from moegen.bench.run import agreement, run_bench
+from moegen.bench.systems import SYSTEMS, RunResult, SystemFailedError, get_system
+from moegen.bench.systems import llama_cpp
+from moegen.bench.systems.vllm_engine import RunnerProcess, VLLMSystem
+from moegen.bench.workloads import PromptSet
 
 PEER_SYSTEMS = ("vllm", "llama.cpp", "llama.cpp-q8_0")
 CPU_VARS = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE")
@@ -347,7 +347,7 @@ def peer_model(model, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moegen.harness.fixture import fixture_config
+    from moegen.checkpoints.fixture import fixture_config
     out = tmp_path_factory.mktemp("peer-model") / "ckpt"
     config = fixture_config("mixtral", "tiny")
     config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32

@@ -11,7 +11,7 @@ import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.engine.kv_cache import kv_bytes_per_token
-from moegen.harness.fixture import ARCHS, fixture_config
+from moegen.checkpoints.fixture import ARCHS, fixture_config
 from moegen.loader import load_model
 from moegen.planner.cost_model import JobShape, predict
 from moegen.planner.hardware import Hardware

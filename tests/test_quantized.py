@@ -14,9 +14,9 @@ from moegen.cli import main as cli_main
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.engine.weight_stream import pin_weights
 from moegen.errors import ConfigError, MissingTensorError, ShapeMismatchError, CheckpointError
-from moegen.harness.fixture import ARCHS, build_fixture
-from moegen.harness.quantize import dequantize_checkpoint, quantize_checkpoint
-from moegen.harness.systems.measure import weights_bytes
+from moegen.checkpoints.fixture import ARCHS, build_fixture
+from moegen.checkpoints.quantize import dequantize_checkpoint, quantize_checkpoint
+from moegen.bench.systems.measure import weights_bytes
 from moegen.layers import quantized as qz
 from moegen.layers.quantized import (Fp8BlockWeight, GptqWeight, concat_rows, dequantize, quantize_fp8,
                                      quantize_int, quantized_linear, stored_bytes)

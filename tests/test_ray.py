@@ -15,7 +15,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.bench import bench_flow, ray_resources  # noqa: E402
 from flows.params import TaskRunnerChoice  # noqa: E402
-from moegen.harness import results  # noqa: E402
+from moegen.results import database as results  # noqa: E402
 
 
 def test_cells_reserve_a_gpu_each_on_cuda_and_the_whole_machine_on_a_local_cpu():

@@ -7,9 +7,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from moegen.harness import results
+from moegen.results import database as results
 from moegen.cli.results import add_subparser
-from moegen.harness.results import CellResult
+from moegen.results.database import CellResult
 
 HW = {"cpu": {"model": "Test CPU", "count": 2}, "gpu": None}
 
@@ -35,7 +35,7 @@ def system_doc(name, e2e):
 
 
 def bench_doc(e2e_moegen=200.0, e2e_hf=100.0):
-    """Shaped like moegen.harness.bench.run_bench's JSON (schema 1), one system failed."""
+    """Shaped like moegen.bench.run.run_bench's JSON (schema 1), one system failed."""
     return {"schema": 1, "config": {"model": "/ckpt", "workload": {"spec": "synthetic:prompt=8,gen=2,n=2",
                                                                    "name": "synthetic-p8-g2-n2"}},
             "hardware": HW, "versions": {"torch": "2.13.0"}, "git": {"commit": "abc123", "dirty": False},

@@ -9,7 +9,7 @@ import torch
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.engine.weight_stream import StagedBackend, WeightStreamer, group_weights, module_bytes, module_key
 from moegen.errors import CapacityError
-from moegen.harness.fixture import fixture_config
+from moegen.checkpoints.fixture import fixture_config
 from moegen.loader import dummy_model
 from moegen.planner.cost_model import JobShape
 from moegen.planner.hardware import Hardware

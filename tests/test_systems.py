@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from moegen.errors import InputError
-from moegen.harness.systems import SYSTEMS, get_system
-from moegen.harness.systems.base import cut_after_eos
+from moegen.bench.systems import SYSTEMS, get_system
+from moegen.bench.systems.base import cut_after_eos
 from moegen.engine.stats import lockstep_steps
-from moegen.harness.systems.measure import MemoryMonitor
-from moegen.harness.systems.peaks import Peaks, datasheet_peaks, hardware_peaks, probed_peaks
-from moegen.harness.workloads import PromptSet
+from moegen.bench.systems.measure import MemoryMonitor
+from moegen.bench.systems.peaks import Peaks, datasheet_peaks, hardware_peaks, probed_peaks
+from moegen.bench.workloads import PromptSet
 
 CPU_SYSTEMS = ["moegen", "moegen-model-batching", "hf-generate", "hf-continuous"]
 # G, A and the prefill budget fixed, so the engine's planner does not probe the machine here

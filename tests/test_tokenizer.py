@@ -6,7 +6,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from moegen.errors import InputError, TokenizerError
-from moegen.harness.fixture import mixtral_tokenizer_model
+from moegen.checkpoints.fixture import mixtral_tokenizer_model
 from moegen.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 TEXTS = [

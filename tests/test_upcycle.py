@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-import moegen.harness.fixture as fx
+import moegen.checkpoints.fixture as fx
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.errors import ConfigError
-from moegen.harness import upcycle
-from moegen.harness.fixture import ARCHS, build_fixture
+from moegen.checkpoints import upcycle
+from moegen.checkpoints.fixture import ARCHS, build_fixture
 from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer
 from tests.hf_reference import gsm8k_questions, hf_greedy, hf_model

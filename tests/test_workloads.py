@@ -4,7 +4,7 @@ import json
 import pytest
 
 from moegen.errors import InputError
-from moegen.harness.workloads import (DEFAULT_TEMPLATE, accuracy, final_number, gsm8k_answer, parse_workload,
+from moegen.bench.workloads import (DEFAULT_TEMPLATE, accuracy, final_number, gsm8k_answer, parse_workload,
                               predicted_number)
 
 

@@ -1,4 +1,4 @@
-"""`moegen bench`: compare systems on one workload; prints a table, writes the JSON of moegen.harness.bench.
+"""`moegen bench`: compare systems on one workload; prints a table, writes the JSON of moegen.bench.run.
 
     moegen bench --model DIR --systems moegen,hf-generate --workload synthetic:prompt=128,gen=64,n=256 \
         [--repeat K] [--dtype bfloat16] [--device cpu] [--usd-per-hour X] [--json OUT.json] \
@@ -120,7 +120,7 @@ def agreement_line(report: dict) -> str:
 
 
 def cmd_bench(args) -> None:
-    from moegen.harness.bench import run_bench, write_json
+    from moegen.bench.run import run_bench, write_json
     if args.json:
         output_target(args.json)               # a bad output path fails now, not after the run
     report = run_bench(args.model, args.systems, args.workload, repeat=args.repeat, dtype=args.dtype,

@@ -9,12 +9,12 @@ from tqdm.auto import tqdm
 
 from moegen.dtypes import dtype_name
 from moegen.engine.options import ENGINE_OPTIONS, LOAD_OPTIONS, add_arguments, values_of
-from moegen.harness.journal import (FLUSH_ROWS, FLUSH_SECONDS, ORDERS, fingerprint, open_output, pending_indices,
+from moegen.generation.journal import (FLUSH_ROWS, FLUSH_SECONDS, ORDERS, fingerprint, open_output, pending_indices,
                                     sampling_fingerprint, write_completions)
-from moegen.harness.metrics import e2e_tokens_per_s
+from moegen.bench.metrics import e2e_tokens_per_s
 from moegen.errors import InputError
-from moegen.harness.prompts import read_chat_prompts, read_prompts
-from moegen.harness.replicas import EngineRecipe, Replicas, open_source
+from moegen.generation.prompts import read_chat_prompts, read_prompts
+from moegen.generation.replicas import EngineRecipe, Replicas, open_source
 from moegen.jsonl import STDOUT, output_target
 
 
@@ -89,7 +89,7 @@ def generation_defaults(args):
 def cmd_openai_batch(args) -> None:
     """--format openai-batch: every row of an OpenAI batch file answered, in one engine call."""
     from moegen.engine import Engine
-    from moegen.harness import openai_batch
+    from moegen.generation import openai_batch
     from moegen.jsonl import jsonl_text, write_output
     if args.logprobs is not None or args.prompt_logprobs is not None:
         raise InputError("--logprobs / --prompt-logprobs are for --format prompts; an OpenAI batch row asks in its "
@@ -133,7 +133,7 @@ def generate_into(journal, prompts: list, params, args) -> dict:
 
 
 def cli_fingerprint(args, prompts: list, params) -> dict:
-    """What decides the rows (moegen.harness.journal.fingerprint): a journal of others is refused."""
+    """What decides the rows (moegen.generation.journal.fingerprint): a journal of others is refused."""
     engine = {"dtype": args.dtype, "max_model_len": args.max_model_len, "truncate": args.truncate,
               "dummy_weights": args.dummy_weights}
     return fingerprint(args.model, prompts, sampling_fingerprint(asdict(params)), engine)

@@ -5,15 +5,15 @@ the `moegen` model registered and moegen's offline tasks on the task search path
         --apply_chat_template --log_samples --output_path runs/lm-eval --use_cache runs/lm-eval/cache
 
 lm-eval has no plugin mechanism for outside models: a model registers when its module is
-imported, so this launcher imports moegen.harness.lm_eval and then runs lm-eval's CLI (the steps
+imported, so this launcher imports moegen.eval.lm_eval_backend and then runs lm-eval's CLI (the steps
 of lm_eval.__main__.cli_evaluate, with the parsed arguments amended in between). Every argument
 is lm-eval's and means what lm-eval documents, with two defaults made to fit:
-- --include_path: moegen/harness/lm_eval_tasks is always searched, besides any path given;
+- --include_path: moegen/eval/tasks is always searched, besides any path given;
 - --device: when not given, the model_args' device, else cuda:0 where CUDA is available, else
   cpu with a warning (lm-eval's own default is cuda:0 everywhere).
 - --use_cache C: lm-eval keys its cache by the request alone, so a cache written by another model
   would answer for this one. Here it is namespaced by what decides the answers: the model and its
-  model_args (dtype, ...) and the checkpoint's fingerprint (moegen.harness.fingerprints: weights,
+  model_args (dtype, ...) and the checkpoint's fingerprint (moegen.checkpoints.fingerprints: weights,
   config, tokenizer, chat template). The cache file is C-<key>_rank0.db: another model, dtype or
   checkpoint gets a cache of its own, and the same run resumes from its own.
 lm-eval's own errors (an unknown task, a bad argument) are one line, as every moegen error:
@@ -51,7 +51,7 @@ def launch(argv: "list[str]") -> None:
     from lm_eval._cli.harness import HarnessCLI
     from lm_eval.utils import setup_logging
 
-    importlib.import_module("moegen.harness.lm_eval")   # registers the lm-eval model "moegen"
+    importlib.import_module("moegen.eval.lm_eval_backend")   # registers the lm-eval model "moegen"
     setup_logging()
     saved, sys.argv = sys.argv, ["lm-eval", *argv]     # lm-eval parses sys.argv itself
     try:
@@ -113,7 +113,7 @@ def cache_key(model, model_args) -> str:
     """16 hex digits over what decides a model's answers (module doc)."""
     from lm_eval.utils import simple_parse_args_string
 
-    from moegen.harness.fingerprints import checkpoint_fingerprint
+    from moegen.checkpoints.fingerprints import checkpoint_fingerprint
 
     args = simple_parse_args_string(model_args) if isinstance(model_args, str) else dict(model_args or {})
     if model == "moegen":
@@ -127,7 +127,7 @@ def cache_key(model, model_args) -> str:
 
 def amend(args: argparse.Namespace) -> None:
     """Our task directory on the search path; a --device that fits this machine (module doc)."""
-    from moegen.harness.lm_eval_tasks import TASKS_DIR
+    from moegen.eval.tasks import TASKS_DIR
 
     if hasattr(args, "include_path"):
         args.include_path = [str(TASKS_DIR), *([args.include_path] if args.include_path else [])]

@@ -9,8 +9,8 @@ import argparse
 
 from rich.table import Table
 
-from moegen.harness import results
-from moegen.harness.console import make_console
+from moegen.results import database as results
+from moegen.console import make_console
 
 # The metrics shown in the history table, in this order, when a cell has them.
 HEADLINE = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_s_mfu", "decode_s_mbu",
