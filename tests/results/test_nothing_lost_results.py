@@ -15,7 +15,7 @@ import pytest
 from moegen.cli import main
 from moegen.results import database as results
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROCESSES, RUNS = 4, 30
 
 # One writer: waits for `go`, so that every writer starts at once, then records RUNS runs whose

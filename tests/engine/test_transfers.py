@@ -9,7 +9,7 @@ from moegen.engine.transfers import HostStaging
 from moegen.loader import load_model
 from moegen.ops.attention import (gathered_decode_attention, gathered_decode_attention_mla,
                                   paged_decode_attention_mla_torch, paged_decode_attention_torch)
-from tests.test_stream_memory import FakePinned
+from tests.engine.test_stream_memory import FakePinned
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v2"])

@@ -18,7 +18,7 @@ from moegen.errors import MachineFault, OutputBusyError
 from moegen.generation.journal import Journal, OutputLostError, sidecar_path
 from moegen.generation.output_lock import lock_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N = 8
 
 # A real `moegen generate` that pauses before its nth flush of rows (holding the journal's lock,

@@ -11,7 +11,7 @@ import pytest
 
 from moegen.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def generate(model, src: Path, out: Path, *extra) -> list[str]:

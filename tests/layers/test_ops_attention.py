@@ -12,8 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 from moegen.ops import attention as attn
 from moegen.ops import build
-from tests.test_fused_experts import QUANTIZERS, check_dequant_tiles
-from tests.test_ops_elementwise import check_ops as check_elementwise_ops
+from tests.layers.test_fused_experts import QUANTIZERS, check_dequant_tiles
+from tests.layers.test_ops_elementwise import check_ops as check_elementwise_ops
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 DTYPES = list(TOL)

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SLEEPY_FLOW = """
 import time
 from prefect import flow

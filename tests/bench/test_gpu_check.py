@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHECKS = (["native-ops"] + [f"exact-{a}" for a in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
                                                    "deepseek_v3")]
           + ["quantized-fp8", "quantized-int4", "prefix-caching", "logprobs", "device-attention-mixtral",

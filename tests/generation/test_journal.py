@@ -16,7 +16,7 @@ from moegen.cli import main
 from moegen.errors import InputError
 from moegen.generation.journal import Journal, PlainOutput, differences, open_output, recover_rows, sidecar_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N = 12
 
 # A child `moegen generate` that can be made to stall, so that the parent kills it exactly there:

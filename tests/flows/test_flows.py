@@ -38,7 +38,7 @@ from tasks import generate as generate_tasks  # noqa: E402
 from tasks.data import resolve_gsm8k  # noqa: E402
 from tasks.evaluation import hub_task_names  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HW = {"cpu": {"model": "Fake CPU", "count": 2}, "gpu": None}
 SMALL_ENGINE = {"kv_cache_memory": "64MB"}
 
