@@ -42,8 +42,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from moegen.dtypes import dtype_name
 from moegen.engine.config import DTYPE
-from moegen.engine.options import engine_option_names, parse_options
+from moegen.engine.options import engine_option_names
 from moegen.errors import ConfigError, InputError
+from moegen.recipe import EngineRecipe
 
 log = logging.getLogger("moegen")
 DEFAULT_MAX_GEN_TOKS = 256
@@ -317,8 +318,6 @@ def _sampling(gen_kwargs: dict) -> dict:
 
 
 def _load_engine(pretrained, dtype, device, options: dict):
-    from moegen.engine import Engine
-
     if pretrained is None:
         raise ConfigError("model_args needs pretrained=DIR (a checkpoint directory)")
     allowed = engine_option_names()
@@ -326,4 +325,4 @@ def _load_engine(pretrained, dtype, device, options: dict):
     if unknown:
         raise ConfigError(f"unknown moegen model_args {unknown}; known: pretrained, dtype, device, "
                           f"max_length, {', '.join(sorted(allowed))}")
-    return Engine.from_pretrained(str(pretrained), device=str(device), dtype=str(dtype), **parse_options(options))
+    return EngineRecipe.from_settings(str(pretrained), {**options, "device": str(device), "dtype": str(dtype)}).build()

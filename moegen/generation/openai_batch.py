@@ -40,7 +40,7 @@ from pathlib import Path
 from moegen.engine.params import SamplingParams
 from moegen.engine.sampler import check_logprob_counts
 from moegen.errors import InputError, MoegenError
-from moegen.jsonl import STDIN
+from moegen.jsonl import STDIN, jsonl_text, write_output
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0}     # the API's defaults for unset fields
@@ -284,9 +284,23 @@ def _row(custom_id, status: int, body: dict, error) -> dict:
             "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}, "error": error}
 
 
-def summary(rows: "list[dict]") -> dict:
-    """Counts over output rows: requests, failed, and the usage of the served ones."""
+def answer_file(recipe, lines, out: str, model: str, max_new_tokens: int, truncate: "str | None" = None,
+                progress: bool = False) -> dict:
+    """Every line answered into `out` by one engine call; the run's figures as a GenerationSummary
+    (the fields `moegen generate` and the generate flow report), with requests and failed rows."""
+    from moegen.bench.metrics import e2e_tokens_per_s
+    from moegen.generation.job import GenerationSummary
+    t0 = time.perf_counter()
+    engine = recipe.build()
+    t1 = time.perf_counter()
+    rows = run_batch(engine, lines, model, max_new_tokens, truncate, progress=progress)
+    write_output(Path(out), jsonl_text(rows))
+    generate_s = time.perf_counter() - t1
     usage = [r["response"]["body"]["usage"] for r in rows if r["error"] is None]
-    return {"requests": len(rows), "failed": len(rows) - len(usage),
-            "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
-            "completion_tokens": sum(u["completion_tokens"] for u in usage)}
+    generated = sum(u["completion_tokens"] for u in usage)
+    figures = GenerationSummary(
+        rows=len(rows), resumed_rows=0, generated_rows=len(usage), prompt_tokens=sum(u["prompt_tokens"] for u in usage),
+        generated_tokens=generated, load_s=round(t1 - t0, 2), generate_s=round(generate_s, 2),
+        e2e_tokens_per_s=round(e2e_tokens_per_s(generated, generate_s), 1), out=str(out),
+        details={"requests": len(rows), "failed": len(rows) - len(usage)})
+    return figures.as_dict()

@@ -18,34 +18,15 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from itertools import count, tee
 
 from moegen.engine.llm_engine import WINDOW
 from moegen.errors import ConfigError, InputError, MoegenError
+from moegen.recipe import EngineRecipe
 
 log = logging.getLogger("moegen")
 POLL_S = 0.2          # how often the driver looks at the results queue and the replicas
 PULL_CHUNK = 16       # prompts a replica takes from the queue per round trip
-
-
-@dataclass(frozen=True)
-class EngineRecipe:
-    """How to build an engine where it will run (plain data: it travels to the actors).
-    kwargs: Engine.from_pretrained / from_config keywords (dtype, device, host_memory, options)."""
-    model: str
-    dummy_weights: bool = False
-    kwargs: dict = field(default_factory=dict)
-
-    def build(self):
-        from moegen.engine import Engine
-        if self.dummy_weights:
-            return Engine.from_config(self.model, dummy_weights=True, **self.kwargs)
-        return Engine.from_pretrained(self.model, **self.kwargs)
-
-    @property
-    def on_cuda(self) -> bool:
-        return str(self.kwargs.get("device", "cpu")).startswith("cuda")
 
 
 class Replica:

@@ -24,7 +24,7 @@ def test_generate_writes_rows_in_input_order(tmp_path, tiny_fixture, capsys):
     assert rows[1]["prompt_token_ids"] == [1, 415, 2936]
     assert all(len(r["token_ids"]) == 5 and r["finish_reason"] == "length" and isinstance(r["text"], str) for r in rows)
     summary = json.loads(capsys.readouterr().out)
-    assert summary["generated_tokens"] == 15 and summary["end_to_end_tok_s"] > 0
+    assert summary["generated_tokens"] == 15 and summary["e2e_tokens_per_s"] > 0
 
 
 def test_generate_with_template_over_gsm8k(tmp_path, tiny_fixture, gsm8k_dir):

@@ -4,6 +4,7 @@ the tokens of an uninterrupted run, eval and bench end to end into the results d
 their artifacts, the nightly regression check, caching on resume, and no retry on bad input."""
 import datetime as dt
 import base64
+import dataclasses
 import json
 import os
 import signal
@@ -31,6 +32,8 @@ from flows.eval import eval_flow, hub_workload, show_eval  # noqa: E402
 from flows.generate import generate_flow  # noqa: E402
 from moegen.engine import Engine, SamplingParams  # noqa: E402
 from moegen.results import database as results  # noqa: E402
+from moegen.cli import main  # noqa: E402
+from moegen.generation.job import GenerationSummary  # noqa: E402
 from moegen.generation.journal import Journal, recover_rows  # noqa: E402
 from moegen.errors import InputError  # noqa: E402
 from tasks import data as data_tasks  # noqa: E402
@@ -116,6 +119,31 @@ def test_bad_parameters_are_rejected_before_any_work(prefect_api, flow, params, 
 
 
 # ---- generate -----------------------------------------------------------------------------------
+
+def test_cli_flow_and_batch_file_report_the_same_summary(prefect_api, tiny_fixture, tmp_path, url, capsys):
+    """One generation job (moegen.generation.job): `moegen generate`, the generate flow and an
+    OpenAI batch file, given the same prompts, report the same figures under the same names, and
+    the same token counts."""
+    params = generate_params(tiny_fixture, tmp_path, n=3, url=url)
+    model, dataset = params["model"], params["dataset"]
+    flow_summary = generate_flow(**params, record=False, keep_fields=[])
+    common = ["--model", model, "--dtype", "float32", "--kv-cache-memory", "64MB", "--max-new-tokens", "6",
+              "--ignore-eos", "--quiet"]
+    main(["generate", *common, "--input", dataset, "--out", str(tmp_path / "cli.jsonl")])
+    cli_summary = json.loads(capsys.readouterr().out)
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                         "body": {"prompt": row["prompt"], "max_tokens": 6, "temperature": 0}}) + "\n"
+                             for i, row in enumerate(read_rows(dataset))))
+    main(["generate", *common, "--format", "openai-batch", "--input", str(batch), "--out", str(tmp_path / "b.jsonl")])
+    batch_summary = json.loads(capsys.readouterr().out)
+    fields = {f.name for f in dataclasses.fields(GenerationSummary)} - {"details"}
+    for summary in (flow_summary, cli_summary, batch_summary):
+        assert fields <= set(summary)
+    for name in ("rows", "generated_rows", "prompt_tokens", "generated_tokens"):
+        assert flow_summary[name] == cli_summary[name] == batch_summary[name], name
+    assert cli_summary["rows"] == 3 and cli_summary["generated_tokens"] == 18
+
 
 def test_generate_resumes_after_a_failure_mid_run(prefect_api, tiny_fixture, tmp_path, url, monkeypatch):
     params = generate_params(tiny_fixture, tmp_path, n=10, url=url)

@@ -131,7 +131,7 @@ def test_killed_then_rerun_has_every_row_once_as_uninterrupted(reference, tmp_pa
     assert 1 <= on_disk < N, f"{on_disk} rows on disk at the kill"
 
     summary = run(args, capsys)
-    assert summary["resumed"] == on_disk and summary["generated_rows"] == N - on_disk   # only those not on disk
+    assert summary["resumed_rows"] == on_disk and summary["generated_rows"] == N - on_disk   # only those not on disk
     assert rows_of(out) == reference["rows"]                                            # once each, same tokens
 
 
@@ -142,7 +142,7 @@ def test_a_torn_last_line_is_dropped_and_regenerated(reference, tmp_path, capsys
     out.write_text("".join(json.dumps(r) + "\n" for r in reference["rows"][:5]) +
                    json.dumps(reference["rows"][5])[:40])                  # as if it crashed writing row 5
     summary = run(args, capsys)
-    assert summary["resumed"] == 5 and summary["generated_rows"] == N - 5
+    assert summary["resumed_rows"] == 5 and summary["generated_rows"] == N - 5
     assert rows_of(out) == reference["rows"]
 
 
@@ -155,7 +155,7 @@ def test_a_journal_of_other_sampling_is_refused_unless_overwrite(reference, tmp_
     assert "journal of another generation" in err and "sampling.temperature: 0.0 in the journal, 0.7 now" in err
     assert rows_of(out) == reference["rows"]                               # untouched
     summary = run(args + ["--temperature", "0.7", "--seed", "1", "--overwrite"], capsys)
-    assert summary["resumed"] == 0 and summary["generated_rows"] == N
+    assert summary["resumed_rows"] == 0 and summary["generated_rows"] == N
     assert run(args + ["--temperature", "0.7", "--seed", "1"], capsys)["generated_rows"] == 0   # now it is ours
 
 

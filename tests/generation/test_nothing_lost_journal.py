@@ -125,7 +125,7 @@ def test_a_second_writer_is_refused_naming_the_holder_then_waits_with_wait(tmp_p
         first.kill()
     assert waiter.returncode == 0, stderr
     summary = json.loads(stdout)
-    assert summary["resumed"] == N and summary["generated_rows"] == 0   # nothing generated twice
+    assert summary["resumed_rows"] == N and summary["generated_rows"] == 0   # nothing generated twice
     assert indices(out) == list(range(N))
     assert not lock_path(out).exists()                                  # released and removed at the end
 
@@ -138,7 +138,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path, model):
     again = run_cli(args(model, src, out))
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout)
-    assert summary["resumed"] == 2 and summary["generated_rows"] == N - 2
+    assert summary["resumed_rows"] == 2 and summary["generated_rows"] == N - 2
     assert indices(out) == list(range(N))
 
 
@@ -170,7 +170,7 @@ def test_output_gone_mid_run_stops_at_the_next_flush(tmp_path, model, how):
         (tmp_path / "moved.jsonl").rename(out)
         again = run_cli(args(model, src, out))
         assert again.returncode == 0, again.stderr
-        assert json.loads(again.stdout)["resumed"] == 2
+        assert json.loads(again.stdout)["resumed_rows"] == 2
         assert indices(out) == list(range(16))
 
 
@@ -262,7 +262,7 @@ def test_disk_full_at_a_flush_is_one_line_exit_1_and_the_journal_resumes(tmp_pat
     assert len(indices(out)) == 4                   # the half-written flush was cut off again
     monkeypatch.setattr(os, "write", real_write)
     assert main(args(model, src, out)) == 0
-    assert json.loads(capsys.readouterr().out)["resumed"] == 4
+    assert json.loads(capsys.readouterr().out)["resumed_rows"] == 4
     assert out.read_text() == reference
 
 
@@ -288,7 +288,7 @@ def test_disk_full_on_a_real_tmpfs(tmp_path, model, small_tmpfs):
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
     again = run_cli([*args(model, src, out), "--max-new-tokens", "24"])
     assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["resumed"] == len(kept)
+    assert json.loads(again.stdout)["resumed_rows"] == len(kept)
     assert indices(out) == list(range(48))
 
 
@@ -316,7 +316,7 @@ def test_a_checkpoint_rebuilt_with_other_weights_is_another_generation(tmp_path,
     sidecar_path(out).write_text(json.dumps(saved))
     capsys.readouterr()
     assert main(args(ckpt, src, out)) == 0
-    assert json.loads(capsys.readouterr().out)["resumed"] == 2
+    assert json.loads(capsys.readouterr().out)["resumed_rows"] == 2
 
 
 def test_output_deleted_after_the_last_flush_is_reported_in_either_order(tmp_path):

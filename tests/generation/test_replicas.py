@@ -10,7 +10,8 @@ ray = pytest.importorskip("ray")
 
 from moegen.cli import main  # noqa: E402
 from moegen.engine import SamplingParams  # noqa: E402
-from moegen.generation.replicas import EngineRecipe, Replicas  # noqa: E402
+from moegen.generation.replicas import Replicas  # noqa: E402
+from moegen.recipe import EngineRecipe  # noqa: E402
 
 pytestmark = pytest.mark.slow          # a Ray start and two engine processes
 N = 10

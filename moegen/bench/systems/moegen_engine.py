@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from moegen.engine.options import engine_option_names, parse_options
+from moegen.recipe import EngineRecipe
 from moegen.bench.systems.base import Generation, RunResult, System
 from moegen.bench.workloads import PromptSet
 
@@ -77,11 +78,9 @@ class MoegenSystem(System):
         return parse_options(options)
 
     def load(self, model_path, dtype, device, workload: PromptSet, **options):
-        from moegen.engine import Engine
-        kwargs = self.engine_overrides(options)
-        if isinstance(model_path, ConfigModel):
-            return Engine.from_config(model_path.config, device=device, dtype=dtype, **kwargs)
-        return Engine.from_pretrained(model_path, device=device, dtype=dtype, **kwargs)
+        dummy = isinstance(model_path, ConfigModel)
+        settings = {**self.engine_overrides(options), "dtype": dtype, "device": device}
+        return EngineRecipe(model_path.config if dummy else model_path, dummy, settings).build()
 
     def run(self, model_path, workload: PromptSet, *args, **kw) -> RunResult:
         """System.run, plus the footprint: peak RSS over the weights as stored (and over weights
