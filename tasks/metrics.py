@@ -7,10 +7,11 @@ import statistics
 from prefect import get_run_logger, task
 
 from moegen.results import database as results
-from moegen.bench.ratios import LOWER_IS_BETTER, RATIO_METRICS, metric_ratios
+from moegen.bench.ratios import metric_ratios
+from moegen.results.metrics import LOWER_IS_BETTER, RATIO_METRICS, REGRESSION_METRICS
 from moegen.errors import ConfigError
 
-DEFAULT_REGRESSION_METRICS = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "accuracy")
+DEFAULT_REGRESSION_METRICS = REGRESSION_METRICS
 # lm-eval backend of the eval flow -> the bench system measured for its throughput
 EVAL_TO_BENCH = {"moegen": "moegen", "hf": "hf-generate"}
 

@@ -1,11 +1,10 @@
-"""Figures against a baseline's: the one list of compared metrics and the one ratio rule, for the
-bench JSON (moegen.bench.run) and the flows' tables (tasks.metrics). No heavy imports: the
-flows load it at start."""
+"""Figures against a baseline's: the one ratio rule, over the compared metrics of the metrics table
+(moegen.results.metrics), for the bench JSON (moegen.bench.run) and the flows' tables
+(tasks.metrics). No heavy imports: the flows load it at start."""
+from moegen.results.metrics import LOWER_IS_BETTER, RATIO_METRICS
+
 
 # > 1 always means better: lower-is-better figures are inverted
-RATIO_METRICS = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_s_mfu", "decode_s_mbu",
-                 "usd_per_million_tokens", "accuracy")
-LOWER_IS_BETTER = frozenset({"usd_per_million_tokens"})
 
 
 def ratio(value: float | None, base: float | None, name: str) -> float | None:
