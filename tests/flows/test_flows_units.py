@@ -10,7 +10,8 @@ from moegen.errors import ConfigError, InputError
 from moegen.bench.ratios import ratio
 from tasks import report
 from tasks.common import retry_unless_bad_input
-from tasks.metrics import add_ratios, cell_regressions
+from flows.eval import eval_findings
+from tasks.metrics import add_ratios, cell_regressions, compute_eval_table
 from tasks.models import fixture_dir, parse_fixture_spec
 
 
@@ -166,3 +167,30 @@ def test_the_flows_sampling_is_the_engines():
         default = engine[name].default_factory() if callable(engine[name].default_factory) else engine[name].default
         assert value == default, name
     SamplingParams(**Sampling(n=3, logprobs=2).model_dump())
+
+
+def eval_doc(system: str, answers: list, options: list[list[float]]) -> dict:
+    """An lm-eval result with a generation task `gen` and a multiple-choice task `mc`."""
+    return {"system": system, "tasks": ["gen", "mc"], "wall_s": 1.0,
+            "results": {"gen": {"exact_match,strict-match": 0.5}, "mc": {"acc,none": 0.5}},
+            "samples": {"gen": [{"doc_id": i, "filter": "strict-match", "filtered_response": a}
+                                for i, a in enumerate(answers)],
+                        "mc": [{"doc_id": i, "filter": "none", "filtered_response": [[ll, False] for ll in lls]}
+                               for i, lls in enumerate(options)]}}
+
+
+def test_backends_are_compared_by_their_answers_not_an_accuracy_ratio():
+    base = eval_doc("hf", ["4", "7"], [[-1.0, -2.0], [-3.0, -0.5]])
+    same = eval_doc("moegen", ["4", "7"], [[-1.1, -2.2], [-3.1, -0.4]])      # other scores, same choices
+    flipped = eval_doc("moegen", ["4", "8"], [[-2.0, -1.0], [-3.0, -0.5]])
+    rows = {r["system"]: r for r in compute_eval_table.fn([base, same], [], "hf")}
+    assert (rows["moegen"]["metrics"]["questions"], rows["moegen"]["metrics"]["answers_differ"]) == (4, 0)
+    assert rows["hf"]["metrics"]["answers_differ"] == 0 and "accuracy" not in rows["moegen"]["ratios"]
+    rows = {r["system"]: r for r in compute_eval_table.fn([base, flipped], [], "hf")}
+    assert rows["moegen"]["metrics"]["answers_differ"] == 2
+    summary = {"baseline": "hf", "eval_dtype": "float32", "dtype": "bfloat16", "bench_workload": "w",
+               "rows": [{**r, "ratios": {}} for r in rows.values()]}
+    assert "answers differ on 2 of 4 questions -- NOT as expected" in eval_findings(summary)[0]
+    summary["rows"] = [{**r, "ratios": {}} for r in compute_eval_table.fn([base, same], [], "hf")]
+    assert eval_findings(summary)[0].endswith("identical answers on all 4 questions (expected: token-identical in "
+                                              "float32; checked)")
