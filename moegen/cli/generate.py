@@ -104,18 +104,16 @@ def generation_defaults(args):
 
 
 def cmd_openai_batch(args) -> None:
-    """--format openai-batch: every row of an OpenAI batch file answered, in one engine call."""
+    """--format openai-batch: every row of an OpenAI batch file answered, in one engine call, through
+    the journal (a re-run answers only the rows the output lacks)."""
     from moegen.generation import openai_batch
     if args.logprobs is not None or args.prompt_logprobs is not None:
         raise InputError("--logprobs / --prompt-logprobs are for --format prompts; an OpenAI batch row asks in its "
                          "body (chat: logprobs: true, top_logprobs: K; completions: logprobs: K)")
-    if Path(args.out).is_file() and Path(args.out).stat().st_size > 0 and not args.overwrite:
-        raise InputError(f"{args.out} exists; replace it with --overwrite, or choose another output (a batch file is "
-                         "answered in one go: there is no journal to resume)")
     lines = openai_batch.read_batch(Path(args.input), args.limit)
     recipe = EngineRecipe(args.model, args.dummy_weights, engine_kwargs(args))
     summary = openai_batch.answer_file(recipe, lines, args.out, Path(args.model).name, args.max_new_tokens,
-                                       args.truncate, progress=not args.quiet)
+                                       args.truncate, progress=not args.quiet, overwrite=args.overwrite, wait=args.wait)
     print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
 
 

@@ -455,15 +455,16 @@ def pending_indices(num_rows: int, journal) -> list[int]:
     return [i for i in range(num_rows) if i not in journal.done]
 
 
-def write_completions(journal, completions, extra: list[dict] | None = None, on_row=None) -> Tally:
-    """Journal each completion as its row (plus the fields of extra[index] the row lacks), in
-    the order they come; on_row(tally) after each. Rows finished before an error are kept."""
+def write_completions(journal, completions, extra: list[dict] | None = None, on_row=None, to_row=None) -> Tally:
+    """Journal each completion as its row (plus the fields of extra[index] the row lacks), or as
+    to_row(completion) when given (an OpenAI batch response row), in the order they come;
+    on_row(tally) after each. Rows finished before an error are kept."""
     tally = Tally()
     with journal:
         for completion in completions:
             row = completion.to_row()
             row.update({k: v for k, v in (extra[row["index"]] if extra else {}).items() if k not in row})
-            if journal.append(row):
+            if journal.append(row if to_row is None else to_row(completion)):
                 tally.add(row)
                 if on_row is not None:
                     on_row(tally)

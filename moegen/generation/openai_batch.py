@@ -20,7 +20,9 @@ would from OpenAI or vLLM. A seeded row draws from seed + its position in the en
 n choices are the engine's n samples of one prefill (seed + position * n + choice).
 
 An output row, one per input row and in input order:
-    {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
+    {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error", "index"}
+(`index`: the input line's place among the file's requests, by which the generation journal resumes
+a file after a crash: a re-run answers only the lines the output lacks).
 body is a chat.completion or text_completion object with `usage`. A row that cannot be served
 (not JSON, unknown url, no body, a prompt too long, ...) is answered with status_code 400, the
 OpenAI error object as body ({"error": {"message", "type", ...}}) and `error` {"code", "message"};
@@ -40,7 +42,7 @@ from pathlib import Path
 from moegen.engine.params import SamplingParams
 from moegen.engine.sampler import check_logprob_counts
 from moegen.errors import InputError, MoegenError
-from moegen.jsonl import STDIN, jsonl_text, write_output
+from moegen.jsonl import STDIN
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0}     # the API's defaults for unset fields
@@ -81,18 +83,28 @@ def read_batch(path: Path, limit: int | None = None) -> "list[tuple[str, str]]":
 
 def run_batch(engine, lines, model: str, max_new_tokens: int, truncate: "str | None" = None,
               progress: bool = False) -> "list[dict]":
-    """Output rows for (where, text) lines, in their order. max_new_tokens: for rows that set none."""
-    parsed = [parse_line(engine, where, text, model, max_new_tokens, truncate) for where, text in lines]
-    parsed = refuse_duplicate_ids(lines, parsed)
+    """Output rows for (where, text) lines, in their order, in memory (answer_file journals them).
+    max_new_tokens: for rows that set none."""
+    parsed = requests_of(engine, lines, model, max_new_tokens, truncate)
     served = [r for r in parsed if isinstance(r, BatchRequest)]
-    # a row's n choices are SamplingParams(n) samples: forked from one prefill of its prompt
-    # (and distinct under one seed), not n copies of the request
     prompts = [r.prompt_ids for r in served]
-    params = [replace(r.params, n=r.n) for r in served]
-    completions = iter(engine.generate(prompts, params, progress=progress) if prompts else ())
+    completions = iter(engine.generate(prompts, [engine_params(r) for r in served], progress=progress)
+                       if prompts else ())
     created, token_text = int(time.time()), token_strings(engine.tokenizer)
     return [response_row(r, choices_of(next(completions)), created, token_text)
             if isinstance(r, BatchRequest) else r for r in parsed]
+
+
+def requests_of(engine, lines, model: str, max_new_tokens: int, truncate) -> list:
+    """Each line's engine request, or the error row that answers it."""
+    return refuse_duplicate_ids(lines, [parse_line(engine, where, text, model, max_new_tokens, truncate)
+                                        for where, text in lines])
+
+
+def engine_params(request: BatchRequest) -> SamplingParams:
+    """A row's n choices are SamplingParams(n) samples: forked from one prefill of its prompt (and
+    distinct under one seed), not n copies of the request."""
+    return replace(request.params, n=request.n)
 
 
 def refuse_duplicate_ids(lines, parsed: list) -> list:
@@ -285,22 +297,61 @@ def _row(custom_id, status: int, body: dict, error) -> dict:
 
 
 def answer_file(recipe, lines, out: str, model: str, max_new_tokens: int, truncate: "str | None" = None,
-                progress: bool = False) -> dict:
-    """Every line answered into `out` by one engine call; the run's figures as a GenerationSummary
-    (the fields `moegen generate` and the generate flow report), with requests and failed rows."""
+                progress: bool = False, overwrite: bool = False, wait: bool = False) -> dict:
+    """Every line answered into `out` through the generation journal (moegen.generation.journal):
+    rows are journaled as they finish, each with its line's `index`, so a re-run of the same file
+    answers only the lines the output lacks; at the end the output is in input order. Every pending
+    request goes to one engine call. Returns the run's figures as a GenerationSummary (the fields
+    `moegen generate` and the generate flow report), with the file's requests and failed rows."""
     from moegen.bench.metrics import e2e_tokens_per_s
-    from moegen.generation.job import GenerationSummary
-    t0 = time.perf_counter()
-    engine = recipe.build()
-    t1 = time.perf_counter()
-    rows = run_batch(engine, lines, model, max_new_tokens, truncate, progress=progress)
-    write_output(Path(out), jsonl_text(rows))
-    generate_s = time.perf_counter() - t1
-    usage = [r["response"]["body"]["usage"] for r in rows if r["error"] is None]
-    generated = sum(u["completion_tokens"] for u in usage)
+    from moegen.generation.job import GenerationSummary, engine_figures
+    from moegen.generation.journal import fingerprint, open_output, pending_indices
+    engine_settings = {"dtype": recipe.kwargs.get("dtype"), "max_model_len": recipe.kwargs.get("max_model_len"),
+                       "truncate": truncate, "dummy_weights": recipe.dummy_weights, "format": "openai-batch"}
+    journal = open_output(out, fingerprint(str(recipe.model), [text for _, text in lines],
+                                           {"max_new_tokens": max_new_tokens}, engine_settings),
+                          overwrite=overwrite, wait=wait)
+    try:
+        pending = pending_indices(len(lines), journal)
+        t0 = time.perf_counter()
+        engine = recipe.build() if pending else None
+        t1 = time.perf_counter()
+        tally, failed = answer_pending(engine, journal, lines, pending, model, max_new_tokens, truncate, progress)
+        generate_s = time.perf_counter() - t1
+        finished = journal.finish("input")
+    finally:
+        journal.release()
     figures = GenerationSummary(
-        rows=len(rows), resumed_rows=0, generated_rows=len(usage), prompt_tokens=sum(u["prompt_tokens"] for u in usage),
-        generated_tokens=generated, load_s=round(t1 - t0, 2), generate_s=round(generate_s, 2),
-        e2e_tokens_per_s=round(e2e_tokens_per_s(generated, generate_s), 1), out=str(out),
-        details={"requests": len(rows), "failed": len(rows) - len(usage)})
+        rows=len(lines), resumed_rows=journal.resumed, generated_rows=tally.rows + failed,
+        prompt_tokens=tally.prompt_tokens, generated_tokens=tally.generated_tokens, load_s=round(t1 - t0, 2),
+        generate_s=round(generate_s, 2), e2e_tokens_per_s=round(e2e_tokens_per_s(tally.generated_tokens, generate_s), 1),
+        out=str(finished), details={**engine_figures(engine), "requests": len(lines), "failed": failed})
     return figures.as_dict()
+
+
+def answer_pending(engine, journal, lines, pending: "list[int]", model: str, max_new_tokens: int, truncate,
+                   progress: bool):
+    """The pending lines into the journal: refused ones at once, the others by one engine call.
+    A request's engine index is its place among all served requests of the file, so a seeded row
+    draws the same tokens whether or not the run was resumed. Returns (tally, failed rows)."""
+    from moegen.generation.journal import Tally, write_completions
+    if engine is None:
+        return Tally(), 0
+    parsed = requests_of(engine, lines, model, max_new_tokens, truncate)
+    served = {line: pos for pos, line in enumerate(i for i, r in enumerate(parsed) if isinstance(r, BatchRequest))}
+    failed = 0
+    with journal:
+        for i in pending:
+            if i not in served:
+                failed += journal.append({**parsed[i], "index": i})
+    asked = [i for i in pending if i in served]
+    line_of = {served[i]: i for i in asked}
+    completions = engine.generate_iter([parsed[i].prompt_ids for i in asked],
+                                       [engine_params(parsed[i]) for i in asked],
+                                       indices=[served[i] for i in asked], progress=progress) if asked else ()
+    created, token_text = int(time.time()), token_strings(engine.tokenizer)
+
+    def to_row(completion) -> dict:
+        line = line_of[completion.index]
+        return {**response_row(parsed[line], choices_of(completion), created, token_text), "index": line}
+    return write_completions(journal, completions, to_row=to_row), failed

@@ -147,3 +147,36 @@ def test_cli_writes_the_batch_file(ckpt, tmp_path, capsys):
     assert len(rows) == len(LINES) and {r["custom_id"] for r in rows if r["error"]} == FAILED
     summary = json.loads(capsys.readouterr().out)
     assert (summary["requests"], summary["failed"]) == (len(LINES), len(FAILED))
+
+
+def test_a_batch_file_resumes_from_its_journal(ckpt, tmp_path, capsys, monkeypatch):
+    """A run that dies after two answers keeps them; the re-run answers only the other lines, and
+    the output is what one uninterrupted run writes (ids aside), in input order."""
+    from moegen.generation.journal import Journal
+    src = tmp_path / "batch.jsonl"
+    src.write_text("\n".join(LINES) + "\n")
+    args = ["generate", "--model", str(ckpt), "--dtype", "float32", "--kv-cache-memory", KV, "--input", str(src),
+            "--format", "openai-batch", "--max-new-tokens", "3", "--quiet"]
+
+    def answers(path):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [(r["custom_id"], r["index"], r["error"], r["response"]["status_code"],
+                 json.dumps(r["response"]["body"].get("choices"))) for r in rows]
+
+    main([*args, "--out", str(tmp_path / "whole.jsonl")])
+    capsys.readouterr()
+    append = Journal.append
+
+    def die_after_two(journal, row):
+        if len(journal.done) == 2:
+            raise RuntimeError("worker died")
+        return append(journal, row)
+
+    monkeypatch.setattr(Journal, "append", die_after_two)
+    with pytest.raises(RuntimeError, match="worker died"):
+        main([*args, "--out", str(tmp_path / "resumed.jsonl")])
+    monkeypatch.setattr(Journal, "append", append)
+    main([*args, "--out", str(tmp_path / "resumed.jsonl")])
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["rows"], summary["resumed_rows"], summary["generated_rows"]) == (len(LINES), 2, len(LINES) - 2)
+    assert answers(tmp_path / "resumed.jsonl") == answers(tmp_path / "whole.jsonl")
