@@ -20,12 +20,12 @@ from moegen.eval.tasks import LOCAL_TASKS
 from moegen.eval.tasks.gsm8k_data import SPLITS as GSM8K_SPLITS
 from moegen.bench.workloads import workload_kind
 from tasks.data import GSM8K_HUB, resolve_gsm8k
-from tasks.evaluation import hub_task_names, run_lm_eval
+from tasks.evaluation import EvalSpec, hub_task_names, run_lm_eval
 from tasks.metrics import EVAL_TO_BENCH, compute_bench_table, compute_eval_table
 from tasks.models import prepare_model
 from tasks.record import environment_of, record_eval_run
 from tasks.report import render_report
-from tasks.systems import run_bench_cell
+from tasks.systems import BenchCell, run_bench_cell
 
 HUB_GSM8K_WORKLOAD = ("hf:" + GSM8K_HUB + ",subset=main,split=test,template=Question: {question}\\nAnswer:,"
                       "answer=answer")
@@ -81,10 +81,14 @@ def eval_flow(model: ModelRef = "fixture:mixtral/smollm2",
     model_path = prepare_model(model)
     if uses_gsm8k(tasks, bench_workload) and not resolve_gsm8k(splits=GSM8K_SPLITS)["local"]:
         tasks, bench_workload = hub_task_names(tasks), hub_workload(bench_workload)
-    evals = [run_lm_eval(model_path, tasks, system, limit, num_fewshot, eval_dtype or dtype, device, max_gen_toks,
-                         engine.set_options() if system == "moegen" else None, scope) for system in systems]
-    bench = [run_bench_cell(model_path, system, bench_workload, bench_repeat, dtype, device, options.get(system),
-                            probe, usd_per_hour, scope) for system in bench_systems]
+    evals = [run_lm_eval(EvalSpec(model_path=model_path, tasks=tasks, system=system, limit=limit,
+                                  num_fewshot=num_fewshot, dtype=eval_dtype or dtype, device=device,
+                                  max_gen_toks=max_gen_toks,
+                                  engine_options=engine.set_options() if system == "moegen" else None), scope)
+             for system in systems]
+    bench = [run_bench_cell(BenchCell(model_path=model_path, system=system, workload=bench_workload,
+                                      repeat=bench_repeat, dtype=dtype, device=device, options=options.get(system),
+                                      probe=probe, usd_per_hour=usd_per_hour), scope) for system in bench_systems]
     cells = compute_bench_table(bench, EVAL_TO_BENCH.get(baseline, baseline)) if bench else []
     rows = compute_eval_table(evals, cells, baseline)
     environment = environment_of(bench[0]) if bench else describe_environment(device)
