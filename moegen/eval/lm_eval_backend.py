@@ -3,7 +3,7 @@
     lm_eval.simple_evaluate(model="moegen", model_args="pretrained=DIR,dtype=float32,max_batch=64", ...)
 
 or from lm-eval's own command line: `moegen lm-eval --model moegen --model_args pretrained=DIR ...`
-(moegen.cli.lm_eval).
+(moegen.eval.launcher).
 
 Every request of a call goes to the engine at once (one `Engine.loglikelihood` or
 `Engine.generate` call), so module batching sees the whole workload; results come back in the
@@ -31,7 +31,7 @@ Conventions, chosen to agree with lm-eval's own `hf` backend on the same checkpo
   a cache the moegen model is given is marked with what decides its answers (the checkpoint's
   fingerprint, dtype, max_length); a cache marked for another model, or holding answers no mark
   vouches for, is refused naming the difference (`moegen lm-eval` also gives each model a cache
-  file of its own: moegen.cli.lm_eval).
+  file of its own: moegen.eval.launcher).
 """
 import json
 import logging

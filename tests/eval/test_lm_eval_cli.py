@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from moegen.cli import main  # noqa: E402
-from moegen.cli.lm_eval import amend  # noqa: E402
+from moegen.eval.launcher import amend  # noqa: E402
 from moegen.engine import Engine  # noqa: E402
 from moegen.eval.tasks import TASKS_DIR  # noqa: E402
 

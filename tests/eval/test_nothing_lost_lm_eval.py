@@ -9,7 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from moegen.cli import main  # noqa: E402
-from moegen.cli.lm_eval import cache_key  # noqa: E402
+from moegen.eval.launcher import cache_key  # noqa: E402
 from moegen.engine import Engine  # noqa: E402
 from moegen.checkpoints.fingerprints import checkpoint_fingerprint  # noqa: E402
 from moegen.checkpoints.fixture import build_fixture  # noqa: E402
