@@ -34,7 +34,7 @@ from moegen.engine import Engine, SamplingParams  # noqa: E402
 from moegen.results import database as results  # noqa: E402
 from moegen.cli import main  # noqa: E402
 from moegen.generation.job import GenerationSummary  # noqa: E402
-from moegen.generation.journal import Journal, recover_rows  # noqa: E402
+from moegen.generation.journal import recover_rows  # noqa: E402
 from moegen.errors import InputError  # noqa: E402
 from tasks import data as data_tasks  # noqa: E402
 from tasks import generate as generate_tasks  # noqa: E402
@@ -145,20 +145,13 @@ def test_cli_flow_and_batch_file_report_the_same_summary(prefect_api, tiny_fixtu
     assert cli_summary["rows"] == 3 and cli_summary["generated_tokens"] == 18
 
 
-def test_generate_resumes_after_a_failure_mid_run(prefect_api, tiny_fixture, tmp_path, url, monkeypatch):
+def test_generate_resumes_after_a_failure_mid_run(prefect_api, tiny_fixture, tmp_path, url, kill_journal_after):
     params = generate_params(tiny_fixture, tmp_path, n=10, url=url)
-    append = Journal.append
-
-    def fail_after_4_rows(journal, row):
-        if len(journal.done) == 4:
-            raise RuntimeError("worker died")
-        return append(journal, row)
-
-    monkeypatch.setattr(Journal, "append", fail_after_4_rows)
+    kill_journal_after(4)
     state = generate_flow(**params, return_state=True)
     assert state.is_failed()
     assert len(read_rows(tmp_path / "out" / generate_tasks.OUTPUT)) == 4    # the finished rows were kept
-    monkeypatch.setattr(Journal, "append", append)
+    kill_journal_after(None)
 
     state = generate_flow(**params, return_state=True)
     summary = state.result()

@@ -149,10 +149,9 @@ def test_cli_writes_the_batch_file(ckpt, tmp_path, capsys):
     assert (summary["requests"], summary["failed"]) == (len(LINES), len(FAILED))
 
 
-def test_a_batch_file_resumes_from_its_journal(ckpt, tmp_path, capsys, monkeypatch):
+def test_a_batch_file_resumes_from_its_journal(ckpt, tmp_path, capsys, kill_journal_after):
     """A run that dies after two answers keeps them; the re-run answers only the other lines, and
     the output is what one uninterrupted run writes (ids aside), in input order."""
-    from moegen.generation.journal import Journal
     src = tmp_path / "batch.jsonl"
     src.write_text("\n".join(LINES) + "\n")
     args = ["generate", "--model", str(ckpt), "--dtype", "float32", "--kv-cache-memory", KV, "--input", str(src),
@@ -165,17 +164,10 @@ def test_a_batch_file_resumes_from_its_journal(ckpt, tmp_path, capsys, monkeypat
 
     main([*args, "--out", str(tmp_path / "whole.jsonl")])
     capsys.readouterr()
-    append = Journal.append
-
-    def die_after_two(journal, row):
-        if len(journal.done) == 2:
-            raise RuntimeError("worker died")
-        return append(journal, row)
-
-    monkeypatch.setattr(Journal, "append", die_after_two)
+    kill_journal_after(2)
     with pytest.raises(RuntimeError, match="worker died"):
         main([*args, "--out", str(tmp_path / "resumed.jsonl")])
-    monkeypatch.setattr(Journal, "append", append)
+    kill_journal_after(None)
     main([*args, "--out", str(tmp_path / "resumed.jsonl")])
     summary = json.loads(capsys.readouterr().out)
     assert (summary["rows"], summary["resumed_rows"], summary["generated_rows"]) == (len(LINES), 2, len(LINES) - 2)
