@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from moegen.engine.options import ENGINE_OPTIONS, LOAD_OPTIONS, add_arguments, values_of
 from moegen.errors import InputError
 from moegen.generation.job import GenerationJob
-from moegen.generation.journal import FLUSH_ROWS, FLUSH_SECONDS, ORDERS
+from moegen.generation.journal import FLUSH_ROWS, FLUSH_SECONDS, ORDERS, sidecar_path
 from moegen.generation.prompts import read_chat_prompts, read_prompts
 from moegen.jsonl import STDOUT, output_target
 from moegen.recipe import EngineRecipe
@@ -110,6 +110,10 @@ def cmd_openai_batch(args) -> None:
     if args.logprobs is not None or args.prompt_logprobs is not None:
         raise InputError("--logprobs / --prompt-logprobs are for --format prompts; an OpenAI batch row asks in its "
                          "body (chat: logprobs: true, top_logprobs: K; completions: logprobs: K)")
+    if Path(args.out).is_file() and Path(args.out).stat().st_size > 0 and not args.overwrite \
+            and not sidecar_path(args.out).exists():
+        raise InputError(f"{args.out} exists; replace it with --overwrite, or choose another output (it is no "
+                         "journal of a batch run to resume)")
     lines = openai_batch.read_batch(Path(args.input), args.limit)
     recipe = EngineRecipe(args.model, args.dummy_weights, engine_kwargs(args))
     summary = openai_batch.answer_file(recipe, lines, args.out, Path(args.model).name, args.max_new_tokens,
