@@ -45,14 +45,17 @@ test: $(STAMP)
 # The main job: the `eval` flow in-process (ephemeral Prefect API) on the trained-weight fixture
 # (SmolLM2-135M-Instruct upcycled into a 4-expert Mixtral; built once, ~2 min) with GSM8K from
 # $(DATA): lm-eval accuracy through moegen and transformers on $(EVAL_LIMIT) questions (generation,
-# exact match; and 4-way multiple choice by log-likelihood), and throughput on $(BENCH_PROMPTS)
-# questions (the batch sizes module batching is for), moegen against transformers `generate` at its
-# best batch for that many prompts. ~5 min here once built (2026-12-06, Intel Xeon with AMX: moegen
+# exact match; and 4-way multiple choice by log-likelihood) in float32, where moegen is
+# token-identical to transformers (the summary line says whether the answers were identical), and
+# bfloat16 throughput on $(BENCH_PROMPTS) questions (the batch sizes module batching is for), moegen
+# against transformers `generate` at its best batch for that many prompts, with the number of
+# questions whose bf16 greedy answers differ (rounding flips near-ties; no accuracy ratio is drawn). ~5 min here once built (2026-12-06, Intel Xeon with AMX: moegen
 # 764 e2e tok/s, 4.76x transformers' 161; 511, 2.92x, with experts_kernel=torch);
 # `make run MODEL=fixture:mixtral/bench` runs the same on random weights.
 run: $(STAMP)
 	MOEGEN_GSM8K_DIR=$(abspath $(DATA)) $(PREFECT_ENV) $(PY) -m flows.eval model=$(MODEL) \
 		'tasks=["gsm8k_local","gsm8k_mc_local"]' limit=$(EVAL_LIMIT) num_fewshot=$(EVAL_FEWSHOT) max_gen_toks=$(NEW_TOKENS) \
+		eval_dtype=float32 dtype=bfloat16 \
 		bench_workload=gsm8k,n=$(BENCH_PROMPTS),gen=$(BENCH_NEW_TOKENS),ignore_eos=1 \
 		'bench_options={"hf-generate": {"batch_size": $(BENCH_PROMPTS)}}'
 

@@ -67,7 +67,7 @@ def layer_tensors(i: int, cut: Slicer) -> dict:
 
 
 def write(out: Path, layers: int, seed: int) -> None:
-    from moegen.harness.fixture import _write_tokenizer
+    from moegen.checkpoints.fixture import _write_tokenizer
     out.mkdir(parents=True, exist_ok=True)
     config(layers).save_pretrained(out)
     cut, weight_map, total, t0 = Slicer(seed), {}, 0, time.perf_counter()

@@ -16,7 +16,7 @@ import torch
 def synthetic_prompts(path, n: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
     """The `synthetic` workload of `moegen bench` (BOS + random ids), for the checkpoint at path."""
     from moegen.tokenizer import load_tokenizer
-    from moegen.harness.workloads import parse_workload
+    from moegen.bench.workloads import parse_workload
     return parse_workload(f"synthetic:prompt={prompt_len},gen=1,n={n},seed={seed}", load_tokenizer(path)).prompts
 
 

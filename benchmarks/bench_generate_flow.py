@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--no-shards", action="store_true", help="skip the 64-per-call measurement (the slowest)")
     args = ap.parse_args()
     from moegen.engine import Engine, SamplingParams
-    from moegen.harness.workloads import DEFAULT_TEMPLATE
+    from moegen.bench.workloads import DEFAULT_TEMPLATE
 
     gsm8k_dir = Path(args.gsm8k).resolve()
     prompts = gsm8k_prompts(gsm8k_dir, DEFAULT_TEMPLATE, args.limit)

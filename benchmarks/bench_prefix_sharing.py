@@ -19,7 +19,7 @@ import gc
 import json
 import time
 
-from moegen.harness.lm_eval_tasks.gsm8k_data import read_split
+from moegen.eval.tasks.gsm8k_data import read_split
 
 FEWSHOT = 5
 SAMPLES = 8
@@ -44,8 +44,8 @@ def work(engine, wall_s: float, **extra) -> dict:
 
 
 def run_mc(engine, limit: int | None) -> dict:
-    from moegen.harness.evaluation import evaluate, include_paths, task_manager
-    from moegen.harness.lm_eval import MoegenLM
+    from moegen.eval.run import evaluate, include_paths, task_manager
+    from moegen.eval.lm_eval_backend import MoegenLM
     manager = task_manager(["gsm8k_mc_local"], include_paths(None))
     result = evaluate(MoegenLM(engine=engine), ["gsm8k_mc_local"], manager, limit=limit)
     accuracy = result["results"]["gsm8k_mc_local"]["acc,none"]

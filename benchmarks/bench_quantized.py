@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_quantized.py [--formats bf16,fp8,int8,int4] [--workload synthetic:prompt=128,gen=32,n=64]
                                          [--ppl-rows 100] [--json runs/bench_quantized.json]
 
-Throughput: `moegen bench`'s own run (moegen.harness.bench.run_bench, system moegen, bf16
+Throughput: `moegen bench`'s own run (moegen.bench.run.run_bench, system moegen, bf16
 activations) on the bench Mixtral fixture (runs/fixtures/mixtral-bench) and its quantized copies
 (`moegen quantize`, cached beside it as mixtral-bench-<fmt>), each format in a fresh process so
 that its peak RSS is its own: weights_bytes (as stored), peak_rss_bytes (sampled from before the
@@ -31,7 +31,7 @@ def quantized_copy(src: Path, fmt: str, group_size: int) -> Path:
     """src itself for bf16, else its quantized copy (made once, beside it)."""
     if fmt == "bf16":
         return src
-    from moegen.harness.quantize import quantize_checkpoint
+    from moegen.checkpoints.quantize import quantize_checkpoint
     dst = src.with_name(f"{src.name}-{fmt}" + (f"-g{group_size}" if fmt != "fp8" else ""))
     if not (dst / "config.json").is_file():
         t0 = time.perf_counter()
@@ -42,7 +42,7 @@ def quantized_copy(src: Path, fmt: str, group_size: int) -> Path:
 
 
 def child_throughput(path: str, workload: str) -> dict:
-    from moegen.harness.bench import run_bench
+    from moegen.bench.run import run_bench
     result = run_bench(path, ["moegen"], workload, dtype="bfloat16", probe="quick")
     system = result["systems"][0]
     if system["status"] != "ok":

@@ -4,7 +4,7 @@
 
 Random-weight fixtures have near-tied logits, so bf16 rounding (which differs between any two
 implementations: fused vs per-expert GEMMs, summation order) flips greedy choices sooner or
-later; float32 matches token for token (tests/test_engine.py). This prints, per architecture,
+later; float32 matches token for token (tests/engine/test_engine.py). This prints, per architecture,
 the first diverging position of each prompt and the max logit difference on the prompts.
 """
 import argparse
@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
-from moegen.harness.fixture import ARCHS, build_fixture
+from moegen.checkpoints.fixture import ARCHS, build_fixture
 from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer
 

@@ -28,7 +28,7 @@ import torch
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.engine.llm_engine import DEQUANT_TEMPORARIES, device_reserve
 from moegen.engine.weight_stream import group_weights, module_bytes
-from moegen.harness.fixture import ARCHS, fixture_config
+from moegen.checkpoints.fixture import ARCHS, fixture_config
 from moegen.layers.quantized import is_quantized
 from moegen.loader import config_from, dummy_model, load_model
 
@@ -287,8 +287,8 @@ def _status_bytes(field: str) -> int:
 
 
 def step_throughput(check: Check, mode: str, sizes: dict, work: Path, shape: str) -> None:
-    from moegen.harness.systems import get_system
-    from moegen.harness.workloads import PromptSet
+    from moegen.bench.systems import get_system
+    from moegen.bench.workloads import PromptSet
     if shape == "mixtral":
         config, n = fixture_config("mixtral", "bench" if mode == "cuda" else "tiny"), sizes["mixtral_n"]
     else:

@@ -29,9 +29,9 @@ def prepare(ckpt: str, config: str) -> None:
 
 def run(ckpt: str, system: str, n: int, prompt_len: int, gen: int, device_memory: str, out: str, options) -> None:
     from moegen.planner.probe import probe
-    from moegen.harness.systems import get_system
-    from moegen.harness.systems.peaks import probed_peaks
-    from moegen.harness.workloads import PromptSet
+    from moegen.bench.systems import get_system
+    from moegen.bench.systems.peaks import probed_peaks
+    from moegen.bench.workloads import PromptSet
     g = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, 100000, (prompt_len - 1,), generator=g).tolist() for _ in range(n)]
     wl = PromptSet(f"synthetic:prompt={prompt_len},gen={gen},n={n}", prompts, gen, True, None, "synthetic")

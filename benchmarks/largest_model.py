@@ -42,7 +42,7 @@ def peak_rss_bytes() -> int:
 def child(fmt: str, layers: int, smoke: bool, workload: dict) -> dict:
     import torch
     from moegen.engine import Engine, EngineConfig, SamplingParams
-    from moegen.harness.systems.measure import weights_bytes
+    from moegen.bench.systems.measure import weights_bytes
     from moegen.loader import dummy_model
     t0 = time.perf_counter()
     model = dummy_model(model_config(layers, smoke), "bfloat16", quantize=fmt)

@@ -88,7 +88,7 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     from moegen.engine import Engine, SamplingParams
-    from moegen.harness.workloads import parse_workload
+    from moegen.bench.workloads import parse_workload
     instrument()
     engine = Engine.from_pretrained(args.model, dtype=args.dtype)
     prompts = parse_workload(f"synthetic:prompt={args.prompt},gen={args.gen},n={args.n}", engine.tokenizer).prompts

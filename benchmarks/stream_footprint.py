@@ -25,7 +25,7 @@ def child(args) -> dict:
     from moegen.configs import load_config
     from moegen.engine import Engine, SamplingParams
     from moegen.engine.config import engine_config
-    from moegen.harness.systems.measure import weights_bytes
+    from moegen.bench.systems.measure import weights_bytes
     from moegen.loader import dummy_model
     config = dict(load_config("deepseek-v2-lite"))
     if args.layers:

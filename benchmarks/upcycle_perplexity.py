@@ -22,8 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
-from moegen.harness import upcycle
-from moegen.harness.fixture import build_fixture
+from moegen.checkpoints import upcycle
+from moegen.checkpoints.fixture import build_fixture
 from moegen.loader import load_model
 from moegen.tokenizer import load_tokenizer
 

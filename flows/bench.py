@@ -45,7 +45,7 @@ class NightlyRegression(Exception):
 
     def __reduce__(self):             # picklable with its summary, as Prefect may persist state data
         return type(self), (str(self), self.summary)
-from tasks.systems import run_bench_cell
+from tasks.systems import BenchCell, run_bench_cell
 
 
 def make_task_runner(choice: TaskRunnerChoice):
@@ -76,15 +76,9 @@ def cell_resources(choice: TaskRunnerChoice, device: str):
 
 
 @flow(name="bench-matrix", description="one bench cell per (system, workload), mapped on the task runner")
-def bench_matrix_flow(model_path: str, systems: list[str], workloads: list[str], repeat: int, dtype: str, device: str,
-                      options: dict[str, dict], probe: str, usd_per_hour: float | None, scope: str,
-                      runner: TaskRunnerChoice) -> list[dict]:
-    cells = [(system, workload) for workload in workloads for system in systems]
-    with cell_resources(runner, device):
-        futures = run_bench_cell.map(unmapped(model_path), [s for s, _ in cells], [w for _, w in cells],
-                                     unmapped(repeat), unmapped(dtype), unmapped(device),
-                                     [options.get(s) for s, _ in cells], unmapped(probe), unmapped(usd_per_hour),
-                                     unmapped(scope))
+def bench_matrix_flow(cells: list[BenchCell], scope: str, runner: TaskRunnerChoice) -> list[dict]:
+    with cell_resources(runner, cells[0].device if cells else "cpu"):
+        futures = run_bench_cell.map(cells, unmapped(scope))
     return [future.result() for future in futures]
 
 
@@ -112,8 +106,10 @@ def bench_flow(model: ModelRef = "fixture:mixtral/bench",
     scope = cache_scope(resume_from)
     model_path = prepare_model(model)
     matrix = bench_matrix_flow.with_options(task_runner=make_task_runner(runner))
-    docs = matrix(model_path, systems, workloads, repeat, dtype, device, cell_options, probe, usd_per_hour, scope,
-                  runner)
+    measured = [BenchCell(model_path=model_path, system=system, workload=workload, repeat=repeat, dtype=dtype,
+                          device=device, options=cell_options.get(system), probe=probe, usd_per_hour=usd_per_hour)
+                for workload in workloads for system in systems]
+    docs = matrix(measured, scope, runner)
     cells = compute_bench_table(docs, baseline)
     regressions = find_regressions(cells, model, regression_threshold, regression_metrics,
                                    url=results_url) if nightly else []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect.runtime import flow_run
 
-from moegen.harness import results
+from moegen.results import database as results
 
 
 def flow_run_id() -> str | None:
@@ -47,10 +47,10 @@ def report_dir(kind: str, url: str | None) -> Path:
 
 
 def describe_environment(device: str, dtype: str = "bfloat16") -> dict:
-    """Hardware, versions and git commit of this machine, in moegen.harness.bench's format (for flows
+    """Hardware, versions and git commit of this machine, in moegen.bench.run's format (for flows
     that record runs without a bench result to take them from)."""
-    from moegen.harness.bench import git_state, hardware, versions
-    from moegen.harness.systems.peaks import hardware_peaks
+    from moegen.bench.run import git_state, hardware, versions
+    from moegen.bench.systems.peaks import hardware_peaks
 
     peaks, _ = hardware_peaks(device, dtype, "off")
     return {"hardware": hardware(device, peaks, None), "versions": versions(), "git_commit": git_state()["commit"]}

@@ -19,12 +19,12 @@ from pydantic import NonNegativeFloat, PositiveInt
 from flows.common import check_resume_limit, describe_environment, flow_run_id
 from flows.params import DType, Device, EngineOptions, ModelRef, ResultsURL, Sampling
 from moegen.errors import InputError
-from moegen.harness.journal import pending_indices
-from moegen.harness.replicas import open_source
-from moegen.harness.workloads import DEFAULT_TEMPLATE
+from moegen.engine.params import SamplingParams
+from moegen.generation.job import GenerationJob
+from moegen.bench.workloads import DEFAULT_TEMPLATE
+from moegen.recipe import EngineRecipe
 from tasks.data import build_prompts, load_dataset_rows, resolve_gsm8k
-from tasks.generate import (NOTHING_GENERATED, OUTPUT, engine_recipe, finish_journal, generate_rows,
-                            generation_fingerprint, open_journal)
+from tasks.generate import OUTPUT, generate_rows
 from tasks.models import prepare_model
 from tasks.record import record_generate_run
 from tasks.report import render_generate_report
@@ -68,22 +68,14 @@ def generate_flow(model: ModelRef = "fixture:mixtral/bench", dataset: str = "gsm
     rows = load_dataset_rows(source["source"], split, limit, source["config"])
     prompts = build_prompts(rows, prompt_template(dataset, template), prompt_field)
     kept = [{k: r[k] for k in keep_fields if k in r} for r in rows]
-    fingerprint = generation_fingerprint(model_path, prompts, kept, sampling.model_dump(), dtype, engine.set_options())
-    journal = open_journal(str(out), fingerprint, flush_rows, flush_seconds, overwrite, wait)
-    pending = pending_indices(len(prompts), journal)
-    ran = NOTHING_GENERATED
-    try:
-        with open_source(engine_recipe(model_path, dtype, device, engine.set_options()), len(pending), replicas,
-                         ray_address) as llm:
-            if pending:
-                ran = generate_rows(llm, journal, prompts, pending, sampling.model_dump(), kept)
-        finished = finish_journal(journal, order)
-    finally:
-        journal.release()                 # a failed run lets the next one (a retry) take the output
-    summary = {"rows": len(prompts), "resumed_rows": journal.resumed, **ran, "out": finished,
-               "model": model, "dataset": source["source"], "replicas": replicas}
+    job = GenerationJob(EngineRecipe.from_settings(model_path, {"dtype": dtype, "device": device, **engine.set_options()}),
+                        prompts, SamplingParams(**sampling.model_dump()), str(out), kept=kept, order=order,
+                        flush_rows=flush_rows, flush_seconds=flush_seconds, overwrite=overwrite, wait=wait,
+                        replicas=replicas, ray_address=ray_address)
+    ran = generate_rows(job)
+    summary = {**ran.as_dict(), "model": model, "dataset": source["source"], "replicas": replicas}
     render_generate_report(summary)
-    if record and pending:
+    if record and ran.generated_rows:
         config = {"split": split, "limit": limit, "sampling": sampling.model_dump(), "dtype": dtype, "device": device,
                   "engine": engine.set_options(), "replicas": replicas, "out_dir": out_dir}
         summary["run_id"] = record_generate_run(model, summary, config, describe_environment(device), tags,

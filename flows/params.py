@@ -12,7 +12,7 @@ from moegen.engine.config import DTYPE, Option
 from moegen.engine.options import ENGINE_OPTIONS, config_of
 
 DType = Literal[DTYPE.choices]
-ProbeMode = Literal["quick", "full", "fresh", "off"]   # peaks for S-MFU/S-MBU (moegen.harness.systems.peaks.PROBE_MODES)
+ProbeMode = Literal["quick", "full", "fresh", "off"]   # peaks for S-MFU/S-MBU (moegen.bench.systems.peaks.PROBE_MODES)
 Device = Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N")]
 Threshold = Annotated[float, Field(gt=0, lt=1, description="relative drop that fails a nightly (0.1 = 10%)")]
 
@@ -49,7 +49,7 @@ def check_bytes(value: str) -> str:
 
 
 def check_systems(names: list[str]) -> list[str]:
-    from moegen.harness.systems import SYSTEMS
+    from moegen.bench.systems import SYSTEMS
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
@@ -57,7 +57,7 @@ def check_systems(names: list[str]) -> list[str]:
 
 
 def check_eval_systems(names: list[str]) -> list[str]:
-    from moegen.harness.evaluation import SYSTEMS
+    from moegen.eval.run import SYSTEMS
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown lm-eval backend(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
@@ -67,12 +67,12 @@ def check_eval_systems(names: list[str]) -> list[str]:
 def check_tasks(names: list[str]) -> list[str]:
     """lm-eval task names that exist (our local ones, or lm-eval's index): known before any work,
     not when the flow reaches its lm-eval task."""
-    from moegen.harness.evaluation import include_paths, task_manager
+    from moegen.eval.run import include_paths, task_manager
     return _accepted_by(lambda n: task_manager(n, include_paths(None)), names)
 
 
 def check_workloads(specs: list[str]) -> list[str]:
-    from moegen.harness.workloads import KINDS, workload_kind
+    from moegen.bench.workloads import KINDS, workload_kind
     for spec in specs:
         kind = workload_kind(spec)
         if kind not in KINDS:
@@ -91,7 +91,7 @@ def unique(values: list[str]) -> list[str]:
 
 
 def check_results_url(url: str | None) -> str | None:
-    from moegen.harness.results import check_url
+    from moegen.results.database import check_url
     return _accepted_by(check_url, url)
 
 

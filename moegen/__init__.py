@@ -1,7 +1,7 @@
 """moegen: high-throughput offline inference for mixture-of-experts LLMs (module-based batching).
 
 `from moegen import Engine, SamplingParams`. Names load lazily so that light imports
-(moegen.errors, moegen.harness.fixture) do not pull in the engine.
+(moegen.errors, moegen.checkpoints.fixture) do not pull in the engine.
 """
 __version__ = "0.1.0"
 _EXPORTS = {"Engine": "moegen.engine", "EngineConfig": "moegen.engine", "SamplingParams": "moegen.engine",

@@ -33,8 +33,10 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 def stable_hash(value: Any) -> str:
-    """sha256 of a JSON encoding with sorted keys (paths and other objects as their str)."""
-    blob = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+    """sha256 of a JSON encoding with sorted keys (typed parameter models as their fields, paths and
+    other objects as their str)."""
+    blob = json.dumps(value, sort_keys=True, default=lambda v: v.model_dump() if hasattr(v, "model_dump") else str(v),
+                      separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

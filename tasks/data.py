@@ -9,8 +9,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from moegen.errors import InputError, MoegenError
-from moegen.harness.lm_eval_tasks.gsm8k_data import ENV_VAR as GSM8K_ENV
-from moegen.harness.workloads import default_gsm8k_dir
+from moegen.eval.tasks.gsm8k_data import ENV_VAR as GSM8K_ENV
+from moegen.bench.workloads import default_gsm8k_dir
 from tasks.common import retry_unless_bad_input
 
 GSM8K_HUB = "openai/gsm8k"
@@ -37,7 +37,7 @@ def load_dataset_rows(source: str, split: str = "test", limit: int | None = None
                       config: str | None = None) -> list[dict]:
     """Rows of a dataset (first `limit`): a local JSONL/JSON/parquet/CSV file, a local directory
     (`<split>.jsonl` ...), or a hub name with an optional `config` (subset)."""
-    from moegen.harness.workloads import load_rows
+    from moegen.bench.workloads import load_rows
 
     rows = [dict(row) for row in load_rows(source, split, config, limit)]
     if not rows:
@@ -62,7 +62,7 @@ def resolve_gsm8k(local_dir: str | None = None, splits: tuple[str, ...] = ("test
 
 def prompt_of_row(row: dict, index: int, template: str | None, field: str | None) -> str | list[int]:
     """One prompt from a row, with the rules of `moegen generate` (template, field, prompt, ids)."""
-    from moegen.harness.prompts import prompt_of
+    from moegen.generation.prompts import prompt_of
     return prompt_of(row, f"row {index}", field, template)
 
 

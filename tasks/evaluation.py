@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from pydantic import BaseModel, ConfigDict
 
-from moegen.harness.results import headline_accuracy
+from moegen.results.database import headline_accuracy
 from tasks.common import key_from_inputs, retry_unless_bad_input
 
 LOCAL_TO_HUB = {"gsm8k_local": "gsm8k"}   # lm-eval's own task reads the hub's openai/gsm8k
@@ -15,22 +16,35 @@ def hub_task_names(tasks: list[str]) -> list[str]:
 
 
 def accuracy_summary(result: dict) -> dict[str, float]:
-    """task -> headline accuracy (moegen.harness.results.headline_accuracy) from lm-eval results."""
+    """task -> headline accuracy (moegen.results.database.headline_accuracy) from lm-eval results."""
     summary = {name: headline_accuracy(metrics) for name, metrics in result.get("results", {}).items()}
     return {name: acc for name, acc in summary.items() if acc is not None}
 
 
-@task(cache_key_fn=key_from_inputs, persist_result=True, retries=1, retry_condition_fn=retry_unless_bad_input,
-      task_run_name="lm-eval-{system}")
-def run_lm_eval(model_path: str, tasks: list[str], system: str, limit: int | None = None,
-                num_fewshot: int | None = None, dtype: str = "bfloat16", device: str = "cpu",
-                max_gen_toks: int | None = None, engine_options: dict | None = None, scope: str = "") -> dict:
-    """lm-eval `tasks` on the checkpoint with backend `system` (moegen | hf). Cached on its inputs
-    (scope included), so a resumed flow run does not evaluate a finished system again."""
-    from moegen.harness.evaluation import run_eval
+class EvalSpec(BaseModel):
+    """One lm-eval run: `tasks` on the checkpoint through backend `system` (moegen | hf), as one
+    typed value from the flow to run_lm_eval."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_path: str
+    tasks: list[str]
+    system: str
+    limit: int | None = None
+    num_fewshot: int | None = None
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    max_gen_toks: int | None = None
+    engine_options: dict | None = None
 
-    result = run_eval(model_path, tasks, limit=limit, system=system, dtype=dtype, device=device,
-                      num_fewshot=num_fewshot, engine_options=engine_options or None,
-                      gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None)
-    get_run_logger().info("%s: %s in %.1f s", system, accuracy_summary(result), result.get("wall_s", 0.0))
+
+@task(cache_key_fn=key_from_inputs, persist_result=True, retries=1, retry_condition_fn=retry_unless_bad_input,
+      task_run_name="lm-eval-{spec.system}")
+def run_lm_eval(spec: EvalSpec, scope: str = "") -> dict:
+    """The spec's lm-eval run. Cached on the spec and `scope`, so a resumed flow run does not
+    evaluate a finished system again."""
+    from moegen.eval.run import run_eval
+
+    result = run_eval(spec.model_path, spec.tasks, limit=spec.limit, system=spec.system, dtype=spec.dtype,
+                      device=spec.device, num_fewshot=spec.num_fewshot, engine_options=spec.engine_options or None,
+                      gen_kwargs=f"max_gen_toks={spec.max_gen_toks}" if spec.max_gen_toks else None)
+    get_run_logger().info("%s: %s in %.1f s", spec.system, accuracy_summary(result), result.get("wall_s", 0.0))
     return result

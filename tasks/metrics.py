@@ -6,11 +6,12 @@ import statistics
 
 from prefect import get_run_logger, task
 
-from moegen.harness import results
-from moegen.harness.ratios import LOWER_IS_BETTER, RATIO_METRICS, metric_ratios
+from moegen.results import database as results
+from moegen.bench.ratios import metric_ratios
+from moegen.results.metrics import LOWER_IS_BETTER, RATIO_METRICS, REGRESSION_METRICS
 from moegen.errors import ConfigError
 
-DEFAULT_REGRESSION_METRICS = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "accuracy")
+DEFAULT_REGRESSION_METRICS = REGRESSION_METRICS
 # lm-eval backend of the eval flow -> the bench system measured for its throughput
 EVAL_TO_BENCH = {"moegen": "moegen", "hf": "hf-generate"}
 
@@ -59,8 +60,8 @@ def outputs_of(doc: dict) -> tuple[str, str, list | None]:
 
 def agreement_metrics(docs: list[dict]) -> dict[tuple[str, str], dict]:
     """Per (system, workload): how far its greedy tokens agree with the first system that ran on
-    that workload (moegen.harness.bench.compare_tokens), the reference itself included (1.0)."""
-    from moegen.harness.bench import compare_tokens
+    that workload (moegen.bench.run.compare_tokens), the reference itself included (1.0)."""
+    from moegen.bench.run import compare_tokens
 
     reference: dict[str, list] = {}
     found = {}
@@ -71,7 +72,9 @@ def agreement_metrics(docs: list[dict]) -> dict[tuple[str, str], dict]:
         ref = reference.setdefault(workload, tokens)
         cmp = compare_tokens(ref, tokens)
         found[(system, workload)] = {"token_agreement": cmp["token_agreement"],
-                                     "sequence_agreement": cmp["sequence_agreement"]}
+                                     "sequence_agreement": cmp["sequence_agreement"],
+                                     "sequences_compared": cmp["sequences"],
+                                     "sequences_differ": cmp["sequences"] - cmp["sequences_equal"]}
     return found
 
 
@@ -96,6 +99,7 @@ def compute_eval_table(evals: list[dict], bench_cells: list[dict], baseline: str
     from tasks.evaluation import accuracy_summary
 
     by_system = {c["system"]: c["metrics"] for c in bench_cells if not c["skipped_reason"]}
+    base_answers = next((answers_of(doc) for doc in evals if doc["system"] == baseline), None)
     rows = []
     for doc in evals:
         system = doc["system"]
@@ -105,9 +109,34 @@ def compute_eval_table(evals: list[dict], bench_cells: list[dict], baseline: str
                  for k, v in by_system.get(bench_system, {}).items()}
         metrics = {**accs, **bench, "accuracy": sum(accs.values()) / len(accs) if accs else None}
         metrics["eval_wall_s"] = doc.get("wall_s")
+        metrics.update(answers_against(doc, base_answers))
         rows.append({"system": system, "bench_system": bench_system, "workload": ",".join(doc.get("tasks", [])),
                      "metrics": metrics, "config": {}, "skipped_reason": None})
-    return add_ratios(rows, baseline)
+    # backends are compared by their answers (answers_differ), not by a ratio of accuracies: on a few
+    # questions one flipped near-tie moves the ratio a lot and says nothing about the backend
+    return add_ratios(rows, baseline, tuple(m for m in RATIO_METRICS if m != "accuracy"))
+
+
+def answers_of(doc: dict) -> dict:
+    """(task, doc_id, filter) -> a backend's answer in an lm-eval result: the extracted answer of a
+    generation task, the chosen option (highest log-likelihood) of a multiple-choice one."""
+    def answer(response):
+        if isinstance(response, (list, tuple)) and response and all(isinstance(r, (list, tuple)) and r for r in response):
+            scores = [r[0] for r in response]           # [(log-likelihood, is_greedy)] per option
+            return scores.index(max(scores))
+        return response
+    return {(task, s["doc_id"], s["filter"]): answer(s["filtered_response"])
+            for task, samples in doc.get("samples", {}).items() for s in samples}
+
+
+def answers_against(doc: dict, base: dict | None) -> dict:
+    """questions: answered by both this backend and the baseline; answers_differ: on how many of
+    them the two answers differ (0 for the baseline itself)."""
+    if base is None:
+        return {}
+    mine = answers_of(doc)
+    shared = [key for key in mine if key in base]
+    return {"questions": len(shared), "answers_differ": sum(mine[k] != base[k] for k in shared)}
 
 
 def relative_drop(new: float, old: float, name: str) -> float:

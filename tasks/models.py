@@ -32,7 +32,7 @@ def fixture_dir(spec: dict, fixtures_dir: str | Path) -> Path:
 
 def resolve_model(model: str, fixtures_dir: str | Path = DEFAULT_FIXTURES_DIR) -> Path:
     """The checkpoint directory for a model parameter, building a fixture if one is named."""
-    from moegen.harness.fixture import build_fixture
+    from moegen.checkpoints.fixture import build_fixture
 
     spec = parse_fixture_spec(model)
     if spec is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from moegen.harness import results
+from moegen.results import database as results
 from tasks.common import retry_unless_bad_input
 
 RECORD_RETRIES = dict(retries=3, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)

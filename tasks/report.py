@@ -11,14 +11,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from moegen.harness import results
-from tasks.metrics import LOWER_IS_BETTER
+from moegen.results import database as results
+from moegen.results.metrics import LOWER_IS_BETTER, TABLE_METRICS, label
 
-LABELS = {"e2e_tokens_per_s": "e2e tok/s", "prefill_tokens_per_s": "prefill tok/s",
-          "decode_tokens_per_s": "decode tok/s", "decode_s_mfu": "S-MFU (decode)",
-          "decode_s_mbu": "S-MBU (decode)", "usd_per_million_tokens": "$/M tokens", "accuracy": "accuracy"}
-TABLE_METRICS = ("accuracy", "e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_s_mfu",
-                 "decode_s_mbu", "usd_per_million_tokens")
 # CAP radar spokes: (group, metric); cost is drawn as efficiency so that outward is always better.
 CAP_AXES = (("A", "accuracy"), ("P", "e2e_tokens_per_s"), ("P", "decode_s_mbu"), ("P", "decode_s_mfu"),
             ("C", "usd_per_million_tokens"))
@@ -47,8 +42,8 @@ def table_rows(rows: list[dict], baseline: str) -> list[dict]:
         row = {"system": r["system"], "workload": r["workload"]}
         if r.get("skipped_reason"):
             row["note"] = "skipped: " + r["skipped_reason"]
-        row.update({LABELS.get(m, m): fmt(r["metrics"].get(m)) for m in metrics})
-        row.update({f"{LABELS.get(m, m)} vs {baseline}": fmt(v) for m, v in r.get("ratios", {}).items()
+        row.update({label(m): fmt(r["metrics"].get(m)) for m in metrics})
+        row.update({f"{label(m)} vs {baseline}": fmt(v) for m, v in r.get("ratios", {}).items()
                     if m in metrics})
         out.append(row)
     return out
@@ -81,7 +76,7 @@ def plot_throughput(rows: list[dict], path: Path) -> Path | None:
             ax.bar([i + j * width for i in range(len(workloads))], values, width, label=system)
         ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(workloads))])
         ax.set_xticklabels([w[:28] for w in workloads], rotation=15, fontsize=7)
-        ax.set_title(LABELS[metric])
+        ax.set_title(label(metric))
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -104,7 +99,7 @@ def plot_trend(series: dict[str, dict[tuple, list]], path: Path) -> Path | None:
             bad = [(w, v) for w, v, status in points if status != "ok"]
             if bad:
                 ax.scatter(*zip(*bad), marker="x", s=60, color=line.get_color())
-        ax.set_title(LABELS.get(metric, metric))
+        ax.set_title(label(metric))
         ax.tick_params(axis="x", labelrotation=25, labelsize=7)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -127,7 +122,7 @@ def cap_scores(rows: list[dict]) -> tuple[list[str], dict[str, list[float]]]:
     for group, metric in axes:
         values = {s: v.get(metric) for s, v in by_system.items()}
         known = [v for v in values.values() if v is not None and math.isfinite(v) and v > 0]
-        labels.append(f"{group}: {LABELS[metric]}" + ("" if any(v is not None for v in values.values()) else " (n/a)"))
+        labels.append(f"{group}: {label(metric)}" + ("" if any(v is not None for v in values.values()) else " (n/a)"))
         for system, value in values.items():
             scores[system].append(relative_score(value, known, metric in LOWER_IS_BETTER))
     return labels, scores
@@ -197,7 +192,7 @@ def ratio_lines(rows: list[dict], baseline: str) -> list[str]:
     for r in rows:
         if r["system"] == baseline or not r.get("ratios"):
             continue
-        parts = [f"{LABELS.get(m, m)} **{v:.2f}x**" for m, v in r["ratios"].items()]
+        parts = [f"{label(m)} **{v:.2f}x**" for m, v in r["ratios"].items()]
         lines.append(f"- `{r['system']}` on `{r['workload']}`: " + ", ".join(parts))
     return lines or [f"- no ratios: baseline `{baseline}` has no results to compare with"]
 
@@ -226,7 +221,7 @@ def render_markdown(title: str, rows: list[dict], baseline: str, plots: dict[str
 def render_report(kind: str, title: str, rows: list[dict], baseline: str, out_dir: str, run_id: int | None = None,
                   notes: list[str] | None = None, trend: dict | None = None) -> dict:
     """Write the plots and report.md under out_dir and publish the table and markdown artifacts.
-    `trend`: metric -> moegen.harness.results.nightly_series, plotted as the nightly trend.
+    `trend`: metric -> moegen.results.database.nightly_series, plotted as the nightly trend.
     Returns the paths written."""
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -271,7 +266,7 @@ def report_regressions(regressions: list[dict], threshold: float, model: str) ->
              "| system | workload | metric | previous | now | change | baseline spread | baseline runs |",
              "|---|---|---|---|---|---|---|---|"]
     for r in regressions:
-        lines.append(f"| {r['system']} | {r['workload']} | {LABELS.get(r['metric'], r['metric'])} | "
+        lines.append(f"| {r['system']} | {r['workload']} | {label(r['metric'])} | "
                      f"{fmt(r['previous'])} | {fmt(r['current'])} | -{100 * r['drop']:.1f}% | "
                      f"{100 * r['spread']:.1f}% | {', '.join(map(str, r['baseline_runs']))} "
                      f"(latest {r['previous_at'][:16]}) |")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from moegen.harness.fixture import build_fixture
+from moegen.checkpoints.fixture import build_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED_ENV = "MOEGEN_TRAINED_TESTS"
@@ -59,7 +59,24 @@ def tiny_fused_fixture(tmp_path_factory):
 @pytest.fixture
 def lm_eval_offline(monkeypatch, gsm8k_dir):
     """lm-eval and datasets offline (nothing from the hub), the GSM8K tasks reading gsm8k_dir."""
-    from moegen.harness.lm_eval_tasks import gsm8k_data
+    from moegen.eval.tasks import gsm8k_data
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv(gsm8k_data.ENV_VAR, str(gsm8k_dir))
+
+
+@pytest.fixture
+def kill_journal_after(monkeypatch):
+    """kill_journal_after(n): from now on a Journal fails ("worker died") to append once it holds n
+    rows, as a run that crashes mid-way; kill_journal_after(None) mends it, for the re-run."""
+    from moegen.generation.journal import Journal
+    append = Journal.append
+
+    def arrange(rows: "int | None") -> None:
+        def failing(journal, row):
+            if len(journal.done) == rows:
+                raise RuntimeError("worker died")
+            return append(journal, row)
+        monkeypatch.setattr(Journal, "append", append if rows is None else failing)
+
+    return arrange

@@ -1,4 +1,4 @@
-"""`moegen bench`: compare systems on one workload; prints a table, writes the JSON of moegen.harness.bench.
+"""`moegen bench`: compare systems on one workload; prints a table, writes the JSON of moegen.bench.run.
 
     moegen bench --model DIR --systems moegen,hf-generate --workload synthetic:prompt=128,gen=64,n=256 \
         [--repeat K] [--dtype bfloat16] [--device cpu] [--usd-per-hour X] [--json OUT.json] \
@@ -12,6 +12,7 @@ import sys
 from moegen.engine.options import LOAD_OPTIONS, add_arguments, engine_option_names
 from moegen.errors import InputError
 from moegen.jsonl import output_target
+from moegen.results.metrics import formatted, label
 
 DEFAULT_SYSTEMS = "moegen,hf-generate"
 
@@ -56,8 +57,9 @@ def render(report: dict) -> str:
              f"{wl['prompt_tokens']} prompt tokens, {wl['max_new_tokens']} new each | "
              f"{cfg['dtype']} on {cfg['device']}")
     table = Table(title=title, title_justify="left")
-    columns = ("system", "prefill tok/s", "decode tok/s", "e2e tok/s", "x baseline", "wall s", "peak RSS",
-               "prefill S-MFU", "decode S-MBU", "$/M tok", "accuracy")
+    figures = ("prefill_tokens_per_s", "decode_tokens_per_s", "e2e_tokens_per_s", "x baseline", "wall_s",
+               "peak_rss_bytes", "prefill_s_mfu", "decode_s_mbu", "usd_per_million_tokens", "accuracy")
+    columns = ("system", *(f if f == "x baseline" else label(f) for f in figures))
     for name in columns:
         table.add_column(name, justify="left" if name == "system" else "right")
     for row in report["systems"]:
@@ -67,11 +69,7 @@ def render(report: dict) -> str:
             continue
         is_base = row["system"] == report["baseline"]
         ratio = "baseline" if is_base else _fmt(r.get("e2e_tokens_per_s"), ".2f", suffix="x")
-        table.add_row(row["system"], _fmt(m["prefill_tokens_per_s"]), _fmt(m["decode_tokens_per_s"]),
-                      _fmt(m["e2e_tokens_per_s"]), ratio, _fmt(m["wall_s"], ".2f"),
-                      _fmt(m["peak_rss_bytes"], ".2f", 2 ** -30, " GiB"), _fmt(m["prefill_s_mfu"], ".1%"),
-                      _fmt(m["decode_s_mbu"], ".1%"), _fmt(m["usd_per_million_tokens"], ".3f"),
-                      _fmt(m["accuracy"], ".1%"))
+        table.add_row(row["system"], *(ratio if f == "x baseline" else formatted(f, m[f]) for f in figures))
     out = io.StringIO()
     console = Console(file=out, width=160, color_system=None)
     console.print(table)
@@ -120,7 +118,7 @@ def agreement_line(report: dict) -> str:
 
 
 def cmd_bench(args) -> None:
-    from moegen.harness.bench import run_bench, write_json
+    from moegen.bench.run import run_bench, write_json
     if args.json:
         output_target(args.json)               # a bad output path fails now, not after the run
     report = run_bench(args.model, args.systems, args.workload, repeat=args.repeat, dtype=args.dtype,

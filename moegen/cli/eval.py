@@ -36,7 +36,7 @@ def main_eval(args) -> int:
     # Set before lm_eval / datasets are imported, which read them once.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from moegen.harness.evaluation import run_eval
+    from moegen.eval.run import run_eval
     if args.out:
         output_target(args.out)                # a bad output path fails now, not after the run
 

@@ -1,12 +1,12 @@
 """`moegen fixture`: write a random-weight HF checkpoint, or SmolLM2 upcycled, for tests and benchmarks."""
 import time
 
-from moegen.harness.fixture import ARCHS, PRESETS, QUANTIZE, TRAINED_PRESETS
-from moegen.harness.upcycle import DEFAULT_PERTURB
+from moegen.checkpoints.fixture import ARCHS, PRESETS, QUANTIZE, TRAINED_PRESETS
+from moegen.checkpoints.upcycle import DEFAULT_PERTURB
 
 
 def cmd_fixture(args):
-    from moegen.harness.fixture import build_fixture
+    from moegen.checkpoints.fixture import build_fixture
     t0 = time.perf_counter()
     out = build_fixture(args.arch, args.preset, args.seed, args.out, dtype=args.dtype,
                         fused_experts=args.fused_experts, perturb=args.perturb, quantize=args.quantize)

@@ -1,21 +1,17 @@
 """`moegen generate`: completions for a JSONL file of prompts."""
 import json
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from moegen.dtypes import dtype_name
 from moegen.engine.options import ENGINE_OPTIONS, LOAD_OPTIONS, add_arguments, values_of
-from moegen.harness.journal import (FLUSH_ROWS, FLUSH_SECONDS, ORDERS, fingerprint, open_output, pending_indices,
-                                    sampling_fingerprint, write_completions)
-from moegen.harness.metrics import e2e_tokens_per_s
 from moegen.errors import InputError
-from moegen.harness.prompts import read_chat_prompts, read_prompts
-from moegen.harness.replicas import EngineRecipe, Replicas, open_source
+from moegen.generation.job import GenerationJob
+from moegen.generation.journal import FLUSH_ROWS, FLUSH_SECONDS, ORDERS, sidecar_path
+from moegen.generation.prompts import read_chat_prompts, read_prompts
 from moegen.jsonl import STDOUT, output_target
+from moegen.recipe import EngineRecipe
 
 
 def engine_kwargs(args) -> dict:
@@ -33,14 +29,35 @@ def cmd_generate(args):
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [], logprobs=args.logprobs,
         prompt_logprobs=args.prompt_logprobs, n=args.n)
-    journal = open_output(args.out, cli_fingerprint(args, prompts, params), args.flush_rows, args.flush_seconds,
-                          args.overwrite, args.wait)
-    try:
-        summary = generate_into(journal, prompts, params, args)
-    finally:
-        journal.release()                      # a run that failed (even before its first row) lets go
+    summary = generation_job(args, prompts, params).run(progress=TqdmProgress.maker(args.quiet)).as_dict()
     # with --out - the rows own stdout; the summary goes to stderr
     print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
+
+
+def generation_job(args, prompts: list, params) -> GenerationJob:
+    recipe = EngineRecipe(args.model, args.dummy_weights, engine_kwargs(args))
+    return GenerationJob(recipe, prompts, params, args.out, truncate=args.truncate, order=args.order,
+                         flush_rows=args.flush_rows, flush_seconds=args.flush_seconds, overwrite=args.overwrite,
+                         wait=args.wait, replicas=args.replicas, ray_address=args.ray_address,
+                         replica_threads=args.replica_threads)
+
+
+class TqdmProgress:
+    """Rows done/total and ETA (tqdm's), with this run's generated tokens/s."""
+
+    def __init__(self, total: int, resumed: int, quiet: bool = False):
+        self.bar = tqdm(total=total, initial=resumed, desc="generate", unit="row", disable=quiet, dynamic_ncols=True)
+
+    @classmethod
+    def maker(cls, quiet: bool):
+        return lambda total, resumed: cls(total, resumed, quiet)
+
+    def update(self, tally) -> None:
+        self.bar.set_postfix_str(f"{tally.tokens_per_s:.1f} tok/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self, tally) -> None:
+        self.bar.close()
 
 
 def check_paths(args) -> None:
@@ -87,72 +104,21 @@ def generation_defaults(args):
 
 
 def cmd_openai_batch(args) -> None:
-    """--format openai-batch: every row of an OpenAI batch file answered, in one engine call."""
-    from moegen.engine import Engine
-    from moegen.harness import openai_batch
-    from moegen.jsonl import jsonl_text, write_output
+    """--format openai-batch: every row of an OpenAI batch file answered, in one engine call, through
+    the journal (a re-run answers only the rows the output lacks)."""
+    from moegen.generation import openai_batch
     if args.logprobs is not None or args.prompt_logprobs is not None:
         raise InputError("--logprobs / --prompt-logprobs are for --format prompts; an OpenAI batch row asks in its "
                          "body (chat: logprobs: true, top_logprobs: K; completions: logprobs: K)")
-    if Path(args.out).is_file() and Path(args.out).stat().st_size > 0 and not args.overwrite:
-        raise InputError(f"{args.out} exists; replace it with --overwrite, or choose another output (a batch file is "
-                         "answered in one go: there is no journal to resume)")
+    if Path(args.out).is_file() and Path(args.out).stat().st_size > 0 and not args.overwrite \
+            and not sidecar_path(args.out).exists():
+        raise InputError(f"{args.out} exists; replace it with --overwrite, or choose another output (it is no "
+                         "journal of a batch run to resume)")
     lines = openai_batch.read_batch(Path(args.input), args.limit)
-    t0 = time.perf_counter()
-    if args.dummy_weights:
-        engine = Engine.from_config(args.model, dummy_weights=True, **engine_kwargs(args))
-    else:
-        engine = Engine.from_pretrained(args.model, **engine_kwargs(args))
-    t1 = time.perf_counter()
-    rows = openai_batch.run_batch(engine, lines, Path(args.model).name, args.max_new_tokens, args.truncate,
-                                  progress=not args.quiet)
-    write_output(Path(args.out), jsonl_text(rows))
-    summary = {**openai_batch.summary(rows), "load_s": round(t1 - t0, 2),
-               "wall_s": round(time.perf_counter() - t1, 2), "out": args.out}
+    recipe = EngineRecipe(args.model, args.dummy_weights, engine_kwargs(args))
+    summary = openai_batch.answer_file(recipe, lines, args.out, Path(args.model).name, args.max_new_tokens,
+                                       args.truncate, progress=not args.quiet, overwrite=args.overwrite, wait=args.wait)
     print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
-
-
-def generate_into(journal, prompts: list, params, args) -> dict:
-    """The rows the journal lacks, from one engine or --replicas; returns the run's summary."""
-    pending = pending_indices(len(prompts), journal)
-    t0 = time.perf_counter()
-    with open_source(EngineRecipe(args.model, args.dummy_weights, engine_kwargs(args)), len(pending), args.replicas,
-                     args.ray_address, args.replica_threads) as source:
-        load_s = time.perf_counter() - t0
-        completions = source.generate_iter([prompts[i] for i in pending], params, truncate=args.truncate,
-                                           indices=pending) if pending else ()
-        with tqdm(total=len(prompts), initial=journal.resumed, desc="generate", unit="row", disable=args.quiet,
-                  dynamic_ncols=True) as bar:
-            tally = write_completions(journal, completions, on_row=lambda t: show_progress(bar, t))
-        journal.finish(args.order)
-        return {"sequences": len(prompts), "resumed": journal.resumed, "generated_rows": tally.rows,
-                "prompt_tokens": tally.prompt_tokens, "generated_tokens": tally.generated_tokens,
-                "load_s": round(load_s, 2), "wall_s": round(tally.wall_s, 2),
-                "end_to_end_tok_s": round(e2e_tokens_per_s(tally.generated_tokens, tally.wall_s), 1),
-                **engine_summary(source), "out": args.out}
-
-
-def cli_fingerprint(args, prompts: list, params) -> dict:
-    """What decides the rows (moegen.harness.journal.fingerprint): a journal of others is refused."""
-    engine = {"dtype": args.dtype, "max_model_len": args.max_model_len, "truncate": args.truncate,
-              "dummy_weights": args.dummy_weights}
-    return fingerprint(args.model, prompts, sampling_fingerprint(asdict(params)), engine)
-
-
-def show_progress(bar, tally) -> None:
-    """Rows done/total and ETA (tqdm's), with this run's generated tokens/s."""
-    bar.set_postfix_str(f"{tally.tokens_per_s:.1f} tok/s", refresh=False)
-    bar.update(1)
-
-
-def engine_summary(source) -> dict:
-    """The engine's own figures (one engine here), or the replica count (none when nothing ran)."""
-    if source is None or isinstance(source, Replicas):
-        return {} if source is None else {"replicas": len(source.pids)}
-    s = source.stats
-    return {"prefill_tok_s": round(s.prefill_tok_s, 1), "decode_tok_s": round(s.decode_tok_s, 1),
-            "parameters": source.model.num_parameters(), "dtype": dtype_name(source.model.dtype),
-            "attention": s.attention, "experts_skipped": s.experts_skipped}
 
 
 def add_journal_args(p):

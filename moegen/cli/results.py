@@ -9,15 +9,12 @@ import argparse
 
 from rich.table import Table
 
-from moegen.harness import results
-from moegen.harness.console import make_console
+from moegen.results import database as results
+from moegen.console import make_console
+from moegen.results.metrics import TABLE_METRICS, label
 
-# The metrics shown in the history table, in this order, when a cell has them.
-HEADLINE = ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_s_mfu", "decode_s_mbu",
-            "usd_per_million_tokens")
-LABELS = {"e2e_tokens_per_s": "e2e tok/s", "prefill_tokens_per_s": "prefill tok/s",
-          "decode_tokens_per_s": "decode tok/s", "decode_s_mfu": "S-MFU", "decode_s_mbu": "S-MBU",
-          "usd_per_million_tokens": "$/Mtok"}
+# the history table's columns: the metrics table's headline (accuracy first, read by headline_accuracy)
+HEADLINE = TABLE_METRICS[1:]
 
 
 def fmt(value: float | None) -> str:
@@ -33,7 +30,7 @@ def history_table(runs: list[dict]) -> Table:
     for column in ("run", "when (UTC)", "kind", "model", "hardware", "commit", "system", "workload"):
         table.add_column(column, justify="right" if column == "run" else "left")
     for column in ("accuracy", *HEADLINE):
-        table.add_column(LABELS.get(column, column), justify="right")
+        table.add_column(label(column, short=True), justify="right")
     for run in runs:
         kind = run["kind"] if run["status"] == "ok" else f"{run['kind']} ({run['status']})"
         head = [str(run["id"]), run["created_at"][:16].replace("T", " "), kind, short_model(run["model"]),

@@ -1,5 +1,5 @@
 """What a run measured: the accounting record every system under test produces (RunRecord), from
-which moegen.harness.metrics derives its figures, and the engine's running account that it
+which moegen.bench.metrics derives its figures, and the engine's running account that it
 freezes into one (EngineStats.record)."""
 from dataclasses import dataclass, field
 

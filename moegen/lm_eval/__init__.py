@@ -1,1 +1,1 @@
-"""`python -m moegen.lm_eval ARGS`: lm-eval's CLI with the moegen model and tasks (moegen.cli.lm_eval)."""
+"""`python -m moegen.lm_eval ARGS`: lm-eval's CLI with the moegen model and tasks (moegen.eval.launcher)."""

@@ -1,6 +1,6 @@
 """`python -m moegen.lm_eval ARGS` = `moegen lm-eval ARGS`."""
 import sys
 
-from moegen.cli.lm_eval import launch
+from moegen.eval.launcher import launch
 
 launch(sys.argv[1:])

@@ -411,7 +411,7 @@ def _pass_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassSh
 class Prediction:
     """Predicted times and rates of one job under one plan.
 
-    Tokens per second follow moegen.harness.metrics: prefill = prompt tokens / prefill time; decode =
+    Tokens per second follow moegen.bench.metrics: prefill = prompt tokens / prefill time; decode =
     decode-step tokens (each sequence's first new token comes from prefill) / decode time;
     end-to-end = generated tokens / total time. *_layer_s: one layer of a full pass (mean over
     layers), decode at the mean context. bound: the largest term over the whole run."""

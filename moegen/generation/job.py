@@ -1,0 +1,118 @@
+"""The generation pipeline, written once: prompts -> fingerprint -> journal (only the rows it lacks)
+-> an engine or its Ray replicas -> rows as they finish -> the output in order -> one summary.
+`moegen generate`, the Prefect `generate` flow and OpenAI batch files all run a GenerationJob and
+report a GenerationSummary, so the three name the same figures the same way."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from moegen.bench.metrics import e2e_tokens_per_s
+from moegen.dtypes import dtype_name
+from moegen.engine.params import SamplingParams
+from moegen.generation.journal import (FLUSH_ROWS, FLUSH_SECONDS, fingerprint, open_output, pending_indices,
+                                       sampling_fingerprint, write_completions)
+from moegen.generation.replicas import Replicas, open_source
+from moegen.recipe import EngineRecipe
+
+
+@dataclass
+class GenerationSummary:
+    """One run's figures. rows: in the output; resumed_rows: kept from an earlier run of the same
+    inputs; generated_rows, prompt_tokens, generated_tokens: this run's; load_s: building the
+    engine(s); generate_s: from the first prompt sent to the last row written. details: the
+    engine's own figures (one engine here), the replica count, or a batch file's request counts."""
+    rows: int
+    resumed_rows: int
+    generated_rows: int
+    prompt_tokens: int
+    generated_tokens: int
+    load_s: float
+    generate_s: float
+    e2e_tokens_per_s: float
+    out: str
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """The figures as one flat dict (engine figures beside the others), as printed and recorded."""
+        figures = asdict(self)
+        return {**{k: v for k, v in figures.items() if k != "details"}, **figures["details"]}
+
+
+class NoProgress:
+    def __init__(self, total: int, resumed: int):
+        pass
+
+    def update(self, tally) -> None:
+        pass
+
+    def close(self, tally) -> None:
+        pass
+
+
+@dataclass
+class GenerationJob:
+    """prompts (texts or token ids) through `recipe`'s engine into `out`, resumably. kept: per
+    prompt, fields copied beside its row (and part of the fingerprint); replicas > 1 or a Ray
+    address: that many engines on Ray."""
+    recipe: EngineRecipe
+    prompts: list
+    params: SamplingParams
+    out: str
+    kept: list[dict] | None = None
+    truncate: str | None = None
+    order: str = "input"
+    flush_rows: int = FLUSH_ROWS
+    flush_seconds: float = FLUSH_SECONDS
+    overwrite: bool = False
+    wait: bool = False
+    replicas: int = 1
+    ray_address: str | None = None
+    replica_threads: int | None = None
+
+    def fingerprint(self) -> dict:
+        """What decides the rows (moegen.generation.journal.fingerprint): a journal of others is refused."""
+        rows = self.prompts
+        if self.kept and any(self.kept):
+            rows = [{"prompt": p, **k} for p, k in zip(self.prompts, self.kept)]
+        kwargs = self.recipe.kwargs
+        engine = {"dtype": kwargs.get("dtype"), "max_model_len": kwargs.get("max_model_len"),
+                  "truncate": self.truncate, "dummy_weights": self.recipe.dummy_weights}
+        return fingerprint(str(self.recipe.model), rows, sampling_fingerprint(asdict(self.params)), engine)
+
+    def run(self, progress=NoProgress) -> GenerationSummary:
+        """progress(total, resumed) -> an object with update(tally) after each row and close(tally)."""
+        journal = open_output(self.out, self.fingerprint(), self.flush_rows, self.flush_seconds, self.overwrite,
+                              self.wait)
+        try:
+            return self._into(journal, progress)
+        finally:
+            journal.release()              # a run that failed (even before its first row) lets go
+
+    def _into(self, journal, progress) -> GenerationSummary:
+        pending = pending_indices(len(self.prompts), journal)
+        t0 = time.perf_counter()
+        with open_source(self.recipe, len(pending), self.replicas, self.ray_address, self.replica_threads) as source:
+            load_s = time.perf_counter() - t0
+            completions = source.generate_iter([self.prompts[i] for i in pending], self.params,
+                                               truncate=self.truncate, indices=pending) if pending else ()
+            shown = (progress if pending else NoProgress)(len(self.prompts), journal.resumed)
+            tally = write_completions(journal, completions, self.kept, on_row=shown.update)
+            shown.close(tally)
+            out = journal.finish(self.order)
+            return GenerationSummary(
+                rows=len(self.prompts), resumed_rows=journal.resumed, generated_rows=tally.rows,
+                prompt_tokens=tally.prompt_tokens, generated_tokens=tally.generated_tokens,
+                load_s=round(load_s, 2), generate_s=round(tally.wall_s, 2),
+                e2e_tokens_per_s=round(e2e_tokens_per_s(tally.generated_tokens, tally.wall_s), 1), out=str(out),
+                details=engine_figures(source))
+
+
+def engine_figures(source) -> dict:
+    """The engine's own figures (one engine here), or the replica count (none when nothing ran)."""
+    if source is None or isinstance(source, Replicas):
+        return {} if source is None else {"replicas": len(source.pids)}
+    s = source.stats
+    return {"prefill_tok_s": round(s.prefill_tok_s, 1), "decode_tok_s": round(s.decode_tok_s, 1),
+            "parameters": source.model.num_parameters(), "dtype": dtype_name(source.model.dtype),
+            "attention": s.attention, "experts_skipped": s.experts_skipped}

@@ -1,0 +1,205 @@
+"""The disk tier: with a host budget below the model, the weights that do not fit stream from the
+checkpoint's files, and the tokens are those of the in-memory run."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moegen.engine import Engine, EngineConfig, SamplingParams
+from moegen.engine.weight_stream import group_weights, module_bytes
+from moegen.errors import CapacityError, CheckpointError
+from moegen.checkpoints.fixture import build_fixture
+from moegen.checkpoints.quantize import quantize_checkpoint
+from moegen.layers.linear import packing_supported
+from moegen.loader import load_model
+from moegen.planner.policy import disk_pool_bytes
+
+PROMPTS = [[1, 22, 33, 44], [1, 9], [1, 4, 5, 6, 7, 8]]
+PARAMS = SamplingParams(max_new_tokens=6, ignore_eos=True)
+KV = 8 << 20
+SMALL = dict(kv_cache_memory=KV, max_prefill_tokens=64, num_buffers=2)   # a small activation allowance
+
+
+def disk_budget(path, dtype="float32", resident_share=0.1, **options) -> int:
+    """A host_memory that holds the runtime, activations, KV cache, pool and embeddings, and
+    `resident_share` of the other weights: the rest must stream from disk."""
+    probe = Engine.from_pretrained(path, dtype=dtype, host_memory="8GB", prepack=False, experts_kernel="torch",
+                                   **{**SMALL, **options})     # its weights as loaded, not packed
+    sizes = {k: module_bytes(g) for k, g in group_weights(probe.model.weights).items()}
+    layout = probe.layout
+    packed = dtype == "bfloat16" and packing_supported(torch.bfloat16)      # the reader packs bf16 GEMM weights
+    pool = disk_pool_bytes(probe.config.num_buffers, max(v for k, v in sizes.items() if k != "model"), packed)
+    rest = sum(sizes.values()) - sizes["model"]
+    return layout.reserve_bytes + layout.activation_bytes + KV + pool + sizes["model"] + int(resident_share * rest)
+
+
+def in_memory_tokens(path, dtype="float32"):
+    engine = Engine(load_model(path, dtype), None, EngineConfig(kv_cache_bytes=KV, prepack=False,
+                                                                experts_kernel="torch"))
+    return [o.token_ids for o in engine.generate(PROMPTS, PARAMS)]
+
+
+def disk_engine(path, dtype="float32", resident_share=0.1, **options):
+    engine = Engine.from_pretrained(path, dtype=dtype, host_memory=disk_budget(path, dtype, resident_share),
+                                    **{**SMALL, **options})
+    assert engine.layout.disk and engine.layout.streamed_bytes > 0
+    return engine
+
+
+def check_same_tokens(path, dtype="float32"):
+    engine = disk_engine(path, dtype)
+    tokens = [o.token_ids for o in engine.generate(PROMPTS, PARAMS)]
+    assert engine.streamer.disk_bytes_read > 0
+    assert tokens == in_memory_tokens(path, dtype)
+    return engine
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
+def test_float32_tokens_equal_the_in_memory_run(arch, tiny_fixture):
+    check_same_tokens(tiny_fixture(arch))
+
+
+def test_fused_expert_layout_reads_only_each_experts_rows(tiny_fused_fixture):
+    engine = check_same_tokens(tiny_fused_fixture("qwen3_moe"))
+    engine.reset_stats()
+    engine.generate([[1, 5, 9]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    # the bytes read are those of the modules copied: each expert's rows, never a whole fused tensor
+    assert engine.streamer.disk_bytes_read == engine.streamer.stats.bytes_moved > 0
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+def test_quantized_weights_stream_as_stored(fmt, tiny_fixture, tmp_path):
+    if fmt == "fp8":
+        ckpt = build_fixture("deepseek_v3", "tiny", seed=0, out=tmp_path / "ckpt", quantize="fp8")
+    else:
+        ckpt, _ = quantize_checkpoint(tiny_fixture("mixtral"), tmp_path / "ckpt", fmt, group_size=32)
+    engine = check_same_tokens(ckpt)
+    streamed = [w for k, g in group_weights(engine.model.weights).items() if k not in engine.streamer.resident
+                for w in g.values()]
+    kinds = {type(w).__name__ for w in streamed}
+    assert ("Fp8BlockWeight" if fmt == "fp8" else "GptqWeight") in kinds
+
+
+def test_a_cast_from_the_stored_dtype_gives_the_in_memory_tokens(tiny_fixture):
+    check_same_tokens(tiny_fixture("mixtral"), dtype="bfloat16")     # float32 files, bfloat16 model
+
+
+def test_only_routed_experts_are_read(tiny_fixture):
+    engine = disk_engine(tiny_fixture("olmoe"), resident_share=0.0)
+    engine.generate([[1, 5]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    engine.reset_stats()
+    engine.generate([[1, 5, 9]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    copies = engine.streamer.stats.copies
+    experts = [k for k in copies if ".experts." in k]
+    per_step = engine.model.layers[0].ffn.router.top_k * len(engine.model.layers)
+    # prefill: at most 3 tokens x top_k experts per layer, decode top_k: not every expert of both passes
+    assert 0 < len(experts) <= 4 * per_step
+    assert len(experts) < 2 * engine.model.layers[0].ffn.n_experts * len(engine.model.layers)
+    assert engine.streamer.disk_bytes_read == engine.streamer.stats.bytes_moved > 0
+
+
+def test_a_shard_truncated_mid_run_is_an_error_naming_it(tiny_fixture, tmp_path):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_fixture("mixtral"), ckpt)
+    engine = disk_engine(ckpt, resident_share=0.0)
+    shard = next(ckpt.glob("*.safetensors"))
+    steps = []
+    original = engine.step
+
+    def step_then_truncate(phase, batch, sampler):
+        tokens = original(phase, batch, sampler)
+        steps.append(phase)
+        if len(steps) == 2:
+            with open(shard, "r+b") as f:
+                f.truncate(os.path.getsize(shard) // 4)
+        return tokens
+    engine.step = step_then_truncate
+    with pytest.raises(CheckpointError, match=shard.name):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert len(steps) >= 2       # it failed mid-run, not at open
+
+
+def test_a_budget_too_small_for_even_the_streamed_layout_says_what_is_needed(tiny_fixture):
+    path = tiny_fixture("mixtral")
+    with pytest.raises(CapacityError, match=r"runtime .* activations .* KV cache .* streaming buffers .* "
+                                            r"embeddings and lm_head .*--host-memory"):
+        Engine.from_pretrained(path, dtype="float32", host_memory="300MB", **SMALL)
+
+
+def test_a_kv_cache_larger_than_the_budget_is_refused():
+    with pytest.raises(Exception, match="kv_cache_memory .* must be less than host_memory"):
+        EngineConfig(host_memory_bytes="1GB", kv_cache_bytes="2GB")
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from moegen.engine import Engine, SamplingParams
+    path, budget = sys.argv[1], int(sys.argv[2])
+
+    def peak_rss():    # VmHWM: this process's own peak (ru_maxrss may start at the forking parent's)
+        status = open("/proc/self/status").read()
+        return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+    # every planned setting fixed: no probe of the machine inside the measured process
+    kw = dict(kv_cache_memory=8 << 20, max_prefill_tokens=64, num_buffers=2, max_batch=4, attn_micro_batch=0)
+    if budget:
+        engine = Engine.from_pretrained(path, dtype="float32", host_memory=budget, **kw)
+    else:
+        engine = Engine.from_pretrained(path, dtype="float32", prepack=False, experts_kernel="torch", **kw)
+    out = engine.generate([[1, 22, 33, 44], [1, 9], [1, 4, 5, 6, 7, 8]],
+                          SamplingParams(max_new_tokens=6, ignore_eos=True))
+    print(json.dumps({"tokens": [o.token_ids for o in out], "peak_rss": peak_rss(),
+                      "disk": bool(budget) and engine.layout.disk, "read": engine.streamer.disk_bytes_read}))
+""")
+
+
+@pytest.fixture(scope="module")
+def large_checkpoint(tmp_path_factory):
+    """A float32 Mixtral-shaped checkpoint with ~300 MB of experts (more than the runtime's slack)."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+    cfg = MixtralConfig(vocab_size=4096, hidden_size=256, intermediate_size=2048, num_hidden_layers=6,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=512, initializer_range=0.05)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("large") / "ckpt"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out, max_shard_size="100MB")
+    return out
+
+
+def run_measured(path, budget):
+    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), str(budget)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_peak_rss_stays_within_a_budget_below_the_model(large_checkpoint):
+    weights = sum(f.stat().st_size for f in large_checkpoint.glob("*.safetensors"))
+    budget = disk_budget(large_checkpoint, resident_share=0.1)
+    streamed = run_measured(large_checkpoint, budget)
+    whole = run_measured(large_checkpoint, 0)
+    assert streamed["disk"] and streamed["read"] > 0
+    assert streamed["tokens"] == whole["tokens"]
+    assert streamed["peak_rss"] <= budget, (streamed["peak_rss"], budget)
+    # the in-memory run holds the weights; the streamed one did not (else the budget test is moot)
+    assert whole["peak_rss"] > budget and streamed["peak_rss"] < whole["peak_rss"] - weights // 2
+
+
+def test_bench_figures_of_a_disk_tier_run(tiny_fixture):
+    from moegen.bench.systems.moegen_engine import disk_figures
+    engine = disk_engine(tiny_fixture("mixtral"), resident_share=0.0, max_batch=4, attn_micro_batch=0)   # not planned
+    engine.planner._hardware = type("HW", (), {"disk_read_gbps": 2.0})()      # the disk's measured bandwidth
+    engine.reset_stats()
+    outs = engine.generate(PROMPTS, PARAMS)
+    generated = sum(len(o.token_ids) for o in outs)
+    figures = disk_figures(engine, 1.0, generated)
+    assert figures["disk_bytes_read"] == engine.streamer.stats.bytes_moved > 0
+    assert figures["disk_bound_tokens_per_s"] == pytest.approx(generated / (figures["disk_bytes_read"] / 2e9))
+    assert figures["compute_bound_tokens_per_s"] >= generated / 1.0
+    assert figures["bound_share"] == pytest.approx(generated / min(figures["disk_bound_tokens_per_s"],
+                                                                   figures["compute_bound_tokens_per_s"]))
