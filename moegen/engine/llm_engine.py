@@ -14,12 +14,12 @@ from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from moegen.engine.memory import host_memory_bytes
 from moegen.engine.params import Completion, GenerationDefaults, SamplingParams
 from moegen.engine.runner import Runner
-from moegen.engine.sampler import Sampler, check_logprob_counts, record_logprobs, record_prompt_logprobs
+from moegen.engine.sampler import Sampler, check_logprob_counts, record_prompt_logprobs
 from moegen.engine.scheduler import (Scheduler, Sequence, admission_order, job_sharing, scoring_blocks, with_digests,
                                      with_samples)
-from moegen.engine.scoring import continuation_scores, scoring_sequences
+from moegen.engine.scoring import scoring_sequences, step_outputs
 from moegen.engine.stats import EngineStats
-from moegen.engine.stops import eos_ids, finish_reason
+from moegen.engine.stops import eos_ids
 from moegen.engine.weight_stream import (CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights,
                                          module_bytes)
 from moegen.dtypes import dtype_name
@@ -375,9 +375,7 @@ class Engine:
         finally:
             scheduler.abandon()           # an error or an early close: the next call finds every block free
             bar.close()
-            served = sorted(scheduler.served)
-            self.stats.add_sequences([p for _, p, _, _ in served], [g for _, _, g, _ in served],
-                                     [c for _, _, _, c in served])
+            self.stats.add_sequences(*scheduler.served_lens())
 
     def _request_done(self, seq: Sequence, unfinished: dict) -> Completion | None:
         """The request's Completion once its last sample finished (n > 1: with every sample in
@@ -471,31 +469,10 @@ class Engine:
             record_prompt_logprobs(batch, states, self.runner.logits)
         else:
             logits = self.runner.prefill(batch) if phase == "prefill" else self.runner.decode(batch)
-        outputs = self._outputs(logits, states, batch, sampler)
+        outputs = step_outputs(batch, logits, states, sampler, self.runner.logits)
         dt = time.perf_counter() - t0
         size = sum(q.prefill_tokens for q in batch) if phase == "prefill" else len(batch)
         self.stats.add_pass(phase, size, dt, self.stats.experts_run - experts0)
-        return outputs
-
-    def _outputs(self, logits, states, batch, sampler) -> list:
-        """Tokens sampled for the generating sequences, scores for the scored ones."""
-        scored = [i for i, s in enumerate(batch) if s.continuation is not None]
-        if not scored:
-            tokens = sampler.sample(logits, batch)
-            record_logprobs(logits, batch, tokens)       # only the rows of sequences that ask
-            return tokens
-        outputs = [None] * len(batch)
-        scores = continuation_scores([batch[i] for i in scored], logits[scored], [states[i] for i in scored],
-                                     self.runner.logits)
-        for i, score in zip(scored, scores):
-            outputs[i] = score
-        rows = [i for i in range(len(batch)) if batch[i].continuation is None]
-        if rows:
-            seqs = [batch[i] for i in rows]
-            tokens = sampler.sample(logits[rows], seqs)
-            record_logprobs(logits[rows], seqs, tokens)
-            for i, token in zip(rows, tokens):
-                outputs[i] = token
         return outputs
 
     @property

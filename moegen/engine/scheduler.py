@@ -274,6 +274,11 @@ class Scheduler:
         self.running = [s for s in self.running if not s.finished]
         return done
 
+    def served_lens(self) -> tuple[list[int], list[int], list[int]]:
+        """Prompt, generated and cached prompt tokens of each finished sequence, in input order."""
+        served = sorted(self.served)
+        return [p for _, p, _, _ in served], [g for _, _, g, _ in served], [c for _, _, _, c in served]
+
     def abandon(self) -> None:
         """Drop every sequence, freeing the blocks of the admitted ones (a call ended early) and
         forgetting the cached blocks a step that never finished was to compute."""

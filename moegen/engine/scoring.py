@@ -6,6 +6,7 @@ computed once (prefix caching), and passes are planned, admitted and counted in 
 import torch
 
 from moegen.engine.params import SamplingParams
+from moegen.engine.sampler import record_logprobs
 from moegen.engine.scheduler import Sequence
 from moegen.errors import InputError
 
@@ -44,3 +45,26 @@ def continuation_scores(seqs, last_logits: torch.Tensor, states: list, logits_of
         target = torch.tensor(seq.continuation, device=lp.device)
         out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
     return out
+
+
+def step_outputs(batch, logits: torch.Tensor, states: list | None, sampler, logits_of) -> list:
+    """A step's output per sequence of batch from its logits [B, V] (and the prompt states of a
+    prefill that kept them): a token sampled for a generating sequence (with its log-probabilities
+    where asked), the score of a scored one."""
+    scored = [i for i, s in enumerate(batch) if s.continuation is not None]
+    if not scored:
+        tokens = sampler.sample(logits, batch)
+        record_logprobs(logits, batch, tokens)       # only the rows of sequences that ask
+        return tokens
+    outputs = [None] * len(batch)
+    scores = continuation_scores([batch[i] for i in scored], logits[scored], [states[i] for i in scored], logits_of)
+    for i, score in zip(scored, scores):
+        outputs[i] = score
+    rows = [i for i, s in enumerate(batch) if s.continuation is None]
+    if rows:
+        seqs = [batch[i] for i in rows]
+        tokens = sampler.sample(logits[rows], seqs)
+        record_logprobs(logits[rows], seqs, tokens)
+        for i, token in zip(rows, tokens):
+            outputs[i] = token
+    return outputs
