@@ -37,7 +37,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     output: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" or "length" once it ends; SCORED for a scored request
     text: str | None = None           # set when a stop string cut the output
     sample: int = 0                   # which of the request's params.n samples
     leader: "Sequence | None" = field(default=None, repr=False)   # a fork: whose prompt it shares

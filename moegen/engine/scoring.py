@@ -10,7 +10,7 @@ from moegen.engine.sampler import record_logprobs
 from moegen.engine.scheduler import Sequence
 from moegen.errors import InputError
 
-_PARAMS = SamplingParams(max_new_tokens=1)     # unused by a scored request but its prompt_logprobs (None)
+_PARAMS = SamplingParams(max_new_tokens=1)     # a scored request samples nothing and asks no log-probabilities
 
 
 def scoring_sequences(requests, max_model_len: int) -> list[Sequence]:
@@ -57,7 +57,8 @@ def step_outputs(batch, logits: torch.Tensor, states: list | None, sampler, logi
         record_logprobs(logits, batch, tokens)       # only the rows of sequences that ask
         return tokens
     outputs = [None] * len(batch)
-    scores = continuation_scores([batch[i] for i in scored], logits[scored], [states[i] for i in scored], logits_of)
+    last = logits if len(scored) == len(batch) else logits[scored]     # a loglikelihood call: all scored
+    scores = continuation_scores([batch[i] for i in scored], last, [states[i] for i in scored], logits_of)
     for i, score in zip(scored, scores):
         outputs[i] = score
     rows = [i for i, s in enumerate(batch) if s.continuation is None]
