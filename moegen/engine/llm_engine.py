@@ -14,12 +14,12 @@ from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from moegen.engine.memory import host_memory_bytes
 from moegen.engine.params import Completion, GenerationDefaults, SamplingParams
 from moegen.engine.runner import Runner
-from moegen.engine.sampler import (Sampler, check_logprob_counts, record_logprobs, record_prompt_logprobs,
-                                   wants_prompt_logprobs)
-from moegen.engine.scheduler import Scheduler, Sequence, admission_order, job_sharing, with_digests, with_samples
-from moegen.engine.scoring import loglikelihood
+from moegen.engine.sampler import Sampler, check_logprob_counts, record_prompt_logprobs
+from moegen.engine.scheduler import (Scheduler, Sequence, admission_order, job_sharing, scoring_blocks, with_digests,
+                                     with_samples)
+from moegen.engine.scoring import scoring_sequences, step_outputs
 from moegen.engine.stats import EngineStats
-from moegen.engine.stops import eos_ids, finish_reason
+from moegen.engine.stops import eos_ids
 from moegen.engine.weight_stream import (CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights,
                                          module_bytes)
 from moegen.dtypes import dtype_name
@@ -83,7 +83,6 @@ class Engine:
         self.blocks = BlockManager(1, cfg.block_size, cfg.prefix_caching)
         self.cache = PagedKVCache(model, 1, cfg.block_size, model.dtype)
         self.stats = EngineStats(attention=attention_impl())
-        self._eos = self.eos_ids
         self.runner = Runner(model, self.cache, self.blocks, self.streamer, self.device,
                              cfg.attn_micro_batch, cfg.expert_chunk, self.stats)
 
@@ -327,28 +326,38 @@ class Engine:
             return
         scheduler = self._scheduler_for(first, whole)
         refill = max(window or WINDOW, 2 * scheduler.max_batch)
-        yield from self._serve(scheduler, seqs, refill, len(first) if whole else None, progress)
+        bar = tqdm(total=len(first) if whole else None, desc="generate", unit="seq", disable=not progress,
+                   dynamic_ncols=True)
+        unfinished = {}
+        for seq in self._serve(scheduler, seqs, refill, bar):
+            done = self._request_done(seq, unfinished)
+            if done is not None:
+                bar.update(1)
+                yield done
 
     def _scheduler_for(self, first: list[Sequence], whole: bool) -> Scheduler:
         """Plan the call on its first sequences (every sample, the prompt tokens prefill will
-        compute once shared prefixes are counted once), size the KV cache (for all of them, or for
-        a stream the whole budget), and admit them in the scheduler's order."""
+        compute once shared prefixes are counted once), size the KV cache (for all of them, for a
+        stream the whole budget, for scored requests two passes' worth: see scoring_blocks), and
+        admit them in the scheduler's order."""
         order = admission_order(first, self.blocks)
         job = job_sharing([with_digests(with_samples(s), self.blocks) for s in order], self.blocks)
-        plan = self.settings(job.prompt_lens, max(s.params.max_new_tokens for s in first), job.computed_tokens)
+        # a scored request is planned as one new token: its prefill's logits are its output
+        plan = self.settings(job.prompt_lens, max(max(s.max_new_tokens for s in first), 1), job.computed_tokens)
         planned = self.stats.plan.plan
         on_device = getattr(planned, "attention", "cpu") == "device"    # the planner found room for it
-        self.reserve_kv(job.blocks if whole else self.max_blocks, self.device if on_device else "cpu")
-        scheduler = Scheduler(self.blocks, plan["max_batch"], plan["max_prefill_tokens"])
+        blocks = job.blocks if whole else self.max_blocks
+        if all(s.continuation is not None for s in first):
+            blocks = scoring_blocks(order, self.blocks, plan["max_batch"], plan["max_prefill_tokens"])
+        self.reserve_kv(blocks, self.device if on_device else "cpu")
+        scheduler = Scheduler(self.blocks, plan["max_batch"], plan["max_prefill_tokens"], self.eos_ids, self.tokenizer)
         scheduler.add_sorted(order)
         return scheduler
 
-    def _serve(self, scheduler: Scheduler, seqs, refill: int, total: int | None, progress: bool):
-        """The step loop: pull more when fewer than a global batch wait, step, yield the finished."""
-        sampler, served, unfinished = Sampler(), [], {}
-        self._eos = self.eos_ids          # once per call: append_token runs for every token
-        bar = tqdm(total=total, desc="generate", unit="seq", disable=not progress, dynamic_ncols=True)
-        generated, t0 = 0, time.perf_counter()
+    def _serve(self, scheduler: Scheduler, seqs, refill: int, bar):
+        """The step loop: pull more when fewer than a global batch wait, step, postprocess; yields
+        each sequence as it finishes. Stats count the call's sequences at its end, in input order."""
+        sampler, generated, t0 = Sampler(), 0, time.perf_counter()
         try:
             while True:
                 if len(scheduler.waiting) < scheduler.max_batch:
@@ -356,23 +365,17 @@ class Engine:
                 if scheduler.done:
                     break
                 phase, batch = scheduler.schedule()
-                for seq, tok in zip(batch, self.step(phase, batch, sampler)):
-                    self.append_token(seq, tok)
-                generated += len(batch)
-                bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.1f}", batch=len(scheduler.running))
-                for seq in scheduler.retire_finished():
+                finished = scheduler.postprocess(batch, self.step(phase, batch, sampler))
+                generated += sum(s.continuation is None for s in batch)
+                if generated:
+                    bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.1f}", batch=len(scheduler.running))
+                for seq in finished:
                     sampler.forget(seq)
-                    served.append((seq.key, len(seq.prompt), len(seq.output), seq.cached_tokens))
-                    done = self._request_done(seq, unfinished)
-                    if done is not None:
-                        bar.update(1)
-                        yield done
+                    yield seq
         finally:
             scheduler.abandon()           # an error or an early close: the next call finds every block free
             bar.close()
-            served.sort()                 # stats list a call's sequences in input order
-            self.stats.add_sequences([p for _, p, _, _ in served], [g for _, _, g, _ in served],
-                                     [c for _, _, _, c in served])
+            self.stats.add_sequences(*scheduler.served_lens())
 
     def _request_done(self, seq: Sequence, unfinished: dict) -> Completion | None:
         """The request's Completion once its last sample finished (n > 1: with every sample in
@@ -456,28 +459,21 @@ class Engine:
         self.stats = self.runner.stats = EngineStats(attention=self.stats.attention)
         self.streamer.reset_stats()
 
-    def step(self, phase: str, batch, sampler) -> list[int]:
+    def step(self, phase: str, batch, sampler) -> list:
+        """One pass over the batch: per sequence its output, a token id (a scored request's:
+        its (log-likelihood, greedy) score)."""
         t0, experts0 = time.perf_counter(), self.stats.experts_run
-        if phase == "prefill" and wants_prompt_logprobs(batch):
-            logits = self._prefill_with_prompt_logprobs(batch)
+        states = None
+        if phase == "prefill" and any(s.wants_prompt_states for s in batch):
+            logits, states = self.runner.prefill_with_prompt_states(batch, [s.wants_prompt_states for s in batch])
+            record_prompt_logprobs(batch, states, self.runner.logits)
         else:
             logits = self.runner.prefill(batch) if phase == "prefill" else self.runner.decode(batch)
-        tokens = sampler.sample(logits, batch)
-        record_logprobs(logits, batch, tokens)       # only the rows of sequences that ask
+        outputs = step_outputs(batch, logits, states, sampler, self.runner.logits)
         dt = time.perf_counter() - t0
         size = sum(q.prefill_tokens for q in batch) if phase == "prefill" else len(batch)
         self.stats.add_pass(phase, size, dt, self.stats.experts_run - experts0)
-        return tokens
-
-    def _prefill_with_prompt_logprobs(self, batch) -> torch.Tensor:
-        logits, states = self.runner.prefill_with_prompt_states(batch, [s.params.prompt_logprobs is not None
-                                                                        for s in batch])
-        record_prompt_logprobs(batch, states, self.runner.logits)
-        return logits
-
-    def append_token(self, seq: Sequence, token: int) -> None:
-        seq.output.append(token)
-        seq.finish_reason = finish_reason(seq, token, self._eos, self.tokenizer)
+        return outputs
 
     @property
     def eos_ids(self) -> tuple:
@@ -496,6 +492,15 @@ class Engine:
     # --- scoring -------------------------------------------------------------------------------
     def loglikelihood(self, requests, progress: bool = False) -> list[tuple[float, bool]]:
         """For (context ids, continuation ids) pairs: (sum of log p(continuation | context),
-        whether greedy decoding would have produced the continuation). Batched prefill; with
-        prefix caching the continuations of one context share its KV blocks, computed once."""
-        return loglikelihood(self, requests, progress)
+        whether greedy decoding would have produced the continuation). Each request is a
+        sequence the scheduler admits and prefills (no token generated); with prefix caching the
+        continuations of one context share its KV blocks, computed once."""
+        seqs = scoring_sequences(requests, self.max_model_len)
+        if not seqs:
+            return []
+        results = [None] * len(seqs)
+        bar = tqdm(total=len(seqs), desc="loglikelihood", disable=not progress, dynamic_ncols=True)
+        for seq in self._serve(self._scheduler_for(seqs, True), iter(()), 0, bar):
+            results[seq.seq_id] = seq.score
+            bar.update(1)
+        return results

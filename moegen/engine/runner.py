@@ -62,9 +62,10 @@ class Runner:
 
     @torch.inference_mode()
     def prefill_with_prompt_states(self, seqs, wanted: list[bool]):
-        """prefill()'s logits, and per sequence of seqs whose flag is set the hidden states of its
-        prompt positions but the last ([len(prompt) - 1, H]; a fork gets its leader's), else None.
-        Such a sequence reuses no cached prompt tokens (the scheduler's rule), so all are here."""
+        """prefill()'s logits, and per sequence of seqs whose flag is set the hidden states of the
+        prompt positions it computed but the last ([len(prompt) - 1 - cached, H]; a fork gets its
+        leader's), else None. One asking for prompt log-probabilities reuses no cached tokens (the
+        scheduler's rule), so all its positions are here; a scored one, all its continuation's."""
         return self._prefill(seqs, wanted)
 
     def _prefill(self, seqs, wanted: list[bool]):

@@ -123,10 +123,6 @@ def record_logprobs(logits: torch.Tensor, seqs, tokens: list[int]) -> None:
         seqs[i].logprobs.output.append(entry)
 
 
-def wants_prompt_logprobs(seqs) -> bool:
-    return any(seq.params.prompt_logprobs is not None for seq in seqs)
-
-
 @torch.inference_mode()
 def record_prompt_logprobs(seqs, hidden: list, logits_of) -> None:
     """Set prompt_logprobs of each sequence that asks, from the hidden states of its prompt

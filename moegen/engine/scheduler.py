@@ -10,6 +10,14 @@ computed by a sequence admitted before it in the same step) are held, not recomp
 once in admission; waiting sequences are ordered so that sharers run close together. A request
 with SamplingParams(n > 1) is one prompt prefilled once and n samples forked from it (sharing its
 full prompt blocks), admitted all together.
+
+A scored request (Engine.loglikelihood) is a sequence too: its prompt is the context and the
+continuation but its last token, it generates nothing, and its prefill's logits over the
+continuation give its score. It is admitted, shares prefixes and is counted like any other, and
+leaves (its blocks released, kept cached) right after its pass.
+
+After each step, postprocess() is where every output lands: the token appended (or the score
+kept), the finish decided (EOS, stop ids and strings, length), the finished released and counted.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,7 +25,10 @@ from typing import NamedTuple
 
 from moegen.engine.block_manager import BlockManager, block_digests
 from moegen.engine.params import SamplingParams, SequenceLogprobs
+from moegen.engine.stops import finish_reason
 from moegen.errors import CapacityError
+
+SCORED = "scored"       # the finish_reason of a scored request once its pass ran
 
 
 @dataclass(eq=False)
@@ -26,7 +37,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     output: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" or "length" once it ends; SCORED for a scored request
     text: str | None = None           # set when a stop string cut the output
     sample: int = 0                   # which of the request's params.n samples
     leader: "Sequence | None" = field(default=None, repr=False)   # a fork: whose prompt it shares
@@ -34,6 +45,8 @@ class Sequence:
     cached_tokens: int = 0            # leading prompt tokens whose K/V was reused, not computed
     digests: list | None = field(default=None, repr=False)   # its full prompt blocks' (prefix caching)
     logprobs: SequenceLogprobs = field(default_factory=SequenceLogprobs, repr=False)   # when params ask
+    continuation: list[int] | None = None     # a scored request's: its prompt ends with all but its last token
+    score: tuple[float, bool] | None = None   # ... and, once scored, (log-likelihood, greedy)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -62,8 +75,18 @@ class Sequence:
         return len(self.prompt) + len(self.output)
 
     @property
+    def max_new_tokens(self) -> int:
+        return 0 if self.continuation is not None else self.params.max_new_tokens
+
+    @property
     def max_length(self) -> int:
-        return len(self.prompt) + self.params.max_new_tokens
+        return len(self.prompt) + self.max_new_tokens
+
+    @property
+    def wants_prompt_states(self) -> bool:
+        """Whether its prefill keeps the hidden states of its prompt positions (prompt
+        log-probabilities, or a scored continuation's)."""
+        return self.params.prompt_logprobs is not None or self.continuation is not None
 
     @property
     def finished(self) -> bool:
@@ -86,25 +109,19 @@ def with_digests(seq: Sequence, blocks: BlockManager) -> Sequence:
 
 
 def admission_order(seqs, blocks: BlockManager) -> list[Sequence]:
-    """Longest first (memory problems surface at once, similar lengths decode together); with
-    prefix caching, sharers of a leading block together (see sharing_order)."""
+    """Longest first (memory problems surface at once, similar lengths decode together). With
+    prefix caching, sharers together: grouped by their first block of tokens (groups longest
+    first), and within a group in token order, so that any deeper shared prefix is contiguous;
+    prompts shorter than a block share nothing and stand alone."""
     seqs = list(seqs)
     if not blocks.caching:
         return sorted(seqs, key=lambda s: -s.max_length)
-    return sharing_order(seqs, lambda s: s.prompt, lambda s: s.max_length, blocks.block_size)
-
-
-def sharing_order(items, tokens_of, length_of, block_size: int) -> list:
-    """Items grouped by their first block of tokens (groups longest first), and within a group in
-    token order, so that any deeper shared prefix is contiguous; items shorter than a block share
-    nothing and stand alone. Without sharers this is longest first."""
-    groups: dict = {}
-    for it in items:
-        tokens = tokens_of(it)
-        key = tuple(tokens[:block_size]) if len(tokens) >= block_size else id(it)
-        groups.setdefault(key, []).append(it)
-    ordered = sorted(groups.values(), key=lambda g: -max(map(length_of, g)))
-    return [it for g in ordered for it in sorted(g, key=lambda it: (tokens_of(it), -length_of(it)))]
+    size, groups = blocks.block_size, {}
+    for seq in seqs:
+        key = tuple(seq.prompt[:size]) if len(seq.prompt) >= size else id(seq)
+        groups.setdefault(key, []).append(seq)
+    ordered = sorted(groups.values(), key=lambda g: -max(s.max_length for s in g))
+    return [seq for g in ordered for seq in sorted(g, key=lambda s: (s.prompt, -s.max_length))]
 
 
 class JobSharing(NamedTuple):
@@ -112,26 +129,45 @@ class JobSharing(NamedTuple):
     prompt_lens: list[int]            # every sample's prompt length
     computed_tokens: int              # prompt tokens prefill computes
     blocks: int                       # KV blocks of all lifetimes, shared ones counted once
+    computed: list[int]               # per sequence of the job: the prompt tokens prefill computes for it
 
 
 def job_sharing(seqs: list[Sequence], blocks: BlockManager) -> JobSharing:
     """seqs with their samples and digests, in admission order; blocks: the cache's kind (its
     content plays no part)."""
     empty, claimed = BlockManager(0, blocks.block_size, blocks.caching), set()
-    lens, computed, total = [], 0, 0
+    lens, computed, total = [], [], 0
     for seq in seqs:
         cost, cached = _cost(empty, seq, claimed)
         lens += [len(seq.prompt)] * len(seq.group)
-        computed += len(seq.prompt) - cached
+        computed.append(len(seq.prompt) - cached)
         total += cost
-    return JobSharing(lens, computed, total)
+    return JobSharing(lens, sum(computed), total, computed)
+
+
+def scoring_blocks(seqs: list[Sequence], blocks: BlockManager, max_batch: int, max_prefill_tokens: int) -> int:
+    """The KV blocks a job of scored requests (seqs, in admission order) wants: the most that two
+    consecutive prefill passes within the call's budgets hold, shared blocks once, so a pass finds
+    what the one before it left cached. (Its sequences leave after their pass: the job's whole
+    lifetime never needs holding at once.)"""
+    passes, tokens = [[]], 0
+    for seq, computed in zip(seqs, job_sharing(seqs, blocks).computed):
+        if passes[-1] and (len(passes[-1]) >= max_batch or tokens + computed > max_prefill_tokens):
+            passes.append([])
+            tokens = 0
+        passes[-1].append(seq)
+        tokens += computed
+    return max(job_sharing(a + b, blocks).blocks for a, b in zip(passes, passes[1:] + [[]]))
 
 
 def _reuse_limit(seq: Sequence) -> int:
-    """Prompt tokens that may come from the cache: all but the last, whose logits are needed
-    (a prompt that is all cached blocks recomputes its last block instead of writing a shared
-    one). A request for prompt log-probabilities computes its whole prompt."""
-    return 0 if seq.params.prompt_logprobs is not None else len(seq.prompt) - 1
+    """Prompt tokens that may come from the cache: all but those whose logits are needed (the
+    last; a scored request's, its context's last and its continuation's), so a prompt that is all
+    cached blocks recomputes its last block instead of writing a shared one. A request for prompt
+    log-probabilities computes its whole prompt."""
+    if seq.params.prompt_logprobs is not None:
+        return 0
+    return len(seq.prompt) - (len(seq.continuation) if seq.continuation is not None else 1)
 
 
 def _cost(blocks: BlockManager, seq: Sequence, claimed: set) -> tuple[int, int]:
@@ -142,12 +178,17 @@ def _cost(blocks: BlockManager, seq: Sequence, claimed: set) -> tuple[int, int]:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch: int, max_prefill_tokens: int):
+    def __init__(self, blocks: BlockManager, max_batch: int, max_prefill_tokens: int, eos: tuple = (),
+                 tokenizer=None):
+        """eos: the ids that end generation; tokenizer: decodes outputs for stop strings (None:
+        stop strings never match)."""
         self.blocks = blocks
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
+        self.eos, self.tokenizer = eos, tokenizer
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.served: list[tuple] = []     # (key, prompt, generated, cached tokens) of each finished sequence
 
     def add(self, seq: Sequence) -> None:
         seq = with_digests(with_samples(seq), self.blocks)
@@ -211,14 +252,32 @@ class Scheduler:
             batch += seq.group
         return batch
 
+    def postprocess(self, batch: list[Sequence], outputs: list) -> list[Sequence]:
+        """After a step over batch: each sequence's output (a token id; a scored request's score)
+        recorded and its finish decided; then the finished leave (see retire_finished)."""
+        for seq, out in zip(batch, outputs):
+            if seq.continuation is not None:
+                seq.score, seq.finish_reason = out, SCORED
+            else:
+                seq.output.append(out)
+                seq.finish_reason = finish_reason(seq, out, self.eos, self.tokenizer)
+        return self.retire_finished()
+
     def retire_finished(self) -> list[Sequence]:
-        """After a step: the blocks it computed hold their K/V now; its finished sequences leave."""
+        """The blocks the step computed hold their K/V now; its finished sequences release theirs
+        (full prompt blocks stay cached) and are counted in served."""
         self.blocks.commit()
         done = [s for s in self.running if s.finished]
         for seq in done:
             self.blocks.release(seq.key)
+            self.served.append((seq.key, len(seq.prompt), len(seq.output), seq.cached_tokens))
         self.running = [s for s in self.running if not s.finished]
         return done
+
+    def served_lens(self) -> tuple[list[int], list[int], list[int]]:
+        """Prompt, generated and cached prompt tokens of each finished sequence, in input order."""
+        served = sorted(self.served)
+        return [p for _, p, _, _ in served], [g for _, _, g, _ in served], [c for _, _, _, c in served]
 
     def abandon(self) -> None:
         """Drop every sequence, freeing the blocks of the admitted ones (a call ended early) and

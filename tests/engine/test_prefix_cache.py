@@ -137,6 +137,22 @@ def test_shared_context_loglikelihoods_match_transformers(arch, tiny_fixture):
         assert greedy == bool((lp.argmax(-1) == torch.tensor(cont)).all())
 
 
+def test_scoring_is_admitted_by_the_generation_scheduler(tiny_fixture):
+    """One scheduler for both: a loglikelihood call reuses the prefix blocks a generate call left
+    cached, and its passes and sequences are counted as generation's are."""
+    on, off = engines(tiny_fixture("qwen3_moe"), max_batch=2)
+    # leaves PREFIX's two full blocks cached, in a cache (8 blocks) that the scoring call keeps
+    on.generate([PREFIX + tokens(20, 3), tokens(23, 60)], GREEDY)
+    on.reset_stats()
+    requests = [(PREFIX + [5], [6, 7]), (tokens(21, 20), [8]), (tokens(22, 5), [9, 10, 11])]
+    shared = on.loglikelihood(requests)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(shared, off.loglikelihood(requests))) < 1e-5
+    rec = on.stats.record()
+    assert rec.prompt_lens == (39, 20, 7) and rec.gen_lens == (0, 0, 0)      # input order, nothing generated
+    assert rec.prompt_cached_lens == (2 * BLOCK, 0, 0)                        # the generated call's blocks
+    assert rec.prefill_pass_tokens == (39 - 2 * BLOCK + 20, 7) and rec.decode_step_seqs == ()   # max_batch 2
+
+
 SAMPLED = dict(max_new_tokens=8, temperature=0.9, top_p=0.95, ignore_eos=True)
 
 

@@ -178,3 +178,42 @@ def test_sample_seeds_follow_seed_plus_index_times_n_plus_sample():
     params = SamplingParams(n=3, seed=100)
     assert Sequence(2, [1], params, sample=1).seed == 100 + 2 * 3 + 1
     assert Sequence(2, [1], SamplingParams(seed=100)).seed == 102      # n = 1: seed + index, as before
+
+
+# --- scored requests and the step's postprocess ----------------------------------------------------
+from moegen.engine.scoring import scoring_sequences  # noqa: E402
+
+
+def test_scored_requests_are_admitted_shared_and_retired_by_the_one_scheduler():
+    bm = BlockManager(num_blocks=8, block_size=4, prefix_caching=True)
+    s = Scheduler(bm, max_batch=2, max_prefill_tokens=1000)
+    context = list(range(1, 10))            # 9 tokens: two full blocks its continuations may share
+    seqs = scoring_sequences([(context, [20]), (context, [21, 22]), (context, [23])], max_model_len=64)
+    assert [len(q.prompt) for q in seqs] == [9, 10, 9] and [q.max_length for q in seqs] == [9, 10, 9]
+    s.add_sorted(seqs)
+    phase, batch = s.schedule()
+    assert phase == "prefill" and len(batch) == 2 and [q.cached_tokens for q in batch] == [0, 8]
+    done = s.postprocess(batch, [(-1.5, True), (-2.5, False)])
+    assert done == batch and [q.score for q in done] == [(-1.5, True), (-2.5, False)] and not s.running
+    assert all(q.output == [] for q in done)                # nothing generated
+    phase, batch = s.schedule()                             # the next pass finds the context cached
+    assert phase == "prefill" and len(batch) == 1 and batch[0].cached_tokens == 8
+    s.postprocess(batch, [(-0.5, True)])
+    assert s.done and bm.num_free == 8
+    prompts, generated, cached = s.served_lens()
+    assert sorted(prompts) == [9, 9, 10] and generated == [0, 0, 0] and sorted(cached) == [0, 8, 8]
+
+
+def test_postprocess_appends_decides_the_finish_and_releases():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    s = Scheduler(bm, max_batch=4, max_prefill_tokens=1000, eos=(ord("x"),), tokenizer=CharTokenizer())
+    s.add_sorted([Sequence(0, [1, 2], SamplingParams(max_new_tokens=3)),
+                  Sequence(1, [1, 2], SamplingParams(max_new_tokens=3, stop=["bc"]))])
+    _, batch = s.schedule()
+    by_id = {q.seq_id: q for q in batch}
+    assert s.postprocess(batch, [ord("a"), ord("b")]) == []
+    assert s.postprocess(batch, [ord("c")] * 2) == [by_id[1]]      # the stop string "bc" ends sequence 1
+    assert by_id[1].finish_reason == "stop" and by_id[1].text == "" and bm.num_free == 2   # cut where it begins
+    assert s.postprocess(s.running, [ord("x")]) == [by_id[0]]      # EOS ends sequence 0
+    assert by_id[0].output == [ord(c) for c in "acx"] and by_id[0].finish_reason == "stop"
+    assert s.done and bm.num_free == 4 and s.served_lens() == ([2, 2], [3, 2], [0, 0])
