@@ -49,8 +49,9 @@ test: $(STAMP)
 # token-identical to transformers (the summary line says whether the answers were identical), and
 # bfloat16 throughput on $(BENCH_PROMPTS) questions (the batch sizes module batching is for), moegen
 # against transformers `generate` at its best batch for that many prompts, with the number of
-# questions whose bf16 greedy answers differ (rounding flips near-ties; no accuracy ratio is drawn). ~5 min here once built (2026-12-06, Intel Xeon with AMX: moegen
-# 764 e2e tok/s, 4.76x transformers' 161; 511, 2.92x, with experts_kernel=torch);
+# questions whose bf16 greedy answers differ (rounding flips near-ties; no accuracy ratio is drawn).
+# ~5 min here once built (2026-12-07, Intel Xeon with AMX: moegen 1111 e2e tok/s, 5.64x
+# transformers' 197; answers identical in float32);
 # `make run MODEL=fixture:mixtral/bench` runs the same on random weights.
 run: $(STAMP)
 	MOEGEN_GSM8K_DIR=$(abspath $(DATA)) $(PREFECT_ENV) $(PY) -m flows.eval model=$(MODEL) \
