@@ -56,6 +56,13 @@ def tiny_fused_fixture(tmp_path_factory):
     return _tiny_factory(tmp_path_factory, fused=True)
 
 
+@pytest.fixture(scope="session")
+def mistral_chat_fixture(tiny_fixture, tmp_path_factory):
+    """The tiny Mixtral with Mistral's chat template in its tokenizer_config.json."""
+    from tests.chat_templates import MISTRAL, with_template
+    return with_template(tiny_fixture("mixtral"), tmp_path_factory.mktemp("mistral-chat") / "ckpt", MISTRAL)
+
+
 @pytest.fixture
 def lm_eval_offline(monkeypatch, gsm8k_dir):
     """lm-eval and datasets offline (nothing from the hub), the GSM8K tasks reading gsm8k_dir."""

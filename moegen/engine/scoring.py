@@ -51,7 +51,9 @@ def step_outputs(batch, logits: torch.Tensor, states: list | None, sampler, logi
     """A step's output per sequence of batch from its logits [B, V] (and the prompt states of a
     prefill that kept them): a token sampled for a generating sequence (with its log-probabilities
     where asked), the score of a scored one."""
-    scored = [i for i, s in enumerate(batch) if s.continuation is not None]
+    scored, rows = [], []                             # indices of scored and of generating sequences
+    for i, s in enumerate(batch):
+        (rows if s.continuation is None else scored).append(i)
     if not scored:
         tokens = sampler.sample(logits, batch)
         record_logprobs(logits, batch, tokens)       # only the rows of sequences that ask
@@ -61,7 +63,6 @@ def step_outputs(batch, logits: torch.Tensor, states: list | None, sampler, logi
     scores = continuation_scores([batch[i] for i in scored], last, [states[i] for i in scored], logits_of)
     for i, score in zip(scored, scores):
         outputs[i] = score
-    rows = [i for i, s in enumerate(batch) if s.continuation is None]
     if rows:
         seqs = [batch[i] for i in rows]
         tokens = sampler.sample(logits[rows], seqs)

@@ -17,20 +17,16 @@ from moegen.cli import main  # noqa: E402
 from moegen.eval.launcher import amend  # noqa: E402
 from moegen.engine import Engine  # noqa: E402
 from moegen.eval.tasks import TASKS_DIR  # noqa: E402
+from tests.chat_templates import MISTRAL  # noqa: E402
 
 KV = "256MB"
-MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-           "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
 HISTORY = [{"role": "user", "content": "Question: 2+2?\nAnswer:"}, {"role": "assistant", "content": " 4"},
            {"role": "user", "content": "Question: 3+3?\nAnswer:"}]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_fixture, tmp_path_factory):
-    dst = shutil.copytree(tiny_fixture("mixtral"), tmp_path_factory.mktemp("lmeval") / "ckpt")
-    config = json.loads((dst / "tokenizer_config.json").read_text())
-    (dst / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": MISTRAL}))
-    return dst
+def ckpt(mistral_chat_fixture):
+    return mistral_chat_fixture
 
 
 pytestmark = pytest.mark.usefixtures("lm_eval_offline")

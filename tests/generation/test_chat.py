@@ -12,12 +12,9 @@ from moegen.engine import Engine, SamplingParams
 from moegen.engine.params import GenerationDefaults
 from moegen.errors import InputError, TokenizerError
 from moegen.tokenizer import SentencePieceTokenizer, load_tokenizer
+from tests.chat_templates import with_template
 
 KV = "256MB"
-# Mistral's template writes BOS itself (so the tokenizer must not add one more) and EOS after
-# each answer (special-token text that must become the token, not its spelling)
-MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-           "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 CONVERSATIONS = [
@@ -29,22 +26,10 @@ CONVERSATIONS = [
 ]
 
 
-def with_template(src, dst, template, as_file=False, drop=()):
-    """A copy of checkpoint `src` whose tokenizer carries `template` (tokenizer_config.json, or a
-    chat_template.jinja file), without the files in `drop`."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*drop))
-    if as_file:
-        (dst / "chat_template.jinja").write_text(template)
-    else:
-        config = json.loads((dst / "tokenizer_config.json").read_text())
-        (dst / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
-    return dst
-
-
 @pytest.fixture(scope="module")
-def sp_ckpt(tiny_fixture, tmp_path_factory):
+def sp_ckpt(mistral_chat_fixture):
     """Mixtral with its SentencePiece tokenizer and Mistral's template."""
-    return with_template(tiny_fixture("mixtral"), tmp_path_factory.mktemp("chat") / "mixtral", MISTRAL)
+    return mistral_chat_fixture
 
 
 @pytest.fixture(scope="module")

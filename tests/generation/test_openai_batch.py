@@ -1,6 +1,5 @@
 """OpenAI batch files (moegen.generation.openai_batch, `moegen generate --format openai-batch`)."""
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +11,6 @@ from moegen.generation import openai_batch
 from moegen.generation.openai_batch import CHAT, COMPLETIONS
 
 KV = "256MB"
-MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-           "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
 CHAT_MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
 
 
@@ -36,11 +33,8 @@ FAILED = {"url", "nobody", "penalty", "long", None}        # None: the line that
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_fixture, tmp_path_factory):
-    dst = shutil.copytree(tiny_fixture("mixtral"), tmp_path_factory.mktemp("batch") / "ckpt")
-    config = json.loads((dst / "tokenizer_config.json").read_text())
-    (dst / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": MISTRAL}))
-    return dst
+def ckpt(mistral_chat_fixture):
+    return mistral_chat_fixture
 
 
 @pytest.fixture(scope="module")
