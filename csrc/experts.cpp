@@ -566,25 +566,31 @@ struct Item {
   int64_t expert, row0, rows, nb0, nb1;
 };
 
-// Work items: each active expert's output column blocks in groups, largest experts first (so the
-// stragglers at the end are small). `step` column blocks (of 16) per micro-kernel call.
-std::vector<Item> make_items(const std::vector<int64_t>& counts, int64_t nblocks, int64_t step, int threads) {
-  std::vector<int64_t> order, starts(counts.size());
-  int64_t row = 0, total = 0;
+// One item per expert with rows (all its rows, no columns yet), largest first: the stragglers at
+// the end of a layer are then small.
+std::vector<Item> busy_experts(const std::vector<int64_t>& counts) {
+  std::vector<Item> experts;
+  int64_t row = 0;
   for (size_t e = 0; e < counts.size(); ++e) {
-    starts[e] = row;
+    if (counts[e]) experts.push_back({static_cast<int64_t>(e), row, counts[e], 0, 0});
     row += counts[e];
-    if (counts[e]) order.push_back(e), total += counts[e];
   }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
+  std::stable_sort(experts.begin(), experts.end(), [](const Item& a, const Item& b) { return a.rows > b.rows; });
+  return experts;
+}
+
+// Work items split by columns: each busy expert's output column blocks in groups, `step` column
+// blocks (of 16) per micro-kernel call.
+std::vector<Item> make_items(const std::vector<int64_t>& counts, int64_t nblocks, int64_t step, int threads) {
+  const std::vector<Item> experts = busy_experts(counts);
   // groups small enough that every thread gets several items, large enough to reuse A rows
   const int64_t want_items = std::max<int64_t>(1, 4 * threads);
-  int64_t group = std::max<int64_t>(step, nblocks * static_cast<int64_t>(order.size()) / want_items);
+  int64_t group = std::max<int64_t>(step, nblocks * static_cast<int64_t>(experts.size()) / want_items);
   group = std::min<int64_t>(std::max<int64_t>(step, (group / step) * step), 8 * step);
   std::vector<Item> items;
-  for (int64_t e : order)
+  for (const Item& x : experts)
     for (int64_t nb = 0; nb < nblocks; nb += group)
-      items.push_back({e, starts[e], counts[e], nb, std::min(nblocks, nb + group)});
+      items.push_back({x.expert, x.row0, x.rows, nb, std::min(nblocks, nb + group)});
   return items;
 }
 
@@ -713,15 +719,13 @@ std::vector<Item> expert_items(const std::vector<int64_t>& counts, const Layer& 
   const int64_t row_bytes = L.ip * static_cast<int64_t>(sizeof(bf16));
   const int64_t whole = kOwnHBytes / row_bytes, cap = std::max<int64_t>(kRowBlock, kOwnHSplitBytes / row_bytes);
   std::vector<Item> items;
-  int64_t row = 0;
-  for (size_t e = 0; e < counts.size(); ++e) {
-    const int64_t chunks = counts[e] <= whole ? (counts[e] > 0) : (counts[e] + cap - 1) / cap;
+  for (const Item& x : busy_experts(counts)) {
+    const int64_t chunks = x.rows <= whole ? 1 : (x.rows + cap - 1) / cap;
     for (int64_t c = 0, r = 0; c < chunks; ++c) {
-      const int64_t n = (counts[e] - r) / (chunks - c);  // even split of what is left
-      items.push_back({static_cast<int64_t>(e), row + r, n, 0, 0});
+      const int64_t n = (x.rows - r) / (chunks - c);  // even split of what is left
+      items.push_back({x.expert, x.row0 + r, n, 0, 0});
       r += n;
     }
-    row += counts[e];
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.rows > b.rows; });
   return items;
