@@ -5,11 +5,12 @@ same fresh inputs and routing, in turn, and their outputs must be identical. On 
 moves ±15% from run to run, only such interleaved ratios tell a kernel change from noise.
 
     PYTHONPATH=. python benchmarks/ab_experts_kernel.py 'base@/tmp/old=' 'new=' ['flag=-DFOO=1'] \\
-        [--shape mixtral|qwen3_moe] [--tokens 512,4096] [--calls 12] [--threads N]
+        [--shape mixtral|qwen3_moe] [--tokens 512,4096] [--calls 12] [--threads N] [--format fp8|int8|int4]
 
 A variant is NAME[@DIR]=FLAGS: DIR holds the csrc/ to build (default: this checkout's), FLAGS are
 extra compiler flags (e.g. a -D for an experiment's #if). Medians of `--calls` calls after one
-warm-up; AMX ISA; bf16 weights. Shapes as in bench_experts_kernel.py.
+warm-up; AMX ISA; bf16 weights, or quantized ones (`--format`: moegen's own fp8 blocks / GPTQ int
+groups of random weights, as `moegen quantize` stores them). Shapes as in bench_experts_kernel.py.
 """
 import argparse
 import statistics
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from moegen.layers import quantized
 from moegen.layers.moe import Dispatch
 from moegen.ops import experts as fused
 from moegen.ops.build import SOURCES, load_native
@@ -46,15 +48,24 @@ def main():
     ap.add_argument("--calls", type=int, default=12)
     ap.add_argument("--layers", type=int, default=4, help="distinct weight copies cycled (weights come from memory)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--allow-differ", action="store_true", help="experiments that change the output")
+    ap.add_argument("--format", choices=["bfloat16", "fp8", "int8", "int4"], default="bfloat16")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = dict(load_variant(i, v) for i, v in enumerate(args.variants))
     hidden, inter, experts, k = SHAPES[args.shape]
     g = torch.Generator().manual_seed(0)
-    layers = [fused.pack_layer([(torch.randn(2 * inter, hidden, generator=g) * 0.05).bfloat16() for _ in range(experts)],
-                               [(torch.randn(hidden, inter, generator=g) * 0.05).bfloat16() for _ in range(experts)],
-                               inter) for _ in range(args.layers)]
+
+    def weight(n, k):
+        w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+        if args.format == "bfloat16":
+            return w
+        q = quantized.quantize_fp8(w) if args.format == "fp8" else quantized.quantize_int(w, int(args.format[3:]))
+        return quantized.tile_codes(q)
+
+    layers = [fused.pack_layer([weight(2 * inter, hidden) for _ in range(experts)],
+                               [weight(hidden, inter) for _ in range(experts)], inter) for _ in range(args.layers)]
     for tokens in map(int, args.tokens.split(",")):
         times = {name: [] for name in variants}
         for call in range(args.calls + 1):
@@ -66,10 +77,10 @@ def main():
             for name, ops in variants.items():
                 t0 = time.perf_counter()
                 outs.append(ops.ops.moe_experts(x, d.token_idx, d.weights.float().contiguous(), d.counts, gate_up, down,
-                                                inter, k, ISA_CODES["amx"], FORMAT_CODES["bfloat16"]))
+                                                inter, k, ISA_CODES["amx"], FORMAT_CODES[args.format]))
                 if call:                                # the first call warms up
                     times[name].append(time.perf_counter() - t0)
-            assert all(torch.equal(o, outs[0]) for o in outs), "variants disagree"
+            assert args.allow_differ or all(torch.equal(o, outs[0]) for o in outs), "variants disagree"
         flops = 6.0 * tokens * k * hidden * inter
         rates = {name: flops / statistics.median(t) for name, t in times.items()}
         base = next(iter(rates.values()))

@@ -145,6 +145,7 @@ QUANTIZERS = {
     (256, 96, 8, 2, 700),                # ~175 rows an expert: tiles dequantized a step ahead
     (128, 64, 3, 2, 900),                # ~600 rows an expert (over one 256-row chunk): all up front
     (128, 64, 8, 2, 1),                  # one token
+    (128, 4096, 2, 1, 600),              # ~300 rows of a wide expert, more than one item: by columns
 ])
 def test_quantized_experts_match_the_path_over_their_dequantized_weights(monkeypatch, isa, fmt, hidden, inter,
                                                                         experts, k, tokens):
