@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
-from moegen.engine.llm_engine import DEQUANT_TEMPORARIES, device_reserve
+from moegen.engine.weight_setup import DEQUANT_TEMPORARIES, device_reserve
 from moegen.engine.weight_stream import group_weights, module_bytes
 from moegen.checkpoints.fixture import ARCHS, fixture_config
 from moegen.layers.quantized import is_quantized

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
+from moegen.engine.weight_setup import WeightSetup
 from moegen.engine.weight_stream import StagedBackend, WeightStreamer, group_weights, module_bytes, module_key
 from moegen.errors import CapacityError
 from moegen.checkpoints.fixture import fixture_config
@@ -78,11 +79,11 @@ def _staged(model, **kw):
 
 
 def test_weights_and_kv_must_fit_ram(monkeypatch, caplog):
-    import moegen.engine.llm_engine as llm_engine
+    import moegen.engine.weight_setup as weight_setup
     model = dummy_model(fixture_config("mixtral", "tiny"), "float32")
     held = sum(module_bytes(g) for k, g in group_weights(model.weights).items() if k != "model")
-    ram = held + llm_engine.HOST_RESERVE_BYTES + (4 << 20)        # room for 4 MiB of KV cache
-    monkeypatch.setattr(llm_engine, "host_memory_bytes", lambda: ram)
+    ram = held + weight_setup.HOST_RESERVE_BYTES + (4 << 20)        # room for 4 MiB of KV cache
+    monkeypatch.setattr(weight_setup, "host_memory_bytes", lambda: ram)
     with pytest.raises(CapacityError, match="host memory: the streamed weights"):
         _staged(model, kv_cache_bytes=8 << 20)
     with caplog.at_level(logging.WARNING, logger="moegen"):
@@ -159,7 +160,7 @@ def test_the_planner_probes_the_engines_own_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(measured, "probe", fake_probe)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr("moegen.engine.llm_engine.check_machine", lambda cfg: None)
-    monkeypatch.setattr(Engine, "_make_streamer", lambda self: WeightStreamer(self.model.weights))
+    monkeypatch.setattr(WeightSetup, "make_streamer", lambda self, layout: WeightStreamer(self.model.weights))
     engine = Engine(dummy_model(fixture_config("mixtral", "tiny"), "float32"), None,
                     EngineConfig(device="cuda:1", kv_cache_bytes=8 << 20))
     with pytest.raises(RuntimeError, match="probe stopped here"):
