@@ -32,6 +32,8 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -550,15 +552,15 @@ struct Layer {
   int64_t hidden, inter;          // H, I
   int64_t hp, ip;                 // padded to multiples of 32
   int64_t xs_ld, out_ld;          // row strides of the gathered inputs and weighted outputs (kLdPad)
-  Packed gate_up;                 // [E][2][ip/16][hp/32] tiles
-  Packed down;                    // [E][hp/16][ip/32] tiles
+  // per expert: gate_up [2][ip/16][hp/32] tiles, down [hp/16][ip/32] tiles (one layer's tensors
+  // cut by expert, or each expert's own: experts streamed from disk one by one)
+  std::vector<Packed> gate_up, down;
   int64_t fmt;
   int64_t isa;
 
-  int64_t gate_tile(int64_t e, int64_t half, int64_t nb) const {
-    return ((e * 2 + half) * (ip / kTileN) + nb) * (hp / kTileK);
-  }
-  int64_t down_tile(int64_t e, int64_t nb) const { return (e * (hp / kTileN) + nb) * (ip / kTileK); }
+  int64_t gate_tile(int64_t half, int64_t nb) const { return (half * (ip / kTileN) + nb) * (hp / kTileK); }
+  int64_t down_tile(int64_t nb) const { return nb * (ip / kTileK); }
+  int64_t expert_tiles() const { return ip * hp / kTileElems; }    // per matrix
 };
 
 
@@ -678,8 +680,8 @@ Slabs slabs(at::Tensor& buffer, int64_t rows, int64_t ip) {
 // the item's first row (row it.row0 of xs).
 void gate_up_item(const Layer& L, const Item& it, const bf16* xs, Slabs h) {
   const int64_t kblocks = L.hp / kTileK;
-  const Steps steps = item_steps(L, L.gate_up, it, 1, kblocks, L.gate_tile(it.expert, 0, it.nb0),
-                                 L.gate_tile(it.expert, 1, it.nb0));
+  const Steps steps = item_steps(L, L.gate_up[it.expert], it, 1, kblocks, L.gate_tile(0, it.nb0),
+                                 L.gate_tile(1, it.nb0));
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
     const int64_t row0 = it.row0 + r0;
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
@@ -691,8 +693,8 @@ void gate_up_item(const Layer& L, const Item& it, const bf16* xs, Slabs h) {
 
 // out[r, :H] = round(round(h W_down) * weight[r]) for the item's rows/columns; h as in gate_up_item.
 void down_item(const Layer& L, const Item& it, Slabs h, const float* weights, bf16* out) {
-  const int64_t kblocks = L.ip / kTileK, first = L.down_tile(it.expert, it.nb0);
-  const Steps steps = item_steps(L, L.down, it, 2, kblocks, first, first + kblocks);
+  const int64_t kblocks = L.ip / kTileK, first = L.down_tile(it.nb0);
+  const Steps steps = item_steps(L, L.down[it.expert], it, 2, kblocks, first, first + kblocks);
   for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
     const int64_t row0 = it.row0 + r0;
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
@@ -819,15 +821,17 @@ Packed packed(const std::vector<at::Tensor>& parts, int64_t fmt, int64_t tiles, 
   return p;
 }
 
-// x [T, H] bf16; token_idx [R] int64 (the token of each expert-ordered row); weights [R] fp32;
-// counts: rows per expert (sum R); gate_up / down: packed tiles in format `fmt` (see Packed).
-// Returns [T, H] bf16: per token, its k experts' outputs times their router weights, summed.
-at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& weights,
-                       std::vector<int64_t> counts, std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down,
-                       int64_t inter, int64_t top_k, int64_t isa, int64_t fmt) {
+// Expert e's part of a layer packed whole (`tiles` per matrix and expert).
+Packed expert_part(const Packed& layer, int64_t fmt, int64_t e, int64_t tiles) {
+  Packed p;
+  p.codes = layer.codes + e * tiles * code_bytes_per_tile(fmt);
+  if (layer.scales != nullptr) p.scales = layer.scales + e * tiles * kTileN;
+  if (layer.zeros != nullptr) p.zeros = layer.zeros + e * tiles * kTileN;
+  return p;
+}
+
+Layer make_layer(const at::Tensor& x, int64_t inter, int64_t isa, int64_t fmt) {
   check(x, "x", at::kBFloat16);
-  check(token_idx, "token_idx", at::kLong);
-  check(weights, "weights", at::kFloat);
   TORCH_CHECK_VALUE(fmt >= kBf16 && fmt <= kInt4, "moe_experts: unknown weight format ", fmt);
   TORCH_CHECK_VALUE(x.dim() == 2, "moe_experts: x must be [tokens, hidden]");
   TORCH_CHECK_VALUE(isa_available(isa), "moe_experts: ISA ", isa_name(isa), " is not available on this CPU/build");
@@ -840,10 +844,12 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   L.out_ld = L.hidden + kLdPad;
   L.isa = isa;
   L.fmt = fmt;
-  const int64_t experts = static_cast<int64_t>(counts.size());
-  const int64_t layer_tiles = experts * L.ip * L.hp / kTileElems;
-  L.gate_up = packed(gate_up, fmt, 2 * layer_tiles, "gate_up");
-  L.down = packed(down, fmt, layer_tiles, "down");
+  return L;
+}
+
+int64_t routed_rows(const at::Tensor& token_idx, const at::Tensor& weights, const std::vector<int64_t>& counts) {
+  check(token_idx, "token_idx", at::kLong);
+  check(weights, "weights", at::kFloat);
   int64_t rows = 0;
   for (int64_t c : counts) {
     TORCH_CHECK_VALUE(c >= 0, "moe_experts: negative expert count");
@@ -851,16 +857,18 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   }
   TORCH_CHECK_VALUE(token_idx.numel() == rows && weights.numel() == rows,
                     "moe_experts: token_idx and weights need one entry per routed row (", rows, ")");
+  return rows;
+}
 
-  const int64_t tokens = x.size(0);
-  TORCH_CHECK_VALUE(top_k >= 1 && rows == tokens * top_k, "moe_experts: ", rows, " routed rows for ", tokens,
-                    " tokens and top_k ", top_k);
-  at::Tensor combined = at::empty({tokens, L.hidden}, x.options());
-  if (rows == 0) return combined;
+// Every busy expert's rows of x (token_idx: the token of each expert-ordered row), SwiGLU, times
+// the row's router weight: into the returned rows (stride L.out_ld, a thread-kept workspace).
+bf16* expert_rows(const Layer& L, const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& weights,
+                  const std::vector<int64_t>& counts, int64_t rows) {
   // the rows grouped by expert, padded to hp columns and kPadRows more rows (zeros)
   bf16* xsp = workspace(tl_xs, (rows + kPadRows) * L.xs_ld);
   const bf16* xp = x.data_ptr<bf16>();
   const int64_t* tok = token_idx.data_ptr<int64_t>();
+  const int64_t tokens = x.size(0);
   at::parallel_for(0, rows + kPadRows, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       bf16* dst = xsp + r * L.xs_ld;
@@ -891,16 +899,110 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
   const std::vector<Item> whole = expert_items(counts, L);
   const bool dequant_per_split = L.fmt != kBf16 && whole.size() > busy_experts(counts).size();
   if (!dequant_per_split && static_cast<int64_t>(whole.size()) >= 2 * threads) {
-    run_items(whole, isa, [&](const Item& it) { expert_item(L, it, xsp, wp, op); });
+    run_items(whole, L.isa, [&](const Item& it) { expert_item(L, it, xsp, wp, op); });
   } else {
     const Slabs h = slabs(tl_h, rows, L.ip);
-    run_items(make_items(counts, L.ip / kTileN, 1, threads), isa,
+    run_items(make_items(counts, L.ip / kTileN, 1, threads), L.isa,
               [&](const Item& it) { gate_up_item(L, it, xsp, h.from(it.row0)); });
-    run_items(make_items(counts, L.hp / kTileN, 2, threads), isa,
+    run_items(make_items(counts, L.hp / kTileN, 2, threads), L.isa,
               [&](const Item& it) { down_item(L, it, h.from(it.row0), wp, op); });
   }
-  combine(op, L.out_ld, tok, tokens, top_k, L.hidden, combined.data_ptr<bf16>());
+  return op;
+}
+
+// x [T, H] bf16; token_idx [R] int64 (the token of each expert-ordered row); weights [R] fp32;
+// counts: rows per expert (sum R); gate_up / down: the layer's packed tiles in format `fmt` (see
+// Packed), every expert's. Returns [T, H] bf16: per token, its k experts' outputs times their
+// router weights, summed.
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& weights,
+                       std::vector<int64_t> counts, std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down,
+                       int64_t inter, int64_t top_k, int64_t isa, int64_t fmt) {
+  Layer L = make_layer(x, inter, isa, fmt);
+  const int64_t experts = static_cast<int64_t>(counts.size()), tiles = L.expert_tiles();
+  const Packed gu = packed(gate_up, fmt, 2 * experts * tiles, "gate_up"), dn = packed(down, fmt, experts * tiles, "down");
+  for (int64_t e = 0; e < experts; ++e) {
+    L.gate_up.push_back(expert_part(gu, fmt, e, 2 * tiles));
+    L.down.push_back(expert_part(dn, fmt, e, tiles));
+  }
+  const int64_t rows = routed_rows(token_idx, weights, counts), tokens = x.size(0);
+  TORCH_CHECK_VALUE(top_k >= 1 && rows == tokens * top_k, "moe_experts: ", rows, " routed rows for ", tokens,
+                    " tokens and top_k ", top_k);
+  at::Tensor combined = at::empty({tokens, L.hidden}, x.options());
+  if (rows == 0) return combined;
+  const bf16* op = expert_rows(L, x, token_idx, weights, counts, rows);
+  combine(op, L.out_ld, token_idx.data_ptr<int64_t>(), tokens, top_k, L.hidden, combined.data_ptr<bf16>());
   return combined;
+}
+
+// The rows of some experts, each expert's bf16 tiles its own tensors (experts streamed one by one):
+// gate_up[e] [2][ip/16][hp/32][512], down[e] [hp/16][ip/32][512], given for every expert with rows
+// (counts[e] > 0), those rows contiguous in token_idx / weights in expert order. Writes each row's
+// weighted expert output into out [R, H] (bf16), rounded as moe_experts rounds them before its
+// combine: summing `out` per token in ascending expert order gives moe_experts' result.
+void moe_expert_rows(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& weights,
+                     std::vector<int64_t> counts, c10::List<std::optional<at::Tensor>> gate_up,
+                     c10::List<std::optional<at::Tensor>> down, int64_t inter, int64_t isa, at::Tensor out) {
+  Layer L = make_layer(x, inter, isa, kBf16);
+  const int64_t experts = static_cast<int64_t>(counts.size()), tiles = L.expert_tiles();
+  TORCH_CHECK_VALUE(static_cast<int64_t>(gate_up.size()) == experts && static_cast<int64_t>(down.size()) == experts,
+                    "moe_expert_rows: one gate_up and one down per expert");
+  L.gate_up.resize(experts);
+  L.down.resize(experts);
+  for (int64_t e = 0; e < experts; ++e) {
+    if (counts[e] == 0) continue;
+    const std::optional<at::Tensor> gu = gate_up.get(e), dn = down.get(e);
+    TORCH_CHECK_VALUE(gu.has_value() && dn.has_value(), "moe_expert_rows: expert ", e, " has rows but no weights");
+    L.gate_up[e] = packed({*gu}, kBf16, 2 * tiles, "gate_up");
+    L.down[e] = packed({*dn}, kBf16, tiles, "down");
+  }
+  const int64_t rows = routed_rows(token_idx, weights, counts);
+  check(out, "out", at::kBFloat16);
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == rows && out.size(1) == L.hidden,
+                    "moe_expert_rows: out must be [", rows, ", ", L.hidden, "]");
+  if (rows == 0) return;
+  const bf16* op = expert_rows(L, x, token_idx, weights, counts, rows);
+  bf16* dst = out.data_ptr<bf16>();
+  at::parallel_for(0, rows, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) std::memcpy(dst + r * L.hidden, op + r * L.out_ld, L.hidden * sizeof(bf16));
+  });
+}
+
+// A bf16 weight [N, K] (rows `ld` elements apart) in the kernel's tiles (see the layout at the top):
+// into `out`, [ceil(N/32)*2][ceil(K/32)][512] bf16, padding zeroed. Single-threaded: the disk
+// tier's reader packs each streamed expert beside the compute.
+void pack_tiles_into(const at::Tensor& w, at::Tensor out) {
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.stride(1) == 1,
+                    "pack_tiles_into: w must be a bf16 [N, K] with contiguous rows");
+  check(out, "out", at::kBFloat16);
+  const int64_t n = w.size(0), k = w.size(1), ld = w.stride(0);
+  const int64_t np = (n + 31) / 32 * 32, kp = (k + 31) / 32 * 32;
+  TORCH_CHECK_VALUE(out.numel() == np * kp, "pack_tiles_into: out needs ", np * kp, " elements");
+  const bf16* src = w.data_ptr<bf16>();
+  bf16* dst = out.data_ptr<bf16>();
+  const bf16 zero(0.0f);
+  for (int64_t nb = 0; nb < np / kTileN; ++nb) {
+    for (int64_t kb = 0; kb < kp / kTileK; ++kb, dst += kTileElems) {
+      const int64_t n0 = nb * kTileN, k0 = kb * kTileK;
+      if (n0 + kTileN <= n && k0 + kTileK <= k) {  // whole tile: 4-byte pairs transposed
+        uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+        for (int64_t c = 0; c < kTileN; ++c) {
+          const bf16* row = src + (n0 + c) * ld + k0;
+          for (int64_t p = 0; p < kTileK / 2; ++p) {
+            uint32_t pair;
+            std::memcpy(&pair, row + 2 * p, sizeof(pair));
+            d[p * kTileN + c] = pair;
+          }
+        }
+        continue;
+      }
+      for (int64_t p = 0; p < kTileK / 2; ++p)
+        for (int64_t c = 0; c < kTileN; ++c)
+          for (int64_t j = 0; j < 2; ++j) {
+            const int64_t row = n0 + c, col = k0 + 2 * p + j;
+            dst[p * 2 * kTileN + 2 * c + j] = row < n && col < k ? src[row * ld + col] : zero;
+          }
+    }
+  }
 }
 
 // A packed weight's tiles as bf16 (the kernel's own dequantization, for tests): [tiles, 512].
@@ -933,6 +1035,10 @@ MOEGEN_EXPERTS_FRAGMENT(MOEGEN_OPS_NS, m) {
   m.def("moe_experts(Tensor x, Tensor token_idx, Tensor weights, int[] counts, Tensor[] gate_up, Tensor[] down, "
         "int inter, int top_k, int isa, int fmt) -> Tensor",
         &moegen_experts::moe_experts);
+  m.def("moe_expert_rows(Tensor x, Tensor token_idx, Tensor weights, int[] counts, Tensor?[] gate_up, "
+        "Tensor?[] down, int inter, int isa, Tensor(a!) out) -> ()",
+        &moegen_experts::moe_expert_rows);
+  m.def("pack_tiles_into(Tensor w, Tensor(a!) out) -> ()", &moegen_experts::pack_tiles_into);
   m.def("experts_isas() -> str[]", &moegen_experts::experts_isas);
   m.def("dequant_tiles(Tensor[] parts, int fmt) -> Tensor", &moegen_experts::dequant_tiles);
   m.def("empty_packed(int[] shape, ScalarType dtype) -> Tensor", &moegen_experts::empty_packed);

@@ -27,6 +27,7 @@ STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.floa
 FUSED_EXPERTS = re.compile(r".*\.experts\.[a-z_]+$")
 EXPERT_INDEX = re.compile(r".*\.experts\.(\d+)\.")
 MAX_HEADER_BYTES = 100 << 20          # safetensors' own limit
+DIRECT_ALIGN = 4096                   # O_DIRECT reads: file offset, length and memory aligned to this
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,33 @@ def read_headers(files: dict[str, Path]) -> dict[str, Entry]:
     return {name: headers[f][name] for name, f in files.items() if name in headers[f]}
 
 
+class DirectScratch:
+    """A reader thread's memory for O_DIRECT reads: DIRECT_ALIGN-aligned pieces handed out one
+    after another until `reset` (grown, never shrunk)."""
+
+    def __init__(self):
+        self.buffer, self.used = torch.empty(0, dtype=torch.uint8), 0
+
+    def reset(self, need: int) -> None:
+        """Room for `need` bytes of pieces from now on (count DIRECT_ALIGN more for each piece)."""
+        if self.buffer.numel() < need:
+            self.buffer = torch.empty(need, dtype=torch.uint8)
+        self.used = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        start = self.used + -(self.buffer.data_ptr() + self.used) % DIRECT_ALIGN
+        if start + nbytes > self.buffer.numel():
+            raise RuntimeError(f"DirectScratch: {nbytes} bytes do not fit (reset with more)")
+        self.used = start + nbytes
+        return self.buffer[start:start + nbytes]
+
+
 class FileReads:
     """pread into tensors; one descriptor per file, opened once (also by several threads)."""
 
     def __init__(self):
         self.fds: dict[Path, int] = {}
+        self.direct_fds: dict[Path, int | None] = {}
         self.lock = threading.Lock()
         self.bytes_read = 0
 
@@ -106,6 +129,40 @@ class FileReads:
         with self.lock:
             self.bytes_read += entry.nbytes
 
+    def read_direct(self, entry: Entry, scratch: "DirectScratch") -> torch.Tensor:
+        """entry's bytes (a uint8 view into `scratch`), read with O_DIRECT: the disk's DMA straight
+        into memory, no page-cache copy for the CPU to make or to drop. Where the file system
+        refuses O_DIRECT (tmpfs), a plain `read_into` instead."""
+        start = entry.offset - entry.offset % DIRECT_ALIGN
+        span = -(-(entry.offset + entry.nbytes - start) // DIRECT_ALIGN) * DIRECT_ALIGN
+        fd = self._direct_fd(entry.path)
+        if fd is None:
+            out = scratch.take(entry.nbytes)
+            self.read_into(entry, out)
+            return out
+        buf = scratch.take(span)
+        view, done, want = memoryview(buf.numpy()), 0, entry.offset + entry.nbytes - start
+        while done < want:
+            n = os.preadv(fd, [view[done:]], start + done)
+            if n <= 0:
+                raise CheckpointError(f"{entry.path}: cannot read bytes {start + done}..{entry.offset + entry.nbytes}"
+                                      f" (file size {os.fstat(fd).st_size}): the file was truncated or replaced "
+                                      "while moegen was reading it")
+            done += n
+        with self.lock:
+            self.bytes_read += entry.nbytes
+        return buf[entry.offset - start:entry.offset - start + entry.nbytes]
+
+    def _direct_fd(self, path: Path) -> int | None:
+        with self.lock:
+            if path not in self.direct_fds:
+                try:
+                    self.direct_fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) \
+                        if hasattr(os, "O_DIRECT") else None
+                except OSError:             # EINVAL: this file system has no O_DIRECT
+                    self.direct_fds[path] = None
+            return self.direct_fds[path]
+
     def tensor(self, entry: Entry) -> torch.Tensor:
         out = torch.empty(entry.shape, dtype=entry.torch_dtype)
         self.read_into(entry, out)
@@ -113,9 +170,11 @@ class FileReads:
 
     def close(self) -> None:
         with self.lock:
-            for fd in self.fds.values():
-                os.close(fd)
+            for fd in [*self.fds.values(), *self.direct_fds.values()]:
+                if fd is not None:
+                    os.close(fd)
             self.fds.clear()
+            self.direct_fds.clear()
 
 
 class HeaderReader:

@@ -12,6 +12,11 @@ as stored) are made by the loader's own producers over bytes read the same way a
 in, so every weight is exactly what an in-memory load holds. bf16 GEMM weights are then re-laid
 out for oneDNN on the reader thread (as prepack does for resident ones at load), bit-identical.
 
+Experts of `tiled` MoE layers (bf16 SiLU experts where the fused experts kernel runs: see
+`tile_experts`) are read with O_DIRECT -- the disk's DMA straight into the reader's scratch, no
+page cache to copy from or to drop -- and packed from there into their pool views in the kernel's
+tiles; the layer then runs its experts in groups through the kernel (moegen.layers.moe).
+
 `host_layout` divides the host budget (EngineConfig.host_memory_bytes) between a runtime reserve,
 activations, the KV cache, the pool and resident weights, and says whether the disk tier is on.
 """
@@ -27,9 +32,10 @@ import torch
 from moegen.errors import CapacityError
 from moegen.layers.linear import pack_weight
 from moegen.layers.quantized import tensors_of
+from moegen.ops.experts import pack_tiles_into
 from moegen.planner.memory import format_bytes
 from moegen.planner.policy import DISK_KV_SHARE, HOST_KV_SHARE, choose_resident
-from moegen.safetensors_files import FileReads, HeaderReader
+from moegen.safetensors_files import DIRECT_ALIGN, DirectScratch, FileReads, HeaderReader
 
 READERS = 2           # reader threads: one reading while the other packs what it read
 
@@ -46,11 +52,14 @@ class DiskBackend:
     streams = True
     device = torch.device("cpu")
 
-    def __init__(self, checkpoint, pack: bool = False):
+    def __init__(self, checkpoint, pack: bool = False, tiles: dict | None = None):
         self.checkpoint = checkpoint
+        # streamed experts the reader packs into the fused kernel's tiles: name -> (its layer, part)
+        self.tiles = tiles or {}
         # bf16 GEMM weights re-laid out for oneDNN by the reader, beside the compute (a plain one
         # would be re-laid out at every GEMM, in the compute's time): bit-identical results
-        self.packed = checkpoint.gemm_only if pack else set()
+        self.packed = (checkpoint.gemm_only if pack else set()) - set(self.tiles)
+        self.scratch = threading.local()     # each reader's DirectScratch
         self.reads = FileReads()
         self.reader = HeaderReader(checkpoint.entries, self.reads)
         self.producers = checkpoint.producers(self.reader)
@@ -92,7 +101,9 @@ class DiskBackend:
         for name, view in views.items():
             if name not in self.extents:
                 self.extents[name] = self.checkpoint.extents(name)
-            if self.extents[name] is None:
+            if name in self.tiles:
+                self._read_tiles(name, view)
+            elif self.extents[name] is None:
                 with self.produce_lock:
                     self.reader.for_weight(name)
                     made = self.checkpoint.produce(name, self.producers[name])
@@ -105,6 +116,48 @@ class DiskBackend:
                     at += extent.nbytes
             if name in self.packed and isinstance(view, torch.Tensor) and view.dim() == 2:
                 views[name] = pack_weight(view)
+
+    def _read_tiles(self, name: str, view: torch.Tensor) -> None:
+        """An expert's weight read with O_DIRECT into this reader's scratch, then packed into its
+        tiles in `view`; gate and up stored apart are packed from where they were read."""
+        moe, part = self.tiles[name]
+        extents = self.extents[name]
+        if extents is None:
+            with self.produce_lock:
+                self.reader.for_weight(name)
+                made = self.checkpoint.produce(name, self.producers[name])
+            moe.tile_expert(part, made, out=view)
+            return
+        scratch = getattr(self.scratch, "value", None) or DirectScratch()
+        self.scratch.value = scratch
+        scratch.reset(sum(e.nbytes + 3 * DIRECT_ALIGN for e in extents))
+        pieces = [self.reads.read_direct(e, scratch).view(torch.bfloat16) for e in extents]
+        rows, cols = self.checkpoint.skeletons[name].shape
+        if part == "gate_up" and len(pieces) == 2 and all(p.numel() == rows // 2 * cols for p in pieces):
+            for half, piece in enumerate(pieces):
+                pack_tiles_into(piece.view(rows // 2, cols), view[half])
+            return
+        plain = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        moe.tile_expert(part, plain.view(rows, cols), out=view)
+
+
+def tile_experts(layers, weights: dict, resident: frozenset) -> dict:
+    """Each expert of `layers` (tileable MoE layers, see SparseMoE.can_tile) in the fused kernel's
+    tiles: resident experts packed now (each plain copy dropped as its tiles exist), streamed ones
+    replaced by meta templates of their tiles for the pool to carve. Returns the streamed names ->
+    (layer, part), for the DiskBackend to read and pack."""
+    from moegen.engine.weight_stream import module_key
+    streamed = {}
+    for moe in layers:
+        for name in moe.expert_weight_names():
+            part = name.rsplit(".", 1)[1]
+            if module_key(name) in resident:
+                weights[name] = moe.tile_expert(part, weights[name])
+            else:
+                weights[name] = torch.empty(moe.tile_shapes()[part], dtype=torch.bfloat16, device="meta")
+                streamed[name] = (moe, part)
+        moe.tiled = True
+    return streamed
 
 
 # ---- the host budget ----------------------------------------------------------------------------

@@ -134,7 +134,9 @@ class Runner:
             self.streamer.cancel(sorted(early.difference(keys)))
             keys = [k for k in keys if k not in early]
         self.streamer.plan(keys + next_modules)
-        routed = moe.run_experts(w, h, dispatch, weights_for=self.streamer.module, chunk=self.expert_chunk)
+        # tiled experts (disk tier) run in groups of half the pool: the next group's reads fill the other half
+        group = max(1, self.streamer.num_buffers // 2)
+        routed = moe.run_experts(w, h, dispatch, weights_for=self.streamer.module, chunk=self.expert_chunk, group=group)
         return moe.combine_shared(w, h, routed)
 
 

@@ -8,7 +8,7 @@ import time
 import torch
 
 from moegen.engine.config import EngineConfig
-from moegen.engine.disk_tier import DiskBackend, HostLayout, host_layout, is_skeleton
+from moegen.engine.disk_tier import DiskBackend, HostLayout, host_layout, is_skeleton, tile_experts
 from moegen.engine.memory import host_memory_bytes
 from moegen.engine.weight_stream import (CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights,
                                          module_bytes)
@@ -80,16 +80,22 @@ class WeightSetup:
         if layout is not None and layout.disk:
             groups = group_weights(weights)
             todo = [n for k in layout.resident for n, w in groups[k].items() if is_skeleton(w)]
+            tiled = self.tiled_layers(weights)
             # plain GEMM weights packed straight from the mapped files (each one's pages handed back
             # as it is packed: a copy first would hold the resident weights twice); the rest copied
             # in, so resident weights never depend on the files again. Streamed ones the reader packs.
             packed = {n for n in self.model.linear_weight_names()
                       if self.packs() and isinstance(weights[n], torch.Tensor)} & set(todo)
+            packed -= {n for moe in tiled for n in moe.expert_weight_names()}
             checkpoint.load(sorted(packed))
             if packed:
                 self.prepack_weights(weights)
             checkpoint.load([n for n in todo if n not in packed], own=True)
-            return WeightStreamer(weights, DiskBackend(checkpoint, pack=self.packs()),
+            tiles = tile_experts(tiled, weights, layout.resident)
+            if tiled:
+                log.info("the experts of %d MoE layers run in the fused kernel, %d streamed expert weights packed "
+                         "as they are read", len(tiled), len(tiles))
+            return WeightStreamer(weights, DiskBackend(checkpoint, pack=self.packs(), tiles=tiles),
                                   resident=set(layout.resident), num_buffers=cfg.num_buffers)
         if checkpoint is not None:            # opened lazily (from_pretrained): read what is not yet
             checkpoint.load([n for n, w in weights.items() if is_skeleton(w)])
@@ -161,6 +167,22 @@ class WeightSetup:
 
     def fused_layers(self):
         return [moe for moe in self.moe_layers() if moe.fused_names()[0] in self.model.weights]
+
+    def tiled_layers(self, weights) -> list:
+        """With the disk tier, the MoE layers whose experts run in the fused kernel expert by expert
+        (streamed ones packed as they are read): where the kernel would run in memory (see
+        fuse_experts) and the experts are plain bf16 (quantized ones keep the per-expert path)."""
+        from moegen.ops.experts import auto_isa, chosen_isa
+        wanted = self.config.experts_kernel
+        if wanted == "torch":
+            return []
+        isa = chosen_isa() if wanted == "fused" else auto_isa()
+        layers = [moe for moe in self.moe_layers() if moe.can_tile(weights, self.model.dtype)]
+        if wanted == "fused" and (isa is None or len(layers) < len(self.moe_layers())):
+            raise InputError("experts_kernel=fused with the disk tier: " + (
+                "the native kernels are unavailable" if isa is None else
+                f"streamed experts run in it as bf16 SiLU experts of a bfloat16 model, not these ({self.model.dtype})"))
+        return layers if isa is not None else []
 
     def fuse_experts(self, weights) -> None:
         """Routed experts packed for the fused kernel (moegen.ops.experts), where it runs."""

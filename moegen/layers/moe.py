@@ -6,11 +6,13 @@ experts that received no token are skipped. Expert weights live under
 on-disk layout (the loader maps per-expert and fused checkpoints onto these names) -- or, once
 `pack_fused` has run (bf16 on the CPU), as one tile-packed pair per layer,
 `{prefix}.fused_experts.gate_up` / `.down` (and, for quantized experts, their `.scales` and
-`.zeros`), which moegen.ops.experts runs in one native call.
+`.zeros`), which moegen.ops.experts runs in one native call. With the disk tier, where a layer's
+experts stream from disk one by one, each expert's bf16 pair is packed on its own instead
+(`tile_expert`; the layer is `tiled`) and the experts run in groups through the same kernel.
 
 Shapes: T tokens, H hidden, I expert intermediate, E experts, k experts per token, R = T*k rows.
 """
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,7 @@ class SparseMoE:
     shared: DenseMLP | None = None
     shared_gate: bool = False   # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
     act: str = "silu"
+    tiled: bool = False         # each expert's weights in the kernel's tiles (`tile_expert`)
 
     def expert_key(self, e: int) -> str:
         return f"{self.prefix}.experts.{e}"
@@ -130,18 +133,45 @@ class SparseMoE:
                 if release is not None:
                     release(t)
 
+    def can_tile(self, weights: dict, dtype: torch.dtype) -> bool:
+        """Whether this layer's experts can run in the kernel expert by expert (`tile_expert`):
+        SiLU experts whose weights are plain bf16 tensors (or not yet read: meta) in a bf16 model."""
+        def plain(t) -> bool:
+            return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type in ("cpu", "meta") \
+                and not t.is_mkldnn and t.dim() == 2
+        return self.act == "silu" and dtype == torch.bfloat16 and all(
+            plain(weights.get(n)) for n in self.expert_weight_names())
+
+    def tile_shapes(self) -> dict[str, tuple]:
+        """An expert's weights in tiles, by part: gate_up [2, tiles(I, H)] (gate, up), down tiles(H, I)."""
+        return {"gate_up": (2, *fused.tiles_shape(self.intermediate, self.hidden)),
+                "down": fused.tiles_shape(self.hidden, self.intermediate)}
+
+    def tile_expert(self, part: str, plain: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One expert's stored weight (`part` gate_up [2I, H] or down [H, I]) packed into its tiles
+        (`tile_shapes`; into `out` if given)."""
+        out = torch.empty(self.tile_shapes()[part], dtype=torch.bfloat16) if out is None else out
+        if part == "down":
+            return fused.pack_tiles_into(plain, out)
+        fused.pack_tiles_into(plain[:self.intermediate], out[0])
+        fused.pack_tiles_into(plain[self.intermediate:], out[1])
+        return out
+
     def packed(self, w, name: str) -> list:
         return [w[name + suffix] for suffix in PACKED_PARTS if name + suffix in w]
 
-    def run_experts(self, w, x, d: Dispatch, weights_for=None, chunk: int = 0):
+    def run_experts(self, w, x, d: Dispatch, weights_for=None, chunk: int = 0, group: int = 0):
         """Each expert with tokens: one gated FFN over all its tokens (in chunks of `chunk` rows
         if set, to bound memory); results weighted and summed per token. `weights_for(key)` is
         a context manager yielding the expert's weights (the engine streams them); by default
-        they come from `w`. Packed layers run every expert in one native call instead."""
+        they come from `w`. Packed layers run every expert in one native call instead; tiled ones
+        `group` experts (default all) a call."""
         gate_up_name, down_name = self.fused_names()
         if gate_up_name in w:
             return fused.moe_experts(x, d.token_idx, d.weights, d.counts, self.packed(w, gate_up_name),
                                      self.packed(w, down_name), self.intermediate, d.top_k)
+        if self.tiled:
+            return d.combine(self._run_tiled(w, x, d, weights_for, group))
         xs = x.index_select(0, d.token_idx)       # one gather: rows grouped by expert
         # expert output * router weight, computed in their common dtype and rounded to x's once
         # (the reference's `(expert(x) * w).to(dtype)`), written straight into place
@@ -158,6 +188,29 @@ class SparseMoE:
                     torch.mul(gated_ffn(xs[lo:hi], gate_up, down, act), d.weights[lo:hi, None], out=weighted[lo:hi])
             start += n
         return d.combine(weighted)
+
+    def _run_tiled(self, w, x, d: Dispatch, weights_for, group: int) -> torch.Tensor:
+        """Every row's weighted expert output ([R, H], as the per-expert path's `weighted`): the
+        busy experts in groups of `group`, in expert order, each group's weights held together
+        (streamed: the next group's reads go on meanwhile) for one `fused.expert_rows` call."""
+        weighted = torch.empty(len(d.token_idx), self.hidden, dtype=x.dtype)
+        busy = [e for e, n in enumerate(d.counts) if n]
+        starts = [0]
+        for n in d.counts:
+            starts.append(starts[-1] + n)
+        step = group or len(busy) or 1
+        for i in range(0, len(busy), step):
+            experts = busy[i:i + step]
+            first, last = experts[0], experts[-1] + 1
+            lo, hi = starts[first], starts[last]
+            with ExitStack() as held:
+                ws = {e: held.enter_context(weights_for(self.expert_key(e)) if weights_for else nullcontext(w))
+                      for e in experts}
+                parts = [(ws[e][f"{self.expert_key(e)}.gate_up"], ws[e][f"{self.expert_key(e)}.down"])
+                         if e in ws else (None, None) for e in range(first, last)]
+                fused.expert_rows(x, d.token_idx[lo:hi], d.weights[lo:hi], d.counts[first:last],
+                                  [p[0] for p in parts], [p[1] for p in parts], self.intermediate, weighted[lo:hi])
+        return weighted
 
     def combine_shared(self, w, x, routed):
         if self.shared is None:

@@ -87,6 +87,13 @@ def pack_tiles(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(nb, TILE_N, kb, pairs, 2).permute(0, 2, 3, 1, 4).contiguous()
 
 
+def pack_tiles_into(weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`pack_tiles(weight)` written into `out` (bf16, `tiles_shape` elements) by the native packer:
+    no temporaries, one thread (the disk tier's reader packs each streamed expert as it is read)."""
+    native_ops().ops.pack_tiles_into(weight, out)
+    return out
+
+
 def _empty(shape, dtype=torch.bfloat16) -> torch.Tensor:
     """Room for packed weights: huge pages where the OS allows (the kernel streams them through the
     TLB), plain memory without native ops."""
@@ -193,3 +200,19 @@ def moe_experts(x: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor,
     fmt = packed_format(gate_up, len(counts), x.shape[-1], intermediate)
     return ops.ops.moe_experts(x.contiguous(), token_idx, weights.float().contiguous(), counts, gate_up, down,
                                intermediate, top_k, isa, FORMAT_CODES[fmt])
+
+
+def expert_rows(x: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor, counts: list[int],
+                gate_ups: list, downs: list, intermediate: int, out: torch.Tensor) -> torch.Tensor:
+    """Some experts' weighted outputs, row by row, into out [R, H]: the rows of `token_idx` /
+    `weights` (R, in expert order, `counts` per expert), each expert's bf16 tiles its own tensors
+    (gate_ups[e] [2, ...tiles_shape(I, H)], downs[e] `tiles_shape(H, I)`; None for an expert
+    without rows). Per row exactly what `moe_experts` computes before its sum over a token's
+    experts (moegen.layers.moe.Dispatch.combine sums them the same way): the disk tier runs the
+    experts it streams in groups through this."""
+    ops = native_ops()
+    if ops is None:
+        raise ConfigError("the fused experts kernel needs moegen's native ops (see `moegen build-ops`)")
+    ops.ops.moe_expert_rows(x.contiguous(), token_idx, weights.float().contiguous(), counts, gate_ups, downs,
+                            intermediate, ISA_CODES[chosen_isa()], out)
+    return out

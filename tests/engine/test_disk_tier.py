@@ -16,6 +16,7 @@ from moegen.checkpoints.fixture import build_fixture
 from moegen.checkpoints.quantize import quantize_checkpoint
 from moegen.layers.linear import packing_supported
 from moegen.loader import load_model
+from moegen.ops.build import native_ops
 from moegen.planner.policy import disk_pool_bytes
 
 PROMPTS = [[1, 22, 33, 44], [1, 9], [1, 4, 5, 6, 7, 8]]
@@ -44,7 +45,8 @@ def in_memory_tokens(path, dtype="float32"):
 
 
 def disk_engine(path, dtype="float32", resident_share=0.1, **options):
-    engine = Engine.from_pretrained(path, dtype=dtype, host_memory=disk_budget(path, dtype, resident_share),
+    sized = {k: v for k, v in options.items() if k != "experts_kernel"}    # what the budget depends on
+    engine = Engine.from_pretrained(path, dtype=dtype, host_memory=disk_budget(path, dtype, resident_share, **sized),
                                     **{**SMALL, **options})
     assert engine.layout.disk and engine.layout.streamed_bytes > 0
     return engine
@@ -86,6 +88,23 @@ def test_quantized_weights_stream_as_stored(fmt, tiny_fixture, tmp_path):
 
 def test_a_cast_from_the_stored_dtype_gives_the_in_memory_tokens(tiny_fixture):
     check_same_tokens(tiny_fixture("mixtral"), dtype="bfloat16")     # float32 files, bfloat16 model
+
+
+@pytest.mark.skipif(native_ops() is None, reason="the fused experts kernel needs moegen's native ops")
+@pytest.mark.parametrize("arch,resident_share", [("mixtral", 0.1), ("qwen3_moe", 0.0)])
+def test_bf16_streamed_experts_run_in_the_fused_kernel_with_the_in_memory_tokens(arch, resident_share, tmp_path):
+    """bf16 experts streamed from disk are read with O_DIRECT, packed into the kernel's tiles and run
+    in groups of half the pool: bit for bit the in-memory fused kernel's results, so its tokens."""
+    path = build_fixture(arch, "tiny", seed=0, out=tmp_path / "ckpt", dtype="bfloat16")
+    engine = disk_engine(path, "bfloat16", resident_share, experts_kernel="fused")
+    layers = [layer.ffn for layer in engine.model.layers if layer.is_moe]
+    assert layers and all(moe.tiled for moe in layers)
+    tokens = [o.token_ids for o in engine.generate(PROMPTS, PARAMS)]
+    assert engine.streamer.disk_bytes_read > 0
+    reference = Engine(load_model(path, "bfloat16"), None, EngineConfig(kv_cache_bytes=KV, experts_kernel="fused"))
+    assert all(moe.fused_names()[0] in reference.model.weights for moe in
+               (layer.ffn for layer in reference.model.layers if layer.is_moe))
+    assert tokens == [o.token_ids for o in reference.generate(PROMPTS, PARAMS)]
 
 
 def test_only_routed_experts_are_read(tiny_fixture):

@@ -112,6 +112,47 @@ def test_split_by_experts_and_by_columns_agree(monkeypatch, isa, hidden, inter, 
 
 
 @needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group", [0, 1, 3])
+@pytest.mark.parametrize("hidden,inter,experts,k,tokens,only", [
+    (64, 32, 8, 2, 40, [1, 6, 7]),      # idle experts between busy ones
+    (70, 40, 6, 2, 300, None),          # shapes off the tile
+])
+def test_tiled_experts_in_groups_equal_the_layer_packed_kernel(monkeypatch, isa, group, hidden, inter, experts, k,
+                                                               tokens, only):
+    """Each expert packed on its own (the disk tier) and run `group` busy experts a call, rows then
+    summed by Dispatch.combine: bit for bit the kernel over the layer packed whole, incl. the packer."""
+    monkeypatch.setenv("MOEGEN_EXPERTS_ISA", isa)
+    gate_ups, downs = random_layer(hidden, inter, experts)
+    d = routing(tokens, experts, k, only=only)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).bfloat16()
+    whole = fused.moe_experts(x, d.token_idx, d.weights, d.counts, *fused.pack_layer(gate_ups, downs, inter), inter, k)
+    moe = per_expert_layer(gate_ups, downs)
+    weights = {name: moe.tile_expert(name.rsplit(".", 1)[1], t) for name, t in expert_weights(gate_ups, downs).items()}
+    assert torch.equal(weights[f"{moe.expert_key(0)}.down"], fused.pack_tiles(downs[0]))
+    moe.tiled = True
+    held = []
+
+    class Held:                         # weights_for: counts the experts held at once
+        def __init__(self, key):
+            self.key = key
+
+        def __enter__(self):
+            held.append(self.key)
+            return weights
+
+        def __exit__(self, *exc):
+            held.remove(self.key)
+
+    peak = []
+    real = fused.expert_rows
+    monkeypatch.setattr(fused, "expert_rows", lambda *a: (peak.append(len(held)), real(*a))[1])
+    assert torch.equal(moe.run_experts(weights, x, d, weights_for=Held, group=group), whole)
+    busy = sum(1 for n in d.counts if n)
+    assert max(peak) == min(group or busy, busy)
+
+
+@needs_native
 def test_isas_agree_with_each_other(monkeypatch):
     """Every ISA reads the same packed tiles; on small integers all sums are exact, so they agree
     bit for bit with each other and with the reference."""
