@@ -34,10 +34,9 @@ from moegen.layers.linear import pack_weight
 from moegen.layers.quantized import tensors_of
 from moegen.ops.experts import pack_tiles_into
 from moegen.planner.memory import format_bytes
-from moegen.planner.policy import DISK_KV_SHARE, HOST_KV_SHARE, choose_resident
+from moegen.planner.policy import DISK_KV_SHARE, DISK_READERS, HOST_KV_SHARE, choose_resident
 from moegen.safetensors_files import DIRECT_ALIGN, DirectScratch, FileReads, HeaderReader
 
-READERS = 2           # reader threads: one reading while the other packs what it read
 
 
 def is_skeleton(w) -> bool:
@@ -46,7 +45,7 @@ def is_skeleton(w) -> bool:
 
 
 class DiskBackend:
-    """Host pool buffers filled from the checkpoint files by READERS threads: while one waits on
+    """Host pool buffers filled from the checkpoint files by DISK_READERS threads: while one waits on
     the disk, another re-lays out what it read (modules are independent; the pool bounds how many
     are in flight)."""
     streams = True
@@ -66,7 +65,7 @@ class DiskBackend:
         self.extents = {}                    # name -> file ranges (None: produced), found once
         self.wait_s = 0.0                    # the runner's time blocked on reads (what the disk did not hide)
         # one intra-op thread for the reader's packing: the compute keeps the cores
-        self.thread = ThreadPoolExecutor(READERS, thread_name_prefix="moegen-disk", initializer=torch.set_num_threads,
+        self.thread = ThreadPoolExecutor(DISK_READERS, thread_name_prefix="moegen-disk", initializer=torch.set_num_threads,
                                          initargs=(1,))
         self.produce_lock = threading.Lock()   # the producers share one reader (its expert row)
 

@@ -19,7 +19,7 @@ from moegen.planner.memory import activation_bytes, engine_activation_reserve, f
 from moegen.planner.model_spec import ModelSpec
 from moegen.planner.policy import (DEFAULT_MAX_BATCH, DEFAULT_MAX_PREFILL_TOKENS, FALLBACK_SETTINGS, HOST_RESERVE_BYTES,
                                    choose_resident, default_device_budget_bytes, default_kv_cache_bytes,
-                                   device_reserve_bytes, disk_pool_bytes)
+                                   device_reserve_bytes, disk_pool)
 
 
 log = logging.getLogger("moegen")
@@ -54,13 +54,16 @@ class WeightSetup:
         if cfg.host_memory_bytes is None:
             return None
         sizes = {k: module_bytes(g) for k, g in group_weights(weights).items()}
-        pool = disk_pool_bytes(cfg.num_buffers, max((v for k, v in sizes.items() if k != "model"), default=0),
-                               self.packs())
         spec = ModelSpec.from_model(self.model)
         tokens = cfg.max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS
         act = activation_bytes(spec, tokens, min(tokens, DEFAULT_MAX_BATCH), tokens, self.model.dtype.itemsize, True)
-        layout = host_layout(sizes, cfg.host_memory_bytes, cfg.kv_cache_bytes, pool, act, HOST_RESERVE_BYTES,
-                             block_bytes)
+
+        def layout_for(dense_resident: bool) -> HostLayout:
+            return host_layout(sizes, cfg.host_memory_bytes, cfg.kv_cache_bytes, self.pool_bytes(sizes, dense_resident),
+                               act, HOST_RESERVE_BYTES, block_bytes)
+        layout = layout_for(dense_resident=True)
+        if layout.disk and any(".experts." not in k and k not in layout.resident for k in sizes):
+            layout = layout_for(dense_resident=False)   # a dense group streams too: buffers of its size
         if layout.disk and self.model.checkpoint is None:
             raise CapacityError(f"{layout.describe()}; but this model's weights were made or loaded whole in "
                                 "memory: open it with Engine.from_pretrained to stream them from its files")
@@ -69,6 +72,14 @@ class WeightSetup:
                              "auto or staged); give a host_memory that holds the model")
         log.info("%s", layout.describe())
         return layout
+
+    def pool_bytes(self, sizes: dict, dense_resident: bool) -> int:
+        """The disk tier's pool (policy.disk_pool) for module sizes `sizes` (key -> bytes): buffers
+        of one expert where only experts stream, else of the largest module."""
+        experts = max((v for k, v in sizes.items() if ".experts." in k), default=0)
+        largest = max((v for k, v in sizes.items() if k != "model"), default=0)
+        return disk_pool(self.config.num_buffers, experts, largest, self.packs(),
+                         bool(self.tiled_layers(self.model.weights)), dense_resident)[0]
 
     def packs(self) -> bool:
         """Whether GEMM weights get oneDNN's layout (prepack; with the disk tier, after each read)."""
@@ -80,7 +91,7 @@ class WeightSetup:
         if layout is not None and layout.disk:
             groups = group_weights(weights)
             todo = [n for k in layout.resident for n, w in groups[k].items() if is_skeleton(w)]
-            tiled = self.tiled_layers(weights)
+            tiled = self.tiled_layers(weights, strict=True)
             # plain GEMM weights packed straight from the mapped files (each one's pages handed back
             # as it is packed: a copy first would hold the resident weights twice); the rest copied
             # in, so resident weights never depend on the files again. Streamed ones the reader packs.
@@ -168,17 +179,18 @@ class WeightSetup:
     def fused_layers(self):
         return [moe for moe in self.moe_layers() if moe.fused_names()[0] in self.model.weights]
 
-    def tiled_layers(self, weights) -> list:
+    def tiled_layers(self, weights, strict: bool = False) -> list:
         """With the disk tier, the MoE layers whose experts run in the fused kernel expert by expert
         (streamed ones packed as they are read): where the kernel would run in memory (see
-        fuse_experts) and the experts are plain bf16 (quantized ones keep the per-expert path)."""
+        fuse_experts) and the experts are plain bf16 (quantized ones keep the per-expert path).
+        strict: experts_kernel=fused that cannot run so is an error."""
         from moegen.ops.experts import auto_isa, chosen_isa
         wanted = self.config.experts_kernel
         if wanted == "torch":
             return []
         isa = chosen_isa() if wanted == "fused" else auto_isa()
         layers = [moe for moe in self.moe_layers() if moe.can_tile(weights, self.model.dtype)]
-        if wanted == "fused" and (isa is None or len(layers) < len(self.moe_layers())):
+        if strict and wanted == "fused" and (isa is None or len(layers) < len(self.moe_layers())):
             raise InputError("experts_kernel=fused with the disk tier: " + (
                 "the native kernels are unavailable" if isa is None else
                 f"streamed experts run in it as bf16 SiLU experts of a bfloat16 model, not these ({self.model.dtype})"))

@@ -41,11 +41,27 @@ def device_reserve_bytes(budget_bytes: int) -> int:
     return min(budget_bytes, DEVICE_RESERVE_BYTES + int(DEVICE_RESERVE_FRACTION * budget_bytes))
 
 
-def disk_pool_bytes(num_buffers: int, buffer_bytes: int, packed: bool) -> int:
+DISK_READERS = 2                     # the disk tier's reader threads: one reading while another packs
+
+
+def disk_pool_bytes(num_buffers: int, buffer_bytes: int, packed: bool, scratch: int = 1) -> int:
     """Host memory of the disk tier's pool (moegen.engine.disk_tier): num_buffers buffers of the
-    largest streamed module, a module's worth for the reader's own temporaries, and with packed
-    (bf16/fp16 GEMM weights re-laid out for oneDNN after each read) the packed copies beside them."""
-    return (num_buffers * (2 if packed else 1) + 1) * buffer_bytes
+    largest streamed module, `scratch` modules' worth for the readers' own temporaries, and with
+    packed (bf16/fp16 GEMM weights re-laid out for oneDNN after each read) the packed copies beside
+    them."""
+    return (num_buffers * (2 if packed else 1) + scratch) * buffer_bytes
+
+
+def disk_pool(num_buffers: int, expert_bytes: int, largest_bytes: int, packed: bool, tiled: bool,
+              dense_resident: bool) -> tuple[int, int]:
+    """(pool bytes, buffer bytes) of the disk tier: buffers of one expert where every dense group
+    stays resident (only experts stream), else of the largest module. Experts the fused kernel runs
+    (`tiled`) are packed into their buffers as read, so they have no packed copies, and each reader
+    keeps an expert's worth of scratch to read into."""
+    if dense_resident and expert_bytes:
+        return disk_pool_bytes(num_buffers, expert_bytes, packed and not tiled, DISK_READERS if tiled else 1), \
+            expert_bytes
+    return disk_pool_bytes(num_buffers, largest_bytes, packed, DISK_READERS if tiled else 1), largest_bytes
 
 
 def choose_resident(groups: Mapping[str, Any], sizes: Mapping[str, int], budget_bytes: int) -> set:

@@ -29,14 +29,15 @@ from typing import Any, Iterator, Mapping, NamedTuple
 
 from moegen.planner.cost_model import JobShape, Prediction, predict
 from moegen.planner.hardware import Hardware
-from moegen.planner.memory import (activation_bytes, attention_link_bytes, buffer_bytes, format_bytes,
-                                   model_group_bytes, resident_set)
+from moegen.ops.experts import auto_isa
+from moegen.planner.memory import (activation_bytes, attention_link_bytes, buffer_bytes, dense_group_bytes,
+                                   format_bytes, model_group_bytes, resident_set)
 from moegen.planner.model_spec import ModelSpec
 from moegen.planner.plan import Plan, PlanError, plan_overrides
 from moegen.planner.policy import (DEFAULT_ATTN_MICRO_BATCH, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH,
                                    DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_NUM_BUFFERS, HOST_RESERVE_BYTES,
                                    MIN_NUM_BUFFERS, default_device_budget_bytes, default_kv_cache_bytes,
-                                   device_reserve_bytes, disk_pool_bytes)
+                                   device_reserve_bytes, disk_pool)
 
 __all__ = ["search", "predict_for_engine", "plan_from_engine_config"]
 
@@ -72,9 +73,16 @@ class _Budget:
         self.device_reserve = device_reserve_bytes(self.device_bytes)
         # host memory the weights need at least: all of them, or the disk tier's embeddings + pool
         self.packed = self.job.dtype in ("bfloat16", "float16")     # the disk tier packs those for oneDNN
-        self.host_weights = self.model_group + disk_pool_bytes(MIN_NUM_BUFFERS, self.buffer, self.packed) \
-            if self.disk else self.weights
+        # the disk tier's streamed bf16 experts run in the fused kernel where the engine takes it
+        self.tiled = self.disk and self.job.dtype == "bfloat16" and auto_isa() is not None
+        self.expert_buffer = self.spec.expert_bytes(db) if self.spec.num_moe_layers else 0
+        self.dense_bytes = sum(dense_group_bytes(self.spec, i, db) for i in range(self.spec.num_layers))
+        self.host_weights = self.model_group + self.disk_pool(MIN_NUM_BUFFERS, True)[0] if self.disk else self.weights
         self.device_usable = self.device_bytes - self.device_reserve
+
+    def disk_pool(self, num_buffers: int, dense_resident: bool) -> tuple[int, int]:
+        """(pool, buffer) bytes as the engine sizes its pool (policy.disk_pool)."""
+        return disk_pool(num_buffers, self.expert_buffer, self.buffer, self.packed, self.tiled, dense_resident)
 
     # working sets
     def compute_act(self, tokens: int, out_rows: int, expert_rows: int, prefill: bool) -> int:
@@ -284,7 +292,9 @@ def _host_fit(b: _Budget, ov: dict, c: _Candidate, common: dict, act: int, kv: i
     room = b.host_bytes - HOST_RESERVE_BYTES - act - kv
     if "resident_bytes" not in ov and room >= b.weights:
         return Plan(**common)
-    pool = disk_pool_bytes(c.num_buffers, b.buffer, b.packed)
+    pool = b.disk_pool(c.num_buffers, dense_resident=True)[0]
+    if room - pool < b.model_group + b.dense_bytes:      # a dense group streams too: buffers of its size
+        pool = b.disk_pool(c.num_buffers, dense_resident=False)[0]
     want = int(ov.get("resident_bytes", room - pool))
     if not b.disk or want > room - pool or want < b.model_group:
         short = max(want, b.model_group) + pool - room if b.disk else b.weights - room

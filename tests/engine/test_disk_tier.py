@@ -1,6 +1,7 @@
 """The disk tier: with a host budget below the model, the weights that do not fit stream from the
 checkpoint's files, and the tokens are those of the in-memory run."""
 import json
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from moegen.checkpoints.quantize import quantize_checkpoint
 from moegen.layers.linear import packing_supported
 from moegen.loader import load_model
 from moegen.ops.build import native_ops
-from moegen.planner.policy import disk_pool_bytes
+from moegen.engine.weight_setup import WeightSetup
 
 PROMPTS = [[1, 22, 33, 44], [1, 9], [1, 4, 5, 6, 7, 8]]
 PARAMS = SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -25,16 +26,19 @@ KV = 8 << 20
 SMALL = dict(kv_cache_memory=KV, max_prefill_tokens=64, num_buffers=2)   # a small activation allowance
 
 
-def disk_budget(path, dtype="float32", resident_share=0.1, **options) -> int:
+def disk_budget(path, dtype="float32", resident_share=0.1, experts_kernel="auto", **options) -> int:
     """A host_memory that holds the runtime, activations, KV cache, pool and embeddings, and
-    `resident_share` of the other weights: the rest must stream from disk."""
+    `resident_share` of the other weights: the rest must stream from disk. The pool as the engine
+    sizes it: buffers of one expert if the dense groups stay resident, else of the largest module."""
     probe = Engine.from_pretrained(path, dtype=dtype, host_memory="8GB", prepack=False, experts_kernel="torch",
                                    **{**SMALL, **options})     # its weights as loaded, not packed
     sizes = {k: module_bytes(g) for k, g in group_weights(probe.model.weights).items()}
     layout = probe.layout
-    packed = dtype == "bfloat16" and packing_supported(torch.bfloat16)      # the reader packs bf16 GEMM weights
-    pool = disk_pool_bytes(probe.config.num_buffers, max(v for k, v in sizes.items() if k != "model"), packed)
     rest = sum(sizes.values()) - sizes["model"]
+    dense = sum(v for k, v in sizes.items() if k != "model" and ".experts." not in k)
+    engine_config = replace(probe.config, experts_kernel=experts_kernel, prepack=options.get("prepack"))
+    setup = WeightSetup(probe.model, engine_config, probe.device)   # as the engine under test sizes its pool
+    pool = setup.pool_bytes(sizes, dense_resident=int(resident_share * rest) >= dense)
     return layout.reserve_bytes + layout.activation_bytes + KV + pool + sizes["model"] + int(resident_share * rest)
 
 
@@ -45,8 +49,7 @@ def in_memory_tokens(path, dtype="float32"):
 
 
 def disk_engine(path, dtype="float32", resident_share=0.1, **options):
-    sized = {k: v for k, v in options.items() if k != "experts_kernel"}    # what the budget depends on
-    engine = Engine.from_pretrained(path, dtype=dtype, host_memory=disk_budget(path, dtype, resident_share, **sized),
+    engine = Engine.from_pretrained(path, dtype=dtype, host_memory=disk_budget(path, dtype, resident_share, **options),
                                     **{**SMALL, **options})
     assert engine.layout.disk and engine.layout.streamed_bytes > 0
     return engine
@@ -91,12 +94,12 @@ def test_a_cast_from_the_stored_dtype_gives_the_in_memory_tokens(tiny_fixture):
 
 
 @pytest.mark.skipif(native_ops() is None, reason="the fused experts kernel needs moegen's native ops")
-@pytest.mark.parametrize("arch,resident_share", [("mixtral", 0.1), ("qwen3_moe", 0.0)])
-def test_bf16_streamed_experts_run_in_the_fused_kernel_with_the_in_memory_tokens(arch, resident_share, tmp_path):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_bf16_streamed_experts_run_in_the_fused_kernel_with_the_in_memory_tokens(arch, tmp_path):
     """bf16 experts streamed from disk are read with O_DIRECT, packed into the kernel's tiles and run
     in groups of half the pool: bit for bit the in-memory fused kernel's results, so its tokens."""
     path = build_fixture(arch, "tiny", seed=0, out=tmp_path / "ckpt", dtype="bfloat16")
-    engine = disk_engine(path, "bfloat16", resident_share, experts_kernel="fused")
+    engine = disk_engine(path, "bfloat16", resident_share=0.5, experts_kernel="fused")   # dense parts resident
     layers = [layer.ffn for layer in engine.model.layers if layer.is_moe]
     assert layers and all(moe.tiled for moe in layers)
     tokens = [o.token_ids for o in engine.generate(PROMPTS, PARAMS)]
