@@ -106,8 +106,9 @@ class EngineConfig:
     streaming: str = option("auto", "weights: auto (cuda: what fits stays on the device, the rest streams), "
                             "resident (all on the device) or staged (streamed, also on cpu)", "choice",
                             choices=("auto", "resident", "staged"))
-    num_buffers: int = option(DEFAULT_NUM_BUFFERS,
-                              "device buffers for streamed weights, >= 2 unless streaming is resident", minimum=1)
+    num_buffers: int | None = option(None, "buffers for streamed weights, >= 2 unless streaming is resident "
+                                     f"(default: {DEFAULT_NUM_BUFFERS}; the disk tier with the fused experts kernel: "
+                                     "a layer's experts, within a tenth of host_memory)", minimum=1)
     # Same results, faster GEMMs; costs one pass over the weights at load.
     prepack: bool | None = option(None, "pack GEMM weights into oneDNN's layout at load (cpu, bf16/fp16, resident "
                                   "weights; default: whenever supported)", "bool")
@@ -126,7 +127,7 @@ class EngineConfig:
         for f in fields(self):
             opt = f.metadata["option"]      # errors use the public name (host_memory, not kv_cache_bytes)
             setattr(self, f.name, opt.checked(opt.name or f.name, getattr(self, f.name)))
-        if self.num_buffers < 2 and self.streaming != "resident":
+        if self.num_buffers is not None and self.num_buffers < 2 and self.streaming != "resident":
             raise InputError("num_buffers must be >= 2: a layer's dense weights and one expert are held at once")
         if None not in (self.kv_cache_bytes, self.host_memory_bytes) and self.kv_cache_bytes >= self.host_memory_bytes:
             raise InputError(f"kv_cache_memory {format_bytes(self.kv_cache_bytes)} must be less than host_memory "

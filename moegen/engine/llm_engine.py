@@ -50,6 +50,7 @@ class Engine:
         disk = self.model.checkpoint.path if self.layout is not None and self.layout.disk else None
         self.planner = planner or MeasuredPlanner(str(self.device), disk)   # probes on first use only
         self.streamer = setup.make_streamer(self.layout)
+        self.num_buffers = setup.num_buffers                 # the config's, or what the disk tier chose
         self.device_budget_bytes = setup.device_budget_bytes   # a streaming engine's device budget, else None
         budget = self.layout.kv_bytes if self.layout else setup.kv_budget_bytes(self.streamer)
         # the budget caps the cache; it is allocated (and grown) only as far as calls need it
@@ -272,12 +273,12 @@ class Engine:
         kv_bytes = self.max_blocks * self.blocks.block_size * kv_bytes_per_token(self.model, self.model.dtype)
         overrides = {**fixed, "kv_cache_bytes": kv_bytes, "block_size": self.blocks.block_size}
         if self.device_budget_bytes is not None:    # plan in this engine's device budget, as it is laid out
-            overrides.update(device_memory_bytes=self.device_budget_bytes, num_buffers=self.config.num_buffers,
+            overrides.update(device_memory_bytes=self.device_budget_bytes, num_buffers=self.num_buffers,
                              resident_bytes=self.streamer.resident_bytes, expert_chunk=self.config.expert_chunk)
         if self.layout is not None:     # plan within the host budget, and with the disk tier as laid out
             overrides["host_memory_bytes"] = self.layout.budget_bytes
             if self.layout.disk:
-                overrides.update(resident_bytes=self.layout.resident_bytes, num_buffers=self.config.num_buffers)
+                overrides.update(resident_bytes=self.layout.resident_bytes, num_buffers=self.num_buffers)
         return self.planner.plan(self.model.config, job, overrides)
 
     def reset_stats(self) -> None:

@@ -17,8 +17,8 @@ from moegen.layers.linear import packing_supported, prepack
 from moegen.layers.quantized import is_quantized
 from moegen.planner.memory import activation_bytes, engine_activation_reserve, format_bytes
 from moegen.planner.model_spec import ModelSpec
-from moegen.planner.policy import (DEFAULT_MAX_BATCH, DEFAULT_MAX_PREFILL_TOKENS, FALLBACK_SETTINGS, HOST_RESERVE_BYTES,
-                                   choose_resident, default_device_budget_bytes, default_kv_cache_bytes,
+from moegen.planner.policy import (DEFAULT_MAX_BATCH, DEFAULT_NUM_BUFFERS, DEFAULT_MAX_PREFILL_TOKENS, FALLBACK_SETTINGS, HOST_RESERVE_BYTES,
+                                   choose_resident, default_device_budget_bytes, default_kv_cache_bytes, disk_num_buffers,
                                    device_reserve_bytes, disk_pool)
 
 
@@ -46,6 +46,7 @@ class WeightSetup:
     def __init__(self, model, config: EngineConfig, device: torch.device):
         self.model, self.config, self.device = model, config, device
         self.device_budget_bytes = None
+        self.num_buffers = config.num_buffers or DEFAULT_NUM_BUFFERS    # the disk tier may choose more (host_layout)
 
     def host_layout(self, block_bytes: int) -> HostLayout | None:
         """How host_memory is spent (moegen.engine.disk_tier.host_layout), checked before any weight
@@ -57,6 +58,11 @@ class WeightSetup:
         spec = ModelSpec.from_model(self.model)
         tokens = cfg.max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS
         act = activation_bytes(spec, tokens, min(tokens, DEFAULT_MAX_BATCH), tokens, self.model.dtype.itemsize, True)
+
+        tiled = self.tiled_layers(weights)
+        if cfg.num_buffers is None and tiled:
+            expert = max((v for k, v in sizes.items() if ".experts." in k), default=0)
+            self.num_buffers = disk_num_buffers(max(moe.n_experts for moe in tiled), expert, cfg.host_memory_bytes)
 
         def layout_for(dense_resident: bool) -> HostLayout:
             return host_layout(sizes, cfg.host_memory_bytes, cfg.kv_cache_bytes, self.pool_bytes(sizes, dense_resident),
@@ -78,7 +84,7 @@ class WeightSetup:
         of one expert where only experts stream, else of the largest module."""
         experts = max((v for k, v in sizes.items() if ".experts." in k), default=0)
         largest = max((v for k, v in sizes.items() if k != "model"), default=0)
-        return disk_pool(self.config.num_buffers, experts, largest, self.packs(),
+        return disk_pool(self.num_buffers, experts, largest, self.packs(),
                          bool(self.tiled_layers(self.model.weights)), dense_resident)[0]
 
     def packs(self) -> bool:
@@ -107,7 +113,7 @@ class WeightSetup:
                 log.info("the experts of %d MoE layers run in the fused kernel, %d streamed expert weights packed "
                          "as they are read", len(tiled), len(tiles))
             return WeightStreamer(weights, DiskBackend(checkpoint, pack=self.packs(), tiles=tiles),
-                                  resident=set(layout.resident), num_buffers=cfg.num_buffers)
+                                  resident=set(layout.resident), num_buffers=self.num_buffers)
         if checkpoint is not None:            # opened lazily (from_pretrained): read what is not yet
             checkpoint.load([n for n, w in weights.items() if is_skeleton(w)])
         streams = self.device.type == "cuda" or cfg.streaming == "staged"
@@ -120,7 +126,7 @@ class WeightSetup:
             backend = CudaBackend(self.device) if self.device.type == "cuda" else StagedBackend()
             groups = group_weights(weights)
             resident = set(groups) if cfg.streaming == "resident" else self.resident_modules(groups)
-            return WeightStreamer(weights, backend, resident, cfg.num_buffers, release=MappedPages())
+            return WeightStreamer(weights, backend, resident, self.num_buffers, release=MappedPages())
         self.fuse_experts(weights)
         if cfg.prepack is not False:
             self.prepack_weights(weights)
@@ -134,7 +140,7 @@ class WeightSetup:
         keeps only the top resident unless given a device_memory, and reserves nothing."""
         cfg = self.config
         sizes = {k: module_bytes(g) for k, g in groups.items()}
-        pool = cfg.num_buffers * max((v for k, v in sizes.items() if k != "model"), default=0)
+        pool = self.num_buffers * max((v for k, v in sizes.items() if k != "model"), default=0)
         if self.device.type == "cuda":
             budget = cfg.device_memory or default_device_budget_bytes(torch.cuda.mem_get_info(self.device)[0])
             reserve = device_reserve(self.model, cfg, budget)
@@ -146,7 +152,7 @@ class WeightSetup:
         spare = budget - reserve - sizes["model"] - pool      # embeddings and lm_head always stay on the device
         if spare < 0:
             raise InputError(f"device memory budget {format_bytes(budget)} cannot hold the embeddings and lm_head "
-                             f"({format_bytes(sizes['model'])}) plus {cfg.num_buffers} streaming buffers "
+                             f"({format_bytes(sizes['model'])}) plus {self.num_buffers} streaming buffers "
                              f"({format_bytes(pool)}) and its reserve ({format_bytes(reserve)}): "
                              f"{format_bytes(-spare)} short")
         rest = {k: g for k, g in groups.items() if k != "model"}

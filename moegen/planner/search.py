@@ -37,7 +37,7 @@ from moegen.planner.plan import Plan, PlanError, plan_overrides
 from moegen.planner.policy import (DEFAULT_ATTN_MICRO_BATCH, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH,
                                    DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_NUM_BUFFERS, HOST_RESERVE_BYTES,
                                    MIN_NUM_BUFFERS, default_device_budget_bytes, default_kv_cache_bytes,
-                                   device_reserve_bytes, disk_pool)
+                                   device_reserve_bytes, disk_num_buffers, disk_pool)
 
 __all__ = ["search", "predict_for_engine", "plan_from_engine_config"]
 
@@ -255,6 +255,8 @@ def _candidates(b: _Budget, ov: dict, min_chunk: int) -> Iterator[_Candidate]:
     N, P = b.job.num_sequences, b.job.prefill_len
     if "num_buffers" in ov:
         buffers = [int(ov["num_buffers"])]
+    elif b.tiled:   # the engine's own choice for experts the fused kernel runs in groups
+        buffers = [disk_num_buffers(b.spec.num_experts, b.expert_buffer, b.host_bytes)]
     else:   # on the CPU nothing streams (but with the disk tier): the count does not matter
         buffers = list(BUFFER_OPTIONS) if b.cuda or b.disk else [MIN_NUM_BUFFERS]
     for G in _batch_sizes(b, ov, min_chunk):

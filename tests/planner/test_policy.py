@@ -10,9 +10,17 @@ from moegen.planner.plan import Plan
 def test_engine_config_plan_and_fallback_share_the_defaults():
     cfg, plan = EngineConfig(), Plan()
     assert cfg.block_size == plan.block_size == policy.DEFAULT_BLOCK_SIZE
-    assert cfg.num_buffers == plan.num_buffers == policy.DEFAULT_NUM_BUFFERS
+    # buffers are chosen at the engine's start: DEFAULT_NUM_BUFFERS, or the disk tier's disk_num_buffers
+    assert cfg.num_buffers is None and plan.num_buffers == policy.DEFAULT_NUM_BUFFERS
     assert policy.FALLBACK_SETTINGS == {k: getattr(plan, k) for k in policy.PLANNED}
     assert all(getattr(cfg, k) is None for k in policy.PLANNED)          # planned per call unless fixed
+
+
+def test_disk_tier_buffers_hold_a_layers_experts_within_a_share_of_host_memory():
+    mib, gib = 1 << 20, 1 << 30
+    assert policy.disk_num_buffers(128, 9 * mib, 16 * gib) == 128           # 1.1 GiB of 16
+    assert policy.disk_num_buffers(128, 9 * mib, 2 * gib) == int(0.1 * 2 * gib) // (9 * mib)
+    assert policy.disk_num_buffers(8, 300 * mib, gib) == policy.MIN_NUM_BUFFERS
 
 
 def test_choose_resident_takes_dense_groups_first_and_skips_what_does_not_fit():
