@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from moegen.bench.metrics import e2e_tokens_per_s
 from moegen.dtypes import dtype_name
 from moegen.engine.params import SamplingParams
-from moegen.generation.journal import (FLUSH_ROWS, FLUSH_SECONDS, fingerprint, open_output, pending_indices,
-                                       sampling_fingerprint, write_completions)
+from moegen.generation.fingerprint import fingerprint, sampling_fingerprint
+from moegen.generation.journal import FLUSH_ROWS, FLUSH_SECONDS, open_output
 from moegen.generation.replicas import Replicas, open_source
 from moegen.recipe import EngineRecipe
 
@@ -37,6 +37,48 @@ class GenerationSummary:
         """The figures as one flat dict (engine figures beside the others), as printed and recorded."""
         figures = asdict(self)
         return {**{k: v for k, v in figures.items() if k != "details"}, **figures["details"]}
+
+
+@dataclass
+class Tally:
+    """What this run added: rows, their prompt and generated tokens, and the time it took."""
+    rows: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    wall_s: float = 0.0
+
+    def add(self, row: dict) -> None:
+        self.rows += 1
+        self.prompt_tokens += len(row["prompt_token_ids"])
+        # n > 1: every sample's tokens (the row's own fields repeat sample 0's)
+        self.generated_tokens += sum(len(s["token_ids"]) for s in row.get("samples") or [row])
+        self.wall_s = time.perf_counter() - self.started
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def pending_indices(num_rows: int, journal) -> list[int]:
+    return [i for i in range(num_rows) if i not in journal.done]
+
+
+def write_completions(journal, completions, extra: list[dict] | None = None, on_row=None, to_row=None) -> Tally:
+    """Journal each completion as its row (plus the fields of extra[index] the row lacks), or as
+    to_row(completion) when given (an OpenAI batch response row), in the order they come;
+    on_row(tally) after each. Rows finished before an error are kept."""
+    tally = Tally()
+    with journal:
+        for completion in completions:
+            row = completion.to_row()
+            row.update({k: v for k, v in (extra[row["index"]] if extra else {}).items() if k not in row})
+            if journal.append(row if to_row is None else to_row(completion)):
+                tally.add(row)
+                if on_row is not None:
+                    on_row(tally)
+    tally.wall_s = time.perf_counter() - tally.started
+    return tally
 
 
 class NoProgress:
@@ -71,7 +113,7 @@ class GenerationJob:
     replica_threads: int | None = None
 
     def fingerprint(self) -> dict:
-        """What decides the rows (moegen.generation.journal.fingerprint): a journal of others is refused."""
+        """What decides the rows (moegen.generation.fingerprint): a journal of others is refused."""
         rows = self.prompts
         if self.kept and any(self.kept):
             rows = [{"prompt": p, **k} for p, k in zip(self.prompts, self.kept)]

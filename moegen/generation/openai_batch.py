@@ -305,7 +305,9 @@ def answer_file(recipe, lines, out: str, model: str, max_new_tokens: int, trunca
     `moegen generate` and the generate flow report), with the file's requests and failed rows."""
     from moegen.bench.metrics import e2e_tokens_per_s
     from moegen.generation.job import GenerationSummary, engine_figures
-    from moegen.generation.journal import fingerprint, open_output, pending_indices
+    from moegen.generation.fingerprint import fingerprint
+    from moegen.generation.job import pending_indices
+    from moegen.generation.journal import open_output
     engine_settings = {"dtype": recipe.kwargs.get("dtype"), "max_model_len": recipe.kwargs.get("max_model_len"),
                        "truncate": truncate, "dummy_weights": recipe.dummy_weights, "format": "openai-batch"}
     journal = open_output(out, fingerprint(str(recipe.model), [text for _, text in lines],
@@ -334,7 +336,7 @@ def answer_pending(engine, journal, lines, pending: "list[int]", model: str, max
     """The pending lines into the journal: refused ones at once, the others by one engine call.
     A request's engine index is its place among all served requests of the file, so a seeded row
     draws the same tokens whether or not the run was resumed. Returns (tally, failed rows)."""
-    from moegen.generation.journal import Tally, write_completions
+    from moegen.generation.job import Tally, write_completions
     if engine is None:
         return Tally(), 0
     parsed = requests_of(engine, lines, model, max_new_tokens, truncate)
