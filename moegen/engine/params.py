@@ -1,15 +1,14 @@
 """What a caller asks for (SamplingParams), what a checkpoint suggests when the caller leaves a
 setting unset (GenerationDefaults), and what the caller gets back (Completion)."""
-import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moegen.errors import InputError
+from moegen.generation_config import GENERATION_CONFIG, read_generation_config
 
 log = logging.getLogger("moegen")
-GENERATION_CONFIG = "generation_config.json"
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k")
 # generation_config settings moegen cannot honour: said once at load, never silently
 _UNSUPPORTED_KEYS = ("repetition_penalty", "min_p", "typical_p", "no_repeat_ngram_size", "num_beams")
@@ -74,12 +73,9 @@ class GenerationDefaults:
     @classmethod
     def read(cls, model_dir) -> "GenerationDefaults":
         path = Path(model_dir) / GENERATION_CONFIG
-        if not path.is_file():
+        config = read_generation_config(model_dir)
+        if config is None:
             return cls()
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: unreadable JSON: {e}") from None
         if not isinstance(config, dict):
             raise InputError(f"{path}: must hold a JSON object")
         eos = config.get("eos_token_id")
