@@ -155,6 +155,5 @@ def engine_figures(source) -> dict:
     if source is None or isinstance(source, Replicas):
         return {} if source is None else {"replicas": len(source.pids)}
     s = source.stats
-    return {"prefill_tok_s": round(s.prefill_tok_s, 1), "decode_tok_s": round(s.decode_tok_s, 1),
-            "parameters": source.model.num_parameters(), "dtype": dtype_name(source.model.dtype),
-            "attention": s.attention, "experts_skipped": s.experts_skipped}
+    return {**s.as_dict(("prefill_tok_s", "decode_tok_s")), "parameters": source.model.num_parameters(),
+            "dtype": dtype_name(source.model.dtype), **s.as_dict(("attention", "experts_skipped"))}
