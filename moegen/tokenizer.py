@@ -12,6 +12,7 @@ transformers' `apply_chat_template(..., tokenize=True)` does: special-token text
 writes ("<s>", "</s>") is that token, and no BOS is added on top of the one the template writes.
 """
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -188,6 +189,16 @@ class HFTokenizer(Tokenizer):
         return self._tok.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
                                              continue_final_message=continue_final_message)
+
+
+def optional_tokenizer(model_dir: "str | Path") -> "Tokenizer | None":
+    """load_tokenizer, or None (with a warning) for a checkpoint without a usable tokenizer: its
+    engine takes token ids only."""
+    try:
+        return load_tokenizer(model_dir)
+    except TokenizerError as err:     # token-id prompts still work; text prompts get a clear error
+        logging.getLogger("moegen").warning("%s; the engine takes token ids only", err)
+        return None
 
 
 def load_tokenizer(model_dir: "str | Path") -> Tokenizer:

@@ -99,8 +99,8 @@ def read_input(args) -> list:
 
 
 def cmd_openai_batch(args) -> None:
-    """--format openai-batch: every row of an OpenAI batch file answered, in one engine call, through
-    the journal (a re-run answers only the rows the output lacks)."""
+    """--format openai-batch: every row of an OpenAI batch file answered through the generation job
+    (one engine call, or --replicas engines on Ray; a re-run answers only the rows the output lacks)."""
     from moegen.generation import openai_batch
     if args.logprobs is not None or args.prompt_logprobs is not None:
         raise InputError("--logprobs / --prompt-logprobs are for --format prompts; an OpenAI batch row asks in its "
@@ -111,8 +111,11 @@ def cmd_openai_batch(args) -> None:
                          "journal of a batch run to resume)")
     lines = openai_batch.read_batch(Path(args.input), args.limit)
     recipe = EngineRecipe(args.model, args.dummy_weights, engine_kwargs(args))
-    summary = openai_batch.answer_file(recipe, lines, args.out, Path(args.model).name, args.max_new_tokens,
-                                       args.truncate, progress=not args.quiet, overwrite=args.overwrite, wait=args.wait)
+    summary = openai_batch.answer_file(
+        recipe, lines, args.out, Path(args.model).name, args.max_new_tokens, args.truncate,
+        progress=TqdmProgress.maker(args.quiet), overwrite=args.overwrite, wait=args.wait, flush_rows=args.flush_rows,
+        flush_seconds=args.flush_seconds, replicas=args.replicas, ray_address=args.ray_address,
+        replica_threads=args.replica_threads)
     print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
 
 

@@ -156,3 +156,33 @@ class Completion:
 
 def _json_keys(logprobs: dict[int, float]) -> dict[str, float]:
     return {str(t): lp for t, lp in logprobs.items()}
+
+
+def encode_prompt(prompt, index, max_new_tokens: int, truncate: str | None, tokenizer, vocab_size: int,
+                  max_model_len: int) -> list[int]:
+    """A prompt (text or token ids) as the token ids a model of `vocab_size` and `max_model_len`
+    takes with room for max_new_tokens (truncate="left": its last tokens); InputError naming
+    prompt `index` otherwise. Engine.encode, and a batch file's lines read without an engine."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InputError(f"prompt {index} is empty")
+        if tokenizer is None:
+            raise InputError(f"prompt {index} is text but the engine has no tokenizer")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise InputError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise InputError(f"prompt {index} is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InputError(f"prompt {index} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    room = max_model_len - max_new_tokens
+    if len(ids) > room:
+        if truncate != "left" or room < 1:
+            raise InputError(f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the "
+                             f"model's context of {max_model_len} leaves room for {max(room, 0)} "
+                             f"(truncate='left' keeps the last tokens)")
+        ids = ids[-room:]
+    return ids
