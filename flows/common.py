@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect.runtime import flow_run
 
-from moegen.results import database as results
+from moegen.results import connection
 
 
 def flow_run_id() -> str | None:
@@ -43,7 +43,7 @@ def cache_scope(resume_from: str | None) -> str:
 def report_dir(kind: str, url: str | None) -> Path:
     """<reports>/<kind>-<UTC time>-<flow run name>, beside the results database."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return results.reports_dir(url) / f"{kind}-{stamp}-{flow_run.get_name() or 'local'}"
+    return connection.reports_dir(url) / f"{kind}-{stamp}-{flow_run.get_name() or 'local'}"
 
 
 def describe_environment(device: str, dtype: str = "bfloat16") -> dict:

@@ -91,7 +91,7 @@ def unique(values: list[str]) -> list[str]:
 
 
 def check_results_url(url: str | None) -> str | None:
-    from moegen.results.database import check_url
+    from moegen.results.connection import check_url
     return _accepted_by(check_url, url)
 
 

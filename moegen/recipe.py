@@ -34,6 +34,12 @@ class EngineRecipe:
             return Engine.from_config(self.model, dummy_weights=True, **self.kwargs)
         return Engine.from_pretrained(self.model, **self.kwargs)
 
+    def generation_defaults(self):
+        """The checkpoint's generation_config.json defaults (moegen.engine.params.GenerationDefaults),
+        for callers that set SamplingParams before any engine exists; none for dummy weights."""
+        from moegen.engine.params import GenerationDefaults
+        return GenerationDefaults() if self.dummy_weights else GenerationDefaults.read(self.model)
+
     @property
     def on_cuda(self) -> bool:
         return str(self.kwargs.get("device", "cpu")).startswith("cuda")

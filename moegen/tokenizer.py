@@ -12,10 +12,12 @@ transformers' `apply_chat_template(..., tokenize=True)` does: special-token text
 writes ("<s>", "</s>") is that token, and no BOS is added on top of the one the template writes.
 """
 import json
+import logging
 import re
 from pathlib import Path
 
 from moegen.errors import InputError, TokenizerError
+from moegen.generation_config import read_generation_config
 
 SP_FILE = "tokenizer.model"
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -189,6 +191,16 @@ class HFTokenizer(Tokenizer):
                                              continue_final_message=continue_final_message)
 
 
+def optional_tokenizer(model_dir: "str | Path") -> "Tokenizer | None":
+    """load_tokenizer, or None (with a warning) for a checkpoint without a usable tokenizer: its
+    engine takes token ids only."""
+    try:
+        return load_tokenizer(model_dir)
+    except TokenizerError as err:     # token-id prompts still work; text prompts get a clear error
+        logging.getLogger("moegen").warning("%s; the engine takes token ids only", err)
+        return None
+
+
 def load_tokenizer(model_dir: "str | Path") -> Tokenizer:
     """The tokenizer of the checkpoint in `model_dir` (see the module docstring for which)."""
     d = Path(model_dir)
@@ -261,8 +273,7 @@ def _special_ids(model_dir: Path, token_to_id, bos, eos: "list[int]"):
     that names them wins, over the tokenizer's own defaults `bos`/`eos`. generation_config comes
     first because it is what the model's authors set generation to stop on (may be a list)."""
     found = {}
-    for name in ("generation_config.json", "config.json"):
-        data = _read_json(model_dir / name)
+    for data in (_generation_config(model_dir), _read_json(model_dir / "config.json")):
         for key in ("bos_token_id", "eos_token_id"):
             if key not in found and data.get(key) is not None:
                 found[key] = data[key]
@@ -276,6 +287,15 @@ def _special_ids(model_dir: Path, token_to_id, bos, eos: "list[int]"):
     eos = found.get("eos_token_id", eos)
     eos = eos if isinstance(eos, list) else [eos]
     return bos, tuple(int(i) for i in eos)
+
+
+def _generation_config(model_dir: Path) -> dict:
+    """generation_config.json's fields (moegen.generation_config), {} when there are none."""
+    try:
+        data = read_generation_config(model_dir)
+    except InputError as e:
+        raise TokenizerError(str(e)) from e
+    return data if isinstance(data, dict) else {}
 
 
 def _read_json(path: Path) -> dict:

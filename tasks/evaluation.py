@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
-from moegen.results.database import headline_accuracy
+from moegen.results.recording import headline_accuracy
 from tasks.common import key_from_inputs, retry_unless_bad_input
 
 LOCAL_TO_HUB = {"gsm8k_local": "gsm8k"}   # lm-eval's own task reads the hub's openai/gsm8k
@@ -16,7 +16,7 @@ def hub_task_names(tasks: list[str]) -> list[str]:
 
 
 def accuracy_summary(result: dict) -> dict[str, float]:
-    """task -> headline accuracy (moegen.results.database.headline_accuracy) from lm-eval results."""
+    """task -> headline accuracy (moegen.results.recording.headline_accuracy) from lm-eval results."""
     summary = {name: headline_accuracy(metrics) for name, metrics in result.get("results", {}).items()}
     return {name: acc for name, acc in summary.items() if acc is not None}
 

@@ -6,7 +6,7 @@ import statistics
 
 from prefect import get_run_logger, task
 
-from moegen.results import database as results
+from moegen.results import queries, recording
 from moegen.bench.ratios import metric_ratios
 from moegen.results.metrics import LOWER_IS_BETTER, RATIO_METRICS, REGRESSION_METRICS
 from moegen.errors import ConfigError
@@ -20,11 +20,11 @@ def cells_from_bench(docs: list[dict]) -> list[dict]:
     """Flat cells {system, workload, metrics, config, skipped_reason, hardware} of bench results."""
     cells = []
     for doc in docs:
-        for cell in results.bench_cells(doc):
+        for cell in recording.bench_cells(doc):
             cells.append({"system": cell.system, "workload": cell.workload, "config": cell.config,
                           "skipped_reason": cell.skipped_reason,
-                          "hardware": results.hardware_label(doc.get("hardware")),
-                          "metrics": {**results.flatten_metrics(cell.metrics), **repeat_spreads(cell.metrics)}})
+                          "hardware": recording.hardware_label(doc.get("hardware")),
+                          "metrics": {**recording.flatten_metrics(cell.metrics), **repeat_spreads(cell.metrics)}})
     return cells
 
 
@@ -55,7 +55,7 @@ def outputs_of(doc: dict) -> tuple[str, str, list | None]:
     """(workload spec, system, generated token ids or None if it did not run) of a one-system bench."""
     body = doc["systems"][0]
     tokens = [o["token_ids"] for o in body.get("outputs") or []] if body["status"] == "ok" else None
-    return results.bench_cells(doc)[0].workload, body["system"], tokens
+    return recording.bench_cells(doc)[0].workload, body["system"], tokens
 
 
 def agreement_metrics(docs: list[dict]) -> dict[tuple[str, str], dict]:
@@ -180,7 +180,7 @@ def cell_regressions(cell: dict, baseline: dict, threshold: float, metrics: tupl
 @task(task_run_name="find-regressions")
 def find_regressions(cells: list[dict], model: str, threshold: float, metrics: list[str],
                      before_run: int | None = None, url: str | None = None,
-                     last: int = results.BASELINE_NIGHTLIES) -> list[dict]:
+                     last: int = queries.BASELINE_NIGHTLIES) -> list[dict]:
     """Figures that fell by more than `threshold` (and more than the baseline's spread) against
     the median of the last `last` healthy nightlies of the same (model, system, workload, hardware)."""
     logger = get_run_logger()
@@ -188,7 +188,7 @@ def find_regressions(cells: list[dict], model: str, threshold: float, metrics: l
     for cell in cells:
         if cell["skipped_reason"]:
             continue
-        baseline = results.nightly_baseline(model, cell["system"], cell["workload"], cell["hardware"],
+        baseline = queries.nightly_baseline(model, cell["system"], cell["workload"], cell["hardware"],
                                             last=last, before_run=before_run, url=url)
         if baseline is None:
             logger.info("no healthy nightly yet for %s on %s: nothing to compare", cell["system"], cell["workload"])

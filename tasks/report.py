@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from moegen.results import database as results
+from moegen.results import queries
 from moegen.results.metrics import LOWER_IS_BETTER, TABLE_METRICS, label
 
 # CAP radar spokes: (group, metric); cost is drawn as efficiency so that outward is always better.
@@ -221,7 +221,7 @@ def render_markdown(title: str, rows: list[dict], baseline: str, plots: dict[str
 def render_report(kind: str, title: str, rows: list[dict], baseline: str, out_dir: str, run_id: int | None = None,
                   notes: list[str] | None = None, trend: dict | None = None) -> dict:
     """Write the plots and report.md under out_dir and publish the table and markdown artifacts.
-    `trend`: metric -> moegen.results.database.nightly_series, plotted as the nightly trend.
+    `trend`: metric -> moegen.results.queries.nightly_series, plotted as the nightly trend.
     Returns the paths written."""
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,7 @@ def render_generate_report(summary: dict) -> str:
 @task(task_run_name="nightly-trend")
 def nightly_trend(model: str, metrics: list[str], url: str | None = None, last: int = 30) -> dict:
     """metric -> {(system, workload, hardware): [(time, value, status)]} over the last nightlies."""
-    return {metric: results.nightly_series(model, metric, last=last, url=url) for metric in metrics}
+    return {metric: queries.nightly_series(model, metric, last=last, url=url) for metric in metrics}
 
 
 @task(task_run_name="report-regressions")

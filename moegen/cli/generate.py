@@ -24,18 +24,18 @@ def cmd_generate(args):
     if args.format == "openai-batch":
         return cmd_openai_batch(args)
     prompts = read_input(args)
+    recipe = EngineRecipe(args.model, args.dummy_weights, engine_kwargs(args))
     # unset --temperature/--top-p/--top-k: the checkpoint's generation_config.json, else greedy
-    params = generation_defaults(args).params(
+    params = recipe.generation_defaults().params(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [], logprobs=args.logprobs,
         prompt_logprobs=args.prompt_logprobs, n=args.n)
-    summary = generation_job(args, prompts, params).run(progress=TqdmProgress.maker(args.quiet)).as_dict()
+    summary = generation_job(args, recipe, prompts, params).run(progress=TqdmProgress.maker(args.quiet)).as_dict()
     # with --out - the rows own stdout; the summary goes to stderr
     print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
 
 
-def generation_job(args, prompts: list, params) -> GenerationJob:
-    recipe = EngineRecipe(args.model, args.dummy_weights, engine_kwargs(args))
+def generation_job(args, recipe: EngineRecipe, prompts: list, params) -> GenerationJob:
     return GenerationJob(recipe, prompts, params, args.out, truncate=args.truncate, order=args.order,
                          flush_rows=args.flush_rows, flush_seconds=args.flush_seconds, overwrite=args.overwrite,
                          wait=args.wait, replicas=args.replicas, ray_address=args.ray_address,
@@ -98,14 +98,9 @@ def read_input(args) -> list:
     return read_chat_prompts(Path(args.input), args.prompt_field, args.limit, load_tokenizer(args.model))
 
 
-def generation_defaults(args):
-    from moegen.engine.params import GenerationDefaults
-    return GenerationDefaults() if args.dummy_weights else GenerationDefaults.read(args.model)
-
-
 def cmd_openai_batch(args) -> None:
-    """--format openai-batch: every row of an OpenAI batch file answered, in one engine call, through
-    the journal (a re-run answers only the rows the output lacks)."""
+    """--format openai-batch: every row of an OpenAI batch file answered through the generation job
+    (one engine call, or --replicas engines on Ray; a re-run answers only the rows the output lacks)."""
     from moegen.generation import openai_batch
     if args.logprobs is not None or args.prompt_logprobs is not None:
         raise InputError("--logprobs / --prompt-logprobs are for --format prompts; an OpenAI batch row asks in its "
@@ -116,8 +111,11 @@ def cmd_openai_batch(args) -> None:
                          "journal of a batch run to resume)")
     lines = openai_batch.read_batch(Path(args.input), args.limit)
     recipe = EngineRecipe(args.model, args.dummy_weights, engine_kwargs(args))
-    summary = openai_batch.answer_file(recipe, lines, args.out, Path(args.model).name, args.max_new_tokens,
-                                       args.truncate, progress=not args.quiet, overwrite=args.overwrite, wait=args.wait)
+    summary = openai_batch.answer_file(
+        recipe, lines, args.out, Path(args.model).name, args.max_new_tokens, args.truncate,
+        progress=TqdmProgress.maker(args.quiet), overwrite=args.overwrite, wait=args.wait, flush_rows=args.flush_rows,
+        flush_seconds=args.flush_seconds, replicas=args.replicas, ray_address=args.ray_address,
+        replica_threads=args.replica_threads)
     print(json.dumps(summary, indent=1), file=sys.stderr if args.out == STDOUT else sys.stdout)
 
 

@@ -9,7 +9,7 @@ import argparse
 
 from rich.table import Table
 
-from moegen.results import database as results
+from moegen.results import connection, queries, recording, schema
 from moegen.console import make_console
 from moegen.results.metrics import TABLE_METRICS, label
 
@@ -45,7 +45,7 @@ def cell_figures(cell: dict) -> list[str]:
     if cell.get("skipped_reason"):
         return ["skipped: " + cell["skipped_reason"][:60]] + [""] * len(HEADLINE)
     m = cell["metrics"]
-    return [fmt(results.headline_accuracy(m)), *(fmt(m.get(k)) for k in HEADLINE)]
+    return [fmt(recording.headline_accuracy(m)), *(fmt(m.get(k)) for k in HEADLINE)]
 
 
 def short_model(model: str, width: int = 40) -> str:
@@ -68,14 +68,14 @@ def cmd_results(args: argparse.Namespace) -> None:
     console = make_console()
     if args.compare:
         run_a, run_b = args.compare
-        rows = results.compare(run_a, run_b, url=args.db)
+        rows = queries.compare(run_a, run_b, url=args.db)
         if not rows:
-            raise results.ResultsError(f"runs {run_a} and {run_b} share no (system, workload) cell")
+            raise connection.ResultsError(f"runs {run_a} and {run_b} share no (system, workload) cell")
         console.print(compare_table(run_a, run_b, rows))
         return
-    runs = results.history(last=args.last, kind=args.kind, model=args.model, url=args.db)
+    runs = queries.history(last=args.last, kind=args.kind, model=args.model, url=args.db)
     if not runs:
-        console.print(f"no runs in {results.masked(results.resolve_url(args.db))}")
+        console.print(f"no runs in {connection.masked(connection.resolve_url(args.db))}")
         return
     console.print(history_table(runs))
 
@@ -85,8 +85,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("results", help="show recorded runs or compare two of them")
     p.add_argument("--last", type=int, default=10, help="how many recent runs (default 10)")
     p.add_argument("--compare", nargs=2, type=int, metavar=("RUN_A", "RUN_B"), help="compare two runs by id")
-    p.add_argument("--kind", choices=results.RUN_KINDS, help="only runs of this kind")
+    p.add_argument("--kind", choices=schema.RUN_KINDS, help="only runs of this kind")
     p.add_argument("--model", help="only runs of this model")
-    p.add_argument("--db", help=f"SQLAlchemy URL (default ${results.URL_ENV} or sqlite:///results/moegen.db)")
+    p.add_argument("--db", help=f"SQLAlchemy URL (default ${connection.URL_ENV} or sqlite:///results/moegen.db)")
     p.set_defaults(func=cmd_results)
     return p

@@ -1,6 +1,7 @@
 """The Engine: admission -> prefill / decode steps over the global batch -> sampling -> stops."""
 import logging
 import time
+from collections.abc import Iterator
 from itertools import count, islice, repeat
 
 import torch
@@ -9,7 +10,7 @@ from tqdm.auto import tqdm
 from moegen.engine.block_manager import BlockManager
 from moegen.engine.config import EngineConfig, check_machine, engine_config
 from moegen.engine.kv_cache import PagedKVCache, kv_bytes_per_token
-from moegen.engine.params import Completion, GenerationDefaults, SamplingParams
+from moegen.engine.params import Completion, GenerationDefaults, SamplingParams, encode_prompt
 from moegen.engine.runner import Runner
 from moegen.engine.sampler import Sampler, check_logprob_counts, record_prompt_logprobs
 from moegen.engine.scheduler import (Scheduler, Sequence, admission_order, job_sharing, scoring_blocks, with_digests,
@@ -19,7 +20,7 @@ from moegen.engine.stats import EngineStats
 from moegen.engine.stops import eos_ids
 from moegen.engine.weight_setup import WeightSetup
 from moegen.dtypes import dtype_name
-from moegen.errors import CapacityError, InputError, MoegenError, TokenizerError
+from moegen.errors import CapacityError, InputError, MoegenError
 from moegen.ops.attention import attention_impl
 from moegen.planner.cost_model import JobShape
 from moegen.planner.measured import MeasuredPlanner
@@ -72,16 +73,11 @@ class Engine:
         fit stream from the checkpoint's files); device_memory: device budget for resident weights
         and streaming buffers."""
         from moegen.loader import Checkpoint
-        from moegen.tokenizer import load_tokenizer
+        from moegen.tokenizer import optional_tokenizer
         cfg = engine_config(device, host_memory, device_memory, kw)   # bad settings fail before a long load
         defaults = GenerationDefaults.read(path)
         model = Checkpoint(path, dtype).model     # weights read by the engine: all, or what host_memory holds
-        try:
-            tokenizer = load_tokenizer(path)
-        except TokenizerError as err:     # token-id prompts still work; text prompts get a clear error
-            log.warning("%s; the engine takes token ids only", err)
-            tokenizer = None
-        return cls(model, tokenizer, cfg, generation_defaults=defaults)
+        return cls(model, optional_tokenizer(path), cfg, generation_defaults=defaults)
 
     @classmethod
     def from_config(cls, config, dummy_weights=True, device="cpu", dtype="bfloat16", host_memory=None,
@@ -97,29 +93,8 @@ class Engine:
 
     # --- inputs --------------------------------------------------------------------------------
     def encode(self, prompt, index: int, max_new_tokens: int, truncate: str | None) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InputError(f"prompt {index} is empty")
-            if self.tokenizer is None:
-                raise InputError(f"prompt {index} is text but the engine has no tokenizer")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise InputError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise InputError(f"prompt {index} is empty")
-        bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
-        if bad:
-            raise InputError(f"prompt {index} has token ids outside the vocabulary [0, {self.model.vocab_size}): {bad[:5]}")
-        room = self.max_model_len - max_new_tokens
-        if len(ids) > room:
-            if truncate != "left" or room < 1:
-                raise InputError(f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the "
-                                 f"model's context of {self.max_model_len} leaves room for {max(room, 0)} "
-                                 f"(truncate='left' keeps the last tokens)")
-            ids = ids[-room:]
-        return ids
+        return encode_prompt(prompt, index, max_new_tokens, truncate, self.tokenizer, self.model.vocab_size,
+                             self.max_model_len)
 
     # --- generation ----------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
@@ -142,7 +117,8 @@ class Engine:
         first `window` prompts (default WINDOW) give the plan (their mean length, their count),
         each window is sorted longest first, the next is pulled when fewer than a global batch
         wait, and the KV cache is the whole budget (a stream's length is unknown). params: one
-        SamplingParams, or a list with one per prompt of a list. indices: each prompt's index
+        SamplingParams, or a list with one per prompt of a list (an iterator of them beside any
+        other iterable of prompts, pulled in step with it). indices: each prompt's index
         (default 0, 1, ...); a resumed job passes its rows' own, so seeded sampling matches an
         uninterrupted run. One call at a time per engine; closing the iterator early frees its KV."""
         seqs = self._sequences(prompts, params or SamplingParams(), truncate, indices)
@@ -217,9 +193,10 @@ class Engine:
 
     def _sequences(self, prompts, params, truncate: str | None, indices):
         """Sequences for prompts, encoded lazily (an iterable is read only as far as it is pulled)."""
-        per_prompt = params if isinstance(params, list) else repeat(params)
+        per_prompt = params if isinstance(params, (list, Iterator)) else repeat(params)
         if isinstance(params, list) and not isinstance(prompts, (list, tuple)):
-            raise InputError("one SamplingParams per prompt needs the prompts as a list")
+            raise InputError("one SamplingParams per prompt needs the prompts as a list (or an iterator of them "
+                             "beside an iterable of prompts)")
         if isinstance(params, list) and len(params) != len(prompts):
             raise InputError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         for i, p, sp in zip(count() if indices is None else indices, prompts, per_prompt):

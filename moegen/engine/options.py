@@ -49,10 +49,15 @@ def values_of(args, options) -> dict:
     return {opt.name: getattr(args, opt.name) for opt in options if getattr(args, opt.name, None) is not None}
 
 
+def unknown_engine_options(given) -> "list[str]":
+    """The names among `given` that are no engine option, sorted (the one check of option names)."""
+    return sorted(set(given) - set(_ENGINE_BY_NAME))
+
+
 def parse_options(given: dict) -> dict:
     """Engine options by public name -> Engine keyword arguments: text ("8", "false") read as the
     option's kind, None (unset) dropped; an unknown name is an InputError naming the known ones."""
-    unknown = sorted(set(given) - set(_ENGINE_BY_NAME))
+    unknown = unknown_engine_options(given)
     if unknown:
         raise InputError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(_ENGINE_BY_NAME)}")
     return {name: _ENGINE_BY_NAME[name].parsed(name, value) if isinstance(value, str) else value

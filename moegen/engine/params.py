@@ -1,15 +1,14 @@
 """What a caller asks for (SamplingParams), what a checkpoint suggests when the caller leaves a
 setting unset (GenerationDefaults), and what the caller gets back (Completion)."""
-import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moegen.errors import InputError
+from moegen.generation_config import GENERATION_CONFIG, read_generation_config
 
 log = logging.getLogger("moegen")
-GENERATION_CONFIG = "generation_config.json"
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k")
 # generation_config settings moegen cannot honour: said once at load, never silently
 _UNSUPPORTED_KEYS = ("repetition_penalty", "min_p", "typical_p", "no_repeat_ngram_size", "num_beams")
@@ -74,12 +73,9 @@ class GenerationDefaults:
     @classmethod
     def read(cls, model_dir) -> "GenerationDefaults":
         path = Path(model_dir) / GENERATION_CONFIG
-        if not path.is_file():
+        config = read_generation_config(model_dir)
+        if config is None:
             return cls()
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: unreadable JSON: {e}") from None
         if not isinstance(config, dict):
             raise InputError(f"{path}: must hold a JSON object")
         eos = config.get("eos_token_id")
@@ -160,3 +156,33 @@ class Completion:
 
 def _json_keys(logprobs: dict[int, float]) -> dict[str, float]:
     return {str(t): lp for t, lp in logprobs.items()}
+
+
+def encode_prompt(prompt, index, max_new_tokens: int, truncate: str | None, tokenizer, vocab_size: int,
+                  max_model_len: int) -> list[int]:
+    """A prompt (text or token ids) as the token ids a model of `vocab_size` and `max_model_len`
+    takes with room for max_new_tokens (truncate="left": its last tokens); InputError naming
+    prompt `index` otherwise. Engine.encode, and a batch file's lines read without an engine."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InputError(f"prompt {index} is empty")
+        if tokenizer is None:
+            raise InputError(f"prompt {index} is text but the engine has no tokenizer")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise InputError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise InputError(f"prompt {index} is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InputError(f"prompt {index} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    room = max_model_len - max_new_tokens
+    if len(ids) > room:
+        if truncate != "left" or room < 1:
+            raise InputError(f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the "
+                             f"model's context of {max_model_len} leaves room for {max(room, 0)} "
+                             f"(truncate='left' keeps the last tokens)")
+        ids = ids[-room:]
+    return ids

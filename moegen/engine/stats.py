@@ -4,6 +4,9 @@ freezes into one (EngineStats.record)."""
 from dataclasses import dataclass, field
 
 PHASES = ("prefill", "decode", "total")
+# EngineStats' figures by name (EngineStats.as_dict)
+FIGURES = ("prefill_tokens", "decode_tokens", "prefill_tok_s", "decode_tok_s", "prefill_steps", "decode_steps",
+           "prompt_tokens_computed", "prefix_hit_rate", "experts_run", "experts_skipped", "attention")
 
 
 def tokens_per_s(tokens: int, seconds: float) -> float:
@@ -53,7 +56,12 @@ class EngineStats:
                          self.prefill_pass_tokens, self.decode_step_seqs, self.prefill_distinct_experts,
                          self.decode_distinct_experts, self.prompt_cached_lens)
 
-    # what the CLI, the eval summary and the systems read
+    # what the CLI, the eval summary and the systems read: as_dict, the one way they become a dict
+    def as_dict(self, names: "tuple[str, ...]" = ()) -> dict:
+        """The named figures (default: all of FIGURES) as one dict, tokens/s rounded to 0.1, as
+        summaries print and record them."""
+        return {n: round(getattr(self, n), 1) if n.endswith("_tok_s") else getattr(self, n) for n in names or FIGURES}
+
     @property
     def prefill_tokens(self) -> int:
         return self.record().prompt_tokens

@@ -42,7 +42,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from moegen.dtypes import dtype_name
 from moegen.engine.config import DTYPE
-from moegen.engine.options import engine_option_names
+from moegen.engine.options import engine_option_names, unknown_engine_options
 from moegen.errors import ConfigError, InputError
 from moegen.recipe import EngineRecipe
 
@@ -66,7 +66,9 @@ class MoegenLM(TemplateLM):
         # batch_size / max_batch_size come from lm-eval's CLI; the engine batches everything it
         # is given (max_batch bounds a step), so they are accepted and ignored.
         del batch_size, max_batch_size
-        self.engine = engine if engine is not None else _load_engine(pretrained, dtype, device, engine_options)
+        if engine is None:
+            engine = model_args_recipe(pretrained, dtype, device, engine_options).build()
+        self.engine = engine
         self.tokenizer = self.engine.tokenizer
         if self.tokenizer is None:
             raise ConfigError("the moegen lm-eval backend needs an engine with a tokenizer")
@@ -317,12 +319,13 @@ def _sampling(gen_kwargs: dict) -> dict:
     return out
 
 
-def _load_engine(pretrained, dtype, device, options: dict):
+def model_args_recipe(pretrained, dtype, device, options: dict) -> EngineRecipe:
+    """The EngineRecipe that lm-eval's model_args ask for, checked here once: pretrained given,
+    every other name an engine option (read from text by EngineRecipe.from_settings)."""
     if pretrained is None:
         raise ConfigError("model_args needs pretrained=DIR (a checkpoint directory)")
-    allowed = engine_option_names()
-    unknown = sorted(set(options) - set(allowed))
+    unknown = unknown_engine_options(options)
     if unknown:
         raise ConfigError(f"unknown moegen model_args {unknown}; known: pretrained, dtype, device, "
-                          f"max_length, {', '.join(sorted(allowed))}")
-    return EngineRecipe.from_settings(str(pretrained), {**options, "device": str(device), "dtype": str(dtype)}).build()
+                          f"max_length, {', '.join(sorted(engine_option_names()))}")
+    return EngineRecipe.from_settings(str(pretrained), {**options, "device": str(device), "dtype": str(dtype)})

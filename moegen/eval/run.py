@@ -56,10 +56,7 @@ def run_eval(model, tasks, limit=None, system="moegen", dtype="bfloat16", device
 
 def engine_summary(engine) -> dict:
     """Throughput of everything the engine ran for this evaluation."""
-    s = engine.stats
-    return {"prefill_tokens": s.prefill_tokens, "decode_tokens": s.decode_tokens,
-            "prefill_tok_s": round(s.prefill_tok_s, 1), "decode_tok_s": round(s.decode_tok_s, 1),
-            "attention": s.attention}
+    return engine.stats.as_dict(("prefill_tokens", "decode_tokens", "prefill_tok_s", "decode_tok_s", "attention"))
 
 
 def evaluate(lm, names, manager, limit=None, num_fewshot=None, gen_kwargs=None, **info) -> dict:

@@ -2,8 +2,8 @@
 
 Finished rows are appended to the output JSONL as they arrive (finish order), buffered, and made
 durable (write, flush, fsync) every `flush_rows` rows or `flush_seconds` seconds. A sidecar
-`OUT.journal.json` fingerprints what produced them: model, prompts, sampling and the engine
-settings that change tokens. Opening a journal with the same fingerprint keeps its rows (a torn
+`OUT.journal.json` fingerprints what produced them (moegen.generation.fingerprint): model,
+prompts, sampling and the engine settings that change tokens. Opening a journal with the same fingerprint keeps its rows (a torn
 last line, from a crash mid-write, is cut off), so only the missing rows are generated; a journal
 of other inputs is refused, naming what differs, unless `overwrite`. `finish()` rewrites the file
 in input order (atomically: temporary file, fsync, rename) or, for order="finish", leaves it.
@@ -25,92 +25,21 @@ Nothing lost, nothing wrong:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from moegen.errors import InputError, MachineFault, storage_fault
+from moegen.generation.fingerprint import differences, same_generation
 from moegen.generation.output_lock import OutputLock
-from moegen.jsonl import json_safe, jsonl_text, output_target, write_output
+from moegen.jsonl import jsonl_text, output_target, write_output
 
 ORDERS = ("input", "finish")
 FLUSH_ROWS = 64
 FLUSH_SECONDS = 10.0
 TAIL_BYTES = 1 << 16           # read from a journal's end to find a torn last line
 
-
-# ---- fingerprint --------------------------------------------------------------------------------
-
-def fingerprint(model: str, rows, sampling: dict, engine: dict) -> dict:
-    """What decides a generation's rows: the model (its name and config.json), every input row
-    (the prompts, with any fields copied into the output), sampling and token-changing engine
-    settings (dtype, context length, truncation)."""
-    # as plain JSON, so that it compares equal to itself read back from the sidecar
-    return json_safe({"model": model_identity(model), "prompts": rows_digest(rows), "sampling": sampling,
-                      "engine": engine})
-
-
-# sampling fields added after journals existed, with the value that means "as before": left out
-# of a fingerprint at that value, so a journal written before them still resumes
-_LATER_SAMPLING = {"n": 1, "logprobs": None, "prompt_logprobs": None}
-
-
-def sampling_fingerprint(sampling: dict) -> dict:
-    """The sampling part of a fingerprint: the fields of SamplingParams, less later ones at their
-    as-before value."""
-    return {k: v for k, v in sampling.items() if k not in _LATER_SAMPLING or v != _LATER_SAMPLING[k]}
-
-
-def model_identity(model: str) -> dict:
-    """The model's name, its config.json's sha256, and the checkpoint's fingerprint (weights,
-    tokenizer, chat template: moegen.checkpoints.fingerprints), so that a directory rebuilt with other
-    weights under the same config never resumes the rows of the old ones."""
-    from moegen.checkpoints.fingerprints import checkpoint_fingerprint
-
-    config = Path(model) / "config.json"
-    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
-    return {"name": str(model), "config_sha256": digest, CHECKPOINT_KEY: checkpoint_fingerprint(model)}
-
-
-CHECKPOINT_KEY = "checkpoint_sha256"
-
-
-def same_generation(saved, new: dict) -> bool:
-    """Whether a sidecar's fingerprint is this one's. A journal written before fingerprints held the
-    checkpoint's is compared without it (it still resumes)."""
-    if saved == new:
-        return True
-    model = saved.get("model") if isinstance(saved, dict) else None
-    if isinstance(model, dict) and CHECKPOINT_KEY not in model and isinstance(new.get("model"), dict):
-        return saved == {**new, "model": {k: v for k, v in new["model"].items() if k != CHECKPOINT_KEY}}
-    return False
-
-
-def rows_digest(rows) -> dict:
-    """Count and sha256 of the rows, one sorted-key JSON line each."""
-    digest, count = hashlib.sha256(), 0
-    for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
-        count += 1
-    return {"rows": count, "sha256": digest.hexdigest()}
-
-
-def differences(old, new, prefix: str = "") -> list[str]:
-    """'key: old -> new' for each leaf where two fingerprints differ (dotted keys)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix[:-1]}: {short(old)} in the journal, {short(new)} now"]
-
-
-def short(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 24 else text[:12] + "..."
-
-
-# ---- journal ------------------------------------------------------------------------------------
 
 def sidecar_path(out) -> Path:
     return Path(f"{out}.journal.json")
@@ -426,47 +355,3 @@ def open_output(out, fingerprint: dict, flush_rows: int = FLUSH_ROWS, flush_seco
     if target is None or (target.exists() and not target.is_file()):
         return PlainOutput(out)
     return Journal(target, fingerprint, flush_rows, flush_seconds, overwrite, wait)
-
-
-# ---- feeding a journal --------------------------------------------------------------------------
-
-@dataclass
-class Tally:
-    """What this run added: rows, their prompt and generated tokens, and the time it took."""
-    rows: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    wall_s: float = 0.0
-
-    def add(self, row: dict) -> None:
-        self.rows += 1
-        self.prompt_tokens += len(row["prompt_token_ids"])
-        # n > 1: every sample's tokens (the row's own fields repeat sample 0's)
-        self.generated_tokens += sum(len(s["token_ids"]) for s in row.get("samples") or [row])
-        self.wall_s = time.perf_counter() - self.started
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-
-def pending_indices(num_rows: int, journal) -> list[int]:
-    return [i for i in range(num_rows) if i not in journal.done]
-
-
-def write_completions(journal, completions, extra: list[dict] | None = None, on_row=None, to_row=None) -> Tally:
-    """Journal each completion as its row (plus the fields of extra[index] the row lacks), or as
-    to_row(completion) when given (an OpenAI batch response row), in the order they come;
-    on_row(tally) after each. Rows finished before an error are kept."""
-    tally = Tally()
-    with journal:
-        for completion in completions:
-            row = completion.to_row()
-            row.update({k: v for k, v in (extra[row["index"]] if extra else {}).items() if k not in row})
-            if journal.append(row if to_row is None else to_row(completion)):
-                tally.add(row)
-                if on_row is not None:
-                    on_row(tally)
-    tally.wall_s = time.perf_counter() - tally.started
-    return tally

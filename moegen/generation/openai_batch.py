@@ -39,7 +39,7 @@ from functools import lru_cache
 from itertools import accumulate
 from pathlib import Path
 
-from moegen.engine.params import SamplingParams
+from moegen.engine.params import SamplingParams, encode_prompt
 from moegen.engine.sampler import check_logprob_counts
 from moegen.errors import InputError, MoegenError
 from moegen.jsonl import STDIN
@@ -297,61 +297,59 @@ def _row(custom_id, status: int, body: dict, error) -> dict:
 
 
 def answer_file(recipe, lines, out: str, model: str, max_new_tokens: int, truncate: "str | None" = None,
-                progress: bool = False, overwrite: bool = False, wait: bool = False) -> dict:
-    """Every line answered into `out` through the generation journal (moegen.generation.journal):
-    rows are journaled as they finish, each with its line's `index`, so a re-run of the same file
-    answers only the lines the output lacks; at the end the output is in input order. Every pending
-    request goes to one engine call. Returns the run's figures as a GenerationSummary (the fields
-    `moegen generate` and the generate flow report), with the file's requests and failed rows."""
-    from moegen.bench.metrics import e2e_tokens_per_s
-    from moegen.generation.job import GenerationSummary, engine_figures
-    from moegen.generation.journal import fingerprint, open_output, pending_indices
-    engine_settings = {"dtype": recipe.kwargs.get("dtype"), "max_model_len": recipe.kwargs.get("max_model_len"),
-                       "truncate": truncate, "dummy_weights": recipe.dummy_weights, "format": "openai-batch"}
-    journal = open_output(out, fingerprint(str(recipe.model), [text for _, text in lines],
-                                           {"max_new_tokens": max_new_tokens}, engine_settings),
-                          overwrite=overwrite, wait=wait)
-    try:
-        pending = pending_indices(len(lines), journal)
-        t0 = time.perf_counter()
-        engine = recipe.build() if pending else None
-        t1 = time.perf_counter()
-        tally, failed = answer_pending(engine, journal, lines, pending, model, max_new_tokens, truncate, progress)
-        generate_s = time.perf_counter() - t1
-        finished = journal.finish("input")
-    finally:
-        journal.release()
-    figures = GenerationSummary(
-        rows=len(lines), resumed_rows=journal.resumed, generated_rows=tally.rows + failed,
-        prompt_tokens=tally.prompt_tokens, generated_tokens=tally.generated_tokens, load_s=round(t1 - t0, 2),
-        generate_s=round(generate_s, 2), e2e_tokens_per_s=round(e2e_tokens_per_s(tally.generated_tokens, generate_s), 1),
-        out=str(finished), details={**engine_figures(engine), "requests": len(lines), "failed": failed})
-    return figures.as_dict()
-
-
-def answer_pending(engine, journal, lines, pending: "list[int]", model: str, max_new_tokens: int, truncate,
-                   progress: bool):
-    """The pending lines into the journal: refused ones at once, the others by one engine call.
-    A request's engine index is its place among all served requests of the file, so a seeded row
-    draws the same tokens whether or not the run was resumed. Returns (tally, failed rows)."""
-    from moegen.generation.journal import Tally, write_completions
-    if engine is None:
-        return Tally(), 0
-    parsed = requests_of(engine, lines, model, max_new_tokens, truncate)
-    served = {line: pos for pos, line in enumerate(i for i, r in enumerate(parsed) if isinstance(r, BatchRequest))}
-    failed = 0
-    with journal:
-        for i in pending:
-            if i not in served:
-                failed += journal.append({**parsed[i], "index": i})
-    asked = [i for i in pending if i in served]
-    line_of = {served[i]: i for i in asked}
-    completions = engine.generate_iter([parsed[i].prompt_ids for i in asked],
-                                       [engine_params(parsed[i]) for i in asked],
-                                       indices=[served[i] for i in asked], progress=progress) if asked else ()
-    created, token_text = int(time.time()), token_strings(engine.tokenizer)
+                progress=None, **job) -> dict:
+    """Every line answered into `out` through the one generation job (moegen.generation.job):
+    the lines are read here, once, without an engine (BatchReader); refused ones are answered at
+    once, the others go to one engine call, or to `replicas` engines on Ray. Rows are journaled as
+    they finish, each with its line's `index`, so a re-run of the same file answers only the lines
+    the output lacks; at the end the output is in input order. A request's engine index is its
+    place among all served requests of the file, so a seeded row draws the same tokens whether or
+    not the run was resumed. job: GenerationJob's own settings (overwrite, wait, flush_rows,
+    flush_seconds, replicas, ray_address, replica_threads). Returns the run's figures as a
+    GenerationSummary (the fields `moegen generate` and the generate flow report), with the file's
+    requests and failed rows."""
+    from moegen.generation.job import GenerationJob, NoProgress
+    reader = BatchReader.of(recipe)
+    parsed = requests_of(reader, lines, model, max_new_tokens, truncate)
+    served = [i for i, r in enumerate(parsed) if isinstance(r, BatchRequest)]
+    position = {line: pos for pos, line in enumerate(served)}
+    created, token_text = int(time.time()), token_strings(reader.tokenizer)
 
     def to_row(completion) -> dict:
-        line = line_of[completion.index]
+        line = served[completion.index]
         return {**response_row(parsed[line], choices_of(completion), created, token_text), "index": line}
-    return write_completions(journal, completions, to_row=to_row), failed
+    asking = [isinstance(r, BatchRequest) for r in parsed]
+    summary = GenerationJob(
+        recipe, [r.prompt_ids if ask else None for r, ask in zip(parsed, asking)],
+        [engine_params(r) if ask else None for r, ask in zip(parsed, asking)], out, truncate=truncate,
+        answered={i: {**r, "index": i} for i, (r, ask) in enumerate(zip(parsed, asking)) if not ask},
+        engine_index=[position.get(i) for i in range(len(parsed))], to_row=to_row,
+        identity={"rows": [text for _, text in lines], "sampling": {"max_new_tokens": max_new_tokens},
+                  "engine": {"format": "openai-batch"}}, **job).run(progress or NoProgress)
+    summary.details["requests"] = len(lines)
+    return summary.as_dict()
+
+
+@dataclass
+class BatchReader:
+    """What reading a batch file's lines needs of an engine, made from its recipe without loading
+    weights: the tokenizer (chat template, text prompts), the checkpoint's generation defaults, the
+    model's config (as `model`: its vocab_size) and context length. Lines are read on the driver,
+    so their token ids go to one engine or to Ray replicas alike."""
+    tokenizer: object
+    generation_defaults: object
+    model: object
+    max_model_len: int
+
+    @classmethod
+    def of(cls, recipe) -> "BatchReader":
+        from moegen.loader import config_from
+        from moegen.tokenizer import optional_tokenizer
+        config = config_from(recipe.model)
+        tokenizer = None if recipe.dummy_weights else optional_tokenizer(recipe.model)
+        max_len = recipe.kwargs.get("max_model_len") or getattr(config, "max_position_embeddings", 1 << 20)
+        return cls(tokenizer, recipe.generation_defaults(), config, max_len)
+
+    def encode(self, prompt, index, max_new_tokens: int, truncate) -> list:
+        return encode_prompt(prompt, index, max_new_tokens, truncate, self.tokenizer, self.model.vocab_size,
+                             self.max_model_len)

@@ -47,10 +47,16 @@ class Replica:
         return os.getpid()
 
     def run(self, work, results, params, truncate: str | None, window: int | None) -> int:
-        """Generate until the work queue is empty; returns the number of completions sent."""
-        indices, prompts = tee(pulled(work))
+        """Generate until the work queue is empty; returns the number of completions sent.
+        params None: each work item's prompt comes with its own SamplingParams, (prompt, params)."""
+        if params is None:
+            indices, prompts, per_prompt = tee(pulled(work), 3)
+            prompts, params = (p for _, (p, _) in prompts), (sp for _, (_, sp) in per_prompt)
+        else:
+            indices, prompts = tee(pulled(work))
+            prompts = (p for _, p in prompts)
         sent = 0
-        for completion in self.engine.generate_iter((p for _, p in prompts), params, truncate=truncate,
+        for completion in self.engine.generate_iter(prompts, params, truncate=truncate,
                                                     indices=(i for i, _ in indices), window=window):
             results.put(completion)
             sent += 1
@@ -124,8 +130,11 @@ class Replicas:
         return [self._pid[a] for a in self.actors]
 
     def generate_iter(self, prompts, params=None, truncate: str | None = None, indices=None):
+        """params: one SamplingParams, or a list with one per prompt (each travels with its prompt)."""
         from moegen.engine import SamplingParams
         params = params or SamplingParams()
+        if isinstance(params, list):
+            prompts, params = list(zip(prompts, params)), None
         work = dict(zip(count() if indices is None else indices, prompts))   # until its row is back
         while work:                       # a round; another only for the rows of replicas that died
             if not self.actors:

@@ -1,2 +1,4 @@
-"""Where results go: `database` (the results database: SQLite by default, PostgreSQL by URL; runs,
-their metrics and environments, trends and regressions read back)."""
+"""Where results go: the results database (SQLite by default, PostgreSQL by URL) as `schema` (its
+tables), `connection` (the URL, engines, one-line errors), `recording` (writing a run and its cells)
+and `queries` (runs, history, comparisons, the nightlies' baseline and trend read back); and
+`metrics`, the one table of reported metrics."""

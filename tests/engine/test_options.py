@@ -95,7 +95,7 @@ def test_lm_eval_model_args_take_every_option(monkeypatch):
     from moegen.eval import lm_eval_backend as lm_eval
     seen = {}
     monkeypatch.setattr(Engine, "from_pretrained", lambda path, **kw: seen.update(kw))
-    lm_eval._load_engine("ckpt", "float32", "cpu", dict(SAMPLES))
+    lm_eval.model_args_recipe("ckpt", "float32", "cpu", dict(SAMPLES)).build()
     assert seen == {"device": "cpu", "dtype": "float32", **SAMPLES}
     assert set(LOAD_NAMES) <= set(inspect.signature(lm_eval.MoegenLM.__init__).parameters)
 

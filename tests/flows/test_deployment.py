@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterNa
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from moegen.results import database as results
+from moegen.results import queries
 from tests.served_stack import PREFECT, REPO, free_port, run, stack_env
 
 
@@ -83,7 +83,7 @@ def test_serve_then_deployment_run_eval_mixtral(stack, tiny_fixture, tmp_path):
             artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert flow_run.state.is_completed(), flow_run.state
     assert {"eval-results", "eval-report"} <= {a.key for a in artifacts}
-    runs = results.history(flow_run_id=flow_run_id, url=url)
+    runs = queries.history(flow_run_id=flow_run_id, url=url)
     assert len(runs) == 1 and runs[0]["kind"] == "eval" and runs[0]["tags"] == ["deployment-test"]
     assert {(c["system"], c["workload"]) for c in runs[0]["results"]} == {("moegen", "gsm8k_local"),
                                                                           ("moegen", "gsm8k,n=2,gen=4")}

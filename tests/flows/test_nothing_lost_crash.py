@@ -55,7 +55,7 @@ def wait_for(api: str, flow_run_id: str, done, what: str, timeout: float):
 @pytest.mark.slow
 @pytest.mark.parametrize("killed", ["the flow run's process", "its worker too"])
 def test_a_killed_generate_run_is_resumed_from_its_journal(stack, tiny_fixture, tmp_path, killed):
-    from moegen.results import database as results
+    from moegen.results import queries
     assert "automation: moegen-resume-crashed" in stack["out"]
     if killed == "its worker too":              # heartbeats every 30 s: a run silent for 75 s is lost
         quick = tmp_path / "automations.yaml"
@@ -93,7 +93,7 @@ def test_a_killed_generate_run_is_resumed_from_its_journal(stack, tiny_fixture, 
     assert "CRASHED" in types and types.index("CRASHED") < len(types) - 1       # crashed, then ran again
     indices = [json.loads(line)["index"] for line in journal.read_text().splitlines()]
     assert indices == list(range(ROWS))                                       # every row once, input order
-    recorded = results.history(flow_run_id=flow_run_id, url=url)
+    recorded = queries.history(flow_run_id=flow_run_id, url=url)
     assert len(recorded) == 1 and recorded[0]["kind"] == "generate"
 
 

@@ -15,7 +15,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.bench import bench_flow, ray_resources  # noqa: E402
 from flows.params import TaskRunnerChoice  # noqa: E402
-from moegen.results import database as results  # noqa: E402
+from moegen.results import queries  # noqa: E402
 
 
 def test_cells_reserve_a_gpu_each_on_cuda_and_the_whole_machine_on_a_local_cpu():
@@ -37,5 +37,5 @@ def test_bench_matrix_runs_on_a_local_ray(tiny_fixture, tmp_path, caplog):
     cells = {(c["system"], c["workload"]): c for c in summary["cells"]}
     assert set(cells) == {(s, w) for s in ("moegen", "hf-generate") for w in workloads}
     assert all(c["skipped_reason"] is None and c["metrics"]["e2e_tokens_per_s"] > 0 for c in cells.values())
-    assert len(results.get_run(summary["run_id"], url)["results"]) == 4
+    assert len(queries.get_run(summary["run_id"], url)["results"]) == 4
     assert "Using Ray cluster with 1 nodes" in caplog.text

@@ -14,7 +14,8 @@ import pytest
 
 from moegen.cli import main
 from moegen.errors import InputError
-from moegen.generation.journal import Journal, PlainOutput, differences, open_output, recover_rows, sidecar_path
+from moegen.generation.fingerprint import differences
+from moegen.generation.journal import Journal, PlainOutput, open_output, recover_rows, sidecar_path
 
 REPO = Path(__file__).resolve().parents[2]
 N = 12
@@ -205,7 +206,7 @@ def test_stdout_and_fifos_are_written_once_without_a_journal(tmp_path):
 
 
 def test_a_tally_counts_every_sample_of_an_n_row():
-    from moegen.generation.journal import Tally
+    from moegen.generation.job import Tally
     tally = Tally()
     tally.add({"prompt_token_ids": [1, 2, 3], "token_ids": [4, 5]})
     tally.add({"prompt_token_ids": [1, 2], "token_ids": [6], "samples": [{"token_ids": [6]}, {"token_ids": [7, 8, 9]}]})
@@ -216,7 +217,7 @@ def test_sampling_fields_added_later_leave_old_fingerprints_alone():
     from dataclasses import asdict
 
     from moegen.engine.params import SamplingParams
-    from moegen.generation.journal import sampling_fingerprint
+    from moegen.generation.fingerprint import sampling_fingerprint
     plain = sampling_fingerprint(asdict(SamplingParams(max_new_tokens=8)))
     assert not {"n", "logprobs", "prompt_logprobs"} & set(plain)
     assert sampling_fingerprint(asdict(SamplingParams(max_new_tokens=8, n=4, logprobs=0)))["n"] == 4

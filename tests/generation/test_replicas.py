@@ -50,6 +50,35 @@ def test_two_replicas_give_the_rows_of_one_engine(tiny_fixture, prompts, one_eng
     assert [json.loads(line) for line in out.read_text().splitlines()] == one_engine_rows
 
 
+def answers(out) -> list:
+    """A batch output's rows without their random ids and creation time."""
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return [(r["index"], r["custom_id"], r["response"]["status_code"], r["error"],
+             r["response"]["body"].get("choices"), r["response"]["body"].get("usage")) for r in rows]
+
+
+def test_a_batch_file_through_two_replicas_gives_the_rows_of_one_engine(tiny_fixture, prompts, tmp_path, capsys):
+    """--format openai-batch runs the one generation job, replicas included: --replicas 2 answers
+    a batch file (greedy and seeded rows, a refused line) as one engine does."""
+    src = tmp_path / "batch.jsonl"
+    lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                         "body": {"prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0 if i % 2 else 1.0,
+                                  "seed": i}}) for i, p in enumerate(prompts)]
+    lines.insert(3, "{not json")
+    src.write_text("\n".join(lines) + "\n")
+    outs = {}
+    for replicas in (1, 2):
+        outs[replicas] = tmp_path / f"out{replicas}.jsonl"
+        code = main(["generate", "--model", str(tiny_fixture("mixtral")), "--format", "openai-batch", "--input",
+                     str(src), "--out", str(outs[replicas]), "--max-new-tokens", "4", "--dtype", "float32",
+                     "--kv-cache-memory", "16MB", "--max-batch", "1", "--quiet", "--replicas", str(replicas)])
+        assert code == 0, capsys.readouterr().err
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["rows"] == N + 1 and summary["failed"] == 1 and summary.get("replicas", 1) == replicas
+    assert answers(outs[2]) == answers(outs[1])
+    assert [a[2] for a in answers(outs[1])].count(200) == N
+
+
 def test_killing_a_replica_mid_run_still_gives_every_row_once(tiny_fixture, prompts, one_engine_rows):
     recipe = EngineRecipe(str(tiny_fixture("mixtral")), kwargs=ENGINE)
     with Replicas(recipe, 2, window=1) as replicas:      # each holds few prompts: the rest wait in the queue

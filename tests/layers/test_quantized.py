@@ -470,7 +470,7 @@ def test_cost_model_charges_quantized_experts_on_the_fused_kernel_its_rate_plus_
 
 
 def test_probe_rows_of_the_fused_kernel_become_a_curve_per_format():
-    from moegen.planner.probe import FUSED_QUANTIZED_SHAPES
+    from moegen.planner.rates import FUSED_QUANTIZED_SHAPES
     assert FUSED_QUANTIZED_SHAPES[False]
     rows = [{"format": fmt, "rows_per_expert": r, "hidden": 1024, "intermediate": 512, "flops_per_s": rate}
             for fmt, rate in (("bfloat16", 1e12), ("fp8", 6e11)) for r in (64, 256)]

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from moegen.errors import MoegenError
 from moegen.planner import probe as probe_mod
-from moegen.planner.probe import default_cache_path, format_probe, probe, torch_paged_decode_attention
+from moegen.planner import rates
+from moegen.planner.probe import default_cache_path, format_probe, probe
+from moegen.planner.rates import torch_paged_decode_attention
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def test_format_probe_is_a_readable_table(quick_cache):
 def test_fallback_attention_matches_sdpa(window):
     torch.manual_seed(0)
     seqs, ctx, n_heads, n_kv, dim, block = 3, 11, 4, 2, 8, 4
-    args = probe_mod._attention_inputs(seqs, ctx, n_heads, n_kv, dim, block, torch.float32)
+    args = rates._attention_inputs(seqs, ctx, n_heads, n_kv, dim, block, torch.float32)
     q, k_cache, v_cache, tables, lens, scale = args
     out = torch_paged_decode_attention(*args, sliding_window=window)
     for s in range(seqs):
@@ -131,5 +133,5 @@ def test_fallback_attention_matches_sdpa(window):
 
 def test_attention_falls_back_when_the_engine_kernel_is_absent(monkeypatch):
     monkeypatch.setitem(sys.modules, "moegen.ops.attention", None)        # import now raises ImportError
-    fn, impl = probe_mod._decode_attention_impl()
+    fn, impl = rates._decode_attention_impl()
     assert fn is torch_paged_decode_attention and "fallback" in impl

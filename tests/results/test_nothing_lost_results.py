@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from moegen.cli import main
-from moegen.results import database as results
+from moegen.results import connection, queries, recording
 
 REPO = Path(__file__).resolve().parents[2]
 PROCESSES, RUNS = 4, 30
@@ -22,14 +22,15 @@ PROCESSES, RUNS = 4, 30
 # environment, systems and workloads are shared with the other writers (the unique rows they race for).
 WRITER = r"""
 import os, sys, time
-from moegen.results import database as results
+from moegen.results import recording
 url, go, me, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 while not os.path.exists(go):
     time.sleep(0.005)
 for j in range(runs):
-    cells = [results.CellResult("moegen", f"w{j % 3}", {"e2e": j}), results.CellResult(f"sys{j % 5}", "w0", {"e2e": 1})]
-    results.record_run(f"writer{me}-run{j}", "bench", cells, hardware={"label": f"hw{j % 2}"}, versions={"v": 1},
-                       url=url)
+    cells = [recording.CellResult("moegen", f"w{j % 3}", {"e2e": j}),
+             recording.CellResult(f"sys{j % 5}", "w0", {"e2e": 1})]
+    recording.record_run(f"writer{me}-run{j}", "bench", cells, hardware={"label": f"hw{j % 2}"}, versions={"v": 1},
+                         url=url)
 """
 
 
@@ -55,8 +56,8 @@ def test_concurrent_writers_record_every_run_exactly_once(tmp_path, schema):
     db = tmp_path / "r.db"
     url = f"sqlite:///{db}"
     if schema == "schema in place":
-        results.get_engine(url)
-        results.get_engine.cache_clear()
+        connection.get_engine(url)
+        connection.get_engine.cache_clear()
     record_at_once(url, tmp_path)
     expected = sorted(f"writer{i}-run{j}" for i in range(PROCESSES) for j in range(RUNS))
     assert recorded_models(db) == expected
@@ -82,8 +83,8 @@ def test_not_a_url(capsys):
 
 
 def test_a_missing_driver_names_the_extra(capsys, monkeypatch):
-    real = results._importable
-    monkeypatch.setattr(results, "_importable", lambda m: False if m.startswith("psycopg") else real(m))
+    real = connection._importable
+    monkeypatch.setattr(connection, "_importable", lambda m: False if m.startswith("psycopg") else real(m))
     monkeypatch.setitem(sys.modules, "psycopg2", None)          # import psycopg2 -> ImportError
     status, err = results_cli(capsys, "postgresql://me:s3cret@db.example:5432/moegen")
     assert status == 2 and "driver is not installed" in err and "moegen[postgres]" in err
@@ -108,8 +109,8 @@ def test_a_corrupt_file_is_one_line(tmp_path, capsys):
     status, err = results_cli(capsys, f"sqlite:///{db}")
     assert status == 2 and "is not a SQLite database" in err
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
-    with pytest.raises(results.ResultsError, match="not a SQLite database"):
-        results.record_run("m", "bench", [], url=f"sqlite:///{db}")
+    with pytest.raises(connection.ResultsError, match="not a SQLite database"):
+        recording.record_run("m", "bench", [], url=f"sqlite:///{db}")
 
 
 def test_reading_never_writes(tmp_path, capsys):
@@ -122,17 +123,17 @@ def test_reading_never_writes(tmp_path, capsys):
     assert main(["results", "--db", f"sqlite:///{missing}"]) == 0
     assert "no runs in" in capsys.readouterr().out
     assert not missing.parent.exists()
-    assert results.history(url=f"sqlite:///{missing}") == []
-    with pytest.raises(results.ResultsError, match="no run 1"):
-        results.get_run(1, url=f"sqlite:///{missing}")
+    assert queries.history(url=f"sqlite:///{missing}") == []
+    with pytest.raises(connection.ResultsError, match="no run 1"):
+        queries.get_run(1, url=f"sqlite:///{missing}")
 
 
 def test_a_database_written_then_read(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    run = results.record_run("m", "bench", [results.CellResult("moegen", "w", {"e2e_tokens_per_s": 5})], url=url)
+    run = recording.record_run("m", "bench", [recording.CellResult("moegen", "w", {"e2e_tokens_per_s": 5})], url=url)
     assert main(["results", "--db", url]) == 0
     assert "moegen" in capsys.readouterr().out
-    assert results.get_run(run, url=url)["results"][0]["metrics"] == {"e2e_tokens_per_s": 5.0}
+    assert queries.get_run(run, url=url)["results"][0]["metrics"] == {"e2e_tokens_per_s": 5.0}
 
 
 # ---- the same on PostgreSQL, where the machine has a server to start ------------------------------
@@ -176,14 +177,14 @@ def postgres_url():
 def test_concurrent_writers_on_postgresql(tmp_path, postgres_url):
     record_at_once(postgres_url, tmp_path)
     import psycopg
-    url = results.parse_url(postgres_url)
+    url = connection.parse_url(postgres_url)
     with psycopg.connect(host=url.query["host"], port=int(url.query["port"]), user="postgres",
                          dbname="postgres") as conn:
         models = sorted(m for (m,) in conn.execute("SELECT model FROM runs"))
         assert conn.execute("SELECT count(*) FROM environments").fetchone()[0] == 2
         assert conn.execute("SELECT count(*) FROM systems").fetchone()[0] == 6
     assert models == sorted(f"writer{i}-run{j}" for i in range(PROCESSES) for j in range(RUNS))
-    assert len(results.history(last=1000, url=postgres_url)) == PROCESSES * RUNS
+    assert len(queries.history(last=1000, url=postgres_url)) == PROCESSES * RUNS
 
 
 def test_a_machine_fault_is_retried_by_the_flows_tasks_bad_input_is_not():
@@ -191,6 +192,6 @@ def test_a_machine_fault_is_retried_by_the_flows_tasks_bad_input_is_not():
 
     from moegen.errors import InputError
     from tasks.common import retry_unless_bad_input
-    assert retry_unless_bad_input(None, None, Failed(data=results.ResultsUnreachable("db down"))) is True
+    assert retry_unless_bad_input(None, None, Failed(data=connection.ResultsUnreachable("db down"))) is True
     assert retry_unless_bad_input(None, None, Failed(data=InputError("bad row"))) is False
-    assert retry_unless_bad_input(None, None, Failed(data=results.ResultsError("notaurl"))) is False
+    assert retry_unless_bad_input(None, None, Failed(data=connection.ResultsError("notaurl"))) is False

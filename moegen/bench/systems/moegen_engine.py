@@ -100,9 +100,9 @@ class MoegenSystem(System):
         outs = engine.generate(workload.prompts, params)
         wall = time.perf_counter() - t0
         s = engine.stats
-        extra = {"prefill_steps": s.prefill_steps, "decode_steps": s.decode_steps, "experts_run": s.experts_run,
-                 "experts_skipped": s.experts_skipped, "weight_bytes_moved": engine.streamer.stats.bytes_moved,
-                 "prompt_tokens_computed": s.prompt_tokens_computed, "prefix_hit_rate": s.prefix_hit_rate,
+        extra = {**s.as_dict(("prefill_steps", "decode_steps", "experts_run", "experts_skipped")),
+                 "weight_bytes_moved": engine.streamer.stats.bytes_moved,
+                 **s.as_dict(("prompt_tokens_computed", "prefix_hit_rate")),
                  **disk_figures(engine, wall, sum(len(o.token_ids) for o in outs)),
                  **predicted(engine), **memory_of(engine)}
         config = {"engine": asdict(engine.config), "settings": settings_used(engine), "attention": s.attention,
