@@ -4,7 +4,11 @@ Two `moegen generate` runs on one `--out` would append to the same journal and s
 other's lines (and each generate every row). So a journal is opened only under an exclusive
 `fcntl.flock` on `OUT.journal.lock`; a second process refuses at once, naming the holder's PID,
 or with `wait` blocks until the holder is done. The kernel drops the lock when its holder dies
-(kill -9 included), so a crash never leaves a stale lock behind.
+(kill -9 included), so a crash never leaves a stale lock behind -- once every process sharing the
+descriptor is gone: a child the writer forked keeps it, and a killed process lets go only as the
+kernel tears it down. So where the PID in the lock file is no longer alive, the lock is the dead
+writer's leftover and a new writer waits for it (up to DEAD_HOLDER_WAIT_S) instead of refusing:
+that is how a flow run resumed after a crash finds its journal (measured: refused now and then).
 
 Why a file of its own: the output and its sidecar are replaced by rename (a new inode each time),
 and a lock on a replaced file guards nothing. The lock file is removed by its holder on release;
@@ -16,9 +20,12 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import time
 from pathlib import Path
 
 from moegen.errors import OutputBusyError, storage_fault
+
+DEAD_HOLDER_WAIT_S = 120.0       # a dead writer's lock, kept by what it left behind, is waited for this long
 
 
 def lock_path(out) -> Path:
@@ -57,12 +64,18 @@ class OutputLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = holder_pid(fd)
-            if not wait:
+            if wait:
+                print(f"waiting for {describe(holder)}, which is writing {self.out}", file=sys.stderr)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            elif holder is not None and not alive(holder):       # what a dead writer left behind holds it
+                if not _lock_within(fd, DEAD_HOLDER_WAIT_S):
+                    raise OutputBusyError(f"{self.out}: its writer (pid {holder}) is gone, but a process it left "
+                                          f"behind still holds {self.path} after {DEAD_HOLDER_WAIT_S:.0f} s: stop "
+                                          f"that process (`fuser {self.path}` names it)") from None
+            else:
                 raise OutputBusyError(f"{self.out} is being written by another process ({describe(holder)}); "
                                       "two writers would splice the journal: wait for it to finish, or pass "
                                       "--wait (flows: wait=true) to start when it does") from None
-            print(f"waiting for {describe(holder)}, which is writing {self.out}", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             current = os.stat(self.path)
         except FileNotFoundError:
@@ -89,6 +102,29 @@ class OutputLock:
             self.release()
         except Exception:  # noqa: BLE001 -- at interpreter exit the kernel drops the lock anyway
             pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's process: alive
+        return True
+    return True
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    """Try to lock fd until `seconds` have passed; whether it was locked."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False
 
 
 def holder_pid(fd: int) -> int | None:

@@ -3,11 +3,13 @@ folder deleted or a journal moved mid-run, outputs that are not ours (an existin
 input itself), and a disk that fills up while journaling (a real small tmpfs where the machine
 lets us mount one, and a patched write everywhere)."""
 import errno
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -140,6 +142,36 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path, model):
     summary = json.loads(again.stdout)
     assert summary["resumed_rows"] == 2 and summary["generated_rows"] == N - 2
     assert indices(out) == list(range(N))
+
+
+def test_a_dead_writers_child_holding_the_lock_is_waited_for_not_refused(tmp_path):
+    """A writer killed while a child it forked still shares the lock's descriptor: the lock file
+    names a dead PID, so the next writer waits for the child to let go instead of refusing."""
+    out, ready = tmp_path / "o.jsonl", tmp_path / "ready"
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from moegen.generation.output_lock import OutputLock
+        lock = OutputLock({str(out)!r})
+        if os.fork() == 0:              # the child keeps the inherited descriptor, hence the lock
+            os.close(1), os.close(2)    # not the test's pipes: it waits for the writer alone
+            time.sleep(4)
+            os._exit(0)
+        open({str(ready)!r}, "w").close()
+        os._exit(0)                     # the writer dies first, as a killed one does
+    """)
+    writer = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=60)
+    assert writer.returncode == 0 and ready.exists(), writer.stderr
+    with pytest.raises(BlockingIOError):          # the child still holds it
+        fd = os.open(lock_path(out), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    t0 = time.monotonic()
+    journal = Journal(out, {"f": 1})              # waits for the child (~4 s), then writes
+    assert 0.5 < time.monotonic() - t0 < 60
+    journal.finish()
 
 
 def test_in_process_journals_exclude_each_other(tmp_path):
