@@ -105,13 +105,20 @@ class OutputLock:
 
 
 def alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (killed, not yet reaped by its parent) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
         return False
-    except PermissionError:          # another user's process: alive
+    except OSError:                  # no /proc here: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:      # another user's process: alive
+            return True
         return True
-    return True
 
 
 def _lock_within(fd: int, seconds: float) -> bool:
