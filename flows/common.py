@@ -34,6 +34,11 @@ def check_resume_limit(limit: int = RESUME_LIMIT) -> None:
                            f"what kills it: memory, the machine) and retry it by hand: prefect flow-run retry {run_id}")
 
 
+def is_resumed() -> bool:
+    """Whether this flow run ran before (crashed, then scheduled again)."""
+    return flow_run.get_id() is not None and flow_run.get_run_count() > 1
+
+
 def cache_scope(resume_from: str | None) -> str:
     """The scope cached task results are keyed on: this flow run (so a retry of it reuses finished
     work), or the earlier flow run `resume_from` names (to finish what a crashed run started)."""

@@ -16,7 +16,7 @@ from typing import Literal
 from prefect import flow
 from pydantic import NonNegativeFloat, PositiveInt
 
-from flows.common import check_resume_limit, describe_environment, flow_run_id
+from flows.common import check_resume_limit, describe_environment, flow_run_id, is_resumed
 from flows.params import DType, Device, EngineOptions, ModelRef, ResultsURL, Sampling
 from moegen.errors import InputError
 from moegen.engine.params import SamplingParams
@@ -70,7 +70,10 @@ def generate_flow(model: ModelRef = "fixture:mixtral/bench", dataset: str = "gsm
     kept = [{k: r[k] for k in keep_fields if k in r} for r in rows]
     job = GenerationJob(EngineRecipe.from_settings(model_path, {"dtype": dtype, "device": device, **engine.set_options()}),
                         prompts, SamplingParams(**sampling.model_dump()), str(out), kept=kept, order=order,
-                        flush_rows=flush_rows, flush_seconds=flush_seconds, overwrite=overwrite, wait=wait,
+                        flush_rows=flush_rows, flush_seconds=flush_seconds, overwrite=overwrite,
+                        # resumed after a crash: wait for whatever still holds the output (what the crashed
+                        # run left behind, or a second start of this same run) rather than fail the resume
+                        wait=wait or is_resumed(),
                         replicas=replicas, ray_address=ray_address)
     ran = generate_rows(job)
     summary = {**ran.as_dict(), "model": model, "dataset": source["source"], "replicas": replicas}
