@@ -103,9 +103,7 @@ class DiskBackend:
             if name in self.tiles:
                 self._read_tiles(name, view)
             elif self.extents[name] is None:
-                with self.produce_lock:
-                    self.reader.for_weight(name)
-                    made = self.checkpoint.produce(name, self.producers[name])
+                made = self._produce(name)
                 for dst, src in zip(tensors_of(view), tensors_of(made)):
                     dst.copy_(src)
             else:
@@ -116,16 +114,19 @@ class DiskBackend:
             if name in self.packed and isinstance(view, torch.Tensor) and view.dim() == 2:
                 views[name] = pack_weight(view)
 
+    def _produce(self, name: str):
+        """A weight that takes more than its bytes (a cast, a quantized weight), by the loader's producer."""
+        with self.produce_lock:
+            self.reader.for_weight(name)
+            return self.checkpoint.produce(name, self.producers[name])
+
     def _read_tiles(self, name: str, view: torch.Tensor) -> None:
         """An expert's weight read with O_DIRECT into this reader's scratch, then packed into its
         tiles in `view`; gate and up stored apart are packed from where they were read."""
         moe, part = self.tiles[name]
         extents = self.extents[name]
         if extents is None:
-            with self.produce_lock:
-                self.reader.for_weight(name)
-                made = self.checkpoint.produce(name, self.producers[name])
-            moe.tile_expert(part, made, out=view)
+            moe.tile_expert(part, self._produce(name), out=view)
             return
         scratch = getattr(self.scratch, "value", None) or DirectScratch()
         self.scratch.value = scratch

@@ -68,10 +68,10 @@ def disk_pool(num_buffers: int, expert_bytes: int, largest_bytes: int, packed: b
     stays resident (only experts stream), else of the largest module. Experts the fused kernel runs
     (`tiled`) are packed into their buffers as read, so they have no packed copies, and each reader
     keeps an expert's worth of scratch to read into."""
+    scratch = DISK_READERS if tiled else 1
     if dense_resident and expert_bytes:
-        return disk_pool_bytes(num_buffers, expert_bytes, packed and not tiled, DISK_READERS if tiled else 1), \
-            expert_bytes
-    return disk_pool_bytes(num_buffers, largest_bytes, packed, DISK_READERS if tiled else 1), largest_bytes
+        return disk_pool_bytes(num_buffers, expert_bytes, packed and not tiled, scratch), expert_bytes
+    return disk_pool_bytes(num_buffers, largest_bytes, packed, scratch), largest_bytes
 
 
 def choose_resident(groups: Mapping[str, Any], sizes: Mapping[str, int], budget_bytes: int) -> set:
