@@ -81,9 +81,11 @@ class DiskBackend:
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def copy(self, buffer, tensors, ready_after=None):
+        """ready_after: the read that last filled `buffer`, if it may still be running (its module was
+        cancelled unused): this read waits for it, else two readers would write the buffer at once."""
         from moegen.engine.weight_stream import carve
         views = carve(buffer, tensors)
-        return views, self.thread.submit(self._read, views)
+        return views, self.thread.submit(self._read, views, ready_after)
 
     def wait(self, event):
         if not event.done():
@@ -96,7 +98,9 @@ class DiskBackend:
         return None
 
     @torch.inference_mode()         # the views were carved in the runner's inference mode
-    def _read(self, views: dict) -> None:
+    def _read(self, views: dict, ready_after=None) -> None:
+        if ready_after is not None:
+            wait([ready_after])     # submitted before this one, so running or done: no deadlock
         for name, view in views.items():
             if name not in self.extents:
                 self.extents[name] = self.checkpoint.extents(name)

@@ -303,8 +303,10 @@ class WeightStreamer:
             if key in self.upcoming:
                 self.upcoming.remove(key)
             elif key in self.loaded and key not in self.users:
-                buffer, _, _ = self.loaded.pop(key)
-                self.released_at[id(buffer)] = self.backend.compute_done()
+                # never used since its copy began, which may still be in flight (a disk read on
+                # another reader thread): the buffer is refilled only after that copy has landed
+                buffer, _, copied = self.loaded.pop(key)
+                self.released_at[id(buffer)] = copied
                 self.free.append(buffer)
         self._prefetch()
 

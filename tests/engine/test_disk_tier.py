@@ -124,6 +124,38 @@ def test_only_routed_experts_are_read(tiny_fixture):
     assert engine.streamer.disk_bytes_read == engine.streamer.stats.bytes_moved > 0
 
 
+def test_a_cancelled_read_still_in_flight_is_not_overwritten_by_the_next_read_into_its_buffer(tiny_fixture):
+    """An expert prefetched before routing that got no token is cancelled while its read may still run
+    on one reader thread; the next module read into that buffer (on the other thread) must wait for
+    it, else the late read lands over the new module's weights (seen as wrong tokens, now and then)."""
+    import threading
+    import time
+    from concurrent.futures import wait
+    path = tiny_fixture("mixtral")
+    engine = disk_engine(path, resident_share=0.0)
+    streamer, backend = engine.streamer, engine.streamer.backend
+    assert streamer.num_buffers == 2 and len(streamer.free) == 2
+    a, b, c = [k for k in streamer.groups if ".experts." in k and k not in streamer.resident][:3]
+    first, slow = threading.Event(), backend.reads.read_into
+
+    def first_read_late(entry, out):           # the first read (a's) is held up: a slow disk
+        if not first.is_set():
+            first.set()
+            time.sleep(0.5)
+        slow(entry, out)
+    backend.reads.read_into = first_read_late
+    streamer.plan([a, b])
+    a_read = streamer.loaded[a][2]
+    streamer.cancel([a])                        # a got no token: its buffer goes to c
+    streamer.plan([c])
+    views = streamer.acquire(c)
+    wait([a_read])
+    stored = load_model(path, "float32").weights
+    for name, view in views.items():
+        assert torch.equal(view, stored[name]), name
+    streamer.release(c)
+
+
 def test_a_shard_truncated_mid_run_is_an_error_naming_it(tiny_fixture, tmp_path):
     import shutil
     ckpt = tmp_path / "ckpt"
