@@ -29,7 +29,7 @@ from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.engine.weight_setup import DEQUANT_TEMPORARIES, device_reserve
 from moegen.engine.weight_stream import group_weights, module_bytes
 from moegen.checkpoints.fixture import ARCHS, fixture_config
-from moegen.layers.quantized import is_quantized
+from moegen.layers.quantized import is_quantized, tensors_of
 from moegen.loader import config_from, dummy_model, load_model
 
 # Sizes per mode: the GPU run fits ~8 minutes on an H100 with its build, the rehearsal ~5 on 2 cores.
@@ -332,8 +332,50 @@ def step_throughput(check: Check, mode: str, sizes: dict, work: Path, shape: str
                  rows=rows, weights_bytes=weights, budget_bytes=budget, n=n)
 
 
+@torch.inference_mode()
+def step_disk(check: Check, mode: str, sizes: dict, work: Path) -> None:
+    """disk -> host -> device: a checkpoint larger than what the host budget leaves for weights, its
+    embeddings and a quarter of the rest on the device, half of the rest in host memory (the
+    device's quarter among it), the others read from the files as they stream; tokens against the
+    same engine with every weight in host memory."""
+    from moegen.planner.policy import DISK_READERS
+    arch = "mixtral"
+    path = write_checkpoint(fixture_config(arch, sizes["preset"]), work, f"{arch}-{sizes['preset']}")
+    model = load_model(path, "float32")
+    sizes_ = {k: module_bytes(g) for k, g in group_weights(model.weights).items()}
+    rest = sum(sizes_.values()) - sizes_["model"]
+    device_budget = streamed_budget(model, mode, 1 / 4)
+    ps = prompts(sizes["prompts"], lambda i: 6 + 5 * i, 1000)
+    params = SamplingParams(max_new_tokens=sizes["new_tokens"], ignore_eos=True)
+    ref = [o.token_ids for o in engine(model, mode, device_budget, 64 << 20).generate(ps, params)]
+    del model
+    streaming = "auto" if mode == "cuda" else "staged"
+    opts = dict(FIXED, device=device_of(mode), dtype="float32", kv_cache_memory=64 << 20, streaming=streaming,
+                device_memory=device_budget)
+    from moegen.engine.memory import host_memory_bytes
+    whole = Engine.from_pretrained(path, host_memory=host_memory_bytes() // 2, **opts).layout   # the runtime's share
+    largest = max(v for k, v in sizes_.items() if k != "model")
+    host = (whole.reserve_bytes + whole.activation_bytes + (64 << 20) + DISK_READERS * largest + sizes_["model"]
+            + rest // 2)
+    e = Engine.from_pretrained(path, host_memory=host, **opts)
+    s = e.streamer
+    in_files = {k for k, g in s.groups.items() if any(t.is_meta for w in g.values() for t in tensors_of(w))}
+    in_host = set(s.groups) - s.resident - in_files
+    t0 = time.perf_counter()
+    out = [o.token_ids for o in e.generate(ps, params)]
+    wall = time.perf_counter() - t0
+    same = sum(a == b for a, b in zip(out, ref))
+    tiers = f"{len(s.resident)} modules on the device, {len(in_host)} in host memory, {len(in_files)} in the files"
+    check.record("disk-to-device", same == len(ps) and e.layout.disk and s.disk_bytes_read > 0 and bool(in_host)
+                 and bool(in_files), f"{same}/{len(ps)} prompts token-identical to the host-resident run; host budget "
+                 f"{host / 2**20:.0f} MiB ({whole.reserve_bytes / 2**20:.0f} of it the runtime's), weights "
+                 f"{(rest + sizes_['model']) / 2**20:.0f} MiB; {tiers}; "
+                 f"{s.disk_bytes_read / 2**20:.1f} MiB read from the files in {wall:.1f} s",
+                 matches=same, prompts=len(ps), host_budget_bytes=host, disk_bytes_read=s.disk_bytes_read)
+
+
 STEPS = {"ops": step_ops, "exact": step_exact, "quantized": step_quantized, "features": step_features,
-         "footprint": step_footprint, "throughput": step_throughput}
+         "footprint": step_footprint, "throughput": step_throughput, "disk": step_disk}
 
 
 def main() -> int:

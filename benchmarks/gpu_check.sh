@@ -35,7 +35,7 @@ fi
 
 # step, variant, seconds allowed on the GPU (the rehearsal gets twice as long: 2 shared cores)
 STEPS=("ops - 150" "exact - 90" "quantized - 60" "features - 60" "footprint bf16 90" "footprint fp8 90"
-       "throughput mixtral 90" "throughput v2lite 150")
+       "throughput mixtral 90" "throughput v2lite 150" "disk - 60")
 start=$SECONDS
 fails=0
 for s in "${STEPS[@]}"; do

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +143,71 @@ class DiskBackend:
             return
         plain = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         moe.tile_expert(part, plain.view(rows, cols), out=view)
+
+
+class DiskToDeviceBackend:
+    """The disk tier behind a device (disk -> host -> GPU): the streamer's buffers are the device's
+    (`device_side`: a CudaBackend, or on the CPU a StagedBackend standing in for one). A module kept
+    in host memory (pinned) is copied as the device side copies it; a module left in the files is
+    read by the DiskBackend's readers into the reader's own staging buffer (pinned: the copy to the
+    device is asynchronous) and copied to the device from there, on the reader thread. Host memory
+    then holds the host-resident modules and one staging buffer a reader, never a device pool."""
+    streams = True
+
+    def __init__(self, disk: DiskBackend, device_side):
+        self.disk, self.device_side = disk, device_side
+        self.device = device_side.device
+        self.staging = threading.local()
+
+    @property
+    def bytes_read(self) -> int:
+        return self.disk.bytes_read
+
+    @property
+    def wait_s(self) -> float:
+        return self.disk.wait_s
+
+    def prepare_host(self, weights: dict, names: list, release=None) -> list[int]:
+        """The host-resident modules pinned (the files' ones stay there until read)."""
+        return self.device_side.prepare_host(weights, [n for n in names if not is_skeleton(weights[n])], release)
+
+    def alloc(self, nbytes):
+        return self.device_side.alloc(nbytes)
+
+    def copy(self, buffer, tensors, ready_after=None):
+        if not any(is_skeleton(w) for w in tensors.values()):      # in host memory: straight to the device
+            return self.device_side.copy(buffer, tensors, self._settled(ready_after))
+        from moegen.engine.weight_stream import carve
+        return carve(buffer, tensors), self.disk.thread.submit(self._read_then_copy, buffer, tensors, ready_after)
+
+    def wait(self, event):
+        if isinstance(event, Future):
+            self.disk.wait(event)       # the read (and a read's error) first, then the device copy it issued
+            event = event.result()
+        self.device_side.wait(event)
+
+    def compute_done(self):
+        return self.device_side.compute_done()
+
+    def _settled(self, ready_after):
+        """A buffer's release condition as the device side takes it: a cancelled module's read (a
+        Future) is waited for, and the device copy it issued is what to wait on."""
+        return ready_after.result() if isinstance(ready_after, Future) else ready_after
+
+    @torch.inference_mode()
+    def _read_then_copy(self, buffer, tensors, ready_after):
+        from moegen.engine.weight_stream import carve, module_bytes
+        nbytes = module_bytes(tensors)
+        staging = getattr(self.staging, "value", None)
+        if staging is None or staging.numel() < nbytes:
+            staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self.staging.value = staging
+        host_views = carve(staging, tensors)
+        self.disk._read(host_views)
+        _, event = self.device_side.copy(buffer, host_views, self._settled(ready_after))
+        if event is not None:
+            event.synchronize()         # the staging buffer is this reader's next read's
+        return event
 
 
 def tile_experts(layers, weights: dict, resident: frozenset) -> dict:

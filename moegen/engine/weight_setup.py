@@ -8,7 +8,7 @@ import time
 import torch
 
 from moegen.engine.config import EngineConfig
-from moegen.engine.disk_tier import DiskBackend, HostLayout, host_layout, is_skeleton, tile_experts
+from moegen.engine.disk_tier import DiskBackend, DiskToDeviceBackend, HostLayout, host_layout, is_skeleton, tile_experts
 from moegen.engine.memory import host_memory_bytes
 from moegen.engine.weight_stream import (CudaBackend, ResidentBackend, StagedBackend, WeightStreamer, group_weights,
                                          module_bytes)
@@ -73,9 +73,9 @@ class WeightSetup:
         if layout.disk and self.model.checkpoint is None:
             raise CapacityError(f"{layout.describe()}; but this model's weights were made or loaded whole in "
                                 "memory: open it with Engine.from_pretrained to stream them from its files")
-        if layout.disk and (self.device.type != "cpu" or cfg.streaming == "resident"):
-            raise InputError(f"{layout.describe()}: the disk tier streams to the CPU (device cpu, streaming "
-                             "auto or staged); give a host_memory that holds the model")
+        if layout.disk and cfg.streaming == "resident":
+            raise InputError(f"{layout.describe()}: streaming=resident keeps every weight where it is loaded; "
+                             "give a host_memory that holds the model, or streaming auto")
         log.info("%s", layout.describe())
         return layout
 
@@ -84,8 +84,13 @@ class WeightSetup:
         of one expert where only experts stream, else of the largest module."""
         experts = max((v for k, v in sizes.items() if ".experts." in k), default=0)
         largest = max((v for k, v in sizes.items() if k != "model"), default=0)
-        return disk_pool(self.num_buffers, experts, largest, self.packs(),
-                         bool(self.tiled_layers(self.model.weights)), dense_resident)[0]
+        return disk_pool(self.num_buffers, experts, largest, self.packs() and not self.to_device(),
+                         bool(self.tiled_layers(self.model.weights)), dense_resident, self.to_device())[0]
+
+    def to_device(self) -> bool:
+        """Whether the streamed weights go on to a device (CUDA, or the staged stand-in for one):
+        the disk tier then reads through host staging into the device's buffers."""
+        return self.device.type == "cuda" or self.config.streaming == "staged"
 
     def packs(self) -> bool:
         """Whether GEMM weights get oneDNN's layout (prepack; with the disk tier, after each read)."""
@@ -94,6 +99,8 @@ class WeightSetup:
     def make_streamer(self, layout: HostLayout | None) -> WeightStreamer:
         cfg, weights = self.config, self.model.weights
         checkpoint = self.model.checkpoint
+        if layout is not None and layout.disk and self.to_device():
+            return self.disk_to_device_streamer(layout)
         if layout is not None and layout.disk:
             groups = group_weights(weights)
             todo = [n for k in layout.resident for n, w in groups[k].items() if is_skeleton(w)]
@@ -131,6 +138,25 @@ class WeightSetup:
         if cfg.prepack is not False:
             self.prepack_weights(weights)
         return WeightStreamer(weights, ResidentBackend())
+
+    def disk_to_device_streamer(self, layout: HostLayout) -> WeightStreamer:
+        """Three tiers: what fits the device budget on the device (resident_modules), what the host
+        layout keeps in host memory pinned there, the rest read from the files as it streams
+        (DiskToDeviceBackend). The device's weights are read mapped, each tensor's pages handed back
+        once on the device; the host's are copied in (then pinned), so the files never back them."""
+        from moegen.loader import MappedPages
+        weights, checkpoint = self.model.weights, self.model.checkpoint
+        groups = group_weights(weights)
+        on_device = self.resident_modules(groups)
+        in_host = set(layout.resident) - on_device
+        checkpoint.load([n for k in sorted(on_device) for n, w in groups[k].items() if is_skeleton(w)])
+        checkpoint.load([n for k in sorted(in_host) for n, w in groups[k].items() if is_skeleton(w)], own=True)
+        device_side = CudaBackend(self.device) if self.device.type == "cuda" else StagedBackend()
+        backend = DiskToDeviceBackend(DiskBackend(checkpoint), device_side)
+        log.info("disk tier behind %s: %d modules on it, %d in host memory, %d read from the files", self.device,
+                 len(on_device), len(in_host), len(set(groups) - on_device - in_host))
+        return WeightStreamer(weights, backend, resident=on_device, num_buffers=self.num_buffers,
+                              release=MappedPages())
 
     def resident_modules(self, groups) -> set:
         """The modules kept on the device: the embeddings and lm_head always, then what fits
@@ -192,7 +218,7 @@ class WeightSetup:
         strict: experts_kernel=fused that cannot run so is an error."""
         from moegen.ops.experts import auto_isa, chosen_isa
         wanted = self.config.experts_kernel
-        if wanted == "torch":
+        if wanted == "torch" or self.to_device():      # the kernel is the CPU's
             return []
         isa = chosen_isa() if wanted == "fused" else auto_isa()
         layers = [moe for moe in self.moe_layers() if moe.can_tile(weights, self.model.dtype)]

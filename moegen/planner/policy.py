@@ -63,15 +63,17 @@ def disk_pool_bytes(num_buffers: int, buffer_bytes: int, packed: bool, scratch: 
 
 
 def disk_pool(num_buffers: int, expert_bytes: int, largest_bytes: int, packed: bool, tiled: bool,
-              dense_resident: bool) -> tuple[int, int]:
-    """(pool bytes, buffer bytes) of the disk tier: buffers of one expert where every dense group
-    stays resident (only experts stream), else of the largest module. Experts the fused kernel runs
-    (`tiled`) are packed into their buffers as read, so they have no packed copies, and each reader
-    keeps an expert's worth of scratch to read into."""
-    scratch = DISK_READERS if tiled else 1
+              dense_resident: bool, to_device: bool = False) -> tuple[int, int]:
+    """(host pool bytes, buffer bytes) of the disk tier: buffers of one expert where every dense
+    group stays resident (only experts stream), else of the largest module. Experts the fused kernel
+    runs (`tiled`) are packed into their buffers as read, so they have no packed copies, and each
+    reader keeps an expert's worth of scratch to read into. to_device (disk -> host -> GPU): the
+    buffers are the device's; the host holds only each reader's staging buffer."""
+    scratch = DISK_READERS if tiled or to_device else 1
+    buffers = 0 if to_device else num_buffers
     if dense_resident and expert_bytes:
-        return disk_pool_bytes(num_buffers, expert_bytes, packed and not tiled, scratch), expert_bytes
-    return disk_pool_bytes(num_buffers, largest_bytes, packed, scratch), largest_bytes
+        return disk_pool_bytes(buffers, expert_bytes, packed and not tiled, scratch), expert_bytes
+    return disk_pool_bytes(buffers, largest_bytes, packed, scratch), largest_bytes
 
 
 def choose_resident(groups: Mapping[str, Any], sizes: Mapping[str, int], budget_bytes: int) -> set:

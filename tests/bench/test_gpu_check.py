@@ -14,7 +14,7 @@ CHECKS = (["native-ops"] + [f"exact-{a}" for a in ("mixtral", "qwen2_moe", "qwen
                                                    "deepseek_v3")]
           + ["quantized-fp8", "quantized-int4", "prefix-caching", "logprobs", "device-attention-mixtral",
              "device-attention-deepseek_v2", "n-samples", "footprint-bf16",
-             "footprint-fp8", "throughput-mixtral", "throughput-v2lite"])
+             "footprint-fp8", "throughput-mixtral", "throughput-v2lite", "disk-to-device"])
 
 
 @pytest.mark.slow     # about 2 minutes here: it writes and runs ten checkpoints, one of 1.3 GB

@@ -12,6 +12,7 @@ import torch
 
 from moegen.engine import Engine, EngineConfig, SamplingParams
 from moegen.engine.weight_stream import group_weights, module_bytes
+from moegen.layers.quantized import tensors_of
 from moegen.errors import CapacityError, CheckpointError
 from moegen.checkpoints.fixture import build_fixture
 from moegen.checkpoints.quantize import quantize_checkpoint
@@ -108,6 +109,36 @@ def test_bf16_streamed_experts_run_in_the_fused_kernel_with_the_in_memory_tokens
     assert all(moe.fused_names()[0] in reference.model.weights for moe in
                (layer.ffn for layer in reference.model.layers if layer.is_moe))
     assert tokens == [o.token_ids for o in reference.generate(PROMPTS, PARAMS)]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v2"])
+def test_disk_behind_a_device_three_tiers_give_the_in_memory_tokens(arch, tiny_fixture):
+    """disk -> host -> device (CUDA's path; here the staged backend stands in for the device): the
+    embeddings and a dense layer on the device, part of the rest in host memory, the others read
+    from the files through the readers' staging into the device's buffers. Same tokens."""
+    path = tiny_fixture(arch)
+    sizes = {k: module_bytes(g) for k, g in group_weights(load_model(path, "float32").weights).items()}
+    largest = max(v for k, v in sizes.items() if k != "model")
+    dense = sorted(k for k in sizes if k != "model" and ".experts." not in k)
+    device_memory = sizes["model"] + 2 * largest + sizes[dense[0]]
+    options = dict(streaming="staged", device_memory=device_memory)
+    engine = Engine.from_pretrained(path, dtype="float32", host_memory=disk_budget(path, resident_share=0.5, **options),
+                                    **{**SMALL, **options})
+    streamer = engine.streamer
+    assert engine.layout.disk and type(streamer.backend).__name__ == "DiskToDeviceBackend"
+    on_device = streamer.resident
+    in_host = {k for k in streamer.groups if k not in on_device and not any(
+        t.is_meta for w in streamer.groups[k].values() for t in tensors_of(w))}
+    in_files = set(streamer.groups) - on_device - in_host
+    assert dense[0] in on_device and in_host and in_files
+    tokens = [o.token_ids for o in engine.generate(PROMPTS, PARAMS)]
+    assert tokens == in_memory_tokens(path)
+    copied = set(streamer.stats.copies)
+    assert copied & in_host and copied & in_files and not copied & on_device
+    assert streamer.disk_bytes_read > 0
+    # what crossed from the files is what the files' modules copied, nothing of the host's
+    assert streamer.disk_bytes_read <= sum(module_bytes(streamer.groups[k]) * streamer.stats.copies.count(k)
+                                           for k in in_files)
 
 
 def test_only_routed_experts_are_read(tiny_fixture):
