@@ -165,6 +165,10 @@ def _plan_rows(spec: ModelSpec, wl: JobShape, plan: Plan) -> list[tuple[str, str
                   f"{plan.resident_fraction:.1%} of {format_bytes(spec.weight_bytes(wl.dtype_bytes)['total'])}"),
                  ("streaming buffers", str(plan.num_buffers), f"{format_bytes(plan.pool_bytes)} in all"),
                  ("device activations", format_bytes(plan.activation_bytes), "planner's estimate")]
+        if plan.host_resident_bytes is not None:
+            rows.append(("weight tier", "disk", f"host memory holds {format_bytes(plan.host_resident_bytes)} of the "
+                         "weights (pinned); the streamed ones it does not hold are read from the checkpoint's files "
+                         "each pass (disk -> host -> GPU)"))
     if plan.disk_tier:
         total = spec.weight_bytes(wl.dtype_bytes)["total"]
         rows += [("weight tier", "disk", f"host memory holds {format_bytes(plan.resident_bytes)} "

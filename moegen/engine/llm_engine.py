@@ -254,8 +254,9 @@ class Engine:
                              resident_bytes=self.streamer.resident_bytes, expert_chunk=self.config.expert_chunk)
         if self.layout is not None:     # plan within the host budget, and with the disk tier as laid out
             overrides["host_memory_bytes"] = self.layout.budget_bytes
-            if self.layout.disk:
-                overrides.update(resident_bytes=self.layout.resident_bytes, num_buffers=self.num_buffers)
+            if self.layout.disk:     # on a GPU resident_bytes is the device's: the host's is host_resident_bytes
+                overrides.update({"host_resident_bytes" if self.device.type == "cuda" else "resident_bytes":
+                                  self.layout.resident_bytes, "num_buffers": self.num_buffers})
         return self.planner.plan(self.model.config, job, overrides)
 
     def reset_stats(self) -> None:

@@ -9,6 +9,8 @@ batch) the model charges, after MoE-Lightning's hierarchical roofline (HRM):
 - disk:      on the CPU with the disk tier (plan.resident_bytes set: the weights host memory
              holds), the same streamed weights read from the checkpoint's files, over the disk
              read bandwidth; they pipeline with compute through the buffer pool as PCIe copies do;
+             on a GPU with the disk tier (plan.host_resident_bytes set), the streamed weights host
+             memory does not hold either, over the disk read bandwidth instead of PCIe's;
 - kv:        other PCIe traffic: in decode q/k/v out and the attention output back (decode
              attention runs on the CPU over the host KV cache), in prefill the prompt's K/V
              written to the host cache;
@@ -297,8 +299,9 @@ def _fused_experts_cost(spec: ModelSpec, hw: Hardware, wl: JobShape, distinct: f
 
 
 def _experts_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, tokens: int, layer: int,
-                  resident: ResidentSet, terms: dict) -> _Experts:
-    """The layer's routed experts: D distinct, tokens*k/D rows each, in chunks of expert_chunk."""
+                  resident: ResidentSet, host: ResidentSet, terms: dict) -> _Experts:
+    """The layer's routed experts: D distinct, tokens*k/D rows each, in chunks of expert_chunk.
+    host: on a GPU with the disk tier, the experts host memory holds (the others come from the files)."""
     if not spec.moe_layer_mask[layer]:
         return _Experts()
     E, k, I, H = spec.num_experts, spec.top_k, spec.expert_intermediate, spec.hidden_size
@@ -327,13 +330,25 @@ def _experts_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, tokens: int
     if not streams:
         return _Experts(distinct * one_compute_s, one_compute_s=one_compute_s)
     streamed = distinct * (E - resident.experts[layer]) / E
-    one_copy_s = ebytes / (_stream_gbps(hw) * GB)
-    return _Experts(distinct * one_compute_s, streamed * one_copy_s, one_copy_s, one_compute_s, streamed)
+    from_files = distinct * (E - max(resident.experts[layer], host.experts[layer])) / E
+    copy_s = 0.0
+    for files, count in ((False, streamed - from_files), (True, from_files)):
+        if count > 0:
+            terms[_copy_term(hw, files)] += count * _copy_s(hw, ebytes, files)
+            copy_s += count * _copy_s(hw, ebytes, files)
+    return _Experts(distinct * one_compute_s, copy_s, copy_s / streamed, one_compute_s, streamed)
 
 
-def _stream_gbps(hw: Hardware) -> float:
-    """Where streamed weights come from: host memory over PCIe on a GPU; the disk on the CPU."""
-    return hw.h2d_gbps if hw.device == "cuda" else hw.disk_read_gbps
+def _copy_s(hw: Hardware, nbytes: float, from_files: bool) -> float:
+    """Time to bring streamed weights to where they run: from host memory over PCIe on a GPU; from
+    the disk on the CPU, and on a GPU for what host memory does not hold either (the disk, far
+    slower than PCIe, is then the bound; the copy after it overlaps the next read)."""
+    gbps = hw.h2d_gbps if hw.device == "cuda" and not from_files else hw.disk_read_gbps
+    return nbytes / (gbps * GB)
+
+
+def _copy_term(hw: Hardware, from_files: bool) -> str:
+    return "pcie" if hw.device == "cuda" and not from_files else "disk"
 
 
 def _streamed_tail_s(plan, experts: _Experts, dense_copy_s: float, ffn_s: float, dense_resident: bool) -> float:
@@ -349,18 +364,19 @@ def _streamed_tail_s(plan, experts: _Experts, dense_copy_s: float, ffn_s: float,
 
 
 def _layer_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassShape, layer: int,
-                resident: ResidentSet) -> _Pass:
+                resident: ResidentSet, host: ResidentSet) -> _Pass:
     cuda = hw.device == "cuda"
     terms = dict.fromkeys(TERMS, 0.0)
     micro_batches = math.ceil(shape.seqs / max(plan.attn_micro_batch or shape.seqs, 1))
     dense_s, ffn_s = _dense_cost(spec, hw, wl, shape, layer, micro_batches, terms)
     attn_s, link_s, sync_s = _attention_cost(spec, hw, wl, shape, micro_batches, terms,
                                              cuda and getattr(plan, "attention", "cpu") == "device")
-    experts = _experts_cost(spec, hw, plan, wl, shape.tokens, layer, resident, terms)
+    experts = _experts_cost(spec, hw, plan, wl, shape.tokens, layer, resident, host, terms)
     dense_copy_s = 0.0
     if not resident.dense[layer]:
-        dense_copy_s = dense_group_bytes(spec, layer, wl.dtype_bytes) / (_stream_gbps(hw) * GB)
-    terms["pcie" if cuda else "disk"] += experts.copy_s + dense_copy_s
+        dense_files = not host.dense[layer]
+        dense_copy_s = _copy_s(hw, dense_group_bytes(spec, layer, wl.dtype_bytes), dense_files)
+        terms[_copy_term(hw, dense_files)] += dense_copy_s
     before_routing_s = attn_s + link_s + sync_s
     pre_s = max(dense_s - ffn_s, 0.0) + before_routing_s
     if not cuda and hw.elementwise_gbps > 0:    # the CPU runs these passes between its GEMMs
@@ -380,14 +396,16 @@ def _layer_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassS
     return _Pass(layer_s, ideal_s, terms)
 
 
-def _pass_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassShape, resident: ResidentSet) -> _Pass:
+def _pass_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassShape, resident: ResidentSet,
+               host: ResidentSet) -> _Pass:
     """All layers plus the step's own work (embedding, lm_head, sampling, the first dense copy)."""
     out = _Pass()
     memo: dict[tuple, _Pass] = {}
     for layer in range(spec.num_layers):
-        key = (spec.moe_layer_mask[layer], resident.dense[layer], resident.experts[layer], spec.sliding_window(layer))
+        key = (spec.moe_layer_mask[layer], resident.dense[layer], resident.experts[layer], host.dense[layer],
+               host.experts[layer], spec.sliding_window(layer))
         if key not in memo:
-            memo[key] = _layer_cost(spec, hw, plan, wl, shape, layer, resident)
+            memo[key] = _layer_cost(spec, hw, plan, wl, shape, layer, resident, host)
         out.add(memo[key])
     terms = dict.fromkeys(TERMS, 0.0)
     lm_bytes = spec.vocab_size * spec.hidden_size * wl.dtype_bytes
@@ -398,8 +416,8 @@ def _pass_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassSh
     terms["overhead"] += fixed_s
     first_copy_s = 0.0
     if not resident.dense[0]:   # nothing to hide the first layer's copy behind
-        first_copy_s = dense_group_bytes(spec, 0, wl.dtype_bytes) / (_stream_gbps(hw) * GB)
-        terms["pcie" if hw.device == "cuda" else "disk"] += first_copy_s
+        first_copy_s = _copy_s(hw, dense_group_bytes(spec, 0, wl.dtype_bytes), not host.dense[0])
+        terms[_copy_term(hw, not host.dense[0])] += first_copy_s
     step_s += logits_s + fixed_s + first_copy_s
     out.add(_Pass(step_s, step_s, terms))
     return out
@@ -466,6 +484,8 @@ def predict(spec: ModelSpec, hw: Hardware, plan, job: JobShape) -> Prediction:
     wl, db = job, job.dtype_bytes
     # on the CPU resident_bytes is what host memory holds of the weights (None: all; else the disk tier)
     resident = resident_set(spec, plan.resident_bytes, db)
+    # on a GPU with the disk tier, what host memory holds (the rest is read from the files)
+    host = resident_set(spec, getattr(plan, "host_resident_bytes", None) if hw.device == "cuda" else None, db)
     G = max(1, min(plan.max_batch, wl.num_sequences))
     P, Pc, steps = wl.prompt_len, wl.prefill_len, wl.gen_len - 1
     per_pass = max(1, min(G, plan.max_prefill_tokens // Pc))     # the budget counts computed tokens
@@ -485,7 +505,7 @@ def predict(spec: ModelSpec, hw: Hardware, plan, job: JobShape) -> Prediction:
                 shape = _PassShape("prefill", seqs * Pc, seqs, 0.0, seqs * core_prefill)
             else:
                 shape = _PassShape("decode", seqs, seqs, seqs * kv_step, seqs * core_step)
-            cache[phase, seqs] = _pass_cost(spec, hw, plan, wl, shape, resident)
+            cache[phase, seqs] = _pass_cost(spec, hw, plan, wl, shape, resident, host)
         return cache[phase, seqs]
 
     full_waves, last = divmod(wl.num_sequences, G)

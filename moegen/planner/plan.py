@@ -40,6 +40,8 @@ class Plan:
     block_size: int = DEFAULT_BLOCK_SIZE
     max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
     activation_bytes: int = 0
+    # on a GPU with the disk tier: the weights host memory holds (the others are read from the files)
+    host_resident_bytes: int | None = None
 
     @property
     def disk_tier(self) -> bool:

@@ -66,23 +66,25 @@ class _Budget:
         self.kv_per_seq = math.ceil(self.job.kv_tokens / self.block_size) * per_block
         self.kv_one_seq = math.ceil(self.job.seq_tokens / self.block_size) * per_block
         self.cuda = self.hw.device == "cuda"
-        # on the CPU with a measured disk, weights host memory cannot hold stream from the files
-        self.disk = not self.cuda and self.hw.disk_read_gbps > 0
+        # with a measured disk, weights host memory cannot hold stream from the files
+        self.disk = self.hw.disk_read_gbps > 0
         self.buffer = buffer_bytes(self.spec, db) if self.cuda or self.disk else 0
         self.model_group = model_group_bytes(self.spec, db)
         self.device_reserve = device_reserve_bytes(self.device_bytes)
         # host memory the weights need at least: all of them, or the disk tier's embeddings + pool
         self.packed = self.job.dtype in ("bfloat16", "float16")     # the disk tier packs those for oneDNN
         # the disk tier's streamed bf16 experts run in the fused kernel where the engine takes it
-        self.tiled = self.disk and self.job.dtype == "bfloat16" and auto_isa() is not None
+        self.tiled = self.disk and not self.cuda and self.job.dtype == "bfloat16" and auto_isa() is not None
         self.expert_buffer = self.spec.expert_bytes(db) if self.spec.num_moe_layers else 0
         self.dense_bytes = sum(dense_group_bytes(self.spec, i, db) for i in range(self.spec.num_layers))
         self.host_weights = self.model_group + self.disk_pool(MIN_NUM_BUFFERS, True)[0] if self.disk else self.weights
+        self.staging = self.disk_pool(0, True)[0] if self.cuda else 0     # disk -> host -> GPU: the readers' own
         self.device_usable = self.device_bytes - self.device_reserve
 
     def disk_pool(self, num_buffers: int, dense_resident: bool) -> tuple[int, int]:
-        """(pool, buffer) bytes as the engine sizes its pool (policy.disk_pool)."""
-        return disk_pool(num_buffers, self.expert_buffer, self.buffer, self.packed, self.tiled, dense_resident)
+        """(host pool, buffer) bytes as the engine sizes its pool (policy.disk_pool)."""
+        return disk_pool(num_buffers, self.expert_buffer, self.buffer, self.packed and not self.cuda, self.tiled,
+                         dense_resident, self.cuda)
 
     # working sets
     def compute_act(self, tokens: int, out_rows: int, expert_rows: int, prefill: bool) -> int:
@@ -284,7 +286,22 @@ def _fits(b: _Budget, ov: dict, c: _Candidate) -> Plan | _Miss:
                   activation_bytes=b.pass_act(g_eff, c.prompts_per_pass, c.expert_chunk))
     if not b.cuda:
         return _host_fit(b, ov, c, common, host_act, kv_bytes)
-    return _device_fit(b, ov, c, g_eff, common)
+    fit = _device_fit(b, ov, c, g_eff, common)
+    return _host_tier(b, ov, fit, host_act, kv_bytes) if isinstance(fit, Plan) and b.disk else fit
+
+
+def _host_tier(b: _Budget, ov: dict, plan: Plan, act: int, kv: int) -> Plan | _Miss:
+    """On a GPU with a measured disk: the weights host memory holds beside the KV cache, the
+    activations and the readers' staging (the engine's own choice, dense groups first); the
+    streamed weights it does not hold are read from the files (disk -> host -> GPU)."""
+    room = b.host_bytes - HOST_RESERVE_BYTES - act - kv - b.staging
+    if "host_resident_bytes" not in ov and room >= b.weights:
+        return plan
+    want = int(ov.get("host_resident_bytes", room))
+    if want > room or want < b.model_group:
+        return _Miss(max(want, b.model_group) - room, _host_error(b, plan.max_batch, act,
+                                                                  "weights streamed from disk, the readers' staging"))
+    return replace(plan, host_resident_bytes=resident_set(b.spec, want, b.job.dtype_bytes).used_bytes)
 
 
 def _host_fit(b: _Budget, ov: dict, c: _Candidate, common: dict, act: int, kv: int) -> Plan | _Miss:

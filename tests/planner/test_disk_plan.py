@@ -1,6 +1,7 @@
 """The planner with the disk tier: a host budget below the model keeps what fits resident and
 streams the rest from disk; the cost model charges the reads and says when they bound the plan."""
 import argparse
+from dataclasses import replace
 
 import pytest
 
@@ -70,3 +71,25 @@ def test_plan_cli_shows_the_tier(capsys):
     out = capsys.readouterr().out
     for text in ("weight tier", "disk", "streaming buffers", "bound: disk", "--host-memory", "--kv-cache-memory"):
         assert text in out
+
+
+# a GPU with less memory than the model, behind a host with less memory than the model
+GPU = dict(device="cuda", gemm_flops_per_s={"bfloat16": 100e12}, device_mem_bw_gbps=1000, h2d_gbps=20,
+           host_mem_bw_gbps=20, cpu_attention_gbps=10, host_memory_bytes=24 * GiB, device_memory_bytes=16 * GiB)
+
+
+def test_behind_a_gpu_the_weights_neither_memory_holds_are_read_from_disk(qwen3):
+    with pytest.raises(PlanError, match="host memory"):          # no disk bandwidth: the host must hold them
+        search(qwen3, Hardware(**GPU), JOB, host_memory_bytes=16 * GiB)
+    hw = Hardware(**GPU, disk_read_gbps=2)
+    plan, pred = search(qwen3, hw, JOB, host_memory_bytes=16 * GiB)
+    total = qwen3.weight_bytes(2)["total"]
+    assert 0 < plan.resident_bytes < total and 0 < plan.host_resident_bytes < 16 * GiB
+    assert pred.terms_s["decode"]["disk"] > 0
+    # host memory holding more than the device: what lies between crosses PCIe, and reads less from disk
+    roomy = predict(qwen3, hw, replace(plan, host_resident_bytes=40 * GiB), JOB)
+    assert roomy.terms_s["decode"]["pcie"] > 0 and roomy.terms_s["decode"]["disk"] < pred.terms_s["decode"]["disk"]
+    assert roomy.e2e_tokens_per_s > pred.e2e_tokens_per_s
+    # a host that holds the model: nothing from disk
+    plan, pred = search(qwen3, hw.replace(host_memory_bytes=120 * GiB), JOB, host_memory_bytes=120 * GiB)
+    assert plan.host_resident_bytes is None and pred.terms_s["decode"]["disk"] == 0
