@@ -118,6 +118,21 @@ class DiskBackend:
             if name in self.packed and isinstance(view, torch.Tensor) and view.dim() == 2:
                 views[name] = pack_weight(view)
 
+    def read_resident(self, tensors: dict) -> dict:
+        """A module read from the files into memory of its own, laid out as its pool copy would be
+        (the kernel's tiles, oneDNN's layout): it is to stay resident (WeightStreamer.admit_most_used)."""
+        from moegen.engine.weight_stream import carve, module_bytes
+        views = carve(torch.empty(module_bytes(tensors), dtype=torch.uint8), tensors)
+        self._read(views)
+        return views
+
+    def template(self, name: str):
+        """What a streamed weight is until read: meta tensors of its layout in a pool buffer."""
+        if name in self.tiles:
+            moe, part = self.tiles[name]
+            return tile_template(moe, part)
+        return self.checkpoint.skeletons[name]
+
     def _produce(self, name: str):
         """A weight that takes more than its bytes (a cast, a quantized weight), by the loader's producer."""
         with self.produce_lock:
@@ -210,23 +225,26 @@ class DiskToDeviceBackend:
         return event
 
 
+def tile_template(moe, part: str) -> torch.Tensor:
+    return torch.empty(moe.tile_shapes()[part], dtype=torch.bfloat16, device="meta")
+
+
 def tile_experts(layers, weights: dict, resident: frozenset) -> dict:
     """Each expert of `layers` (tileable MoE layers, see SparseMoE.can_tile) in the fused kernel's
     tiles: resident experts packed now (each plain copy dropped as its tiles exist), streamed ones
-    replaced by meta templates of their tiles for the pool to carve. Returns the streamed names ->
-    (layer, part), for the DiskBackend to read and pack."""
+    replaced by meta templates of their tiles for the pool to carve. Returns every expert weight's
+    name -> (layer, part), for the DiskBackend to read and pack (a resident one too, once it is
+    swapped out for a more used one)."""
     from moegen.engine.weight_stream import module_key
-    streamed = {}
+    tiles = {}
     for moe in layers:
         for name in moe.expert_weight_names():
             part = name.rsplit(".", 1)[1]
-            if module_key(name) in resident:
-                weights[name] = moe.tile_expert(part, weights[name])
-            else:
-                weights[name] = torch.empty(moe.tile_shapes()[part], dtype=torch.bfloat16, device="meta")
-                streamed[name] = (moe, part)
+            weights[name] = moe.tile_expert(part, weights[name]) if module_key(name) in resident \
+                else tile_template(moe, part)
+            tiles[name] = (moe, part)
         moe.tiled = True
-    return streamed
+    return tiles
 
 
 # ---- the host budget ----------------------------------------------------------------------------

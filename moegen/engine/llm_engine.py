@@ -274,6 +274,9 @@ class Engine:
         else:
             logits = self.runner.prefill(batch) if phase == "prefill" else self.runner.decode(batch)
         outputs = step_outputs(batch, logits, states, sampler, self.runner.logits)
+        if self.layout is not None and self.layout.disk:
+            # the disk tier keeps the most used experts resident, as routing so far says
+            self.streamer.admit_most_used(max_swaps=self.num_buffers)
         dt = time.perf_counter() - t0
         size = sum(q.prefill_tokens for q in batch) if phase == "prefill" else len(batch)
         self.stats.add_pass(phase, size, dt, self.stats.experts_run - experts0)

@@ -117,8 +117,8 @@ class WeightSetup:
             checkpoint.load([n for n in todo if n not in packed], own=True)
             tiles = tile_experts(tiled, weights, layout.resident)
             if tiled:
-                log.info("the experts of %d MoE layers run in the fused kernel, %d streamed expert weights packed "
-                         "as they are read", len(tiled), len(tiles))
+                log.info("the experts of %d MoE layers run in the fused kernel, streamed ones packed as they are read",
+                         len(tiled))
             return WeightStreamer(weights, DiskBackend(checkpoint, pack=self.packs(), tiles=tiles),
                                   resident=set(layout.resident), num_buffers=self.num_buffers)
         if checkpoint is not None:            # opened lazily (from_pretrained): read what is not yet

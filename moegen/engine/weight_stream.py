@@ -20,7 +20,7 @@ host copy, which CUDA pins once (`pin_weights`): tensor by tensor into pinned sl
 handed back as soon as it is copied, so the host never holds two copies of any weight.
 """
 import re
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,6 +29,7 @@ import torch
 from moegen.layers.quantized import map_tensors, stored_bytes, tensors_of
 
 ALIGN = 64
+SWAP_MARGIN = 0.25        # a streamed expert replaces a resident one when used this much more (admit_most_used)
 SLAB_BYTES = 1 << 30      # pinned host memory is allocated in slabs of this (a power of two: see pin_weights)
 EXPERT_GROUP = re.compile(r"^(.*\.experts\.\d+)\.")
 LAYER_GROUP = re.compile(r"^(model\.layers\.\d+)\.")
@@ -63,9 +64,10 @@ class StreamStats:
     bytes_moved: int = 0
     copies: list = field(default_factory=list)      # module keys in copy order
     max_buffers_in_use: int = 0
+    swaps: int = 0                                  # resident experts replaced by more used ones
 
     def reset(self):
-        self.bytes_moved, self.copies, self.max_buffers_in_use = 0, [], 0
+        self.bytes_moved, self.copies, self.max_buffers_in_use, self.swaps = 0, [], 0, 0
 
 
 class ResidentBackend:
@@ -214,6 +216,7 @@ class WeightStreamer:
         replaced by their device copies, streamed ones by the backend's host copies). release(t):
         hands back the pages of a replaced memory-mapped tensor (moegen.loader.MappedPages)."""
         self.backend = backend or ResidentBackend()
+        self.all_weights = weights
         keys = {module_key(n) for n in weights}
         self.resident = keys if not self.backend.streams else (set(resident or ()) | {"model"}) & keys
         if self.backend.streams:
@@ -229,6 +232,7 @@ class WeightStreamer:
         self.loaded: dict[str, tuple] = {}         # key -> (buffer, views, copy event)
         self.upcoming: deque[str] = deque()
         self.users: dict[str, int] = {}
+        self.uses: Counter = Counter()              # expert key -> steps it ran in (admit_most_used)
         self.stats = StreamStats()
         self._disk_base = self._disk_totals()
 
@@ -311,6 +315,8 @@ class WeightStreamer:
         self._prefetch()
 
     def acquire(self, key: str) -> dict:
+        if EXPERT_GROUP.match(key + "."):
+            self.uses[key] += 1
         if key in self.resident:
             return self.weights(key)
         if key not in self.loaded:
@@ -336,6 +342,38 @@ class WeightStreamer:
         self.released_at[id(buffer)] = self.backend.compute_done()
         self.free.append(buffer)
         self._prefetch()
+
+    def admit_most_used(self, max_swaps: int, margin: float = SWAP_MARGIN) -> int:
+        """Resident experts swapped for streamed ones used more often (in more passes) so far: the
+        reads each pass needs go down where routing is skewed, as real models' is. Only between
+        passes, only modules with no buffer, copy or user in flight; each admitted expert is read
+        into memory of its own as its pool copy would be laid out (bit for bit the same weights),
+        each evicted one becomes its streamed template again, so resident bytes stay the same
+        (a model's experts are of one size). A streamed expert must be used `margin` more than the
+        resident one it replaces, so that near-equal counts do not swap back and forth. Returns
+        the number of swaps; backends that cannot read a module on their own swap nothing."""
+        read = getattr(self.backend, "read_resident", None)
+        if read is None or self.users or self.loaded:
+            return 0
+        experts = [k for k in self.groups if EXPERT_GROUP.match(k + ".")]
+        held = sorted((k for k in experts if k in self.resident), key=lambda k: self.uses[k])
+        wanted = sorted((k for k in experts if k not in self.resident), key=lambda k: -self.uses[k])
+        swaps = 0
+        for out, into in zip(held, wanted):
+            if swaps == max_swaps or self.uses[into] <= (1 + margin) * self.uses[out] + 1:
+                break
+            for name in self.groups[out]:
+                self.all_weights[name] = self.backend.template(name)
+            self.groups[out] = {name: self.all_weights[name] for name in self.groups[out]}
+            admitted = read(self.groups[into])
+            self.stats.bytes_moved += sum(stored_bytes(w) for w in self.groups[into].values())   # read as a copy is
+            self.all_weights.update(admitted)
+            self.groups[into] = admitted
+            self.resident.discard(out)
+            self.resident.add(into)
+            swaps += 1
+        self.stats.swaps += swaps
+        return swaps
 
     @contextmanager
     def module(self, key: str):

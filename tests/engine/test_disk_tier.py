@@ -109,6 +109,11 @@ def test_bf16_streamed_experts_run_in_the_fused_kernel_with_the_in_memory_tokens
     assert all(moe.fused_names()[0] in reference.model.weights for moe in
                (layer.ffn for layer in reference.model.layers if layer.is_moe))
     assert tokens == [o.token_ids for o in reference.generate(PROMPTS, PARAMS)]
+    # streamed experts made resident (read and tiled for it), resident ones streamed instead: same tokens
+    streamer = engine.streamer
+    streamer.uses.update({k: 100 for k in streamer.groups if ".experts." in k and k not in streamer.resident})
+    assert streamer.admit_most_used(max_swaps=1 << 30) > 0
+    assert [o.token_ids for o in engine.generate(PROMPTS, PARAMS)] == tokens
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v2"])
@@ -139,6 +144,43 @@ def test_disk_behind_a_device_three_tiers_give_the_in_memory_tokens(arch, tiny_f
     # what crossed from the files is what the files' modules copied, nothing of the host's
     assert streamer.disk_bytes_read <= sum(module_bytes(streamer.groups[k]) * streamer.stats.copies.count(k)
                                            for k in in_files)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_the_most_used_experts_become_resident_and_the_tokens_stay_the_same(arch, tiny_fixture):
+    """Resident experts are swapped for streamed ones that ran in more passes (between passes), so a
+    second pass over the same prompts reads less than with the first experts kept; the weights
+    swapped in are the checkpoint's, bit for bit: float32 tokens equal to the in-memory run."""
+    from moegen.engine.weight_stream import SWAP_MARGIN, WeightStreamer
+    path = tiny_fixture(arch)
+    prompts = [[1, 7 + i, 40 + 3 * i, 9, 2 * i + 5] for i in range(6)]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+
+    def two_runs(swapping: bool):
+        engine = disk_engine(path, resident_share=0.4, max_batch=1)   # a token a pass: not every expert runs
+        if not swapping:
+            engine.streamer.admit_most_used = lambda max_swaps: 0
+        first = [o.token_ids for o in engine.generate(prompts, params)]
+        engine.reset_stats()
+        second = [o.token_ids for o in engine.generate(prompts, params)]
+        return engine, first, second
+
+    engine, first, second = two_runs(swapping=True)
+    fixed, first_fixed, _ = two_runs(swapping=False)
+    reference = Engine(load_model(path, "float32"), None, EngineConfig(kv_cache_bytes=KV, prepack=False,
+                                                                      experts_kernel="torch"))
+    assert first == second == first_fixed == [o.token_ids for o in reference.generate(prompts, params)]
+    streamer = engine.streamer
+    assert streamer.disk_bytes_read < fixed.streamer.disk_bytes_read
+    # after one unbounded round, no streamed expert ran in clearly more passes than a resident one
+    WeightStreamer.admit_most_used(streamer, max_swaps=1 << 30)
+    experts = [k for k in streamer.groups if ".experts." in k]
+    held = [streamer.uses[k] for k in experts if k in streamer.resident]
+    out = [streamer.uses[k] for k in experts if k not in streamer.resident]
+    assert held and out and max(out) <= (1 + SWAP_MARGIN) * min(held) + 1
+    # resident bytes as before: experts swapped one for one
+    assert sum(module_bytes(streamer.groups[k]) for k in streamer.resident) == \
+        sum(module_bytes(fixed.streamer.groups[k]) for k in fixed.streamer.resident)
 
 
 def test_only_routed_experts_are_read(tiny_fixture):
