@@ -19,6 +19,7 @@ from moegen.engine.scoring import scoring_sequences, step_outputs
 from moegen.engine.stats import EngineStats
 from moegen.engine.stops import eos_ids
 from moegen.engine.weight_setup import WeightSetup
+from moegen.engine.weight_stream import SWAPS_PER_PASS
 from moegen.dtypes import dtype_name
 from moegen.errors import CapacityError, InputError, MoegenError
 from moegen.ops.attention import attention_impl
@@ -276,7 +277,7 @@ class Engine:
         outputs = step_outputs(batch, logits, states, sampler, self.runner.logits)
         if self.layout is not None and self.layout.disk:
             # the disk tier keeps the most used experts resident, as routing so far says
-            self.streamer.admit_most_used(max_swaps=self.num_buffers)
+            self.streamer.admit_most_used(max_swaps=SWAPS_PER_PASS)
         dt = time.perf_counter() - t0
         size = sum(q.prefill_tokens for q in batch) if phase == "prefill" else len(batch)
         self.stats.add_pass(phase, size, dt, self.stats.experts_run - experts0)

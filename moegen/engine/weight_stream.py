@@ -30,6 +30,10 @@ from moegen.layers.quantized import map_tensors, stored_bytes, tensors_of
 
 ALIGN = 64
 SWAP_MARGIN = 0.25        # a streamed expert replaces a resident one when used this much more (admit_most_used)
+# a swap reads its expert on the runner's thread, beside nothing: one a pass costs a pass next to
+# nothing (measured: as many as the pool's buffers a pass cost 7% of a 4-layer disk-tier run whose
+# routing was uniform, for no fewer reads) and still follows a skew within a few dozen passes
+SWAPS_PER_PASS = 1
 SLAB_BYTES = 1 << 30      # pinned host memory is allocated in slabs of this (a power of two: see pin_weights)
 EXPERT_GROUP = re.compile(r"^(.*\.experts\.\d+)\.")
 LAYER_GROUP = re.compile(r"^(model\.layers\.\d+)\.")
@@ -98,6 +102,10 @@ class StagedBackend:
     def wait(self, event):
         pass
 
+    def abandon(self, event):
+        """A copy whose module is cancelled unused: what its buffer's next copy must follow."""
+        return event
+
     def compute_done(self):
         return None
 
@@ -130,6 +138,9 @@ class CudaBackend:
     def wait(self, event):
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
+
+    def abandon(self, event):
+        return event        # the next copy into its buffer is queued behind it on the copy stream
 
     def compute_done(self):
         event = torch.cuda.Event()
@@ -310,7 +321,7 @@ class WeightStreamer:
                 # never used since its copy began, which may still be in flight (a disk read on
                 # another reader thread): the buffer is refilled only after that copy has landed
                 buffer, _, copied = self.loaded.pop(key)
-                self.released_at[id(buffer)] = copied
+                self.released_at[id(buffer)] = self.backend.abandon(copied)
                 self.free.append(buffer)
         self._prefetch()
 

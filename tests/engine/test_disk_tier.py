@@ -229,6 +229,29 @@ def test_a_cancelled_read_still_in_flight_is_not_overwritten_by_the_next_read_in
     streamer.release(c)
 
 
+def test_a_cancelled_read_not_yet_begun_is_dropped(tiny_fixture):
+    """Both readers busy, a third module queued: cancelled, it is never read and its buffer is free at once."""
+    import threading
+    from concurrent.futures import wait
+    engine = disk_engine(tiny_fixture("mixtral"), resident_share=0.0, num_buffers=3)
+    streamer, backend = engine.streamer, engine.streamer.backend
+    a, b, c = [k for k in streamer.groups if ".experts." in k and k not in streamer.resident][:3]
+    gate, plain = threading.Event(), backend.reads.read_into
+
+    def held(entry, out):
+        gate.wait(5)
+        plain(entry, out)
+    backend.reads.read_into = held
+    before = backend.bytes_read
+    streamer.plan([a, b, c])
+    reads = [streamer.loaded[k][2] for k in (a, b)]
+    streamer.cancel([c])
+    assert len(streamer.free) == 1 and streamer.released_at[id(streamer.free[0])] is None
+    gate.set()
+    wait(reads)
+    assert backend.bytes_read - before == sum(module_bytes(streamer.groups[k]) for k in (a, b))
+
+
 def test_a_shard_truncated_mid_run_is_an_error_naming_it(tiny_fixture, tmp_path):
     import shutil
     ckpt = tmp_path / "ckpt"
