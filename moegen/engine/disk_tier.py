@@ -17,6 +17,10 @@ Experts of `tiled` MoE layers (bf16 SiLU experts where the fused experts kernel 
 page cache to copy from or to drop -- and packed from there into their pool views in the kernel's
 tiles; the layer then runs its experts in groups through the kernel (moegen.layers.moe).
 
+Behind a GPU (`DiskToDeviceBackend`) the pool is the device's: a module in the files is read into
+a reader's pinned staging buffer and copied on to the device from there. On the CPU, between
+passes, the most used experts become resident (WeightStreamer.admit_most_used, by `read_resident`).
+
 `host_layout` divides the host budget (EngineConfig.host_memory_bytes) between a runtime reserve,
 activations, the KV cache, the pool and resident weights, and says whether the disk tier is on.
 """
