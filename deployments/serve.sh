@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bring the local Prefect stack up on this machine: a Prefect server on 127.0.0.1, the process
-# work pool, every deployment of deployments/prefect.yaml, and a worker. Logs and PIDs go to
+# work pool, every deployment of deployments/prefect.yaml, a worker, and the crashed-run resumer
+# (deployments/resume_crashed.py). Logs and PIDs go to
 # runs/prefect/; deployments/stop.sh takes it all down again.
 #
 # Settings (environment): PREFECT_PORT (4200), MOEGEN_PREFECT_DIR (runs/prefect: logs, pids,
@@ -73,6 +74,14 @@ if alive worker; then
 else
     start worker "$PREFECT" worker start --pool "$POOL" --name "$POOL-$(hostname)"
     echo "worker: started on pool $POOL (log $STATE/worker.log)"
+fi
+
+# the automation's fallback: a crashed run whose Crashed event the server lost is scheduled again too
+if alive resumer; then
+    echo "resumer: already running (pid $(cat "$STATE/resumer.pid"))"
+else
+    start resumer "$PY" deployments/resume_crashed.py
+    echo "resumer: started (log $STATE/resumer.log)"
 fi
 
 cat >"$STATE/env.sh" <<EOF

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Take down what deployments/serve.sh started: the worker (and the flow runs it spawned), then the
-# server. Each was started in its own session, so its process group is ended by its recorded PID.
+# Take down what deployments/serve.sh started: the resumer, the worker (and the flow runs it spawned),
+# then the server. Each was started in its own session, so its process group is ended by its recorded PID.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STATE="${MOEGEN_PREFECT_DIR:-$(pwd)/runs/prefect}"
@@ -20,5 +20,6 @@ stop() {
     rm -f "$pidfile"
 }
 
+stop resumer
 stop worker
 stop server

@@ -38,7 +38,7 @@ def stack(tmp_path_factory):
     finally:
         subprocess.run([str(REPO / "deployments" / "stop.sh")], env=env, cwd=REPO, capture_output=True, timeout=60)
     # stop.sh ended every process it recorded (an error at teardown otherwise)
-    assert not (tmp_path / "stack" / "worker.pid").exists() and not (tmp_path / "stack" / "server.pid").exists()
+    assert not any((tmp_path / "stack" / f"{name}.pid").exists() for name in ("resumer", "worker", "server"))
 
 
 def scheduled_runs(api: str, deployment: str) -> list:

@@ -129,3 +129,47 @@ def test_a_run_that_keeps_crashing_is_not_resumed_forever(monkeypatch):
     monkeypatch.setattr(orchestration, "get_client", lambda sync_client: Client(common.RESUME_LIMIT + 1))
     with pytest.raises(MachineFault, match="crashed 4 times; not resuming it again"):
         common.check_resume_limit()
+
+
+@pytest.mark.slow
+def test_a_crashed_run_the_automation_missed_is_resumed_by_the_resumer(stack):
+    """The server can lose a Crashed event (SQLite "database is locked" in its trigger processing,
+    the message dead-lettered): the automation then never acts. deployments/resume_crashed.py, which
+    serve.sh starts, schedules such a run again once it has been Crashed past the grace; runs not
+    tagged resume-on-crash, or crashed just now, are left alone. Here the automation is paused, as
+    if it had missed them."""
+    import asyncio
+    import importlib.util
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Crashed
+    assert "resumer: started" in stack["out"] and (stack["dir"] / "resumer.pid").exists()
+    spec = importlib.util.spec_from_file_location("resume_crashed", REPO / "deployments" / "resume_crashed.py")
+    resumer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(resumer)
+
+    @flow(name="crash-test-orphan")
+    def orphan():
+        pass
+
+    async def scenario():
+        async with get_client() as client:
+            automation = (await client.read_automations_by_name("moegen-resume-crashed"))[0]
+            await client.pause_automation(automation.id)
+            try:
+                tagged = await client.create_flow_run(orphan, tags=[resumer.TAG], state=Crashed())
+                plain = await client.create_flow_run(orphan, tags=["other"], state=Crashed())
+                early = await resumer.sweep(client, grace_s=3600)             # crashed just now: its turn later
+                resumed = await resumer.sweep(client, grace_s=0)
+                states = [(await client.read_flow_run(r.id)).state for r in (tagged, plain)]
+                return early, resumed, tagged.id, states
+            finally:
+                await client.resume_automation(automation.id)
+
+    with temporary_settings({PREFECT_API_URL: stack["env"]["PREFECT_API_URL"]}):
+        early, resumed, tagged_id, (tagged_state, plain_state) = asyncio.run(scenario())
+    assert tagged_id not in early and tagged_id in resumed
+    assert tagged_state.is_scheduled() and tagged_state.name == "Resuming"
+    assert plain_state.is_crashed()
