@@ -68,10 +68,9 @@ class StreamStats:
     bytes_moved: int = 0
     copies: list = field(default_factory=list)      # module keys in copy order
     max_buffers_in_use: int = 0
-    swaps: int = 0                                  # resident experts replaced by more used ones
 
     def reset(self):
-        self.bytes_moved, self.copies, self.max_buffers_in_use, self.swaps = 0, [], 0, 0
+        self.bytes_moved, self.copies, self.max_buffers_in_use = 0, [], 0
 
 
 class ResidentBackend:
@@ -243,7 +242,10 @@ class WeightStreamer:
         self.loaded: dict[str, tuple] = {}         # key -> (buffer, views, copy event)
         self.upcoming: deque[str] = deque()
         self.users: dict[str, int] = {}
-        self.uses: Counter = Counter()              # expert key -> steps it ran in (admit_most_used)
+        # experts whose uses are counted (admit_most_used): none unless the backend can make one resident
+        self.swappable = frozenset(k for k in self.groups if EXPERT_GROUP.match(k + ".")) \
+            if hasattr(self.backend, "read_resident") else frozenset()
+        self.uses: Counter = Counter()              # expert key -> passes it ran in
         self.stats = StreamStats()
         self._disk_base = self._disk_totals()
 
@@ -326,7 +328,7 @@ class WeightStreamer:
         self._prefetch()
 
     def acquire(self, key: str) -> dict:
-        if EXPERT_GROUP.match(key + "."):
+        if key in self.swappable:
             self.uses[key] += 1
         if key in self.resident:
             return self.weights(key)
@@ -363,27 +365,23 @@ class WeightStreamer:
         (a model's experts are of one size). A streamed expert must be used `margin` more than the
         resident one it replaces, so that near-equal counts do not swap back and forth. Returns
         the number of swaps; backends that cannot read a module on their own swap nothing."""
-        read = getattr(self.backend, "read_resident", None)
-        if read is None or self.users or self.loaded:
+        if not self.swappable or self.users or self.loaded:
             return 0
-        experts = [k for k in self.groups if EXPERT_GROUP.match(k + ".")]
-        held = sorted((k for k in experts if k in self.resident), key=lambda k: self.uses[k])
-        wanted = sorted((k for k in experts if k not in self.resident), key=lambda k: -self.uses[k])
+        # ties broken by name: the same swaps whatever the set's (hash-seeded) order
+        held = sorted((k for k in self.swappable if k in self.resident), key=lambda k: (self.uses[k], k))
+        wanted = sorted((k for k in self.swappable if k not in self.resident), key=lambda k: (-self.uses[k], k))
         swaps = 0
         for out, into in zip(held, wanted):
             if swaps == max_swaps or self.uses[into] <= (1 + margin) * self.uses[out] + 1:
                 break
-            for name in self.groups[out]:
-                self.all_weights[name] = self.backend.template(name)
-            self.groups[out] = {name: self.all_weights[name] for name in self.groups[out]}
-            admitted = read(self.groups[into])
+            self.groups[out] = {name: self.backend.template(name) for name in self.groups[out]}
             self.stats.bytes_moved += sum(stored_bytes(w) for w in self.groups[into].values())   # read as a copy is
-            self.all_weights.update(admitted)
-            self.groups[into] = admitted
+            self.groups[into] = self.backend.read_resident(self.groups[into])
+            for key in (out, into):
+                self.all_weights.update(self.groups[key])
             self.resident.discard(out)
             self.resident.add(into)
             swaps += 1
-        self.stats.swaps += swaps
         return swaps
 
     @contextmanager

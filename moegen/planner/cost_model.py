@@ -331,24 +331,21 @@ def _experts_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, tokens: int
         return _Experts(distinct * one_compute_s, one_compute_s=one_compute_s)
     streamed = distinct * (E - resident.experts[layer]) / E
     from_files = distinct * (E - max(resident.experts[layer], host.experts[layer])) / E
-    copy_s = 0.0
-    for files, count in ((False, streamed - from_files), (True, from_files)):
-        if count > 0:
-            terms[_copy_term(hw, files)] += count * _copy_s(hw, ebytes, files)
-            copy_s += count * _copy_s(hw, ebytes, files)
+    copy_s = (_charge_copy(hw, (streamed - from_files) * ebytes, False, terms)
+              + _charge_copy(hw, from_files * ebytes, True, terms))
     return _Experts(distinct * one_compute_s, copy_s, copy_s / streamed, one_compute_s, streamed)
 
 
-def _copy_s(hw: Hardware, nbytes: float, from_files: bool) -> float:
-    """Time to bring streamed weights to where they run: from host memory over PCIe on a GPU; from
-    the disk on the CPU, and on a GPU for what host memory does not hold either (the disk, far
-    slower than PCIe, is then the bound; the copy after it overlaps the next read)."""
-    gbps = hw.h2d_gbps if hw.device == "cuda" and not from_files else hw.disk_read_gbps
-    return nbytes / (gbps * GB)
-
-
-def _copy_term(hw: Hardware, from_files: bool) -> str:
-    return "pcie" if hw.device == "cuda" and not from_files else "disk"
+def _charge_copy(hw: Hardware, nbytes: float, from_files: bool, terms: dict) -> float:
+    """Time to bring streamed weights to where they run, charged to its term: from host memory over
+    PCIe on a GPU; from the disk on the CPU, and on a GPU for what host memory does not hold either
+    (the disk, far slower than PCIe, is then the bound; the copy after it overlaps the next read)."""
+    if nbytes <= 0:
+        return 0.0
+    pcie = hw.device == "cuda" and not from_files
+    seconds = nbytes / ((hw.h2d_gbps if pcie else hw.disk_read_gbps) * GB)
+    terms["pcie" if pcie else "disk"] += seconds
+    return seconds
 
 
 def _streamed_tail_s(plan, experts: _Experts, dense_copy_s: float, ffn_s: float, dense_resident: bool) -> float:
@@ -374,9 +371,7 @@ def _layer_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassS
     experts = _experts_cost(spec, hw, plan, wl, shape.tokens, layer, resident, host, terms)
     dense_copy_s = 0.0
     if not resident.dense[layer]:
-        dense_files = not host.dense[layer]
-        dense_copy_s = _copy_s(hw, dense_group_bytes(spec, layer, wl.dtype_bytes), dense_files)
-        terms[_copy_term(hw, dense_files)] += dense_copy_s
+        dense_copy_s = _charge_copy(hw, dense_group_bytes(spec, layer, wl.dtype_bytes), not host.dense[layer], terms)
     before_routing_s = attn_s + link_s + sync_s
     pre_s = max(dense_s - ffn_s, 0.0) + before_routing_s
     if not cuda and hw.elementwise_gbps > 0:    # the CPU runs these passes between its GEMMs
@@ -416,8 +411,7 @@ def _pass_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, shape: _PassSh
     terms["overhead"] += fixed_s
     first_copy_s = 0.0
     if not resident.dense[0]:   # nothing to hide the first layer's copy behind
-        first_copy_s = _copy_s(hw, dense_group_bytes(spec, 0, wl.dtype_bytes), not host.dense[0])
-        terms[_copy_term(hw, not host.dense[0])] += first_copy_s
+        first_copy_s = _charge_copy(hw, dense_group_bytes(spec, 0, wl.dtype_bytes), not host.dense[0], terms)
     step_s += logits_s + fixed_s + first_copy_s
     out.add(_Pass(step_s, step_s, terms))
     return out

@@ -159,7 +159,7 @@ def test_the_most_used_experts_become_resident_and_the_tokens_stay_the_same(arch
     """Resident experts are swapped for streamed ones that ran in more passes (between passes), so a
     second pass over the same prompts reads less than with the first experts kept; the weights
     swapped in are the checkpoint's, bit for bit: float32 tokens equal to the in-memory run."""
-    from moegen.engine.weight_stream import SWAP_MARGIN, WeightStreamer
+    from moegen.engine.weight_stream import SWAP_MARGIN
     path = tiny_fixture(arch)
     prompts = [[1, 7 + i, 40 + 3 * i, 9, 2 * i + 5] for i in range(6)]
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -181,7 +181,7 @@ def test_the_most_used_experts_become_resident_and_the_tokens_stay_the_same(arch
     streamer = engine.streamer
     assert streamer.disk_bytes_read < fixed.streamer.disk_bytes_read
     # after one unbounded round, no streamed expert ran in clearly more passes than a resident one
-    WeightStreamer.admit_most_used(streamer, max_swaps=1 << 30)
+    streamer.admit_most_used(max_swaps=1 << 30)
     experts = [k for k in streamer.groups if ".experts." in k]
     held = [streamer.uses[k] for k in experts if k in streamer.resident]
     out = [streamer.uses[k] for k in experts if k not in streamer.resident]
