@@ -1,7 +1,8 @@
 """A/B builds of the fused experts kernel in one process: each variant is the native library built
 from a csrc/ tree (this checkout's, or another's: a `git worktree` or `git archive REV csrc | tar -x`)
 with extra compiler flags, loaded into its own op namespace; every call runs all variants on the
-same fresh inputs and routing, in turn, and their outputs must be identical. On a VM whose speed
+same fresh inputs and routing, in turn (the order rotated from call to call, each variant on its
+own copy of the weights), and their outputs must be identical. On a VM whose speed
 moves ±15% from run to run, only such interleaved ratios tell a kernel change from noise.
 
     PYTHONPATH=. python benchmarks/ab_experts_kernel.py 'base@/tmp/old=' 'new=' ['flag=-DFOO=1'] \\
@@ -64,17 +65,22 @@ def main():
         q = quantized.quantize_fp8(w) if args.format == "fp8" else quantized.quantize_int(w, int(args.format[3:]))
         return quantized.tile_codes(q)
 
-    layers = [fused.pack_layer([weight(2 * inter, hidden) for _ in range(experts)],
-                               [weight(hidden, inter) for _ in range(experts)], inter) for _ in range(args.layers)]
+    # each variant its own packed copy of every layer (same values): at decode sizes the weights come
+    # from memory, and a variant that ran after another on the same copy could find them in the L3
+    layers = []
+    for _ in range(args.layers):
+        raw = [weight(2 * inter, hidden) for _ in range(experts)], [weight(hidden, inter) for _ in range(experts)]
+        layers.append({name: fused.pack_layer(*raw, inter) for name in variants})
     for tokens in map(int, args.tokens.split(",")):
         times = {name: [] for name in variants}
         for call in range(args.calls + 1):
             x = torch.randn(tokens, hidden, generator=g).bfloat16()
             top_w, top_i = torch.rand(tokens, experts, generator=g).topk(k, dim=1)
             d = Dispatch.from_routing(top_i, top_w, experts)
-            gate_up, down = layers[call % args.layers]
             outs = []
-            for name, ops in variants.items():
+            names = list(variants)                      # the order rotated from call to call
+            for name in names[call % len(names):] + names[:call % len(names)]:
+                ops, (gate_up, down) = variants[name], layers[call % args.layers][name]
                 t0 = time.perf_counter()
                 outs.append(ops.ops.moe_experts(x, d.token_idx, d.weights.float().contiguous(), d.counts, gate_up, down,
                                                 inter, k, ISA_CODES["amx"], FORMAT_CODES[args.format]))

@@ -153,6 +153,32 @@ def test_tiled_experts_in_groups_equal_the_layer_packed_kernel(monkeypatch, isa,
 
 
 @needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hidden", [256, 250])  # whole output lines; a partial last line
+def test_outputs_written_past_the_caches_equal_those_written_through_them(monkeypatch, isa, hidden):
+    """A layer whose weighted outputs exceed csrc/experts.cpp's kStreamOutBytes (16 MiB) has them
+    written with non-temporal stores; the same tokens in chunks below it take ordinary stores. Each
+    row's arithmetic is the same either way: bit for bit the same result, and the reference's."""
+    monkeypatch.setenv("MOEGEN_EXPERTS_ISA", isa)
+    experts, k, tokens, chunk = 4, 2, 15000, 3750
+    row_bytes = 2 * ((hidden + 31) // 32 * 32 + 32)                # the kernel's padded output rows
+    assert tokens * k * row_bytes > 16 << 20 > chunk * k * row_bytes
+    gate_ups, downs = random_layer(hidden, 64, experts)
+    gate_up, down = fused.pack_layer(gate_ups, downs, 64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    top_w, top_i = torch.rand(tokens, experts, generator=g).topk(k, dim=1)
+
+    def run(lo, hi):
+        d = Dispatch.from_routing(top_i[lo:hi], top_w[lo:hi], experts)
+        return fused.moe_experts(x[lo:hi], d.token_idx, d.weights, d.counts, gate_up, down, 64, k)
+
+    whole = run(0, tokens)
+    assert torch.equal(whole, torch.cat([run(lo, lo + chunk) for lo in range(0, tokens, chunk)]))
+    assert_bf16_close(whole, reference(x, Dispatch.from_routing(top_i, top_w, experts), gate_ups, downs))
+
+
+@needs_native
 def test_isas_agree_with_each_other(monkeypatch):
     """Every ISA reads the same packed tiles; on small integers all sums are exact, so they agree
     bit for bit with each other and with the reference."""
