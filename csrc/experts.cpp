@@ -67,20 +67,37 @@ constexpr int kTileK = 32;              // inputs per tile (16 pairs)
 constexpr int kTileElems = kTileN * kTileK;
 constexpr int kRowBlock = 32;           // rows per micro-kernel call (two AMX row tiles)
 constexpr int kPadRows = kRowBlock;     // zeroed rows after the last so over-reads stay finite
-// rows per pass over an item's columns: their activations (256 x 2 KiB at H = 1024) stay in L2
-// while the item's column blocks go by
 // Activation and output rows are kLdPad elements longer than their padded width: rows a power of
 // two bytes apart would all fall into a few L1 sets (weighted output rows of 2 KiB: 5% slower).
 constexpr int64_t kLdPad = 32;
-constexpr int64_t kRowChunk = 256;
+// Rows per pass over an item's columns: as many as keep the pass's A operand (x rows for gate_up,
+// h rows for down) within kPassABytes, so it stays in L2 while the item's column blocks go by, at
+// most kPassRows. Each column block's weights are read from memory once per pass: at prefill sizes
+// the passes of 128 rows this replaced were memory bound (2 cores x 1.73 TFLOP/s at 128 FLOP a
+// weight byte is the machine's ~27 GB/s). Measured (kernel A/B, AMX Xeon, 2 MiB L2): Mixtral's
+// shape at 1,024 rows per expert +15% with gate_up in passes of 384 rows (768 KiB of x) and down
+// in passes of 128 (896 KiB of h); down in passes of 256 there (1.8 MiB) -10%.
+constexpr int64_t kPassRows = 384, kPassABytes = 896 << 10;
+// an item of at most this many rows with quantized weights dequantizes each column step's tiles
+// as it goes (decode sizes); a longer one all its tiles once up front
+constexpr int64_t kStreamedDequantRows = 256;
 // weighted outputs of a layer larger than this are written past the caches (see scale_line)
 constexpr int64_t kStreamOutBytes = 16 << 20;
-// h (bf16 intermediate rows) a thread keeps for one expert item: an expert whose h fits 2 MiB is
-// one item (its weights read once: decode sizes), a bigger one is split into items of at most
-// 1 MiB of h, which stays in L2 while the weights stream by (measured on Xeon with 2 MiB of L2,
-// Mixtral's I = 3584: 1024 rows in items of 128 +8% over items of 256; decode's ~130 rows split
-// in two -13%).
-constexpr int64_t kOwnHBytes = 2 << 20, kOwnHSplitBytes = 1 << 20;
+// h (bf16 intermediate rows) a thread keeps for one expert item: an expert whose h fits 3 MiB is
+// one item (its weights read once: decode sizes), a bigger one is split into even items of at most
+// 3 MiB of h. Down reads an item's h a pass (kPassABytes) at a time, so h need not fit L2 whole
+// (measured with the passes above, Mixtral's I = 3584, 1,024 rows: items of ~341 rows +15% over
+// items of 128 with 1 MiB of h each; decode's ~130 rows split in two -13%).
+constexpr int64_t kOwnHBytes = 3 << 20, kOwnHSplitBytes = 3 << 20;
+
+// Rows per pass over `rows` A rows of `row_bytes` each (see kPassRows): even passes, as many as
+// kPassABytes asks for to the nearest (an expert a few rows over the budget at decode sizes stays
+// one pass, its weights read once: two passes there measured -4%), at most kPassRows rows each.
+int64_t pass_rows(int64_t rows, int64_t row_bytes) {
+  const int64_t budget = std::max<int64_t>(kRowBlock, kPassABytes / row_bytes);
+  const int64_t passes = std::max<int64_t>({1, (rows + budget / 2) / budget, (rows + kPassRows - 1) / kPassRows});
+  return (rows + passes - 1) / passes;
+}
 
 enum Isa : int64_t { kGeneric = 0, kAvx512Bf16 = 1, kAmx = 2 };
 
@@ -452,13 +469,13 @@ struct Steps {
   }
 };
 
-// One item's `rows` (<= kRowChunk) rows of A against column blocks [nb0, nb1) in steps of `step`
+// One item's `rows` (<= kPassRows) rows of A against column blocks [nb0, nb1) in steps of `step`
 // (`steps` gives each step's two B column blocks), 32 rows at a time, each row then post-processed
 // by epi (see Pending).
 template <typename Epi>
 void pass(int64_t isa, const bf16* A, int64_t lda, int64_t kbs, int64_t rows, int64_t nb1, const Steps& steps,
           Epi epi) {
-  alignas(64) float C[kRowChunk * 2 * kTileN];
+  alignas(64) float C[kPassRows * 2 * kTileN];
   Pending<Epi> pending{epi, C};
   const int64_t kblocks = steps.kblocks, step = steps.step;
   const bf16* B[2];
@@ -650,8 +667,8 @@ thread_local at::Tensor tl_dequant;
 bf16* workspace(at::Tensor& buffer, int64_t elements);
 
 // How an item's passes find their tiles (see Steps): bf16 weights directly; quantized ones, for
-// an item of one row chunk (decode), streamed through two slots; for a longer item (prefill), all
-// its tiles dequantized once up front and shared by its row chunks.
+// an item of at most kStreamedDequantRows rows (decode, one pass), streamed through two slots; for
+// a longer item (prefill), all its tiles dequantized once up front and shared by its passes.
 Steps item_steps(const Layer& L, const Packed& w, const Item& it, int64_t step, int64_t kblocks, int64_t first0,
                  int64_t first1) {
   Steps s;
@@ -660,7 +677,7 @@ Steps item_steps(const Layer& L, const Packed& w, const Item& it, int64_t step, 
   if (L.fmt == kBf16) {
     s.base[0] = reinterpret_cast<const bf16*>(w.codes) + first0 * kTileElems;
     s.base[1] = reinterpret_cast<const bf16*>(w.codes) + first1 * kTileElems;
-  } else if (it.rows <= kRowChunk) {
+  } else if (it.rows <= kStreamedDequantRows) {
     s.slots = workspace(tl_dequant, 2 * 2 * kblocks * kTileElems);
   } else {
     const int64_t tiles = (it.nb1 - it.nb0) * kblocks;  // from first0 (down: both halves of every step)
@@ -701,12 +718,13 @@ void gate_up_item(const Layer& L, const Item& it, const bf16* xs, Slabs h) {
   const int64_t kblocks = L.hp / kTileK;
   const Steps steps = item_steps(L, L.gate_up[it.expert], it, 1, kblocks, L.gate_tile(0, it.nb0),
                                  L.gate_tile(1, it.nb0));
-  for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
+  const int64_t chunk = steps.streamed() ? it.rows : pass_rows(it.rows, L.xs_ld * static_cast<int64_t>(sizeof(bf16)));
+  for (int64_t r0 = 0; r0 < it.rows; r0 += chunk) {
     const int64_t row0 = it.row0 + r0;
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
       silu_mul_tile(c, c + kTileN, h.at(r0 + r, nb * kTileN));
     };
-    pass(L.isa, xs + row0 * L.xs_ld, L.xs_ld, kTileK, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
+    pass(L.isa, xs + row0 * L.xs_ld, L.xs_ld, kTileK, std::min(chunk, it.rows - r0), it.nb1, steps, epi);
   }
 }
 
@@ -714,7 +732,8 @@ void gate_up_item(const Layer& L, const Item& it, const bf16* xs, Slabs h) {
 void down_item(const Layer& L, const Item& it, Slabs h, const float* weights, bf16* out) {
   const int64_t kblocks = L.ip / kTileK, first = L.down_tile(it.nb0);
   const Steps steps = item_steps(L, L.down[it.expert], it, 2, kblocks, first, first + kblocks);
-  for (int64_t r0 = 0; r0 < it.rows; r0 += kRowChunk) {
+  const int64_t chunk = steps.streamed() ? it.rows : pass_rows(it.rows, L.ip * static_cast<int64_t>(sizeof(bf16)));
+  for (int64_t r0 = 0; r0 < it.rows; r0 += chunk) {
     const int64_t row0 = it.row0 + r0;
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
       const int64_t col0 = nb * kTileN, cols = std::min<int64_t>(2 * kTileN, L.hidden - col0);
@@ -724,7 +743,7 @@ void down_item(const Layer& L, const Item& it, Slabs h, const float* weights, bf
       else
         scale_row(c, weights[row0 + r], dst, static_cast<int>(cols));
     };
-    pass(L.isa, h.from(r0).p, kTileK, h.slab, std::min(kRowChunk, it.rows - r0), it.nb1, steps, epi);
+    pass(L.isa, h.from(r0).p, kTileK, h.slab, std::min(chunk, it.rows - r0), it.nb1, steps, epi);
   }
 #if defined(__AVX512F__)
   _mm_sfence();  // scale_line's stores visible before the combine reads them
