@@ -410,14 +410,16 @@ void generic_gemm(const bf16* A, int64_t lda, int64_t kbs, int rows, const bf16*
 // Work that runs a little at a time inside the next block's k loop (the vector units work while
 // the AMX unit multiplies): the rows of a finished block still to post-process -- epi(c, r, nb) gets
 // row r's 32 accumulators (column blocks nb and the next, or gate and up), row r of C -- and the
-// dequantization of the next step's tiles (`job`, `job_per_step` tiles a k step).
+// dequantization of the next step's tiles (`job`: its tiles spread evenly over the `job_steps` k
+// steps of the current step, a tile every other k step at Mixtral's decode sizes -- not one a k
+// step until done, which crowded the vector work into the step's first half: +5% int8, +2.5% fp8).
 template <typename Epi>
 struct Pending {
   Epi& epi;
   const float* C;
   int64_t row = 0, end = 0, nb = 0;
   TileJob* job = nullptr;
-  int64_t job_per_step = 0;
+  int64_t job_steps = 1, job_credit = 0;
 
   void set(int64_t r0, int64_t rows, int64_t block) { row = r0, end = r0 + rows, nb = block; }
   int64_t rows_per_step(int64_t steps) const { return (end - row + steps - 1) / steps; }
@@ -427,7 +429,11 @@ struct Pending {
   void run_all() { run(end - row); }
   void step(int64_t rows) {
     run(rows);
-    if (job != nullptr) job->run(job_per_step);
+    if (job != nullptr) {
+      job_credit += job->total;
+      job->run(job_credit / job_steps);
+      job_credit %= job_steps;
+    }
   }
 };
 
@@ -499,7 +505,8 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t kbs, int64_t rows, in
     if (isa == kAmx) {
       const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
       pending.job = background;
-      pending.job_per_step = background ? (background->total + row_blocks * kblocks - 1) / (row_blocks * kblocks) : 0;
+      pending.job_steps = row_blocks * kblocks;
+      pending.job_credit = 0;
       for (int64_t kb0 = 0; kb0 < kblocks; kb0 += kAmxKChunk) {
         const int64_t kb1 = std::min(kblocks, kb0 + kAmxKChunk);
         Prefetch ahead;
