@@ -437,11 +437,13 @@ struct Pending {
   }
 };
 
-// k tiles per AMX pass over a row chunk: two column blocks' tiles of one pass (64 KiB) stay close
-// while the chunk's row blocks go by, and C is stored and reloaded once per chunk. Measured on the
-// AMX Xeon (experts kernel as it is now, A/B in one process): 32 beat 16 by 2-7% on both bench
-// shapes; 24 was 10-15% slower, 48 and 64 no better.
-constexpr int64_t kAmxKChunk = 32;
+// k tiles per AMX pass over a row chunk: two column blocks' tiles of one chunk (128 KiB) stay close
+// while the pass's row blocks go by, and C is stored and reloaded once per chunk. Measured on the
+// AMX Xeon (A/B in one process): with passes sized to L2 (kPassRows), 64 beat 32 on Mixtral's
+// shape by 4-5% at prefill sizes and 1.0x at decode sizes (int8: +1%, +6%; 128 no better; 16 -7%);
+// qwen3_moe's K fits one chunk either way. (Before those passes, 32 had beaten 16 by 2-7% and 64
+// had been no better.)
+constexpr int64_t kAmxKChunk = 64;
 
 // Where a pass finds the two B column blocks of each step nb (nb0, nb0 + step, ...): `direct`,
 // bf16 tiles in memory (the weights, or an item's dequantized tiles) at base[h] + (nb - nb0) k rows
