@@ -90,14 +90,6 @@ constexpr int64_t kStreamOutBytes = 16 << 20;
 // items of 128 with 1 MiB of h each; decode's ~130 rows split in two -13%).
 constexpr int64_t kOwnHBytes = 3 << 20, kOwnHSplitBytes = 3 << 20;
 
-// Rows per pass over `rows` A rows of `row_bytes` each (see kPassRows): even passes, as many as
-// kPassABytes asks for to the nearest (an expert a few rows over the budget at decode sizes stays
-// one pass, its weights read once: two passes there measured -4%), at most kPassRows rows each.
-int64_t pass_rows(int64_t rows, int64_t row_bytes) {
-  const int64_t budget = std::max<int64_t>(kRowBlock, kPassABytes / row_bytes);
-  const int64_t passes = std::max<int64_t>({1, (rows + budget / 2) / budget, (rows + kPassRows - 1) / kPassRows});
-  return (rows + passes - 1) / passes;
-}
 
 enum Isa : int64_t { kGeneric = 0, kAvx512Bf16 = 1, kAmx = 2 };
 
@@ -250,7 +242,7 @@ const bf16* tiles_bf16(int64_t fmt, const Packed& w, int64_t first, int64_t coun
 }
 
 // The tiles of the column-block step after the current one, dequantized a few per AMX k step
-// while the tile unit multiplies (quantized weights, items of one row chunk: decode).
+// while the tile unit multiplies (quantized weights, items of one pass: decode).
 struct TileJob {
   int64_t fmt = kBf16;
   const Packed* w = nullptr;
@@ -437,7 +429,7 @@ struct Pending {
   }
 };
 
-// k tiles per AMX pass over a row chunk: two column blocks' tiles of one chunk (128 KiB) stay close
+// k tiles per AMX k chunk of a pass: two column blocks' tiles of one chunk (128 KiB) stay close
 // while the pass's row blocks go by, and C is stored and reloaded once per chunk. Measured on the
 // AMX Xeon (A/B in one process): with passes sized to L2 (kPassRows), 64 beat 32 on Mixtral's
 // shape by 4-5% at prefill sizes and 1.0x at decode sizes (int8: +1%, +6%; 128 no better; 16 -7%);
@@ -476,6 +468,17 @@ struct Steps {
     return j;
   }
 };
+
+// Rows per pass over an item's `rows` A rows of `row_bytes` each (see kPassRows): even passes, as
+// many as kPassABytes asks for to the nearest (an expert a few rows over the budget at decode sizes
+// stays one pass, its weights read once: two passes there measured -4%), at most kPassRows rows
+// each; one pass where the item's quantized tiles are dequantized as it goes (`steps.streamed()`).
+int64_t pass_rows(const Steps& steps, int64_t rows, int64_t row_bytes) {
+  if (steps.streamed()) return rows;
+  const int64_t budget = std::max<int64_t>(kRowBlock, kPassABytes / row_bytes);
+  const int64_t passes = std::max<int64_t>({1, (rows + budget / 2) / budget, (rows + kPassRows - 1) / kPassRows});
+  return (rows + passes - 1) / passes;
+}
 
 // One item's `rows` (<= kPassRows) rows of A against column blocks [nb0, nb1) in steps of `step`
 // (`steps` gives each step's two B column blocks), 32 rows at a time, each row then post-processed
@@ -727,7 +730,7 @@ void gate_up_item(const Layer& L, const Item& it, const bf16* xs, Slabs h) {
   const int64_t kblocks = L.hp / kTileK;
   const Steps steps = item_steps(L, L.gate_up[it.expert], it, 1, kblocks, L.gate_tile(0, it.nb0),
                                  L.gate_tile(1, it.nb0));
-  const int64_t chunk = steps.streamed() ? it.rows : pass_rows(it.rows, L.xs_ld * static_cast<int64_t>(sizeof(bf16)));
+  const int64_t chunk = pass_rows(steps, it.rows, L.xs_ld * static_cast<int64_t>(sizeof(bf16)));
   for (int64_t r0 = 0; r0 < it.rows; r0 += chunk) {
     const int64_t row0 = it.row0 + r0;
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
@@ -741,7 +744,7 @@ void gate_up_item(const Layer& L, const Item& it, const bf16* xs, Slabs h) {
 void down_item(const Layer& L, const Item& it, Slabs h, const float* weights, bf16* out) {
   const int64_t kblocks = L.ip / kTileK, first = L.down_tile(it.nb0);
   const Steps steps = item_steps(L, L.down[it.expert], it, 2, kblocks, first, first + kblocks);
-  const int64_t chunk = steps.streamed() ? it.rows : pass_rows(it.rows, L.ip * static_cast<int64_t>(sizeof(bf16)));
+  const int64_t chunk = pass_rows(steps, it.rows, L.ip * static_cast<int64_t>(sizeof(bf16)));
   for (int64_t r0 = 0; r0 < it.rows; r0 += chunk) {
     const int64_t row0 = it.row0 + r0;
     auto epi = [&](const float* c, int64_t r, int64_t nb) {
