@@ -62,7 +62,8 @@ def main():
         w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
         if args.format == "bfloat16":
             return w
-        q = quantized.quantize_fp8(w) if args.format == "fp8" else quantized.quantize_int(w, int(args.format[3:]))
+        q = quantized.quantize_fp8(w) if args.format == "fp8" else quantized.quantize_int(
+            w, int(args.format[3:]), group_size=quantized.GPTQ_GROUP if k % quantized.GPTQ_GROUP == 0 else 64)
         return quantized.tile_codes(q)
 
     # each variant its own packed copy of every layer (same values): at decode sizes the weights come

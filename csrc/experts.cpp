@@ -242,7 +242,11 @@ const bf16* tiles_bf16(int64_t fmt, const Packed& w, int64_t first, int64_t coun
 }
 
 // The tiles of the column-block step after the current one, dequantized a few per AMX k step
-// while the tile unit multiplies (quantized weights, items of one pass: decode).
+// while the tile unit multiplies (quantized weights, items of one pass: decode). With `ahead`, each
+// tile dequantized brings the codes, scales and zero points of the tile `ahead` tiles on (the
+// step after, which the next job dequantizes) into L2: otherwise the dequantization's loads wait
+// on memory while the tile unit idles -- measured +7% (Mixtral's shape, 128 rows an expert) to
+// +16% (qwen3_moe's, 64 rows) int8 at decode sizes, +15% and +29% at half those rows.
 struct TileJob {
   int64_t fmt = kBf16;
   const Packed* w = nullptr;
@@ -250,10 +254,22 @@ struct TileJob {
   int64_t per_half = 0;        // k tiles
   bf16* out = nullptr;         // [2][per_half] tiles
   int64_t done = 0, total = 0;
+  int64_t ahead = 0;           // tiles to the next job's same tile, or 0: nothing to bring in
 
   void run(int64_t n) {
-    for (; n > 0 && done < total; --n, ++done)
-      dequant_one(fmt, *w, first[done / per_half] + done % per_half, out + done * kTileElems);
+    const int64_t bytes = code_bytes_per_tile(fmt);
+    for (; n > 0 && done < total; --n, ++done) {
+      const int64_t t = first[done / per_half] + done % per_half;
+      // written out here, not as a helper: GCC finds a function of prefetches alone free of side
+      // effects and deletes its calls (checked in the assembly)
+      if (ahead != 0) {
+        const char* codes = reinterpret_cast<const char*>(w->codes + (t + ahead) * bytes);
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(codes + b, 0, 2);  // read, L2
+        __builtin_prefetch(w->scales + (t + ahead) * kTileN, 0, 2);  // 16 scales: one line
+        if (w->zeros != nullptr) __builtin_prefetch(w->zeros + (t + ahead) * kTileN, 0, 2);
+      }
+      dequant_one(fmt, *w, t, out + done * kTileElems);
+    }
   }
   void run_all() { run(total - done); }
 };
@@ -502,6 +518,7 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t kbs, int64_t rows, in
     TileJob* background = nullptr;
     if (!last && steps.streamed()) {
       job = steps.job(nb + step);
+      if (nb + 2 * step < nb1) job.ahead = step * kblocks;  // the item's next step's tiles after those
       background = &job;
     } else if (!last) {
       steps.tiles(nb + step, next);
