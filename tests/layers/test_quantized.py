@@ -95,12 +95,18 @@ def test_native_bf16_dequantization_equals_the_torch_path(monkeypatch):
     act_order = quantize_int(w, 4, group_size=64)
     act_order = GptqWeight(act_order.qweight, act_order.qzeros, act_order.scales,
                            act_order.g_idx[torch.randperm(320, generator=g)].contiguous(), 4)   # desc_act-like
-    for q in (quantize_fp8(w), quantize_int(w, 4, 64), quantize_int(w, 8, 64, sym=False), act_order):
-        native = q.dequantize_rows(128, 384, torch.empty(256, 320, dtype=torch.bfloat16))
+    w352 = torch.randn(384, 352, generator=g)        # 88 words of 8 bits a column: 8 past the last 16
+    # the vector paths (groups over whole runs of codes: one group per 16 words, or several) and the
+    # scalar ones (act-order; groups of 8 codes; fp8 blocks of 40 columns: 16, 16 and a tail of 8)
+    for q in (quantize_fp8(w), quantize_fp8(w, (128, 40)), quantize_int(w, 4, 64), quantize_int(w, 8, 64, sym=False),
+              quantize_int(w, 8, 32), quantize_int(w352, 8, 32, sym=False), quantize_int(w, 8, 8),
+              quantize_int(w352, 4, 32), act_order):
+        k = q.shape[1]
+        native = q.dequantize_rows(128, 384, torch.empty(256, k, dtype=torch.bfloat16))
         with monkeypatch.context() as m:
             m.setattr(qz, "_native_dequant", lambda w, out: None)
-            plain = q.dequantize_rows(128, 384, torch.empty(256, 320, dtype=torch.bfloat16))
-        assert torch.equal(native, plain), type(q).__name__
+            plain = q.dequantize_rows(128, 384, torch.empty(256, k, dtype=torch.bfloat16))
+        assert torch.equal(native, plain), (type(q).__name__, getattr(q, "bits", None), k)
 
 
 def test_stacking_fp8_gate_and_up_narrower_than_a_block_keeps_each_ones_scale():
