@@ -1,5 +1,5 @@
-// Fused elementwise ops for the engine's CPU hot path: RMSNorm, SwiGLU's silu(gate) * up, and
-// rotate-half RoPE.
+// Fused elementwise ops for the engine's CPU hot path: RMSNorm, SwiGLU's silu(gate) * up,
+// rotate-half RoPE, and the greedy choice (each row's first maximum of bf16 logits).
 //
 // In PyTorch each of these is 3-7 passes over the activations (casts, squares, means, products,
 // concatenations), each a separate OpenMP region; fused, each is one pass. They keep PyTorch's
@@ -20,6 +20,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <tuple>
+#include <utility>
 
 #include "simd.h"
 
@@ -184,6 +187,80 @@ at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tens
   return out;
 }
 
+// ---- greedy choice: each row's first maximum (bf16 logits) -----------------------------------
+// torch's max(dim) over bf16 logits runs at ~2.7 G elements/s on the AMX Xeon (6 ms for 512 rows of
+// 32,000, every decode step). Here each bf16 is compared as a 16-bit integer key with the order of
+// its value -- the magnitude's bits, negated for negative values (so -0 and +0 tie, as they compare
+// equal) -- 32 at a time (AVX-512 BW): the row's first maximum, as max(dim) finds it. A row with a
+// NaN reports NaN as its maximum (max propagates NaN; the sampler refuses such rows).
+inline int32_t order_key(uint16_t bits) {
+  const int32_t mag = bits & 0x7fff;
+  return (bits & 0x8000) ? -mag : mag;
+}
+inline bool is_nan_bits(uint16_t bits) { return (bits & 0x7fff) > 0x7f80; }
+
+// The first maximum of row[0, n) as (index, any NaN).
+std::pair<int64_t, bool> first_max_row(const uint16_t* row, int64_t n) {
+  int64_t best_at = 0, i = 0;
+  int32_t best = INT32_MIN;
+  bool nan = false;
+#if defined(__AVX512BW__) && !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
+  // lanes: 32 keys, each lane's best key and the step it came from (16-bit: rows up to 2^20)
+  if (n >= 32 && n / 32 <= INT16_MAX) {
+    const __m512i magmask = _mm512_set1_epi16(0x7fff), inf = _mm512_set1_epi16(0x7f80), one = _mm512_set1_epi16(1);
+    __m512i lane_best = _mm512_set1_epi16(INT16_MIN), lane_step = _mm512_setzero_si512(), step = lane_step;
+    __mmask32 nans = 0;
+    for (; i + 32 <= n; i += 32, step = _mm512_add_epi16(step, one)) {
+      const __m512i x = _mm512_loadu_si512(row + i);
+      const __m512i mag = _mm512_and_si512(x, magmask);
+      nans |= _mm512_cmpgt_epi16_mask(mag, inf);
+      const __m512i key = _mm512_mask_sub_epi16(mag, _mm512_movepi16_mask(x), _mm512_setzero_si512(), mag);
+      const __mmask32 gt = _mm512_cmpgt_epi16_mask(key, lane_best);   // strictly: a lane keeps its first
+      lane_best = _mm512_mask_mov_epi16(lane_best, gt, key);
+      lane_step = _mm512_mask_mov_epi16(lane_step, gt, step);
+    }
+    alignas(64) int16_t keys[32], steps[32];
+    _mm512_store_si512(keys, lane_best);
+    _mm512_store_si512(steps, lane_step);
+    for (int l = 0; l < 32; ++l) {  // the largest key, at the smallest index among lanes holding it
+      const int64_t at = static_cast<int64_t>(steps[l]) * 32 + l;
+      if (keys[l] > best || (keys[l] == best && at < best_at)) best = keys[l], best_at = at;
+    }
+    nan = nans != 0;
+  }
+#endif
+  for (; i < n; ++i) {
+    nan |= is_nan_bits(row[i]);
+    const int32_t key = order_key(row[i]);
+    if (key > best) best = key, best_at = i;
+  }
+  return {best_at, nan};
+}
+
+std::tuple<at::Tensor, at::Tensor> first_max(const at::Tensor& logits_in) {
+  const char* op = "first_max";
+  check_cpu(logits_in, op, "logits");
+  TORCH_CHECK_VALUE(logits_in.dim() == 2 && logits_in.size(1) > 0, op, ": logits must be [rows, V > 0], got ",
+                    logits_in.sizes());
+  TORCH_CHECK_TYPE(logits_in.scalar_type() == c10::ScalarType::BFloat16, op, ": logits must be bfloat16, got ",
+                   logits_in.scalar_type());
+  const at::Tensor x = logits_in.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor values = at::empty({rows}, x.options().dtype(at::kFloat));
+  at::Tensor indices = at::empty({rows}, x.options().dtype(at::kLong));
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  float* v = values.data_ptr<float>();
+  int64_t* idx = indices.data_ptr<int64_t>();
+  at::parallel_for(0, rows, grain(n), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const auto [at, nan] = first_max_row(p + r * n, n);
+      idx[r] = at;
+      v[r] = nan ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(c10::BFloat16(p[r * n + at], c10::BFloat16::from_bits()));
+    }
+  });
+  return {values, indices};
+}
+
 }  // namespace
 }  // namespace moegen_ew
 
@@ -193,4 +270,5 @@ MOEGEN_DEFINE_FRAGMENT(MOEGEN_OPS_NS, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &moegen_ew::rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &moegen_ew::silu_mul);
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", &moegen_ew::rope);
+  m.def("first_max(Tensor logits) -> (Tensor, Tensor)", &moegen_ew::first_max);
 }

@@ -64,6 +64,31 @@ def check_ops(ops, dtype, seed=0):
         x = torch.randn(33, heads, dim, generator=g).to(dtype)
         cos, sin = torch.randn(2, 33, dim, generator=g).to(dtype)
         assert torch.equal(ops.rope(x, cos, sin), eager_rope(x, cos, sin))
+    if dtype == torch.bfloat16:
+        check_first_max(ops, g)
+
+
+def check_first_max(ops, g):
+    """The greedy choice against max(dim): the first maximum's index and value, ties, signed zeros,
+    infinities, NaN, rows with and without a tail past the vector steps."""
+    for vocab in (32000, 32001, 40, 31, 1):
+        x = (torch.randn(23, vocab, generator=g) * 4).bfloat16()
+        if vocab >= 40:
+            x[1, [3, 17, 39]] = 50.0                             # ties: the first one wins
+            x[2] = -0.0
+            x[2, 9] = 0.0                                        # -0 and +0 compare equal: index 0
+            x[3] = -float("inf")                                 # a row of -inf: index 0, value -inf
+            x[4, [33, 7]] = float("inf")
+            x[5] = -x[5].abs()
+            x[5, 35] = -0.0                                      # the maximum is a zero after negatives
+            x[6, 20] = float("nan")
+            x[7, vocab - 1] = 60.0                               # the last element (in the tail if any)
+        values, indices = ops.first_max(x)
+        want = x.max(dim=-1)
+        nan = want.values.isnan()
+        assert torch.equal(values.isnan(), nan)
+        assert torch.equal(indices[~nan], want.indices[~nan]), vocab
+        assert torch.equal(values[~nan], want.values[~nan].float()), vocab
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -89,6 +114,10 @@ def test_fused_ops_reject_bad_input(ops):
         ops.silu_mul(torch.randn(2, 7).bfloat16())
     with pytest.raises(ValueError, match="cos/sin must be"):
         ops.rope(torch.randn(3, 2, 8).bfloat16(), torch.randn(3, 4).bfloat16(), torch.randn(3, 4).bfloat16())
+    with pytest.raises(TypeError, match="must be bfloat16"):
+        ops.first_max(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="rows, V > 0"):
+        ops.first_max(torch.randn(2, 0).bfloat16())
 
 
 def test_layers_use_fused_ops_for_bf16_and_eager_for_fp32(ops):
