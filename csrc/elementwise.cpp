@@ -255,7 +255,8 @@ std::tuple<at::Tensor, at::Tensor> first_max(const at::Tensor& logits_in) {
     for (int64_t r = lo; r < hi; ++r) {
       const auto [at, nan] = first_max_row(p + r * n, n);
       idx[r] = at;
-      v[r] = nan ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(c10::BFloat16(p[r * n + at], c10::BFloat16::from_bits()));
+      const c10::BFloat16 best(p[r * n + at], c10::BFloat16::from_bits());
+      v[r] = nan ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(best);
     }
   });
   return {values, indices};

@@ -245,8 +245,9 @@ const bf16* tiles_bf16(int64_t fmt, const Packed& w, int64_t first, int64_t coun
 // while the tile unit multiplies (quantized weights, items of one pass: decode). With `ahead`, each
 // tile dequantized brings the codes, scales and zero points of the tile `ahead` tiles on (the
 // step after, which the next job dequantizes) into L2: otherwise the dequantization's loads wait
-// on memory while the tile unit idles -- measured +7% (Mixtral's shape, 128 rows an expert) to
-// +16% (qwen3_moe's, 64 rows) int8 at decode sizes, +15% and +29% at half those rows.
+// on memory while the tile unit idles -- measured int8 +5.5% (Mixtral's shape, 128 rows an
+// expert) and +15% (qwen3_moe's, 64 rows), +20% and +32% at half those rows; fp8 about as much,
+// int4 +2 to +7%.
 struct TileJob {
   int64_t fmt = kBf16;
   const Packed* w = nullptr;
