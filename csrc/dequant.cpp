@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -179,7 +180,8 @@ void gptq_tile_words_avx512(const int32_t* qw, const int32_t* qz, const c10::Hal
       group_of(r * P);
       __m512i z = _mm512_set1_epi32(zero);
       __m512 s = _mm512_set1_ps(scale);
-      const bool one_group = gidx[r * P] == gidx[(r + 16) * P - 1];  // groups of 64 codes or more
+      bool one_group = true;  // every run of the block in the first one's group (each run is one group)
+      for (int64_t k = r * P; k < (r + 16) * P; k += kRun<BITS>) one_group &= gidx[k] == gidx[r * P];
       for (int64_t run = 0; run < 64 / (kRun<BITS> * BITS / 8); ++run) {
         const int64_t k = r * P + run * kRun<BITS>;
         if (!one_group) {
@@ -290,10 +292,13 @@ void dequant_fp8(const at::Tensor& data, const at::Tensor& scales, int64_t bn, i
         const int64_t j1 = std::min(k, j0 + bk);
         int64_t j = j0;
 #ifdef MOEGEN_DQ_AVX512
-        // 16 at a time: the table's values gathered, times the scale, rounded to bf16 (nearest even;
-        // see gptq_tile_words_avx512 on why VCVTNEPS2BF16 gives c10::BFloat16's values here too)
+        // 16 at a time: the table's values gathered, times the scale, rounded to bf16 (nearest even,
+        // as c10::BFloat16) -- where no product can be a float32 subnormal, which VCVTNEPS2BF16
+        // would flush to zero: the smallest nonzero e4m3 value is 2^-9, so scales of 2^-117 and up
+        // (and zero); a block with a smaller scale stays on the scalar loop
         const __m512 s = _mm512_set1_ps(scale);
-        for (; j + 16 <= j1; j += 16) {
+        const bool normal = scale == 0.f || std::fabs(scale) >= 0x1p-117f;
+        for (; normal && j + 16 <= j1; j += 16) {
           const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
           const __m512 v = _mm512_mul_ps(_mm512_i32gather_ps(codes, table.data(), 4), s);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + j), (__m256i)_mm512_cvtneps_pbh(v));

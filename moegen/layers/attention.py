@@ -39,11 +39,12 @@ def causal_attention(q, k, v, scale: float, sliding_window: int = 0, past: int =
     return out if batched else out[0]
 
 
-def equal_length_runs(seq_lens: list[int]) -> list[tuple[int, int, int]]:
-    """(first token, length, count) for each run of consecutive sequences of one length."""
+def equal_length_runs(seq_lens: list[int], group: bool = True) -> list[tuple[int, int, int]]:
+    """(first token, length, count) for each run of consecutive sequences of one length (group),
+    or for each sequence alone."""
     runs, start = [], 0
     for n in seq_lens:
-        if runs and runs[-1][1] == n:
+        if group and runs and runs[-1][1] == n:
             runs[-1] = (runs[-1][0], n, runs[-1][2] + 1)
         else:
             runs.append((start, n, 1))
@@ -52,18 +53,19 @@ def equal_length_runs(seq_lens: list[int]) -> list[tuple[int, int, int]]:
 
 
 class RaggedContext:
-    """Attention within each sequence of a flat batch of ragged sequences, no cache. Consecutive
-    sequences of one length attend in one call (measured on the AMX Xeon: 32 prompts of 128
-    tokens, Mixtral's heads, 5.6 -> 4.2 ms a layer; the same values)."""
+    """Attention within each sequence of a flat batch of ragged sequences, no cache. On the CPU,
+    consecutive sequences of one length attend in one call (measured on the AMX Xeon: 32 prompts
+    of 128 tokens, Mixtral's heads, 5.6 -> 4.2 ms a layer; the same values). Not on a GPU, whose
+    attention kernels may split the keys differently for another batch size (other rounding)."""
 
     def __init__(self, seq_lens: list[int], device="cpu"):
         self.seq_lens = list(seq_lens)
         self.positions = torch.cat([torch.arange(n) for n in self.seq_lens]).to(device)
-        self.runs = equal_length_runs(self.seq_lens)
+        self.runs, self.each = equal_length_runs(self.seq_lens), equal_length_runs(self.seq_lens, group=False)
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window=0):
         outs = []
-        for start, n, count in self.runs:
+        for start, n, count in self.runs if q.device.type == "cpu" else self.each:
             sl = slice(start, start + n * count)
             if count == 1:
                 outs.append(causal_attention(q[sl], k[sl], v[sl], scale, sliding_window))

@@ -290,11 +290,15 @@ def concat_rows(parts: list):
 def fits_tiles(w) -> bool:
     """Whether a quantized weight has one scale (and zero point) per output column over each
     aligned run of TILE_K inputs, which the fused experts kernel's tiles need: fp8 blocks TILE_K-
-    aligned in K (and finite codes, scales below 128), GPTQ groups constant over such runs
+    aligned in K (and finite codes, scales below 128 and zero or from 2^-117), GPTQ groups constant over such runs
     (act-order g_idx may break it)."""
     if isinstance(w, Fp8BlockWeight):
-        # the kernel stores scales times 2^120 and has no NaN codes (0x7f, 0xff)
-        return w.block[1] % TILE_K == 0 and w.device.type == "cpu" and float(w.scales.abs().max()) < 2.0 ** 7 \
+        # the kernel stores scales times 2^120, has no NaN codes (0x7f, 0xff), and rounds to bf16
+        # with VCVTNE2PS2BF16, which flushes float32 subnormals: nonzero scales from 2^-117 (the
+        # smallest nonzero e4m3 value is 2^-9), so that no product is one
+        s = w.scales.abs()
+        return w.block[1] % TILE_K == 0 and w.device.type == "cpu" and float(s.max()) < 2.0 ** 7 \
+            and bool(((s == 0) | (s >= 2.0 ** -117)).all()) \
             and not bool(((w.data.view(torch.uint8) & 0x7F) == 0x7F).any())
     k = w.shape[1]
     starts = w.g_idx[torch.arange(k) // TILE_K * TILE_K]

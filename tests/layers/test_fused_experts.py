@@ -277,6 +277,11 @@ def test_quantized_weights_that_cut_a_tile_stay_off_the_kernel():
     nan.view(torch.uint8)[3, 5] = 0xFF                     # e4m3 NaN: the per-expert path keeps it
     assert not fits_tiles(type(f)(nan, f.scales, f.block))
     assert not fits_tiles(type(f)(f.data, f.scales * 1e5, f.block))   # scales x 2^120 would overflow
+    tiny = f.scales.clone()
+    tiny[0, 0] = 2.0 ** -120                                # subnormal products, which the kernel would flush
+    assert not fits_tiles(type(f)(f.data, tiny, f.block))
+    tiny[0, 0] = 0.0                                        # a zero scale is fine
+    assert fits_tiles(type(f)(f.data, tiny, f.block))
 
 
 def test_pack_tiles_layout():

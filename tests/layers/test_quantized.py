@@ -98,9 +98,16 @@ def test_native_bf16_dequantization_equals_the_torch_path(monkeypatch):
     w352 = torch.randn(384, 352, generator=g)        # 88 words of 8 bits a column: 8 past the last 16
     # the vector paths (groups over whole runs of codes: one group per 16 words, or several) and the
     # scalar ones (act-order; groups of 8 codes; fp8 blocks of 40 columns: 16, 16 and a tail of 8)
-    for q in (quantize_fp8(w), quantize_fp8(w, (128, 40)), quantize_int(w, 4, 64), quantize_int(w, 8, 64, sym=False),
-              quantize_int(w, 8, 32), quantize_int(w352, 8, 32, sym=False), quantize_int(w, 8, 8),
-              quantize_int(w352, 4, 32), act_order):
+    def regrouped(q, runs):       # groups that come back: A, B, A within one block of 16 words
+        g_idx = torch.zeros_like(q.g_idx)
+        g_idx[runs] = 5
+        return GptqWeight(q.qweight, q.qzeros, q.scales, g_idx, q.bits)
+    tiny_scales = quantize_fp8(w)
+    tiny_scales.scales[1, 1] = 2.0 ** -135        # (rows 128-255, read below) every product subnormal
+    for q in (quantize_fp8(w), quantize_fp8(w, (128, 40)), tiny_scales, quantize_int(w, 4, 64),
+              quantize_int(w, 8, 64, sym=False), quantize_int(w, 8, 32), quantize_int(w352, 8, 32, sym=False),
+              quantize_int(w, 8, 8), quantize_int(w352, 4, 32), regrouped(quantize_int(w, 8, 16), slice(16, 32)),
+              regrouped(quantize_int(w, 4, 32), slice(32, 64)), act_order):
         k = q.shape[1]
         native = q.dequantize_rows(128, 384, torch.empty(256, k, dtype=torch.bfloat16))
         with monkeypatch.context() as m:

@@ -9,6 +9,7 @@ from moegen.layers.attention import RaggedContext, causal_attention, equal_lengt
 def test_runs_group_consecutive_prompts_of_one_length():
     assert equal_length_runs([4, 4, 4, 2, 4, 4, 1]) == [(0, 4, 3), (12, 2, 1), (14, 4, 2), (22, 1, 1)]
     assert equal_length_runs([5]) == [(0, 5, 1)]
+    assert equal_length_runs([4, 4, 2], group=False) == [(0, 4, 1), (4, 4, 1), (8, 2, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
