@@ -94,6 +94,14 @@ void gptq_tile(const int32_t* qw, const int32_t* qz, const c10::Half* sc, const 
   }
 }
 
+// A word's 32 / BITS codes (low bits first) less their zero point, times the scale, as bf16.
+template <int BITS>
+inline void expand_word(uint32_t word, int32_t zero, float scale, c10::BFloat16* out) {
+  for (int i = 0; i < 32 / BITS; ++i)
+    out[i] = c10::BFloat16(static_cast<float>(static_cast<int32_t>((word >> (BITS * i)) & ((1u << BITS) - 1u)) - zero) *
+                           scale);
+}
+
 // The common case: every word's p features share one group (g_idx = k / g with g a multiple of
 // p). Row by row of the tile, a word's p codes land next to each other in the output row, and
 // the tile's words for one k-word share a cache line of qweight.
@@ -102,7 +110,6 @@ void gptq_tile_words(const int32_t* qw, const int32_t* qz, const c10::Half* sc, 
                      int zero_offset, int64_t n_total, int64_t k_total, int64_t lo, int64_t c0, int64_t c1,
                      c10::BFloat16* out) {
   constexpr int P = 32 / BITS;
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
   std::array<int32_t, kTile> zero{};
   std::array<float, kTile> scale{};
   int64_t group = -1;
@@ -113,14 +120,8 @@ void gptq_tile_words(const int32_t* qw, const int32_t* qz, const c10::Half* sc, 
       load_group(qz, sc, g, BITS, zero_offset, n_total, lo, c0, c1, zero.data(), scale.data());
     }
     const int32_t* words = qw + r * n_total + lo;
-    for (int64_t c = c0; c < c1; ++c) {
-      const uint32_t word = static_cast<uint32_t>(words[c]);
-      const int32_t z = zero[c - c0];
-      const float s = scale[c - c0];
-      c10::BFloat16* o = out + c * k_total + r * P;
-      for (int i = 0; i < P; ++i)
-        o[i] = c10::BFloat16(static_cast<float>(static_cast<int32_t>((word >> (BITS * i)) & MASK) - z) * s);
-    }
+    for (int64_t c = c0; c < c1; ++c)
+      expand_word<BITS>(static_cast<uint32_t>(words[c]), zero[c - c0], scale[c - c0], out + c * k_total + r * P);
   }
 }
 
@@ -149,7 +150,6 @@ void gptq_tile_words_avx512(const int32_t* qw, const int32_t* qz, const c10::Hal
                             int zero_offset, int64_t n_total, int64_t k_total, int64_t lo, int64_t c0, int64_t c1,
                             c10::BFloat16* out) {
   constexpr int P = 32 / BITS;
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
   const int64_t words = k_total / P, whole = words / 16 * 16;
   const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int>(n_total)));
@@ -204,10 +204,7 @@ void gptq_tile_words_avx512(const int32_t* qw, const int32_t* qz, const c10::Hal
     }
     for (int64_t r = whole; r < words; ++r) {  // the last words of a row, one at a time
       group_of(r * P);
-      const uint32_t word = static_cast<uint32_t>(qw[r * n_total + col]);
-      for (int i = 0; i < P; ++i)
-        row[r * P + i] =
-            c10::BFloat16(static_cast<float>(static_cast<int32_t>((word >> (BITS * i)) & MASK) - zero) * scale);
+      expand_word<BITS>(static_cast<uint32_t>(qw[r * n_total + col]), zero, scale, row + r * P);
     }
   }
 }

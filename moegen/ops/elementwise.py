@@ -24,7 +24,7 @@ def first_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's maximum and the index of its first occurrence, as logits.max(dim=-1) gives them
     (values in float32 from the native kernel; NaN where a row holds a NaN). logits: [B, V]."""
     ops = fused_ops(logits)
-    if ops is not None and logits.dtype == torch.bfloat16 and logits.dim() == 2 and hasattr(ops, "first_max"):
+    if ops is not None and logits.dtype == torch.bfloat16 and logits.dim() == 2:
         return tuple(ops.first_max(logits))
     best = logits.max(dim=-1)
     return best.values, best.indices
