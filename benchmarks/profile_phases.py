@@ -58,9 +58,11 @@ def instrument() -> None:
     from moegen.layers import attention, linear, mlp, moe, norm, rotary, router
     from moegen.ops import attention as attention_ops
     from moegen.ops import experts as experts_ops
+    from moegen.ops import prefill_attention as prefill_ops
     functions = {"gemm": [linear.linear], "experts": [experts_ops.moe_experts], "norm": [norm.rms_norm],
                  "activation": [mlp.gated_activation],
-                 "attention": [attention.causal_attention, attention_ops.paged_decode_attention,
+                 "attention": [attention.causal_attention, prefill_ops.prefill_attention,
+                               attention_ops.paged_decode_attention,
                                attention_ops.paged_decode_attention_mla]}
     for kind, fns in functions.items():
         for fn in fns:

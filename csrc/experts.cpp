@@ -41,13 +41,11 @@
 #include <string>
 #include <vector>
 
+#include "amx.h"
 #include "simd.h"
 
 #if defined(__x86_64__)
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -98,28 +96,9 @@ const char* isa_name(int64_t isa) {
 }
 
 // ---- which ISAs this build and CPU can run ------------------------------------------------
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define MOEGEN_HAVE_AMX 1
-#endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define MOEGEN_HAVE_AVX512_BF16 1
 #endif
-
-bool amx_usable() {
-#ifdef MOEGEN_HAVE_AMX
-  static const bool ok = [] {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    if (!((d >> 24) & 1) || !((d >> 22) & 1)) return false;  // AMX-TILE, AMX-BF16
-    // Linux hands out the tile state only on request (once per process).
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
 
 bool avx512_bf16_usable() {
 #ifdef MOEGEN_HAVE_AVX512_BF16
@@ -130,7 +109,7 @@ bool avx512_bf16_usable() {
 }
 
 bool isa_available(int64_t isa) {
-  return isa == kGeneric || (isa == kAvx512Bf16 && avx512_bf16_usable()) || (isa == kAmx && amx_usable());
+  return isa == kGeneric || (isa == kAvx512Bf16 && avx512_bf16_usable()) || (isa == kAmx && moegen_amx::usable());
 }
 
 // ---- weight formats ------------------------------------------------------------------------
@@ -296,24 +275,7 @@ struct Prefetch {
 };
 
 #ifdef MOEGEN_HAVE_AMX
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // tiles 0-3: C (row tile r, column block c) = 2c + r; 4-5: A row tiles; 6-7: B column blocks.
-void amx_configure() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
 // C[32 rows (RT = 2) or 16][32] += A[rows, k tiles kb0..kb1) x (B[0] | B[1]) (C starts at zero when
 // `first`): four (or two) 16x16 fp32 accumulator tiles, two A row tiles and two B tiles -- the 8
 // tile registers. `pending` is an earlier block's epilogue: a few of its rows run in each k step
@@ -683,7 +645,7 @@ void run_items(const std::vector<Item>& items, int64_t isa, F body) {
   at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
     const KeepDenormals keep;
 #ifdef MOEGEN_HAVE_AMX
-    if (isa == kAmx) amx_configure();
+    if (isa == kAmx) moegen_amx::configure_full_tiles();
 #endif
     for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) body(items[i]);
 #ifdef MOEGEN_HAVE_AMX

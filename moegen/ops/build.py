@@ -37,10 +37,12 @@ except ImportError:  # not POSIX: builds are then only serialised by torch's own
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 # one library: decode attention (defines the op namespace) + fused elementwise ops, the
-# dequantization of quantized weights and the routed experts of a MoE layer (fragments)
-SOURCES = (CSRC / "decode_attention.cpp", CSRC / "elementwise.cpp", CSRC / "dequant.cpp", CSRC / "experts.cpp")
+# dequantization of quantized weights, the routed experts of a MoE layer and prefill attention
+# (fragments)
+SOURCES = (CSRC / "decode_attention.cpp", CSRC / "elementwise.cpp", CSRC / "dequant.cpp", CSRC / "experts.cpp",
+           CSRC / "prefill_attention.cpp")
 # what the sources #include from csrc/: hashed with them and snapshotted beside them, not compiled
-HEADERS = (CSRC / "simd.h",)
+HEADERS = (CSRC / "simd.h", CSRC / "amx.h")
 NAMESPACE = "moegen_ops"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-DNDEBUG")
 # libgomp shares its SONAME with the copy torch bundles, so both resolve to one OpenMP runtime.
