@@ -16,7 +16,7 @@
 // Rounding follows the eager path in moegen/layers/moe.py exactly, apart from fp32 summation
 // order inside the GEMMs: gate and up rounded to bf16 (as F.linear's output), silu(gate) rounded,
 // times up rounded (csrc/elementwise.cpp's silu_mul), the down GEMM rounded, then times the
-// router weight (fp32) and rounded once; fp32 subnormals round to zero (see round_bf16).
+// router weight (fp32) and rounded once; fp32 subnormals round to zero (see simd.h's bf16_halves).
 //
 // ISAs: "amx" (AMX-BF16 tiles: 2x2 blocks of 16x16 fp32 accumulators), "avx512-bf16" (VDPBF16PS,
 // 8 rows x 32 columns of accumulators), "generic" (portable C++ over the same layout, for CPUs
@@ -533,25 +533,6 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t kbs, int64_t rows, in
 }
 
 // ---- epilogues --------------------------------------------------------------------------
-// fp32 lanes rounded to bf16 (to nearest even; NaN stays NaN), widened back or stored: one
-// instruction (VCVTNEPS2BF16) where the build has AVX512-BF16, else simd.h's integer sequence
-// (8 instructions). The instruction also flushes fp32 subnormals (below 1.2e-38) to zero where
-// c10's cast keeps them: activations that small change nothing a bf16 comparison can see.
-// Measured (kernel A/B, AMX Xeon, in the epilogues and the combine; outputs identical): 4,096
-// tokens +3% (Mixtral's shape) and +3.6% (qwen3_moe's), 512 tokens +1.4% and +1.3%.
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
-inline __m256i bf16_lanes(__m512 r) { return (__m256i)_mm512_cvtneps_pbh(r); }
-inline moegen_simd::Reg round_bf16(moegen_simd::Reg r) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_lanes(r)), 16));
-}
-inline void store_bf16(bf16* p, moegen_simd::Reg r) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_lanes(r));
-}
-#else
-inline moegen_simd::Reg round_bf16(moegen_simd::Reg r) { return moegen_simd::Simd::round_to<bf16>(r); }
-inline void store_bf16(bf16* p, moegen_simd::Reg r) { moegen_simd::Simd::store(p, r); }
-#endif
-
 // silu(gate) * up over one tile's 16 columns, with csrc/elementwise.cpp's silu_mul arithmetic
 // (simd.h's exp; gate and up first rounded to bf16, as F.linear's outputs are).
 inline void silu_mul_tile(const float* gate, const float* up, bf16* out) {
@@ -559,9 +540,9 @@ inline void silu_mul_tile(const float* gate, const float* up, bf16* out) {
   using moegen_simd::Simd;
   const Reg one = Simd::set1(1.0f);
   for (int n = 0; n < kTileN; n += moegen_simd::W) {
-    const Reg g = round_bf16(Simd::load(gate + n)), u = round_bf16(Simd::load(up + n));
+    const Reg g = Simd::round_to<bf16>(Simd::load(gate + n)), u = Simd::round_to<bf16>(Simd::load(up + n));
     const Reg s = Simd::div(g, Simd::add(one, Simd::exp(Simd::sub(Simd::zero(), g))));
-    store_bf16(out + n, Simd::mul(round_bf16(s), u));
+    Simd::store(out + n, Simd::mul(Simd::round_to<bf16>(s), u));
   }
 }
 
@@ -571,9 +552,10 @@ inline void scale_row(const float* c, float w, bf16* out, int cols) {
   using moegen_simd::Simd;
   const Reg wv = Simd::set1(w);
   int n = 0;
-  for (; n + moegen_simd::W <= cols; n += moegen_simd::W) store_bf16(out + n, Simd::mul(round_bf16(Simd::load(c + n)), wv));
+  for (; n + moegen_simd::W <= cols; n += moegen_simd::W)
+    Simd::store(out + n, Simd::mul(Simd::round_to<bf16>(Simd::load(c + n)), wv));
   if (n < cols)
-    moegen_simd::store_partial(out + n, Simd::mul(round_bf16(Simd::load(c + n)), wv), cols - n);
+    moegen_simd::store_partial(out + n, Simd::mul(Simd::round_to<bf16>(Simd::load(c + n)), wv), cols - n);
 }
 
 // scale_row for a whole cache line of output (32 columns at a 64-byte aligned `out`), written past
@@ -811,9 +793,9 @@ void combine(const bf16* weighted, int64_t ld, const int64_t* tok, int64_t token
           return lanes == W ? Simd::load(p) : moegen_simd::load_partial(p, lanes);
         };
         Reg acc = load(s[0]);
-        for (int64_t j = 1; j < k; ++j) acc = round_bf16(Simd::add(acc, load(s[j])));
+        for (int64_t j = 1; j < k; ++j) acc = Simd::round_to<bf16>(Simd::add(acc, load(s[j])));
         if (lanes == W)
-          store_bf16(out + t * hidden + n, acc);
+          Simd::store(out + t * hidden + n, acc);
         else
           moegen_simd::store_partial(out + t * hidden + n, acc, lanes);
       }

@@ -205,7 +205,10 @@ def _try_load(sources: tuple[Path, ...], extra_cflags: tuple[str, ...], namespac
     """Returns (NativeOps, None) or (None, BuildResult describing the failure)."""
     cflags = CFLAGS + (f"-DMOEGEN_OPS_NS={namespace}",) + tuple(extra_cflags)
     codes = {}
-    for source in sources + HEADERS:
+    # the headers beside the sources (another tree's sources, e.g. an A/B variant's, with its own
+    # headers; one that tree does not have it does not include)
+    headers = tuple(h for h in (sources[0].parent / h.name for h in HEADERS) if h.is_file()) if sources else ()
+    for source in sources + headers:
         try:
             codes[source.name] = source.read_bytes()
         except OSError:

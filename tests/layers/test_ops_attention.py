@@ -326,10 +326,15 @@ def test_build_key_tracks_inputs(tmp_path):
 
 
 def test_header_change_rebuilds(monkeypatch, tmp_path):
-    """The kernels' header is hashed and snapshotted with the sources: editing it means a new build."""
+    """The kernels' headers are hashed and snapshotted with the sources, taken from beside them (a
+    variant tree's own headers, not this checkout's): editing one means a new build."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    header = tmp_path / "simd.h"
-    monkeypatch.setattr(build, "HEADERS", (header,))
+    tree = tmp_path / "csrc"
+    tree.mkdir()
+    sources = tuple(tree / s.name for s in build.SOURCES)
+    for s in build.SOURCES:
+        (tree / s.name).write_bytes(s.read_bytes())
+    header = tree / "simd.h"
     builds = []
 
     def record_build(codes, build_dir, *args):
@@ -339,10 +344,11 @@ def test_header_change_rebuilds(monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_compile", record_build)
     for text in (b"// one", b"// two"):
         header.write_bytes(text)
-        build._try_load(build.SOURCES, (), "moegen_ops_header", False)
+        build._try_load(sources, (), "moegen_ops_header", False)
     (dir_one, codes_one), (dir_two, codes_two) = builds
     assert dir_one != dir_two
     assert codes_one["simd.h"] == b"// one" and codes_two["simd.h"] == b"// two"
+    assert "amx.h" not in codes_one    # absent from that tree: not taken from this checkout
 
 
 @pytest.fixture
