@@ -34,6 +34,8 @@ def load_variant(i: int, spec: str):
     sources = SOURCES
     if "@" in name:
         name, tree = name.split("@", 1)
+        if not (Path(tree) / "csrc").is_dir():
+            raise SystemExit(f"variant {spec!r}: no csrc/ under {tree}")
         # an older tree may lack later sources (the experts ops need only the ones it has)
         sources = tuple(p for p in (Path(tree) / "csrc" / s.name for s in SOURCES) if p.is_file())
     ops = load_native(source=sources, extra_cflags=tuple(flags.split()), namespace=f"moegen_ab{i}")

@@ -16,7 +16,7 @@
 // Rounding follows the eager path in moegen/layers/moe.py exactly, apart from fp32 summation
 // order inside the GEMMs: gate and up rounded to bf16 (as F.linear's output), silu(gate) rounded,
 // times up rounded (csrc/elementwise.cpp's silu_mul), the down GEMM rounded, then times the
-// router weight (fp32) and rounded once; fp32 subnormals round to zero (see simd.h's bf16_halves).
+// router weight (fp32) and rounded once.
 //
 // ISAs: "amx" (AMX-BF16 tiles: 2x2 blocks of 16x16 fp32 accumulators), "avx512-bf16" (VDPBF16PS,
 // 8 rows x 32 columns of accumulators), "generic" (portable C++ over the same layout, for CPUs

@@ -95,9 +95,9 @@ void pack_keys(const bf16* k, int64_t stride, int64_t len, int64_t padded, int64
   std::memset(static_cast<void*>(kt), 0, padded * d * sizeof(bf16));
   auto* dst = reinterpret_cast<uint32_t*>(kt);
   for (int64_t j = 0; j < len; ++j) {
-    const auto* src = reinterpret_cast<const uint32_t*>(k + j * stride);
+    const bf16* src = k + j * stride;  // a view's rows may start at any bf16: pairs copied, not cast
     uint32_t* block = dst + (j / 16) * chunks * (kTile / 2) + (j % 16);
-    for (int64_t w = 0; w < d / 2; ++w) block[(w / 16) * (kTile / 2) + (w % 16) * 16] = src[w];
+    for (int64_t w = 0; w < d / 2; ++w) std::memcpy(block + (w / 16) * (kTile / 2) + (w % 16) * 16, src + 2 * w, 4);
   }
 }
 
@@ -174,10 +174,12 @@ void weighted_values(const bf16* p, int64_t ldp, const bf16* vt, int64_t dv, int
 // e^x for x <= 0 (softmax's shifted scores): 2^n e^r with n = round(x / ln2), |r| <= ln2 / 2, e^r by
 // Cephes' expf polynomial; x is first raised to -87.3, so every result is a normal float (e^-87.3,
 // ~1e-38, stands for what underflows: nothing next to the row's e^0 = 1 in the sum, and a bf16
-// weight of ~1e-38 in the product). 13 instructions, against simd.h's 21 for every x.
+// weight of ~1e-38 in the product). A NaN stays NaN (the constant goes first: max returns its
+// second operand on NaN), so a NaN score makes its row NaN, as in SDPA. 13 instructions, against
+// simd.h's 21 for every x.
 inline __m512 exp_nonpositive(__m512 x) {
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x));
@@ -293,6 +295,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(d % 32 == 0 && dv % 32 == 0 && d > 0 && dv > 0,
               "prefill_attention: head sizes must be multiples of 32, got ", d, " and ", dv);
   TORCH_CHECK(window >= 0, "prefill_attention: window must be >= 0");
+  // the row maximum is taken over unscaled scores (the scaled ones' maximum only for a positive scale)
+  TORCH_CHECK(scale > 0, "prefill_attention: scale must be positive, got ", scale);
   int64_t total = 0;
   for (int64_t n : seq_lens) {
     TORCH_CHECK(n > 0, "prefill_attention: sequence lengths must be positive");
@@ -317,7 +321,10 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    moegen_amx::configure_full_tiles();
+    struct Tiles {  // the tile state configured for this thread's items, released however they end
+      Tiles() { moegen_amx::configure_full_tiles(); }
+      ~Tiles() { _tile_release(); }
+    } tiles;
     Buffers buf;
     for (int64_t i; (i = next.fetch_add(1)) < items;) {
       const int64_t s = order[i / kv_heads], g = i % kv_heads, t0 = starts[s];
@@ -325,7 +332,6 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
                   reinterpret_cast<const bf16*>(vp) + t0 * sh.v_tok, reinterpret_cast<bf16*>(op) + t0 * sh.o_tok,
                   seq_lens[s], g, buf);
     }
-    _tile_release();
   });
 #endif
   return out;

@@ -28,15 +28,18 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 3 and t.stride(2) == 1
                 for t in tensors)
             and q.shape[0] == k.shape[0] == v.shape[0] and q.shape[2] == k.shape[2] and k.shape[1] == v.shape[1]
-            and q.shape[2] % 32 == 0 and v.shape[2] % 32 == 0 and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0)
+            and q.shape[2] > 0 and v.shape[2] > 0 and q.shape[2] % 32 == 0 and v.shape[2] % 32 == 0
+            and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0)
 
 
 def prefill_attention(q, k, v, seq_lens: list[int], scale: float, sliding_window: int = 0):
     """[tokens, heads, dv] outputs of each prompt's causal attention (sliding_window keys at most
-    when > 0), or None when the kernel does not apply (the caller runs SDPA)."""
-    if not fits(q, k, v):
+    when > 0), or None when the kernel does not apply (the caller runs SDPA, which also handles
+    empty prompts and a non-positive scale)."""
+    seq_lens = list(seq_lens)
+    if not fits(q, k, v) or scale <= 0 or min(seq_lens, default=1) <= 0 or sum(seq_lens) != q.shape[0]:
         return None
     ops = _kernel()
     if ops is None:
         return None
-    return ops.prefill_attention(q, k, v, list(seq_lens), float(scale), int(sliding_window))
+    return ops.prefill_attention(q, k, v, seq_lens, float(scale), int(sliding_window))

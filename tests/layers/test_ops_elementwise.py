@@ -138,3 +138,20 @@ def test_layers_use_fused_ops_for_bf16_and_eager_for_fp32(ops):
             assert_equal_but_rare_ulp(got, want, dtype)
         cos, sin = rope.cos_sin(pos, dtype)
         assert torch.equal(rope.apply(qd, cos, sin), eager_rope(qd, cos, sin))
+
+
+def test_bf16_rounding_keeps_subnormals(ops):
+    """bf16 results below 2^-126 round as c10's cast does (the one-instruction conversion reads fp32
+    subnormals as zero; simd.h sends such vectors down the exact sequence): RoPE bit for bit, and
+    RMSNorm of a row of tiny values beside one large one."""
+    tiny = torch.tensor([5e-40, -3e-39, 1e-38, 2e-45]).bfloat16()
+    x = tiny.repeat(64, 8, 4)                     # [64, 8, 16]: every vector holds subnormals
+    cos, sin = torch.full((64, 16), 0.75).bfloat16(), torch.full((64, 16), 0.5).bfloat16()
+    got = ops.rope(x, cos, sin)
+    want = eager_rope(x, cos, sin)
+    assert torch.equal(got, want) and (want != 0).any()
+    row = torch.full((4, 128), 5e-40).bfloat16()
+    row[:, 0] = 1.0
+    w = torch.ones(128).bfloat16()
+    got, want = ops.rms_norm(row, w, 1e-6), eager_rms_norm(row, w, 1e-6)
+    assert torch.equal(got, want) and (want[:, 1:] != 0).all()

@@ -86,3 +86,26 @@ def test_bad_lengths_are_refused():
         pa._kernel().prefill_attention(q, k, v, [10, 5], 0.1, 0)
     with pytest.raises(RuntimeError, match="positive"):
         pa._kernel().prefill_attention(q, k, v, [16, 0], 0.1, 0)
+
+
+@needs_kernel
+def test_nan_scores_make_their_row_nan():
+    lens = [40, 40]
+    q, k, v = _inputs(lens, 4, 2, 64, 64, seed=2)
+    q = q.clone()
+    q[10, 1, 3] = float("nan")                   # prompt 0, query 10, head 1
+    got = pa.prefill_attention(q, k, v, lens, 0.125)
+    assert got[10, 1].isnan().all()
+    assert not got[:10].isnan().any() and not got[40:].isnan().any()   # earlier rows, the other prompt
+
+
+@needs_kernel
+def test_what_the_kernel_cannot_take_goes_to_sdpa():
+    q, k, v = _inputs([5, 3], 4, 2, 64, 64)
+    assert pa.prefill_attention(q, k, v, [5, 0, 3], 0.1) is None     # an empty prompt
+    assert pa.prefill_attention(q, k, v, [5, 3], -0.1) is None       # a negative scale
+    assert pa.prefill_attention(q, k, v, [4, 3], 0.1) is None        # lengths that miss tokens
+    got = RaggedContext([5, 0, 3]).attend(0, q, k, v, 0.1)
+    assert torch.equal(got, _per_prompt(q, k, v, [5, 3], 0.1, 0))
+    with pytest.raises(RuntimeError, match="scale must be positive"):
+        pa._kernel().prefill_attention(q, k, v, [5, 3], -0.1, 0)
