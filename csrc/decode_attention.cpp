@@ -55,10 +55,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // The SIMD layer (csrc/simd.h): everything below is written once against `Simd`.
 using moegen_simd::load_partial;
 using moegen_simd::Reg;
+using moegen_simd::round_up;
 using moegen_simd::Simd;
 using moegen_simd::W;
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 #ifndef MOEGEN_PREFETCH

@@ -45,7 +45,7 @@
 #include <vector>
 
 #include "amx.h"
-#include <immintrin.h>
+#include "simd.h"
 
 #ifndef MOEGEN_OPS_NS
 #define MOEGEN_OPS_NS moegen_ops
@@ -79,7 +79,7 @@ constexpr int kKeys = 32;   // keys per step of either product: two 16-key tiles
 constexpr int kTile = 512;  // bf16 elements in a tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+using moegen_simd::round_up;
 
 struct Shapes {
   int64_t heads, kv_heads, d, dv;
@@ -121,75 +121,65 @@ void pack_values(const bf16* v, int64_t stride, int64_t len, int64_t padded, int
   }
 }
 
-// S[32 rows][keys k0..k1) = Q[32 rows] K^T, k0 and k1 multiples of 32.
-// q: the block's 32 query rows, ldq elements apart.
+// C[32][32] (fp32, ldc elements apart) = the sum over `steps` k steps of A[32 rows] (lda elements
+// apart, a_step elements on each step) x (B0 | B1) (one tile each, b_step elements on each step):
+// the 2x2 block of 16x16 accumulators both products are made of.
+void tile_block(const bf16* a, int64_t lda, int64_t a_step, const bf16* b0, const bf16* b1, int64_t b_step,
+                int64_t steps, float* c, int64_t ldc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t t = 0; t < steps; ++t) {
+    _tile_loadd(4, a + t * a_step, lda * sizeof(bf16));
+    _tile_loadd(5, a + 16 * lda + t * a_step, lda * sizeof(bf16));
+    _tile_loadd(6, b0 + t * b_step, 64);
+    _tile_loadd(7, b1 + t * b_step, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, ldc * sizeof(float));
+  _tile_stored(1, c + 16, ldc * sizeof(float));
+  _tile_stored(2, c + 16 * ldc, ldc * sizeof(float));
+  _tile_stored(3, c + 16 * ldc + 16, ldc * sizeof(float));
+}
+
+// S[32 rows][keys k0..k1) = Q[32 rows] K^T, k0 and k1 multiples of 32; q: the block's 32 query
+// rows, ldq elements apart. A step is 32 dims: Q's next 32 columns, each key block's next Kt tile.
 void scores(const bf16* q, int64_t ldq, int64_t d, const bf16* kt, int64_t k0, int64_t k1, float* s, int64_t lds) {
   const int64_t chunks = d / 32;
   for (int64_t kb = k0; kb < k1; kb += kKeys) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
     const bf16* b0 = kt + (kb / 16) * chunks * kTile;
-    const bf16* b1 = b0 + chunks * kTile;
-    for (int64_t c = 0; c < chunks; ++c) {
-      _tile_loadd(4, q + c * 32, ldq * sizeof(bf16));
-      _tile_loadd(5, q + 16 * ldq + c * 32, ldq * sizeof(bf16));
-      _tile_loadd(6, b0 + c * kTile, 64);
-      _tile_loadd(7, b1 + c * kTile, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, s + kb, lds * sizeof(float));
-    _tile_stored(1, s + kb + 16, lds * sizeof(float));
-    _tile_stored(2, s + 16 * lds + kb, lds * sizeof(float));
-    _tile_stored(3, s + 16 * lds + kb + 16, lds * sizeof(float));
+    tile_block(q, ldq, 32, b0, b0 + chunks * kTile, kTile, chunks, s + kb, lds);
   }
 }
 
-// O[32 rows][dv] = P[32 rows][keys k0..k1) V.
+// O[32 rows][dv] = P[32 rows][keys k0..k1) V. A step is 32 keys: P's next 32 columns, the next
+// key chunk's Vt tiles.
 void weighted_values(const bf16* p, int64_t ldp, const bf16* vt, int64_t dv, int64_t k0, int64_t k1, float* o) {
   const int64_t blocks = dv / 16;
   for (int64_t n0 = 0; n0 < dv; n0 += 32) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t kc = k0; kc < k1; kc += kKeys) {
-      const bf16* b = vt + (kc / kKeys) * blocks * kTile + (n0 / 16) * kTile;
-      _tile_loadd(4, p + kc, ldp * sizeof(bf16));
-      _tile_loadd(5, p + 16 * ldp + kc, ldp * sizeof(bf16));
-      _tile_loadd(6, b, 64);
-      _tile_loadd(7, b + kTile, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, o + n0, dv * sizeof(float));
-    _tile_stored(1, o + n0 + 16, dv * sizeof(float));
-    _tile_stored(2, o + 16 * dv + n0, dv * sizeof(float));
-    _tile_stored(3, o + 16 * dv + n0 + 16, dv * sizeof(float));
+    const bf16* b0 = vt + (k0 / kKeys) * blocks * kTile + (n0 / 16) * kTile;
+    tile_block(p + k0, ldp, kKeys, b0, b0 + kTile, blocks * kTile, (k1 - k0) / kKeys, o + n0, dv);
   }
 }
 
 // e^x for x <= 0 (softmax's shifted scores): 2^n e^r with n = round(x / ln2), |r| <= ln2 / 2, e^r by
-// Cephes' expf polynomial; x is first raised to -87.3, so every result is a normal float (e^-87.3,
+// Cephes' expf polynomial (simd.h's constants); x is first raised to -87.3, so every result is a normal float (e^-87.3,
 // ~1e-38, stands for what underflows: nothing next to the row's e^0 = 1 in the sum, and a bf16
 // weight of ~1e-38 in the product). A NaN stays NaN (the constant goes first: max returns its
 // second operand on NaN), so a NaN score makes its row NaN, as in SDPA. 13 instructions, against
 // simd.h's 21 for every x.
 inline __m512 exp_nonpositive(__m512 x) {
-  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  using moegen_simd::kExpLn2Hi, moegen_simd::kExpLn2Lo, moegen_simd::kExpPoly;
   x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kExpLn2Lo), _mm512_fmadd_ps(n, _mm512_set1_ps(-kExpLn2Hi), x));
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   const __m512 er = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(er, n);
 }

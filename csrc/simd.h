@@ -279,6 +279,8 @@ struct Simd {  // portable: one lane, the compiler may still auto-vectorise arou
 using Reg = Simd::Reg;
 constexpr int W = Simd::W;
 
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 // exp(x) in fp32, the same arithmetic in every build: 2^n * e^r with n = round(x / ln2),
 // |r| <= ln2 / 2, and e^r by Cephes' expf polynomial (within ~1 ulp).
 //
@@ -296,16 +298,17 @@ constexpr int W = Simd::W;
 // (2 e^r) * 2^(n-1): 2^(n-1) is then a normal float for every n (2^128 is not), and overflow to
 // inf happens in that last product, exactly where the true value passes FLT_MAX. (The old
 // elementwise range, [-104, 89] with AVX-512's scalef, returned denormals and has no AVX2 form.)
+constexpr float kExpLn2Hi = 0.693359375f, kExpLn2Lo = -2.12194440e-4f;  // ln2 = hi + lo; n * hi is exact
+constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};  // e^r = 1 + r + r^2 p(r)
+
 inline Reg Simd::exp(Reg x) {
   constexpr float kMinX = -125 * 0.693147181f, kMaxX = 89.f;
-  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln2 = hi + lo; n * hi is exact
-  constexpr float kPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                             4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
   const Reg xc = max(set1(kMinX), min(set1(kMaxX), x));
   const Reg n = round_even(mul(xc, set1(1.44269504088896341f)));
-  const Reg r = fma(n, set1(-kLn2Lo), fma(n, set1(-kLn2Hi), xc));  // x - n ln2, Cody-Waite
-  Reg p = set1(kPoly[0]);
-  for (int i = 1; i < 6; ++i) p = fma(p, r, set1(kPoly[i]));
+  const Reg r = fma(n, set1(-kExpLn2Lo), fma(n, set1(-kExpLn2Hi), xc));  // x - n ln2, Cody-Waite
+  Reg p = set1(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = fma(p, r, set1(kExpPoly[i]));
   const Reg exp_r = fma(p, mul(r, r), add(r, set1(1.f)));
   return zero_where_below(x, set1(kMinX), mul(add(exp_r, exp_r), pow2(sub(n, set1(1.f)))));
 }

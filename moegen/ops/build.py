@@ -207,7 +207,7 @@ def _try_load(sources: tuple[Path, ...], extra_cflags: tuple[str, ...], namespac
     codes = {}
     # the headers beside the sources (another tree's sources, e.g. an A/B variant's, with its own
     # headers; one that tree does not have it does not include)
-    headers = tuple(h for h in (sources[0].parent / h.name for h in HEADERS) if h.is_file()) if sources else ()
+    headers = tuple(h for h in (sources[0].parent / h.name for h in HEADERS) if h.is_file())
     for source in sources + headers:
         try:
             codes[source.name] = source.read_bytes()

@@ -15,10 +15,8 @@ from moegen.ops.build import native_ops
 
 def _kernel():
     """The native op namespace when it was built with the kernel and this CPU runs it."""
-    ops = native_ops()
-    if ops is None or not hasattr(ops.ops, "prefill_attention_available"):
-        return None
-    return ops.ops if ops.ops.prefill_attention_available() else None
+    ops = native_ops()   # built from this checkout's csrc/, so the kernel's ops are always there
+    return ops.ops if ops is not None and ops.ops.prefill_attention_available() else None
 
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
