@@ -114,7 +114,7 @@ class EngineConfig:
                                   "weights; default: whenever supported)", "bool")
     # Same results in float32 (it keeps the per-expert path); bf16 within the bf16 tolerances.
     experts_kernel: str = option("auto", "routed experts on the cpu: auto (one native call per MoE layer over "
-                                 "weights packed at load where it is the faster path: AMX, bf16, resident), "
+                                 "weights packed at load where it is the faster path: AMX, or AVX-512 BF16 on AMD; bf16, resident), "
                                  "fused (the same, an error where it cannot) or torch (one oneDNN GEMM chain per "
                                  "expert)", "choice", choices=("auto", "fused", "torch"))
     max_model_len: int | None = option(None, "longest sequence in tokens (default: the model's context)", minimum=1)

@@ -239,7 +239,7 @@ class WeightSetup:
             return
         done = {moe.prefix for moe in self.fused_layers()}
         todo = [moe for moe in self.moe_layers() if moe.prefix not in done]
-        # auto: only with AMX (elsewhere oneDNN's per-expert GEMMs are the faster path)
+        # auto: where the kernel beats oneDNN's per-expert GEMMs (ops.experts.auto_isa)
         isa = chosen_isa() if wanted == "fused" else auto_isa()
         fits = all(moe.can_fuse(weights, self.model.dtype) for moe in todo)
         if isa is None or not fits:

@@ -399,11 +399,12 @@ def test_experts_kernel_fused_where_it_cannot_run_is_a_clear_error(tiny_fixture)
 
 @needs_native
 def test_auto_takes_the_kernel_where_it_is_the_faster_path(tiny_fixture, monkeypatch):
-    """auto: AMX (or a forced ISA) packs; elsewhere oneDNN's per-expert GEMMs stay."""
+    """auto: AMX, AVX-512 BF16 on AMD (or a forced ISA) packs; elsewhere oneDNN's per-expert GEMMs stay."""
     path = tiny_fixture("olmoe")
     engine = Engine.from_pretrained(path, dtype="bfloat16", kv_cache_memory=8 << 20)
     packed = any(name.endswith(fused.GATE_UP) for name in engine.model.weights)
-    assert packed == (fused.auto_isa() is not None) == ("amx" in ISAS)
+    amd = fused._cpu_vendor() == "AuthenticAMD"
+    assert packed == (fused.auto_isa() is not None) == ("amx" in ISAS or (amd and "avx512-bf16" in ISAS))
     monkeypatch.setenv("MOEGEN_EXPERTS_ISA", "generic")
     forced = Engine.from_pretrained(path, dtype="bfloat16", kv_cache_memory=8 << 20)
     assert any(name.endswith(fused.GATE_UP) for name in forced.model.weights)
