@@ -6,11 +6,11 @@ own copy of the weights), and their outputs must be identical. On a VM whose spe
 moves ±15% from run to run, only such interleaved ratios tell a kernel change from noise.
 
     PYTHONPATH=. python benchmarks/ab_experts_kernel.py 'base@/tmp/old=' 'new=' ['flag=-DFOO=1'] \\
-        [--shape mixtral|qwen3_moe] [--tokens 512,4096] [--calls 12] [--threads N] [--format fp8|int8|int4]
+        [--shape mixtral|qwen3_moe] [--tokens 512,4096] [--calls 12] [--threads N] [--format fp8|int8|int4] [--isa amx|avx512-bf16|generic]
 
 A variant is NAME[@DIR]=FLAGS: DIR holds the csrc/ to build (default: this checkout's), FLAGS are
 extra compiler flags (e.g. a -D for an experiment's #if). Medians of `--calls` calls after one
-warm-up; AMX ISA; bf16 weights, or quantized ones (`--format`: moegen's own fp8 blocks / GPTQ int
+warm-up; the ISA this CPU runs fastest (`--isa` picks another); bf16 weights, or quantized ones (`--format`: moegen's own fp8 blocks / GPTQ int
 groups of random weights, as `moegen quantize` stores them). Shapes as in bench_experts_kernel.py.
 """
 import argparse
@@ -54,10 +54,12 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--allow-differ", action="store_true", help="experiments that change the output")
     ap.add_argument("--format", choices=["bfloat16", "fp8", "int8", "int4"], default="bfloat16")
+    ap.add_argument("--isa", choices=list(ISA_CODES), help="default: the fastest this CPU runs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = dict(load_variant(i, v) for i, v in enumerate(args.variants))
+    isa = ISA_CODES[args.isa or fused.available_isas()[0]]
     hidden, inter, experts, k = SHAPES[args.shape]
     g = torch.Generator().manual_seed(0)
 
@@ -87,7 +89,7 @@ def main():
                 ops, (gate_up, down) = variants[name], layers[call % args.layers][name]
                 t0 = time.perf_counter()
                 outs.append(ops.ops.moe_experts(x, d.token_idx, d.weights.float().contiguous(), d.counts, gate_up, down,
-                                                inter, k, ISA_CODES["amx"], FORMAT_CODES[args.format]))
+                                                inter, k, isa, FORMAT_CODES[args.format]))
                 if call:                                # the first call warms up
                     times[name].append(time.perf_counter() - t0)
             assert args.allow_differ or all(torch.equal(o, outs[0]) for o in outs), "variants disagree"

@@ -1,12 +1,14 @@
-// Causal self-attention of a flat batch of prompts (prefill without a cache) on AMX tiles, bf16.
+// Causal self-attention of a flat batch of prompts (prefill without a cache), bf16: the products
+// on AMX tiles where the CPU has them, else AVX-512 BF16 (VDPBF16PS over the same tile layouts).
 //
 // Why: PyTorch's SDPA on the CPU ran prompts of 128 tokens at 0.4-0.8 TFLOP/s on the AMX Xeon
 // (counting the full, unmasked products; 5 ms for 32 prompts with Mixtral's heads), 7-10% of the
-// engine's prefill. The products here are AMX tiles; the softmax is AVX-512 between them.
-// Measured there, 32 prompts x 128 tokens, 16 heads over 4 kv heads: head size 64 2.5 vs 4.5 ms,
-// 128 4.0 vs 6.5 ms. Under AMX the vector units run at about half their lone rate, so the
-// softmax's instruction count is what is left to win (it took 2.3 of 4.4 ms before the
-// one-instruction bf16 rounding and the shorter exp below).
+// engine's prefill; on an AMD EPYC (Zen 4, no AMX) 11% of qwen3_moe's prefill. The softmax is
+// AVX-512 between the products. Measured on the AMX Xeon, 32 prompts x 128 tokens, 16 heads over
+// 4 kv heads: head size 64 2.5 vs 4.5 ms, 128 4.0 vs 6.5 ms. Under AMX the vector units run at
+// about half their lone rate, so the softmax's instruction count is what is left to win (it took
+// 2.3 of 4.4 ms before the one-instruction bf16 rounding and the shorter exp below). On the AMD
+// EPYC with AVX-512 BF16 products: see prefill_isas' comment.
 //
 // q [tokens, N, D], k [tokens, Kh, D], v [tokens, Kh, Dv] (any strides but a contiguous last
 // dim), the sequences back to back (seq_lens); out [tokens, N, Dv]. N a multiple of Kh (GQA);
@@ -42,6 +44,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "amx.h"
@@ -51,11 +54,10 @@
 #define MOEGEN_OPS_NS moegen_ops
 #endif
 
-// AMX for the products, AVX-512 (F, BF16) for the softmax and the layouts; forced narrower SIMD
-// builds (tests) leave the op unavailable.
-#if defined(MOEGEN_HAVE_AMX) && defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(MOEGEN_SIMD_AVX2) && \
-    !defined(MOEGEN_SIMD_SCALAR)
-#define MOEGEN_PREFILL_AMX 1
+// AVX-512 (F, BF16) for the softmax, the layouts and, without AMX, the products; forced narrower
+// SIMD builds (tests) leave the op unavailable.
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
+#define MOEGEN_PREFILL_KERNEL 1
 #endif
 
 namespace moegen_prefill {
@@ -63,15 +65,23 @@ namespace {
 
 using bf16 = c10::BFloat16;
 
-bool available() {
-#ifdef MOEGEN_PREFILL_AMX
-  return moegen_amx::usable();
-#else
-  return false;
+enum Isa : int { kAvx512Bf16 = 1, kAmx = 2 };
+
+// The ISAs the products can run on here, fastest first (none: the op is unavailable).
+std::vector<Isa> isas() {
+  std::vector<Isa> out;
+#ifdef MOEGEN_PREFILL_KERNEL
+#ifdef MOEGEN_HAVE_AMX
+  if (moegen_amx::usable()) out.push_back(kAmx);
 #endif
+  out.push_back(kAvx512Bf16);  // -march=native: the build machine's ISA is the running one
+#endif
+  return out;
 }
 
-#ifdef MOEGEN_PREFILL_AMX
+bool available() { return !isas().empty(); }
+
+#ifdef MOEGEN_PREFILL_KERNEL
 
 
 constexpr int kRows = 32;   // query rows per block: two row tiles
@@ -124,8 +134,44 @@ void pack_values(const bf16* v, int64_t stride, int64_t len, int64_t padded, int
 // C[32][32] (fp32, ldc elements apart) = the sum over `steps` k steps of A[32 rows] (lda elements
 // apart, a_step elements on each step) x (B0 | B1) (one tile each, b_step elements on each step):
 // the 2x2 block of 16x16 accumulators both products are made of.
+template <Isa isa>
 void tile_block(const bf16* a, int64_t lda, int64_t a_step, const bf16* b0, const bf16* b1, int64_t b_step,
-                int64_t steps, float* c, int64_t ldc) {
+                int64_t steps, float* c, int64_t ldc);
+
+// AVX-512 BF16: 8 rows at a time, 2 x 8 accumulators of 16 columns; a tile row (16 columns x one
+// pair of k) is one register, each row's pair of k one 32-bit broadcast.
+template <>
+void tile_block<kAvx512Bf16>(const bf16* a, int64_t lda, int64_t a_step, const bf16* b0, const bf16* b1,
+                             int64_t b_step, int64_t steps, float* c, int64_t ldc) {
+  for (int r0 = 0; r0 < kRows; r0 += 8) {
+    __m512 acc[8][2];
+    for (auto& row : acc) row[0] = row[1] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < steps; ++t) {
+      const bf16* at = a + r0 * lda + t * a_step;
+      for (int p = 0; p < 16; ++p) {
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(b0 + t * b_step + p * 32);
+        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(b1 + t * b_step + p * 32);
+        for (int r = 0; r < 8; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, at + r * lda + 2 * p, sizeof(pair));
+          const __m512bh y = (__m512bh)_mm512_set1_epi32(pair);
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], y, x0);
+          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], y, x1);
+        }
+      }
+    }
+    for (int r = 0; r < 8; ++r) {
+      _mm512_storeu_ps(c + (r0 + r) * ldc, acc[r][0]);
+      _mm512_storeu_ps(c + (r0 + r) * ldc + 16, acc[r][1]);
+    }
+  }
+}
+
+#ifdef MOEGEN_HAVE_AMX
+// AMX: tiles 0-3 the accumulators, 4-5 A's two row tiles, 6-7 the B tiles.
+template <>
+void tile_block<kAmx>(const bf16* a, int64_t lda, int64_t a_step, const bf16* b0, const bf16* b1, int64_t b_step,
+                      int64_t steps, float* c, int64_t ldc) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -145,24 +191,27 @@ void tile_block(const bf16* a, int64_t lda, int64_t a_step, const bf16* b0, cons
   _tile_stored(2, c + 16 * ldc, ldc * sizeof(float));
   _tile_stored(3, c + 16 * ldc + 16, ldc * sizeof(float));
 }
+#endif
 
 // S[32 rows][keys k0..k1) = Q[32 rows] K^T, k0 and k1 multiples of 32; q: the block's 32 query
 // rows, ldq elements apart. A step is 32 dims: Q's next 32 columns, each key block's next Kt tile.
+template <Isa isa>
 void scores(const bf16* q, int64_t ldq, int64_t d, const bf16* kt, int64_t k0, int64_t k1, float* s, int64_t lds) {
   const int64_t chunks = d / 32;
   for (int64_t kb = k0; kb < k1; kb += kKeys) {
     const bf16* b0 = kt + (kb / 16) * chunks * kTile;
-    tile_block(q, ldq, 32, b0, b0 + chunks * kTile, kTile, chunks, s + kb, lds);
+    tile_block<isa>(q, ldq, 32, b0, b0 + chunks * kTile, kTile, chunks, s + kb, lds);
   }
 }
 
 // O[32 rows][dv] = P[32 rows][keys k0..k1) V. A step is 32 keys: P's next 32 columns, the next
 // key chunk's Vt tiles.
+template <Isa isa>
 void weighted_values(const bf16* p, int64_t ldp, const bf16* vt, int64_t dv, int64_t k0, int64_t k1, float* o) {
   const int64_t blocks = dv / 16;
   for (int64_t n0 = 0; n0 < dv; n0 += 32) {
     const bf16* b0 = vt + (k0 / kKeys) * blocks * kTile + (n0 / 16) * kTile;
-    tile_block(p + k0, ldp, kKeys, b0, b0 + kTile, blocks * kTile, (k1 - k0) / kKeys, o + n0, dv);
+    tile_block<isa>(p + k0, ldp, kKeys, b0, b0 + kTile, blocks * kTile, (k1 - k0) / kKeys, o + n0, dv);
   }
 }
 
@@ -209,6 +258,7 @@ float softmax_row(const float* s, bf16* p, int64_t k0, int64_t k1, int64_t lo, i
   return 1.f / _mm512_reduce_add_ps(vsum);
 }
 
+template <Isa isa>
 void attend_item(const Shapes& sh, const bf16* q, const bf16* k, const bf16* v, bf16* out, int64_t len,
                  int64_t g, Buffers& buf) {
   const int64_t padded = round_up(len, kKeys), group = sh.heads / sh.kv_heads;
@@ -242,7 +292,7 @@ void attend_item(const Shapes& sh, const bf16* q, const bf16* k, const bf16* v, 
       // the keys any row of the block sees: from the window's start for its first row to its last row
       const int64_t k0 = sh.window > 0 ? std::max<int64_t>(0, r0 - sh.window + 1) / kKeys * kKeys : 0;
       const int64_t k1 = round_up(r0 + rows, kKeys);
-      scores(qb, ldq, sh.d, buf.kt.data(), k0, k1, buf.s.data(), padded);
+      scores<isa>(qb, ldq, sh.d, buf.kt.data(), k0, k1, buf.s.data(), padded);
       for (int64_t i = 0; i < kRows; ++i) {
         const float* s = buf.s.data() + i * padded;
         bf16* p = buf.p.data() + i * padded;
@@ -254,7 +304,7 @@ void attend_item(const Shapes& sh, const bf16* q, const bf16* k, const bf16* v, 
         const int64_t lo = sh.window > 0 ? std::max<int64_t>(0, qi - sh.window + 1) : 0;
         buf.inv_sum[i] = softmax_row(s, p, k0, k1, lo, qi + 1, sh.scale);
       }
-      weighted_values(buf.p.data(), padded, buf.vt.data(), sh.dv, k0, k1, buf.o.data());
+      weighted_values<isa>(buf.p.data(), padded, buf.vt.data(), sh.dv, k0, k1, buf.o.data());
       for (int64_t i = 0; i < rows; ++i) {
         const float* o = buf.o.data() + i * sh.dv;
         bf16* dst = out + (r0 + i) * sh.o_tok + h * sh.o_head;
@@ -267,7 +317,7 @@ void attend_item(const Shapes& sh, const bf16* q, const bf16* k, const bf16* v, 
   }
 }
 
-#endif  // AMX
+#endif  // MOEGEN_PREFILL_KERNEL
 
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 3,
@@ -275,9 +325,21 @@ void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(2) == 1, "prefill_attention: ", name, "'s last dimension must be contiguous");
 }
 
+const char* isa_name(Isa isa) { return isa == kAmx ? "amx" : "avx512-bf16"; }
+
+// isa: "" for the fastest this CPU runs, or one of prefill_attention_isas() (tests force each).
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             std::vector<int64_t> seq_lens, double scale, int64_t window) {
-  TORCH_CHECK(available(), "prefill_attention: needs AMX-BF16 (see prefill_attention_available)");
+                             std::vector<int64_t> seq_lens, double scale, int64_t window, c10::string_view isa) {
+  const std::vector<Isa> here = isas();
+  TORCH_CHECK(!here.empty(), "prefill_attention: needs AVX-512 BF16 (see prefill_attention_available)");
+  Isa use = here.front();
+  if (!isa.empty()) {
+    const auto found = std::find_if(here.begin(), here.end(), [&](Isa i) { return isa == isa_name(i); });
+    TORCH_CHECK_VALUE(found != here.end(), "prefill_attention: ISA '", std::string(isa),
+                      "' is not available on this CPU/build");
+    use = *found;
+  }
+  (void)use;  // a build without AMX has one ISA
   check(q, "q");
   check(k, "k");
   check(v, "v");
@@ -298,7 +360,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   }
   TORCH_CHECK(total == tokens, "prefill_attention: seq_lens sum to ", total, ", q has ", tokens, " tokens");
   at::Tensor out = at::empty({tokens, heads, dv}, q.options());
-#ifdef MOEGEN_PREFILL_AMX
+#ifdef MOEGEN_PREFILL_KERNEL
   const Shapes sh{heads, kv_heads, d, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                   v.stride(1), out.stride(0), out.stride(1), static_cast<float>(scale), window};
   std::vector<int64_t> starts(seq_lens.size());
@@ -314,18 +376,27 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   auto* op = out.mutable_data_ptr<at::BFloat16>();
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    struct Tiles {  // the tile state configured for this thread's items, released however they end
-      Tiles() { moegen_amx::configure_full_tiles(); }
-      ~Tiles() { _tile_release(); }
-    } tiles;
+  const auto run_items = [&](auto attend) {
     Buffers buf;
     for (int64_t i; (i = next.fetch_add(1)) < items;) {
       const int64_t s = order[i / kv_heads], g = i % kv_heads, t0 = starts[s];
-      attend_item(sh, reinterpret_cast<const bf16*>(qp) + t0 * sh.q_tok, reinterpret_cast<const bf16*>(kp) + t0 * sh.k_tok,
-                  reinterpret_cast<const bf16*>(vp) + t0 * sh.v_tok, reinterpret_cast<bf16*>(op) + t0 * sh.o_tok,
-                  seq_lens[s], g, buf);
+      attend(sh, reinterpret_cast<const bf16*>(qp) + t0 * sh.q_tok, reinterpret_cast<const bf16*>(kp) + t0 * sh.k_tok,
+             reinterpret_cast<const bf16*>(vp) + t0 * sh.v_tok, reinterpret_cast<bf16*>(op) + t0 * sh.o_tok,
+             seq_lens[s], g, buf);
     }
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+#ifdef MOEGEN_HAVE_AMX
+    if (use == kAmx) {
+      struct Tiles {  // the tile state configured for this thread's items, released however they end
+        Tiles() { moegen_amx::configure_full_tiles(); }
+        ~Tiles() { _tile_release(); }
+      } tiles;
+      run_items(attend_item<kAmx>);
+      return;
+    }
+#endif
+    run_items(attend_item<kAvx512Bf16>);
   });
 #endif
   return out;
@@ -333,13 +404,20 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 
 bool prefill_attention_available() { return available(); }
 
+std::vector<std::string> prefill_attention_isas() {
+  std::vector<std::string> out;
+  for (Isa i : isas()) out.emplace_back(isa_name(i));
+  return out;
+}
+
 }  // namespace
 }  // namespace moegen_prefill
 
 #define MOEGEN_PREFILL_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
 
 MOEGEN_PREFILL_FRAGMENT(MOEGEN_OPS_NS, m) {
-  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int[] seq_lens, float scale, int window) -> Tensor",
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int[] seq_lens, float scale, int window, str isa=\"\") -> Tensor",
         &moegen_prefill::prefill_attention);
   m.def("prefill_attention_available() -> bool", &moegen_prefill::prefill_attention_available);
+  m.def("prefill_attention_isas() -> str[]", &moegen_prefill::prefill_attention_isas);
 }

@@ -415,6 +415,6 @@ def test_other_simd_paths(variants, variant):
     check_elementwise_ops(ops.ops, torch.bfloat16)     # the same library's fused elementwise ops
     for fmt in QUANTIZERS:                              # and its dequantization of the experts kernel's tiles
         check_dequant_tiles(ops.ops, fmt)
-    assert not ops.ops.prefill_attention_available()    # AMX prefill attention: AVX-512 builds only
+    assert not ops.ops.prefill_attention_available()    # prefill attention: AVX-512 BF16 builds only
     if variant == "avx2":  # its own fp16 stores; scalar fp16 RMSNorm sums in another order, 2 ulps off at times
         check_elementwise_ops(ops.ops, torch.float16)

@@ -1,14 +1,16 @@
-"""The native prefill attention kernel (csrc/prefill_attention.cpp, bf16 on AMX CPUs) against
-SDPA: its error from the float32 result is SDPA-in-bf16's own, for ragged batches, GQA, MLA's
-head sizes, sliding windows and inputs that are views of one projection."""
+"""The native prefill attention kernel (csrc/prefill_attention.cpp, bf16 on CPUs with AMX or
+AVX-512 BF16; each ISA this CPU has, forced in turn) against SDPA: its error from the float32 result
+is SDPA-in-bf16's own, for ragged batches, GQA, MLA's head sizes, sliding windows and inputs that
+are views of one projection."""
 import pytest
 import torch
 
 from moegen.layers.attention import RaggedContext, causal_attention
 from moegen.ops import prefill_attention as pa
 
-needs_kernel = pytest.mark.skipif(pa._kernel() is None, reason="no AMX-BF16 on this CPU (or no native build): "
-                                  "the kernel is not used here")
+needs_kernel = pytest.mark.skipif(pa._kernel() is None, reason="no AMX-BF16 or AVX-512 BF16 on this CPU (or no "
+                                  "native build): the kernel is not used here")
+ISAS = pa.available_isas()
 
 
 def _inputs(lens, heads, kv_heads, dim, dv, seed=0):
@@ -30,6 +32,7 @@ def _per_prompt(q, k, v, lens, scale, window):
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS or ["none"])
 @pytest.mark.parametrize("lens,heads,kv_heads,dim,dv,window", [
     ([128] * 6, 16, 4, 64, 64, 0),                 # Mixtral's heads, prompts of one length
     ([1, 5, 31, 32, 33, 100, 300], 8, 2, 128, 128, 0),  # ragged, not multiples of the 32-row block
@@ -37,10 +40,10 @@ def _per_prompt(q, k, v, lens, scale, window):
     ([40, 90], 6, 6, 192, 128, 0),                 # MLA's expanded heads: q/k 192, v 128
     ([513], 16, 1, 96, 64, 0),                     # MQA, one long prompt
 ])
-def test_kernel_error_is_sdpa_bf16_error(lens, heads, kv_heads, dim, dv, window):
+def test_kernel_error_is_sdpa_bf16_error(lens, heads, kv_heads, dim, dv, window, isa):
     q, k, v = _inputs(lens, heads, kv_heads, dim, dv)
     scale = dim ** -0.5
-    got = pa.prefill_attention(q, k, v, lens, scale, window)
+    got = pa.prefill_attention(q, k, v, lens, scale, window, isa=isa)
     assert got is not None and got.shape == (sum(lens), heads, dv) and got.dtype == torch.bfloat16
     exact = _per_prompt(q.float(), k.float(), v.float(), lens, scale, window)
     sdpa = _per_prompt(q, k, v, lens, scale, window)
@@ -55,7 +58,7 @@ def test_kernel_error_is_sdpa_bf16_error(lens, heads, kv_heads, dim, dv, window)
     ends = torch.tensor(lens).cumsum(0) - 1
     k2[ends] += 3
     v2[ends] -= 3
-    again = pa.prefill_attention(q, k2, v2, lens, scale, window)
+    again = pa.prefill_attention(q, k2, v2, lens, scale, window, isa=isa)
     keep = torch.ones(sum(lens), dtype=torch.bool)
     keep[ends] = False
     assert torch.equal(again[keep], got[keep]) and not torch.equal(again[~keep], got[~keep])
@@ -89,12 +92,13 @@ def test_bad_lengths_are_refused():
 
 
 @needs_kernel
-def test_nan_scores_make_their_row_nan():
+@pytest.mark.parametrize("isa", ISAS or ["none"])
+def test_nan_scores_make_their_row_nan(isa):
     lens = [40, 40]
     q, k, v = _inputs(lens, 4, 2, 64, 64, seed=2)
     q = q.clone()
     q[10, 1, 3] = float("nan")                   # prompt 0, query 10, head 1
-    got = pa.prefill_attention(q, k, v, lens, 0.125)
+    got = pa.prefill_attention(q, k, v, lens, 0.125, isa=isa)
     assert got[10, 1].isnan().all()
     assert not got[:10].isnan().any() and not got[40:].isnan().any()   # earlier rows, the other prompt
 
@@ -109,3 +113,16 @@ def test_what_the_kernel_cannot_take_goes_to_sdpa():
     assert torch.equal(got, _per_prompt(q, k, v, [5, 3], 0.1, 0))
     with pytest.raises(RuntimeError, match="scale must be positive"):
         pa._kernel().prefill_attention(q, k, v, [5, 3], -0.1, 0)
+
+
+@needs_kernel
+def test_the_isas_agree_and_an_unknown_one_is_refused():
+    """Every ISA here gives the same rounding within fp32 summation order: outputs within one bf16 step."""
+    lens = [70, 33]
+    q, k, v = _inputs(lens, 8, 2, 64, 64, seed=3)
+    outs = [pa.prefill_attention(q, k, v, lens, 0.125, isa=isa) for isa in ISAS]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-2, atol=1e-2)
+    assert ISAS[-1] == "avx512-bf16" and ("amx" in ISAS) == (ISAS[0] == "amx")
+    with pytest.raises(ValueError, match="'sse' is not available"):
+        pa.prefill_attention(q, k, v, lens, 0.125, isa="sse")
