@@ -175,7 +175,7 @@ def measure_cuda_transfers(quick: bool) -> dict:
 # ---- prompt attention and elementwise passes (CPU) ---------------------------------------------
 
 def measure_prefill_attention(quick: bool) -> dict:
-    """Useful FLOP/s of the engine's prompt attention (bf16: the native kernel on AMX, else SDPA): token i
+    """Useful FLOP/s of the engine's prompt attention (bf16: the native kernel with AMX or AVX-512 BF16, else SDPA): token i
     scores i + 1 keys, 4 * heads * head_dim FLOPs per key."""
     from moegen.layers.attention import RaggedContext
     shape, batch = ATTENTION_SHAPE, PREFILL_ATTENTION[quick]
