@@ -8,7 +8,7 @@
 // 4 kv heads: head size 64 2.5 vs 4.5 ms, 128 4.0 vs 6.5 ms. Under AMX the vector units run at
 // about half their lone rate, so the softmax's instruction count is what is left to win (it took
 // 2.3 of 4.4 ms before the one-instruction bf16 rounding and the shorter exp below). On the AMD
-// EPYC with AVX-512 BF16 products: see prefill_isas' comment.
+// EPYC, the products as VDPBF16PS, same shapes: head size 128 10.8 vs 37.4 ms, 64 6.5 vs 30.1 ms.
 //
 // q [tokens, N, D], k [tokens, Kh, D], v [tokens, Kh, Dv] (any strides but a contiguous last
 // dim), the sequences back to back (seq_lens); out [tokens, N, Dv]. N a multiple of Kh (GQA);

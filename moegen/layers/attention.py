@@ -56,10 +56,10 @@ def equal_length_runs(seq_lens: list[int], group: bool = True) -> list[tuple[int
 class RaggedContext:
     """Attention within each sequence of a flat batch of ragged sequences, no cache. bf16 on a CPU
     with AMX or AVX-512 BF16: the whole batch in one native call (moegen.ops.prefill_attention).
-    Otherwise SDPA; on
-    the CPU consecutive sequences of one length attend in one call (measured on the AMX Xeon: 32
-    prompts of 128 tokens, Mixtral's heads, 5.6 -> 4.2 ms a layer; the same values). Not on a GPU,
-    whose attention kernels may split the keys differently for another batch size (other rounding)."""
+    Otherwise SDPA; on the CPU consecutive sequences of one length attend in one call (measured on
+    the AMX Xeon: 32 prompts of 128 tokens, Mixtral's heads, 5.6 -> 4.2 ms a layer; the same
+    values). Not on a GPU, whose attention kernels may split the keys differently for another
+    batch size (other rounding)."""
 
     def __init__(self, seq_lens: list[int], device="cpu"):
         self.seq_lens = list(seq_lens)

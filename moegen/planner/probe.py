@@ -33,10 +33,11 @@ from moegen.planner.rates import (BUDGET_S, DEQUANT_SHAPE, GEMM_DTYPES, GEMM_SHA
                                   measure_prefill_attention)
 
 log = logging.getLogger("moegen")
-SCHEMA = 6   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
+SCHEMA = 7   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
              # prompt attention and elementwise bandwidth; 4: dequantization rates of quantized weights;
              # 5: the fused routed-experts kernel's rate by rows per expert (CPU, bf16)
              # 6: the fused kernel on quantized experts too (fp8, int8, int4)
+             # 7: the fused kernel (auto) and prompt attention on AVX-512 BF16 on AMD CPUs
 # ---- machine, cache, entry point --------------------------------------------------------------
 
 def _cpu_model() -> str:

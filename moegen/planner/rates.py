@@ -313,7 +313,7 @@ def _fused_layer(fmt: str, hidden: int, inter: int, experts: int, g: torch.Gener
 def measure_fused_experts(quick: bool) -> dict:
     """FLOP/s of one MoE layer's routed experts through moegen.ops.experts (what the engine runs for
     bf16 and quantized experts on the CPU by default), by weight format and rows per expert;
-    {"isa": None} where the engine does not take it by default (no AMX, or no native kernels)."""
+    {"isa": None} where the engine does not take it by default (`auto_isa()` is None)."""
     from moegen.ops import experts as fused
     isa = fused.auto_isa()
     if isa is None:

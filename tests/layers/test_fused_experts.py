@@ -412,6 +412,21 @@ def test_auto_takes_the_kernel_where_it_is_the_faster_path(tiny_fixture, monkeyp
     assert len(out[0].token_ids) == 3
 
 
+@pytest.mark.parametrize("vendor,isas,forced,expected", [
+    ("GenuineIntel", ["amx", "avx512-bf16", "generic"], "", "amx"),
+    ("GenuineIntel", ["avx512-bf16", "generic"], "", None),        # AMX listed but unusable: oneDNN
+    ("AuthenticAMD", ["avx512-bf16", "generic"], "", "avx512-bf16"),
+    ("AuthenticAMD", ["generic"], "", None),                       # the portable path: forcing only
+    ("GenuineIntel", ["avx512-bf16", "generic"], "generic", "generic"),
+    ("AuthenticAMD", [], "", None),                                # no native kernels
+])
+def test_auto_isa_rules(vendor, isas, forced, expected, monkeypatch):
+    monkeypatch.setattr(fused, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(fused, "available_isas", lambda: isas)
+    monkeypatch.setenv("MOEGEN_EXPERTS_ISA", forced)
+    assert fused.auto_isa() == expected
+
+
 @needs_native
 def test_a_model_packed_for_the_kernel_is_refused_where_plain_experts_are_needed(tiny_fixture):
     from moegen.engine.config import EngineConfig

@@ -16,7 +16,7 @@ def test_runs_group_consecutive_prompts_of_one_length():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 16])
 def test_batched_runs_equal_one_call_per_prompt(dtype, window, monkeypatch):
-    # the SDPA path (bf16 on an AMX CPU takes the native kernel: tests/layers/test_prefill_attention.py)
+    # the SDPA path (bf16 with AMX or AVX-512 BF16 takes the native kernel: tests/layers/test_prefill_attention.py)
     monkeypatch.setattr(attention, "prefill_attention", lambda *args: None)
     g = torch.Generator().manual_seed(3)
     lens = [40] * 5 + [7, 7, 30, 40, 40, 1]
