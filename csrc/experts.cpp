@@ -328,49 +328,32 @@ void amx_block(const bf16* A, int64_t lda, int64_t kbs, const bf16* const* B, in
 #endif
 
 #ifdef MOEGEN_HAVE_AVX512_BF16
-// R (<= 8) rows x CB column blocks of accumulators; each k-pair of a row is one 32-bit broadcast.
-// `ahead` (or null): the next column step's tiles, a few lines brought into L2 each k block.
-template <int R, int CB>
+// R (<= 8) rows x the two column blocks of B (simd.h's dpbf16_rows). `ahead` (or null): the next
+// column step's tiles, a few lines brought into L2 each k block.
+template <int R>
 void avx512_rows(const bf16* A, int64_t lda, int64_t kbs, const bf16* const* B, int64_t kblocks, float* C,
                  Prefetch* ahead) {
-  __m512 acc[R][CB];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t kb = 0; kb < kblocks; ++kb) {
-    for (int p = 0; p < kTileK / 2; ++p) {
-      __m512bh b[CB];
-      for (int c = 0; c < CB; ++c)
-        b[c] = (__m512bh)_mm512_loadu_si512(B[c] + kb * kTileElems + p * 2 * kTileN);
-      for (int r = 0; r < R; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, A + r * lda + kb * kbs + 2 * p, sizeof(pair));
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-        for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
-      }
-    }
+  moegen_simd::dpbf16_rows<R>(A, lda, kbs, B[0], B[1], kTileElems, kblocks, C, 2 * kTileN, [ahead] {
     if (ahead != nullptr) ahead->step();
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CB; ++c) _mm512_storeu_ps(C + r * CB * kTileN + c * kTileN, acc[r][c]);
+  });
 }
 
 // rows in blocks of 8, the last block as long as the rows left: an expert's rows past a multiple
 // of 8 are not multiplied as 8 (qwen3_moe's decode averages 64 rows an expert: ~5% of its work)
-template <int CB>
 void avx512_gemm(const bf16* A, int64_t lda, int64_t kbs, int rows, const bf16* const* B, int64_t kblocks, float* C,
                  Prefetch* ahead) {
   int r0 = 0;
   for (; r0 + 8 <= rows; r0 += 8)
-    avx512_rows<8, CB>(A + r0 * lda, lda, kbs, B, kblocks, C + r0 * CB * kTileN, ahead);
-  A += r0 * lda, C += r0 * CB * kTileN;
+    avx512_rows<8>(A + r0 * lda, lda, kbs, B, kblocks, C + r0 * 2 * kTileN, ahead);
+  A += r0 * lda, C += r0 * 2 * kTileN;
   switch (rows - r0) {
-    case 1: avx512_rows<1, CB>(A, lda, kbs, B, kblocks, C, ahead); break;
-    case 2: avx512_rows<2, CB>(A, lda, kbs, B, kblocks, C, ahead); break;
-    case 3: avx512_rows<3, CB>(A, lda, kbs, B, kblocks, C, ahead); break;
-    case 4: avx512_rows<4, CB>(A, lda, kbs, B, kblocks, C, ahead); break;
-    case 5: avx512_rows<5, CB>(A, lda, kbs, B, kblocks, C, ahead); break;
-    case 6: avx512_rows<6, CB>(A, lda, kbs, B, kblocks, C, ahead); break;
-    case 7: avx512_rows<7, CB>(A, lda, kbs, B, kblocks, C, ahead); break;
+    case 1: avx512_rows<1>(A, lda, kbs, B, kblocks, C, ahead); break;
+    case 2: avx512_rows<2>(A, lda, kbs, B, kblocks, C, ahead); break;
+    case 3: avx512_rows<3>(A, lda, kbs, B, kblocks, C, ahead); break;
+    case 4: avx512_rows<4>(A, lda, kbs, B, kblocks, C, ahead); break;
+    case 5: avx512_rows<5>(A, lda, kbs, B, kblocks, C, ahead); break;
+    case 6: avx512_rows<6>(A, lda, kbs, B, kblocks, C, ahead); break;
+    case 7: avx512_rows<7>(A, lda, kbs, B, kblocks, C, ahead); break;
     default: break;
   }
 }
@@ -548,7 +531,7 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t kbs, int64_t rows, in
       const int n = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
 #ifdef MOEGEN_HAVE_AVX512_BF16
       if (isa == kAvx512Bf16)
-        avx512_gemm<2>(A + r0 * lda, lda, kbs, n, B, kblocks, C + r0 * 2 * kTileN, ahead.end ? &ahead : nullptr);
+        avx512_gemm(A + r0 * lda, lda, kbs, n, B, kblocks, C + r0 * 2 * kTileN, ahead.end ? &ahead : nullptr);
       else
 #endif
         generic_gemm<2>(A + r0 * lda, lda, kbs, n, B, kblocks, C + r0 * 2 * kTileN);

@@ -138,33 +138,12 @@ template <Isa isa>
 void tile_block(const bf16* a, int64_t lda, int64_t a_step, const bf16* b0, const bf16* b1, int64_t b_step,
                 int64_t steps, float* c, int64_t ldc);
 
-// AVX-512 BF16: 8 rows at a time, 2 x 8 accumulators of 16 columns; a tile row (16 columns x one
-// pair of k) is one register, each row's pair of k one 32-bit broadcast.
+// AVX-512 BF16: 8 rows at a time (simd.h's dpbf16_rows).
 template <>
 void tile_block<kAvx512Bf16>(const bf16* a, int64_t lda, int64_t a_step, const bf16* b0, const bf16* b1,
                              int64_t b_step, int64_t steps, float* c, int64_t ldc) {
-  for (int r0 = 0; r0 < kRows; r0 += 8) {
-    __m512 acc[8][2];
-    for (auto& row : acc) row[0] = row[1] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < steps; ++t) {
-      const bf16* at = a + r0 * lda + t * a_step;
-      for (int p = 0; p < 16; ++p) {
-        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(b0 + t * b_step + p * 32);
-        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(b1 + t * b_step + p * 32);
-        for (int r = 0; r < 8; ++r) {
-          int32_t pair;
-          std::memcpy(&pair, at + r * lda + 2 * p, sizeof(pair));
-          const __m512bh y = (__m512bh)_mm512_set1_epi32(pair);
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], y, x0);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], y, x1);
-        }
-      }
-    }
-    for (int r = 0; r < 8; ++r) {
-      _mm512_storeu_ps(c + (r0 + r) * ldc, acc[r][0]);
-      _mm512_storeu_ps(c + (r0 + r) * ldc + 16, acc[r][1]);
-    }
-  }
+  for (int r0 = 0; r0 < kRows; r0 += 8)
+    moegen_simd::dpbf16_rows<8>(a + r0 * lda, lda, a_step, b0, b1, b_step, steps, c + r0 * ldc, ldc, [] {});
 }
 
 #ifdef MOEGEN_HAVE_AMX

@@ -330,4 +330,38 @@ inline void store_partial(T* p, Reg r, int n) {
   std::memcpy(static_cast<void*>(p), buf, n * sizeof(T));
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// The VDPBF16PS micro-kernel of the experts kernel and prefill attention (whatever SIMD layer a
+// build forces for the rest): C[R rows][32] (fp32, ldc elements apart) = the sum over `steps` k
+// steps of A[R rows] (lda elements apart, a_step elements on each step) x (B0 | B1), two tiles of
+// 16 k-pair rows x 16 columns (b_step elements on each step). R x 2 accumulators of 16 columns; a
+// tile row is one register, each row's k-pair one 32-bit broadcast. after_step() runs after each
+// k step (the experts kernel's prefetches).
+template <int R, class AfterStep>
+inline void dpbf16_rows(const c10::BFloat16* a, int64_t lda, int64_t a_step, const c10::BFloat16* b0,
+                        const c10::BFloat16* b1, int64_t b_step, int64_t steps, float* c, int64_t ldc,
+                        AfterStep&& after_step) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < steps; ++t) {
+    for (int p = 0; p < 16; ++p) {
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(b0 + t * b_step + p * 32);
+      const __m512bh x1 = (__m512bh)_mm512_loadu_si512(b1 + t * b_step + p * 32);
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, a + r * lda + t * a_step + 2 * p, sizeof(pair));
+        const __m512bh y = (__m512bh)_mm512_set1_epi32(pair);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], y, x0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], y, x1);
+      }
+    }
+    after_step();
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
+  }
+}
+#endif
+
 }  // namespace moegen_simd
