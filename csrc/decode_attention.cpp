@@ -8,7 +8,7 @@
 //    used by all query heads of its group (GQA/MQA sharing, no KV duplication);
 //  * tokens are processed in tiles: for each kv head, scores for the tile, one online-softmax
 //    update (running max + rescale), then the probability-weighted V accumulation; fp32 math;
-//  * while a tile is computed the next one is prefetched, a few lines per kernel step:
+//  * while a tile is computed the next one is prefetched into L2, a few lines per kernel step:
 //    hardware prefetchers do not follow rows scattered over blocks;
 //  * items are claimed dynamically, longest first, so ragged batches balance across threads.
 // MLA (absorbed DeepSeek attention) is the same kernel with one kv head whose V is a prefix of K.
@@ -155,7 +155,10 @@ struct PrefetchStream {
     while (todo > 0 && q != nullptr) {
       const char* end = segs[s].end;
       const int n = static_cast<int>(std::min<int64_t>(todo, (end - q + 63) / 64));
-      for (int i = 0; i < n; ++i) __builtin_prefetch(q + 64 * i, 0, 3);
+      // Into L2 (prefetcht1), not L1: a tile's K and V rows (64 KiB for 4 kv heads of 128)
+      // exceed L1, so prefetching into it evicted the current tile's rows. AMD EPYC (Zen 4),
+      // 512 sequences x 160 tokens, 16/4 heads x 128, bf16: 10.5 -> 7.6 ms (L1 vs L2 hint).
+      for (int i = 0; i < n; ++i) __builtin_prefetch(q + 64 * i, 0, 2);
       q += 64 * n, todo -= n;
       if (q >= end) q = ++s < nseg ? segs[s].begin : nullptr;
     }
