@@ -753,14 +753,40 @@ void down_item(const Layer& L, const Item& it, Slabs h, const float* weights, bf
 #endif
 }
 
-// h kept by each thread for its expert items (see expert_items), grown, never shrunk.
-thread_local at::Tensor tl_h_own;
+// h and the gathered x rows kept by each thread for its expert items (see expert_items), grown,
+// never shrunk.
+thread_local at::Tensor tl_h_own, tl_xs_own;
+
+// The routed rows of x: row r is token tok[r]'s.
+struct Rows {
+  const bf16* x;
+  const int64_t* tok;
+  Rows from(int64_t r) const { return {x, tok + r}; }
+};
+
+// Rows [lo, hi) of the gathered A operand: x's rows of xs (of `rows`), padded to xs_ld columns with
+// zeros, and zero rows past `rows` (the kPadRows a pass may over-read). A whole-expert item gathers
+// its own rows just before its gate_up, so they are still in its core's L2 when read (rather than
+// the whole layer's rows gathered in one pass beforehand, long evicted by then).
+void gather_rows(const Layer& L, const Rows& xs, int64_t rows, int64_t lo, int64_t hi, bf16* dst) {
+  for (int64_t r = lo; r < hi; ++r) {
+    bf16* d = dst + r * L.xs_ld;
+    int64_t n = 0;
+    if (r < rows) {
+      std::memcpy(d, xs.x + xs.tok[r] * L.hidden, L.hidden * sizeof(bf16));
+      n = L.hidden;
+    }
+    std::memset(static_cast<void*>(d + n), 0, (L.xs_ld - n) * sizeof(bf16));
+  }
+}
 
 // One expert's rows [row0, row0 + rows): gate_up over every column into this thread's own h, then
 // down over every output column.
-void expert_item(const Layer& L, const Item& it, const bf16* xs, const float* weights, bf16* out) {
+void expert_item(const Layer& L, const Item& it, const Rows& xs, const float* weights, bf16* out) {
   const Slabs h = slabs(tl_h_own, it.rows, L.ip);
-  gate_up_item(L, {it.expert, it.row0, it.rows, 0, L.ip / kTileN}, xs, h);
+  bf16* own = workspace(tl_xs_own, (it.rows + kPadRows) * L.xs_ld);
+  gather_rows(L, xs.from(it.row0), it.rows, 0, it.rows + kPadRows, own);
+  gate_up_item(L, {it.expert, 0, it.rows, 0, L.ip / kTileN}, own, h);
   down_item(L, {it.expert, it.row0, it.rows, 0, L.hp / kTileN}, h, weights, out);
 }
 
@@ -912,25 +938,11 @@ int64_t routed_rows(const at::Tensor& token_idx, const at::Tensor& weights, cons
 // the row's router weight: into the returned rows (stride L.out_ld, a thread-kept workspace).
 bf16* expert_rows(Layer& L, const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& weights,
                   const std::vector<int64_t>& counts, int64_t rows) {
-  // the rows grouped by expert, padded to hp columns and kPadRows more rows (zeros)
-  bf16* xsp = workspace(tl_xs, (rows + kPadRows) * L.xs_ld);
-  const bf16* xp = x.data_ptr<bf16>();
   const int64_t* tok = token_idx.data_ptr<int64_t>();
   const int64_t tokens = x.size(0);
-  at::parallel_for(0, rows + kPadRows, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      bf16* dst = xsp + r * L.xs_ld;
-      int64_t n = 0;
-      if (r < rows) {
-        const int64_t t = tok[r];
-        TORCH_CHECK_INDEX(t >= 0 && t < tokens, "moe_experts: token index ", t, " out of range");
-        std::memcpy(dst, xp + t * L.hidden, L.hidden * sizeof(bf16));
-        n = L.hidden;
-      }
-      std::memset(static_cast<void*>(dst + n), 0, (L.xs_ld - n) * sizeof(bf16));
-    }
-  });
-
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK_INDEX(tok[r] >= 0 && tok[r] < tokens, "moe_experts: token index ", tok[r], " out of range");
+  const Rows xs{x.data_ptr<bf16>(), tok};
   const int threads = at::get_num_threads();
   const float* wp = weights.data_ptr<float>();
   bf16* op = workspace(tl_weighted, rows * L.out_ld);
@@ -949,8 +961,10 @@ bf16* expert_rows(Layer& L, const at::Tensor& x, const at::Tensor& token_idx, co
   const std::vector<Item> whole = expert_items(counts, L);
   const bool dequant_per_split = L.fmt != kBf16 && whole.size() > busy_experts(counts).size();
   if (!dequant_per_split && static_cast<int64_t>(whole.size()) >= 2 * threads) {
-    run_items(whole, L.isa, [&](const Item& it) { expert_item(L, it, xsp, wp, op); });
+    run_items(whole, L.isa, [&](const Item& it) { expert_item(L, it, xs, wp, op); });
   } else {
+    bf16* xsp = workspace(tl_xs, (rows + kPadRows) * L.xs_ld);
+    at::parallel_for(0, rows + kPadRows, 64, [&](int64_t lo, int64_t hi) { gather_rows(L, xs, rows, lo, hi, xsp); });
     const Slabs h = slabs(tl_h, rows, L.ip);
     run_items(make_items(counts, L.ip / kTileN, 1, threads), L.isa,
               [&](const Item& it) { gate_up_item(L, it, xsp, h.from(it.row0)); });
