@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from moegen.errors import InputError, MoegenError
+from moegen.ops import cpu
 from moegen.jsonl import write_output
 
 ENV_DIR = "MOEGEN_PEERS_DIR"
@@ -212,14 +213,6 @@ GGML_ISA = {("sse4_2",): "GGML_SSE42", ("f16c",): "GGML_F16C", ("fma",): "GGML_F
 LLAMA_CPP_EXTRA_CMAKE_ENV = "MOEGEN_LLAMA_CPP_CMAKE_ARGS"
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
-
-
 def ggml_isa_options(flags: set[str]) -> list[str]:
     """cmake options for the CPU's own ISA, every extension it lists except AMX. Not GGML_NATIVE:
     -march=native also turns on AMX where cpuinfo lists it, and on these VMs the AMX tiles trap
@@ -235,7 +228,7 @@ def ggml_isa_options(flags: set[str]) -> list[str]:
 def install_llama_cpp(home: Path, run: StepRunner) -> dict:
     source = fetch_llama_cpp_source(home, run)
     build = home / "build"
-    isa = ggml_isa_options(cpu_flags())
+    isa = ggml_isa_options(cpu.flags())
     extra = os.environ.get(LLAMA_CPP_EXTRA_CMAKE_ENV, "").split()
     # no web UI (its assets would be fetched from a hub at build time) and no HTTPS: the benchmark
     # talks to the server over localhost only

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from moegen.ops import cpu
+
 try:
     import fcntl
 except ImportError:  # not POSIX: builds are then only serialised by torch's own lock file
@@ -107,12 +109,7 @@ def _compiler_identity() -> str:
 
 def _cpu_identity() -> str:
     # -march=native bakes the host's ISA into the binary: a different CPU needs a new build.
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [ln for ln in f if ln.startswith(("flags", "model name", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() + platform.machine()
+    return cpu.identity() or platform.processor() + platform.machine()
 
 
 def build_key(source: Path | bytes, cflags: tuple[str, ...], ldflags: tuple[str, ...]) -> str:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moegen.errors import ConfigError
+from moegen.ops import cpu
 from moegen.ops.build import native_ops
 
 TILE_N, TILE_K = 16, 32
@@ -75,19 +76,7 @@ def auto_isa() -> str | None:
     isa = chosen_isa()
     if os.environ.get("MOEGEN_EXPERTS_ISA", "").strip() or isa == "amx":
         return isa
-    return isa if isa == "avx512-bf16" and _cpu_vendor() == "AuthenticAMD" else None
-
-
-@lru_cache(maxsize=1)
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return isa if isa == "avx512-bf16" and cpu.vendor() == "AuthenticAMD" else None
 
 
 def tiles_shape(n: int, k: int) -> tuple[int, ...]:

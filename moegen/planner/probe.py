@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from moegen.errors import MoegenError
+from moegen.ops import cpu
 from moegen.planner.rates import (BUDGET_S, DEQUANT_SHAPE, GEMM_DTYPES, GEMM_SHAPES, QUICK_GEMM_SHAPES,
                                   measure_attention, measure_cuda_transfers, measure_dequant, measure_elementwise,
                                   measure_fused_experts, measure_gemm, measure_host_bandwidth,
@@ -41,22 +42,13 @@ SCHEMA = 7   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: susta
 # ---- machine, cache, entry point --------------------------------------------------------------
 
 def _cpu_model() -> str:
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu.field("model name") or platform.processor() or platform.machine()
 
 
 def _cpu_isa() -> dict:
     """What the CPU lists (/proc/cpuinfo) and what moegen's experts kernel runs on it: AMX can be
     listed yet unusable (the kernel then takes AVX-512 BF16), so figures name the latter."""
-    try:
-        flags = set(re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
-    except (OSError, AttributeError):
-        flags = set()
+    flags = cpu.flags()
     from moegen.ops.experts import available_isas
     try:
         isas = available_isas()

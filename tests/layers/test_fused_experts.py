@@ -9,6 +9,7 @@ from moegen.checkpoints.quantize import quantize_checkpoint
 from moegen.layers.moe import PACKED_PARTS, Dispatch, SparseMoE
 from moegen.layers.quantized import dequantize, fits_tiles, quantize_fp8, quantize_int, stored_bytes, tile_codes
 from moegen.loader import load_model
+from moegen.ops import cpu
 from moegen.ops import experts as fused
 from moegen.ops.build import native_ops
 from tests.hf_reference import hf_logits
@@ -403,7 +404,7 @@ def test_auto_takes_the_kernel_where_it_is_the_faster_path(tiny_fixture, monkeyp
     path = tiny_fixture("olmoe")
     engine = Engine.from_pretrained(path, dtype="bfloat16", kv_cache_memory=8 << 20)
     packed = any(name.endswith(fused.GATE_UP) for name in engine.model.weights)
-    amd = fused._cpu_vendor() == "AuthenticAMD"
+    amd = cpu.vendor() == "AuthenticAMD"
     assert packed == (fused.auto_isa() is not None) == ("amx" in ISAS or (amd and "avx512-bf16" in ISAS))
     monkeypatch.setenv("MOEGEN_EXPERTS_ISA", "generic")
     forced = Engine.from_pretrained(path, dtype="bfloat16", kv_cache_memory=8 << 20)
@@ -421,7 +422,7 @@ def test_auto_takes_the_kernel_where_it_is_the_faster_path(tiny_fixture, monkeyp
     ("AuthenticAMD", [], "", None),                                # no native kernels
 ])
 def test_auto_isa_rules(vendor, isas, forced, expected, monkeypatch):
-    monkeypatch.setattr(fused, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu, "vendor", lambda: vendor)
     monkeypatch.setattr(fused, "available_isas", lambda: isas)
     monkeypatch.setenv("MOEGEN_EXPERTS_ISA", forced)
     assert fused.auto_isa() == expected
