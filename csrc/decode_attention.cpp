@@ -8,7 +8,7 @@
 //    used by all query heads of its group (GQA/MQA sharing, no KV duplication);
 //  * tokens are processed in tiles: for each kv head, scores for the tile, one online-softmax
 //    update (running max + rescale), then the probability-weighted V accumulation; fp32 math;
-//  * while a tile is computed the next one is prefetched into L2, a few lines per kernel step:
+//  * while a tile is computed the next one is prefetched (see prefetch_into_l2), a few lines per kernel step:
 //    hardware prefetchers do not follow rows scattered over blocks;
 //  * items are claimed dynamically, longest first, so ragged batches balance across threads.
 // MLA (absorbed DeepSeek attention) is the same kernel with one kv head whose V is a prefix of K.
@@ -118,6 +118,20 @@ struct TileRows {
 // is computed, a few cache lines per call. The kernels call advance() once per token step, so the
 // requests are spread evenly over the compute: hardware prefetchers do not follow rows scattered
 // over blocks, and a burst of requests at tile start would overflow the miss queues and stall.
+// Where the next tile goes: L2 on AMD CPUs, L1 elsewhere. A tile's K and V rows (64 KiB for 4 kv
+// heads of 128) exceed L1, and on an AMD EPYC (Zen 4) prefetching them into it evicted the current
+// tile's rows: 512 sequences x 160 tokens, 16/4 heads x 128, bf16, 10.5 ms with the L1 hint, 7.6
+// with L2 (qwen3_moe's decode attention 5.7 -> 4.1 s). On the AMX Xeon the L1 hint was the better
+// one (23.1 GB/s of K/V vs 21.0 with L2's, docs/performance.md).
+inline bool prefetch_into_l2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+#else
+  return false;
+#endif
+}
+
 struct PrefetchStream {
   struct Segment {
     const char* begin;
@@ -152,13 +166,15 @@ struct PrefetchStream {
     // Locals, so the loop runs in registers rather than through `this`.
     const char* q = p;
     int todo = per_call, s = seg;
+    const bool l2 = prefetch_into_l2();
     while (todo > 0 && q != nullptr) {
       const char* end = segs[s].end;
       const int n = static_cast<int>(std::min<int64_t>(todo, (end - q + 63) / 64));
-      // Into L2 (prefetcht1), not L1: a tile's K and V rows (64 KiB for 4 kv heads of 128)
-      // exceed L1, so prefetching into it evicted the current tile's rows. AMD EPYC (Zen 4),
-      // 512 sequences x 160 tokens, 16/4 heads x 128, bf16: 10.5 -> 7.6 ms (L1 vs L2 hint).
-      for (int i = 0; i < n; ++i) __builtin_prefetch(q + 64 * i, 0, 2);
+      if (l2) {
+        for (int i = 0; i < n; ++i) __builtin_prefetch(q + 64 * i, 0, 2);  // prefetcht1
+      } else {
+        for (int i = 0; i < n; ++i) __builtin_prefetch(q + 64 * i, 0, 3);  // prefetcht0
+      }
       q += 64 * n, todo -= n;
       if (q >= end) q = ++s < nseg ? segs[s].begin : nullptr;
     }

@@ -765,7 +765,7 @@ struct Rows {
 };
 
 // Rows [lo, hi) of the gathered A operand: x's rows of xs (of `rows`), padded to xs_ld columns with
-// zeros, and zero rows past `rows` (the kPadRows a pass may over-read). A whole-expert item gathers
+// zeros, and zero rows past `rows` (what a pass may over-read). A whole-expert item gathers
 // its own rows just before its gate_up, so they are still in its core's L2 when read (rather than
 // the whole layer's rows gathered in one pass beforehand, long evicted by then).
 void gather_rows(const Layer& L, const Rows& xs, int64_t rows, int64_t lo, int64_t hi, bf16* dst) {
@@ -784,8 +784,10 @@ void gather_rows(const Layer& L, const Rows& xs, int64_t rows, int64_t lo, int64
 // down over every output column.
 void expert_item(const Layer& L, const Item& it, const Rows& xs, const float* weights, bf16* out) {
   const Slabs h = slabs(tl_h_own, it.rows, L.ip);
-  bf16* own = workspace(tl_xs_own, (it.rows + kPadRows) * L.xs_ld);
-  gather_rows(L, xs.from(it.row0), it.rows, 0, it.rows + kPadRows, own);
+  // rows past the last are read only by the AMX tiles' 16-row loads: zeroed padding for them alone
+  const int64_t pad = L.isa == kAmx ? kPadRows : 0;
+  bf16* own = workspace(tl_xs_own, (it.rows + pad) * L.xs_ld);
+  gather_rows(L, xs.from(it.row0), it.rows, 0, it.rows + pad, own);
   gate_up_item(L, {it.expert, 0, it.rows, 0, L.ip / kTileN}, own, h);
   down_item(L, {it.expert, it.row0, it.rows, 0, L.hp / kTileN}, h, weights, out);
 }

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable
 
 from moegen.errors import InputError, MoegenError
-from moegen.ops import cpu
 from moegen.jsonl import write_output
 
 ENV_DIR = "MOEGEN_PEERS_DIR"
@@ -228,6 +227,7 @@ def ggml_isa_options(flags: set[str]) -> list[str]:
 def install_llama_cpp(home: Path, run: StepRunner) -> dict:
     source = fetch_llama_cpp_source(home, run)
     build = home / "build"
+    from moegen.ops import cpu       # here: `moegen.ops` loads torch, which the CLI's start need not
     isa = ggml_isa_options(cpu.flags())
     extra = os.environ.get(LLAMA_CPP_EXTRA_CMAKE_ENV, "").split()
     # no web UI (its assets would be fetched from a hub at build time) and no HTTPS: the benchmark

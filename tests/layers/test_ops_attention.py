@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from moegen.ops import attention as attn
+from moegen.ops import cpu
 from moegen.ops import build
 from tests.layers.test_fused_experts import QUANTIZERS, check_dequant_tiles
 from tests.layers.test_ops_elementwise import check_ops as check_elementwise_ops
@@ -403,7 +404,7 @@ def variants(native):
 def test_other_simd_paths(variants, variant):
     ops = variants[variant]
     assert ops is not None
-    if variant == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
+    if variant == "avx2" and "avx2" not in cpu.flags():
         pytest.skip("CPU without AVX2")
     assert ops.impl == {"avx2": "native-avx2", "scalar": "native"}[variant]
     q, k, v, tables, lens = make_gqa([1, 40, 300, 17], 16, 2, 72, 7, torch.bfloat16, seed=6)
