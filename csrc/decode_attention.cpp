@@ -8,8 +8,8 @@
 //    used by all query heads of its group (GQA/MQA sharing, no KV duplication);
 //  * tokens are processed in tiles: for each kv head, scores for the tile, one online-softmax
 //    update (running max + rescale), then the probability-weighted V accumulation; fp32 math;
-//  * while a tile is computed the next one is prefetched (see prefetch_into_l2), a few lines per kernel step:
-//    hardware prefetchers do not follow rows scattered over blocks;
+//  * while a tile is computed the next one is prefetched (see prefetch_into_l2), a few lines per
+//    kernel step: hardware prefetchers do not follow rows scattered over blocks;
 //  * items are claimed dynamically, longest first, so ragged batches balance across threads.
 // MLA (absorbed DeepSeek attention) is the same kernel with one kv head whose V is a prefix of K.
 //
@@ -114,10 +114,6 @@ struct TileRows {
   int n = 0;
 };
 
-// Prefetches the next tile (the part of its K and V rows this item reads) while the current one
-// is computed, a few cache lines per call. The kernels call advance() once per token step, so the
-// requests are spread evenly over the compute: hardware prefetchers do not follow rows scattered
-// over blocks, and a burst of requests at tile start would overflow the miss queues and stall.
 // Where the next tile goes: L2 on AMD CPUs, L1 elsewhere. A tile's K and V rows (64 KiB for 4 kv
 // heads of 128) exceed L1, and on an AMD EPYC (Zen 4) prefetching them into it evicted the current
 // tile's rows: 512 sequences x 160 tokens, 16/4 heads x 128, bf16, 10.5 ms with the L1 hint, 7.6
@@ -132,6 +128,10 @@ inline bool prefetch_into_l2() {
 #endif
 }
 
+// Prefetches the next tile (the part of its K and V rows this item reads) while the current one
+// is computed, a few cache lines per call. The kernels call advance() once per token step, so the
+// requests are spread evenly over the compute: hardware prefetchers do not follow rows scattered
+// over blocks, and a burst of requests at tile start would overflow the miss queues and stall.
 struct PrefetchStream {
   struct Segment {
     const char* begin;
@@ -140,6 +140,7 @@ struct PrefetchStream {
   Segment segs[2 * kTile];  // K and V row ranges; adjacent ranges are merged
   int nseg = 0, seg = 0, per_call = 0;
   const char* p = nullptr;  // next line to request, null when done
+  const bool into_l2 = prefetch_into_l2();
 
   void add(const void* start, int64_t bytes) {
     const char* b = static_cast<const char*>(start);
@@ -166,7 +167,7 @@ struct PrefetchStream {
     // Locals, so the loop runs in registers rather than through `this`.
     const char* q = p;
     int todo = per_call, s = seg;
-    const bool l2 = prefetch_into_l2();
+    const bool l2 = into_l2;
     while (todo > 0 && q != nullptr) {
       const char* end = segs[s].end;
       const int n = static_cast<int>(std::min<int64_t>(todo, (end - q + 63) / 64));

@@ -597,6 +597,9 @@ struct Layer {
   int64_t isa;
   bool stream_out = false;        // weighted outputs written past the caches (see scale_line)
 
+  // zeroed rows after gathered x rows: only the AMX tiles' 16-row loads read past an item's last
+  // row (the AVX-512 and portable paths multiply exactly the rows there are)
+  int64_t x_pad_rows() const { return isa == kAmx ? kPadRows : 0; }
   int64_t gate_tile(int64_t half, int64_t nb) const { return (half * (ip / kTileN) + nb) * (hp / kTileK); }
   int64_t down_tile(int64_t nb) const { return nb * (ip / kTileK); }
   int64_t expert_tiles() const { return ip * hp / kTileElems; }    // per matrix
@@ -764,8 +767,8 @@ struct Rows {
   Rows from(int64_t r) const { return {x, tok + r}; }
 };
 
-// Rows [lo, hi) of the gathered A operand: x's rows of xs (of `rows`), padded to xs_ld columns with
-// zeros, and zero rows past `rows` (what a pass may over-read). A whole-expert item gathers
+// Rows [lo, hi) of the gathered A operand: the first `rows` are x's rows listed by xs, padded to
+// xs_ld columns with zeros; rows past them are zeros (Layer::x_pad_rows). A whole-expert item gathers
 // its own rows just before its gate_up, so they are still in its core's L2 when read (rather than
 // the whole layer's rows gathered in one pass beforehand, long evicted by then).
 void gather_rows(const Layer& L, const Rows& xs, int64_t rows, int64_t lo, int64_t hi, bf16* dst) {
@@ -784,10 +787,8 @@ void gather_rows(const Layer& L, const Rows& xs, int64_t rows, int64_t lo, int64
 // down over every output column.
 void expert_item(const Layer& L, const Item& it, const Rows& xs, const float* weights, bf16* out) {
   const Slabs h = slabs(tl_h_own, it.rows, L.ip);
-  // rows past the last are read only by the AMX tiles' 16-row loads: zeroed padding for them alone
-  const int64_t pad = L.isa == kAmx ? kPadRows : 0;
-  bf16* own = workspace(tl_xs_own, (it.rows + pad) * L.xs_ld);
-  gather_rows(L, xs.from(it.row0), it.rows, 0, it.rows + pad, own);
+  bf16* own = workspace(tl_xs_own, (it.rows + L.x_pad_rows()) * L.xs_ld);
+  gather_rows(L, xs.from(it.row0), it.rows, 0, it.rows + L.x_pad_rows(), own);
   gate_up_item(L, {it.expert, 0, it.rows, 0, L.ip / kTileN}, own, h);
   down_item(L, {it.expert, it.row0, it.rows, 0, L.hp / kTileN}, h, weights, out);
 }
@@ -965,8 +966,9 @@ bf16* expert_rows(Layer& L, const at::Tensor& x, const at::Tensor& token_idx, co
   if (!dequant_per_split && static_cast<int64_t>(whole.size()) >= 2 * threads) {
     run_items(whole, L.isa, [&](const Item& it) { expert_item(L, it, xs, wp, op); });
   } else {
-    bf16* xsp = workspace(tl_xs, (rows + kPadRows) * L.xs_ld);
-    at::parallel_for(0, rows + kPadRows, 64, [&](int64_t lo, int64_t hi) { gather_rows(L, xs, rows, lo, hi, xsp); });
+    const int64_t gathered = rows + L.x_pad_rows();
+    bf16* xsp = workspace(tl_xs, gathered * L.xs_ld);
+    at::parallel_for(0, gathered, 64, [&](int64_t lo, int64_t hi) { gather_rows(L, xs, rows, lo, hi, xsp); });
     const Slabs h = slabs(tl_h, rows, L.ip);
     run_items(make_items(counts, L.ip / kTileN, 1, threads), L.isa,
               [&](const Item& it) { gate_up_item(L, it, xsp, h.from(it.row0)); });
