@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "experts.h"
 #include "simd.h"
 
 #if defined(__x86_64__)
@@ -1095,6 +1096,12 @@ std::vector<std::string> experts_isas() {
 }
 
 }  // namespace
+
+void combine_rows(const c10::BFloat16* weighted, int64_t ld, const int64_t* tok, int64_t tokens, int64_t k,
+                  int64_t hidden, c10::BFloat16* out) {
+  combine(weighted, ld, tok, tokens, k, hidden, out);
+}
+
 }  // namespace moegen_experts
 
 #define MOEGEN_EXPERTS_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)

@@ -113,10 +113,13 @@ class EngineConfig:
     prepack: bool | None = option(None, "pack GEMM weights into oneDNN's layout at load (cpu, bf16/fp16, resident "
                                   "weights; default: whenever supported)", "bool")
     # Same results in float32 (it keeps the per-expert path); bf16 within the bf16 tolerances.
+    # int8 is the one lossy choice: opt-in, never a default.
     experts_kernel: str = option("auto", "routed experts on the cpu: auto (one native call per MoE layer over "
                                  "weights packed at load where it is the faster path: AMX, or AVX-512 BF16 on AMD; bf16, resident), "
-                                 "fused (the same, an error where it cannot) or torch (one oneDNN GEMM chain per "
-                                 "expert)", "choice", choices=("auto", "fused", "torch"))
+                                 "fused (the same, an error where it cannot), torch (one oneDNN GEMM chain per "
+                                 "expert) or int8 (lossy: the experts' weights re-quantized to int8 per output column "
+                                 "at load, activations per token, multiplied in int8 -- AVX-512 VNNI's rate is twice "
+                                 "bf16's)", "choice", choices=("auto", "fused", "torch", "int8"))
     max_model_len: int | None = option(None, "longest sequence in tokens (default: the model's context)", minimum=1)
     # Same results (their K/V are the same numbers), less prefill; false recomputes every prompt.
     prefix_caching: bool = option(True, "keep full KV blocks of prompts and reuse them for prompts that start "

@@ -208,8 +208,11 @@ class WeightSetup:
     def moe_layers(self):
         return [layer.ffn for layer in self.model.layers if layer.is_moe]
 
-    def fused_layers(self):
-        return [moe for moe in self.moe_layers() if moe.fused_names()[0] in self.model.weights]
+    def fused_layers(self, kind: str | None = None):
+        """The MoE layers whose experts are packed for a native kernel: `kind` ("fused" or "int8"),
+        or either."""
+        return [moe for moe in self.moe_layers()
+                if (k := moe.packed_kind(self.model.weights)) is not None and kind in (None, k)]
 
     def tiled_layers(self, weights, strict: bool = False) -> list:
         """With the disk tier, the MoE layers whose experts run in the fused kernel expert by expert
@@ -218,6 +221,12 @@ class WeightSetup:
         strict: experts_kernel=fused that cannot run so is an error."""
         from moegen.ops.experts import auto_isa, chosen_isa
         wanted = self.config.experts_kernel
+        if wanted == "int8":
+            # streamed experts are packed as they are read, into the exact kernel's bf16 tiles
+            if strict:
+                raise InputError("experts_kernel=int8 with the disk tier: streamed experts run in the exact "
+                                 "kernel only; use experts_kernel auto or fused, or a host_memory that holds the model")
+            return []
         if wanted == "torch" or self.to_device():      # the kernel is the CPU's
             return []
         isa = chosen_isa() if wanted == "fused" else auto_isa()
@@ -232,13 +241,19 @@ class WeightSetup:
         """Routed experts packed for the fused kernel (moegen.ops.experts), where it runs."""
         from moegen.ops.experts import auto_isa, chosen_isa
         wanted = self.config.experts_kernel
-        if wanted == "torch":
+        kind = "int8" if wanted == "int8" else "fused"
+        other = self.fused_layers("fused" if kind == "int8" else "int8")
+        if wanted == "torch" or other:
             if self.fused_layers():
-                raise InputError("this model's experts were packed for the fused kernel by another Engine; "
-                                 "load the model again for experts_kernel=torch")
+                packed_for = "int8" if other and wanted != "int8" else "fused"
+                raise InputError(f"this model's experts were packed for the {packed_for} experts kernel by another "
+                                 f"Engine; load the model again for experts_kernel={wanted}")
             return
-        done = {moe.prefix for moe in self.fused_layers()}
+        done = {moe.prefix for moe in self.fused_layers(kind)}
         todo = [moe for moe in self.moe_layers() if moe.prefix not in done]
+        if wanted == "int8":
+            self.pack_int8(weights, todo)
+            return
         # auto: where the kernel beats oneDNN's per-expert GEMMs (ops.experts.auto_isa)
         isa = chosen_isa() if wanted == "fused" else auto_isa()
         fits = all(moe.can_fuse(weights, self.model.dtype) for moe in todo)
@@ -254,6 +269,26 @@ class WeightSetup:
             moe.pack_fused(weights, release=release)
         log.info("packed the experts of %d MoE layers for the fused %s kernel in %.1f s", len(todo), isa,
                  time.perf_counter() - t0)
+
+    def pack_int8(self, weights, todo: list) -> None:
+        """experts_kernel=int8: each MoE layer's experts re-quantized to int8 for the int8 kernel
+        (moegen.ops.experts.moe_experts_int8); an error where it cannot run."""
+        from moegen.ops.experts import int8_isa
+        isa = int8_isa()
+        if isa is None or self.to_device():
+            raise InputError("experts_kernel=int8: " + ("the native kernels are unavailable" if isa is None else
+                             "it runs on the CPU, not with weights streamed to a device"))
+        if not all(moe.can_fuse(weights, self.model.dtype) for moe in todo):
+            raise InputError(f"experts_kernel=int8: it runs SiLU experts in bfloat16 models (weights bf16, fp8 or "
+                             f"int8/int4 with groups of 32 inputs), not these ({self.model.dtype})")
+        if isa == "generic":
+            log.warning("experts_kernel=int8 without AVX-512 VNNI: the portable int8 kernel is correct but slow")
+        from moegen.loader import MappedPages
+        t0, release = time.perf_counter(), MappedPages()
+        for moe in todo:
+            moe.pack_int8(weights, release=release)
+        log.info("re-quantized the experts of %d MoE layers to int8 (lossy) for the %s kernel in %.1f s", len(todo),
+                 isa, time.perf_counter() - t0)
 
     def prepack_weights(self, weights) -> None:
         if not packing_supported(self.model.dtype):

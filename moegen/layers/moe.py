@@ -6,7 +6,9 @@ experts that received no token are skipped. Expert weights live under
 on-disk layout (the loader maps per-expert and fused checkpoints onto these names) -- or, once
 `pack_fused` has run (bf16 on the CPU), as one tile-packed pair per layer,
 `{prefix}.fused_experts.gate_up` / `.down` (and, for quantized experts, their `.scales` and
-`.zeros`), which moegen.ops.experts runs in one native call. With the disk tier, where a layer's
+`.zeros`), which moegen.ops.experts runs in one native call; with experts_kernel=int8 (lossy),
+`pack_int8` re-quantizes them to int8 per output column for the int8 kernel instead
+(`{prefix}.fused_experts_int8.gate_up` / `.down`, with `.scales` and `.offsets`). With the disk tier, where a layer's
 experts stream from disk one by one, each expert's bf16 pair is packed on its own instead
 (`tile_expert`; the layer is `tiled`) and the experts run in groups through the same kernel.
 
@@ -19,11 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from moegen.layers.mlp import ACTIVATIONS, DenseMLP, gated_ffn
-from moegen.layers.quantized import fits_tiles, is_quantized, tensors_of, tile_codes
+from moegen.layers.quantized import dequantize, fits_tiles, is_quantized, tensors_of, tile_codes
 from moegen.ops import experts as fused
 
 # a packed weight's tensors under its name: the tiles or codes, then (quantized) scales and zeros
 PACKED_PARTS = ("", ".scales", ".zeros")
+# an int8-packed one's (experts_kernel=int8): its codes, per-column scales and offsets
+INT8_PARTS = ("", ".scales", ".offsets")
 
 
 @dataclass
@@ -104,6 +108,13 @@ class SparseMoE:
     def fused_names(self) -> tuple[str, str]:
         return f"{self.prefix}.{fused.GATE_UP}", f"{self.prefix}.{fused.DOWN}"
 
+    def int8_names(self) -> tuple[str, str]:
+        return f"{self.prefix}.{fused.INT8_GATE_UP}", f"{self.prefix}.{fused.INT8_DOWN}"
+
+    def packed_kind(self, weights: dict) -> str | None:
+        """How this layer's experts are packed in `weights`: "fused", "int8" or None (not packed)."""
+        return "fused" if self.fused_names()[0] in weights else "int8" if self.int8_names()[0] in weights else None
+
     def can_fuse(self, weights: dict, dtype: torch.dtype) -> bool:
         """Whether this layer's experts can run in the fused kernel: SiLU experts in a bfloat16
         model whose weights are plain bf16 CPU tensors or quantized ones whose scales fit its tiles."""
@@ -133,6 +144,21 @@ class SparseMoE:
                 if release is not None:
                     release(t)
 
+    def pack_int8(self, weights: dict, release=None) -> None:
+        """Replace this layer's per-expert weights in `weights` (in place) by the int8 kernel's packed
+        pair (experts_kernel=int8, lossy): each expert's weights as the exact path sees them (bf16,
+        or a quantized checkpoint's dequantized to bf16) re-quantized per output column."""
+        keys = [self.expert_key(e) for e in range(self.n_experts)]
+        plain = lambda t: dequantize(t, torch.bfloat16) if is_quantized(t) else t
+        gate_up, down = fused.pack_layer_int8([plain(weights[f"{k}.gate_up"]) for k in keys],
+                                              [plain(weights[f"{k}.down"]) for k in keys], self.intermediate)
+        for name, parts in zip(self.int8_names(), (gate_up, down)):
+            weights.update((name + suffix, part) for suffix, part in zip(INT8_PARTS, parts))
+        for name in self.expert_weight_names():
+            for t in tensors_of(weights.pop(name)):
+                if release is not None:
+                    release(t)
+
     def can_tile(self, weights: dict, dtype: torch.dtype) -> bool:
         """Whether this layer's experts can run in the kernel expert by expert (`tile_expert`):
         SiLU experts whose weights are plain bf16 tensors (or not yet read: meta) in a bf16 model."""
@@ -157,8 +183,8 @@ class SparseMoE:
         fused.pack_tiles_into(plain[self.intermediate:], out[1])
         return out
 
-    def packed(self, w, name: str) -> list:
-        return [w[name + suffix] for suffix in PACKED_PARTS if name + suffix in w]
+    def packed(self, w, name: str, parts: tuple[str, ...] = PACKED_PARTS) -> list:
+        return [w[name + suffix] for suffix in parts if name + suffix in w]
 
     def run_experts(self, w, x, d: Dispatch, weights_for=None, chunk: int = 0, group: int = 0):
         """Each expert with tokens: one gated FFN over all its tokens (in chunks of `chunk` rows
@@ -170,6 +196,11 @@ class SparseMoE:
         if gate_up_name in w:
             return fused.moe_experts(x, d.token_idx, d.weights, d.counts, self.packed(w, gate_up_name),
                                      self.packed(w, down_name), self.intermediate, d.top_k)
+        gate_up_name, down_name = self.int8_names()
+        if gate_up_name in w:
+            return fused.moe_experts_int8(x, d.token_idx, d.weights, d.counts,
+                                          self.packed(w, gate_up_name, INT8_PARTS),
+                                          self.packed(w, down_name, INT8_PARTS), self.intermediate, d.top_k)
         if self.tiled:
             return d.combine(self._run_tiled(w, x, d, weights_for, group))
         xs = x.index_select(0, d.token_idx)       # one gather: rows grouped by expert

@@ -42,9 +42,9 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 # dequantization of quantized weights, the routed experts of a MoE layer and prefill attention
 # (fragments)
 SOURCES = (CSRC / "decode_attention.cpp", CSRC / "elementwise.cpp", CSRC / "dequant.cpp", CSRC / "experts.cpp",
-           CSRC / "prefill_attention.cpp")
+           CSRC / "experts_int8.cpp", CSRC / "prefill_attention.cpp")
 # what the sources #include from csrc/: hashed with them and snapshotted beside them, not compiled
-HEADERS = (CSRC / "simd.h", CSRC / "amx.h")
+HEADERS = (CSRC / "simd.h", CSRC / "amx.h", CSRC / "experts.h")
 NAMESPACE = "moegen_ops"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-DNDEBUG")
 # libgomp shares its SONAME with the copy torch bundles, so both resolve to one OpenMP runtime.

@@ -33,6 +33,7 @@ FORMAT_CODES = {"bfloat16": 0, "fp8": 1, "int8": 2, "int4": 3}
 TILE_BYTES = {"bfloat16": 1024, "fp8": 512, "int8": 512, "int4": 256}
 # layer weights in the kernel's format, beside the layer's other weights
 GATE_UP, DOWN = "fused_experts.gate_up", "fused_experts.down"
+INT8_GATE_UP, INT8_DOWN = "fused_experts_int8.gate_up", "fused_experts_int8.down"   # experts_kernel=int8
 
 
 def _round_up(n: int, m: int = 32) -> int:
@@ -191,6 +192,86 @@ def packed_format(gate_up: list[torch.Tensor], experts: int, hidden: int, interm
         return "fp8"
     tiles = experts * 2 * _round_up(hidden) * _round_up(intermediate) // (TILE_N * TILE_K)
     return "int4" if codes.numel() == tiles * TILE_BYTES["int4"] else "int8"
+
+
+# ---- experts_kernel=int8: csrc/experts_int8.cpp -------------------------------------------------
+INT8_ISA_CODES = {"generic": 0, "avx512-vnni": 1}
+INT8_TILE_K = 64                  # inputs per int8 tile (16 groups of 4)
+
+
+@lru_cache(maxsize=4)
+def _int8_isas_of(ops) -> tuple[str, ...]:
+    return tuple(ops.ops.experts_int8_isas())
+
+
+def int8_isa() -> str | None:
+    """The ISA `moe_experts_int8` runs: AVX-512 VNNI where the CPU and build have it, else portable
+    C++ (correct, slow); MOEGEN_EXPERTS_INT8_ISA=avx512-vnni|generic forces one (tests use it). None
+    without native ops."""
+    ops = native_ops()
+    if ops is None:
+        return None
+    isas = _int8_isas_of(ops)
+    forced = os.environ.get("MOEGEN_EXPERTS_INT8_ISA", "").strip()
+    if not forced:
+        return isas[0]
+    if forced not in isas:
+        raise ConfigError(f"MOEGEN_EXPERTS_INT8_ISA={forced}: not available on this CPU/build "
+                          f"(available: {', '.join(isas)})")
+    return forced
+
+
+def quantize_columns(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [N, K] as int8 codes q [N, K] and per-row (output column) float32 scales s [N]:
+    W ~= q * s[:, None], q = round(W / s) in [-127, 127], s = max|W[n]| / 127 (1 for a zero row)."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales
+
+
+def pack_int8(weight: torch.Tensor) -> list[torch.Tensor]:
+    """A weight [N, K] (bf16 or float) for csrc/experts_int8.cpp: [codes, scales, offsets] with codes
+    [Np/16, Kp/64, 16 groups, 16 n, 4] int8 (both sides padded to multiples of 64 with zeros), scales
+    [Np] float32 and offsets [Np] int32 = 128 * the column's code sum (the kernel stores activations
+    as unsigned bytes, code + 128)."""
+    n, k = weight.shape
+    np_, kp = _round_up(n, INT8_TILE_K), _round_up(k, INT8_TILE_K)
+    q, scales = quantize_columns(weight)
+    q = F.pad(q, (0, kp - k, 0, np_ - n))
+    codes = q.view(np_ // TILE_N, TILE_N, kp // INT8_TILE_K, INT8_TILE_K // 4, 4).permute(0, 2, 3, 1, 4)
+    offsets = 128 * q.sum(dim=1, dtype=torch.int32)
+    return [codes.contiguous(), F.pad(scales, (0, np_ - n)), offsets.to(torch.int32)]
+
+
+def pack_layer_int8(gate_ups: list[torch.Tensor], downs: list[torch.Tensor], intermediate: int
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One layer's experts for `moe_experts_int8` from each expert's gate_up [2I, H] (gate rows
+    first) and down [H, I] (bf16 or float): gate_up [codes [E, 2 Ip/16, ...], scales [E, 2 Ip],
+    offsets] with the gate's Ip columns (I padded to 64) before the up's, and down's likewise."""
+    def stacked(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        out = [_empty((len(parts), *p.shape), p.dtype) for p in parts[0]]
+        for e, ps in enumerate(parts):
+            for o, p in zip(out, ps):
+                o[e] = p
+        return out
+
+    def gate_up_parts(gu: torch.Tensor) -> list[torch.Tensor]:
+        gate, up = pack_int8(gu[:intermediate]), pack_int8(gu[intermediate:])
+        return [torch.cat([g, u]) for g, u in zip(gate, up)]
+    return stacked([gate_up_parts(gu) for gu in gate_ups]), stacked([pack_int8(d) for d in downs])
+
+
+def moe_experts_int8(x: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor, counts: list[int],
+                     gate_up: list[torch.Tensor], down: list[torch.Tensor], intermediate: int,
+                     top_k: int) -> torch.Tensor:
+    """`moe_experts` multiplied in int8 (lossy): weights as packed by `pack_layer_int8`, each
+    activation row quantized per row in the kernel."""
+    ops = native_ops()
+    if ops is None:
+        raise ConfigError("experts_kernel=int8 needs moegen's native ops (see `moegen build-ops`)")
+    return ops.ops.moe_experts_int8(x.contiguous(), token_idx, weights.float().contiguous(), counts, gate_up, down,
+                                    intermediate, top_k, INT8_ISA_CODES[int8_isa()])
 
 
 def moe_experts(x: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor, counts: list[int],
