@@ -140,7 +140,7 @@ def add_subparser(subparsers):
                    help="random weights of the model's config (moegen systems only; the others are skipped)")
     p.add_argument("--systems", default=DEFAULT_SYSTEMS,
                    help=f"comma-separated systems, the first the agreement reference (default {DEFAULT_SYSTEMS}); "
-                        "known: moegen, moegen-model-batching, hf-generate, hf-continuous, hf-offload, vllm, llama.cpp, "
+                        "known: moegen, moegen-model-batching, moegen-int8, hf-generate, hf-continuous, hf-offload, vllm, llama.cpp, "
                         "llama.cpp-q8_0 (the peers: `moegen peers install`)")
     p.add_argument("--workload", required=True,
                    help="synthetic:prompt=128,gen=64,n=512 | gsm8k[:PATH][,n=..,gen=..] | hf:NAME_OR_FILE,field=..")

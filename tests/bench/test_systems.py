@@ -6,7 +6,9 @@ import time
 import pytest
 import torch
 
+from moegen import Engine, SamplingParams
 from moegen.errors import InputError
+from moegen.ops.build import native_ops
 from moegen.bench.systems import SYSTEMS, get_system
 from moegen.bench.systems.base import cut_after_eos
 from moegen.engine.stats import lockstep_steps
@@ -74,6 +76,23 @@ def test_model_batching_uses_one_batch_size_for_every_module(results):
     settings = results["moegen-model-batching"].config["settings"]
     assert settings["max_batch"] == settings["attn_micro_batch"] == 2
     assert results["moegen"].config["settings"] == {"max_batch": 8, "attn_micro_batch": 3, "max_prefill_tokens": 4096}
+
+
+@pytest.mark.skipif(native_ops() is None, reason="moegen's native kernels did not build on this machine")
+def test_int8_system_runs_the_engine_with_int8_experts_beside_the_exact_one(model, workload):
+    """`moegen-int8` is the moegen engine with experts_kernel=int8 and nothing else changed: a bf16
+    run of both gives the same settings, and its tokens are its own engine's (lossy, so not the
+    exact system's token for token)."""
+    options = {"kv_cache_memory": "16MB", "max_batch": 8, "attn_micro_batch": 3, "max_prefill_tokens": 4096}
+    exact, int8 = (get_system(name).run(model, workload, dtype="bfloat16", device="cpu", peaks=PEAKS, **options)
+                   for name in ("moegen", "moegen-int8"))
+    assert int8.skipped_reason is None and int8.config["settings"] == exact.config["settings"]
+    assert [len(ids) for ids in int8.token_ids] == [NEW_TOKENS] * workload.num_prompts
+    engine = Engine.from_pretrained(model, dtype="bfloat16", experts_kernel="int8", **options)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert [c.token_ids for c in engine.generate(workload.prompts, params)] == int8.token_ids
+    with pytest.raises(InputError, match="experts_kernel"):
+        get_system("moegen-int8").check_options({"experts_kernel": "torch"})
 
 
 def test_hf_generate_sweeps_batch_sizes_and_keeps_the_best(model, workload, results):

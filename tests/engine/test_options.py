@@ -87,6 +87,9 @@ def test_moegen_systems_take_every_option():
     fixed = {k: v for k, v in SAMPLES.items() if k not in ("max_batch", "attn_micro_batch")}
     assert batching.engine_overrides(batching.check_options(fixed)) == {**fixed, "max_batch": 32,
                                                                         "attn_micro_batch": 32}
+    int8 = get_system("moegen-int8")
+    others = {k: v for k, v in SAMPLES.items() if k != "experts_kernel"}
+    assert int8.engine_overrides(int8.check_options(others)) == {**others, "experts_kernel": "int8"}
     assert set(LOAD_NAMES) <= set(inspect.signature(System.run).parameters)
 
 

@@ -5,6 +5,7 @@
 
 moegen                 our engine, module-based batching, default/planned settings
 moegen-model-batching  our engine with G = A (one batch size for every module): the ablation
+moegen-int8            our engine with experts_kernel=int8 (lossy: routed experts multiplied in int8)
 hf-generate            transformers generate(), static left-padded batches (batch size swept)
 hf-continuous          transformers generate_batch(), continuous batching
 hf-offload             transformers + accelerate device_map offloading (CUDA only)
@@ -17,13 +18,14 @@ from moegen.bench.systems.base import Generation, RunResult, System, SystemFaile
 from moegen.bench.systems.hf_continuous import HFContinuousSystem
 from moegen.bench.systems.hf_generate import HFGenerateSystem
 from moegen.bench.systems.hf_offload import HFOffloadSystem
+from moegen.bench.systems.int8_experts import Int8ExpertsSystem
 from moegen.bench.systems.llama_cpp import LlamaCppQ8System, LlamaCppSystem
 from moegen.bench.systems.model_batching import ModelBatchingSystem
 from moegen.bench.systems.moegen_engine import ConfigModel, MoegenSystem
 from moegen.bench.systems.vllm_engine import VLLMSystem
 
 SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (
-    MoegenSystem, ModelBatchingSystem, HFGenerateSystem, HFContinuousSystem, HFOffloadSystem, VLLMSystem,
+    MoegenSystem, ModelBatchingSystem, Int8ExpertsSystem, HFGenerateSystem, HFContinuousSystem, HFOffloadSystem, VLLMSystem,
     LlamaCppSystem, LlamaCppQ8System)}
 
 
