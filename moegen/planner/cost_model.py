@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping, NamedTuple
 
 from moegen.errors import InputError
-from moegen.planner.hardware import GB, Hardware
+from moegen.planner.hardware import GB, INT8_COMPUTE, Hardware
 from moegen.planner.memory import ResidentSet, attention_link_bytes, dense_group_bytes, resident_set
 from moegen.planner.model_spec import ModelSpec, expected_distinct_experts
 from moegen.planner.plan import PlanError
@@ -94,6 +94,8 @@ class JobShape:
     num_sequences: int = 1
     dtype: str = "bfloat16"
     computed_prompt_len: int | None = None
+    # the routed experts multiplied in int8 (experts_kernel=int8): priced at that kernel's measured rate
+    experts_int8: bool = False
 
     def __post_init__(self):
         for name in ("prompt_len", "gen_len", "num_sequences"):
@@ -285,11 +287,13 @@ def _fused_experts_cost(spec: ModelSpec, hw: Hardware, wl: JobShape, distinct: f
     """The layer's routed experts through moegen.ops.experts: FLOPs at the kernel's rate for this
     many rows per expert (weight reads included in that measurement), one dispatch; quantized
     experts at their format's measured rate (dequantization inside), or without one at bf16's plus
-    each expert's dequantization at the measured rate."""
+    each expert's dequantization at the measured rate; experts multiplied in int8 (wl.experts_int8:
+    weights re-quantized at load, a byte each) at that kernel's rate."""
     compute_s = distinct * 6.0 * rows * spec.hidden_size * spec.expert_intermediate / rate
-    memory_s = distinct * spec.expert_bytes(wl.dtype_bytes) / (hw.weight_read_gbps * GB)
+    expert_bytes = spec.expert_params() if wl.experts_int8 else spec.expert_bytes(wl.dtype_bytes)
+    memory_s = distinct * expert_bytes / (hw.weight_read_gbps * GB)
     measured = hw.fused_experts_shapes.get(spec.weight_format) if spec.weight_format else None
-    dequant_s = 0.0 if measured or not spec.weight_format else \
+    dequant_s = 0.0 if measured or wl.experts_int8 or not spec.weight_format else \
         hw.dequant_s(spec.weight_format, distinct * spec.expert_params())
     layer_s = max(compute_s, memory_s) + dequant_s + hw.op_overhead_s
     terms["compute" if compute_s >= memory_s else "memory"] += max(compute_s, memory_s)
@@ -312,6 +316,8 @@ def _experts_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, tokens: int
     # the engine's kernel runs bf16 models, over experts packed at load (not the disk tier's streamed ones)
     if hw.device != "cuda" and wl.dtype == "bfloat16" and not streams:
         curve = spec.weight_format if spec.weight_format in hw.fused_experts_shapes else "bfloat16"
+        if wl.experts_int8 and INT8_COMPUTE in hw.fused_experts_shapes:
+            curve = INT8_COMPUTE
         fused_rate = hw.fused_experts_rate(curve, rows, H, I)
     if fused_rate and distinct:     # the engine's fused kernel: one call per layer, its measured rate
         return _fused_experts_cost(spec, hw, wl, distinct, rows, fused_rate, terms)

@@ -12,6 +12,8 @@ from typing import Any, Mapping
 from moegen.errors import ConfigError
 
 GB = 1e9
+# fused_experts_shapes' curve of the experts kernel multiplying in int8 (experts_kernel=int8)
+INT8_COMPUTE = "int8-compute"
 
 # Dispatch costs of eager PyTorch (Python + op launch), counted per op. Rough, not measured by the
 # probe: they matter only when GEMMs are small (tiny models, small G).
@@ -103,7 +105,7 @@ class Hardware:
         expert, hidden, intermediate, flops_per_s) rows of the fused routed-experts kernel (CPU;
         moegen.ops.experts): a MoE layer's experts then cost their FLOPs at that rate and one
         dispatch per layer (quantized ones without a curve: bf16's plus their dequantization);
-        absent = per-expert GEMMs.
+        absent = per-expert GEMMs. INT8_COMPUTE: the experts multiplied in int8 (experts_kernel=int8).
     disk_read_gbps: sequential read bandwidth of the checkpoint's filesystem (the probe's, past
         the page cache); 0 = unknown: plans keep every weight in host memory (no disk tier).
     """

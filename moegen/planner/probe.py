@@ -34,11 +34,12 @@ from moegen.planner.rates import (BUDGET_S, DEQUANT_SHAPE, GEMM_DTYPES, GEMM_SHA
                                   measure_prefill_attention)
 
 log = logging.getLogger("moegen")
-SCHEMA = 7   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
+SCHEMA = 8   # 2: CPU GEMMs on packed weights, as the engine runs them; 3: sustained GEMM rates,
              # prompt attention and elementwise bandwidth; 4: dequantization rates of quantized weights;
              # 5: the fused routed-experts kernel's rate by rows per expert (CPU, bf16)
              # 6: the fused kernel on quantized experts too (fp8, int8, int4)
              # 7: the fused kernel (auto) and prompt attention on AVX-512 BF16 on AMD CPUs
+             # 8: the experts multiplied in int8 (experts_kernel=int8: "int8-compute" rows)
 # ---- machine, cache, entry point --------------------------------------------------------------
 
 def _cpu_model() -> str:
@@ -49,13 +50,14 @@ def _cpu_isa() -> dict:
     """What the CPU lists (/proc/cpuinfo) and what moegen's experts kernel runs on it: AMX can be
     listed yet unusable (the kernel then takes AVX-512 BF16), so figures name the latter."""
     flags = cpu.flags()
-    from moegen.ops.experts import available_isas
+    from moegen.ops.experts import available_isas, int8_isa
     try:
-        isas = available_isas()
+        isas, int8 = available_isas(), int8_isa()
     except Exception:       # noqa: BLE001 - a machine report never fails on this
-        isas = []
-    return {"listed": sorted(flags & {"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512f", "avx2"}),
-            "experts_kernel": isas[0] if isas else None}
+        isas, int8 = [], None
+    return {"listed": sorted(flags & {"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f",
+                                      "avx2"}),
+            "experts_kernel": isas[0] if isas else None, "experts_int8_kernel": int8}
 
 
 def machine_info(device: str) -> dict:

@@ -17,6 +17,7 @@ import torch
 from moegen.layers.linear import linear, pack_weight, packing_supported
 from moegen.layers.quantized import (DEQUANT_CHUNK_BYTES, DEVICE_DEQUANT_CHUNK_BYTES, SCRATCH, map_tensors,
                                      quantize_fp8, quantize_int)
+from moegen.planner.hardware import INT8_COMPUTE
 
 GEMM_DTYPES = ("float32", "bfloat16", "float16")
 # (tokens, in_features, out_features): an expert's up/gate GEMM at small (Qwen/OLMoE-sized,
@@ -300,19 +301,20 @@ FUSED_QUANTIZED_SHAPES = {False: [(64, 1024, 512, 32, 8), (256, 1024, 512, 32, 8
                           True: [(64, 1024, 512, 16, 4)]}
 
 
-def _fused_layer(fmt: str, hidden: int, inter: int, experts: int, g: torch.Generator):
+def _fused_layer(fmt: str, hidden: int, inter: int, experts: int, g: torch.Generator, pack: bool = True):
     from moegen.layers.quantized import quantize_fp8, quantize_int, tile_codes
     from moegen.ops import experts as fused
     make = {"bfloat16": lambda w: w, "fp8": lambda w: tile_codes(quantize_fp8(w)),
             "int8": lambda w: tile_codes(quantize_int(w, 8)), "int4": lambda w: tile_codes(quantize_int(w, 4))}[fmt]
     gate_ups = [make(torch.randn(2 * inter, hidden, generator=g).mul_(0.02).bfloat16()) for _ in range(experts)]
     downs = [make(torch.randn(hidden, inter, generator=g).mul_(0.02).bfloat16()) for _ in range(experts)]
-    return fused.pack_layer(gate_ups, downs, inter)
+    return fused.pack_layer(gate_ups, downs, inter) if pack else (gate_ups, downs)
 
 
 def measure_fused_experts(quick: bool) -> dict:
     """FLOP/s of one MoE layer's routed experts through moegen.ops.experts (what the engine runs for
-    bf16 and quantized experts on the CPU by default), by weight format and rows per expert;
+    bf16 and quantized experts on the CPU by default), by weight format and rows per expert, and of
+    the int8 kernel (experts_kernel=int8; format INT8_COMPUTE) where it has its VNNI path;
     {"isa": None} where the engine does not take it by default (`auto_isa()` is None)."""
     from moegen.ops import experts as fused
     isa = fused.auto_isa()
@@ -320,10 +322,18 @@ def measure_fused_experts(quick: bool) -> dict:
         return {"isa": None, "shapes": []}
     rows = []
     g = torch.Generator().manual_seed(0)
+    int8 = [INT8_COMPUTE] if fused.int8_isa() == "avx512-vnni" else []
     cases = [("bfloat16", shape) for shape in FUSED_EXPERTS_SHAPES[quick]] + \
-        [(fmt, shape) for fmt in ("fp8", "int8", "int4") for shape in FUSED_QUANTIZED_SHAPES[quick]]
+        [(fmt, shape) for fmt in ("fp8", "int8", "int4") for shape in FUSED_QUANTIZED_SHAPES[quick]] + \
+        [(fmt, shape) for fmt in int8 for shape in FUSED_EXPERTS_SHAPES[quick]]
     for fmt, (per_expert, hidden, inter, experts, top_k) in cases:
-        gate_up, down = _fused_layer(fmt, hidden, inter, experts, g)
+        if fmt == INT8_COMPUTE:
+            layer = _fused_layer("bfloat16", hidden, inter, experts, g, pack=False)
+            gate_up, down = fused.pack_layer_int8(*layer, inter)
+            kernel = fused.moe_experts_int8
+        else:
+            gate_up, down = _fused_layer(fmt, hidden, inter, experts, g)
+            kernel = fused.moe_experts
         tokens = per_expert * experts // top_k
         # every token on top_k consecutive experts: each expert gets exactly per_expert rows
         top_i = (torch.arange(tokens)[:, None] * top_k + torch.arange(top_k)) % experts
@@ -333,7 +343,7 @@ def measure_fused_experts(quick: bool) -> dict:
         counts = [per_expert] * experts
 
         def run():
-            fused.moe_experts(x, order // top_k, w, counts, gate_up, down, inter, top_k)
+            kernel(x, order // top_k, w, counts, gate_up, down, inter, top_k)
         seconds = best_time_s(run, lambda: None, min_total_s=0.05 if quick else 0.2)
         flops = 6.0 * tokens * top_k * hidden * inter
         rows.append({"format": fmt, "rows_per_expert": per_expert, "hidden": hidden, "intermediate": inter,

@@ -314,3 +314,27 @@ def test_plan_cli_probe_json_and_errors(capsys, tmp_path):
     with pytest.raises(InputError, match="--hw"):
         parse_hw("tflops")
     assert parse_hw("device_memory=24GB,tflops=2") == {"device_memory_bytes": 24 * GiB, "gemm_flops_per_s": 2e12}
+
+
+def test_experts_multiplied_in_int8_cost_their_kernels_measured_rate():
+    """experts_kernel=int8 (JobShape.experts_int8): the routed experts at the int8 kernel's curve
+    (INT8_COMPUTE) and a byte a weight; without that curve measured, bf16's as before; the exact
+    engine's prediction is unchanged by the int8 curve being there."""
+    from dataclasses import replace
+    from moegen.planner.hardware import INT8_COMPUTE
+    spec = ModelSpec.from_config(fixture_config("qwen3_moe", "bench"))
+    bf16 = ((64, 1024, 448, 4e11), (512, 1024, 448, 4e11))
+    int8 = tuple((r, h, i, 2 * rate) for r, h, i, rate in bf16)
+    hw = Hardware(gemm_flops_per_s=4e11, host_mem_bw_gbps=40, cpu_attention_gbps=20,
+                  fused_experts_shapes={"bfloat16": bf16, INT8_COMPUTE: int8})
+    only_bf16 = replace(hw, fused_experts_shapes={"bfloat16": bf16})
+    plan = Plan(device="cpu", max_batch=512, attn_micro_batch=512, max_prefill_tokens=4096, expert_chunk=0)
+    exact, lossy = JobShape(128, 64, 512), JobShape(128, 64, 512, experts_int8=True)
+    base = predict(spec, hw, plan, exact)
+    assert predict(spec, only_bf16, plan, exact).e2e_tokens_per_s == pytest.approx(base.e2e_tokens_per_s)
+    assert predict(spec, only_bf16, plan, lossy).e2e_tokens_per_s == pytest.approx(base.e2e_tokens_per_s)
+    fast = predict(spec, hw, plan, lossy)
+    for phase in ("prefill", "decode"):
+        saved = base.terms_s[phase]["compute"] - fast.terms_s[phase]["compute"]
+        assert saved > 0.2 * base.terms_s[phase]["compute"]          # half the experts' share
+    assert fast.e2e_tokens_per_s > 1.2 * base.e2e_tokens_per_s
