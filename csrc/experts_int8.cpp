@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -52,8 +53,8 @@
 #define MOEGEN_OPS_NS moegen_ops
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(MOEGEN_SIMD_AVX2) && \
-    !defined(MOEGEN_SIMD_SCALAR)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    !defined(MOEGEN_SIMD_AVX2) && !defined(MOEGEN_SIMD_SCALAR)
 #define MOEGEN_HAVE_AVX512_VNNI 1
 #endif
 
@@ -86,8 +87,10 @@ bool isa_available(int64_t isa) {
 
 // ---- activation rows ------------------------------------------------------------------------
 // One row of n values (float32, or bf16 widened) as bytes xq + 128 with xq = round(v / scale) in
-// [-127, 127], scale = max|v| / 127 (1 for an all-zero row), padded to `padded` bytes with the code
-// of 0; returns the scale. Rounding half to even, as torch.round (the tests' reference).
+// [-127, 127], scale = max|v| / 127 (1 for a row of zeros, or of values so small that the scale
+// would not be a normal float: they all round to 0), padded to `padded` bytes with the code of 0;
+// returns the scale. Divided, not multiplied by 1 / scale, and rounded half to even: as torch
+// computes it (the tests' reference).
 template <typename T>
 float quantize_row(const T* v, int64_t n, int64_t padded, uint8_t* out) {
   using moegen_simd::Reg;
@@ -101,20 +104,20 @@ float quantize_row(const T* v, int64_t n, int64_t padded, uint8_t* out) {
   }
   float amax = Simd::reduce_max(mx);
   for (; i < n; ++i) amax = std::max(amax, std::fabs(static_cast<float>(v[i])));
-  const float scale = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / scale;
+  const float scale = amax >= 127.0f * FLT_MIN ? amax / 127.0f : 1.0f;
   i = 0;
 #ifdef MOEGEN_HAVE_AVX512_VNNI
-  const __m512 iv = _mm512_set1_ps(inv);
+  const __m512 sv = _mm512_set1_ps(scale);
   const __m512i zc = _mm512_set1_epi32(kZeroCode), lo = _mm512_set1_epi32(1), hi = _mm512_set1_epi32(255);
   for (; i + 16 <= n; i += 16) {
     // cvtps_epi32 rounds half to even (MXCSR's default), as std::nearbyint below
-    __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(Simd::load(v + i), iv)), zc);
+    __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_div_ps(Simd::load(v + i), sv)), zc);
     q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(q));
   }
 #endif
   for (; i < n; ++i) {
-    const float q = std::nearbyint(static_cast<float>(v[i]) * inv);
+    const float q = std::nearbyint(static_cast<float>(v[i]) / scale);
     out[i] = static_cast<uint8_t>(std::clamp(q, -127.0f, 127.0f) + kZeroCode);
   }
   std::memset(out + n, kZeroCode, padded - n);
@@ -208,7 +211,7 @@ struct Matrix {
 };
 
 struct Layer {
-  int64_t hidden, inter, hp, ip;  // H, I, and both padded to multiples of 64
+  int64_t hidden, hp, ip;         // H, and H and I padded to multiples of 64
   Matrix gate_up;                 // [E][2 ip (gate rows, then up rows)][hp]
   Matrix down;                    // [E][hp][ip]
   int64_t isa;
@@ -221,7 +224,7 @@ struct Item {
 // A thread's buffers for the item at hand, grown, never shrunk.
 struct Scratch {
   std::vector<uint8_t> xq, hq;
-  std::vector<float> xs, hs, h, hmax, c;
+  std::vector<float> xs, hs, h, c;
 };
 thread_local Scratch tl_scratch;
 
@@ -245,9 +248,7 @@ void run_item(const Layer& L, const Item& it, const bf16* x, const int64_t* tok,
     xs[r] = quantize_row(x + tok[it.row0 + r] * L.hidden, L.hidden, L.hp, xq + r * L.hp);
 
   float* h = grown(s.h, rows * L.ip);
-  float* hmax = grown(s.hmax, rows);
   float* C = grown(s.c, kRowBlock * 2 * kTileN);
-  std::fill(hmax, hmax + rows, 0.0f);
   const Reg one = Simd::set1(1.0f);
   for (int64_t nb = 0; nb < L.ip / kTileN; ++nb) {
     const int64_t n0 = nb * kTileN, up0 = L.ip + n0;
@@ -259,15 +260,12 @@ void run_item(const Layer& L, const Item& it, const bf16* x, const int64_t* tok,
       gemm(L.isa, xq + r0 * L.hp, L.hp, n, b, L.hp / kGroup, C);
       for (int r = 0; r < n; ++r) {
         const Reg a = Simd::set1(xs[r0 + r]);
-        Reg mx = Simd::zero();
         for (int j = 0; j < kTileN; j += W) {
           const Reg g = Simd::mul(a, Simd::load(C + r * 2 * kTileN + j));
           const Reg u = Simd::mul(a, Simd::load(C + r * 2 * kTileN + kTileN + j));
           const Reg v = Simd::mul(Simd::div(g, Simd::add(one, Simd::exp(Simd::sub(Simd::zero(), g)))), u);
           Simd::store(h + (r0 + r) * L.ip + n0 + j, v);
-          mx = Simd::max(mx, Simd::max(v, Simd::sub(Simd::zero(), v)));
         }
-        hmax[r0 + r] = std::max(hmax[r0 + r], Simd::reduce_max(mx));
       }
     }
   }
@@ -300,8 +298,9 @@ void run_item(const Layer& L, const Item& it, const bf16* x, const int64_t* tok,
   }
 }
 
-// Items: each busy expert's rows, cut into even chunks whose h fits kItemHBytes, and cut further
-// (down to a row block) while there are fewer items than twice the threads, largest first.
+// Items: each busy expert's rows in even chunks whose h fits kItemHBytes; where fewer experts are
+// busy than twice the threads, each cut into that many over the busy ones (chunks of at least a
+// row block where it has the rows), so every thread has work. Sorted by rows, largest first.
 std::vector<Item> make_items(const std::vector<int64_t>& counts, const Layer& L, int64_t threads) {
   const int64_t fit = std::max<int64_t>(kRowBlock, kItemHBytes / (L.ip * static_cast<int64_t>(sizeof(float))));
   int64_t busy = 0;
@@ -312,7 +311,8 @@ std::vector<Item> make_items(const std::vector<int64_t>& counts, const Layer& L,
   for (size_t e = 0; e < counts.size(); ++e) {
     const int64_t n = counts[e];
     int64_t chunks = (n + fit - 1) / fit;
-    if (n > 0 && busy < want) chunks = std::max(chunks, std::min((want + busy - 1) / busy, (n + kRowBlock - 1) / kRowBlock));
+    if (n > 0 && busy < want)
+      chunks = std::max(chunks, std::min((want + busy - 1) / busy, std::max<int64_t>(1, n / kRowBlock)));
     for (int64_t c = 0, r = 0; c < chunks; ++c) {
       const int64_t m = (n - r) / (chunks - c);
       if (m > 0) items.push_back({static_cast<int64_t>(e), row + r, m});
@@ -356,7 +356,8 @@ at::Tensor moe_experts_int8(const at::Tensor& x, const at::Tensor& token_idx, co
   TORCH_CHECK_VALUE(x.dim() == 2, "moe_experts_int8: x must be [tokens, hidden]");
   TORCH_CHECK_VALUE(isa_available(isa), "moe_experts_int8: ISA ", isa_name(isa), " is not available on this CPU/build");
   Layer L;
-  L.hidden = x.size(1), L.inter = inter, L.isa = isa;
+  TORCH_CHECK_VALUE(inter >= 1, "moe_experts_int8: inter must be >= 1, got ", inter);
+  L.hidden = x.size(1), L.isa = isa;
   L.hp = (L.hidden + kTileK - 1) / kTileK * kTileK;
   L.ip = (inter + kTileK - 1) / kTileK * kTileK;
   TORCH_CHECK_VALUE(L.hp <= 65536 && L.ip <= 65536, "moe_experts_int8: more than 65536 inputs overflow int32 sums");

@@ -2,7 +2,6 @@
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from itertools import count, islice, repeat
 
 import torch
@@ -248,8 +247,8 @@ class Engine:
 
     def _plan(self, prompt_lens, max_new_tokens, fixed, computed_tokens=None):
         """(plan, prediction) from the planner, for this call's shape within this engine's KV cache."""
-        job = JobShape.from_lengths(prompt_lens, max_new_tokens, dtype_name(self.model.dtype), computed_tokens)
-        job = replace(job, experts_int8=self.config.experts_kernel == "int8")
+        job = JobShape.from_lengths(prompt_lens, max_new_tokens, dtype_name(self.model.dtype), computed_tokens,
+                                    experts_int8=self.config.experts_kernel == "int8")
         kv_bytes = self.max_blocks * self.blocks.block_size * kv_bytes_per_token(self.model, self.model.dtype)
         overrides = {**fixed, "kv_cache_bytes": kv_bytes, "block_size": self.blocks.block_size}
         if self.device_budget_bytes is not None:    # plan in this engine's device budget, as it is laid out

@@ -98,6 +98,10 @@ class WeightSetup:
 
     def make_streamer(self, layout: HostLayout | None) -> WeightStreamer:
         cfg, weights = self.config, self.model.weights
+        if cfg.experts_kernel == "int8" and self.to_device():
+            raise InputError("experts_kernel=int8 runs the experts on the CPU, over weights held in host memory; "
+                             f"not with weights streamed to {'the GPU' if self.device.type == 'cuda' else 'a device'} "
+                             "(streaming=staged)")
         checkpoint = self.model.checkpoint
         if layout is not None and layout.disk and self.to_device():
             return self.disk_to_device_streamer(layout)
@@ -124,10 +128,10 @@ class WeightSetup:
         if checkpoint is not None:            # opened lazily (from_pretrained): read what is not yet
             checkpoint.load([n for n, w in weights.items() if is_skeleton(w)])
         streams = self.device.type == "cuda" or cfg.streaming == "staged"
-        if streams and (any(t.is_mkldnn for t in weights.values()) or self.fused_layers()):
+        if streams and (any(t.is_mkldnn for t in weights.values()) or self.packed_layers()):
             raise InputError("this model's weights were packed for CPU GEMMs by another Engine (prepack, or the "
-                             "fused experts kernel); load the model again for a streaming engine, or build the "
-                             "first with prepack=False, experts_kernel='torch'")
+                             "fused experts kernel, exact or int8); load the model again for a streaming engine, or "
+                             "build the first with prepack=False, experts_kernel='torch'")
         if streams:
             from moegen.loader import MappedPages
             backend = CudaBackend(self.device) if self.device.type == "cuda" else StagedBackend()
@@ -208,7 +212,7 @@ class WeightSetup:
     def moe_layers(self):
         return [layer.ffn for layer in self.model.layers if layer.is_moe]
 
-    def fused_layers(self, kind: str | None = None):
+    def packed_layers(self, kind: str | None = None):
         """The MoE layers whose experts are packed for a native kernel: `kind` ("fused" or "int8"),
         or either."""
         return [moe for moe in self.moe_layers()
@@ -222,7 +226,7 @@ class WeightSetup:
         from moegen.ops.experts import auto_isa, chosen_isa
         wanted = self.config.experts_kernel
         if wanted == "int8":
-            # streamed experts are packed as they are read, into the exact kernel's bf16 tiles
+            # the disk tier's reader packs streamed experts into the exact kernel's bf16 tiles only
             if strict:
                 raise InputError("experts_kernel=int8 with the disk tier: streamed experts run in the exact "
                                  "kernel only; use experts_kernel auto or fused, or a host_memory that holds the model")
@@ -242,14 +246,14 @@ class WeightSetup:
         from moegen.ops.experts import auto_isa, chosen_isa
         wanted = self.config.experts_kernel
         kind = "int8" if wanted == "int8" else "fused"
-        other = self.fused_layers("fused" if kind == "int8" else "int8")
+        other = self.packed_layers("fused" if kind == "int8" else "int8")
         if wanted == "torch" or other:
-            if self.fused_layers():
+            if self.packed_layers():
                 packed_for = "int8" if other and wanted != "int8" else "fused"
                 raise InputError(f"this model's experts were packed for the {packed_for} experts kernel by another "
                                  f"Engine; load the model again for experts_kernel={wanted}")
             return
-        done = {moe.prefix for moe in self.fused_layers(kind)}
+        done = {moe.prefix for moe in self.packed_layers(kind)}
         todo = [moe for moe in self.moe_layers() if moe.prefix not in done]
         if wanted == "int8":
             self.pack_int8(weights, todo)
@@ -275,12 +279,11 @@ class WeightSetup:
         (moegen.ops.experts.moe_experts_int8); an error where it cannot run."""
         from moegen.ops.experts import int8_isa
         isa = int8_isa()
-        if isa is None or self.to_device():
-            raise InputError("experts_kernel=int8: " + ("the native kernels are unavailable" if isa is None else
-                             "it runs on the CPU, not with weights streamed to a device"))
-        if not all(moe.can_fuse(weights, self.model.dtype) for moe in todo):
-            raise InputError(f"experts_kernel=int8: it runs SiLU experts in bfloat16 models (weights bf16, fp8 or "
-                             f"int8/int4 with groups of 32 inputs), not these ({self.model.dtype})")
+        if isa is None:
+            raise InputError("experts_kernel=int8: the native kernels are unavailable")
+        if not all(moe.can_pack_int8(weights, self.model.dtype) for moe in todo):
+            raise InputError(f"experts_kernel=int8: it runs SiLU experts of bfloat16 models (weights bf16 or "
+                             f"quantized, in host memory), not these ({self.model.dtype})")
         if isa == "generic":
             log.warning("experts_kernel=int8 without AVX-512 VNNI: the portable int8 kernel is correct but slow")
         from moegen.loader import MappedPages

@@ -144,14 +144,28 @@ class SparseMoE:
                 if release is not None:
                     release(t)
 
+    def can_pack_int8(self, weights: dict, dtype: torch.dtype) -> bool:
+        """Whether this layer's experts can run in the int8 kernel (experts_kernel=int8): SiLU experts
+        of a bfloat16 model, each weight a plain bf16 CPU tensor or a quantized one (dequantized to
+        bf16 first, whatever its layout)."""
+        def fits(t) -> bool:
+            if is_quantized(t):
+                return t.device.type == "cpu"
+            return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type == "cpu" \
+                and not t.is_mkldnn
+        return self.act == "silu" and dtype == torch.bfloat16 and all(
+            fits(weights.get(n)) for n in self.expert_weight_names())
+
     def pack_int8(self, weights: dict, release=None) -> None:
         """Replace this layer's per-expert weights in `weights` (in place) by the int8 kernel's packed
         pair (experts_kernel=int8, lossy): each expert's weights as the exact path sees them (bf16,
         or a quantized checkpoint's dequantized to bf16) re-quantized per output column."""
         keys = [self.expert_key(e) for e in range(self.n_experts)]
         plain = lambda t: dequantize(t, torch.bfloat16) if is_quantized(t) else t
-        gate_up, down = fused.pack_layer_int8([plain(weights[f"{k}.gate_up"]) for k in keys],
-                                              [plain(weights[f"{k}.down"]) for k in keys], self.intermediate)
+        # one expert's bf16 weights at a time (pack_layer_int8 reads them lazily)
+        gate_up, down = fused.pack_layer_int8(lambda e: (plain(weights[f"{keys[e]}.gate_up"]),
+                                                         plain(weights[f"{keys[e]}.down"])),
+                                              self.n_experts, self.hidden, self.intermediate)
         for name, parts in zip(self.int8_names(), (gate_up, down)):
             weights.update((name + suffix, part) for suffix, part in zip(INT8_PARTS, parts))
         for name in self.expert_weight_names():

@@ -197,6 +197,7 @@ def packed_format(gate_up: list[torch.Tensor], experts: int, hidden: int, interm
 # ---- experts_kernel=int8: csrc/experts_int8.cpp -------------------------------------------------
 INT8_ISA_CODES = {"generic": 0, "avx512-vnni": 1}
 INT8_TILE_K = 64                  # inputs per int8 tile (16 groups of 4)
+INT8_ZERO_CODE = 128              # the byte an activation of 0 is stored as (csrc/experts_int8.cpp kZeroCode)
 
 
 @lru_cache(maxsize=4)
@@ -233,33 +234,37 @@ def quantize_columns(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pack_int8(weight: torch.Tensor) -> list[torch.Tensor]:
     """A weight [N, K] (bf16 or float) for csrc/experts_int8.cpp: [codes, scales, offsets] with codes
     [Np/16, Kp/64, 16 groups, 16 n, 4] int8 (both sides padded to multiples of 64 with zeros), scales
-    [Np] float32 and offsets [Np] int32 = 128 * the column's code sum (the kernel stores activations
-    as unsigned bytes, code + 128)."""
+    [Np] float32 and offsets [Np] int32 = INT8_ZERO_CODE * the column's code sum (the kernel stores
+    activations as unsigned bytes, code + INT8_ZERO_CODE)."""
     n, k = weight.shape
     np_, kp = _round_up(n, INT8_TILE_K), _round_up(k, INT8_TILE_K)
     q, scales = quantize_columns(weight)
     q = F.pad(q, (0, kp - k, 0, np_ - n))
     codes = q.view(np_ // TILE_N, TILE_N, kp // INT8_TILE_K, INT8_TILE_K // 4, 4).permute(0, 2, 3, 1, 4)
-    offsets = 128 * q.sum(dim=1, dtype=torch.int32)
+    offsets = INT8_ZERO_CODE * q.sum(dim=1, dtype=torch.int32)
     return [codes.contiguous(), F.pad(scales, (0, np_ - n)), offsets.to(torch.int32)]
 
 
-def pack_layer_int8(gate_ups: list[torch.Tensor], downs: list[torch.Tensor], intermediate: int
+def pack_layer_int8(expert, experts: int, hidden: int, intermediate: int
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One layer's experts for `moe_experts_int8` from each expert's gate_up [2I, H] (gate rows
-    first) and down [H, I] (bf16 or float): gate_up [codes [E, 2 Ip/16, ...], scales [E, 2 Ip],
-    offsets] with the gate's Ip columns (I padded to 64) before the up's, and down's likewise."""
-    def stacked(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-        out = [_empty((len(parts), *p.shape), p.dtype) for p in parts[0]]
-        for e, ps in enumerate(parts):
-            for o, p in zip(out, ps):
-                o[e] = p
-        return out
+    """One layer's experts for `moe_experts_int8`; expert(e) gives expert e's gate_up [2I, H] (gate
+    rows first) and down [H, I] (bf16 or float), asked for one expert at a time (a quantized
+    checkpoint's are dequantized only then). gate_up: [codes [E, 2 Ip/16, ...], scales [E, 2 Ip],
+    offsets [E, 2 Ip]], the gate's Ip columns (I padded to 64) before the up's; down likewise."""
+    ip, hp = _round_up(intermediate, INT8_TILE_K), _round_up(hidden, INT8_TILE_K)
 
-    def gate_up_parts(gu: torch.Tensor) -> list[torch.Tensor]:
-        gate, up = pack_int8(gu[:intermediate]), pack_int8(gu[intermediate:])
-        return [torch.cat([g, u]) for g, u in zip(gate, up)]
-    return stacked([gate_up_parts(gu) for gu in gate_ups]), stacked([pack_int8(d) for d in downs])
+    def room(n: int, k: int) -> list[torch.Tensor]:
+        return [_empty((experts, n // TILE_N, k // INT8_TILE_K, INT8_TILE_K // 4, TILE_N, 4), torch.int8),
+                _empty((experts, n), torch.float32), _empty((experts, n), torch.int32)]
+    gate_up, down = room(2 * ip, hp), room(hp, ip)
+    for e in range(experts):
+        gu, d = expert(e)
+        for half, rows in enumerate((gu[:intermediate], gu[intermediate:])):
+            for out, part in zip(gate_up, pack_int8(rows)):
+                out[e, half * len(part):(half + 1) * len(part)] = part
+        for out, part in zip(down, pack_int8(d)):
+            out[e] = part
+    return gate_up, down
 
 
 def moe_experts_int8(x: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor, counts: list[int],

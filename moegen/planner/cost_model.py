@@ -109,14 +109,15 @@ class JobShape:
 
     @classmethod
     def from_lengths(cls, prompt_lens: list[int], gen_len: int, dtype: str,
-                     computed_tokens: int | None = None) -> "JobShape":
+                     computed_tokens: int | None = None, experts_int8: bool = False) -> "JobShape":
         """One call's ragged prompts as equal ones of their mean length (the model's assumption);
-        computed_tokens: of all their tokens, those prefill computes (None = all)."""
+        computed_tokens: of all their tokens, those prefill computes (None = all); experts_int8: the
+        engine multiplies its experts in int8 (experts_kernel=int8)."""
         mean = max(1, round(sum(prompt_lens) / len(prompt_lens)))
         computed = None
         if computed_tokens is not None and computed_tokens < sum(prompt_lens):
             computed = min(mean, max(1, round(computed_tokens / len(prompt_lens))))
-        return cls(mean, gen_len, len(prompt_lens), dtype, computed)
+        return cls(mean, gen_len, len(prompt_lens), dtype, computed, experts_int8)
 
     @property
     def prefill_len(self) -> int:
@@ -283,17 +284,17 @@ def _attention_cost(spec: ModelSpec, hw: Hardware, wl: JobShape, shape: _PassSha
 
 
 def _fused_experts_cost(spec: ModelSpec, hw: Hardware, wl: JobShape, distinct: float, rows: float, rate: float,
-                       terms: dict) -> _Experts:
+                       terms: dict, int8: bool = False) -> _Experts:
     """The layer's routed experts through moegen.ops.experts: FLOPs at the kernel's rate for this
     many rows per expert (weight reads included in that measurement), one dispatch; quantized
     experts at their format's measured rate (dequantization inside), or without one at bf16's plus
-    each expert's dequantization at the measured rate; experts multiplied in int8 (wl.experts_int8:
-    weights re-quantized at load, a byte each) at that kernel's rate."""
+    each expert's dequantization at the measured rate; `int8`: experts multiplied in int8 (weights
+    re-quantized at load, a byte each) at that kernel's measured rate."""
     compute_s = distinct * 6.0 * rows * spec.hidden_size * spec.expert_intermediate / rate
-    expert_bytes = spec.expert_params() if wl.experts_int8 else spec.expert_bytes(wl.dtype_bytes)
+    expert_bytes = spec.expert_params() if int8 else spec.expert_bytes(wl.dtype_bytes)
     memory_s = distinct * expert_bytes / (hw.weight_read_gbps * GB)
     measured = hw.fused_experts_shapes.get(spec.weight_format) if spec.weight_format else None
-    dequant_s = 0.0 if measured or wl.experts_int8 or not spec.weight_format else \
+    dequant_s = 0.0 if measured or int8 or not spec.weight_format else \
         hw.dequant_s(spec.weight_format, distinct * spec.expert_params())
     layer_s = max(compute_s, memory_s) + dequant_s + hw.op_overhead_s
     terms["compute" if compute_s >= memory_s else "memory"] += max(compute_s, memory_s)
@@ -313,14 +314,14 @@ def _experts_cost(spec: ModelSpec, hw: Hardware, plan, wl: JobShape, tokens: int
     rows = tokens * k / distinct if distinct else 0.0
     streams = resident.experts[layer] < E      # some experts of this layer are read each pass
     fused_rate = None
-    # the engine's kernel runs bf16 models, over experts packed at load (not the disk tier's streamed ones)
+    # the engine's kernels run bf16 models, over experts packed at load (not the disk tier's streamed
+    # ones); the int8 one priced only where the probe measured it (else as the exact kernel)
+    int8 = wl.experts_int8 and INT8_COMPUTE in hw.fused_experts_shapes
     if hw.device != "cuda" and wl.dtype == "bfloat16" and not streams:
         curve = spec.weight_format if spec.weight_format in hw.fused_experts_shapes else "bfloat16"
-        if wl.experts_int8 and INT8_COMPUTE in hw.fused_experts_shapes:
-            curve = INT8_COMPUTE
-        fused_rate = hw.fused_experts_rate(curve, rows, H, I)
+        fused_rate = hw.fused_experts_rate(INT8_COMPUTE if int8 else curve, rows, H, I)
     if fused_rate and distinct:     # the engine's fused kernel: one call per layer, its measured rate
-        return _fused_experts_cost(spec, hw, wl, distinct, rows, fused_rate, terms)
+        return _fused_experts_cost(spec, hw, wl, distinct, rows, fused_rate, terms, int8=int8)
     chunks = max(1, math.ceil(rows / plan.expert_chunk)) if plan.expert_chunk else 1
     per_rows = rows / chunks
     ebytes = spec.expert_bytes(wl.dtype_bytes)

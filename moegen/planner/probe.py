@@ -51,10 +51,13 @@ def _cpu_isa() -> dict:
     listed yet unusable (the kernel then takes AVX-512 BF16), so figures name the latter."""
     flags = cpu.flags()
     from moegen.ops.experts import available_isas, int8_isa
-    try:
-        isas, int8 = available_isas(), int8_isa()
-    except Exception:       # noqa: BLE001 - a machine report never fails on this
-        isas, int8 = [], None
+
+    def asked(fn, none):
+        try:
+            return fn()
+        except Exception:       # noqa: BLE001 - a machine report never fails on this
+            return none
+    isas, int8 = asked(available_isas, []), asked(int8_isa, None)
     return {"listed": sorted(flags & {"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f",
                                       "avx2"}),
             "experts_kernel": isas[0] if isas else None, "experts_int8_kernel": int8}
@@ -227,7 +230,7 @@ def format_probe(result: dict) -> str:
     for r in experts.get("shapes", ()):
         table.add_row(f"fused experts {r.get('format', 'bfloat16')} {r['rows_per_expert']} rows/expert, "
                       f"{r['experts']} x [{r['hidden']}, {r['intermediate']}]", _si(r["flops_per_s"], "FLOP/s"),
-                      experts.get("isa") or "")
+                      r.get("isa") or experts.get("isa") or "")
     if "elementwise_gbps" in result:
         table.add_row("CPU elementwise pass", f"{result['elementwise_gbps']:.1f} GB/s", "SwiGLU activation, read + write")
     if "disk_read" in result:

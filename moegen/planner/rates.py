@@ -8,16 +8,20 @@ read plus the bytes written (STREAM's convention).
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import time
 from typing import Callable
 
 import torch
 
+from moegen.errors import ConfigError
 from moegen.layers.linear import linear, pack_weight, packing_supported
 from moegen.layers.quantized import (DEQUANT_CHUNK_BYTES, DEVICE_DEQUANT_CHUNK_BYTES, SCRATCH, map_tensors,
                                      quantize_fp8, quantize_int)
 from moegen.planner.hardware import INT8_COMPUTE
+
+log = logging.getLogger("moegen")
 
 GEMM_DTYPES = ("float32", "bfloat16", "float16")
 # (tokens, in_features, out_features): an expert's up/gate GEMM at small (Qwen/OLMoE-sized,
@@ -315,21 +319,24 @@ def measure_fused_experts(quick: bool) -> dict:
     """FLOP/s of one MoE layer's routed experts through moegen.ops.experts (what the engine runs for
     bf16 and quantized experts on the CPU by default), by weight format and rows per expert, and of
     the int8 kernel (experts_kernel=int8; format INT8_COMPUTE) where it has its VNNI path;
-    {"isa": None} where the engine does not take it by default (`auto_isa()` is None)."""
+    {"isa": None} and no exact rows where the engine does not take it by default (`auto_isa()` is None)."""
     from moegen.ops import experts as fused
     isa = fused.auto_isa()
-    if isa is None:
-        return {"isa": None, "shapes": []}
+    try:
+        int8_isa = fused.int8_isa()
+    except ConfigError as e:        # a bad MOEGEN_EXPERTS_INT8_ISA: the rest is still measured
+        log.warning("the int8 experts kernel is not measured: %s", e)
+        int8_isa = None
+    # the int8 kernel (opt-in) where its VNNI path runs, whatever the exact kernel's default
+    int8 = [(INT8_COMPUTE, shape) for shape in FUSED_EXPERTS_SHAPES[quick]] if int8_isa == "avx512-vnni" else []
+    exact = [] if isa is None else [("bfloat16", shape) for shape in FUSED_EXPERTS_SHAPES[quick]] + \
+        [(fmt, shape) for fmt in ("fp8", "int8", "int4") for shape in FUSED_QUANTIZED_SHAPES[quick]]
     rows = []
     g = torch.Generator().manual_seed(0)
-    int8 = [INT8_COMPUTE] if fused.int8_isa() == "avx512-vnni" else []
-    cases = [("bfloat16", shape) for shape in FUSED_EXPERTS_SHAPES[quick]] + \
-        [(fmt, shape) for fmt in ("fp8", "int8", "int4") for shape in FUSED_QUANTIZED_SHAPES[quick]] + \
-        [(fmt, shape) for fmt in int8 for shape in FUSED_EXPERTS_SHAPES[quick]]
-    for fmt, (per_expert, hidden, inter, experts, top_k) in cases:
+    for fmt, (per_expert, hidden, inter, experts, top_k) in exact + int8:
         if fmt == INT8_COMPUTE:
-            layer = _fused_layer("bfloat16", hidden, inter, experts, g, pack=False)
-            gate_up, down = fused.pack_layer_int8(*layer, inter)
+            gate_ups, downs = _fused_layer("bfloat16", hidden, inter, experts, g, pack=False)
+            gate_up, down = fused.pack_layer_int8(lambda e: (gate_ups[e], downs[e]), experts, hidden, inter)
             kernel = fused.moe_experts_int8
         else:
             gate_up, down = _fused_layer(fmt, hidden, inter, experts, g)
@@ -346,6 +353,7 @@ def measure_fused_experts(quick: bool) -> dict:
             kernel(x, order // top_k, w, counts, gate_up, down, inter, top_k)
         seconds = best_time_s(run, lambda: None, min_total_s=0.05 if quick else 0.2)
         flops = 6.0 * tokens * top_k * hidden * inter
-        rows.append({"format": fmt, "rows_per_expert": per_expert, "hidden": hidden, "intermediate": inter,
-                     "experts": experts, "top_k": top_k, "seconds": seconds, "flops_per_s": flops / seconds})
+        rows.append({"format": fmt, "isa": int8_isa if fmt == INT8_COMPUTE else isa, "rows_per_expert": per_expert,
+                     "hidden": hidden, "intermediate": inter, "experts": experts, "top_k": top_k,
+                     "seconds": seconds, "flops_per_s": flops / seconds})
     return {"isa": isa, "shapes": rows}

@@ -10,6 +10,7 @@ from moegen.checkpoints.quantize import quantize_checkpoint
 from moegen.errors import ConfigError, InputError
 from moegen.layers.moe import Dispatch
 from moegen.loader import load_model
+from moegen.ops import cpu
 from moegen.ops import experts as fused
 from moegen.ops.build import native_ops
 from tests.engine.test_disk_tier import SMALL, disk_budget
@@ -53,7 +54,7 @@ def int8_reference(x, d: Dispatch, gate_ups, downs):
 def run(isa, monkeypatch, x, d, gate_ups, downs):
     monkeypatch.setenv("MOEGEN_EXPERTS_INT8_ISA", isa)
     inter = downs[0].shape[1]
-    gate_up, down = fused.pack_layer_int8(gate_ups, downs, inter)
+    gate_up, down = fused.pack_layer_int8(lambda e: (gate_ups[e], downs[e]), len(downs), downs[0].shape[0], inter)
     return fused.moe_experts_int8(x, d.token_idx, d.weights, d.counts, gate_up, down, inter, d.top_k)
 
 
@@ -68,7 +69,8 @@ def run(isa, monkeypatch, x, d, gate_ups, downs):
     (64, 32, 4, 2, 0, None),             # no tokens at all
     (64, 32, 8, 1, 30, None),            # top-1
     (64, 32, 16, 8, 50, None),           # fine-grained: top-8 of 16
-    (128, 1100, 2, 1, 300, None),        # wide experts: h of a chunk fills the 1 MiB budget
+    (128, 1100, 2, 1, 300, None),        # wide experts, not a multiple of 64
+    (64, 4096, 2, 1, 400, None),         # ~200 rows an expert, h over 1 MiB: row chunks of 64
 ])
 def test_kernel_matches_the_int8_reference_and_stays_near_the_exact_path(monkeypatch, isa, hidden, inter, experts,
                                                                            k, tokens, only):
@@ -94,7 +96,9 @@ def test_kernel_matches_the_int8_reference_and_stays_near_the_exact_path(monkeyp
 @needs_native
 def test_isas_agree_bit_for_bit(monkeypatch):
     """The VNNI micro-kernel and the portable one do the same integer arithmetic and share every
-    float step: identical outputs."""
+    float step: identical outputs. A CPU that lists AVX-512 VNNI (with BW and VL) has the VNNI path."""
+    if {"avx512_vnni", "avx512bw", "avx512vl"} <= cpu.flags():
+        assert INT8_ISAS[0] == "avx512-vnni"
     if len(INT8_ISAS) < 2:
         pytest.skip(f"one int8 ISA on this CPU/build ({INT8_ISAS}): nothing to compare")
     gate_ups, downs = random_layer(200, 150, 6, seed=3)
@@ -170,6 +174,9 @@ def test_int8_where_it_cannot_run_or_over_another_packing_is_a_clear_error(tiny_
     for other in ("torch", "fused"):
         with pytest.raises(InputError, match="packed for the int8 experts kernel"):
             Engine(model, None, EngineConfig(kv_cache_bytes=8 << 20, experts_kernel=other, prepack=False))
+    with pytest.raises(InputError, match="experts_kernel=int8 runs the experts on the CPU"):
+        Engine.from_pretrained(tiny_fixture("mixtral"), dtype="bfloat16", kv_cache_memory=8 << 20,
+                               experts_kernel="int8", streaming="staged")
     path = tiny_fixture("mixtral")
     budget = disk_budget(path, "bfloat16", resident_share=0.1, experts_kernel="int8")
     with pytest.raises(InputError, match="experts_kernel=int8 with the disk tier"):

@@ -338,3 +338,9 @@ def test_experts_multiplied_in_int8_cost_their_kernels_measured_rate():
         saved = base.terms_s[phase]["compute"] - fast.terms_s[phase]["compute"]
         assert saved > 0.2 * base.terms_s[phase]["compute"]          # half the experts' share
     assert fast.e2e_tokens_per_s > 1.2 * base.e2e_tokens_per_s
+    # few sequences (a few rows an expert): without the int8 curve every term is the exact engine's
+    # (neither its rate nor its byte a weight assumed); with it, decode is cheaper
+    small = Plan(device="cpu", max_batch=2, attn_micro_batch=2, max_prefill_tokens=4096, expert_chunk=0)
+    few, few_int8 = JobShape(128, 64, 2), JobShape(128, 64, 2, experts_int8=True)
+    assert predict(spec, only_bf16, small, few_int8).terms_s == predict(spec, only_bf16, small, few).terms_s
+    assert predict(spec, hw, small, few_int8).decode_s < predict(spec, hw, small, few).decode_s
