@@ -68,6 +68,11 @@ class Dispatch:
         return out
 
 
+def _plain_bf16_on_cpu(t) -> bool:
+    """A bf16 CPU tensor as loaded (not oneDNN-packed): what the experts kernels pack."""
+    return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type == "cpu" and not t.is_mkldnn
+
+
 @dataclass
 class SparseMoE:
     prefix: str                 # "model.layers.N.mlp" or "...block_sparse_moe"
@@ -119,10 +124,7 @@ class SparseMoE:
         """Whether this layer's experts can run in the fused kernel: SiLU experts in a bfloat16
         model whose weights are plain bf16 CPU tensors or quantized ones whose scales fit its tiles."""
         def fits(t) -> bool:
-            if is_quantized(t):
-                return fits_tiles(t)
-            return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type == "cpu" \
-                and not t.is_mkldnn
+            return fits_tiles(t) if is_quantized(t) else _plain_bf16_on_cpu(t)
         names = self.expert_weight_names()
         # the kernel takes one format per layer: a checkpoint may quantize some projections and not
         # others (e.g. GPTQ groups that do not divide a projection's inputs leave it in bf16)
@@ -137,22 +139,14 @@ class SparseMoE:
         as_tiles = lambda t: tile_codes(t) if is_quantized(t) else t
         gate_up, down = fused.pack_layer([as_tiles(weights[f"{k}.gate_up"]) for k in keys],
                                          [as_tiles(weights[f"{k}.down"]) for k in keys], self.intermediate)
-        for name, parts in zip(self.fused_names(), (gate_up, down)):
-            weights.update((name + suffix, part) for suffix, part in zip(PACKED_PARTS, parts))
-        for name in self.expert_weight_names():
-            for t in tensors_of(weights.pop(name)):
-                if release is not None:
-                    release(t)
+        self._replace_experts(weights, self.fused_names(), PACKED_PARTS, (gate_up, down), release)
 
     def can_pack_int8(self, weights: dict, dtype: torch.dtype) -> bool:
         """Whether this layer's experts can run in the int8 kernel (experts_kernel=int8): SiLU experts
         of a bfloat16 model, each weight a plain bf16 CPU tensor or a quantized one (dequantized to
         bf16 first, whatever its layout)."""
         def fits(t) -> bool:
-            if is_quantized(t):
-                return t.device.type == "cpu"
-            return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type == "cpu" \
-                and not t.is_mkldnn
+            return t.device.type == "cpu" if is_quantized(t) else _plain_bf16_on_cpu(t)
         return self.act == "silu" and dtype == torch.bfloat16 and all(
             fits(weights.get(n)) for n in self.expert_weight_names())
 
@@ -166,8 +160,14 @@ class SparseMoE:
         gate_up, down = fused.pack_layer_int8(lambda e: (plain(weights[f"{keys[e]}.gate_up"]),
                                                          plain(weights[f"{keys[e]}.down"])),
                                               self.n_experts, self.hidden, self.intermediate)
-        for name, parts in zip(self.int8_names(), (gate_up, down)):
-            weights.update((name + suffix, part) for suffix, part in zip(INT8_PARTS, parts))
+        self._replace_experts(weights, self.int8_names(), INT8_PARTS, (gate_up, down), release)
+
+    def _replace_experts(self, weights: dict, names: tuple[str, str], suffixes: tuple[str, ...], packed: tuple,
+                         release) -> None:
+        """The packed (gate_up, down) parts stored under `names` (each part under its suffix), the
+        per-expert weights dropped, `release(tensor)` called on each."""
+        for name, parts in zip(names, packed):
+            weights.update((name + suffix, part) for suffix, part in zip(suffixes, parts))
         for name in self.expert_weight_names():
             for t in tensors_of(weights.pop(name)):
                 if release is not None:
