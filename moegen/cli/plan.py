@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moegen.engine.memory import host_memory_bytes, parse_bytes
-from moegen.engine.options import ENGINE_OPTIONS, FIELD_OF, add_arguments
+from moegen.engine.options import ENGINE_OPTIONS, FIELD_OF, add_arguments, config_of
 from moegen.errors import InputError
 from moegen.planner.cost_model import TERMS, JobShape, Prediction
 from moegen.planner.hardware import Hardware
@@ -98,6 +98,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    "device_mem_bw_gbps, host_mem_bw_gbps, cpu_attention_gbps, device_memory, host_memory, ...")
     fix = p.add_argument_group("fix a choice instead of searching it")
     add_arguments(fix, [opt for opt in ENGINE_OPTIONS if opt.name in SEARCHED])
+    # the engine's own option: int8 is priced at the int8 experts kernel's measured rate
+    add_arguments(p, [opt for opt in ENGINE_OPTIONS if opt.name == "experts_kernel"])
     p.add_argument("--json", help="also write hardware, plan and prediction as JSON here")
     p.set_defaults(func=cmd_plan)
     return p
@@ -112,7 +114,8 @@ def cmd_plan(args) -> None:
         except InputError:        # files too small to measure with: plans keep every weight in memory
             pass
     spec = ModelSpec.from_config(args.model)
-    job = JobShape(args.prompt_len, args.gen_len, args.num_seqs, args.dtype)
+    kernel = config_of({"experts_kernel": args.experts_kernel or "auto"}).experts_kernel   # checked
+    job = JobShape(args.prompt_len, args.gen_len, args.num_seqs, args.dtype, experts_int8=kernel == "int8")
     overrides = {name: getattr(args, name) for name in SEARCHED}
     if args.device:
         overrides["device"] = args.device

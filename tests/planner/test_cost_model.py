@@ -302,6 +302,36 @@ def test_plan_cli_explicit_hardware(capsys, tmp_path):
     assert saved["plan"]["max_batch"] == saved["engine_options"]["max_batch"] > 1
 
 
+def test_plan_cli_prices_int8_experts_at_their_curve(capsys, tmp_path):
+    """`moegen plan --experts-kernel int8` predicts with the probe's int8 curve (faster than the
+    exact kernel's where it was measured faster); an unknown kernel is an InputError."""
+    from moegen.planner.hardware import INT8_COMPUTE
+    rows = [{"format": fmt, "rows_per_expert": r, "hidden": 1024, "intermediate": 448, "flops_per_s": rate}
+            for fmt, rate in (("bfloat16", 4e11), (INT8_COMPUTE, 8e11)) for r in (64, 512)]
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"schema": 8, "device": "cpu", "gemm_best_flops_per_s": {"bfloat16": 4e11},
+                                 "host_mem_bw_gbps": 40, "cpu_attention": {"kv_gbps": 20},
+                                 "host_memory_bytes": 64 << 30, "fused_experts": {"isa": "amx", "shapes": rows}}))
+    rates = {}
+    for kernel in ("auto", "int8"):
+        out = tmp_path / f"{kernel}.json"
+        _plan_cli(["--model", str(fixture_dir_config("qwen3_moe", tmp_path)), "--probe-json", str(probe),
+                   "--prompt-len", "128", "--gen-len", "64", "--num-seqs", "512", "--experts-kernel", kernel,
+                   "--json", str(out)])
+        rates[kernel] = json.loads(out.read_text())["prediction"]["e2e_tokens_per_s"]
+    assert rates["int8"] > 1.2 * rates["auto"]
+    with pytest.raises(InputError, match="experts_kernel"):
+        _plan_cli(["--model", str(fixture_dir_config("qwen3_moe", tmp_path)), "--probe-json", str(probe),
+                   "--experts-kernel", "int4"])
+
+
+def fixture_dir_config(arch: str, tmp_path):
+    """The bench preset's config.json of `arch`, written for `moegen plan --model`."""
+    path = tmp_path / f"{arch}-config.json"
+    path.write_text(json.dumps(fixture_config(arch, "bench").to_dict()))
+    return path
+
+
 def test_plan_cli_probe_json_and_errors(capsys, tmp_path):
     probe_file = tmp_path / "probe.json"
     probe_file.write_text(json.dumps(CPU_PROBE))
