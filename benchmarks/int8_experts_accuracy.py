@@ -5,14 +5,15 @@ agreement of the exact engine and the int8 one over the same checkpoint.
 
 --model: a bf16-runnable MoE checkpoint with trained weights (`moegen fixture --preset smollm2`
 upcycles SmolLM2-135M's). Each of the first --rows GSM8K test rows' question + "\\n" + answer is
-one sequence, scored from its second token on (Engine.loglikelihood); perplexity = exp(total NLL /
-scored tokens). Greedy: each question continued --gen tokens by both engines; reported are the
-share of sequences identical throughout and the mean number of leading tokens that agree.
+one sequence, scored from its second token on: upcycle_perplexity.py's perplexity. Greedy: each
+question continued --gen tokens by both engines; reported are the share of sequences identical
+throughout and the mean number of leading tokens that agree.
 """
 import argparse
 import json
-import math
 from pathlib import Path
+
+from upcycle_perplexity import engine_perplexity     # this folder's: the same perplexity, the same rows
 
 from moegen.engine import Engine, SamplingParams
 from moegen.tokenizer import load_tokenizer
@@ -30,15 +31,13 @@ def main() -> None:
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()[:args.rows]]
     tok = load_tokenizer(args.model)
     questions = [tok.encode(r["question"] + "\n") for r in rows]
-    requests = [(q[:1], q[1:] + tok.encode(r["answer"], add_bos=False)) for q, r in zip(questions, rows)]
-    scored = sum(len(c) for _, c in requests)
+    seqs = [tok.encode(r["question"] + "\n" + r["answer"]) for r in rows]
     params = SamplingParams(max_new_tokens=args.gen, ignore_eos=True)
     result = {}
     for kernel in ("fused", "int8"):
         engine = Engine.from_pretrained(args.model, dtype="bfloat16", experts_kernel=kernel)
-        nll = -sum(lp for lp, _ in engine.loglikelihood(requests))
         tokens = [c.token_ids for c in engine.generate(questions, params)]
-        result[kernel] = {"perplexity": math.exp(nll / scored), "tokens": tokens}
+        result[kernel] = {"perplexity": engine_perplexity(engine, seqs), "tokens": tokens}
         del engine
     exact, int8 = result["fused"]["tokens"], result["int8"]["tokens"]
 
@@ -48,7 +47,7 @@ def main() -> None:
             n += 1
         return n
     print(json.dumps({
-        "model": args.model, "rows": len(rows), "scored_tokens": scored,
+        "model": args.model, "rows": len(rows), "scored_tokens": sum(len(s) - 1 for s in seqs),
         "perplexity_exact": round(result["fused"]["perplexity"], 4),
         "perplexity_int8": round(result["int8"]["perplexity"], 4),
         "greedy_identical": sum(a == b for a, b in zip(exact, int8)) / len(exact),

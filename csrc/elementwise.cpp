@@ -74,11 +74,7 @@ void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
 template <typename T>
 void silu_mul_row(const T* gate, const T* up, T* out, int64_t n) {
   const T* in[2] = {gate, up};
-  const Reg one = Simd::set1(1.0f);
-  map_lanes<T, 2>(n, in, out, [&](Reg* a) {
-    const Reg s = Simd::div(a[0], Simd::add(one, Simd::exp(Simd::sub(Simd::zero(), a[0]))));
-    return Simd::mul(Simd::round_to<T>(s), a[1]);
-  });
+  map_lanes<T, 2>(n, in, out, [&](Reg* a) { return Simd::mul(Simd::round_to<T>(moegen_simd::silu(a[0])), a[1]); });
 }
 
 // ---- rotate-half RoPE: out = round(round(x * cos) + round(rotate_half(x) * sin)) ---------------

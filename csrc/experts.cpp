@@ -550,11 +550,9 @@ void pass(int64_t isa, const bf16* A, int64_t lda, int64_t kbs, int64_t rows, in
 inline void silu_mul_tile(const float* gate, const float* up, bf16* out) {
   using moegen_simd::Reg;
   using moegen_simd::Simd;
-  const Reg one = Simd::set1(1.0f);
   for (int n = 0; n < kTileN; n += moegen_simd::W) {
     const Reg g = Simd::round_to<bf16>(Simd::load(gate + n)), u = Simd::round_to<bf16>(Simd::load(up + n));
-    const Reg s = Simd::div(g, Simd::add(one, Simd::exp(Simd::sub(Simd::zero(), g))));
-    Simd::store(out + n, Simd::mul(Simd::round_to<bf16>(s), u));
+    Simd::store(out + n, Simd::mul(Simd::round_to<bf16>(moegen_simd::silu(g)), u));
   }
 }
 
@@ -872,11 +870,7 @@ bf16* workspace(at::Tensor& buffer, int64_t elements) {
   return buffer.data_ptr<bf16>();
 }
 
-void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "moe_experts: ", name, " must be on the CPU");
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "moe_experts: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.is_contiguous(), "moe_experts: ", name, " must be contiguous");
-}
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype) { check_tensor(t, name, dtype, "moe_experts"); }
 
 // One packed weight's tensors checked against the layer: [tiles] (bf16), or [codes, scales] (fp8) /
 // [codes, scales, zeros] (int8, int4), `tiles` tiles each.
@@ -925,27 +919,12 @@ Layer make_layer(const at::Tensor& x, int64_t inter, int64_t isa, int64_t fmt) {
   return L;
 }
 
-int64_t routed_rows(const at::Tensor& token_idx, const at::Tensor& weights, const std::vector<int64_t>& counts) {
-  check(token_idx, "token_idx", at::kLong);
-  check(weights, "weights", at::kFloat);
-  int64_t rows = 0;
-  for (int64_t c : counts) {
-    TORCH_CHECK_VALUE(c >= 0, "moe_experts: negative expert count");
-    rows += c;
-  }
-  TORCH_CHECK_VALUE(token_idx.numel() == rows && weights.numel() == rows,
-                    "moe_experts: token_idx and weights need one entry per routed row (", rows, ")");
-  return rows;
-}
 
 // Every busy expert's rows of x (token_idx: the token of each expert-ordered row), SwiGLU, times
 // the row's router weight: into the returned rows (stride L.out_ld, a thread-kept workspace).
 bf16* expert_rows(Layer& L, const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& weights,
                   const std::vector<int64_t>& counts, int64_t rows) {
   const int64_t* tok = token_idx.data_ptr<int64_t>();
-  const int64_t tokens = x.size(0);
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK_INDEX(tok[r] >= 0 && tok[r] < tokens, "moe_experts: token index ", tok[r], " out of range");
   const Rows xs{x.data_ptr<bf16>(), tok};
   const int threads = at::get_num_threads();
   const float* wp = weights.data_ptr<float>();
@@ -993,7 +972,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& token_idx, const a
     L.gate_up.push_back(expert_part(gu, fmt, e, 2 * tiles));
     L.down.push_back(expert_part(dn, fmt, e, tiles));
   }
-  const int64_t rows = routed_rows(token_idx, weights, counts), tokens = x.size(0);
+  const int64_t rows = checked_routing(x, token_idx, weights, counts, "moe_experts"), tokens = x.size(0);
   TORCH_CHECK_VALUE(top_k >= 1 && rows == tokens * top_k, "moe_experts: ", rows, " routed rows for ", tokens,
                     " tokens and top_k ", top_k);
   at::Tensor combined = at::empty({tokens, L.hidden}, x.options());
@@ -1024,7 +1003,7 @@ void moe_expert_rows(const at::Tensor& x, const at::Tensor& token_idx, const at:
     L.gate_up[e] = packed({*gu}, kBf16, 2 * tiles, "gate_up");
     L.down[e] = packed({*dn}, kBf16, tiles, "down");
   }
-  const int64_t rows = routed_rows(token_idx, weights, counts);
+  const int64_t rows = checked_routing(x, token_idx, weights, counts, "moe_expert_rows");
   check(out, "out", at::kBFloat16);
   TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == rows && out.size(1) == L.hidden,
                     "moe_expert_rows: out must be [", rows, ", ", L.hidden, "]");
@@ -1096,6 +1075,30 @@ std::vector<std::string> experts_isas() {
 }
 
 }  // namespace
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const char* op) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU");
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+int64_t checked_routing(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& weights,
+                        const std::vector<int64_t>& counts, const char* op) {
+  check_tensor(token_idx, "token_idx", at::kLong, op);
+  check_tensor(weights, "weights", at::kFloat, op);
+  int64_t rows = 0;
+  for (int64_t c : counts) {
+    TORCH_CHECK_VALUE(c >= 0, op, ": negative expert count");
+    rows += c;
+  }
+  TORCH_CHECK_VALUE(token_idx.numel() == rows && weights.numel() == rows, op,
+                    ": token_idx and weights need one entry per routed row (", rows, ")");
+  const int64_t* tok = token_idx.data_ptr<int64_t>();
+  const int64_t tokens = x.size(0);
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK_INDEX(tok[r] >= 0 && tok[r] < tokens, op, ": token index ", tok[r], " out of range");
+  return rows;
+}
 
 void combine_rows(const c10::BFloat16* weighted, int64_t ld, const int64_t* tok, int64_t tokens, int64_t k,
                   int64_t hidden, c10::BFloat16* out) {

@@ -249,7 +249,6 @@ void run_item(const Layer& L, const Item& it, const bf16* x, const int64_t* tok,
 
   float* h = grown(s.h, rows * L.ip);
   float* C = grown(s.c, kRowBlock * 2 * kTileN);
-  const Reg one = Simd::set1(1.0f);
   for (int64_t nb = 0; nb < L.ip / kTileN; ++nb) {
     const int64_t n0 = nb * kTileN, up0 = L.ip + n0;
     const Blocks b{{L.gate_up.block(it.expert, nb), L.gate_up.block(it.expert, L.ip / kTileN + nb)},
@@ -263,7 +262,7 @@ void run_item(const Layer& L, const Item& it, const bf16* x, const int64_t* tok,
         for (int j = 0; j < kTileN; j += W) {
           const Reg g = Simd::mul(a, Simd::load(C + r * 2 * kTileN + j));
           const Reg u = Simd::mul(a, Simd::load(C + r * 2 * kTileN + kTileN + j));
-          const Reg v = Simd::mul(Simd::div(g, Simd::add(one, Simd::exp(Simd::sub(Simd::zero(), g)))), u);
+          const Reg v = Simd::mul(moegen_simd::silu(g), u);
           Simd::store(h + (r0 + r) * L.ip + n0 + j, v);
         }
       }
@@ -325,10 +324,7 @@ std::vector<Item> make_items(const std::vector<int64_t>& counts, const Layer& L,
 }
 
 void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "moe_experts_int8: ", name, " must be on the CPU");
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "moe_experts_int8: ", name, " must be ", dtype, ", got ",
-                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.is_contiguous(), "moe_experts_int8: ", name, " must be contiguous");
+  moegen_experts::check_tensor(t, name, dtype, "moe_experts_int8");
 }
 
 // [codes, scales, offsets] of one matrix of `experts` experts, n x k before padding.
@@ -351,8 +347,6 @@ at::Tensor moe_experts_int8(const at::Tensor& x, const at::Tensor& token_idx, co
                             std::vector<int64_t> counts, std::vector<at::Tensor> gate_up,
                             std::vector<at::Tensor> down, int64_t inter, int64_t top_k, int64_t isa) {
   check(x, "x", at::kBFloat16);
-  check(token_idx, "token_idx", at::kLong);
-  check(weights, "weights", at::kFloat);
   TORCH_CHECK_VALUE(x.dim() == 2, "moe_experts_int8: x must be [tokens, hidden]");
   TORCH_CHECK_VALUE(isa_available(isa), "moe_experts_int8: ISA ", isa_name(isa), " is not available on this CPU/build");
   Layer L;
@@ -364,19 +358,11 @@ at::Tensor moe_experts_int8(const at::Tensor& x, const at::Tensor& token_idx, co
   const int64_t experts = static_cast<int64_t>(counts.size());
   L.gate_up = matrix(gate_up, experts, 2 * L.ip, L.hp, "gate_up");
   L.down = matrix(down, experts, L.hp, L.ip, "down");
-  int64_t rows = 0;
-  for (int64_t c : counts) {
-    TORCH_CHECK_VALUE(c >= 0, "moe_experts_int8: negative expert count");
-    rows += c;
-  }
+  const int64_t rows = moegen_experts::checked_routing(x, token_idx, weights, counts, "moe_experts_int8");
   const int64_t tokens = x.size(0);
-  TORCH_CHECK_VALUE(token_idx.numel() == rows && weights.numel() == rows,
-                    "moe_experts_int8: token_idx and weights need one entry per routed row (", rows, ")");
   TORCH_CHECK_VALUE(top_k >= 1 && rows == tokens * top_k, "moe_experts_int8: ", rows, " routed rows for ", tokens,
                     " tokens and top_k ", top_k);
   const int64_t* tok = token_idx.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK_INDEX(tok[r] >= 0 && tok[r] < tokens, "moe_experts_int8: token index ", tok[r], " out of range");
   at::Tensor combined = at::empty({tokens, L.hidden}, x.options());
   if (rows == 0) return combined;
   at::Tensor weighted = at::empty({rows, L.hidden}, x.options());

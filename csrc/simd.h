@@ -313,6 +313,9 @@ inline Reg Simd::exp(Reg x) {
   return zero_where_below(x, set1(kMinX), mul(add(exp_r, exp_r), pow2(sub(n, set1(1.f)))));
 }
 
+// silu(g) = g / (1 + e^-g), with the exp above: the one SiLU of the elementwise and experts kernels.
+inline Reg silu(Reg g) { return Simd::div(g, Simd::add(Simd::set1(1.0f), Simd::exp(Simd::sub(Simd::zero(), g)))); }
+
 // Loads n < W elements, zero-filling the other lanes, without touching memory past p + n.
 template <class T>
 inline Reg load_partial(const T* p, int n) {

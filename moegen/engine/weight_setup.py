@@ -242,19 +242,18 @@ class WeightSetup:
         return layers if isa is not None else []
 
     def fuse_experts(self, weights) -> None:
-        """Routed experts packed for the fused kernel (moegen.ops.experts), where it runs."""
+        """Routed experts packed for the fused kernel (moegen.ops.experts) where it runs, or for the
+        int8 one (experts_kernel=int8)."""
         from moegen.ops.experts import auto_isa, chosen_isa
         wanted = self.config.experts_kernel
-        kind = "int8" if wanted == "int8" else "fused"
-        other = self.packed_layers("fused" if kind == "int8" else "int8")
-        if wanted == "torch" or other:
-            if self.packed_layers():
-                packed_for = "int8" if other and wanted != "int8" else "fused"
-                raise InputError(f"this model's experts were packed for the {packed_for} experts kernel by another "
+        kind = "int8" if wanted == "int8" else "fused"      # the packing this engine runs (torch: none)
+        for packed in ("fused", "int8"):
+            if (packed != kind or wanted == "torch") and self.packed_layers(packed):
+                raise InputError(f"this model's experts were packed for the {packed} experts kernel by another "
                                  f"Engine; load the model again for experts_kernel={wanted}")
+        if wanted == "torch":
             return
-        done = {moe.prefix for moe in self.packed_layers(kind)}
-        todo = [moe for moe in self.moe_layers() if moe.prefix not in done]
+        todo = [moe for moe in self.moe_layers() if moe.packed_kind(weights) is None]
         if wanted == "int8":
             self.pack_int8(weights, todo)
             return

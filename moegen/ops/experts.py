@@ -40,9 +40,24 @@ def _round_up(n: int, m: int = 32) -> int:
     return -(-n // m) * m
 
 
-@lru_cache(maxsize=4)
-def _isas_of(ops) -> tuple[str, ...]:
-    return tuple(ops.ops.experts_isas())      # CPUID and the tile-state request: once per library
+@lru_cache(maxsize=8)
+def _isas_of(ops, int8: bool = False) -> tuple[str, ...]:
+    # CPUID and the tile-state request: once per library and kernel
+    return tuple(ops.ops.experts_int8_isas() if int8 else ops.ops.experts_isas())
+
+
+def _pick_isa(env: str, isas, known) -> str | None:
+    """The ISA a kernel runs: `env` if set (checked against `known` and the available `isas`), else
+    the fastest available; None when none is."""
+    forced = os.environ.get(env, "").strip()
+    if not forced:
+        return isas[0] if isas else None
+    if forced not in known:
+        raise ConfigError(f"{env}={forced!r}: not available; expected one of {', '.join(known)}")
+    if forced not in isas:
+        raise ConfigError(f"{env}={forced}: not available on this CPU/build "
+                          f"(available: {', '.join(isas) or 'none, native kernels unavailable'})")
+    return forced
 
 
 def available_isas() -> list[str]:
@@ -54,16 +69,7 @@ def available_isas() -> list[str]:
 def chosen_isa() -> str | None:
     """The ISA `moe_experts` uses: MOEGEN_EXPERTS_ISA if set (checked), else the fastest; None
     when the native library is unavailable."""
-    isas = available_isas()
-    forced = os.environ.get("MOEGEN_EXPERTS_ISA", "").strip()
-    if not forced:
-        return isas[0] if isas else None
-    if forced not in ISA_CODES:
-        raise ConfigError(f"MOEGEN_EXPERTS_ISA={forced!r}: expected one of {', '.join(ISA_CODES)}")
-    if forced not in isas:
-        raise ConfigError(f"MOEGEN_EXPERTS_ISA={forced}: not available on this CPU/build "
-                          f"(available: {', '.join(isas) or 'none, native kernels unavailable'})")
-    return forced
+    return _pick_isa("MOEGEN_EXPERTS_ISA", available_isas(), ISA_CODES)
 
 
 def auto_isa() -> str | None:
@@ -200,26 +206,12 @@ INT8_TILE_K = 64                  # inputs per int8 tile (16 groups of 4)
 INT8_ZERO_CODE = 128              # the byte an activation of 0 is stored as (csrc/experts_int8.cpp kZeroCode)
 
 
-@lru_cache(maxsize=4)
-def _int8_isas_of(ops) -> tuple[str, ...]:
-    return tuple(ops.ops.experts_int8_isas())
-
-
 def int8_isa() -> str | None:
     """The ISA `moe_experts_int8` runs: AVX-512 VNNI where the CPU and build have it, else portable
     C++ (correct, slow); MOEGEN_EXPERTS_INT8_ISA=avx512-vnni|generic forces one (tests use it). None
     without native ops."""
     ops = native_ops()
-    if ops is None:
-        return None
-    isas = _int8_isas_of(ops)
-    forced = os.environ.get("MOEGEN_EXPERTS_INT8_ISA", "").strip()
-    if not forced:
-        return isas[0]
-    if forced not in isas:
-        raise ConfigError(f"MOEGEN_EXPERTS_INT8_ISA={forced}: not available on this CPU/build "
-                          f"(available: {', '.join(isas)})")
-    return forced
+    return _pick_isa("MOEGEN_EXPERTS_INT8_ISA", _isas_of(ops, int8=True), INT8_ISA_CODES) if ops is not None else None
 
 
 def quantize_columns(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

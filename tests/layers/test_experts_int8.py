@@ -14,7 +14,7 @@ from moegen.ops import cpu
 from moegen.ops import experts as fused
 from moegen.ops.build import native_ops
 from tests.engine.test_disk_tier import SMALL, disk_budget
-from tests.layers.test_fused_experts import ARCHS, random_layer, reference, routing
+from tests.layers.test_fused_experts import ARCHS, KERNEL_CASES, random_layer, reference, routing
 
 needs_native = pytest.mark.skipif(native_ops() is None, reason="moegen's native kernels did not build on this machine")
 INT8_ISAS = list(native_ops().ops.experts_int8_isas()) if native_ops() is not None else []
@@ -60,15 +60,8 @@ def run(isa, monkeypatch, x, d, gate_ups, downs):
 
 @needs_native
 @pytest.mark.parametrize("isa", INT8_ISAS)
-@pytest.mark.parametrize("hidden,inter,experts,k,tokens,only", [
-    (64, 64, 4, 2, 37, None),            # tile multiples; a few rows per expert
-    (100, 70, 5, 2, 23, None),           # neither a multiple of 16 nor of 64: padded tiles
-    (96, 48, 8, 2, 1, None),             # one token: one row on two experts, the others empty
-    (64, 32, 8, 2, 40, [1, 6]),          # experts with zero tokens among busy ones
-    (128, 64, 4, 2, 3000, None),         # thousands of rows per expert: row chunks
-    (64, 32, 4, 2, 0, None),             # no tokens at all
-    (64, 32, 8, 1, 30, None),            # top-1
-    (64, 32, 16, 8, 50, None),           # fine-grained: top-8 of 16
+@pytest.mark.parametrize("hidden,inter,experts,k,tokens,only", KERNEL_CASES + [
+    (64, 64, 4, 2, 37, None),            # the int8 tiles' multiples (64); a few rows per expert
     (128, 1100, 2, 1, 300, None),        # wide experts, not a multiple of 64
     (64, 4096, 2, 1, 400, None),         # ~200 rows an expert, h over 1 MiB: row chunks of 64
 ])

@@ -61,9 +61,9 @@ def assert_bf16_close(ours, ref):
     assert (diff > 0).float().mean() <= 0.02
 
 
-@needs_native
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("hidden,inter,experts,k,tokens,only", [
+# (hidden, inter, experts, k, tokens, only): the routings an experts kernel is checked over (the
+# int8 kernel's tests add their own tile multiples)
+KERNEL_CASES = [
     (64, 32, 4, 2, 37, None),            # tile multiples; a few rows per expert
     (100, 70, 5, 2, 23, None),           # neither a multiple of 16 nor of 32: padded tiles
     (96, 48, 8, 2, 1, None),             # one token: one row on two experts, the others empty
@@ -72,7 +72,12 @@ def assert_bf16_close(ours, ref):
     (64, 32, 4, 2, 0, None),             # no tokens at all
     (64, 32, 8, 1, 30, None),            # top-1
     (64, 32, 16, 8, 50, None),           # fine-grained: top-8 of 16
-])
+]
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hidden,inter,experts,k,tokens,only", KERNEL_CASES)
 def test_kernel_matches_per_expert_path(monkeypatch, isa, hidden, inter, experts, k, tokens, only):
     monkeypatch.setenv("MOEGEN_EXPERTS_ISA", isa)
     gate_ups, downs = random_layer(hidden, inter, experts)
