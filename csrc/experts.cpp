@@ -290,40 +290,40 @@ void amx_block(const bf16* A, int64_t lda, int64_t kbs, const bf16* const* B, in
   const int64_t a_stride = lda * sizeof(bf16);
   const int64_t per_step = pending.rows_per_step(kb1 - kb0);
   if (first) {
-    _tile_zero(0);
-    _tile_zero(2);
+    MOEGEN_TILE_ZERO(0);
+    MOEGEN_TILE_ZERO(2);
     if constexpr (RT == 2) {
-      _tile_zero(1);
-      _tile_zero(3);
+      MOEGEN_TILE_ZERO(1);
+      MOEGEN_TILE_ZERO(3);
     }
   } else {
-    _tile_loadd(0, C, ldc);
-    _tile_loadd(2, C + kTileN, ldc);
+    MOEGEN_TILE_LOAD(0, C, ldc);
+    MOEGEN_TILE_LOAD(2, C + kTileN, ldc);
     if constexpr (RT == 2) {
-      _tile_loadd(1, C + 16 * 2 * kTileN, ldc);
-      _tile_loadd(3, C + 16 * 2 * kTileN + kTileN, ldc);
+      MOEGEN_TILE_LOAD(1, C + 16 * 2 * kTileN, ldc);
+      MOEGEN_TILE_LOAD(3, C + 16 * 2 * kTileN + kTileN, ldc);
     }
   }
   for (int64_t kb = kb0; kb < kb1; ++kb) {
-    _tile_loadd(4, A + kb * kbs, a_stride);
-    _tile_loadd(6, B[0] + kb * kTileElems, 64);
-    _tile_loadd(7, B[1] + kb * kTileElems, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(2, 4, 7);
+    MOEGEN_TILE_LOAD(4, A + kb * kbs, a_stride);
+    MOEGEN_TILE_LOAD(6, B[0] + kb * kTileElems, 64);
+    MOEGEN_TILE_LOAD(7, B[1] + kb * kTileElems, 64);
+    MOEGEN_TILE_DPBF16PS(0, 4, 6);
+    MOEGEN_TILE_DPBF16PS(2, 4, 7);
     if constexpr (RT == 2) {
-      _tile_loadd(5, A + 16 * lda + kb * kbs, a_stride);
-      _tile_dpbf16ps(1, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+      MOEGEN_TILE_LOAD(5, A + 16 * lda + kb * kbs, a_stride);
+      MOEGEN_TILE_DPBF16PS(1, 5, 6);
+      MOEGEN_TILE_DPBF16PS(3, 5, 7);
     }
     pending.step(per_step);
     if (ahead != nullptr) ahead->step();
   }
   pending.run_all();
-  _tile_stored(0, C, ldc);
-  _tile_stored(2, C + kTileN, ldc);
+  MOEGEN_TILE_STORE(0, C, ldc);
+  MOEGEN_TILE_STORE(2, C + kTileN, ldc);
   if constexpr (RT == 2) {
-    _tile_stored(1, C + 16 * 2 * kTileN, ldc);
-    _tile_stored(3, C + 16 * 2 * kTileN + kTileN, ldc);
+    MOEGEN_TILE_STORE(1, C + 16 * 2 * kTileN, ldc);
+    MOEGEN_TILE_STORE(3, C + 16 * 2 * kTileN + kTileN, ldc);
   }
 }
 #endif
@@ -662,7 +662,7 @@ void run_items(const std::vector<Item>& items, int64_t isa, F body) {
 #endif
     for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) body(items[i]);
 #ifdef MOEGEN_HAVE_AMX
-    if (isa == kAmx) _tile_release();
+    if (isa == kAmx) moegen_amx::release_tiles();
 #endif
   });
 }

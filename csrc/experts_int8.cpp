@@ -20,12 +20,14 @@
 // Weight layout ("VNNI-4 tiles"): W [N, K] padded to [Np, Kp] (multiples of 64) and stored as
 // [Np/16][Kp/64][16 groups][16 n][4]: one 1 KiB tile per (16 output columns, 64 inputs), row g of
 // it one 512-bit register holding, for each column n, its inputs 4g..4g+3 -- the B operand of
-// VPDPBUSD (and of AMX's TDPBUSD, for a later AMX-INT8 path). A column block's rows follow each
-// other tile after tile, so its whole K is one stream of 64-byte rows.
+// VPDPBUSD and, as stored (16 rows of 64 bytes), of AMX's TDPBUSD. A column block's rows follow
+// each other tile after tile, so its whole K is one stream of 64-byte rows.
 //
-// ISAs: "avx512-vnni" (8 rows x 2 column blocks of int32 accumulators) and "generic" (the same
-// integer arithmetic in portable C++, so both give identical results; for CPUs without VNNI and
-// for tests).
+// ISAs: "amx-int8" (AMX tiles: 2 x 2 blocks of 16 x 16 int32 accumulators, 32 rows a call),
+// "avx512-vnni" (8 rows x 2 column blocks of int32 accumulators) and "generic" (the same integer
+// arithmetic in portable C++; for CPUs without VNNI and for tests). All three compute the same
+// integer dot products and share every float step: identical results. The AMX path is tested on
+// CPUs without AMX through amx.h's software tiles (-DMOEGEN_AMX_EMULATE).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -42,6 +44,7 @@
 #include <string>
 #include <vector>
 
+#include "amx.h"
 #include "experts.h"
 #include "simd.h"
 
@@ -67,22 +70,37 @@ constexpr int kTileN = 16;                // output columns per tile
 constexpr int kGroup = 4;                 // inputs per 32-bit lane
 constexpr int kTileK = 64;                // inputs per tile (16 groups)
 constexpr int64_t kGroupBytes = kTileN * kGroup;   // one group row of a tile: 64 bytes
-constexpr int kRowBlock = 8;              // rows per micro-kernel call
+constexpr int kRowBlock = 8;              // rows per micro-kernel call (AVX-512 VNNI, portable)
+constexpr int kAmxRowBlock = 32;          // rows per micro-kernel call on AMX: two row tiles
+constexpr int kTileRows = 16;             // rows one AMX tile load reads
+constexpr int64_t kTileBytes = kTileK * kTileN;   // one weight tile: 1 KiB
 constexpr int kZeroCode = 128;            // the stored activation byte of 0
 // h (float32) a thread keeps for one item: an expert whose h fits stays one item (its weights read
 // once); a bigger one is cut into row chunks that fit L2, each reading the weights again (cheap
 // beside its multiplies at these sizes: 64 rows x K per weight byte).
 constexpr int64_t kItemHBytes = 1 << 20;
 
-enum Isa : int64_t { kGeneric = 0, kAvx512Vnni = 1 };
+enum Isa : int64_t { kGeneric = 0, kAvx512Vnni = 1, kAmxInt8 = 2 };
 
-const char* isa_name(int64_t isa) { return isa == kAvx512Vnni ? "avx512-vnni" : "generic"; }
+const char* isa_name(int64_t isa) {
+  return isa == kAmxInt8 ? "amx-int8" : isa == kAvx512Vnni ? "avx512-vnni" : "generic";
+}
 
 bool isa_available(int64_t isa) {
+#ifdef MOEGEN_HAVE_AMX_INT8
+  if (isa == kAmxInt8) return moegen_amx::int8_usable();
+#endif
 #ifdef MOEGEN_HAVE_AVX512_VNNI
   if (isa == kAvx512Vnni) return true;  // -march=native: the build machine's ISA is the running one
 #endif
   return isa == kGeneric;
+}
+
+int rows_per_call(int64_t isa) { return isa == kAmxInt8 ? kAmxRowBlock : kRowBlock; }
+
+// Activation rows an item's buffers hold for `rows` rows: AMX tile loads read 16 rows at a time.
+int64_t buffer_rows(int64_t isa, int64_t rows) {
+  return isa == kAmxInt8 ? (rows + kTileRows - 1) / kTileRows * kTileRows : rows;
 }
 
 // ---- activation rows ------------------------------------------------------------------------
@@ -175,6 +193,46 @@ void vnni_gemm(const uint8_t* A, int64_t lda, int rows, const Blocks& b, int64_t
 }
 #endif
 
+#ifdef MOEGEN_HAVE_AMX_INT8
+// C[rows <= 32][32] on the tile unit: tiles 0-3 the int32 accumulators (row tile r, column block c:
+// 2r + c), 4-5 A's two row tiles, 6-7 the column blocks' weight tiles (each 1 KiB tile of the
+// layout is one TDPBUSD B operand). A must hold 16 (or, for rows > 16, 32) readable rows.
+void amx_gemm(const uint8_t* A, int64_t lda, int rows, const Blocks& b, int64_t groups, float* C) {
+  alignas(64) int32_t acc[kAmxRowBlock][2 * kTileN];
+  constexpr int64_t ldc = 2 * kTileN * sizeof(int32_t);
+  const int64_t ktiles = groups * kGroup / kTileK;
+  const bool two = rows > kTileRows;
+  MOEGEN_TILE_ZERO(0);
+  MOEGEN_TILE_ZERO(1);
+  if (two) {
+    MOEGEN_TILE_ZERO(2);
+    MOEGEN_TILE_ZERO(3);
+  }
+  for (int64_t kt = 0; kt < ktiles; ++kt) {
+    MOEGEN_TILE_LOAD(4, A + kt * kTileK, lda);
+    MOEGEN_TILE_LOAD(6, b.B[0] + kt * kTileBytes, kGroupBytes);
+    MOEGEN_TILE_LOAD(7, b.B[1] + kt * kTileBytes, kGroupBytes);
+    MOEGEN_TILE_DPBUSD(0, 4, 6);
+    MOEGEN_TILE_DPBUSD(1, 4, 7);
+    if (two) {
+      MOEGEN_TILE_LOAD(5, A + kTileRows * lda + kt * kTileK, lda);
+      MOEGEN_TILE_DPBUSD(2, 5, 6);
+      MOEGEN_TILE_DPBUSD(3, 5, 7);
+    }
+  }
+  MOEGEN_TILE_STORE(0, acc[0], ldc);
+  MOEGEN_TILE_STORE(1, acc[0] + kTileN, ldc);
+  if (two) {
+    MOEGEN_TILE_STORE(2, acc[kTileRows], ldc);
+    MOEGEN_TILE_STORE(3, acc[kTileRows] + kTileN, ldc);
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < 2; ++c)
+      for (int n = 0; n < kTileN; ++n)
+        C[r * 2 * kTileN + c * kTileN + n] = static_cast<float>(acc[r][c * kTileN + n] - b.off[c][n]) * b.s[c][n];
+}
+#endif
+
 // The same arithmetic in portable C++: integer dot products, then (float)(dot - offset) * s.
 void generic_gemm(const uint8_t* A, int64_t lda, int rows, const Blocks& b, int64_t groups, float* C) {
   for (int r = 0; r < rows; ++r)
@@ -192,6 +250,9 @@ void generic_gemm(const uint8_t* A, int64_t lda, int rows, const Blocks& b, int6
 }
 
 void gemm(int64_t isa, const uint8_t* A, int64_t lda, int rows, const Blocks& b, int64_t groups, float* C) {
+#ifdef MOEGEN_HAVE_AMX_INT8
+  if (isa == kAmxInt8) return amx_gemm(A, lda, rows, b, groups, C);
+#endif
 #ifdef MOEGEN_HAVE_AVX512_VNNI
   if (isa == kAvx512Vnni) return vnni_gemm(A, lda, rows, b, groups, C);
 #endif
@@ -241,21 +302,23 @@ void run_item(const Layer& L, const Item& it, const bf16* x, const int64_t* tok,
   using moegen_simd::Simd;
   constexpr int W = moegen_simd::W;
   Scratch& s = tl_scratch;
-  const int64_t rows = it.rows;
-  uint8_t* xq = grown(s.xq, rows * L.hp);
+  const int64_t rows = it.rows, held = buffer_rows(L.isa, rows);
+  const int block = rows_per_call(L.isa);
+  uint8_t* xq = grown(s.xq, held * L.hp);
   float* xs = grown(s.xs, rows);
   for (int64_t r = 0; r < rows; ++r)
     xs[r] = quantize_row(x + tok[it.row0 + r] * L.hidden, L.hidden, L.hp, xq + r * L.hp);
+  std::memset(xq + rows * L.hp, kZeroCode, (held - rows) * L.hp);   // rows only tile loads read
 
   float* h = grown(s.h, rows * L.ip);
-  float* C = grown(s.c, kRowBlock * 2 * kTileN);
+  float* C = grown(s.c, block * 2 * kTileN);
   for (int64_t nb = 0; nb < L.ip / kTileN; ++nb) {
     const int64_t n0 = nb * kTileN, up0 = L.ip + n0;
     const Blocks b{{L.gate_up.block(it.expert, nb), L.gate_up.block(it.expert, L.ip / kTileN + nb)},
                    {L.gate_up.off(it.expert, n0), L.gate_up.off(it.expert, up0)},
                    {L.gate_up.s(it.expert, n0), L.gate_up.s(it.expert, up0)}};
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-      const int n = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+      const int n = static_cast<int>(std::min<int64_t>(block, rows - r0));
       gemm(L.isa, xq + r0 * L.hp, L.hp, n, b, L.hp / kGroup, C);
       for (int r = 0; r < n; ++r) {
         const Reg a = Simd::set1(xs[r0 + r]);
@@ -268,9 +331,10 @@ void run_item(const Layer& L, const Item& it, const bf16* x, const int64_t* tok,
       }
     }
   }
-  uint8_t* hq = grown(s.hq, rows * L.ip);
+  uint8_t* hq = grown(s.hq, held * L.ip);
   float* hs = grown(s.hs, rows);
   for (int64_t r = 0; r < rows; ++r) hs[r] = quantize_row(h + r * L.ip, L.ip, L.ip, hq + r * L.ip);
+  std::memset(hq + rows * L.ip, kZeroCode, (held - rows) * L.ip);
 
   for (int64_t nb = 0; nb < L.hp / kTileN; nb += 2) {
     const int64_t n0 = nb * kTileN, cols = std::min<int64_t>(2 * kTileN, L.hidden - n0);
@@ -278,8 +342,8 @@ void run_item(const Layer& L, const Item& it, const bf16* x, const int64_t* tok,
     const Blocks b{{L.down.block(it.expert, nb), L.down.block(it.expert, nb + 1)},
                    {L.down.off(it.expert, n0), L.down.off(it.expert, n0 + kTileN)},
                    {L.down.s(it.expert, n0), L.down.s(it.expert, n0 + kTileN)}};
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-      const int n = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+      const int n = static_cast<int>(std::min<int64_t>(block, rows - r0));
       gemm(L.isa, hq + r0 * L.ip, L.ip, n, b, L.ip / kGroup, C);
       for (int r = 0; r < n; ++r) {
         const int64_t row = it.row0 + r0 + r;
@@ -373,6 +437,17 @@ at::Tensor moe_experts_int8(const at::Tensor& x, const at::Tensor& token_idx, co
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
   at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
+#ifdef MOEGEN_HAVE_AMX_INT8
+    struct Tiles {  // this thread's tile state, configured for its items and released however they end
+      const bool on;
+      explicit Tiles(bool use) : on(use) {
+        if (on) moegen_amx::configure_full_tiles();
+      }
+      ~Tiles() {
+        if (on) moegen_amx::release_tiles();
+      }
+    } tiles(L.isa == kAmxInt8);
+#endif
     for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) run_item(L, items[i], xp, tok, wp, op);
   });
   moegen_experts::combine_rows(op, L.hidden, tok, tokens, top_k, L.hidden, combined.data_ptr<bf16>());
@@ -381,7 +456,7 @@ at::Tensor moe_experts_int8(const at::Tensor& x, const at::Tensor& token_idx, co
 
 std::vector<std::string> experts_int8_isas() {
   std::vector<std::string> names;
-  for (int64_t isa : {kAvx512Vnni, kGeneric})
+  for (int64_t isa : {kAmxInt8, kAvx512Vnni, kGeneric})
     if (isa_available(isa)) names.push_back(isa_name(isa));
   return names;
 }

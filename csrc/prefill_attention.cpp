@@ -151,24 +151,24 @@ void tile_block<kAvx512Bf16>(const bf16* a, int64_t lda, int64_t a_step, const b
 template <>
 void tile_block<kAmx>(const bf16* a, int64_t lda, int64_t a_step, const bf16* b0, const bf16* b1, int64_t b_step,
                       int64_t steps, float* c, int64_t ldc) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  MOEGEN_TILE_ZERO(0);
+  MOEGEN_TILE_ZERO(1);
+  MOEGEN_TILE_ZERO(2);
+  MOEGEN_TILE_ZERO(3);
   for (int64_t t = 0; t < steps; ++t) {
-    _tile_loadd(4, a + t * a_step, lda * sizeof(bf16));
-    _tile_loadd(5, a + 16 * lda + t * a_step, lda * sizeof(bf16));
-    _tile_loadd(6, b0 + t * b_step, 64);
-    _tile_loadd(7, b1 + t * b_step, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    MOEGEN_TILE_LOAD(4, a + t * a_step, lda * sizeof(bf16));
+    MOEGEN_TILE_LOAD(5, a + 16 * lda + t * a_step, lda * sizeof(bf16));
+    MOEGEN_TILE_LOAD(6, b0 + t * b_step, 64);
+    MOEGEN_TILE_LOAD(7, b1 + t * b_step, 64);
+    MOEGEN_TILE_DPBF16PS(0, 4, 6);
+    MOEGEN_TILE_DPBF16PS(1, 4, 7);
+    MOEGEN_TILE_DPBF16PS(2, 5, 6);
+    MOEGEN_TILE_DPBF16PS(3, 5, 7);
   }
-  _tile_stored(0, c, ldc * sizeof(float));
-  _tile_stored(1, c + 16, ldc * sizeof(float));
-  _tile_stored(2, c + 16 * ldc, ldc * sizeof(float));
-  _tile_stored(3, c + 16 * ldc + 16, ldc * sizeof(float));
+  MOEGEN_TILE_STORE(0, c, ldc * sizeof(float));
+  MOEGEN_TILE_STORE(1, c + 16, ldc * sizeof(float));
+  MOEGEN_TILE_STORE(2, c + 16 * ldc, ldc * sizeof(float));
+  MOEGEN_TILE_STORE(3, c + 16 * ldc + 16, ldc * sizeof(float));
 }
 #endif
 
@@ -369,7 +369,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
     if (use == kAmx) {
       struct Tiles {  // the tile state configured for this thread's items, released however they end
         Tiles() { moegen_amx::configure_full_tiles(); }
-        ~Tiles() { _tile_release(); }
+        ~Tiles() { moegen_amx::release_tiles(); }
       } tiles;
       run_items(attend_item<kAmx>);
       return;

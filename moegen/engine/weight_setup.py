@@ -284,7 +284,8 @@ class WeightSetup:
             raise InputError(f"experts_kernel=int8: it runs SiLU experts of bfloat16 models (weights bf16 or "
                              f"quantized, in host memory), not these ({self.model.dtype})")
         if isa == "generic":
-            log.warning("experts_kernel=int8 without AVX-512 VNNI: the portable int8 kernel is correct but slow")
+            log.warning("experts_kernel=int8 without AMX-INT8 or AVX-512 VNNI: the portable int8 kernel is "
+                        "correct but slow")
         from moegen.loader import MappedPages
         t0, release = time.perf_counter(), MappedPages()
         for moe in todo:

@@ -201,15 +201,15 @@ def packed_format(gate_up: list[torch.Tensor], experts: int, hidden: int, interm
 
 
 # ---- experts_kernel=int8: csrc/experts_int8.cpp -------------------------------------------------
-INT8_ISA_CODES = {"generic": 0, "avx512-vnni": 1}
+INT8_ISA_CODES = {"generic": 0, "avx512-vnni": 1, "amx-int8": 2}
 INT8_TILE_K = 64                  # inputs per int8 tile (16 groups of 4)
 INT8_ZERO_CODE = 128              # the byte an activation of 0 is stored as (csrc/experts_int8.cpp kZeroCode)
 
 
 def int8_isa() -> str | None:
-    """The ISA `moe_experts_int8` runs: AVX-512 VNNI where the CPU and build have it, else portable
-    C++ (correct, slow); MOEGEN_EXPERTS_INT8_ISA=avx512-vnni|generic forces one (tests use it). None
-    without native ops."""
+    """The ISA `moe_experts_int8` runs: AMX-INT8 tiles where the CPU, build and kernel grant them,
+    else AVX-512 VNNI, else portable C++ (correct, slow); MOEGEN_EXPERTS_INT8_ISA=amx-int8|avx512-vnni|
+    generic forces one (tests use it). None without native ops."""
     ops = native_ops()
     return _pick_isa("MOEGEN_EXPERTS_INT8_ISA", _isas_of(ops, int8=True), INT8_ISA_CODES) if ops is not None else None
 

@@ -318,7 +318,7 @@ def _fused_layer(fmt: str, hidden: int, inter: int, experts: int, g: torch.Gener
 def measure_fused_experts(quick: bool) -> dict:
     """FLOP/s of one MoE layer's routed experts through moegen.ops.experts (what the engine runs for
     bf16 and quantized experts on the CPU by default), by weight format and rows per expert, and of
-    the int8 kernel (experts_kernel=int8; format INT8_COMPUTE) where it has its VNNI path;
+    the int8 kernel (experts_kernel=int8; format INT8_COMPUTE) where it has its AMX or VNNI path;
     {"isa": None} and no exact rows where the engine does not take it by default (`auto_isa()` is None)."""
     from moegen.ops import experts as fused
     isa = fused.auto_isa()
@@ -327,8 +327,8 @@ def measure_fused_experts(quick: bool) -> dict:
     except ConfigError as e:        # a bad MOEGEN_EXPERTS_INT8_ISA: the rest is still measured
         log.warning("the int8 experts kernel is not measured: %s", e)
         int8_isa = None
-    # the int8 kernel (opt-in) where its VNNI path runs, whatever the exact kernel's default
-    int8 = [(INT8_COMPUTE, shape) for shape in FUSED_EXPERTS_SHAPES[quick]] if int8_isa == "avx512-vnni" else []
+    # the int8 kernel (opt-in) where its AMX or VNNI path runs, whatever the exact kernel's default
+    int8 = [(INT8_COMPUTE, shape) for shape in FUSED_EXPERTS_SHAPES[quick]] if int8_isa not in (None, "generic") else []
     exact = [] if isa is None else [("bfloat16", shape) for shape in FUSED_EXPERTS_SHAPES[quick]] + \
         [(fmt, shape) for fmt in ("fp8", "int8", "int4") for shape in FUSED_QUANTIZED_SHAPES[quick]]
     rows = []

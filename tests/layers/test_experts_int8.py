@@ -88,9 +88,12 @@ def test_kernel_matches_the_int8_reference_and_stays_near_the_exact_path(monkeyp
 
 @needs_native
 def test_isas_agree_bit_for_bit(monkeypatch):
-    """The VNNI micro-kernel and the portable one do the same integer arithmetic and share every
-    float step: identical outputs. A CPU that lists AVX-512 VNNI (with BW and VL) has the VNNI path."""
-    if {"avx512_vnni", "avx512bw", "avx512vl"} <= cpu.flags():
+    """The AMX, VNNI and portable micro-kernels do the same integer arithmetic and share every float
+    step: identical outputs. A CPU that lists AMX-INT8 runs the tiles first, else one that lists
+    AVX-512 VNNI (with BW and VL) the VNNI path (the tiles on any CPU: tests/layers/test_amx_emulated.py)."""
+    if {"amx_tile", "amx_int8"} <= cpu.flags():
+        assert INT8_ISAS[0] == "amx-int8"
+    elif {"avx512_vnni", "avx512bw", "avx512vl"} <= cpu.flags():
         assert INT8_ISAS[0] == "avx512-vnni"
     if len(INT8_ISAS) < 2:
         pytest.skip(f"one int8 ISA on this CPU/build ({INT8_ISAS}): nothing to compare")
@@ -118,8 +121,14 @@ def test_pack_int8_layout():
 
 @needs_native
 def test_unknown_or_unavailable_int8_isa_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("MOEGEN_EXPERTS_INT8_ISA", "amx-int8")
-    with pytest.raises(ConfigError, match="not available"):
+    monkeypatch.setenv("MOEGEN_EXPERTS_INT8_ISA", "avx10-int8")
+    with pytest.raises(ConfigError, match="not available; expected one of"):
+        fused.int8_isa()
+    missing = [isa for isa in fused.INT8_ISA_CODES if isa not in INT8_ISAS]
+    if not missing:
+        pytest.skip("every int8 ISA runs on this CPU/build: none to refuse")
+    monkeypatch.setenv("MOEGEN_EXPERTS_INT8_ISA", missing[0])
+    with pytest.raises(ConfigError, match="not available on this CPU/build"):
         fused.int8_isa()
 
 

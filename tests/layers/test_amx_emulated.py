@@ -1,0 +1,134 @@
+"""The AMX tile paths of the native kernels on any x86 CPU with AVX-512: a build with
+-DMOEGEN_AMX_EMULATE runs csrc/amx.h's software tiles (each instruction as the ISA reference states
+it; a product whose tile shapes the configuration does not allow is an error, as the CPU's #UD), so
+the tile code of the exact experts kernel (bf16 and its quantized formats), of prefill attention and
+of the int8 experts kernel is tested here as it runs on an AMX CPU -- where the real tiles also run
+the other tests of these kernels."""
+import pytest
+import torch
+
+from moegen.ops import build
+from moegen.ops import cpu
+from moegen.ops import experts as fused
+from moegen.ops import prefill_attention as pa
+from moegen.layers.quantized import dequantize, tile_codes
+from tests.layers.test_experts_int8 import run as run_int8
+from tests.layers.test_fused_experts import QUANTIZERS, assert_bf16_close, random_layer, reference, routing
+from tests.layers.test_prefill_attention import _inputs, _per_prompt
+
+# what the tile paths need beside the tiles: their epilogues and softmax are AVX-512 (BF16) code
+pytestmark = pytest.mark.skipif(
+    not {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"} <= cpu.flags() or build.native_ops() is None,
+    reason="the AMX kernels' vector code needs AVX-512 BF16 and VNNI, and moegen's native build")
+
+SOURCES = tuple(build.CSRC / f for f in ("decode_attention.cpp", "experts.cpp", "experts_int8.cpp",
+                                          "prefill_attention.cpp"))
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The kernels built on emulated tiles (their own op namespace, beside the real build)."""
+    ops = build.load_native(source=SOURCES, extra_cflags=("-DMOEGEN_AMX_EMULATE",),
+                            namespace="moegen_ops_amx_emulated")
+    assert ops is not None, "the emulated-AMX build failed (see the build log)"
+    return ops
+
+
+@pytest.fixture
+def on_tiles(monkeypatch, emulated):
+    """moegen.ops' kernels run from the emulated build, each on its AMX path."""
+    for module in (fused, pa):
+        monkeypatch.setattr(module, "native_ops", lambda verbose=False: emulated)
+    monkeypatch.setenv("MOEGEN_EXPERTS_ISA", "amx")
+    monkeypatch.setenv("MOEGEN_EXPERTS_INT8_ISA", "amx-int8")
+    return emulated
+
+
+def test_the_emulated_build_offers_the_tile_paths_first(emulated):
+    assert emulated.ops.experts_isas()[0] == "amx"
+    assert emulated.ops.experts_int8_isas()[0] == "amx-int8"
+    assert emulated.ops.prefill_attention_isas()[0] == "amx"
+    # the real build beside it still answers for this CPU (internal linkage: no shared statics)
+    real = build.native_ops().ops
+    assert ("amx" in real.experts_isas()) == ("amx_bf16" in cpu.flags())
+
+
+@pytest.mark.parametrize("hidden,inter,experts,k,tokens,only", [
+    (100, 70, 5, 2, 23, None),           # padded tiles; one row tile per expert
+    (64, 32, 8, 2, 40, [1, 6]),          # experts with zero tokens among busy ones
+    (96, 48, 8, 2, 1, None),             # one token
+    (64, 48, 4, 2, 150, None),           # ~75 rows an expert: several 32-row blocks and a tail
+    (64, 32, 16, 8, 50, None),           # fine-grained: top-8 of 16
+])
+def test_exact_kernel_on_tiles_matches_the_per_expert_path(on_tiles, hidden, inter, experts, k, tokens, only):
+    assert fused.chosen_isa() == "amx"
+    gate_ups, downs = random_layer(hidden, inter, experts)
+    d = routing(tokens, experts, k, only=only)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).bfloat16()
+    gate_up, down = fused.pack_layer(gate_ups, downs, inter)
+    assert_bf16_close(fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, inter, k),
+                      reference(x, d, gate_ups, downs))
+
+
+def test_exact_kernel_on_tiles_is_exact_on_small_integers(on_tiles):
+    """All sums exact: the tiles' result is the reference's, bit for bit."""
+    gate_ups = [torch.randint(-2, 3, (64, 64)).bfloat16() for _ in range(3)]
+    downs = [torch.randint(-2, 3, (64, 32)).bfloat16() for _ in range(3)]
+    d = routing(40, 3, 2)
+    d.weights = torch.ones_like(d.weights)
+    x = torch.randint(-2, 3, (40, 64)).bfloat16() / 8
+    gate_up, down = fused.pack_layer(gate_ups, downs, 32)
+    assert torch.equal(fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, 32, 2),
+                       reference(x, d, gate_ups, downs))
+
+
+@pytest.mark.parametrize("fmt", list(QUANTIZERS))
+@pytest.mark.parametrize("hidden,inter,experts,k,tokens", [
+    (128, 64, 4, 2, 37),                 # decode-sized: tiles dequantized while the tiles multiply
+    (128, 64, 2, 1, 600),                # ~300 rows an expert (over one 256-row chunk): all up front
+])
+def test_quantized_experts_on_tiles_match_their_dequantized_weights(on_tiles, fmt, hidden, inter, experts, k,
+                                                                    tokens):
+    plain_gu, plain_dn = random_layer(hidden, inter, experts)
+    gate_ups, downs = [QUANTIZERS[fmt](w) for w in plain_gu], [QUANTIZERS[fmt](w) for w in plain_dn]
+    d = routing(tokens, experts, k)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).bfloat16()
+    gate_up, down = fused.pack_layer([tile_codes(w) for w in gate_ups], [tile_codes(w) for w in downs], inter)
+    ours = fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, inter, k)
+    deq = lambda ws: [dequantize(w, torch.bfloat16) for w in ws]
+    assert_bf16_close(ours, reference(x, d, deq(gate_ups), deq(downs)))
+
+
+@pytest.mark.parametrize("hidden,inter,experts,k,tokens,only", [
+    (64, 64, 4, 2, 37, None),            # the int8 tiles' multiples; one or two row tiles an expert
+    (100, 70, 5, 2, 23, None),           # padded tiles
+    (64, 32, 8, 2, 40, [1, 6]),          # experts with zero tokens
+    (96, 48, 8, 2, 1, None),             # one token: a row tile of one row
+    (128, 200, 3, 2, 110, None),         # ~73 rows an expert: 32-row blocks, a tail over 16 rows
+    (64, 32, 16, 8, 50, None),           # fine-grained
+])
+def test_int8_kernel_on_tiles_equals_the_portable_kernel(on_tiles, monkeypatch, hidden, inter, experts, k, tokens,
+                                                          only):
+    """Same integer dot products, same float steps: identical to the portable C++ kernel (and so to
+    the VNNI one, tests/layers/test_experts_int8.py)."""
+    gate_ups, downs = random_layer(hidden, inter, experts)
+    d = routing(tokens, experts, k, only=only)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).bfloat16()
+    tiles = run_int8("amx-int8", monkeypatch, x, d, gate_ups, downs)
+    assert torch.equal(tiles, run_int8("generic", monkeypatch, x, d, gate_ups, downs))
+    assert tiles.shape == (tokens, hidden) and (not tokens or tiles.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("lens,heads,kv_heads,dim,dv,window", [
+    ([1, 5, 31, 33, 70], 4, 2, 128, 128, 0),     # ragged, not multiples of the 32-row block
+    ([90, 20], 4, 4, 64, 64, 40),                # sliding window
+    ([40], 2, 2, 192, 128, 0),                   # MLA's head sizes
+])
+def test_prefill_attention_on_tiles_has_sdpa_bf16_error(on_tiles, lens, heads, kv_heads, dim, dv, window):
+    q, k, v = _inputs(lens, heads, kv_heads, dim, dv)
+    scale = dim ** -0.5
+    got = pa.prefill_attention(q, k, v, lens, scale, window, isa="amx")
+    exact = _per_prompt(q.float(), k.float(), v.float(), lens, scale, window)
+    sdpa = _per_prompt(q, k, v, lens, scale, window)
+    err, sdpa_err = (got.float() - exact).abs(), (sdpa.float() - exact).abs()
+    assert err.max() <= 2 * sdpa_err.max() and err.mean() <= 1.5 * sdpa_err.mean()
