@@ -70,6 +70,24 @@ def test_exact_kernel_on_tiles_matches_the_per_expert_path(on_tiles, hidden, int
                       reference(x, d, gate_ups, downs))
 
 
+def test_exact_kernel_on_tiles_by_experts_and_by_columns_agree(on_tiles):
+    """One thread (whole experts per item) and more threads than items (items by output columns,
+    h shared between two phases): the same tile arithmetic, bit for bit."""
+    gate_ups, downs = random_layer(64, 96, 3)
+    d = routing(70, 3, 2)
+    x = torch.randn(70, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    gate_up, down = fused.pack_layer(gate_ups, downs, 96)
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for n in (1, 64):
+            torch.set_num_threads(n)
+            outs.append(fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, 96, 2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    assert_bf16_close(outs[0], reference(x, d, gate_ups, downs))
+
+
 def test_exact_kernel_on_tiles_is_exact_on_small_integers(on_tiles):
     """All sums exact: the tiles' result is the reference's, bit for bit."""
     gate_ups = [torch.randint(-2, 3, (64, 64)).bfloat16() for _ in range(3)]
