@@ -15,6 +15,7 @@
 
 #ifdef MOEGEN_AMX_EMULATE
 #include <c10/util/Exception.h>
+#include <atomic>
 #include <cstring>
 #define MOEGEN_HAVE_AMX 1
 #define MOEGEN_HAVE_AMX_INT8 1
@@ -33,12 +34,24 @@
 namespace moegen_amx {
 namespace {
 
+#ifdef MOEGEN_AMX_EMULATE
+namespace emulated {
+// Linux grants the tile state only on request: a kernel that loaded a tile configuration without
+// first asking usable() / int8_usable() would die of SIGILL on a real CPU, so it is an error here.
+inline bool& granted() {
+  static bool asked = false;
+  return asked;
+}
+}  // namespace emulated
+#endif
+
 #if defined(MOEGEN_HAVE_AMX) || defined(MOEGEN_HAVE_AMX_INT8)
 // AMX-TILE and the CPUID leaf 7 EDX bit `unit` (22: AMX-BF16, 25: AMX-INT8) on this CPU, and the
 // tile state granted to this process.
 inline bool unit_usable(int unit) {
 #ifdef MOEGEN_AMX_EMULATE
   (void)unit;
+  emulated::granted() = true;
   return true;
 #else
   unsigned a, b, c, d;
@@ -86,7 +99,10 @@ struct alignas(64) TileConfig {
 #ifdef MOEGEN_AMX_EMULATE
 // The tile instructions in software, as the ISA reference states them: eight tiles of up to 16
 // rows of 64 bytes per thread, shaped by the loaded configuration; a product whose shapes the
-// configuration does not allow, or a tile used unconfigured, is an error (the CPU's #UD).
+// configuration does not allow or whose three tiles are not distinct, or a tile used unconfigured,
+// is an error (the CPU's #UD). Not stated: TDPBF16PS's fixed rounding (nearest even, denormals
+// flushed, whatever MXCSR says: here C++ float arithmetic under the caller's MXCSR -- the same but
+// for subnormal values), and LDTILECFG's checks of the reserved bytes and of tiles 8-15.
 namespace emulated {
 struct State {
   bool configured = false;
@@ -104,8 +120,14 @@ inline State& shaped(int t) {
   TORCH_CHECK(t >= 0 && t < 8 && s.rows[t] > 0 && s.colsb[t] > 0, "emulated AMX: tile ", t, " is not configured");
   return s;
 }
+// Tile products run so far (all threads): tests check that the tile path did the work.
+inline std::atomic<int64_t>& products() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
 inline void load_config(const TileConfig* cfg) {
   State& s = state();
+  TORCH_CHECK(granted(), "emulated AMX: tile configuration loaded before the tile state was requested");
   TORCH_CHECK(cfg->palette_id == 1 && cfg->start_row == 0, "emulated AMX: palette 1 only");
   for (int t = 0; t < 8; ++t) {
     TORCH_CHECK(cfg->rows[t] <= 16 && cfg->colsb[t] <= 64 && cfg->colsb[t] % 4 == 0, "emulated AMX: tile ", t,
@@ -129,6 +151,8 @@ inline void store(int t, void* base, int64_t stride) {
 inline State& product_shaped(int c, int a, int b) {
   shaped(c), shaped(a);
   State& s = shaped(b);
+  TORCH_CHECK(c != a && a != b && c != b, "emulated AMX: a product's tiles must be distinct (", c, ", ", a, ", ", b, ")");
+  products().fetch_add(1, std::memory_order_relaxed);
   TORCH_CHECK(s.rows[c] == s.rows[a] && s.colsb[c] == s.colsb[b] && s.colsb[a] == 4 * s.rows[b],
               "emulated AMX: tiles ", c, " += ", a, " x ", b, " do not have a product's shapes");
   return s;
@@ -168,11 +192,38 @@ inline void dpbusd(int c, int a, int b) {
 }
 }  // namespace emulated
 
-#define MOEGEN_TILE_ZERO(t) moegen_amx::emulated::zero(t)
-#define MOEGEN_TILE_LOAD(t, base, stride) moegen_amx::emulated::load(t, base, stride)
-#define MOEGEN_TILE_STORE(t, base, stride) moegen_amx::emulated::store(t, base, stride)
-#define MOEGEN_TILE_DPBF16PS(c, a, b) moegen_amx::emulated::dpbf16ps(c, a, b)
-#define MOEGEN_TILE_DPBUSD(c, a, b) moegen_amx::emulated::dpbusd(c, a, b)
+// Tile numbers must be single literal digits 0-7, as the intrinsics below need them.
+#define MOEGEN_TILE_NUMBER(t) \
+  static_assert(sizeof(#t) == 2 && #t[0] >= '0' && #t[0] <= '7', "tile numbers are literal digits 0-7")
+#define MOEGEN_TILE_ZERO(t)   \
+  do {                        \
+    MOEGEN_TILE_NUMBER(t);    \
+    moegen_amx::emulated::zero(t); \
+  } while (0)
+#define MOEGEN_TILE_LOAD(t, base, stride)            \
+  do {                                               \
+    MOEGEN_TILE_NUMBER(t);                           \
+    moegen_amx::emulated::load(t, base, stride);     \
+  } while (0)
+#define MOEGEN_TILE_STORE(t, base, stride)           \
+  do {                                               \
+    MOEGEN_TILE_NUMBER(t);                           \
+    moegen_amx::emulated::store(t, base, stride);    \
+  } while (0)
+#define MOEGEN_TILE_DPBF16PS(c, a, b)                                                \
+  do {                                                                               \
+    MOEGEN_TILE_NUMBER(c);                                                           \
+    MOEGEN_TILE_NUMBER(a);                                                           \
+    MOEGEN_TILE_NUMBER(b);                                                           \
+    moegen_amx::emulated::dpbf16ps(c, a, b);                                         \
+  } while (0)
+#define MOEGEN_TILE_DPBUSD(c, a, b)                                                  \
+  do {                                                                               \
+    MOEGEN_TILE_NUMBER(c);                                                           \
+    MOEGEN_TILE_NUMBER(a);                                                           \
+    MOEGEN_TILE_NUMBER(b);                                                           \
+    moegen_amx::emulated::dpbusd(c, a, b);                                           \
+  } while (0)
 inline void load_config(const TileConfig* cfg) { emulated::load_config(cfg); }
 inline void release_tiles() { emulated::release(); }
 #else
@@ -200,6 +251,19 @@ inline void configure_full_tiles() {
   asm volatile("" : : "r"(&cfg) : "memory");
   load_config(&cfg);
 }
+
+// This thread's tiles configured (full) while alive, when `use`, and released however its work ends.
+struct ThreadTiles {
+  const bool use;
+  explicit ThreadTiles(bool on) : use(on) {
+    if (use) configure_full_tiles();
+  }
+  ~ThreadTiles() {
+    if (use) release_tiles();
+  }
+  ThreadTiles(const ThreadTiles&) = delete;
+  ThreadTiles& operator=(const ThreadTiles&) = delete;
+};
 #endif
 
 }  // namespace

@@ -658,12 +658,9 @@ void run_items(const std::vector<Item>& items, int64_t isa, F body) {
   at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
     const KeepDenormals keep;
 #ifdef MOEGEN_HAVE_AMX
-    if (isa == kAmx) moegen_amx::configure_full_tiles();
+    const moegen_amx::ThreadTiles tiles(isa == kAmx);
 #endif
     for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) body(items[i]);
-#ifdef MOEGEN_HAVE_AMX
-    if (isa == kAmx) moegen_amx::release_tiles();
-#endif
   });
 }
 
@@ -1118,6 +1115,9 @@ MOEGEN_EXPERTS_FRAGMENT(MOEGEN_OPS_NS, m) {
         &moegen_experts::moe_expert_rows);
   m.def("pack_tiles_into(Tensor w, Tensor(a!) out) -> ()", &moegen_experts::pack_tiles_into);
   m.def("experts_isas() -> str[]", &moegen_experts::experts_isas);
+#ifdef MOEGEN_AMX_EMULATE
+  m.def("experts_emulated_tile_products() -> int", [] { return moegen_amx::emulated::products().load(); });
+#endif
   m.def("dequant_tiles(Tensor[] parts, int fmt) -> Tensor", &moegen_experts::dequant_tiles);
   m.def("empty_packed(int[] shape, ScalarType dtype) -> Tensor", &moegen_experts::empty_packed);
 }

@@ -373,9 +373,13 @@ void run_item(const Layer& L, const Item& it, const QuantizedX& x, const int64_t
 
 // Items: each busy expert's rows in even chunks whose h fits kItemHBytes; where fewer experts are
 // busy than twice the threads, each cut into that many over the busy ones (chunks of at least a
-// row block where it has the rows), so every thread has work. Sorted by rows, largest first.
+// micro-kernel call's rows where it has the rows), so every thread has work. Chunks are whole
+// calls' rows (8, or 32 on AMX tiles, which pad a call to 16-row tiles) but for each expert's last.
+// Sorted by rows, largest first.
 std::vector<Item> make_items(const std::vector<int64_t>& counts, const Layer& L, int64_t threads) {
-  const int64_t fit = std::max<int64_t>(kRowBlock, kItemHBytes / (L.ip * static_cast<int64_t>(sizeof(float))));
+  const int64_t block = rows_per_call(L.isa);
+  const int64_t fit =
+      std::max<int64_t>(block, kItemHBytes / (L.ip * static_cast<int64_t>(sizeof(float))) / block * block);
   int64_t busy = 0;
   for (int64_t c : counts) busy += c > 0;
   const int64_t want = std::max<int64_t>(1, 2 * threads);
@@ -385,9 +389,9 @@ std::vector<Item> make_items(const std::vector<int64_t>& counts, const Layer& L,
     const int64_t n = counts[e];
     int64_t chunks = (n + fit - 1) / fit;
     if (n > 0 && busy < want)
-      chunks = std::max(chunks, std::min((want + busy - 1) / busy, std::max<int64_t>(1, n / kRowBlock)));
+      chunks = std::max(chunks, std::min((want + busy - 1) / busy, std::max<int64_t>(1, n / block)));
     for (int64_t c = 0, r = 0; c < chunks; ++c) {
-      const int64_t m = (n - r) / (chunks - c);
+      const int64_t m = std::min(n - r, ((n - r) / (chunks - c) + block - 1) / block * block);
       if (m > 0) items.push_back({static_cast<int64_t>(e), row + r, m});
       r += m;
     }
@@ -458,15 +462,7 @@ at::Tensor moe_experts_int8(const at::Tensor& x, const at::Tensor& token_idx, co
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
   at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
 #ifdef MOEGEN_HAVE_AMX_INT8
-    struct Tiles {  // this thread's tile state, configured for its items and released however they end
-      const bool on;
-      explicit Tiles(bool use) : on(use) {
-        if (on) moegen_amx::configure_full_tiles();
-      }
-      ~Tiles() {
-        if (on) moegen_amx::release_tiles();
-      }
-    } tiles(L.isa == kAmxInt8);
+    const moegen_amx::ThreadTiles tiles(L.isa == kAmxInt8);
 #endif
     for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) run_item(L, items[i], xq, tok, wp, op);
   });
@@ -489,4 +485,7 @@ TORCH_LIBRARY_FRAGMENT(MOEGEN_OPS_NS, m) {
         "Tensor[] down, int inter, int top_k, int isa) -> Tensor",
         &moegen_experts_int8::moe_experts_int8);
   m.def("experts_int8_isas() -> str[]", &moegen_experts_int8::experts_int8_isas);
+#ifdef MOEGEN_AMX_EMULATE
+  m.def("experts_int8_emulated_tile_products() -> int", [] { return moegen_amx::emulated::products().load(); });
+#endif
 }

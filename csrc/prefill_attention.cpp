@@ -367,10 +367,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
 #ifdef MOEGEN_HAVE_AMX
     if (use == kAmx) {
-      struct Tiles {  // the tile state configured for this thread's items, released however they end
-        Tiles() { moegen_amx::configure_full_tiles(); }
-        ~Tiles() { moegen_amx::release_tiles(); }
-      } tiles;
+      const moegen_amx::ThreadTiles tiles(true);
       run_items(attend_item<kAmx>);
       return;
     }
@@ -399,4 +396,7 @@ MOEGEN_PREFILL_FRAGMENT(MOEGEN_OPS_NS, m) {
         &moegen_prefill::prefill_attention);
   m.def("prefill_attention_available() -> bool", &moegen_prefill::prefill_attention_available);
   m.def("prefill_attention_isas() -> str[]", &moegen_prefill::prefill_attention_isas);
+#ifdef MOEGEN_AMX_EMULATE
+  m.def("prefill_attention_emulated_tile_products() -> int", [] { return moegen_amx::emulated::products().load(); });
+#endif
 }

@@ -3,7 +3,10 @@
 it; a product whose tile shapes the configuration does not allow is an error, as the CPU's #UD), so
 the tile code of the exact experts kernel (bf16 and its quantized formats), of prefill attention and
 of the int8 experts kernel is tested here as it runs on an AMX CPU -- where the real tiles also run
-the other tests of these kernels."""
+the other tests of these kernels. A second build compiles the real tile instructions
+(-mamx-tile -mamx-int8 -mamx-bf16), which a CPU without AMX never builds otherwise."""
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -25,13 +28,26 @@ SOURCES = tuple(build.CSRC / f for f in ("decode_attention.cpp", "experts.cpp", 
                                           "prefill_attention.cpp"))
 
 
+BUILDS = {"emulated": ("-DMOEGEN_AMX_EMULATE",), "compiled": ("-mamx-tile", "-mamx-int8", "-mamx-bf16")}
+
+
 @pytest.fixture(scope="module")
-def emulated():
-    """The kernels built on emulated tiles (their own op namespace, beside the real build)."""
-    ops = build.load_native(source=SOURCES, extra_cflags=("-DMOEGEN_AMX_EMULATE",),
-                            namespace="moegen_ops_amx_emulated")
-    assert ops is not None, "the emulated-AMX build failed (see the build log)"
-    return ops
+def builds():
+    """The kernels built on emulated tiles, and with the real tile instructions compiled in (each
+    its own op namespace, beside the real build), both at once."""
+    def load(name):
+        return name, build.load_native(source=SOURCES, extra_cflags=BUILDS[name], namespace=f"moegen_ops_amx_{name}")
+
+    with ThreadPoolExecutor(len(BUILDS)) as pool:
+        out = dict(pool.map(load, BUILDS))
+    for name, ops in out.items():
+        assert ops is not None, f"the {name}-AMX build failed (see the build log)"
+    return out
+
+
+@pytest.fixture(scope="module")
+def emulated(builds):
+    return builds["emulated"]
 
 
 @pytest.fixture
@@ -44,13 +60,26 @@ def on_tiles(monkeypatch, emulated):
     return emulated
 
 
-def test_the_emulated_build_offers_the_tile_paths_first(emulated):
-    assert emulated.ops.experts_isas()[0] == "amx"
-    assert emulated.ops.experts_int8_isas()[0] == "amx-int8"
-    assert emulated.ops.prefill_attention_isas()[0] == "amx"
-    # the real build beside it still answers for this CPU (internal linkage: no shared statics)
-    real = build.native_ops().ops
-    assert ("amx" in real.experts_isas()) == ("amx_bf16" in cpu.flags())
+def isas_of(ops) -> dict:
+    return {"experts": ops.experts_isas(), "int8": ops.experts_int8_isas(), "prefill": ops.prefill_attention_isas()}
+
+
+def test_the_emulated_build_offers_the_tile_paths_first(builds):
+    assert {k: v[0] for k, v in isas_of(builds["emulated"].ops).items()} == \
+        {"experts": "amx", "int8": "amx-int8", "prefill": "amx"}
+    # the builds with real tile instructions -- this one, and the default beside it -- offer them
+    # only where the CPU has them (internal linkage: the emulated build's answers are its own)
+    flags = cpu.flags()
+    for ops in (builds["compiled"].ops, build.native_ops().ops):
+        isas = isas_of(ops)
+        if "amx_bf16" not in flags:
+            assert "amx" not in isas["experts"] and "amx" not in isas["prefill"]
+        if "amx_int8" not in flags:
+            assert "amx-int8" not in isas["int8"]
+
+
+def tile_products(emulated, kernel):
+    return getattr(emulated.ops, f"{kernel}_emulated_tile_products")()
 
 
 @pytest.mark.parametrize("hidden,inter,experts,k,tokens,only", [
@@ -66,8 +95,10 @@ def test_exact_kernel_on_tiles_matches_the_per_expert_path(on_tiles, hidden, int
     d = routing(tokens, experts, k, only=only)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).bfloat16()
     gate_up, down = fused.pack_layer(gate_ups, downs, inter)
+    before = tile_products(on_tiles, "experts")
     assert_bf16_close(fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, inter, k),
                       reference(x, d, gate_ups, downs))
+    assert tile_products(on_tiles, "experts") > before      # the tiles did the multiplying
 
 
 def test_exact_kernel_on_tiles_by_experts_and_by_columns_agree(on_tiles):
@@ -118,23 +149,35 @@ def test_quantized_experts_on_tiles_match_their_dequantized_weights(on_tiles, fm
 
 
 @pytest.mark.parametrize("hidden,inter,experts,k,tokens,only", [
-    (64, 64, 4, 2, 37, None),            # the int8 tiles' multiples; one or two row tiles an expert
+    (64, 64, 4, 2, 37, None),            # the int8 tiles' multiples; one row tile an expert, or two
     (100, 70, 5, 2, 23, None),           # padded tiles
     (64, 32, 8, 2, 40, [1, 6]),          # experts with zero tokens
     (96, 48, 8, 2, 1, None),             # one token: a row tile of one row
-    (128, 200, 3, 2, 110, None),         # ~73 rows an expert: 32-row blocks, a tail over 16 rows
+    (64, 64, 1, 1, 17, None),            # one expert of 17 rows: two row tiles, the second of one row
+    (128, 200, 1, 1, 50, None),          # 50 rows: a full 32-row call, then 18 rows (two tiles)
+    (128, 200, 3, 2, 110, None),         # ~73 rows an expert: 32-row calls and a tail
     (64, 32, 16, 8, 50, None),           # fine-grained
 ])
 def test_int8_kernel_on_tiles_equals_the_portable_kernel(on_tiles, monkeypatch, hidden, inter, experts, k, tokens,
                                                           only):
     """Same integer dot products, same float steps: identical to the portable C++ kernel (and so to
-    the VNNI one, tests/layers/test_experts_int8.py)."""
+    the VNNI one, tests/layers/test_experts_int8.py). One thread, so that each expert is one item
+    and its rows run as the cases say (more threads cut experts into smaller items)."""
     gate_ups, downs = random_layer(hidden, inter, experts)
     d = routing(tokens, experts, k, only=only)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).bfloat16()
-    tiles = run_int8("amx-int8", monkeypatch, x, d, gate_ups, downs)
-    assert torch.equal(tiles, run_int8("generic", monkeypatch, x, d, gate_ups, downs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        before = tile_products(on_tiles, "experts_int8")
+        tiles = run_int8("amx-int8", monkeypatch, x, d, gate_ups, downs)
+        after = tile_products(on_tiles, "experts_int8")
+        portable = run_int8("generic", monkeypatch, x, d, gate_ups, downs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(tiles, portable)
     assert tiles.shape == (tokens, hidden) and (not tokens or tiles.abs().sum() > 0)
+    assert (after > before) == (tokens > 0) and tile_products(on_tiles, "experts_int8") == after
 
 
 @pytest.mark.parametrize("lens,heads,kv_heads,dim,dv,window", [
@@ -145,7 +188,9 @@ def test_int8_kernel_on_tiles_equals_the_portable_kernel(on_tiles, monkeypatch, 
 def test_prefill_attention_on_tiles_has_sdpa_bf16_error(on_tiles, lens, heads, kv_heads, dim, dv, window):
     q, k, v = _inputs(lens, heads, kv_heads, dim, dv)
     scale = dim ** -0.5
+    before = tile_products(on_tiles, "prefill_attention")
     got = pa.prefill_attention(q, k, v, lens, scale, window, isa="amx")
+    assert tile_products(on_tiles, "prefill_attention") > before
     exact = _per_prompt(q.float(), k.float(), v.float(), lens, scale, window)
     sdpa = _per_prompt(q, k, v, lens, scale, window)
     err, sdpa_err = (got.float() - exact).abs(), (sdpa.float() - exact).abs()
