@@ -7,11 +7,14 @@ moves ±15% from run to run, only such interleaved ratios tell a kernel change f
 
     PYTHONPATH=. python benchmarks/ab_experts_kernel.py 'base@/tmp/old=' 'new=' ['flag=-DFOO=1'] \\
         [--shape mixtral|qwen3_moe] [--tokens 512,4096] [--calls 12] [--threads N] [--format fp8|int8|int4] [--isa amx|avx512-bf16|generic]
+        [--kernel int8 [--isa amx-int8|avx512-vnni|generic]]
 
 A variant is NAME[@DIR]=FLAGS: DIR holds the csrc/ to build (default: this checkout's), FLAGS are
 extra compiler flags (e.g. a -D for an experiment's #if). Medians of `--calls` calls after one
 warm-up; the ISA this CPU runs fastest (`--isa` picks another); bf16 weights, or quantized ones (`--format`: moegen's own fp8 blocks / GPTQ int
-groups of random weights, as `moegen quantize` stores them). Shapes as in bench_experts_kernel.py.
+groups of random weights, as `moegen quantize` stores them). `--kernel int8`: experts_kernel=int8's
+lossy kernel (csrc/experts_int8.cpp) over the bf16 weights re-quantized by `pack_layer_int8`, rates in
+its int8 operations a second. Shapes as in bench_experts_kernel.py.
 """
 import argparse
 import statistics
@@ -24,7 +27,7 @@ from moegen.layers import quantized
 from moegen.layers.moe import Dispatch
 from moegen.ops import experts as fused
 from moegen.ops.build import SOURCES, load_native
-from moegen.ops.experts import FORMAT_CODES, ISA_CODES
+from moegen.ops.experts import FORMAT_CODES, INT8_ISA_CODES, ISA_CODES
 
 SHAPES = {"mixtral": (1024, 3584, 8, 2), "qwen3_moe": (1024, 448, 64, 8)}
 
@@ -54,12 +57,19 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--allow-differ", action="store_true", help="experiments that change the output")
     ap.add_argument("--format", choices=["bfloat16", "fp8", "int8", "int4"], default="bfloat16")
-    ap.add_argument("--isa", choices=list(ISA_CODES), help="default: the fastest this CPU runs")
+    ap.add_argument("--kernel", choices=["exact", "int8"], default="exact")
+    ap.add_argument("--isa", choices=list(ISA_CODES) + list(INT8_ISA_CODES), help="default: the fastest this CPU runs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    int8 = args.kernel == "int8"
+    if int8 and args.format != "bfloat16":
+        raise SystemExit("--kernel int8 re-quantizes bf16 weights: --format must be bfloat16")
+    codes = INT8_ISA_CODES if int8 else ISA_CODES
+    if args.isa is not None and args.isa not in codes:
+        raise SystemExit(f"--isa {args.isa} is not one of the {args.kernel} kernel's: {', '.join(codes)}")
     variants = dict(load_variant(i, v) for i, v in enumerate(args.variants))
-    isa = ISA_CODES[args.isa or fused.available_isas()[0]]
+    isa = codes[args.isa or (fused.int8_isa() if int8 else fused.available_isas()[0])]
     hidden, inter, experts, k = SHAPES[args.shape]
     g = torch.Generator().manual_seed(0)
 
@@ -76,7 +86,9 @@ def main():
     layers = []
     for _ in range(args.layers):
         raw = [weight(2 * inter, hidden) for _ in range(experts)], [weight(hidden, inter) for _ in range(experts)]
-        layers.append({name: fused.pack_layer(*raw, inter) for name in variants})
+        pack = (lambda gu, dn: fused.pack_layer_int8(lambda e: (gu[e], dn[e]), experts, hidden, inter)) if int8 \
+            else (lambda gu, dn: fused.pack_layer(gu, dn, inter))
+        layers.append({name: pack(*raw) for name in variants})
     for tokens in map(int, args.tokens.split(",")):
         times = {name: [] for name in variants}
         for call in range(args.calls + 1):
@@ -88,8 +100,10 @@ def main():
             for name in names[call % len(names):] + names[:call % len(names)]:
                 ops, (gate_up, down) = variants[name], layers[call % args.layers][name]
                 t0 = time.perf_counter()
-                outs.append(ops.ops.moe_experts(x, d.token_idx, d.weights.float().contiguous(), d.counts, gate_up, down,
-                                                inter, k, isa, FORMAT_CODES[args.format]))
+                w = d.weights.float().contiguous()
+                outs.append(ops.ops.moe_experts_int8(x, d.token_idx, w, d.counts, gate_up, down, inter, k, isa) if int8
+                            else ops.ops.moe_experts(x, d.token_idx, w, d.counts, gate_up, down, inter, k, isa,
+                                                     FORMAT_CODES[args.format]))
                 if call:                                # the first call warms up
                     times[name].append(time.perf_counter() - t0)
             assert args.allow_differ or all(torch.equal(o, outs[0]) for o in outs), "variants disagree"
@@ -97,7 +111,8 @@ def main():
         rates = {name: flops / statistics.median(t) for name, t in times.items()}
         base = next(iter(rates.values()))
         print(f"{args.shape} {tokens} tokens ({tokens * k // experts} rows/expert): " + ", ".join(
-            f"{name} {r / 1e12:.2f} TFLOP/s ({r / base:.3f}x)" for name, r in rates.items()), flush=True)
+            f"{name} {r / 1e12:.2f} {'TOP/s' if int8 else 'TFLOP/s'} ({r / base:.3f}x)" for name, r in rates.items()),
+            flush=True)
 
 
 if __name__ == "__main__":
