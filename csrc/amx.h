@@ -194,36 +194,14 @@ inline void dpbusd(int c, int a, int b) {
 
 // Tile numbers must be single literal digits 0-7, as the intrinsics below need them.
 #define MOEGEN_TILE_NUMBER(t) \
-  static_assert(sizeof(#t) == 2 && #t[0] >= '0' && #t[0] <= '7', "tile numbers are literal digits 0-7")
-#define MOEGEN_TILE_ZERO(t)   \
-  do {                        \
-    MOEGEN_TILE_NUMBER(t);    \
-    moegen_amx::emulated::zero(t); \
-  } while (0)
-#define MOEGEN_TILE_LOAD(t, base, stride)            \
-  do {                                               \
-    MOEGEN_TILE_NUMBER(t);                           \
-    moegen_amx::emulated::load(t, base, stride);     \
-  } while (0)
-#define MOEGEN_TILE_STORE(t, base, stride)           \
-  do {                                               \
-    MOEGEN_TILE_NUMBER(t);                           \
-    moegen_amx::emulated::store(t, base, stride);    \
-  } while (0)
-#define MOEGEN_TILE_DPBF16PS(c, a, b)                                                \
-  do {                                                                               \
-    MOEGEN_TILE_NUMBER(c);                                                           \
-    MOEGEN_TILE_NUMBER(a);                                                           \
-    MOEGEN_TILE_NUMBER(b);                                                           \
-    moegen_amx::emulated::dpbf16ps(c, a, b);                                         \
-  } while (0)
-#define MOEGEN_TILE_DPBUSD(c, a, b)                                                  \
-  do {                                                                               \
-    MOEGEN_TILE_NUMBER(c);                                                           \
-    MOEGEN_TILE_NUMBER(a);                                                           \
-    MOEGEN_TILE_NUMBER(b);                                                           \
-    moegen_amx::emulated::dpbusd(c, a, b);                                           \
-  } while (0)
+  [] { static_assert(sizeof(#t) == 2 && #t[0] >= '0' && #t[0] <= '7', "tile numbers are literal digits 0-7"); }()
+#define MOEGEN_TILE_ZERO(t) (MOEGEN_TILE_NUMBER(t), moegen_amx::emulated::zero(t))
+#define MOEGEN_TILE_LOAD(t, base, stride) (MOEGEN_TILE_NUMBER(t), moegen_amx::emulated::load(t, base, stride))
+#define MOEGEN_TILE_STORE(t, base, stride) (MOEGEN_TILE_NUMBER(t), moegen_amx::emulated::store(t, base, stride))
+#define MOEGEN_TILE_DPBF16PS(c, a, b) \
+  (MOEGEN_TILE_NUMBER(c), MOEGEN_TILE_NUMBER(a), MOEGEN_TILE_NUMBER(b), moegen_amx::emulated::dpbf16ps(c, a, b))
+#define MOEGEN_TILE_DPBUSD(c, a, b) \
+  (MOEGEN_TILE_NUMBER(c), MOEGEN_TILE_NUMBER(a), MOEGEN_TILE_NUMBER(b), moegen_amx::emulated::dpbusd(c, a, b))
 inline void load_config(const TileConfig* cfg) { emulated::load_config(cfg); }
 inline void release_tiles() { emulated::release(); }
 #else

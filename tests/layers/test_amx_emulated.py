@@ -16,7 +16,8 @@ from moegen.ops import experts as fused
 from moegen.ops import prefill_attention as pa
 from moegen.layers.quantized import dequantize, tile_codes
 from tests.layers.test_experts_int8 import run as run_int8
-from tests.layers.test_fused_experts import QUANTIZERS, assert_bf16_close, random_layer, reference, routing
+from tests.layers.test_fused_experts import (QUANTIZERS, assert_bf16_close, random_layer, reference, routing,
+                                             small_integer_layer)
 from tests.layers.test_prefill_attention import _inputs, _per_prompt
 
 # what the tile paths need beside the tiles: their epilogues and softmax are AVX-512 (BF16) code
@@ -121,12 +122,7 @@ def test_exact_kernel_on_tiles_by_experts_and_by_columns_agree(on_tiles):
 
 def test_exact_kernel_on_tiles_is_exact_on_small_integers(on_tiles):
     """All sums exact: the tiles' result is the reference's, bit for bit."""
-    gate_ups = [torch.randint(-2, 3, (64, 64)).bfloat16() for _ in range(3)]
-    downs = [torch.randint(-2, 3, (64, 32)).bfloat16() for _ in range(3)]
-    d = routing(40, 3, 2)
-    d.weights = torch.ones_like(d.weights)
-    x = torch.randint(-2, 3, (40, 64)).bfloat16() / 8
-    gate_up, down = fused.pack_layer(gate_ups, downs, 32)
+    gate_ups, downs, d, x, gate_up, down = small_integer_layer(40)
     assert torch.equal(fused.moe_experts(x, d.token_idx, d.weights, d.counts, gate_up, down, 32, 2),
                        reference(x, d, gate_ups, downs))
 

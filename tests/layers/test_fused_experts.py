@@ -184,16 +184,23 @@ def test_outputs_written_past_the_caches_equal_those_written_through_them(monkey
     assert_bf16_close(whole, reference(x, Dispatch.from_routing(top_i, top_w, experts), gate_ups, downs))
 
 
+def small_integer_layer(tokens):
+    """Three experts (hidden 64, inter 32, top-2) of small integers, unit router weights and inputs
+    in eighths: every product and sum exact in bf16 and fp32, so any summation order gives the
+    reference's bits. Returns (gate_ups, downs, dispatch, x, packed gate_up, packed down)."""
+    gate_ups = [torch.randint(-2, 3, (64, 64)).bfloat16() for _ in range(3)]
+    downs = [torch.randint(-2, 3, (64, 32)).bfloat16() for _ in range(3)]
+    d = routing(tokens, 3, 2)
+    d.weights = torch.ones_like(d.weights)
+    x = torch.randint(-2, 3, (tokens, 64)).bfloat16() / 8
+    return (gate_ups, downs, d, x, *fused.pack_layer(gate_ups, downs, 32))
+
+
 @needs_native
 def test_isas_agree_with_each_other(monkeypatch):
     """Every ISA reads the same packed tiles; on small integers all sums are exact, so they agree
     bit for bit with each other and with the reference."""
-    gate_ups = [torch.randint(-2, 3, (64, 64)).bfloat16() for _ in range(3)]
-    downs = [torch.randint(-2, 3, (64, 32)).bfloat16() for _ in range(3)]
-    d = routing(20, 3, 2)
-    d.weights = torch.ones_like(d.weights)
-    x = torch.randint(-2, 3, (20, 64)).bfloat16() / 8
-    gate_up, down = fused.pack_layer(gate_ups, downs, 32)
+    gate_ups, downs, d, x, gate_up, down = small_integer_layer(20)
     outs = []
     for isa in ISAS:
         monkeypatch.setenv("MOEGEN_EXPERTS_ISA", isa)
