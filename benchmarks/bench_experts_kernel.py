@@ -60,8 +60,7 @@ def main():
     ap.add_argument("--formats", default="bfloat16")
     ap.add_argument("--int8-kernel", action="store_true", help="also time the lossy int8 kernel (bf16 weights)")
     args = ap.parse_args()
-    ops = fused.native_ops()
-    if ops is None:
+    if fused.native_ops() is None:
         raise SystemExit("moegen's native kernels did not build here: nothing to benchmark (see `moegen build-ops`)")
     g = torch.Generator().manual_seed(0)
     bf16_rate = {}
@@ -75,7 +74,7 @@ def main():
             tiles = (lambda w: w) if fmt == "bfloat16" else tile_codes
             oned = [per_expert_path([prep(w) for w in gu], [prep(w) for w in dn]) for gu, dn in plain]
             packed = [fused.pack_layer([tiles(w) for w in gu], [tiles(w) for w in dn], inter) for gu, dn in plain]
-            int8_isas = [i for i in fused._isas_of(ops, int8=True) if i != "generic"] \
+            int8_isas = [i for i in fused.available_int8_isas() if i != "generic"] \
                 if args.int8_kernel and fmt == "bfloat16" else []
             int8 = [fused.pack_layer_int8(lambda e: (gu[e], dn[e]), experts, hidden, inter) for gu, dn in plain] \
                 if int8_isas else []

@@ -27,6 +27,21 @@
 #define MOEGEN_HAVE_AMX_INT8 1
 #endif
 #endif
+#if defined(MOEGEN_HAVE_AMX) || defined(MOEGEN_HAVE_AMX_INT8)
+#define MOEGEN_HAVE_TILES 1
+#endif
+
+#ifdef MOEGEN_AMX_EMULATE
+// Tile products the emulated tiles ran, all threads and kernels of this library (outside the
+// internal-linkage namespace below so that the kernels share one count; one emulated build is
+// loaded per process): tests check that the tile path did the work.
+namespace moegen_amx_emulated {
+inline std::atomic<int64_t>& products() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+}  // namespace moegen_amx_emulated
+#endif
 
 // Internal linkage: the function-local statics below would otherwise be process-wide (GCC makes
 // them unique symbols), so a test loading an emulated build beside the real one would see its
@@ -45,7 +60,7 @@ inline bool& granted() {
 }  // namespace emulated
 #endif
 
-#if defined(MOEGEN_HAVE_AMX) || defined(MOEGEN_HAVE_AMX_INT8)
+#ifdef MOEGEN_HAVE_TILES
 // AMX-TILE and the CPUID leaf 7 EDX bit `unit` (22: AMX-BF16, 25: AMX-INT8) on this CPU, and the
 // tile state granted to this process.
 inline bool unit_usable(int unit) {
@@ -87,7 +102,7 @@ inline bool int8_usable() {
 #endif
 }
 
-#if defined(MOEGEN_HAVE_AMX) || defined(MOEGEN_HAVE_AMX_INT8)
+#ifdef MOEGEN_HAVE_TILES
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
   uint8_t start_row = 0;
@@ -120,11 +135,6 @@ inline State& shaped(int t) {
   TORCH_CHECK(t >= 0 && t < 8 && s.rows[t] > 0 && s.colsb[t] > 0, "emulated AMX: tile ", t, " is not configured");
   return s;
 }
-// Tile products run so far (all threads): tests check that the tile path did the work.
-inline std::atomic<int64_t>& products() {
-  static std::atomic<int64_t> n{0};
-  return n;
-}
 inline void load_config(const TileConfig* cfg) {
   State& s = state();
   TORCH_CHECK(granted(), "emulated AMX: tile configuration loaded before the tile state was requested");
@@ -152,7 +162,7 @@ inline State& product_shaped(int c, int a, int b) {
   shaped(c), shaped(a);
   State& s = shaped(b);
   TORCH_CHECK(c != a && a != b && c != b, "emulated AMX: a product's tiles must be distinct (", c, ", ", a, ", ", b, ")");
-  products().fetch_add(1, std::memory_order_relaxed);
+  moegen_amx_emulated::products().fetch_add(1, std::memory_order_relaxed);
   TORCH_CHECK(s.rows[c] == s.rows[a] && s.colsb[c] == s.colsb[b] && s.colsb[a] == 4 * s.rows[b],
               "emulated AMX: tiles ", c, " += ", a, " x ", b, " do not have a product's shapes");
   return s;
@@ -165,30 +175,31 @@ inline float bf16_value(const uint8_t* p) {
   std::memcpy(&f, &wide, 4);
   return f;
 }
-// c[m][n] += a[m][2k] b[k][2n] + a[m][2k + 1] b[k][2n + 1], in float32, k in order.
-inline void dpbf16ps(int c, int a, int b) {
+// c[m][n] (an Acc in each dword) = step(c[m][n], a[m]'s dword k, b[k]'s dword n) over k in order.
+template <typename Acc, typename Step>
+void product(int c, int a, int b, Step step) {
   State& s = product_shaped(c, a, b);
   for (int m = 0; m < s.rows[c]; ++m)
     for (int n = 0; n < s.colsb[c] / 4; ++n) {
-      float acc;
+      Acc acc;
       std::memcpy(&acc, &s.data[c][m][4 * n], 4);
-      for (int k = 0; k < s.rows[b]; ++k)
-        for (int i = 0; i < 2; ++i) acc += bf16_value(&s.data[a][m][4 * k + 2 * i]) * bf16_value(&s.data[b][k][4 * n + 2 * i]);
+      for (int k = 0; k < s.rows[b]; ++k) acc = step(acc, &s.data[a][m][4 * k], &s.data[b][k][4 * n]);
       std::memcpy(&s.data[c][m][4 * n], &acc, 4);
     }
 }
-// c[m][n] += sum_i a[m][4k + i] (unsigned) b[k][4n + i] (signed), in int32.
+// TDPBF16PS: the two bf16 pairs' products added to the float32 accumulator one after the other.
+inline void dpbf16ps(int c, int a, int b) {
+  product<float>(c, a, b, [](float acc, const uint8_t* x, const uint8_t* y) {
+    acc += bf16_value(x) * bf16_value(y);
+    return acc + bf16_value(x + 2) * bf16_value(y + 2);
+  });
+}
+// TDPBUSD: four unsigned (a) by signed (b) byte products, in int32.
 inline void dpbusd(int c, int a, int b) {
-  State& s = product_shaped(c, a, b);
-  for (int m = 0; m < s.rows[c]; ++m)
-    for (int n = 0; n < s.colsb[c] / 4; ++n) {
-      int32_t acc;
-      std::memcpy(&acc, &s.data[c][m][4 * n], 4);
-      for (int k = 0; k < s.rows[b]; ++k)
-        for (int i = 0; i < 4; ++i)
-          acc += static_cast<int32_t>(s.data[a][m][4 * k + i]) * static_cast<int8_t>(s.data[b][k][4 * n + i]);
-      std::memcpy(&s.data[c][m][4 * n], &acc, 4);
-    }
+  product<int32_t>(c, a, b, [](int32_t acc, const uint8_t* x, const uint8_t* y) {
+    for (int i = 0; i < 4; ++i) acc += static_cast<int32_t>(x[i]) * static_cast<int8_t>(y[i]);
+    return acc;
+  });
 }
 }  // namespace emulated
 

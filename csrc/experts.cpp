@@ -1116,7 +1116,7 @@ MOEGEN_EXPERTS_FRAGMENT(MOEGEN_OPS_NS, m) {
   m.def("pack_tiles_into(Tensor w, Tensor(a!) out) -> ()", &moegen_experts::pack_tiles_into);
   m.def("experts_isas() -> str[]", &moegen_experts::experts_isas);
 #ifdef MOEGEN_AMX_EMULATE
-  m.def("experts_emulated_tile_products() -> int", [] { return moegen_amx::emulated::products().load(); });
+  m.def("amx_emulated_tile_products() -> int", [] { return moegen_amx_emulated::products().load(); });
 #endif
   m.def("dequant_tiles(Tensor[] parts, int fmt) -> Tensor", &moegen_experts::dequant_tiles);
   m.def("empty_packed(int[] shape, ScalarType dtype) -> Tensor", &moegen_experts::empty_packed);

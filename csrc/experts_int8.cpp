@@ -485,7 +485,4 @@ TORCH_LIBRARY_FRAGMENT(MOEGEN_OPS_NS, m) {
         "Tensor[] down, int inter, int top_k, int isa) -> Tensor",
         &moegen_experts_int8::moe_experts_int8);
   m.def("experts_int8_isas() -> str[]", &moegen_experts_int8::experts_int8_isas);
-#ifdef MOEGEN_AMX_EMULATE
-  m.def("experts_int8_emulated_tile_products() -> int", [] { return moegen_amx::emulated::products().load(); });
-#endif
 }

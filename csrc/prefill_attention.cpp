@@ -396,7 +396,4 @@ MOEGEN_PREFILL_FRAGMENT(MOEGEN_OPS_NS, m) {
         &moegen_prefill::prefill_attention);
   m.def("prefill_attention_available() -> bool", &moegen_prefill::prefill_attention_available);
   m.def("prefill_attention_isas() -> str[]", &moegen_prefill::prefill_attention_isas);
-#ifdef MOEGEN_AMX_EMULATE
-  m.def("prefill_attention_emulated_tile_products() -> int", [] { return moegen_amx::emulated::products().load(); });
-#endif
 }

@@ -206,12 +206,18 @@ INT8_TILE_K = 64                  # inputs per int8 tile (16 groups of 4)
 INT8_ZERO_CODE = 128              # the byte an activation of 0 is stored as (csrc/experts_int8.cpp kZeroCode)
 
 
+def available_int8_isas() -> list[str]:
+    """The ISAs `moe_experts_int8` can run here, fastest first ([] without native ops)."""
+    ops = native_ops()
+    return list(_isas_of(ops, int8=True)) if ops is not None else []
+
+
 def int8_isa() -> str | None:
     """The ISA `moe_experts_int8` runs: AMX-INT8 tiles where the CPU, build and kernel grant them,
     else AVX-512 VNNI, else portable C++ (correct, slow); MOEGEN_EXPERTS_INT8_ISA=amx-int8|avx512-vnni|
     generic forces one (tests use it). None without native ops."""
-    ops = native_ops()
-    return _pick_isa("MOEGEN_EXPERTS_INT8_ISA", _isas_of(ops, int8=True), INT8_ISA_CODES) if ops is not None else None
+    isas = available_int8_isas()
+    return _pick_isa("MOEGEN_EXPERTS_INT8_ISA", isas, INT8_ISA_CODES) if isas else None
 
 
 def quantize_columns(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from tests.engine.test_disk_tier import SMALL, disk_budget
 from tests.layers.test_fused_experts import ARCHS, KERNEL_CASES, random_layer, reference, routing
 
 needs_native = pytest.mark.skipif(native_ops() is None, reason="moegen's native kernels did not build on this machine")
-INT8_ISAS = list(native_ops().ops.experts_int8_isas()) if native_ops() is not None else []
+INT8_ISAS = fused.available_int8_isas()
 
 
 def quantize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
